@@ -1,0 +1,3 @@
+from scaleq.cli import main
+
+main()

@@ -1,0 +1,47 @@
+"""``scaleq``: the command line. Commands live in :mod:`scaleq.cli.jobs` and :mod:`scaleq.cli.grid`."""
+
+from __future__ import annotations
+
+import typer
+
+from scaleq import __version__
+from scaleq.cli import grid, jobs
+
+app = typer.Typer(
+    name="scaleq",
+    help="A self-hostable compute grid: container jobs on queues, run by worker groups that scale with them.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"scaleq {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """Exit codes: 0 ok, 1 failure, 2 bad usage or bad input."""
+
+
+app.command(rich_help_panel="Run")(grid.up)
+app.command(rich_help_panel="Run")(grid.worker)
+app.command(rich_help_panel="Jobs")(jobs.submit)
+app.command(rich_help_panel="Jobs")(jobs.jobs)
+app.command(rich_help_panel="Jobs")(jobs.job)
+app.command(rich_help_panel="Jobs")(jobs.logs)
+app.command(rich_help_panel="Jobs")(jobs.outputs)
+app.command(rich_help_panel="Jobs")(jobs.cancel)
+app.command(rich_help_panel="Inspect")(jobs.queues)
+app.command(rich_help_panel="Inspect")(grid.workers)
+app.add_typer(grid.tokens_app, name="tokens", rich_help_panel="Admin")
+
+
+def main() -> None:
+    app()

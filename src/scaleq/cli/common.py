@@ -1,0 +1,130 @@
+"""What every command shares: finding the server, printing tables or JSON, and exit codes scripts can trust.
+
+Exit codes: 0 ok, 1 failure (the server said no, a job failed, nothing answered), 2 bad usage or bad input.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from scaleq.client import ApiError, Client, Unreachable, format_detail
+from scaleq.config import ConfigError, resolve
+
+T = TypeVar("T")
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False)
+
+
+class Output(StrEnum):
+    table = "table"
+    json = "json"
+
+
+ServerOpt = Annotated[
+    str | None, typer.Option("--server", envvar="SCALEQ_SERVER", help="Server URL (default: from the data dir).")
+]
+TokenOpt = Annotated[
+    str | None, typer.Option("--token", envvar="SCALEQ_TOKEN", help="API token (default: the data dir's admin token).")
+]
+DataDirOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--data-dir", envvar="SCALEQ_DATA_DIR", help="Grid data dir written by 'scaleq up' [default: ./.scaleq]."
+    ),
+]
+OutputOpt = Annotated[Output, typer.Option("--output", "-o", help="table for people, json for scripts.")]
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    err.print(f"[red]error:[/red] {message}", markup=True, highlight=False)
+    raise typer.Exit(code)
+
+
+def bad_input(message: str) -> NoReturn:
+    fail(message, 2)
+
+
+def validation_message(exc: ValidationError, prefix: str = "") -> str:
+    lines = []
+    for e in exc.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        lines.append(f"{prefix}{loc or '(root)'}: {e['msg']}")
+    return "\n  ".join(lines)
+
+
+def with_client(
+    server: str | None, token: str | None, data_dir: Path | None, fn: Callable[[Client], Awaitable[T]]
+) -> T:
+    """Run ``fn`` with a client for the resolved server, turning errors into messages and exit codes."""
+    try:
+        target = resolve(server, token, data_dir)
+    except ConfigError as exc:
+        fail(str(exc))
+
+    async def go() -> T:
+        async with Client(target.server, target.token) as client:
+            return await fn(client)
+
+    try:
+        return asyncio.run(go())
+    except ApiError as exc:
+        detail = format_detail(exc.detail)
+        if exc.status in (400, 422):
+            bad_input(detail)
+        if exc.status == 401:
+            fail(f"{detail} (check --token / SCALEQ_TOKEN)")
+        fail(detail)
+    except Unreachable as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+
+
+def emit_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def table(columns: Sequence[str], rows: Iterable[Sequence[Any]], title: str | None = None) -> None:
+    t = Table(*columns, title=title, header_style="bold")
+    for row in rows:
+        t.add_row(*("" if v is None else str(v) for v in row))
+    out.print(t)
+
+
+def ago(ts: float | None, now: float | None = None) -> str:
+    if ts is None:
+        return ""
+    return duration((now or time.time()) - ts) + " ago"
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    s = max(0.0, seconds)
+    if s < 60:
+        return f"{s:.1f}s"
+    if s < 3600:
+        return f"{int(s // 60)}m{int(s % 60):02d}s"
+    return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m"
+
+
+def size(n: int | None) -> str:
+    if n is None:
+        return ""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)

@@ -1,0 +1,251 @@
+"""Commands that run or inspect the grid: up, worker, workers, tokens."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from scaleq.cli.common import (
+    DataDirOpt,
+    Output,
+    OutputOpt,
+    ServerOpt,
+    TokenOpt,
+    ago,
+    bad_input,
+    emit_json,
+    err,
+    fail,
+    out,
+    size,
+    table,
+    with_client,
+)
+from scaleq.config import data_dir as resolve_data_dir
+from scaleq.jobs import RuntimeKind, parse_size, validate_queue_name
+from scaleq.server.auth import ROLES
+
+tokens_app = typer.Typer(help="Create, list and revoke API tokens (admin only).", no_args_is_help=True)
+
+
+def _logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # one line per HTTP request is noise at INFO
+    logging.getLogger("httpx").setLevel(logging.DEBUG if verbose else logging.WARNING)
+
+
+def up(
+    grid_file: Annotated[Path | None, typer.Option("--grid", "-g", help="Grid file (TOML) to run.")] = None,
+    host: Annotated[str | None, typer.Option(help="Address to listen on [default: 127.0.0.1].")] = None,
+    port: Annotated[int | None, typer.Option(help="Port to listen on; 0 picks a free one [default: 8765].")] = None,
+    store: Annotated[str | None, typer.Option(help="Store URL [default: sqlite in the data dir].")] = None,
+    lease_seconds: Annotated[float | None, typer.Option(help="Lease of a running job without heartbeat.")] = None,
+    data_dir: DataDirOpt = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+) -> None:
+    """Run the server, the store and the autoscaler in one process.
+
+    Without --grid it runs the embedded default: one local group for queue 'default', scaling between 0 and the
+    number of cores with process jobs. It writes the URL and an admin token into the data dir, so other scaleq
+    commands given the same data dir need no further set-up.
+    """
+    from scaleq import grid as gridmod
+    from scaleq.embedded import serve
+
+    _logging(verbose)
+    try:
+        grid = gridmod.load(grid_file) if grid_file else gridmod.embedded_default()
+    except gridmod.GridFileError as exc:
+        bad_input(str(exc))
+    directory = resolve_data_dir(data_dir)
+    info = directory / "server.json"
+    if info.exists():
+        import json
+
+        pid = json.loads(info.read_text()).get("pid")
+        if pid and Path(f"/proc/{pid}").exists() and pid != os.getpid():
+            fail(f"a grid is already running from {directory} (pid {pid}); stop it or use another --data-dir")
+    try:
+        asyncio.run(
+            serve(
+                grid,
+                directory,
+                host=host or grid.server.host,
+                port=grid.server.port if port is None else port,
+                store_url=store,
+                lease_seconds=lease_seconds,
+            )
+        )
+    except OSError as exc:
+        fail(f"cannot listen: {exc}")
+    except ValueError as exc:
+        bad_input(str(exc))
+
+
+def worker(
+    queue: Annotated[str, typer.Option("--queue", "-q", help="Queue to take jobs from.")],
+    runtime: Annotated[
+        list[RuntimeKind] | None,
+        typer.Option("--runtime", "-r", help="docker (default) and/or process (trusted local work); repeatable."),
+    ] = None,
+    slots: Annotated[int | None, typer.Option(help="Jobs at once [default: one per CPU core].")] = None,
+    worker_id: Annotated[str | None, typer.Option(help="Worker id [default: <hostname>-<random>].")] = None,
+    group: Annotated[str | None, typer.Option(help="Worker group this worker belongs to.")] = None,
+    tag: Annotated[list[str] | None, typer.Option("--tag", help="Tag this worker offers; repeatable.")] = None,
+    cpus: Annotated[float | None, typer.Option(help="CPU cores offered [default: all].")] = None,
+    memory: Annotated[str | None, typer.Option(help="Memory offered, e.g. 8g [default: all].")] = None,
+    gpus: Annotated[int, typer.Option(help="GPUs offered.")] = 0,
+    allow_host_network: Annotated[bool, typer.Option(help="Run jobs that ask for the host network.")] = False,
+    server_grace: Annotated[float, typer.Option(help="Seconds to wait out an unreachable server.")] = 600.0,
+    server: ServerOpt = None,
+    token: TokenOpt = None,
+    data_dir: DataDirOpt = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+) -> None:
+    """Run a worker: claim jobs from a queue and run them. SIGTERM drains it; a second SIGTERM hands jobs back."""
+    from scaleq.config import ConfigError, resolve
+    from scaleq.worker.agent import WorkerAgent, WorkerConfig, default_worker_id, total_memory
+    from scaleq.worker.runtime.base import RuntimeUnavailable
+
+    _logging(verbose)
+    try:
+        validate_queue_name(queue)
+        mem = parse_size(memory) if memory else total_memory()
+    except ValueError as exc:
+        bad_input(str(exc))
+    try:
+        target = resolve(server, token, data_dir)
+    except ConfigError as exc:
+        fail(str(exc))
+    # the token is ours, not the jobs': keep it out of the environment process jobs inherit
+    os.environ.pop("SCALEQ_TOKEN", None)
+    kinds = runtime or [RuntimeKind.docker]
+    runtimes = {}
+    for kind in dict.fromkeys(kinds):
+        if kind == RuntimeKind.docker:
+            from scaleq.worker.runtime.docker import DockerRuntime
+
+            runtimes["docker"] = DockerRuntime(allow_host_network=allow_host_network)
+        else:
+            from scaleq.worker.runtime.process import ProcessRuntime
+
+            runtimes["process"] = ProcessRuntime()
+
+    async def go() -> int:
+        for rt in runtimes.values():
+            try:
+                await rt.check()
+            except RuntimeUnavailable as exc:
+                fail(f"runtime {rt.name}: {exc}")
+        config = WorkerConfig(
+            server=target.server,
+            token=target.token,
+            queue=queue,
+            runtimes=runtimes,
+            slots=slots or os.cpu_count() or 1,
+            worker_id=worker_id or default_worker_id(),
+            group=group,
+            tags=tag or [],
+            cpus=cpus or float(os.cpu_count() or 1),
+            memory=mem,
+            gpus=gpus,
+            allow_host_network=allow_host_network,
+            server_grace=server_grace,
+        )
+        return await WorkerAgent(config).run()
+
+    raise typer.Exit(asyncio.run(go()))
+
+
+def workers(
+    all_: Annotated[bool, typer.Option("--all", help="Include workers that are gone.")] = False,
+    output: OutputOpt = Output.table,
+    server: ServerOpt = None,
+    token: TokenOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Workers known to the server: queue, group, slots, busy, state, last heartbeat."""
+    found = with_client(server, token, data_dir, lambda c: c.workers(include_gone=all_))
+    if output == Output.json:
+        emit_json([w.model_dump(mode="json") for w in found])
+        return
+    now = time.time()
+    table(
+        ["id", "queue", "group", "state", "busy", "slots", "runtimes", "cpus", "memory", "heartbeat"],
+        [
+            (
+                w.id,
+                w.queue,
+                w.group or "",
+                w.state,
+                w.busy,
+                w.slots,
+                ",".join(w.runtimes),
+                f"{w.cpus:g}",
+                size(w.memory),
+                ago(w.last_heartbeat, now),
+            )
+            for w in found
+        ],
+    )
+
+
+@tokens_app.command("create")
+def tokens_create(
+    role: Annotated[str, typer.Option(help=f"One of: {', '.join(ROLES)}.")],
+    name: Annotated[str, typer.Option(help="A note saying what the token is for.")] = "",
+    output: OutputOpt = Output.table,
+    server: ServerOpt = None,
+    token: TokenOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Create a token; it is printed once, on the last line."""
+    if role not in ROLES:
+        bad_input(f"--role: must be one of {', '.join(ROLES)}")
+    created = with_client(server, token, data_dir, lambda c: c.create_token(role, name))
+    if output == Output.json:
+        emit_json(created)
+    else:
+        err.print(f"token {created['id']} ({created['role']}) created; it is shown only now:")
+        out.print(created["token"])
+
+
+@tokens_app.command("list")
+def tokens_list(
+    output: OutputOpt = Output.table,
+    server: ServerOpt = None,
+    token: TokenOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """List tokens (ids, roles, names — never the secrets)."""
+    found = with_client(server, token, data_dir, lambda c: c.list_tokens())
+    if output == Output.json:
+        emit_json(found)
+        return
+    table(
+        ["id", "role", "name", "created", "revoked"],
+        [(t["id"], t["role"], t["name"], ago(t["created_at"]), ago(t["revoked_at"])) for t in found],
+    )
+
+
+@tokens_app.command("revoke")
+def tokens_revoke(
+    token_id: Annotated[str, typer.Argument(help="Token id (from 'scaleq tokens list').")],
+    server: ServerOpt = None,
+    token: TokenOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Revoke a token: it stops working at once."""
+    with_client(server, token, data_dir, lambda c: c.revoke_token(token_id))
+    out.print(f"revoked {token_id}")

@@ -1,0 +1,329 @@
+"""Commands about jobs and queues: submit, jobs, job, logs, outputs, cancel, queues."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.live import Live
+from rich.spinner import Spinner
+
+from scaleq.cli.common import (
+    DataDirOpt,
+    Output,
+    OutputOpt,
+    ServerOpt,
+    TokenOpt,
+    ago,
+    bad_input,
+    duration,
+    emit_json,
+    err,
+    fail,
+    out,
+    size,
+    table,
+    with_client,
+)
+from scaleq.client import Client
+from scaleq.jobfile import JobInputError, build, encode_blobs
+from scaleq.jobs import Job, State, SubmitRequest, validate_queue_name
+
+
+def _summary(job: Job) -> dict:
+    return {
+        "id": job.id,
+        "queue": job.queue,
+        "state": job.state.value,
+        "reason": job.reason.value if job.reason else None,
+        "exit_code": job.exit_code,
+        "error": job.error,
+        "attempts": job.attempts,
+        "submitted_at": job.submitted_at,
+        "started_at": job.started_at,
+        "finished_at": job.finished_at,
+    }
+
+
+def _status(job: Job) -> str:
+    if job.state != State.finished:
+        return job.state.value
+    text = f"finished ({job.reason.value if job.reason else '?'}"
+    if job.exit_code is not None:
+        text += f", exit {job.exit_code}"
+    return text + ")"
+
+
+async def _follow(client: Client, job: Job, show: bool) -> Job:
+    """Long-poll the job until it finishes, with a spinner on a terminal."""
+    start = time.monotonic()
+
+    async def step(j: Job) -> Job:
+        return await client.get_job(j.id, wait=20, state=j.state.value)
+
+    if not show:
+        while job.state != State.finished:
+            job = await step(job)
+        return job
+    with Live(Spinner("dots", text=f"{job.id[:12]} {job.state.value}"), console=err, transient=True) as live:
+        while job.state != State.finished:
+            live.update(Spinner("dots", text=f"{job.id[:12]} {job.state.value} · {duration(time.monotonic() - start)}"))
+            job = await step(job)
+    return job
+
+
+def submit(
+    queue: Annotated[str, typer.Argument(help="Queue to submit to.")],
+    command: Annotated[list[str] | None, typer.Argument(help="Command and arguments, after '--'.")] = None,
+    image: Annotated[str | None, typer.Option(help="Container image; without one the job runs as a process.")] = None,
+    env: Annotated[list[str] | None, typer.Option("--env", "-e", help="KEY=VALUE, repeatable.")] = None,
+    max_duration: Annotated[int | None, typer.Option(help="Seconds before the job is stopped (timed_out).")] = None,
+    cpus: Annotated[float | None, typer.Option(help="CPU cores the job needs (a limit in docker).")] = None,
+    memory: Annotated[str | None, typer.Option(help="Memory the job needs, e.g. 512m, 2g (a limit in docker).")] = None,
+    gpus: Annotated[int | None, typer.Option(help="GPUs the job needs.")] = None,
+    input_paths: Annotated[
+        list[str] | None, typer.Option("--input", "-i", help="File or directory to place under /inputs; repeatable.")
+    ] = None,
+    tag: Annotated[
+        list[str] | None, typer.Option("--tag", help="Only workers with this tag run it; repeatable.")
+    ] = None,
+    workdir: Annotated[str | None, typer.Option(help="Working directory inside the container.")] = None,
+    file: Annotated[
+        Path | None, typer.Option("--file", "-f", help="Job file (TOML or JSON) with the definition's fields.")
+    ] = None,
+    priority: Annotated[int, typer.Option(help="Higher runs first; FIFO within a priority.")] = 0,
+    max_attempts: Annotated[int, typer.Option(help="Attempts before a lost job finishes as worker_lost.")] = 3,
+    rerun: Annotated[bool, typer.Option("--rerun", help="Run again if this exact job already finished.")] = False,
+    wait: Annotated[bool, typer.Option("--wait", "-w", help="Follow the job; exit 0 only on success.")] = False,
+    output: OutputOpt = Output.table,
+    server: ServerOpt = None,
+    token: TokenOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Submit a job and print its id (the same definition on the same queue is the same job).
+
+    Example: scaleq submit default --wait -- python3 -c "print('hello')"
+    """
+    try:
+        validate_queue_name(queue)
+        definition, blobs = build(
+            file=file,
+            command=command,
+            image=image,
+            env=env,
+            max_duration=max_duration,
+            cpus=cpus,
+            memory=memory,
+            gpus=gpus,
+            inputs=input_paths,
+            tags=tag,
+            workdir=workdir,
+        )
+        request = SubmitRequest(
+            queue=queue,
+            definition=definition,
+            priority=priority,
+            rerun=rerun,
+            max_attempts=max_attempts,
+            blobs=encode_blobs(blobs),
+        )
+    except JobInputError as exc:
+        bad_input(str(exc))
+    except ValueError as exc:
+        bad_input(f"queue: {exc}" if "queue" in str(exc) else str(exc))
+
+    async def go(client: Client) -> Job:
+        job, created = await client.submit(request)
+        if output == Output.table:
+            note = "" if created else f"  (same job as before: {job.state.value})"
+            out.print(f"{job.id}{note}")
+        if wait:
+            job = await _follow(client, job, show=sys.stderr.isatty() and output == Output.table)
+            if output == Output.table:
+                err.print(f"{job.id[:12]} {_status(job)}" + (f": {job.error}" if job.error else ""))
+        return job
+
+    job = with_client(server, token, data_dir, go)
+    if output == Output.json:
+        emit_json(_summary(job))
+    if wait and job.reason != "success":
+        raise typer.Exit(1)
+
+
+def jobs(
+    queue: Annotated[str | None, typer.Option(help="Only this queue.")] = None,
+    state: Annotated[State | None, typer.Option(help="Only jobs in this state.")] = None,
+    limit: Annotated[int, typer.Option(help="At most this many, newest first.")] = 50,
+    output: OutputOpt = Output.table,
+    server: ServerOpt = None,
+    token: TokenOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """List jobs, newest first."""
+    found = with_client(
+        server, token, data_dir, lambda c: c.list_jobs(queue=queue, state=state.value if state else None, limit=limit)
+    )
+    if output == Output.json:
+        emit_json([_summary(j) for j in found])
+        return
+    now = time.time()
+    table(
+        ["id", "queue", "state", "exit", "attempts", "submitted", "ran for", "command"],
+        [
+            (
+                j.id[:12],
+                j.queue,
+                _status(j),
+                j.exit_code,
+                j.attempts,
+                ago(j.submitted_at, now),
+                duration((j.finished_at or now) - j.started_at) if j.started_at else "",
+                " ".join(j.definition.command)[:40],
+            )
+            for j in found
+        ],
+    )
+
+
+def job(
+    job_id: Annotated[str, typer.Argument(help="Job id or a unique prefix (6+ characters).")],
+    output: OutputOpt = Output.table,
+    server: ServerOpt = None,
+    token: TokenOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Show one job: its definition, state and attempts."""
+
+    async def go(client: Client) -> tuple[Job, list[dict]]:
+        j = await client.get_job(job_id)
+        return j, await client.attempts(j.id)
+
+    j, attempts = with_client(server, token, data_dir, go)
+    if output == Output.json:
+        emit_json({**_summary(j), "definition": j.definition.model_dump(mode="json"), "attempt_history": attempts})
+        return
+    d = j.definition
+    rows = [
+        ("id", j.id),
+        ("queue", j.queue),
+        ("state", _status(j)),
+        ("error", j.error or ""),
+        ("image", d.image or "(process)"),
+        ("command", " ".join(d.command)),
+        ("env", " ".join(f"{k}={v}" for k, v in d.env.items())),
+        ("inputs", ", ".join(i.path for i in d.inputs)),
+        (
+            "requirements",
+            f"cpus {d.requirements.cpus:g}, memory {size(d.requirements.memory) or '-'}, gpus {d.requirements.gpus}",
+        ),
+        ("max duration", duration(d.max_duration)),
+        ("tags", ", ".join(d.tags)),
+        ("submitted", ago(j.submitted_at)),
+    ]
+    table(["field", "value"], rows)
+    if attempts:
+        table(
+            ["attempt", "worker", "started", "ended", "outcome"],
+            [
+                (a["attempt"], a["worker_id"], ago(a["started_at"]), ago(a["ended_at"]), a["outcome"] or "running")
+                for a in attempts
+            ],
+            title="attempts",
+        )
+
+
+def logs(
+    job_id: Annotated[str, typer.Argument(help="Job id or a unique prefix.")],
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing until the job finishes.")] = False,
+    attempt: Annotated[int | None, typer.Option(help="Attempt number [default: the latest].")] = None,
+    output: OutputOpt = Output.table,
+    server: ServerOpt = None,
+    token: TokenOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Print a job's output (stdout and stderr, in order)."""
+
+    async def go(client: Client) -> list[dict]:
+        after, collected = 0, []
+        while True:
+            page = await client.logs(job_id, attempt=attempt, after=after, wait=20 if follow else 0)
+            for c in page["chunks"]:
+                if output == Output.json:
+                    collected.append(c)
+                else:
+                    stream = sys.stderr if c["stream"] != "stdout" else sys.stdout
+                    stream.write(c["data"])
+                    stream.flush()
+            after = page["next"]
+            if not page["chunks"] and (not follow or page["state"] == "finished"):
+                return collected
+
+    collected = with_client(server, token, data_dir, go)
+    if output == Output.json:
+        emit_json(collected)
+
+
+def outputs(
+    job_id: Annotated[str, typer.Argument(help="Job id or a unique prefix.")],
+    directory: Annotated[Path, typer.Argument(help="Where to write the job's /outputs files.")],
+    output: OutputOpt = Output.table,
+    server: ServerOpt = None,
+    token: TokenOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Download the files the job wrote under /outputs into DIRECTORY."""
+    root = directory.resolve()
+
+    async def go(client: Client) -> list[dict]:
+        listing = await client.outputs(job_id)
+        for item in listing:
+            target = (root / item["path"]).resolve()
+            if root not in target.parents:
+                fail(f"refusing output path outside {root}: {item['path']}")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(await client.output_bytes(job_id, item["path"]))
+        return listing
+
+    listing = with_client(server, token, data_dir, go)
+    if output == Output.json:
+        emit_json(listing)
+    else:
+        table(["path", "size"], [(i["path"], size(i["size"])) for i in listing], title=f"written to {root}")
+
+
+def cancel(
+    job_id: Annotated[str, typer.Argument(help="Job id or a unique prefix.")],
+    output: OutputOpt = Output.table,
+    server: ServerOpt = None,
+    token: TokenOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Cancel a queued or running job (a running one is stopped by its worker)."""
+    j = with_client(server, token, data_dir, lambda c: c.cancel(job_id))
+    if output == Output.json:
+        emit_json(_summary(j))
+    else:
+        out.print(f"{j.id[:12]} {_status(j)}")
+
+
+def queues(
+    output: OutputOpt = Output.table,
+    server: ServerOpt = None,
+    token: TokenOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Queues with their job counts."""
+    found = with_client(server, token, data_dir, lambda c: c.queues())
+    if output == Output.json:
+        emit_json(found)
+        return
+    table(
+        ["queue", "queued", "running", "succeeded", "unsuccessful", "oldest waiting"],
+        [
+            (q["name"], q["queued"], q["running"], q["succeeded"], q["unsuccessful"], duration(q["oldest_queued_age"]))
+            for q in found
+        ],
+    )

@@ -1,0 +1,173 @@
+"""The HTTP client of the scaleq API, used by the CLI, the worker and the autoscaler.
+
+Errors come back as :class:`ApiError` carrying the status and the server's detail; connection failures as
+:class:`Unreachable`, so callers can tell "the server said no" from "no server answered".
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import httpx
+
+from scaleq.jobs import Claim, Job, SubmitRequest, Worker
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, detail: Any) -> None:
+        self.status = status
+        self.detail = detail
+        super().__init__(f"HTTP {status}: {format_detail(detail)}")
+
+    @property
+    def stale(self) -> bool:
+        return self.status == 409
+
+
+class Unreachable(Exception):
+    pass
+
+
+def format_detail(detail: Any) -> str:
+    """FastAPI's validation details as ``field.path: problem`` lines."""
+    if isinstance(detail, list):
+        lines = []
+        for d in detail:
+            if isinstance(d, dict):
+                loc = ".".join(str(p) for p in d.get("loc", []) if p not in ("body", "query", "path"))
+                lines.append(f"{loc}: {d.get('msg', d)}" if loc else str(d.get("msg", d)))
+            else:
+                lines.append(str(d))
+        return "; ".join(lines)
+    return str(detail)
+
+
+class Client:
+    def __init__(self, server: str, token: str | None, *, timeout: float = 30.0) -> None:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.server = server.rstrip("/")
+        self._http = httpx.AsyncClient(
+            base_url=self.server + "/api/v1", headers=headers, timeout=httpx.Timeout(timeout, connect=5.0)
+        )
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+    async def request(self, method: str, path: str, *, timeout: float | None = None, **kw: Any) -> httpx.Response:
+        if timeout is not None:
+            kw["timeout"] = httpx.Timeout(timeout, connect=5.0)
+        try:
+            r = await self._http.request(method, path, **kw)
+        except httpx.TransportError as exc:
+            raise Unreachable(f"cannot reach the scaleq server at {self.server}: {exc or type(exc).__name__}") from exc
+        if r.status_code >= 400:
+            try:
+                detail = r.json().get("detail", r.text)
+            except ValueError:
+                detail = r.text
+            raise ApiError(r.status_code, detail)
+        return r
+
+    async def _json(self, method: str, path: str, **kw: Any) -> Any:
+        r = await self.request(method, path, **kw)
+        return r.json() if r.content else None
+
+    # -- jobs -------------------------------------------------------------------------------------------------
+
+    async def submit(self, req: SubmitRequest) -> tuple[Job, bool]:
+        data = await self._json("POST", "/jobs", json=req.model_dump(mode="json"), timeout=120)
+        return Job.model_validate(data["job"]), data["created"]
+
+    async def get_job(self, job_id: str, *, wait: float = 0, state: str | None = None) -> Job:
+        params: dict[str, Any] = {"wait": wait} if wait else {}
+        if state:
+            params["state"] = state
+        return Job.model_validate(await self._json("GET", f"/jobs/{job_id}", params=params, timeout=wait + 30))
+
+    async def list_jobs(self, *, queue: str | None = None, state: str | None = None, limit: int = 100) -> list[Job]:
+        params = {k: v for k, v in {"queue": queue, "state": state, "limit": limit}.items() if v is not None}
+        return [Job.model_validate(j) for j in await self._json("GET", "/jobs", params=params)]
+
+    async def attempts(self, job_id: str) -> list[dict[str, Any]]:
+        return await self._json("GET", f"/jobs/{job_id}/attempts")
+
+    async def cancel(self, job_id: str) -> Job:
+        return Job.model_validate(await self._json("POST", f"/jobs/{job_id}/cancel"))
+
+    async def logs(self, job_id: str, *, attempt: int | None = None, after: int = 0, wait: float = 0) -> dict:
+        params: dict[str, Any] = {"after": after, "wait": wait}
+        if attempt:
+            params["attempt"] = attempt
+        return await self._json("GET", f"/jobs/{job_id}/logs", params=params, timeout=wait + 30)
+
+    async def outputs(self, job_id: str) -> list[dict[str, Any]]:
+        return await self._json("GET", f"/jobs/{job_id}/outputs")
+
+    async def output_bytes(self, job_id: str, path: str) -> bytes:
+        return (await self.request("GET", f"/jobs/{job_id}/outputs/{path}", timeout=300)).content
+
+    async def queues(self) -> list[dict[str, Any]]:
+        return await self._json("GET", "/queues")
+
+    async def workers(self, *, include_gone: bool = False) -> list[Worker]:
+        return [Worker.model_validate(w) for w in await self._json("GET", "/workers", params={"all": include_gone})]
+
+    # -- tokens -----------------------------------------------------------------------------------------------
+
+    async def create_token(self, role: str, name: str = "") -> dict[str, Any]:
+        return await self._json("POST", "/tokens", json={"role": role, "name": name})
+
+    async def list_tokens(self) -> list[dict[str, Any]]:
+        return await self._json("GET", "/tokens")
+
+    async def revoke_token(self, token_id: str) -> None:
+        await self.request("DELETE", f"/tokens/{token_id}")
+
+    # -- the worker protocol ----------------------------------------------------------------------------------
+
+    async def register(self, registration: dict[str, Any]) -> dict[str, Any]:
+        return await self._json("POST", "/workers", json=registration)
+
+    async def claim(
+        self, worker_id: str, n: int, *, wait: float, finishes: list[dict[str, Any]] | None = None
+    ) -> tuple[list[Claim], list[dict[str, Any]], str]:
+        data = await self._json(
+            "POST",
+            f"/workers/{worker_id}/claim",
+            json={"max": n, "wait": wait, "finishes": finishes or []},
+            timeout=wait + 30,
+        )
+        return [Claim.model_validate(c) for c in data["claims"]], data["finished"], data["state"]
+
+    async def heartbeat(self, worker_id: str, *, draining: bool = False) -> tuple[str, set[str]]:
+        data = await self._json("POST", f"/workers/{worker_id}/heartbeat", json={"draining": draining}, timeout=10)
+        return data["state"], set(data["leases"])
+
+    async def drain_worker(self, worker_id: str) -> Worker:
+        return Worker.model_validate(await self._json("POST", f"/workers/{worker_id}/drain"))
+
+    async def deregister(self, worker_id: str) -> None:
+        await self.request("DELETE", f"/workers/{worker_id}")
+
+    async def finish(self, finish: dict[str, Any]) -> Job:
+        return Job.model_validate(await self._json("POST", "/leases/finish", json=finish))
+
+    async def release(self, lease: str) -> None:
+        await self.request("POST", "/leases/release", json={"lease": lease})
+
+    async def append_logs(self, lease: str, chunks: list[tuple[str, bytes]]) -> None:
+        body = {"lease": lease, "chunks": [{"stream": s, "data": base64.b64encode(d).decode()} for s, d in chunks]}
+        await self.request("POST", "/leases/logs", json=body)
+
+    async def put_outputs(self, lease: str, tar_bytes: bytes) -> None:
+        await self.request("POST", "/leases/outputs", content=tar_bytes, headers={"X-Scaleq-Lease": lease}, timeout=600)
+
+    async def blob(self, sha256: str) -> bytes:
+        return (await self.request("GET", f"/blobs/{sha256}", timeout=300)).content

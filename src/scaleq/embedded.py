@@ -1,0 +1,125 @@
+"""``scaleq up``: the server, the store and the autoscaler with its providers, in one process.
+
+Start-up order: open the store, make sure the admin and worker tokens exist (reusing the ones recorded in the data
+dir), bind the listening socket (so the URL is known, also with port 0), write ``server.json``, then serve and run the
+controller side by side. On SIGINT/SIGTERM the controller stops first, local workers are asked to drain (and killed
+after a grace period; their jobs come back through lease expiry), then the server stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import time
+from pathlib import Path
+
+import uvicorn
+
+from scaleq.config import write_server_info
+from scaleq.grid import Grid
+from scaleq.providers.base import Provider
+from scaleq.providers.local import LocalProvider
+from scaleq.scaling.controller import Controller
+from scaleq.scaling.observe import StoreObserver
+from scaleq.server.app import create_app
+from scaleq.server.auth import hash_token, new_token
+from scaleq.server.notify import Notifier
+from scaleq.server.settings import ServerSettings
+from scaleq.store import open_store
+from scaleq.store.base import Store
+
+log = logging.getLogger("scaleq.up")
+
+
+async def ensure_token(store: Store, path: Path, role: str, name: str) -> str:
+    """The token recorded at ``path`` if the store still knows it, else a new one written there (0600)."""
+    existing = _read(path)
+    if existing and await store.find_token(hash_token(existing)):
+        return existing
+    token_id, token, token_hash = new_token()
+    await store.create_token(token_id, name, role, token_hash, time.time())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch(mode=0o600)
+    path.write_text(token + "\n")
+    return token
+
+
+def _read(path: Path) -> str | None:
+    return path.read_text().strip() if path.exists() else None
+
+
+def make_provider(name: str, *, grid: str, server: str, token: str, data_dir: Path) -> Provider:
+    if name == "local":
+        return LocalProvider(
+            grid=grid, server=server, token=token, state_dir=data_dir / "workers", log_dir=data_dir / "logs"
+        )
+    raise ValueError(f"provider {name!r} is not available in this version")
+
+
+async def serve(
+    grid: Grid,
+    data_dir: Path,
+    *,
+    host: str,
+    port: int,
+    store_url: str | None = None,
+    lease_seconds: float | None = None,
+    ready: asyncio.Event | None = None,
+) -> None:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    store = open_store(store_url or grid.store.url or str(data_dir / "scaleq.db"), durability=grid.store.durability)
+    await store.open()
+    try:
+        admin = await ensure_token(store, data_dir / "admin.token", "admin", "admin (scaleq up)")
+        worker_token = await ensure_token(store, data_dir / "worker.token", "worker", "local workers (scaleq up)")
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        url = f"http://{host if ':' not in host else f'[{host}]'}:{sock.getsockname()[1]}"
+        settings = ServerSettings(lease_seconds=lease_seconds or grid.server.lease_seconds)
+        notifier = Notifier()
+        app = create_app(store, settings, notifier=notifier, manage_store=False)
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
+        server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        groups = [
+            (g, make_provider(g.provider, grid=grid.name, server=url, token=worker_token, data_dir=data_dir))
+            for g in grid.groups
+        ]
+        controller = Controller(groups, StoreObserver(store, notifier, time.time))
+        write_server_info(data_dir, url, admin)
+
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        serving = asyncio.create_task(server.serve(sockets=[sock]))
+        while not server.started and not serving.done():
+            await asyncio.sleep(0.01)
+        controlling = asyncio.create_task(controller.run())
+        log.info("scaleq serving on %s (data dir %s)", url, data_dir)
+        if ready is not None:
+            ready.set()
+        await asyncio.wait([asyncio.create_task(stop.wait()), serving], return_when=asyncio.FIRST_COMPLETED)
+        controlling.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await controlling
+        await _drain_local(groups)
+        server.should_exit = True
+        with contextlib.suppress(asyncio.CancelledError):
+            await serving
+        (data_dir / "server.json").unlink(missing_ok=True)
+    finally:
+        await store.close()
+
+
+async def _drain_local(groups: list[tuple]) -> None:
+    for group, provider in groups:
+        if isinstance(provider, LocalProvider):
+            for w in await provider.list(group):
+                await provider.stop(group, w.id)
+            if not await provider.wait_gone(group, 10.0):
+                for w in await provider.list(group):
+                    await provider.stop(group, w.id, force=True)

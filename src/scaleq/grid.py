@@ -1,0 +1,168 @@
+"""The grid file (TOML): the server, the store and the worker groups, validated with clear errors.
+
+```toml
+[server]
+host = "127.0.0.1"
+port = 8765
+
+[store]
+url = "sqlite:///.scaleq/scaleq.db"
+
+[[groups]]
+name = "cpu"
+queue = "default"
+provider = "local"
+min_workers = 0
+max_workers = 3
+slots = 1
+runtimes = ["process"]
+idle_timeout = 30
+```
+Errors name the file, the field (``groups[0].max_workers``) and the problem, with the line where TOML gives one.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from scaleq.jobs import Capabilities, Requirements, RuntimeKind, validate_queue_name
+from scaleq.scaling.policy import PolicySettings
+
+ProviderName = Literal["local", "docker", "kubernetes", "gcp", "fly"]
+
+
+class GridFileError(ValueError):
+    """A grid file problem; the message names the file, the field and the problem."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ServerSection(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8765, ge=0, le=65535)
+    lease_seconds: float = Field(default=15.0, gt=0)
+
+
+class StoreSection(_Strict):
+    url: str | None = Field(default=None, description="sqlite path/URL or postgresql:// URL; default in the data dir")
+    durability: Literal["normal", "strict"] = "normal"
+
+
+class Group(_Strict):
+    """A declared set of identical workers on one provider, bound to one queue."""
+
+    name: str = Field(pattern=r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
+    queue: str = "default"
+    provider: ProviderName = "local"
+    min_workers: int = Field(default=0, ge=0)
+    max_workers: int = Field(default=1, ge=0)
+    slots: int = Field(default=1, ge=1, le=1024)
+    runtimes: list[RuntimeKind] = Field(default_factory=lambda: [RuntimeKind.process])
+    idle_timeout: float = Field(default=60.0, ge=0)
+    scale_down_window: float = Field(default=30.0, ge=0)
+    max_step_up: int | None = Field(default=None, ge=1)
+    step_period: float = Field(default=10.0, gt=0)
+    startup_grace: float = Field(default=120.0, ge=0)
+    tags: list[str] = Field(default_factory=list)
+    resources: Requirements = Field(
+        default_factory=lambda: Requirements(cpus=float(os.cpu_count() or 1)),
+        description="what each worker offers (cpus, memory, gpus)",
+    )
+    image: str | None = Field(default=None, description="worker image, for container providers")
+    allow_host_network: bool = False
+    env: dict[str, str] = Field(default_factory=dict, description="extra environment of the worker processes")
+
+    @field_validator("queue")
+    @classmethod
+    def _queue(cls, v: str) -> str:
+        return validate_queue_name(v)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Group:
+        if self.max_workers < self.min_workers:
+            raise ValueError(f"max_workers ({self.max_workers}) must be >= min_workers ({self.min_workers})")
+        return self
+
+    def policy(self) -> PolicySettings:
+        return PolicySettings(
+            min_workers=self.min_workers,
+            max_workers=self.max_workers,
+            slots=self.slots,
+            idle_timeout=self.idle_timeout,
+            scale_down_window=self.scale_down_window,
+            max_step_up=self.max_step_up,
+            step_period=self.step_period,
+            startup_grace=self.startup_grace,
+        )
+
+    def capabilities(self) -> Capabilities:
+        return Capabilities(
+            runtimes=self.runtimes,
+            cpus=self.resources.cpus,
+            memory=self.resources.memory,
+            gpus=self.resources.gpus,
+            tags=self.tags,
+            host_network=self.allow_host_network,
+        )
+
+
+class Grid(_Strict):
+    name: str = Field(default="scaleq", pattern=r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$")
+    server: ServerSection = Field(default_factory=ServerSection)
+    store: StoreSection = Field(default_factory=StoreSection)
+    groups: list[Group] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique(self) -> Grid:
+        names = [g.name for g in self.groups]
+        for n in names:
+            if names.count(n) > 1:
+                raise ValueError(f"groups: two groups are named {n!r}")
+        return self
+
+
+def embedded_default(cores: int | None = None) -> Grid:
+    """``scaleq up`` without a grid file: one local group on queue ``default``, 0..cores workers of one slot."""
+    n = cores or os.cpu_count() or 1
+    runtimes = [RuntimeKind.process]
+    return Grid(
+        groups=[
+            Group(
+                name="local",
+                queue="default",
+                provider="local",
+                min_workers=0,
+                max_workers=n,
+                slots=1,
+                runtimes=runtimes,
+                idle_timeout=30.0,
+                resources=Requirements(cpus=float(n)),
+            )
+        ]
+    )
+
+
+def load(path: Path) -> Grid:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise GridFileError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise GridFileError(f"{path}: not valid TOML: {exc}") from exc
+    try:
+        return Grid.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for e in exc.errors():
+            loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e["loc"]).lstrip(".")
+            problems.append(f"{path}: {loc or '(root)'}: {e['msg']}")
+        raise GridFileError("\n".join(problems)) from exc

@@ -1,0 +1,123 @@
+"""Build a job definition from a job file (TOML or JSON) and command-line flags, with the local input bytes.
+
+A job file holds the fields of :class:`scaleq.jobs.JobDefinition`, except that ``inputs`` lists local paths
+(relative to the file); flags override the file. Every problem is reported as ``where: field: problem``.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from scaleq.jobs import InputFile, JobDefinition, parse_env_pair
+
+
+class JobInputError(ValueError):
+    """Bad job input; the message names the file or flag, the field and the problem."""
+
+
+def load_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise JobInputError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    try:
+        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise JobInputError(f"{path}: not valid TOML: {exc}") from exc
+    except json.JSONDecodeError as exc:
+        raise JobInputError(f"{path}: not valid JSON: line {exc.lineno} column {exc.colno}: {exc.msg}") from exc
+    if not isinstance(data, dict):
+        raise JobInputError(f"{path}: a job file holds a table of fields")
+    return data
+
+
+def collect_inputs(paths: list[str], base: Path) -> tuple[list[InputFile], dict[str, bytes]]:
+    """Files (and directories, recursively) → input entries under /inputs, and their bytes by sha256."""
+    entries: list[InputFile] = []
+    blobs: dict[str, bytes] = {}
+    for raw in paths:
+        p = Path(raw) if Path(raw).is_absolute() else base / raw
+        if not p.exists():
+            raise JobInputError(f"inputs: {raw}: no such file or directory")
+        files = (
+            [(p, p.name)]
+            if p.is_file()
+            else [(f, f"{p.name}/{f.relative_to(p).as_posix()}") for f in sorted(p.rglob("*")) if f.is_file()]
+        )
+        for f, name in files:
+            data = f.read_bytes()
+            sha = hashlib.sha256(data).hexdigest()
+            blobs[sha] = data
+            mode = 0o555 if os.access(f, os.X_OK) else 0o444
+            entries.append(InputFile(path=name, sha256=sha, size=len(data), mode=mode))
+    return entries, blobs
+
+
+def build(
+    *,
+    file: Path | None = None,
+    command: list[str] | None = None,
+    image: str | None = None,
+    env: list[str] | None = None,
+    max_duration: int | None = None,
+    cpus: float | None = None,
+    memory: str | None = None,
+    gpus: int | None = None,
+    inputs: list[str] | None = None,
+    tags: list[str] | None = None,
+    workdir: str | None = None,
+) -> tuple[JobDefinition, dict[str, bytes]]:
+    """The definition (validated) and the bytes of its inputs."""
+    data: dict[str, Any] = load_file(file) if file else {}
+    where = str(file) if file else "job"
+    base = file.parent if file else Path.cwd()
+    if command:
+        data["command"] = command
+    if image is not None:
+        data["image"] = image
+    if workdir is not None:
+        data["workdir"] = workdir
+    if max_duration is not None:
+        data["max_duration"] = max_duration
+    if tags:
+        data["tags"] = [*data.get("tags", []), *tags]
+    if env:
+        merged = dict(data.get("env") or {})
+        for pair in env:
+            try:
+                key, value = parse_env_pair(pair)
+            except ValueError as exc:
+                raise JobInputError(f"--env: {exc}") from exc
+            merged[key] = value
+        data["env"] = merged
+    req = dict(data.get("requirements") or {})
+    for key, value in (("cpus", cpus), ("memory", memory), ("gpus", gpus)):
+        if value is not None:
+            req[key] = value
+    if req:
+        data["requirements"] = req
+    if "command" not in data:
+        raise JobInputError(f"{where}: command: missing (give it after '--' or as command = [...] in a job file)")
+    local_inputs = list(data.pop("inputs", []) or [])
+    if not isinstance(local_inputs, list) or not all(isinstance(i, str) for i in local_inputs):
+        raise JobInputError(f"{where}: inputs: must be a list of local paths")
+    entries, blobs = collect_inputs([*local_inputs, *(inputs or [])], base)
+    data["inputs"] = [e.model_dump() for e in entries]
+    try:
+        definition = JobDefinition.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}" for e in exc.errors())
+        raise JobInputError(f"{where}: {problems}") from exc
+    return definition, blobs
+
+
+def encode_blobs(blobs: dict[str, bytes]) -> dict[str, str]:
+    return {sha: base64.b64encode(data).decode() for sha, data in blobs.items()}

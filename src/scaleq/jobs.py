@@ -1,0 +1,285 @@
+"""The job vocabulary every other module speaks.
+
+A job is one container run. Its *definition* is validated here, once, at the edge (the HTTP API and the CLI both
+build a :class:`JobDefinition`), then canonicalised to JSON; the sha256 of ``queue`` + canonical definition is the
+job's id, so submitting the same definition to the same queue twice is the same job.
+
+Input files are part of the definition by content: the definition records each input's path and sha256, and the
+bytes travel separately as blobs. Two submits of the same command over different input bytes are different jobs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+QUEUE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/=-]{0,62}$")
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+
+#: Upper bound on max_duration (30 days): anything longer is a typo, not a job.
+MAX_DURATION_LIMIT = 30 * 24 * 3600
+DEFAULT_MAX_DURATION = 3600
+
+
+class State(StrEnum):
+    queued = "queued"
+    running = "running"
+    finished = "finished"
+
+
+class Reason(StrEnum):
+    success = "success"
+    failed = "failed"
+    timed_out = "timed_out"
+    cancelled = "cancelled"
+    worker_lost = "worker_lost"
+
+
+class RuntimeKind(StrEnum):
+    docker = "docker"
+    process = "process"
+
+
+def parse_size(value: int | float | str) -> int:
+    """Bytes from ``512m``, ``2GiB``, ``1.5g`` or a plain number of bytes (binary units, as Docker reads them)."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 512m or 2GiB")
+    if isinstance(value, int | float):
+        size = int(value)
+    else:
+        m = _SIZE.match(value)
+        if not m:
+            raise ValueError(f"{value!r} is not a size; use bytes or a number with k, m, g or t (e.g. 512m, 2GiB)")
+        size = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if size <= 0:
+        raise ValueError("must be positive")
+    return size
+
+
+def parse_env_pair(pair: str) -> tuple[str, str]:
+    """``K=V`` → (K, V), refusing what a shell would not accept as a variable name."""
+    key, sep, value = pair.partition("=")
+    if not sep:
+        raise ValueError(f"{pair!r} is not KEY=VALUE")
+    if not ENV_NAME.match(key):
+        raise ValueError(f"{key!r} is not a valid variable name")
+    return key, value
+
+
+class Requirements(BaseModel):
+    """What a worker must offer to run the job."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    cpus: float = Field(default=1.0, gt=0, le=1024, description="CPU cores (a limit in the docker runtime)")
+    gpus: int = Field(default=0, ge=0, le=64, description="GPUs, passed to the engine as a device request")
+    memory: int | None = Field(default=None, description="bytes; accepts 512m, 2GiB (a hard limit in docker)")
+
+    @field_validator("memory", mode="before")
+    @classmethod
+    def _memory(cls, v: Any) -> Any:
+        return None if v is None else parse_size(v)
+
+
+class InputFile(BaseModel):
+    """One input file, by content: its path under ``/inputs`` and the sha256 of its bytes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    path: str = Field(description="relative path under /inputs")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int = Field(ge=0)
+    mode: int = Field(default=0o444, ge=0, le=0o777)
+
+    @field_validator("path")
+    @classmethod
+    def _relative(cls, v: str) -> str:
+        parts = v.split("/")
+        if not v or v.startswith("/") or any(p in ("", ".", "..") for p in parts):
+            raise ValueError(f"{v!r} must be a relative path without '.', '..' or empty parts")
+        return v
+
+
+class JobDefinition(BaseModel):
+    """What runs: validated once at the edge, canonicalised, hashed into the job id."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    image: str | None = Field(default=None, description="container image; none means the process runtime")
+    command: list[str] = Field(min_length=1, description="argv of the job")
+    entrypoint: list[str] | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+    workdir: str | None = None
+    inputs: list[InputFile] = Field(default_factory=list)
+    max_duration: int = Field(default=DEFAULT_MAX_DURATION, gt=0, le=MAX_DURATION_LIMIT, description="seconds")
+    tags: list[str] = Field(default_factory=list, description="a worker must carry all of them to run the job")
+    requirements: Requirements = Field(default_factory=Requirements)
+    network: Literal["none", "host"] = Field(
+        default="none", description="'host' runs only on workers started with --allow-host-network"
+    )
+
+    @field_validator("command", "entrypoint")
+    @classmethod
+    def _argv(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and (not v or any(not isinstance(a, str) for a in v) or v[0] == ""):
+            raise ValueError("must be a non-empty list of strings whose first item is not empty")
+        return v
+
+    @field_validator("image")
+    @classmethod
+    def _image(cls, v: str | None) -> str | None:
+        if v is not None and (not v.strip() or any(c.isspace() for c in v)):
+            raise ValueError(f"{v!r} is not an image reference")
+        return v
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, v: dict[str, str]) -> dict[str, str]:
+        for key in v:
+            if not ENV_NAME.match(key):
+                raise ValueError(f"{key!r} is not a valid variable name")
+        return v
+
+    @field_validator("workdir")
+    @classmethod
+    def _workdir(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith("/"):
+            raise ValueError("must be an absolute path")
+        return v
+
+    @field_validator("tags")
+    @classmethod
+    def _tags(cls, v: list[str]) -> list[str]:
+        for tag in v:
+            if not TAG.match(tag):
+                raise ValueError(f"{tag!r} is not a tag (letters, digits and ._:/=- up to 63 characters)")
+        return sorted(set(v))
+
+    @model_validator(mode="after")
+    def _unique_inputs(self) -> JobDefinition:
+        paths = [i.path for i in self.inputs]
+        if len(paths) != len(set(paths)):
+            raise ValueError("inputs: two input files have the same path")
+        return self
+
+    @property
+    def runtime(self) -> RuntimeKind:
+        return RuntimeKind.docker if self.image else RuntimeKind.process
+
+    def canonical(self) -> str:
+        """Canonical JSON: defaults included, keys sorted, inputs ordered by path, no whitespace."""
+        data = self.model_dump(mode="json")
+        data["inputs"] = sorted(data["inputs"], key=lambda i: i["path"])
+        return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def job_id(queue: str, definition: JobDefinition) -> str:
+    """The job's id: sha256 over the queue and the canonical definition."""
+    return hashlib.sha256(f"{queue}\n{definition.canonical()}".encode()).hexdigest()
+
+
+def validate_queue_name(name: str) -> str:
+    if not QUEUE_NAME.match(name):
+        raise ValueError(f"{name!r} is not a queue name (letters, digits, '.', '_', '-'; up to 128 characters)")
+    return name
+
+
+class SubmitRequest(BaseModel):
+    """The body of ``POST /api/v1/jobs``: a definition, where to queue it, and the input bytes it names."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    queue: str
+    definition: JobDefinition
+    priority: int = Field(default=0, ge=-1000, le=1000, description="higher runs first; FIFO within a priority")
+    rerun: bool = Field(default=False, description="run a finished job again instead of returning its result")
+    max_attempts: int = Field(default=3, ge=1, le=100, description="attempts before a lost job is worker_lost")
+    blobs: dict[str, str] = Field(
+        default_factory=dict, description="base64 bytes of the inputs the server lacks, by sha256"
+    )
+
+    @field_validator("queue")
+    @classmethod
+    def _queue(cls, v: str) -> str:
+        return validate_queue_name(v)
+
+
+class Job(BaseModel):
+    """A job as the API returns it."""
+
+    id: str
+    queue: str
+    state: State
+    reason: Reason | None = None
+    exit_code: int | None = None
+    error: str | None = None
+    priority: int = 0
+    attempts: int = Field(default=0, description="attempts in the current run (the retry budget)")
+    attempt: int = Field(default=0, description="number of the latest attempt (logs are kept per attempt)")
+    max_attempts: int = 3
+    worker_id: str | None = None
+    submitted_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    definition: JobDefinition
+
+
+class Claim(BaseModel):
+    """One job handed to a worker: the attempt number and the lease token that fences it."""
+
+    job: Job
+    attempt: int
+    lease: str
+
+
+class Capabilities(BaseModel):
+    """What a worker (or every worker of a group) offers; a job runs only where its needs fit."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    runtimes: list[RuntimeKind] = Field(default_factory=lambda: [RuntimeKind.docker])
+    cpus: float = Field(default=1.0, gt=0)
+    memory: int | None = None
+    gpus: int = Field(default=0, ge=0)
+    tags: list[str] = Field(default_factory=list)
+    host_network: bool = False
+
+    def fits(self, definition: JobDefinition) -> bool:
+        req = definition.requirements
+        return (
+            definition.runtime in self.runtimes
+            and req.cpus <= self.cpus
+            and req.gpus <= self.gpus
+            and (req.memory is None or self.memory is None or req.memory <= self.memory)
+            and (definition.network != "host" or self.host_network)
+            and set(definition.tags) <= set(self.tags)
+        )
+
+
+class Worker(BaseModel):
+    """A worker as the server knows it from its registration and heartbeats."""
+
+    id: str
+    queue: str
+    group: str | None = None
+    slots: int
+    busy: int = 0
+    state: Literal["active", "draining", "gone"] = "active"
+    runtimes: list[RuntimeKind] = Field(default_factory=list)
+    cpus: float
+    memory: int | None = None
+    gpus: int = 0
+    tags: list[str] = Field(default_factory=list)
+    host_network: bool = False
+    hostname: str = ""
+    started_at: float
+    last_heartbeat: float
+    idle_since: float | None = None

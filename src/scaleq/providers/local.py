@@ -1,0 +1,156 @@
+"""The local provider: workers are ``scaleq worker`` processes on this machine.
+
+Each worker is a child process in its own session (a Ctrl-C of ``scaleq up`` does not reach it; the controller
+drains it). Its label is a small JSON record in ``<state_dir>/<grid>/<group>/<worker id>.json`` with the pid and
+start time; the process's command line carries the worker id too, so a reused pid is never mistaken for a worker.
+After a restart the records let the controller adopt the workers still running instead of starting duplicates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from scaleq.grid import Group
+from scaleq.providers.base import Health, ProviderWorker, new_worker_id
+
+
+class LocalProvider:
+    name = "local"
+
+    def __init__(self, *, grid: str, server: str, token: str, state_dir: Path, log_dir: Path) -> None:
+        self.grid = grid
+        self.server = server
+        self.token = token
+        self.state_dir = state_dir
+        self.log_dir = log_dir
+        self._children: dict[str, asyncio.subprocess.Process] = {}
+        self._stopping: set[str] = set()
+
+    def _dir(self, group: Group) -> Path:
+        return self.state_dir / self.grid / group.name
+
+    def _alive(self, record: dict) -> bool:
+        pid = record["pid"]
+        child = self._children.get(record["id"])
+        if child is not None:
+            return child.returncode is None
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return False
+        return record["id"].encode() in cmdline
+
+    async def list(self, group: Group) -> list[ProviderWorker]:
+        found = []
+        directory = self._dir(group)
+        for path in sorted(directory.glob("*.json")) if directory.exists() else []:
+            try:
+                record = json.loads(path.read_text())
+            except (OSError, ValueError):
+                path.unlink(missing_ok=True)
+                continue
+            if not self._alive(record):
+                path.unlink(missing_ok=True)
+                self._children.pop(record["id"], None)
+                self._stopping.discard(record["id"])
+                continue
+            status = "stopping" if record["id"] in self._stopping else "running"
+            found.append(ProviderWorker(record["id"], group.name, record["started_at"], status, f"pid {record['pid']}"))
+        return found
+
+    def _argv(self, group: Group, worker_id: str) -> list[str]:
+        argv = [
+            sys.executable,
+            "-m",
+            "scaleq",
+            "worker",
+            "--server",
+            self.server,
+            "--queue",
+            group.queue,
+            "--slots",
+            str(group.slots),
+            "--group",
+            group.name,
+            "--worker-id",
+            worker_id,
+            "--cpus",
+            str(group.resources.cpus),
+            "--gpus",
+            str(group.resources.gpus),
+            "--server-grace",
+            "300",
+        ]
+        for runtime in group.runtimes:
+            argv += ["--runtime", runtime.value]
+        for tag in group.tags:
+            argv += ["--tag", tag]
+        if group.resources.memory:
+            argv += ["--memory", str(group.resources.memory)]
+        if group.allow_host_network:
+            argv.append("--allow-host-network")
+        return argv
+
+    async def start(self, group: Group, count: int) -> list[str]:
+        directory = self._dir(group)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        ids = []
+        for _ in range(count):
+            worker_id = new_worker_id(self.grid, group.name)
+            env = {**os.environ, **group.env, "SCALEQ_TOKEN": self.token, "PYTHONUNBUFFERED": "1"}
+            with open(self.log_dir / f"{worker_id}.log", "ab") as logf:
+                proc = await asyncio.create_subprocess_exec(
+                    *self._argv(group, worker_id),
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=logf,
+                    stderr=logf,
+                    env=env,
+                    start_new_session=True,
+                )
+            self._children[worker_id] = proc
+            record = {"id": worker_id, "pid": proc.pid, "started_at": time.time(), "group": group.name}
+            (directory / f"{worker_id}.json").write_text(json.dumps(record))
+            ids.append(worker_id)
+        return ids
+
+    async def stop(self, group: Group, worker_id: str, *, force: bool = False) -> None:
+        path = self._dir(group) / f"{worker_id}.json"
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return
+        if self._alive(record):
+            self._stopping.add(worker_id)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(record["pid"], signal.SIGKILL if force else signal.SIGTERM)
+
+    async def wait_gone(self, group: Group, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while await self.list(group):
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.1)
+        return True
+
+    async def destroy(self, group: Group) -> list[str]:
+        workers = await self.list(group)
+        for w in workers:
+            await self.stop(group, w.id)
+        if not await self.wait_gone(group, 15.0):
+            for w in await self.list(group):
+                await self.stop(group, w.id, force=True)
+            await self.wait_gone(group, 5.0)
+        with contextlib.suppress(OSError):
+            self._dir(group).rmdir()
+        return [w.id for w in workers]
+
+    async def health(self) -> Health:
+        return Health(True, f"local processes via {sys.executable}")

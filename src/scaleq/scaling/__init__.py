@@ -1,0 +1,1 @@
+"""Autoscaling: the pure policy, the signals it reads, and the controller that acts on it."""

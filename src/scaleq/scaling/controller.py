@@ -1,0 +1,164 @@
+"""The controller: observe → decide → act → record, per group.
+
+Design:
+
+- **Observe** the group's demand from the queue server (the single source of truth, available at zero workers), the
+  workers the provider has (by label) and what each registered worker is doing (idle, busy, draining).
+- **Decide** with :func:`scaleq.scaling.policy.decide` — the same pure function ``plan`` and the simulator use.
+- **Act**: ask the provider for new workers; drain idle ones through the server (the worker stops claiming and exits
+  by itself, so scale-in never interrupts a job).
+- **Record** every change as an event with the policy's reason, and the group's current/desired counts.
+
+It wakes on job events (a submit to an empty queue reaches the provider in milliseconds, not a poll interval) and on a
+timer (idle timeouts, missed events). A provider error is recorded, retried with backoff, and never stops the other
+groups or the server. At start it adopts what the provider already runs for the group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from scaleq.grid import Group
+from scaleq.jobs import Worker
+from scaleq.providers.base import Provider, ProviderWorker
+from scaleq.scaling.policy import Decision, Demand, PolicyState, WorkerView, decide
+from scaleq.store.base import GroupStatus
+
+log = logging.getLogger("scaleq.controller")
+
+
+class Observer(Protocol):
+    """Where the controller reads signals and writes what it did (the store in-process, the API remotely)."""
+
+    async def demand(self, group: Group) -> Demand: ...
+    async def registered(self, group: Group) -> list[Worker]: ...
+    async def drain(self, worker_id: str) -> None: ...
+    async def record(
+        self, group: str, kind: str, from_count: int | None, to_count: int | None, reason: str
+    ) -> None: ...
+    async def status(self, status: GroupStatus) -> None: ...
+    async def wait_for_change(self, timeout: float) -> None: ...
+
+
+def worker_views(provider_workers: list[ProviderWorker], registered: list[Worker]) -> list[WorkerView]:
+    """Join what the provider runs with what the server knows: registration decides idle / busy / draining."""
+    by_id = {w.id: w for w in registered if w.state != "gone"}
+    views = []
+    for pw in provider_workers:
+        w = by_id.get(pw.id)
+        if pw.status == "stopping" or (w is not None and w.state == "draining"):
+            views.append(WorkerView(pw.id, pw.started_at, "draining"))
+        elif w is None:
+            views.append(WorkerView(pw.id, pw.started_at, "starting"))
+        elif w.busy > 0:
+            views.append(WorkerView(pw.id, pw.started_at, "busy", busy_slots=w.busy))
+        else:
+            views.append(WorkerView(pw.id, pw.started_at, "idle", idle_since=w.idle_since))
+    return views
+
+
+@dataclass
+class GroupLoop:
+    group: Group
+    provider: Provider
+    state: PolicyState = field(default_factory=PolicyState)
+    last_desired: int | None = None
+    failures: int = 0
+    retry_at: float = 0.0
+    last: Decision | None = None
+
+
+class Controller:
+    def __init__(
+        self,
+        groups: list[tuple[Group, Provider]],
+        observer: Observer,
+        *,
+        tick: float = 1.0,
+        min_interval: float = 0.05,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.loops = [GroupLoop(g, p) for g, p in groups]
+        self.observer = observer
+        self.tick = tick
+        self.min_interval = min_interval
+        self.clock = clock
+
+    async def run(self) -> None:
+        for loop in self.loops:
+            with contextlib.suppress(Exception):
+                adopted = await loop.provider.list(loop.group)
+                if adopted:
+                    await self.observer.record(
+                        loop.group.name,
+                        "adopt",
+                        None,
+                        len(adopted),
+                        f"adopted {len(adopted)} running worker(s) found by the provider's labels",
+                    )
+        while True:
+            await self.step()
+            # react at once to the first event, but at most every min_interval under a storm of them
+            await asyncio.sleep(self.min_interval)
+            await self.observer.wait_for_change(self.tick)
+
+    async def step(self) -> None:
+        await asyncio.gather(*(self.step_group(loop) for loop in self.loops))
+
+    async def step_group(self, loop: GroupLoop) -> Decision | None:
+        g, now = loop.group, self.clock()
+        if now < loop.retry_at:
+            return None
+        try:
+            demand = await self.observer.demand(g)
+            provider_workers = await loop.provider.list(g)
+            views = worker_views(provider_workers, await self.observer.registered(g))
+            decision = decide(demand, views, g.policy(), loop.state, now)
+            loop.state, loop.last = decision.state, decision
+            current = sum(1 for v in views if v.state != "draining")
+            if decision.start:
+                started = await loop.provider.start(g, decision.start)
+                log.info("group %s: started %s", g.name, ", ".join(started))
+            for worker_id in decision.drain:
+                await self.observer.drain(worker_id)
+            if decision.start or decision.drain or decision.desired != loop.last_desired:
+                kind = "scale_up" if decision.start else "scale_down" if decision.drain else "desired"
+                await self.observer.record(g.name, kind, current, decision.desired, decision.reason)
+                loop.last_desired = decision.desired
+            await self.observer.status(
+                GroupStatus(
+                    g.name,
+                    g.queue,
+                    g.provider,
+                    g.min_workers,
+                    g.max_workers,
+                    current + decision.start - len(decision.drain),
+                    decision.desired,
+                    now,
+                )
+            )
+            if loop.failures:
+                await self.observer.record(g.name, "recovered", None, None, f"provider {g.provider} answers again")
+            loop.failures = 0
+            return decision
+        except Exception as exc:  # one group's trouble must not stop the others
+            loop.failures += 1
+            backoff = min(2.0**loop.failures, 60.0)
+            loop.retry_at = now + backoff
+            log.warning("group %s: %s; retrying in %.0f s", g.name, exc, backoff)
+            with contextlib.suppress(Exception):
+                await self.observer.record(
+                    g.name,
+                    "error",
+                    None,
+                    None,
+                    f"provider {g.provider} failed ({type(exc).__name__}: {exc}); retry {loop.failures} "
+                    f"in {backoff:.0f} s",
+                )
+            return None

@@ -1,0 +1,225 @@
+"""scaleq's scaling policy: a pure function from what a group sees to what it should do.
+
+The same :func:`decide` runs in the live controller, in ``scaleq plan`` and in the simulator (``scaleq.sim``), so it
+does no I/O and never reads a clock: the caller passes ``now`` and the :class:`PolicyState` returned by the previous
+decision (the policy's whole memory), and stores the new one. Same inputs, same :class:`Decision`.
+
+How a decision is made:
+
+* **Size by slots.** ``need = ceil((queued + running) / slots)``, clamped to ``[min_workers, max_workers]``.
+  Running jobs count, so a group never shrinks under the work it is doing.
+* **Up at once.** The controller wakes on every submit, and an increase is acted on in the same call -- including
+  from zero on the first runnable job. The only brake is ``max_step_up`` workers per ``step_period``.
+* **Down slowly, and only idle.** The desired size is the highest ``need`` seen in the last ``scale_down_window``
+  seconds (a sliding-window maximum, like the HPA's stabilisation window), which damps thrash. The extra workers are
+  drained only if they are *idle* and have been idle for ``idle_timeout`` seconds. Busy workers are never chosen,
+  so scale-in never interrupts a job; starting workers are never chosen either.
+* **Drain the longest-idle worker first** (ties: the most recently started). Its idle timeout ran out first, so the
+  drain order follows the clock the user configured. The workers kept are the ones that ran a job most recently
+  (warm image layers and caches).
+* **Above max** (max lowered): idle workers are drained at once, without waiting for the idle timeout. Busy ones
+  are left to finish and go on a later decision, once idle.
+* **Capacity** is starting + idle + busy workers. Draining workers do not count (they are leaving). A starting
+  worker counts for ``startup_grace`` seconds, so a worker that is still booting is not started twice; after that it
+  is presumed lost and a replacement may be started.
+
+The ``reason`` of every decision -- "no change" too -- says in words what was seen and why that follows.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = ["Decision", "Demand", "PolicySettings", "PolicyState", "WorkerView", "decide"]
+
+WorkerState = Literal["starting", "idle", "busy", "draining"]
+
+
+@dataclass(frozen=True, slots=True)
+class PolicySettings:
+    min_workers: int = 0
+    max_workers: int = 1
+    slots: int = 1  # jobs per worker
+    idle_timeout: float = 60.0  # seconds a worker must have been idle before it may be drained
+    scale_down_window: float = 60.0  # desired never drops below the highest need seen in this window
+    max_step_up: int | None = None  # at most this many new workers per step_period; None = up to max at once
+    step_period: float = 10.0
+    startup_grace: float = 300.0  # a started, unregistered worker counts as capacity for this long
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field for settings that make no sense."""
+        for name in ("min_workers", "max_workers", "slots"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be a whole number, got {value!r}")
+        if self.min_workers < 0:
+            raise ValueError(f"min_workers must be >= 0, got {self.min_workers}")
+        if self.max_workers < self.min_workers:
+            raise ValueError(f"max_workers ({self.max_workers}) must be >= min_workers ({self.min_workers})")
+        if self.slots < 1:
+            raise ValueError(f"slots must be >= 1, got {self.slots}")
+        for name in ("idle_timeout", "scale_down_window", "step_period", "startup_grace"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+                raise ValueError(f"{name} must be a number of seconds, got {value!r}")
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0 seconds, got {value}")
+        if self.step_period == 0:
+            raise ValueError("step_period must be > 0 seconds, got 0")
+        if self.max_step_up is not None and (
+            isinstance(self.max_step_up, bool) or not isinstance(self.max_step_up, int) or self.max_step_up < 1
+        ):
+            raise ValueError(f"max_step_up must be None or a whole number >= 1, got {self.max_step_up!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Demand:
+    """One observation of the signal."""
+
+    at: float
+    queued: int  # runnable jobs waiting that this group can run
+    running: int  # jobs of this group's queue currently running
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerView:
+    id: str
+    started_at: float
+    state: WorkerState  # starting = asked of the provider, not registered yet
+    busy_slots: int = 0
+    idle_since: float | None = None  # None for an idle worker = idle since it started
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyState:
+    """What the policy remembers between decisions; the caller stores it and passes it back."""
+
+    # (at, need) within scale_down_window, as a sliding-window maximum: needs strictly decreasing with time
+    recommendations: tuple[tuple[float, int], ...] = ()
+    recent_starts: tuple[tuple[float, int], ...] = ()  # (at, workers started) within step_period
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    desired: int
+    start: int  # workers to ask the provider for now
+    drain: tuple[str, ...]  # ids of IDLE workers to drain (never busy or starting ones)
+    reason: str
+    state: PolicyState
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def _secs(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds >= 1 or seconds == 0 else f"{seconds:.1f} s"
+
+
+def decide(
+    demand: Demand, workers: Sequence[WorkerView], settings: PolicySettings, state: PolicyState, now: float
+) -> Decision:
+    s = settings
+    queued, running = max(0, demand.queued), max(0, demand.running)
+    need = -(-(queued + running) // s.slots)
+    target = min(max(need, s.min_workers), s.max_workers)
+    words = f"{_n(queued, 'job')} waiting, {running} running, {_n(s.slots, 'slot')} per worker → {_n(need, 'worker')}"
+    if need > s.max_workers:
+        words += f" (capped at max {s.max_workers})"
+    elif need < s.min_workers:
+        words += f" (raised to min {s.min_workers})"
+
+    # Sliding-window maximum: keep only earlier needs that are higher than this one and still in the window.
+    horizon = now - s.scale_down_window
+    recs = [(at, r) for at, r in state.recommendations if at > horizon and r > target]
+    recs.append((now, target))
+    desired = min(max(recs[0][1], s.min_workers), s.max_workers)
+    if desired > target:
+        words += f"; keeping {desired}, the peak of the last {_secs(s.scale_down_window)} (scale-down window)"
+
+    starting = [w for w in workers if w.state == "starting"]
+    booting = [w for w in starting if now - w.started_at < s.startup_grace]
+    idle = [w for w in workers if w.state == "idle"]
+    busy = [w for w in workers if w.state == "busy"]
+    n_draining = sum(1 for w in workers if w.state == "draining")
+    capacity = len(booting) + len(idle) + len(busy)
+    parts = [f"{n} {label}" for n, label in ((len(busy), "busy"), (len(idle), "idle"), (len(booting), "starting"))]
+    have = f"have {capacity}" + (f" ({', '.join(p for p in parts if not p.startswith('0 '))})" if capacity else "")
+    if len(starting) > len(booting):
+        have += f"; {_n(len(starting) - len(booting), 'worker')} not registered after {_secs(s.startup_grace)}"
+        have += " (not counted)"
+    if n_draining:
+        have += f"; {n_draining} draining (not counted)"
+
+    horizon_up = now - s.step_period
+    starts = tuple((at, n) for at, n in state.recent_starts if at > horizon_up)
+    start, drain, action = 0, (), "no change"
+    if desired > capacity:
+        wanted = start = desired - capacity
+        if s.max_step_up is not None:
+            start = min(wanted, max(0, s.max_step_up - sum(n for _, n in starts)))
+        limit = f"max_step_up {s.max_step_up} per {_secs(s.step_period)}"
+        if start == wanted:
+            action = f"starting {start}"
+        elif start:
+            action = f"starting {start} of {wanted} ({limit})"
+        else:
+            action = f"no change: {wanted} more wanted, but {limit} is used up"
+        if start:
+            starts += ((now, start),)
+    elif capacity > desired:
+        excess = capacity - desired
+
+        def idle_for(w: WorkerView) -> float:
+            return now - (w.idle_since if w.idle_since is not None else w.started_at)
+
+        # Longest idle first; ties: the most recently started; then id, for determinism.
+        ranked = sorted(idle, key=lambda w: (-idle_for(w), -w.started_at, w.id))
+        over_max = min(max(0, capacity - s.max_workers), len(ranked))
+        chosen = ranked[:over_max]
+        ripe = [w for w in ranked[over_max:] if idle_for(w) >= s.idle_timeout]
+        chosen += ripe[: excess - over_max]
+        drain = tuple(w.id for w in chosen)
+        why = []
+        if over_max:
+            why.append(f"{_n(over_max, 'idle worker')} above max {s.max_workers}")
+        if len(chosen) > over_max:
+            why.append(f"idle for at least {_secs(s.idle_timeout)}")
+        left = excess - len(chosen)
+        if drain:
+            action = f"draining {len(drain)}: {', '.join(drain)} ({'; '.join(why)})"
+        if left:
+            waiting = len(ranked) - len(chosen)
+            held = []
+            if waiting:
+                longest = max(idle_for(w) for w in ranked[len(chosen) :])
+                held.append(
+                    f"{_n(waiting, 'idle worker')} not idle for {_secs(s.idle_timeout)} yet (longest {_secs(longest)})"
+                )
+            if left > waiting:
+                extra_starting = min(left - waiting, len(booting))
+                extra_busy = left - waiting - extra_starting
+                if extra_starting:
+                    held.append(f"{extra_starting} still starting")
+                if extra_busy:
+                    held.append(f"{_n(extra_busy, 'extra worker')} busy (busy workers are never drained)")
+            action = (action + "; " if drain else f"no change: {_n(excess, 'worker')} more than needed, ") + (
+                "; ".join(held)
+            )
+    else:
+        action = "no change"
+
+    reason = f"{words}; {have}; {action}"
+    return Decision(
+        desired=desired,
+        start=start,
+        drain=drain,
+        reason=reason,
+        state=PolicyState(recommendations=tuple(recs), recent_starts=starts),
+    )

@@ -1,0 +1,89 @@
+"""The HTTP server: the API under ``/api/v1`` (described by ``/api/v1/openapi.json``) over one store.
+
+The server keeps no state of its own beyond the store, a notifier for long-polls and a short token cache, so
+several servers can share one database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from scaleq import __version__
+from scaleq.server import housekeeping
+from scaleq.server.auth import TokenCache
+from scaleq.server.notify import Notifier
+from scaleq.server.routes import admin, jobs, workers
+from scaleq.server.settings import ServerSettings
+from scaleq.store.base import AmbiguousId, NotFound, SchemaTooNew, StaleLease, Store
+
+
+def create_app(
+    store: Store,
+    settings: ServerSettings | None = None,
+    *,
+    clock: Callable[[], float] = time.time,
+    notifier: Notifier | None = None,
+    manage_store: bool = True,
+) -> FastAPI:
+    """Build the app. With ``manage_store`` the app opens and closes the store in its lifespan."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if manage_store:
+            await store.open()
+        sweeper = asyncio.create_task(housekeeping.run(store, app.state.notifier, app.state.settings, clock))
+        try:
+            yield
+        finally:
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
+            if manage_store:
+                await store.close()
+
+    app = FastAPI(
+        title="scaleq",
+        version=__version__,
+        description="Container jobs on queues, run by worker groups that scale with them.",
+        openapi_url="/api/v1/openapi.json",
+        docs_url="/api/v1/docs",
+        redoc_url=None,
+        lifespan=lifespan,
+    )
+    app.state.store = store
+    app.state.settings = settings or ServerSettings()
+    app.state.clock = clock
+    app.state.notifier = notifier or Notifier()
+    app.state.tokens = TokenCache()
+
+    for router in (jobs.router, workers.router, admin.router):
+        app.include_router(router, prefix="/api/v1")
+
+    @app.exception_handler(NotFound)
+    async def _not_found(_: Request, exc: NotFound) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=404)
+
+    @app.exception_handler(AmbiguousId)
+    async def _ambiguous(_: Request, exc: AmbiguousId) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=400)
+
+    @app.exception_handler(StaleLease)
+    async def _stale(_: Request, exc: StaleLease) -> JSONResponse:
+        return JSONResponse({"detail": str(exc), "stale": True}, status_code=409)
+
+    @app.exception_handler(SchemaTooNew)
+    async def _schema(_: Request, exc: SchemaTooNew) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=500)
+
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz() -> dict[str, str]:
+        await store.ping()
+        return {"status": "ok", "version": __version__}
+
+    return app

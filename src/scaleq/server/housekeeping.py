@@ -1,0 +1,51 @@
+"""The server's timer: put expired leases back in their queues and mark silent workers gone.
+
+Leases expire on the store's clock, checked once per ``sweep_interval``; a requeued job wakes the claims waiting on
+its queue at once. At start-up every running lease gets a fresh ``lease_seconds`` of grace, so a server restart
+(or ``kill -9``) does not expire the jobs of workers that were merely unable to reach it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from scaleq.server.notify import Notifier
+from scaleq.server.settings import ServerSettings
+from scaleq.store.base import Store
+
+log = logging.getLogger("scaleq.server")
+
+
+async def sweep_once(store: Store, notifier: Notifier, settings: ServerSettings, now: float) -> int:
+    expired = await store.expire_leases(now)
+    for e in expired:
+        if e.state == "queued":
+            notifier.submitted(e.queue, e.job_id)
+            log.info("lease of job %s expired; back in queue %s", e.job_id[:12], e.queue)
+        else:
+            notifier.changed(e.job_id)
+            log.warning("job %s lost its worker too often; finished as worker_lost", e.job_id[:12])
+    return len(expired)
+
+
+async def run(store: Store, notifier: Notifier, settings: ServerSettings, clock: Callable[[], float]) -> None:
+    await store.extend_leases(clock(), settings.lease_seconds)
+    ticks = 0
+    while True:
+        try:
+            await sweep_once(store, notifier, settings, clock())
+            if ticks % 10 == 0:
+                now = clock()
+                gone = await store.mark_gone_workers(
+                    now - settings.worker_gone_after, now - settings.worker_forget_after
+                )
+                for worker_id in gone:
+                    log.warning("worker %s stopped heartbeating; marked gone", worker_id)
+                if gone:
+                    notifier.notify("any")
+        except Exception:  # a sweep must never stop sweeping
+            log.exception("housekeeping failed; retrying")
+        ticks += 1
+        await asyncio.sleep(settings.sweep_interval)

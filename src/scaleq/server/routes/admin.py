@@ -1,0 +1,53 @@
+"""Tokens (admin only)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, HTTPException, status
+from pydantic import BaseModel, Field
+
+from scaleq.server.auth import ROLES, new_token, require
+from scaleq.server.routes.common import C
+
+router = APIRouter(tags=["admin"])
+
+
+class TokenRequest(BaseModel):
+    role: str = Field(description=f"one of {', '.join(ROLES)}")
+    name: str = Field(default="", max_length=200)
+
+
+class TokenOut(BaseModel):
+    id: str
+    name: str
+    role: str
+    created_at: float
+    revoked_at: float | None = None
+
+
+class NewToken(TokenOut):
+    token: str = Field(description="shown once; only its hash is stored")
+
+
+@router.post("/tokens", response_model=NewToken, status_code=201, dependencies=[require("admin")])
+async def create_token(body: TokenRequest, ctx: C) -> NewToken:
+    if body.role not in ROLES:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            [{"loc": ["body", "role"], "msg": f"must be one of {', '.join(ROLES)}", "type": "value_error"}],
+        )
+    token_id, token, token_hash = new_token()
+    now = ctx.now()
+    await ctx.store.create_token(token_id, body.name, body.role, token_hash, now)
+    return NewToken(id=token_id, name=body.name, role=body.role, created_at=now, token=token)
+
+
+@router.get("/tokens", response_model=list[TokenOut], dependencies=[require("admin")])
+async def list_tokens(ctx: C) -> list[TokenOut]:
+    return [TokenOut(**t.__dict__) for t in await ctx.store.list_tokens()]
+
+
+@router.delete("/tokens/{token_id}", status_code=204, dependencies=[require("admin")])
+async def revoke_token(token_id: str, ctx: C) -> None:
+    if not await ctx.store.revoke_token(token_id, ctx.now()):
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no live token {token_id}")
+    ctx.request.app.state.tokens.clear()

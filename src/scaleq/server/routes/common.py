@@ -1,0 +1,31 @@
+"""What every route needs from the app: the store, the notifier, the clock and the settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from scaleq.server.notify import Notifier
+from scaleq.server.settings import ServerSettings
+from scaleq.store.base import Store
+
+
+@dataclass
+class Ctx:
+    store: Store
+    notifier: Notifier
+    settings: ServerSettings
+    request: Request
+
+    def now(self) -> float:
+        return self.request.app.state.clock()
+
+
+def _ctx(request: Request) -> Ctx:
+    s = request.app.state
+    return Ctx(s.store, s.notifier, s.settings, request)
+
+
+C = Annotated[Ctx, Depends(_ctx)]

@@ -1,0 +1,215 @@
+"""Jobs: submit, read, cancel, logs, outputs; and queues."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Query, Response, status
+from pydantic import BaseModel
+
+from scaleq.jobs import Job, State, SubmitRequest
+from scaleq.server.auth import require
+from scaleq.server.notify import wait, wait_any
+from scaleq.server.routes.common import C
+from scaleq.store.base import NotFound
+
+router = APIRouter(tags=["jobs"])
+
+
+class Submitted(BaseModel):
+    job: Job
+    created: bool
+
+
+class AttemptOut(BaseModel):
+    attempt: int
+    worker_id: str
+    started_at: float
+    ended_at: float | None
+    outcome: str | None
+
+
+class LogLine(BaseModel):
+    seq: int
+    stream: str
+    data: str
+    at: float
+
+
+class Logs(BaseModel):
+    job_id: str
+    attempt: int
+    state: State
+    chunks: list[LogLine]
+    next: int
+
+
+class OutputOut(BaseModel):
+    path: str
+    sha256: str
+    size: int
+
+
+class QueueOut(BaseModel):
+    name: str
+    queued: int
+    running: int
+    finished: int
+    succeeded: int
+    unsuccessful: int
+    oldest_queued_age: float | None
+
+
+def _unprocessable(loc: list[str | int], msg: str) -> HTTPException:
+    return HTTPException(
+        status.HTTP_422_UNPROCESSABLE_CONTENT, [{"loc": ["body", *loc], "msg": msg, "type": "value_error"}]
+    )
+
+
+@router.post("/jobs", response_model=Submitted, dependencies=[require("jobs:write")])
+async def submit(body: SubmitRequest, ctx: C, response: Response) -> Submitted:
+    """Queue a job. The same definition on the same queue is the same job: its id and result come back."""
+    blobs: dict[str, bytes] = {}
+    for sha, encoded in body.blobs.items():
+        try:
+            data = base64.b64decode(encoded, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise _unprocessable(["blobs", sha], "is not base64") from exc
+        if hashlib.sha256(data).hexdigest() != sha:
+            raise _unprocessable(["blobs", sha], "bytes do not match their sha256")
+        blobs[sha] = data
+    needed = [i.sha256 for i in body.definition.inputs if i.sha256 not in blobs]
+    missing = set(await ctx.store.missing_blobs(needed)) if needed else set()
+    for n, item in enumerate(body.definition.inputs):
+        if item.sha256 in missing:
+            raise _unprocessable(["definition", "inputs", n], f"bytes of {item.path!r} were not sent (blobs)")
+        if item.sha256 in blobs and len(blobs[item.sha256]) != item.size:
+            raise _unprocessable(["definition", "inputs", n, "size"], "does not match the bytes sent")
+    for sha, data in blobs.items():
+        await ctx.store.put_blob(sha, data)
+    job, created = await ctx.store.submit(
+        body.queue,
+        body.definition,
+        priority=body.priority,
+        max_attempts=body.max_attempts,
+        rerun=body.rerun,
+        now=ctx.now(),
+    )
+    if created:
+        ctx.notifier.submitted(job.queue, job.id)
+        response.status_code = status.HTTP_201_CREATED
+    return Submitted(job=job, created=created)
+
+
+@router.get("/jobs", response_model=list[Job], dependencies=[require("jobs:read")])
+async def list_jobs(
+    ctx: C,
+    queue: str | None = None,
+    state: State | None = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
+) -> list[Job]:
+    """Newest first."""
+    return await ctx.store.list_jobs(queue=queue, state=state.value if state else None, limit=limit)
+
+
+@router.get("/jobs/{job_id}", response_model=Job, dependencies=[require("jobs:read")])
+async def get_job(
+    job_id: str,
+    ctx: C,
+    wait_seconds: Annotated[float, Query(alias="wait", ge=0, description="long-poll until the job changes")] = 0,
+    state: Annotated[State | None, Query(description="with wait: answer once the job is not in this state")] = None,
+) -> Job:
+    """A job by id or unique prefix. With ``wait`` and ``state``, answers when the job leaves that state."""
+    deadline = time.monotonic() + min(wait_seconds, ctx.settings.long_poll_max)
+    while True:
+        job = await ctx.store.get_job(job_id)
+        ev = ctx.notifier.event(f"job:{job.id}")
+        job = await ctx.store.get_job(job.id)
+        if state is None or job.state != state or job.state == State.finished:
+            return job
+        if not await wait(ev, deadline - time.monotonic()):
+            return job
+
+
+@router.get("/jobs/{job_id}/attempts", response_model=list[AttemptOut], dependencies=[require("jobs:read")])
+async def attempts(job_id: str, ctx: C) -> list[AttemptOut]:
+    job = await ctx.store.get_job(job_id)
+    return [
+        AttemptOut(
+            attempt=a.attempt, worker_id=a.worker_id, started_at=a.started_at, ended_at=a.ended_at, outcome=a.outcome
+        )
+        for a in await ctx.store.list_attempts(job.id)
+    ]
+
+
+@router.post("/jobs/{job_id}/cancel", response_model=Job, dependencies=[require("jobs:write")])
+async def cancel(job_id: str, ctx: C) -> Job:
+    """Cancel a queued or running job (its worker stops it at its next contact). A finished job is unchanged."""
+    job = await ctx.store.cancel(job_id, ctx.now())
+    ctx.notifier.changed(job.id)
+    return job
+
+
+@router.get("/jobs/{job_id}/logs", response_model=Logs, dependencies=[require("jobs:read")])
+async def logs(
+    job_id: str,
+    ctx: C,
+    attempt: Annotated[int | None, Query(ge=1, description="default: the latest attempt")] = None,
+    after: Annotated[int, Query(ge=0, description="return chunks after this seq")] = 0,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+    wait_seconds: Annotated[float, Query(alias="wait", ge=0, description="long-poll for new output")] = 0,
+) -> Logs:
+    """Log chunks of one attempt; with ``wait``, answers as soon as there is more output or the job finished."""
+    deadline = time.monotonic() + min(wait_seconds, ctx.settings.long_poll_max)
+    job = await ctx.store.get_job(job_id)
+    while True:
+        ev = ctx.notifier.event(f"logs:{job.id}")
+        ev_job = ctx.notifier.event(f"job:{job.id}")
+        job = await ctx.store.get_job(job.id)
+        number = attempt or job.attempt
+        chunks = await ctx.store.read_logs(job.id, number, after, limit) if number else []
+        if chunks or job.state == State.finished or time.monotonic() >= deadline:
+            break
+        # Wake on new output or on any change of the job (finished, requeued to another attempt).
+        if not await wait_any((ev, ev_job), deadline - time.monotonic()):
+            break
+    lines = [LogLine(seq=c.seq, stream=c.stream, data=c.data.decode("utf-8", "replace"), at=c.at) for c in chunks]
+    return Logs(
+        job_id=job.id, attempt=number or 0, state=job.state, chunks=lines, next=lines[-1].seq if lines else after
+    )
+
+
+@router.get("/jobs/{job_id}/outputs", response_model=list[OutputOut], dependencies=[require("jobs:read")])
+async def outputs(job_id: str, ctx: C) -> list[OutputOut]:
+    job = await ctx.store.get_job(job_id)
+    return [OutputOut(path=o.path, sha256=o.sha256, size=o.size) for o in await ctx.store.list_outputs(job.id)]
+
+
+@router.get("/jobs/{job_id}/outputs/{path:path}", dependencies=[require("jobs:read")])
+async def output_file(job_id: str, path: str, ctx: C) -> Response:
+    job = await ctx.store.get_job(job_id)
+    for o in await ctx.store.list_outputs(job.id):
+        if o.path == path:
+            return Response(await ctx.store.get_blob(o.sha256), media_type="application/octet-stream")
+    raise NotFound(f"job {job.id[:12]} has no output {path!r}")
+
+
+@router.get("/queues", response_model=list[QueueOut], dependencies=[require("view")])
+async def queues(ctx: C) -> list[QueueOut]:
+    now = ctx.now()
+    return [
+        QueueOut(
+            name=q.queue,
+            queued=q.queued,
+            running=q.running,
+            finished=q.finished,
+            succeeded=q.succeeded,
+            unsuccessful=q.unsuccessful,
+            oldest_queued_age=None if q.oldest_queued_at is None else max(0.0, now - q.oldest_queued_at),
+        )
+        for q in await ctx.store.queue_stats()
+    ]

@@ -1,0 +1,25 @@
+"""Server settings: lease timing and long-poll limits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    #: A running job belongs to its worker this long after the worker's last heartbeat.
+    lease_seconds: float = 15.0
+    #: Longest a claim, a log follow or a job wait is held open before it answers empty.
+    long_poll_max: float = 20.0
+    #: How often expired leases are swept back into their queues.
+    sweep_interval: float = 1.0
+    #: A worker silent this long is marked gone (its jobs come back through lease expiry anyway).
+    worker_gone_after: float = 45.0
+    #: Gone workers are forgotten after this long.
+    worker_forget_after: float = 3600.0
+    #: Largest submit body (inputs travel inside it), in bytes.
+    max_submit_bytes: int = 64 * 1024 * 1024
+
+    @property
+    def heartbeat_seconds(self) -> float:
+        return max(self.lease_seconds / 3, 0.2)

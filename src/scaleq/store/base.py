@@ -1,0 +1,198 @@
+"""The store protocol: everything the server persists, behind one async interface.
+
+Implementations (``sqlite``, later ``postgres``) keep their SQL in ``queries/<dialect>.sql`` and must pass the one
+contract suite in ``tests/integration/test_store_contract.py``. The store owns the job state machine — every
+transition is a single conditional statement, so two servers (or a late worker) can never both win one: a finish or a
+renewal presents the attempt's lease token, and a stale token changes nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from scaleq.jobs import Capabilities, Claim, Job, JobDefinition, Worker
+
+
+class StoreError(Exception):
+    """Base of the store's own errors."""
+
+
+class NotFound(StoreError):
+    pass
+
+
+class AmbiguousId(StoreError):
+    pass
+
+
+class StaleLease(StoreError):
+    """The lease no longer owns its job (expired, cancelled, or the job moved on to another attempt)."""
+
+
+class SchemaTooNew(StoreError):
+    pass
+
+
+@dataclass(frozen=True)
+class FinishResult:
+    reason: str
+    exit_code: int | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class LogChunk:
+    seq: int
+    attempt: int
+    stream: str
+    data: bytes
+    at: float
+
+
+@dataclass(frozen=True)
+class OutputFile:
+    path: str
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Attempt:
+    job_id: str
+    attempt: int
+    worker_id: str
+    started_at: float
+    ended_at: float | None
+    outcome: str | None
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    queue: str
+    queued: int
+    running: int
+    finished: int
+    succeeded: int
+    unsuccessful: int
+    oldest_queued_at: float | None
+
+
+@dataclass(frozen=True)
+class TokenRecord:
+    id: str
+    name: str
+    role: str
+    created_at: float
+    revoked_at: float | None
+
+
+@dataclass(frozen=True)
+class Event:
+    id: int
+    at: float
+    group: str
+    kind: str
+    from_count: int | None
+    to_count: int | None
+    reason: str
+
+
+@dataclass(frozen=True)
+class GroupStatus:
+    name: str
+    queue: str
+    provider: str
+    min_workers: int
+    max_workers: int
+    current: int
+    desired: int
+    updated_at: float
+
+
+@dataclass(frozen=True)
+class Expired:
+    job_id: str
+    queue: str
+    state: str
+
+
+class Store(Protocol):
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+    async def ping(self) -> None: ...
+
+    # jobs
+    async def submit(
+        self,
+        queue: str,
+        definition: JobDefinition,
+        *,
+        priority: int,
+        max_attempts: int,
+        rerun: bool,
+        now: float,
+    ) -> tuple[Job, bool]:
+        """Store the job if new (or requeue a finished one on ``rerun``); return it and whether it is now queued."""
+        ...
+
+    async def get_job(self, job_id: str) -> Job:
+        """By full id or a unique prefix of at least 6 characters; NotFound / AmbiguousId otherwise."""
+        ...
+
+    async def list_jobs(self, *, queue: str | None, state: str | None, limit: int) -> list[Job]: ...
+    async def list_attempts(self, job_id: str) -> list[Attempt]: ...
+    async def cancel(self, job_id: str, now: float) -> Job: ...
+
+    # the worker protocol
+    async def register_worker(self, worker: Worker, now: float) -> None: ...
+    async def claim(self, worker_id: str, n: int, now: float, lease_seconds: float) -> list[Claim]: ...
+    async def heartbeat(self, worker_id: str, now: float, lease_seconds: float) -> tuple[str, set[str]]:
+        """Renew every lease the worker holds; return its state and the leases still valid."""
+        ...
+
+    async def finish(self, lease: str, result: FinishResult, now: float) -> Job: ...
+    async def release(self, lease: str) -> Job | None: ...
+    async def check_lease(self, lease: str) -> tuple[str, int]:
+        """(job_id, attempt) of a live lease; StaleLease otherwise."""
+        ...
+
+    async def append_logs(self, lease: str, chunks: list[tuple[str, bytes]], now: float) -> str:
+        """Append to the lease's attempt; return the job id."""
+        ...
+
+    async def read_logs(self, job_id: str, attempt: int, after: int, limit: int) -> list[LogChunk]: ...
+    async def put_outputs(self, lease: str, files: list[tuple[str, bytes]]) -> None: ...
+    async def list_outputs(self, job_id: str) -> list[OutputFile]: ...
+
+    # blobs (input and output bytes, content-addressed)
+    async def put_blob(self, sha256: str, data: bytes) -> None: ...
+    async def get_blob(self, sha256: str) -> bytes: ...
+    async def missing_blobs(self, shas: list[str]) -> list[str]: ...
+
+    # housekeeping
+    async def expire_leases(self, now: float) -> list[Expired]: ...
+    async def extend_leases(self, now: float, lease_seconds: float) -> None: ...
+    async def mark_gone_workers(self, cutoff: float, forget_before: float) -> list[str]: ...
+
+    # views
+    async def queue_stats(self) -> list[QueueStats]: ...
+    async def demand(self, queue: str, capabilities: Capabilities) -> tuple[int, int]: ...
+    async def list_workers(self, *, queue: str | None = None, include_gone: bool = False) -> list[Worker]: ...
+    async def get_worker(self, worker_id: str) -> Worker: ...
+    async def set_worker_state(self, worker_id: str, state: str) -> None: ...
+
+    # tokens
+    async def create_token(self, token_id: str, name: str, role: str, token_hash: str, now: float) -> None: ...
+    async def find_token(self, token_hash: str) -> TokenRecord | None: ...
+    async def list_tokens(self) -> list[TokenRecord]: ...
+    async def revoke_token(self, token_id: str, now: float) -> bool: ...
+
+    # scaling records
+    async def record_event(
+        self, group: str, kind: str, from_count: int | None, to_count: int | None, reason: str, now: float
+    ) -> None: ...
+    async def list_events(self, group: str | None, after: int, limit: int) -> list[Event]: ...
+    async def put_group(self, status: GroupStatus) -> None: ...
+    async def list_groups(self) -> list[GroupStatus]: ...
+    async def delete_group(self, name: str) -> None: ...

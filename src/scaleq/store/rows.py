@@ -1,0 +1,160 @@
+"""Rows ↔ models: the conversions every store dialect shares."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import asdict
+from typing import Any
+
+from scaleq.jobs import Capabilities, Job, JobDefinition, Worker, job_id
+from scaleq.store.base import Attempt, Event, GroupStatus, QueueStats, TokenRecord
+
+Row = Mapping[str, Any]
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _loads(value: Any) -> Any:
+    return json.loads(value) if isinstance(value, str | bytes) else value
+
+
+def job_params(queue: str, definition: JobDefinition, priority: int, max_attempts: int) -> dict[str, Any]:
+    req = definition.requirements
+    return {
+        "id": job_id(queue, definition),
+        "queue": queue,
+        "definition": definition.canonical(),
+        "runtime": definition.runtime.value,
+        "cpus": req.cpus,
+        "memory": req.memory,
+        "gpus": req.gpus,
+        "tags": _json(definition.tags),
+        "host_network": int(definition.network == "host"),
+        "priority": priority,
+        "max_attempts": max_attempts,
+    }
+
+
+def job(row: Row | None) -> Job:
+    assert row is not None
+    return Job(
+        id=row["id"],
+        queue=row["queue"],
+        state=row["state"],
+        reason=row["reason"],
+        exit_code=row["exit_code"],
+        error=row["error"],
+        priority=row["priority"],
+        attempts=row["attempts"],
+        attempt=row["attempt_seq"],
+        max_attempts=row["max_attempts"],
+        worker_id=row["worker_id"],
+        submitted_at=row["submitted_at"],
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+        definition=JobDefinition.model_validate(_loads(row["definition"])),
+    )
+
+
+def attempt(row: Row) -> Attempt:
+    return Attempt(row["job_id"], row["attempt"], row["worker_id"], row["started_at"], row["ended_at"], row["outcome"])
+
+
+def caps_params(caps: Capabilities) -> dict[str, Any]:
+    return {
+        "runtimes": _json([r.value for r in caps.runtimes]),
+        "cpus": caps.cpus,
+        "memory": caps.memory,
+        "gpus": caps.gpus,
+        "tags": _json(caps.tags),
+        "host_network": int(caps.host_network),
+    }
+
+
+def worker_params(w: Worker, now: float) -> dict[str, Any]:
+    caps = Capabilities(
+        runtimes=w.runtimes,
+        cpus=w.cpus,
+        memory=w.memory,
+        gpus=w.gpus,
+        tags=w.tags,
+        host_network=w.host_network,
+    )
+    return {
+        "id": w.id,
+        "queue": w.queue,
+        "grp": w.group,
+        "slots": w.slots,
+        "hostname": w.hostname,
+        "now": now,
+        **caps_params(caps),
+    }
+
+
+def worker(row: Row) -> Worker:
+    busy = row["busy"]
+    return Worker(
+        id=row["id"],
+        queue=row["queue"],
+        group=row["grp"],
+        slots=row["slots"],
+        busy=busy,
+        state=row["state"],
+        runtimes=_loads(row["runtimes"]),
+        cpus=row["cpus"],
+        memory=row["memory"],
+        gpus=row["gpus"],
+        tags=_loads(row["tags"]),
+        host_network=bool(row["host_network"]),
+        hostname=row["hostname"],
+        started_at=row["started_at"],
+        last_heartbeat=row["last_heartbeat"],
+        idle_since=row["last_active"] if busy == 0 else None,
+    )
+
+
+def queue_stats(row: Row) -> QueueStats:
+    return QueueStats(
+        queue=row["queue"],
+        queued=row["queued"] or 0,
+        running=row["running"] or 0,
+        finished=row["finished"] or 0,
+        succeeded=row["succeeded"] or 0,
+        unsuccessful=row["unsuccessful"] or 0,
+        oldest_queued_at=row["oldest_queued_at"],
+    )
+
+
+def token(row: Row) -> TokenRecord:
+    return TokenRecord(row["id"], row["name"], row["role"], row["created_at"], row["revoked_at"])
+
+
+def event(row: Row) -> Event:
+    return Event(row["id"], row["at"], row["grp"], row["kind"], row["from_count"], row["to_count"], row["reason"])
+
+
+def group_params(status: GroupStatus) -> dict[str, Any]:
+    data = asdict(status)
+    data["now"] = data.pop("updated_at")
+    return data
+
+
+def group(row: Row) -> GroupStatus:
+    return GroupStatus(
+        row["name"],
+        row["queue"],
+        row["provider"],
+        row["min_workers"],
+        row["max_workers"],
+        row["current"],
+        row["desired"],
+        row["updated_at"],
+    )

@@ -1,0 +1,335 @@
+"""The worker agent: claim jobs from one queue up to its slots, run them, report, drain on SIGTERM.
+
+Design:
+
+- **One claim loop.** While slots are free it long-polls ``claim`` for up to that many jobs; while none are free it
+  waits for a slot. A finished job's result rides along with the claim that its freed slot triggers (one round trip
+  per job under load); if the loop is already parked in a long-poll, the result is sent on its own at once.
+- **One heartbeat loop** renews all leases. The answer lists the leases still live; a running attempt whose lease
+  is gone (cancelled, expired, taken over) is abandoned: its task is cancelled, which makes the runtime stop it.
+- **Fencing.** Logs, outputs and the finish all present the attempt's lease; a 409 means the attempt was replaced,
+  and the worker stops it without reporting.
+- **Server outages** are waited out: jobs keep running, results are retried, and only after ``server_grace`` seconds
+  without any answer does the worker stop its jobs and exit.
+- **Drain.** The first SIGTERM (or the server saying ``draining``) stops claiming; running jobs finish; then the
+  worker deregisters and exits 0. A second signal stops the jobs and hands them back to the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from scaleq.client import ApiError, Client, Unreachable
+from scaleq.jobs import Claim
+from scaleq.worker import transfer
+from scaleq.worker.logship import LogShipper
+from scaleq.worker.runtime.base import RunResult, RunSpec, Runtime
+
+log = logging.getLogger("scaleq.worker")
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
+
+
+def total_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return None
+
+
+@dataclass
+class WorkerConfig:
+    server: str
+    token: str | None
+    queue: str
+    runtimes: dict[str, Runtime]
+    slots: int = field(default_factory=lambda: os.cpu_count() or 1)
+    worker_id: str = field(default_factory=default_worker_id)
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+    cpus: float = field(default_factory=lambda: float(os.cpu_count() or 1))
+    memory: int | None = field(default_factory=total_memory)
+    gpus: int = 0
+    allow_host_network: bool = False
+    work_dir: Path | None = None
+    server_grace: float = 600.0
+
+
+@dataclass
+class Running:
+    claim: Claim
+    task: asyncio.Task[None]
+    abandoned: bool = False
+
+
+class WorkerAgent:
+    def __init__(self, config: WorkerConfig) -> None:
+        self.cfg = config
+        self.id = config.worker_id
+        self.client = Client(config.server, config.token)
+        self.running: dict[str, Running] = {}
+        self.pending_finishes: list[dict[str, Any]] = []
+        self.heartbeat_seconds = 5.0
+        self.long_poll = 20.0
+        self.draining = False
+        self.forced = False
+        self._polling = False
+        self._wake = asyncio.Event()
+        self._stopped = asyncio.Event()
+        self._last_contact = time.monotonic()
+        self._tmp: Path | None = None
+        self._sending: set[asyncio.Task[None]] = set()
+
+    # -- lifecycle --------------------------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        """Run until drained; the exit code for the process."""
+        self._tmp = Path(tempfile.mkdtemp(prefix=f"scaleq-{self.id}-", dir=self.cfg.work_dir))
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.request_drain)
+        try:
+            for runtime in self.cfg.runtimes.values():
+                removed = await runtime.cleanup_orphans(self.id)
+                if removed:
+                    log.info("removed %d leftovers of an earlier run of %s", removed, self.id)
+            await self._register()
+            heart = asyncio.create_task(self._heartbeat_loop())
+            try:
+                code = await self._claim_loop()
+            finally:
+                heart.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await heart
+            await self._flush_finishes()
+            with contextlib.suppress(ApiError, Unreachable):
+                await self.client.deregister(self.id)
+            log.info("worker %s stopped", self.id)
+            return code
+        finally:
+            await self.client.close()
+            shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def request_drain(self) -> None:
+        if self.draining:
+            log.warning("second stop signal: stopping running jobs and handing them back")
+            self.forced = True
+            for r in self.running.values():
+                r.task.cancel()
+        else:
+            log.info("draining: no new jobs; %d running will finish", len(self.running))
+            self.draining = True
+            # tell the server, which also ends our parked claim at once
+            task = asyncio.create_task(self._announce_drain())
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+        self._wake.set()
+
+    async def _announce_drain(self) -> None:
+        with contextlib.suppress(ApiError, Unreachable):
+            await self.client.heartbeat(self.id, draining=True)
+
+    async def _register(self) -> None:
+        cfg = self.cfg
+        body = {
+            "id": self.id,
+            "queue": cfg.queue,
+            "group": cfg.group,
+            "slots": cfg.slots,
+            "runtimes": sorted(cfg.runtimes),
+            "cpus": cfg.cpus,
+            "memory": cfg.memory,
+            "gpus": cfg.gpus,
+            "tags": cfg.tags,
+            "host_network": cfg.allow_host_network,
+            "hostname": socket.gethostname(),
+        }
+        answer = await self._retrying(lambda: self.client.register(body))
+        self.heartbeat_seconds = answer["heartbeat_seconds"]
+        self.long_poll = answer["long_poll_max"]
+        log.info("worker %s registered on queue %s with %d slots", self.id, cfg.queue, cfg.slots)
+
+    async def _retrying(self, call: Any) -> Any:
+        """Call until the server answers; give up after ``server_grace`` seconds of silence."""
+        delay = 0.2
+        while True:
+            try:
+                result = await call()
+                self._last_contact = time.monotonic()
+                return result
+            except Unreachable as exc:
+                if time.monotonic() - self._last_contact > self.cfg.server_grace:
+                    raise SystemExit(f"server unreachable for over {self.cfg.server_grace:.0f} s: {exc}") from exc
+                log.warning("%s; retrying in %.1f s", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    # -- claiming ---------------------------------------------------------------------------------------------
+
+    async def _claim_loop(self) -> int:
+        while True:
+            if self.draining:
+                if not self.running:
+                    return 0
+                await self._wait_wake()
+                continue
+            free = self.cfg.slots - len(self.running)
+            if free <= 0:
+                await self._wait_wake()
+                continue
+            finishes, self.pending_finishes = self.pending_finishes, []
+            self._polling = True
+            try:
+                claims, outcomes, state = await self.client.claim(self.id, free, wait=self.long_poll, finishes=finishes)
+                self._last_contact = time.monotonic()
+            except Unreachable as exc:
+                self.pending_finishes[:0] = finishes
+                if time.monotonic() - self._last_contact > self.cfg.server_grace:
+                    log.error("server unreachable for over %.0f s; stopping", self.cfg.server_grace)
+                    self.request_drain()
+                    self.request_drain()
+                    continue
+                log.warning("%s; retrying", exc)
+                await asyncio.sleep(1.0)
+                continue
+            except ApiError as exc:
+                self.pending_finishes[:0] = finishes
+                if exc.status == 404:
+                    await self._register()
+                    continue
+                raise
+            finally:
+                self._polling = False
+            for o in outcomes:
+                if not o["ok"]:
+                    log.warning("result of an attempt was refused: %s", o.get("detail"))
+            for claim in claims:
+                self._start(claim)
+            if state == "draining" and not self.draining:
+                self.request_drain()
+
+    async def _wait_wake(self) -> None:
+        self._wake.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout=5.0)
+
+    # -- heartbeats -------------------------------------------------------------------------------------------
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_seconds)
+            try:
+                state, live = await self.client.heartbeat(self.id)
+                self._last_contact = time.monotonic()
+            except Unreachable as exc:
+                log.warning("heartbeat failed: %s", exc)
+                continue
+            except ApiError as exc:
+                if exc.status == 404:
+                    await self._register()
+                    continue
+                log.warning("heartbeat refused: %s", exc)
+                continue
+            for lease, r in list(self.running.items()):
+                if lease not in live and not r.task.done():
+                    self._abandon(r, "its lease is no longer live (cancelled, or expired and taken over)")
+            if state == "draining" and not self.draining:
+                self.request_drain()
+
+    def _abandon(self, r: Running, why: str) -> None:
+        if not r.abandoned:
+            log.warning("stopping job %s attempt %d: %s", r.claim.job.id[:12], r.claim.attempt, why)
+            r.abandoned = True
+            r.task.cancel()
+
+    # -- running a job ----------------------------------------------------------------------------------------
+
+    def _start(self, claim: Claim) -> None:
+        task = asyncio.create_task(self._run_job(claim), name=f"job-{claim.job.id[:12]}")
+        self.running[claim.lease] = Running(claim, task)
+
+    async def _run_job(self, claim: Claim) -> None:
+        job, lease = claim.job, claim.lease
+        r = self.running[lease]
+        assert self._tmp is not None
+        base = self._tmp / f"{job.id[:16]}-{claim.attempt}"
+        spec = RunSpec(job.id, claim.attempt, self.id, job.definition, base / "inputs", base / "outputs")
+        shipper = LogShipper(self.client, lease, on_stale=lambda: self._abandon(r, "the server refused its logs"))
+        result: RunResult | None = None
+        try:
+            runtime = self.cfg.runtimes.get(job.definition.runtime.value)
+            if runtime is None:
+                result = RunResult("failed", error=f"worker {self.id} has no {job.definition.runtime} runtime")
+            else:
+                await transfer.fetch_inputs(self.client, job.definition, spec.inputs_dir)
+                log.info("job %s attempt %d started", job.id[:12], claim.attempt)
+                async with shipper:
+                    result = await runtime.run(spec, shipper.write)
+                if result is not None and not r.abandoned:
+                    tar = await asyncio.to_thread(transfer.pack_outputs, spec.outputs_dir)
+                    if tar is not None:
+                        await self._retrying(lambda: self.client.put_outputs(lease, tar))
+        except asyncio.CancelledError:
+            if self.forced and not r.abandoned:
+                with contextlib.suppress(ApiError, Unreachable):
+                    await self.client.release(lease)
+                log.info("job %s handed back", job.id[:12])
+            return
+        except ApiError as exc:
+            if exc.stale:
+                log.warning("job %s attempt %d was replaced; dropping it", job.id[:12], claim.attempt)
+                return
+            result = RunResult("failed", error=f"worker error: {exc}")
+        except Exception as exc:  # the job fails, the worker lives on
+            log.exception("job %s failed in the worker", job.id[:12])
+            result = RunResult("failed", error=f"worker error: {type(exc).__name__}: {exc}")
+        finally:
+            self.running.pop(lease, None)
+            shutil.rmtree(base, ignore_errors=True)
+            self._wake.set()
+        if result is not None and not r.abandoned:
+            log.info("job %s attempt %d finished: %s", job.id[:12], claim.attempt, result.reason)
+            self._report(
+                {"lease": lease, "reason": result.reason, "exit_code": result.exit_code, "error": result.error}
+            )
+
+    def _report(self, finish: dict[str, Any]) -> None:
+        # Ride along with the next claim if the claim loop is about to make one; otherwise send now.
+        if self._polling or self.draining:
+            task = asyncio.create_task(self._send_finish(finish))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+        else:
+            self.pending_finishes.append(finish)
+            self._wake.set()
+
+    async def _send_finish(self, finish: dict[str, Any]) -> None:
+        try:
+            await self._retrying(lambda: self.client.finish(finish))
+        except ApiError as exc:
+            if not exc.stale:
+                raise
+            log.warning("result refused (attempt replaced): %s", exc.detail)
+
+    async def _flush_finishes(self) -> None:
+        finishes, self.pending_finishes = self.pending_finishes, []
+        for f in finishes:
+            await self._send_finish(f)
+        # results sent on their own may still be in flight: let them land before deregistering
+        if self._sending:
+            await asyncio.wait(list(self._sending), timeout=self.cfg.server_grace)

@@ -1,0 +1,81 @@
+"""Ship a running attempt's output to the server in chunks, about four times a second.
+
+Output is buffered and sent by one background task, so a chatty job never waits on the network. If the server
+refuses the lease (409) the attempt was replaced or cancelled and ``on_stale`` stops it. While the server is
+unreachable the buffer keeps the newest output up to a bound and notes what it had to drop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+
+from scaleq.client import ApiError, Client, Unreachable
+
+FLUSH_SECONDS = 0.25
+MAX_BUFFER = 8 * 1024 * 1024
+
+
+class LogShipper:
+    def __init__(self, client: Client, lease: str, on_stale: Callable[[], None]) -> None:
+        self.client = client
+        self.lease = lease
+        self.on_stale = on_stale
+        self._buf: list[tuple[str, bytes]] = []
+        self._size = 0
+        self._dropped = 0
+        self._task: asyncio.Task[None] | None = None
+        self._more = asyncio.Event()
+
+    async def write(self, stream: str, data: bytes) -> None:
+        if not data:
+            return
+        self._buf.append((stream, data))
+        self._size += len(data)
+        while self._size > MAX_BUFFER and len(self._buf) > 1:
+            _, old = self._buf.pop(0)
+            self._size -= len(old)
+            self._dropped += len(old)
+        self._more.set()
+
+    async def __aenter__(self) -> LogShipper:
+        self._task = asyncio.create_task(self._loop())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        # the final flush must land before the result is reported
+        for _ in range(20):
+            if not self._buf or not await self._flush():
+                break
+
+    async def _loop(self) -> None:
+        while True:
+            await self._more.wait()
+            self._more.clear()
+            await self._flush()
+            await asyncio.sleep(FLUSH_SECONDS)
+
+    async def _flush(self) -> bool:
+        """Send what is buffered; False when nothing more can be sent now."""
+        if not self._buf:
+            return False
+        chunks, self._buf, self._size = self._buf, [], 0
+        if self._dropped:
+            chunks.insert(0, ("system", f"[scaleq: {self._dropped} bytes of output dropped]\n".encode()))
+            self._dropped = 0
+        try:
+            await self.client.append_logs(self.lease, chunks)
+            return True
+        except Unreachable:
+            self._buf[:0] = chunks
+            self._size += sum(len(d) for _, d in chunks)
+            return False
+        except ApiError as exc:
+            if exc.stale:
+                self.on_stale()
+            return False

@@ -1,0 +1,1 @@
+"""Runtimes: ``docker`` (the Docker Engine API) and ``process`` (a plain subprocess, opt-in)."""
