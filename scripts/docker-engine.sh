@@ -47,17 +47,29 @@ pidfile=$run/dockerd.pid
 export DOCKER_HOST=unix://$sock
 
 ping() { curl -sf --max-time 2 --unix-socket "$sock" http://d/_ping 2>/dev/null | grep -q OK; }
+# A live process by pid file (a zombie is not: here nobody may reap a daemon whose parent is gone).
+alive() {
+  local pid
+  pid=$(cat "$1" 2>/dev/null) || return 1
+  [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null && ! grep -q '^State:.*Z' "/proc/$pid/status" 2>/dev/null
+}
+stop_pid() {  # TERM, up to 30 s, then KILL
+  local pid
+  pid=$(cat "$1")
+  log "stopping $2 (pid $pid)"
+  kill -TERM "$pid" 2>/dev/null || true
+  for _ in $(seq 1 150); do alive "$1" || return 0; sleep 0.2; done
+  log "$2 did not stop in 30 s; killing it"
+  kill -KILL "$pid" 2>/dev/null || true
+}
 
 if $stop; then
-  if [[ -f "$pidfile" ]] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
-    pid=$(cat "$pidfile")
-    log "stopping dockerd (pid $pid)"
-    kill -TERM "$pid"
-    for _ in $(seq 1 150); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
-    if kill -0 "$pid" 2>/dev/null; then log "dockerd did not stop in 30 s; killing it"; kill -KILL "$pid"; fi
-  else
-    log "no dockerd running for $state"
-  fi
+  if alive "$pidfile"; then stop_pid "$pidfile" dockerd; else log "no dockerd running for $state"; fi
+  # After a crash of dockerd, its containerd and mounts outlive it: clean those up too.
+  if alive "$run/exec/containerd/containerd.pid"; then stop_pid "$run/exec/containerd/containerd.pid" containerd; fi
+  awk -v p="$state/" 'index($2, p) == 1 {print $2}' /proc/mounts 2>/dev/null | sort -r | while read -r m; do
+    umount -l "$m" 2>/dev/null || true
+  done
   rm -f "$pidfile" "$sock"
   exit 0
 fi
@@ -76,7 +88,7 @@ fi
 if ping; then
   log "dockerd already running on $sock"
 else
-  if [[ -f "$pidfile" ]] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+  if alive "$pidfile"; then
     die "dockerd (pid $(cat "$pidfile")) is running but does not answer on $sock; see $state/dockerd.log"
   fi
   rm -f "$pidfile" "$sock"
@@ -88,7 +100,7 @@ else
     >"$state/dockerd.log" 2>&1 </dev/null &
   for _ in $(seq 1 300); do  # up to 60 s; usually ~0.5 s
     ping && break
-    kill -0 $! 2>/dev/null || { tail -n 20 "$state/dockerd.log" >&2; die "dockerd exited; see $state/dockerd.log"; }
+    alive <(echo $!) || { tail -n 20 "$state/dockerd.log" >&2; die "dockerd exited; see $state/dockerd.log"; }
     sleep 0.2
   done
   ping || { tail -n 20 "$state/dockerd.log" >&2; die "dockerd did not answer within 60 s"; }

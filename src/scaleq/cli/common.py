@@ -23,7 +23,8 @@ from scaleq.client import ApiError, Client, Unreachable, format_detail
 from scaleq.config import ConfigError, resolve
 
 T = TypeVar("T")
-out = Console(highlight=False, soft_wrap=True)
+# Off a terminal (pipes, logs), tables get room instead of the 80-column default.
+out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, highlight=False)
 
 
@@ -97,7 +98,10 @@ def emit_json(data: Any) -> None:
 
 
 def table(columns: Sequence[str], rows: Iterable[Sequence[Any]], title: str | None = None) -> None:
-    t = Table(*columns, title=title, header_style="bold")
+    t = Table(title=title, header_style="bold")
+    for n, name in enumerate(columns):
+        last = n == len(columns) - 1
+        t.add_column(name, no_wrap=not last, overflow="fold" if last else "ellipsis")
     for row in rows:
         t.add_row(*("" if v is None else str(v) for v in row))
     out.print(t)

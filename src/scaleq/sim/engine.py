@@ -57,6 +57,7 @@ class Result:
     end: float
     series: tuple[tuple[float, int, int], ...] = field(repr=False)  # (t, queued, workers) at each change
     events: tuple[tuple[float, int, int, str], ...] = field(repr=False)  # (t, started, stopped, reason)
+    waits: tuple[float, ...] = field(repr=False, default=())  # per job, in trace order (nan: unfinished)
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -255,7 +256,8 @@ def simulate(
         worker_seconds += min(w.end, end) - w.started_at
         if w.state == "up" and not w.jobs and w.idle_since is not None:
             idle_total += end - w.idle_since
-    waits = sorted(max(0.0, finish[j] - arrivals[j] - durations[j]) for j in range(n) if not math.isnan(finish[j]))
+    per_job = tuple(max(0.0, finish[j] - arrivals[j] - durations[j]) for j in range(n))
+    waits = sorted(w for w in per_job if not math.isnan(w))
     return Result(
         trace=trace.name,
         policy=policy.name,
@@ -274,6 +276,7 @@ def simulate(
         end=end,
         series=tuple(series),
         events=tuple(events),
+        waits=per_job,
     )
 
 

@@ -89,11 +89,7 @@ def check_targets(
         reduction = 1 - ours.idle_worker_seconds / r.idle_worker_seconds if r.idle_worker_seconds else 0.0
         if not r.idle_worker_seconds and not ours.idle_worker_seconds:
             reduction = 1.0
-        ok = (
-            ours.wait_p95 <= r.wait_p95 + wait_slack
-            and reduction >= idle_reduction
-            and ours.finished == ours.jobs
-        )
+        ok = ours.wait_p95 <= r.wait_p95 + wait_slack and reduction >= idle_reduction and ours.finished == ours.jobs
         checks.append(TargetCheck(r.trace, r.policy, ours.wait_p95, r.wait_p95, reduction, ok))
     return checks
 

@@ -58,7 +58,7 @@ def _poisson(rng: random.Random, rate: float, start: float, end: float) -> list[
 
 
 def steady(seed: int = 1, rate: float = 1 / 20, mean_duration: float = 90.0, length: float = 7200.0) -> Trace:
-    """Poisson arrivals at a constant rate, exponential durations (≈ rate × mean_duration workers busy)."""
+    """Poisson arrivals at a constant rate, exponential durations (about rate * mean_duration workers busy)."""
     rng = random.Random(seed)
     jobs = [(t, rng.expovariate(1 / mean_duration)) for t in _poisson(rng, rate, 0.0, length)]
     return Trace.of("steady", jobs, f"Poisson {rate * 60:.0f}/min, exp. durations mean {mean_duration:.0f} s")

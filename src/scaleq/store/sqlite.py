@@ -133,6 +133,8 @@ class SQLiteStore:
                     ).rowcount
                     == 1
                 )
+                if created:
+                    self.db.execute(Q["clear_outputs"], {"job_id": params["id"]})
             return rows.job(self._one("get_job", id=params["id"])), created
 
         return await self.tx(op)
@@ -238,12 +240,12 @@ class SQLiteStore:
 
         return await self.tx(op)
 
-    async def release(self, lease: str) -> Job | None:
+    async def release(self, lease: str, now: float) -> Job | None:
         def op() -> Job | None:
             row = self._one("release", lease=lease)
             if row is None:
                 return None
-            self.db.execute(Q["end_attempt"], {"lease": lease, "now": row["submitted_at"], "outcome": "released"})
+            self.db.execute(Q["end_attempt"], {"lease": lease, "now": now, "outcome": "released"})
             return rows.job(row)
 
         return await self.tx(op)

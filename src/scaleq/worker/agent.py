@@ -219,7 +219,11 @@ class WorkerAgent:
                 if not o["ok"]:
                     log.warning("result of an attempt was refused: %s", o.get("detail"))
             for claim in claims:
-                self._start(claim)
+                if self.forced:  # claimed while being stopped by force: hand it straight back
+                    with contextlib.suppress(ApiError, Unreachable):
+                        await self.client.release(claim.lease)
+                else:
+                    self._start(claim)
             if state == "draining" and not self.draining:
                 self.request_drain()
 

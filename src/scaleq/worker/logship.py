@@ -27,6 +27,7 @@ class LogShipper:
         self._dropped = 0
         self._task: asyncio.Task[None] | None = None
         self._more = asyncio.Event()
+        self._closing = asyncio.Event()
 
     async def write(self, stream: str, data: bytes) -> None:
         if not data:
@@ -44,8 +45,10 @@ class LogShipper:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        # never cancel a send in flight (its chunks would be lost): ask the loop to finish, then wait for it
+        self._closing.set()
+        self._more.set()
         if self._task is not None:
-            self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         # the final flush must land before the result is reported
@@ -54,11 +57,12 @@ class LogShipper:
                 break
 
     async def _loop(self) -> None:
-        while True:
+        while not self._closing.is_set():
             await self._more.wait()
             self._more.clear()
             await self._flush()
-            await asyncio.sleep(FLUSH_SECONDS)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), FLUSH_SECONDS)
 
     async def _flush(self) -> bool:
         """Send what is buffered; False when nothing more can be sent now."""

@@ -185,7 +185,7 @@ async def finish(body: FinishBody, ctx: C) -> Job:
 @router.post("/leases/release", response_model=Job | None, dependencies=[require("worker")])
 async def release(body: LeaseBody, ctx: C) -> Job | None:
     """Hand a job back to its queue without counting the attempt (a worker draining by force)."""
-    job = await ctx.store.release(body.lease)
+    job = await ctx.store.release(body.lease, ctx.now())
     if job is not None:
         ctx.notifier.submitted(job.queue, job.id)
     return job

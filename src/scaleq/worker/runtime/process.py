@@ -6,7 +6,7 @@ Design:
   whole group, so shells, their children and grandchildren die together.
 - A plain process cannot be given ``/inputs`` and ``/outputs`` mounts, so ``SCALEQ_INPUTS`` / ``SCALEQ_OUTPUTS``
   point at the worker's per-attempt directories instead (the job writes its outputs there directly; nothing needs
-  collecting afterwards).
+  collecting afterwards). Nothing makes the inputs read-only here: this runtime is for trusted work.
 - stdout and stderr are read in chunks, not lines, so output without a newline (progress bars, prompts) still
   reaches the sink as it is written.
 - When the main process exits, stragglers left in its group are killed, as Docker does when a container's

@@ -1,0 +1,30 @@
+"""Fixtures of the acceptance suite: real ``scaleq up`` grids (see :mod:`tests.acceptance.support`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.acceptance.support import Grid
+
+
+def _grid(tmp_path_factory: pytest.TempPathFactory, name: str, lease_seconds: float | None) -> Iterator[Grid]:
+    grid = Grid(tmp_path_factory.mktemp(name) / "data", lease_seconds=lease_seconds)
+    try:
+        grid.start()
+        yield grid
+    finally:
+        grid.stop()
+
+
+@pytest.fixture(scope="session")
+def shared_grid(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Grid]:
+    """One grid for the tests that only need a working grid (each uses its own job definitions)."""
+    yield from _grid(tmp_path_factory, "shared", None)
+
+
+@pytest.fixture
+def grid(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Grid]:
+    """A fresh, empty grid with 3-second leases, for tests about failures and scaling."""
+    yield from _grid(tmp_path_factory, "grid", 3.0)

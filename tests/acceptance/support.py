@@ -1,0 +1,216 @@
+"""Acceptance helpers: a real ``scaleq up`` in a subprocess, and the real CLI run as a user would run it.
+
+Every command is ``python -m scaleq ...`` in a subprocess, pointed at the grid only through ``SCALEQ_DATA_DIR``
+(or explicit ``--server``/``--token`` where a test is about them). Each grid carries a unique marker in its
+environment, which its workers and their jobs inherit; at teardown the server gets SIGTERM (then SIGKILL), and the
+worker pids recorded under ``<data-dir>/workers/**`` and every process still carrying the marker are killed, so no
+test leaves processes behind — not even the orphans of a ``kill -9``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+MARKER_VAR = "SCALEQ_ACCEPTANCE_GRID"
+HEX64 = r"^[0-9a-f]{64}$"
+
+
+def base_env(**extra: str) -> dict[str, str]:
+    """The environment of a user's shell: no scaleq settings leaking in from the test runner."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SCALEQ_")}
+    env.pop("COLUMNS", None)
+    env.update(extra)
+    return env
+
+
+def cli(
+    *args: str,
+    data_dir: Path | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 60,
+    cwd: Path | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m scaleq ARGS`` as a user would; stdin closed, output captured as text."""
+    e = base_env() if env is None else env
+    if data_dir is not None:
+        e["SCALEQ_DATA_DIR"] = str(data_dir)
+    return subprocess.run(
+        [sys.executable, "-m", "scaleq", *args],
+        env=e,
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.2, what: str = "condition") -> Any:
+    """Poll ``predicate`` until it returns something truthy; that value, or fail naming ``what``."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        last = predicate()
+        if last:
+            return last
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}; last: {last!r}")
+        time.sleep(interval)
+
+
+def pid_alive(pid: int) -> bool:
+    """True while ``pid`` is a live (non-zombie) process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _kill(pid: int, sig: int = signal.SIGKILL) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, sig)
+
+
+def processes_with_env(var: str, value: str) -> list[int]:
+    """Pids of our processes whose environment holds ``var=value``."""
+    needle = f"{var}={value}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if needle in environ.split(b"\0"):
+            found.append(int(entry.name))
+    return found
+
+
+@dataclass
+class Grid:
+    """A ``scaleq up`` subprocess over one data dir, and the CLI pointed at it."""
+
+    data_dir: Path
+    lease_seconds: float | None = None
+    marker: str = field(default_factory=lambda: uuid.uuid4().hex)
+    proc: subprocess.Popen[bytes] | None = None
+    starts: int = 0
+    worker_pids: set[int] = field(default_factory=set)
+
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir.parent / f"{self.data_dir.name}-up-{self.starts}.log"
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return base_env(SCALEQ_DATA_DIR=str(self.data_dir), **extra)
+
+    def start(self, timeout: float = 20) -> None:
+        self.starts += 1
+        args = [sys.executable, "-m", "scaleq", "up", "--port", "0", "--data-dir", str(self.data_dir)]
+        if self.lease_seconds is not None:
+            args += ["--lease-seconds", str(self.lease_seconds)]
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                args,
+                env=base_env(**{MARKER_VAR: self.marker}),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        info = self.data_dir / "server.json"
+
+        def ready() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"scaleq up exited with {self.proc.returncode}:\n{self.log_path.read_text()}")
+            try:
+                recorded = json.loads(info.read_text())
+            except (OSError, ValueError):
+                return False
+            if recorded.get("pid") != self.proc.pid:  # a server.json left behind by a killed server
+                return False
+            try:
+                return httpx.get(recorded["url"] + "/api/v1/openapi.json", timeout=2).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_for(ready, timeout, 0.1, "scaleq up to write server.json and answer")
+
+    @property
+    def url(self) -> str:
+        return json.loads((self.data_dir / "server.json").read_text())["url"]
+
+    @property
+    def admin_token(self) -> str:
+        return (self.data_dir / "admin.token").read_text().strip()
+
+    def cli(self, *args: str, timeout: float = 60, **extra_env: str) -> subprocess.CompletedProcess[str]:
+        return cli(*args, env=self.env(**extra_env), timeout=timeout)
+
+    def json(self, *args: str, timeout: float = 60) -> Any:
+        """Run a command with ``-o json``; it must exit 0 and print JSON."""
+        r = self.cli(*args, "-o", "json", timeout=timeout)
+        assert r.returncode == 0, f"scaleq {' '.join(args)} -o json: exit {r.returncode}\n{r.stdout}\n{r.stderr}"
+        return json.loads(r.stdout)
+
+    def submit(self, *args: str, timeout: float = 60) -> str:
+        """Submit without waiting; the job id printed on stdout."""
+        r = self.cli("submit", *args, timeout=timeout)
+        assert r.returncode == 0, f"submit {args}: exit {r.returncode}\n{r.stdout}\n{r.stderr}"
+        return r.stdout.split()[0]
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        return self.json("job", job_id)
+
+    def wait_state(self, job_id: str, state: str, timeout: float) -> dict[str, Any]:
+        return wait_for(
+            lambda: j if (j := self.job(job_id))["state"] == state else None, timeout, 0.3, f"{job_id[:12]} {state}"
+        )
+
+    def worker_records(self) -> dict[str, dict[str, Any]]:
+        """The local provider's records: worker id → {"id", "pid", ...}."""
+        records = {}
+        for path in (self.data_dir / "workers").glob("**/*.json"):
+            with contextlib.suppress(OSError, ValueError):
+                record = json.loads(path.read_text())
+                records[record["id"]] = record
+                self.worker_pids.add(int(record["pid"]))
+        return records
+
+    def kill_server(self) -> None:
+        """``kill -9`` the server (not its workers), and reap it so its pid is really gone."""
+        assert self.proc is not None
+        self.worker_records()
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        self.worker_records()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=8)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self.worker_records()
+        for pid in self.worker_pids:
+            _kill(pid)
+        for pid in processes_with_env(MARKER_VAR, self.marker):
+            _kill(pid)

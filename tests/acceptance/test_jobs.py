@@ -1,0 +1,301 @@
+"""1-5: submitting, idempotency, inspecting, inputs and cancelling jobs — the CLI against a real ``scaleq up``."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+from tests.acceptance.support import HEX64, Grid, pid_alive, wait_for
+
+SUMMARY_KEYS = {"id", "queue", "state", "reason", "exit_code", "error", "attempts", "submitted_at", "started_at",
+                "finished_at"}
+
+
+def unique() -> str:
+    return uuid.uuid4().hex[:10]
+
+
+# -- 1. submit --wait ------------------------------------------------------------------------------------------------
+
+
+def test_submit_wait_prints_the_id_and_exits_0(shared_grid: Grid) -> None:
+    r = shared_grid.cli("submit", "default", "--wait", "--", "sh", "-c", "echo hi")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.split()
+    assert lines and re.fullmatch(HEX64, lines[0]), r.stdout
+    assert "success" in r.stderr, r.stderr  # the final state, for the person watching
+    logs = shared_grid.cli("logs", lines[0])
+    assert logs.returncode == 0 and logs.stdout == "hi\n"
+
+
+def test_submit_wait_json_gives_the_result(shared_grid: Grid) -> None:
+    tag = unique()
+    r = shared_grid.cli("submit", "default", "--wait", "--output", "json", "--", "sh", "-c", f"echo {tag}")
+    assert r.returncode == 0, r.stderr
+    job = json.loads(r.stdout)  # nothing but JSON on stdout
+    assert SUMMARY_KEYS <= job.keys()
+    assert re.fullmatch(HEX64, job["id"])
+    assert (job["queue"], job["state"], job["reason"], job["exit_code"]) == ("default", "finished", "success", 0)
+
+
+def test_submit_wait_of_a_failing_command_exits_1_with_reason_and_exit_code(shared_grid: Grid) -> None:
+    tag = unique()
+    r = shared_grid.cli("submit", "default", "--wait", "--", "sh", "-c", f"echo {tag} >&2; exit 3")
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert re.fullmatch(HEX64, r.stdout.split()[0])
+    assert "failed" in r.stderr and "3" in r.stderr, r.stderr
+
+    r = shared_grid.cli("submit", "default", "--wait", "-o", "json", "--", "sh", "-c", f"echo {tag} >&2; exit 3")
+    assert r.returncode == 1
+    job = json.loads(r.stdout)
+    assert (job["state"], job["reason"], job["exit_code"]) == ("finished", "failed", 3)
+
+
+# -- 2. idempotent submit --------------------------------------------------------------------------------------------
+
+
+def test_the_same_definition_is_the_same_job_and_runs_once(shared_grid: Grid, tmp_path: Path) -> None:
+    counter = tmp_path / "runs"
+    argv = ["default", "--", "sh", "-c", f"echo ran >> {counter}; echo {unique()}"]
+
+    first = shared_grid.cli("submit", "--wait", "-o", "json", *argv)
+    assert first.returncode == 0, first.stderr
+    job_id = json.loads(first.stdout)["id"]
+
+    again = shared_grid.cli("submit", *argv)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.split()[0] == job_id
+    again_json = shared_grid.cli("submit", "--wait", "-o", "json", *argv)
+    assert again_json.returncode == 0
+    assert json.loads(again_json.stdout)["id"] == job_id
+
+    time.sleep(1.0)  # give a (wrong) second run the time to happen
+    job = shared_grid.job(job_id)
+    assert job["attempts"] == 1
+    assert len(job["attempt_history"]) == 1
+    assert counter.read_text() == "ran\n"
+
+    rerun = shared_grid.cli("submit", "--rerun", "--wait", "-o", "json", *argv)
+    assert rerun.returncode == 0, rerun.stderr
+    assert json.loads(rerun.stdout)["id"] == job_id
+    assert json.loads(rerun.stdout)["reason"] == "success"
+    assert counter.read_text() == "ran\nran\n"
+    assert len(shared_grid.job(job_id)["attempt_history"]) == 2
+
+
+# -- 3. looking at jobs, queues and workers -----------------------------------------------------------------------
+
+
+def test_jobs_lists_and_filters(shared_grid: Grid) -> None:
+    tag = unique()
+    done = shared_grid.cli("submit", "default", "--wait", "-o", "json", "--", "echo", tag)
+    assert done.returncode == 0
+    done_id = json.loads(done.stdout)["id"]
+    other_queue = f"nobody-serves-{tag}"  # no worker group: its job stays queued
+    waiting_id = shared_grid.submit(other_queue, "--", "echo", tag)
+    try:
+        everything = shared_grid.json("jobs", "--limit", "1000")
+        assert isinstance(everything, list) and all(SUMMARY_KEYS <= j.keys() for j in everything)
+        by_id = {j["id"]: j for j in everything}
+        assert by_id[done_id]["state"] == "finished" and by_id[waiting_id]["state"] == "queued"
+
+        finished = shared_grid.json("jobs", "--queue", "default", "--state", "finished", "--limit", "1000")
+        assert done_id in {j["id"] for j in finished}
+        assert all(j["queue"] == "default" and j["state"] == "finished" for j in finished)
+
+        other = shared_grid.json("jobs", "--queue", other_queue)
+        assert [(j["id"], j["state"]) for j in other] == [(waiting_id, "queued")]
+        assert shared_grid.json("jobs", "--queue", other_queue, "--state", "finished") == []
+
+        table = shared_grid.cli("jobs")
+        assert table.returncode == 0
+        assert done_id[:12] in table.stdout and waiting_id[:12] in table.stdout
+    finally:
+        shared_grid.cli("cancel", waiting_id)
+
+
+def test_job_accepts_an_8_character_prefix(shared_grid: Grid) -> None:
+    tag = unique()
+    r = shared_grid.cli("submit", "default", "--wait", "-o", "json", "-e", f"TAG={tag}", "--", "sh", "-c", "echo $TAG")
+    job_id = json.loads(r.stdout)["id"]
+
+    job = shared_grid.json("job", job_id[:8])
+    assert job["id"] == job_id
+    assert SUMMARY_KEYS <= job.keys()
+    assert job["definition"]["command"] == ["sh", "-c", "echo $TAG"]
+    assert job["definition"]["env"] == {"TAG": tag}
+    assert [a["outcome"] for a in job["attempt_history"]] == ["success"]
+    assert job["attempt_history"][0]["worker_id"]
+
+    table = shared_grid.cli("job", job_id[:8])
+    assert table.returncode == 0 and job_id in table.stdout
+    assert shared_grid.cli("logs", job_id[:8]).stdout == f"{tag}\n"
+
+
+def test_logs_prints_the_jobs_output(shared_grid: Grid) -> None:
+    tag = unique()
+    script = f"echo out-{tag}; echo err-{tag} >&2; printf 'no newline'"
+    job_id = json.loads(shared_grid.cli("submit", "default", "-w", "-o", "json", "--", "sh", "-c", script).stdout)["id"]
+
+    r = shared_grid.cli("logs", job_id)
+    assert r.returncode == 0
+    assert r.stdout == f"out-{tag}\nno newline"
+    assert f"err-{tag}" in r.stderr
+
+    chunks = shared_grid.json("logs", job_id)
+    assert "".join(c["data"] for c in chunks if c["stream"] == "stdout") == f"out-{tag}\nno newline"
+    assert "".join(c["data"] for c in chunks if c["stream"] == "stderr") == f"err-{tag}\n"
+
+
+def test_logs_follow_returns_when_the_job_finishes_with_all_output(shared_grid: Grid) -> None:
+    tag = unique()
+    script = f"for i in 1 2 3 4; do echo {tag}-$i; sleep 0.5; done"
+    job_id = shared_grid.submit("default", "--", "sh", "-c", script)
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "scaleq", "logs", job_id, "--follow"],
+        env=shared_grid.env(),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        stdout, stderr = follower.communicate(timeout=30)
+    finally:
+        follower.kill()
+    assert follower.returncode == 0, stderr
+    assert stdout == "".join(f"{tag}-{i}\n" for i in range(1, 5))
+    assert shared_grid.job(job_id)["state"] == "finished"  # it returned because the job ended, not before
+
+
+def test_outputs_downloads_what_the_job_wrote(shared_grid: Grid, tmp_path: Path) -> None:
+    tag = unique()
+    script = (
+        'mkdir -p "$SCALEQ_OUTPUTS/reports/2024" && '
+        f'echo {tag} > "$SCALEQ_OUTPUTS/top.txt" && '
+        'printf "nested" > "$SCALEQ_OUTPUTS/reports/2024/deep.txt"'
+    )
+    job_id = json.loads(shared_grid.cli("submit", "default", "-w", "-o", "json", "--", "sh", "-c", script).stdout)["id"]
+
+    dest = tmp_path / "out"
+    r = shared_grid.cli("outputs", job_id, str(dest))
+    assert r.returncode == 0, r.stderr
+    assert (dest / "top.txt").read_text() == f"{tag}\n"
+    assert (dest / "reports" / "2024" / "deep.txt").read_text() == "nested"
+    assert sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file()) == [
+        "reports/2024/deep.txt",
+        "top.txt",
+    ]
+
+    listing = shared_grid.json("outputs", job_id, str(tmp_path / "again"))
+    assert sorted((i["path"], i["size"]) for i in listing) == [("reports/2024/deep.txt", 6), ("top.txt", 11)]
+    assert all(re.fullmatch(HEX64, i["sha256"]) for i in listing)
+    assert (tmp_path / "again" / "reports" / "2024" / "deep.txt").read_text() == "nested"
+
+
+def test_queues_and_workers(shared_grid: Grid) -> None:
+    r = shared_grid.cli("submit", "default", "-w", "--", "echo", unique())
+    assert r.returncode == 0
+    queues = shared_grid.json("queues")
+    default = next(q for q in queues if q["name"] == "default")
+    assert {"name", "queued", "running", "succeeded", "unsuccessful", "oldest_queued_age"} <= default.keys()
+    assert default["succeeded"] >= 1
+    table = shared_grid.cli("queues")
+    assert table.returncode == 0 and "default" in table.stdout
+
+    workers = shared_grid.json("workers")
+    assert workers, "a job just ran, so the embedded group has a worker"
+    for w in workers:
+        assert {"id", "queue", "group", "slots", "busy", "state", "last_heartbeat"} <= w.keys()
+        assert (w["queue"], w["group"], w["state"]) == ("default", "local", "active")
+        assert w["slots"] >= 1 and 0 <= w["busy"] <= w["slots"]
+        assert time.time() - w["last_heartbeat"] < 60
+    table = shared_grid.cli("workers")
+    assert table.returncode == 0 and workers[0]["id"] in table.stdout
+
+
+# -- 4. inputs --------------------------------------------------------------------------------------------------------
+
+
+def test_input_flag_puts_the_bytes_under_scaleq_inputs(shared_grid: Grid, tmp_path: Path) -> None:
+    data = bytes(range(256)) * 3 + uuid.uuid4().bytes
+    src = tmp_path / "data.bin"
+    src.write_bytes(data)
+    script = 'cp "$SCALEQ_INPUTS/data.bin" "$SCALEQ_OUTPUTS/copy.bin" && ls "$SCALEQ_INPUTS"'
+    r = shared_grid.cli("submit", "default", "-w", "-o", "json", "--input", str(src), "--", "sh", "-c", script)
+    assert r.returncode == 0, r.stderr
+    job_id = json.loads(r.stdout)["id"]
+    assert shared_grid.cli("logs", job_id).stdout == "data.bin\n"
+    out = tmp_path / "out"
+    assert shared_grid.cli("outputs", job_id, str(out)).returncode == 0
+    assert (out / "copy.bin").read_bytes() == data
+
+
+def test_job_file_inputs_are_relative_to_the_file(shared_grid: Grid, tmp_path: Path) -> None:
+    tag = unique()
+    project = tmp_path / "project"
+    (project / "data" / "sub").mkdir(parents=True)
+    (project / "a.txt").write_text(f"alpha {tag}\n")
+    (project / "data" / "sub" / "b.txt").write_text("beta\n")
+    (project / "job.toml").write_text(
+        'command = ["sh", "-c", "cat $SCALEQ_INPUTS/a.txt $SCALEQ_INPUTS/data/sub/b.txt"]\n'
+        'inputs = ["a.txt", "data"]\n'
+        "max_duration = 60\n"
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    r = subprocess.run(
+        [sys.executable, "-m", "scaleq", "submit", "default", "--file", str(project / "job.toml"), "-w", "-o", "json"],
+        env=shared_grid.env(),
+        cwd=elsewhere,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    job_id = json.loads(r.stdout)["id"]
+    assert shared_grid.cli("logs", job_id).stdout == f"alpha {tag}\nbeta\n"
+    definition = shared_grid.job(job_id)["definition"]
+    assert sorted(i["path"] for i in definition["inputs"]) == ["a.txt", "data/sub/b.txt"]
+    assert definition["max_duration"] == 60
+
+
+# -- 5. cancel --------------------------------------------------------------------------------------------------------
+
+
+def test_cancel_stops_a_running_job_and_its_process(shared_grid: Grid, tmp_path: Path) -> None:
+    pidfile = tmp_path / "pid"
+    job_id = shared_grid.submit("default", "--", "sh", "-c", f"echo $$ > {pidfile}.tmp && mv {pidfile}.tmp {pidfile}; "
+                                f"sleep 30; echo {unique()}")
+    pid = int(wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), 20, what="the job to start"))
+    try:
+        assert pid_alive(pid)
+        assert shared_grid.job(job_id)["state"] == "running"
+
+        r = shared_grid.cli("cancel", job_id[:10], "-o", "json")
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["id"] == job_id
+
+        job = shared_grid.wait_state(job_id, "finished", 5)
+        assert job["reason"] == "cancelled"
+        wait_for(lambda: not pid_alive(pid), 5, 0.1, f"the job's process {pid} to be gone")
+    finally:
+        if pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_cancel_of_a_queued_job(shared_grid: Grid) -> None:
+    job_id = shared_grid.submit(f"nobody-serves-{unique()}", "--", "true")
+    r = shared_grid.cli("cancel", job_id)
+    assert r.returncode == 0, r.stderr
+    assert "cancelled" in r.stdout
+    job = shared_grid.job(job_id)
+    assert (job["state"], job["reason"], job["attempt_history"]) == ("finished", "cancelled", [])
+

@@ -1,0 +1,59 @@
+"""Test helpers: a live server on a free port with tokens of each role."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import uvicorn
+
+from scaleq.client import Client
+from scaleq.server.app import create_app
+from scaleq.server.auth import new_token
+from scaleq.server.settings import ServerSettings
+from scaleq.store.sqlite import SQLiteStore
+
+
+@dataclass
+class LiveServer:
+    url: str
+    store: SQLiteStore
+    app: object
+    tokens: dict[str, str]
+
+    def client(self, role: str = "admin") -> Client:
+        return Client(self.url, self.tokens[role])
+
+
+async def make_tokens(store: SQLiteStore) -> dict[str, str]:
+    tokens = {}
+    for role in ("admin", "submit", "worker", "read"):
+        token_id, token, token_hash = new_token()
+        await store.create_token(token_id, role, role, token_hash, time.time())
+        tokens[role] = token
+    return tokens
+
+
+@contextlib.asynccontextmanager
+async def serve(
+    store: SQLiteStore, settings: ServerSettings, port: int = 0, tokens: dict[str, str] | None = None
+) -> AsyncIterator[LiveServer]:
+    app = create_app(store, settings, manage_store=False)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        await asyncio.sleep(0.01)
+    try:
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        yield LiveServer(url, store, app, tokens or await make_tokens(store))
+    finally:
+        server.should_exit = True
+        await task

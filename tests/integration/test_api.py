@@ -1,0 +1,188 @@
+"""The HTTP API against a live server: auth and roles, validation at the edge, long-polls, fencing."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import time
+
+import httpx
+import pytest
+
+from scaleq.client import ApiError
+from scaleq.jobs import JobDefinition, SubmitRequest
+from tests.helpers import LiveServer
+
+
+def req(*cmd: str, queue: str = "q", **kw: object) -> SubmitRequest:
+    return SubmitRequest(queue=queue, definition=JobDefinition(command=list(cmd), **kw))
+
+
+async def register(live: LiveServer, wid: str = "w1", queue: str = "q") -> None:
+    async with live.client("worker") as c:
+        await c.register({"id": wid, "queue": queue, "slots": 2, "runtimes": ["process"], "cpus": 2})
+
+
+async def test_every_route_needs_a_token_of_the_right_role(live: LiveServer) -> None:
+    async with httpx.AsyncClient(base_url=live.url) as raw:
+        for method, path in [
+            ("GET", "/api/v1/jobs"),
+            ("POST", "/api/v1/jobs"),
+            ("GET", "/api/v1/queues"),
+            ("GET", "/api/v1/workers"),
+            ("GET", "/api/v1/tokens"),
+            ("POST", "/api/v1/workers/x/claim"),
+        ]:
+            r = await raw.request(method, path)
+            assert r.status_code == 401, (method, path)
+            r = await raw.request(method, path, headers={"Authorization": "Bearer sq_bogus"})
+            assert r.status_code == 401, (method, path)
+            assert "jobs" not in r.text.lower() or "token" in r.text.lower()
+    async with live.client("read") as c:
+        with pytest.raises(ApiError) as e:
+            await c.submit(req("true"))
+        assert e.value.status == 403
+        await c.list_jobs()
+    async with live.client("submit") as c:
+        await c.submit(req("true"))
+        with pytest.raises(ApiError) as e:
+            await c.list_tokens()
+        assert e.value.status == 403
+        with pytest.raises(ApiError) as e:
+            await c.claim("w1", 1, wait=0)
+        assert e.value.status == 403
+    async with live.client("worker") as c:
+        with pytest.raises(ApiError) as e:
+            await c.submit(req("true"))
+        assert e.value.status == 403
+
+
+async def test_tokens_are_stored_hashed_and_revocation_bites(live: LiveServer) -> None:
+    async with live.client("admin") as admin:
+        created = await admin.create_token("submit", "ci")
+        token = created["token"]
+        rows = live.store.db.execute("SELECT hash FROM tokens").fetchall()
+        assert all(token not in r["hash"] for r in rows)
+        assert hashlib.sha256(token.encode()).hexdigest() in {r["hash"] for r in rows}
+        async with type(admin)(live.url, token) as c:
+            await c.list_jobs()
+            await admin.revoke_token(created["id"])
+            with pytest.raises(ApiError) as e:
+                await c.list_jobs()
+            assert e.value.status == 401
+
+
+async def test_malformed_submit_is_422_naming_the_field_and_stores_nothing(live: LiveServer) -> None:
+    bad_bodies = {
+        "definition.max_duration": {"queue": "q", "definition": {"command": ["x"], "max_duration": -5}},
+        "definition.command": {"queue": "q", "definition": {"image": "busybox"}},
+        "definition.env": {"queue": "q", "definition": {"command": ["x"], "env": {"1BAD": "v"}}},
+        "definition.requirments": {"queue": "q", "definition": {"command": ["x"], "requirments": {}}},
+        "definition.requirements.memory": {
+            "queue": "q",
+            "definition": {"command": ["x"], "requirements": {"memory": "lots"}},
+        },
+        "queue": {"queue": "no spaces", "definition": {"command": ["x"]}},
+    }
+    async with httpx.AsyncClient(base_url=live.url, headers={"Authorization": f"Bearer {live.tokens['submit']}"}) as r:
+        for field, body in bad_bodies.items():
+            resp = await r.post("/api/v1/jobs", json=body)
+            assert resp.status_code == 422, field
+            locs = [".".join(str(p) for p in d["loc"][1:]) for d in resp.json()["detail"]]
+            assert any(loc.startswith(field) for loc in locs), (field, locs)
+    assert await live.store.list_jobs(queue=None, state=None, limit=10) == []
+
+
+async def test_inputs_must_come_with_their_bytes(live: LiveServer) -> None:
+    data = b"hello"
+    sha = hashlib.sha256(data).hexdigest()
+    d = JobDefinition(command=["cat"], inputs=[{"path": "a.txt", "sha256": sha, "size": 5}])
+    async with live.client("submit") as c:
+        with pytest.raises(ApiError) as e:
+            await c.submit(SubmitRequest(queue="q", definition=d))
+        assert e.value.status == 422 and "inputs" in str(e.value)
+        with pytest.raises(ApiError) as e:
+            await c.submit(SubmitRequest(queue="q", definition=d, blobs={sha: base64.b64encode(b"other").decode()}))
+        assert e.value.status == 422
+        job, created = await c.submit(
+            SubmitRequest(queue="q", definition=d, blobs={sha: base64.b64encode(data).decode()})
+        )
+        assert created
+        # once the server has the bytes, a resubmit may omit them
+        again, created = await c.submit(SubmitRequest(queue="q", definition=d))
+        assert again.id == job.id and not created
+    async with live.client("worker") as w:
+        assert await w.blob(sha) == data
+
+
+async def test_claim_long_poll_wakes_on_submit(live: LiveServer) -> None:
+    await register(live)
+    async with live.client("worker") as w, live.client("submit") as s:
+        start = time.monotonic()
+        poll = asyncio.create_task(w.claim("w1", 2, wait=4))
+        await asyncio.sleep(0.3)
+        assert not poll.done()
+        job, _ = await s.submit(req("echo", "hi"))
+        claims, _, state = await poll
+        took = time.monotonic() - start
+        assert [c.job.id for c in claims] == [job.id] and state == "active"
+        assert took < 1.5  # woken by the submit, not by the 4 s timeout
+        empty, _, _ = await w.claim("w1", 2, wait=0.2)
+        assert empty == []
+
+
+async def test_finish_rides_along_and_stale_finish_is_refused(live: LiveServer) -> None:
+    await register(live)
+    async with live.client("worker") as w, live.client("submit") as s:
+        a, _ = await s.submit(req("a"))
+        b, _ = await s.submit(req("b"))
+        (first,), _, _ = await w.claim("w1", 1, wait=1)
+        f = {"lease": first.lease, "reason": "success", "exit_code": 0}
+        (second,), outcomes, _ = await w.claim("w1", 1, wait=1, finishes=[f])
+        assert outcomes == [{"lease": first.lease, "ok": True, "detail": None}]
+        assert (await s.get_job(first.job.id)).reason == "success"
+        await s.cancel(second.job.id)
+        with pytest.raises(ApiError) as e:
+            await w.finish({"lease": second.lease, "reason": "success", "exit_code": 0})
+        assert e.value.stale
+        assert (await s.get_job(second.job.id)).reason == "cancelled"
+
+
+async def test_job_wait_and_log_follow_long_polls(live: LiveServer) -> None:
+    await register(live)
+    async with live.client("worker") as w, live.client("submit") as s:
+        job, _ = await s.submit(req("x"))
+        waiting = asyncio.create_task(s.get_job(job.id, wait=4, state="queued"))
+        following = asyncio.create_task(s.logs(job.id, wait=4))
+        await asyncio.sleep(0.2)
+        (claim,), _, _ = await w.claim("w1", 1, wait=1)
+        assert (await waiting).state == "running"
+        await w.append_logs(claim.lease, [("stdout", b"line 1\n")])
+        page = await following
+        assert [c["data"] for c in page["chunks"]] == ["line 1\n"]
+        nxt = asyncio.create_task(s.logs(job.id, after=page["next"], wait=4))
+        await asyncio.sleep(0.2)
+        await w.finish({"lease": claim.lease, "reason": "failed", "exit_code": 3})
+        last = await nxt
+        assert last["chunks"] == [] and last["state"] == "finished"
+
+
+async def test_expired_lease_is_requeued_by_the_sweeper(live: LiveServer) -> None:
+    await register(live)
+    async with live.client("worker") as w, live.client("submit") as s:
+        job, _ = await s.submit(req("x"))
+        (claim,), _, _ = await w.claim("w1", 1, wait=1)
+        # no heartbeats: the 2 s lease runs out and the job is queued again for anyone
+        await register(live, "w2")
+        (again,), _, _ = await w.claim("w2", 1, wait=5)
+        assert again.job.id == job.id and again.attempt == 2
+        with pytest.raises(ApiError) as e:
+            await w.append_logs(claim.lease, [("stdout", b"late")])
+        assert e.value.stale
+
+
+async def test_openapi_document_is_served(live: LiveServer) -> None:
+    async with httpx.AsyncClient(base_url=live.url) as raw:
+        doc = (await raw.get("/api/v1/openapi.json")).json()
+    assert "/api/v1/jobs" in doc["paths"] and "/api/v1/workers/{worker_id}/claim" in doc["paths"]

@@ -1,0 +1,362 @@
+"""DockerRuntime against a real Docker Engine.
+
+Start one with ``eval "$(scripts/docker-engine.sh | tail -n1)"`` (it also builds ``scaleq-test/busybox:latest``).
+These tests fail, never skip, when DOCKER_HOST is not set: a silently skipped runtime suite hides regressions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import os
+import secrets
+import tarfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import docker
+import pytest
+
+from scaleq.jobs import InputFile, JobDefinition
+from scaleq.worker.runtime.base import RunSpec, RuntimeUnavailable
+from scaleq.worker.runtime.docker import DockerRuntime, _extract_outputs
+
+pytestmark = pytest.mark.docker
+IMAGE = "scaleq-test/busybox:latest"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _engine() -> None:
+    if not os.environ.get("DOCKER_HOST"):
+        pytest.fail(
+            'DOCKER_HOST is not set: start a Docker Engine with eval "$(scripts/docker-engine.sh | tail -n1)" '
+            "and run these tests again (they need a real engine and never skip).",
+            pytrace=False,
+        )
+
+
+@pytest.fixture(scope="module")
+def client(_engine: None) -> Iterator[docker.DockerClient]:
+    c = docker.DockerClient.from_env()
+    try:
+        c.images.get(IMAGE)
+    except docker.errors.ImageNotFound:
+        pytest.fail(f"{IMAGE} is missing: run scripts/docker-engine.sh to build it", pytrace=False)
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def worker_id() -> str:
+    return f"w-test-{secrets.token_hex(4)}"
+
+
+def managed(client: docker.DockerClient, worker_id: str) -> tuple[list[Any], list[Any]]:
+    labels = {"label": ["scaleq.managed=true", f"scaleq.worker={worker_id}"]}
+    return client.containers.list(all=True, filters=labels), client.volumes.list(filters=labels)
+
+
+@pytest.fixture(autouse=True)
+def _nothing_left_behind(client: docker.DockerClient, worker_id: str) -> Iterator[None]:
+    yield
+    containers, volumes = managed(client, worker_id)
+    assert (containers, volumes) == ([], []), "the runtime left containers or volumes behind"
+
+
+@pytest.fixture
+def runtime(client: docker.DockerClient) -> DockerRuntime:
+    return DockerRuntime(pull=False, kill_grace=1)
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.chunks: list[tuple[str, bytes, float]] = []
+        self.event = asyncio.Event()
+
+    async def __call__(self, stream: str, data: bytes) -> None:
+        self.chunks.append((stream, data, time.monotonic()))
+        self.event.set()
+
+    def text(self, stream: str) -> str:
+        return b"".join(d for s, d, _ in self.chunks if s == stream).decode()
+
+
+def make_spec(tmp_path: Path, worker_id: str, command: list[str], **definition: Any) -> RunSpec:
+    (tmp_path / "in").mkdir(exist_ok=True)
+    return RunSpec(
+        job_id=secrets.token_hex(32),
+        attempt=1,
+        worker_id=worker_id,
+        definition=JobDefinition(image=definition.pop("image", IMAGE), command=command, **definition),
+        inputs_dir=tmp_path / "in",
+        outputs_dir=tmp_path / "out",
+    )
+
+
+def sh(script: str) -> list[str]:
+    return ["sh", "-c", script]
+
+
+async def test_success_streams_stdout_and_stderr(runtime: DockerRuntime, tmp_path: Path, worker_id: str) -> None:
+    sink = Sink()
+    script = "echo out1; echo err1 >&2; sleep 1; echo out2"
+    started = time.monotonic()
+    res = await runtime.run(make_spec(tmp_path, worker_id, sh(script)), sink)
+    ended = time.monotonic()
+    assert (res.reason, res.exit_code, res.error) == ("success", 0, None)
+    assert sink.text("stdout") == "out1\nout2\n"
+    assert sink.text("stderr") == "err1\n"
+    first = sink.chunks[0][2]
+    assert ended - first > 0.7, "the first lines should arrive while the job still runs"
+    assert first - started < ended - started
+
+
+async def test_a_quiet_job_keeps_its_log_stream(tmp_path: Path, worker_id: str) -> None:
+    # Quiet for longer than the API timeout: the log stream must not time out (and drop what follows).
+    sink = Sink()
+    runtime = DockerRuntime(pull=False, api_timeout=1)
+    res = await runtime.run(make_spec(tmp_path, worker_id, sh("echo before; sleep 2.5; echo after")), sink)
+    assert res.reason == "success"
+    assert sink.text("stdout") == "before\nafter\n"
+
+
+async def test_nonzero_exit_fails(runtime: DockerRuntime, tmp_path: Path, worker_id: str) -> None:
+    res = await runtime.run(make_spec(tmp_path, worker_id, sh("exit 3")), Sink())
+    assert (res.reason, res.exit_code) == ("failed", 3)
+
+
+async def test_command_not_found(runtime: DockerRuntime, tmp_path: Path, worker_id: str) -> None:
+    res = await runtime.run(make_spec(tmp_path, worker_id, ["no-such-command"]), Sink())
+    assert (res.reason, res.exit_code) == ("failed", 127)
+    assert "no-such-command" in (res.error or "")
+
+
+async def test_env_workdir_and_entrypoint(runtime: DockerRuntime, tmp_path: Path, worker_id: str) -> None:
+    sink = Sink()
+    spec = make_spec(
+        tmp_path,
+        worker_id,
+        ['echo "$FOO|$(pwd)|$SCALEQ_JOB_ID|$SCALEQ_ATTEMPT|$SCALEQ_INPUTS|$SCALEQ_OUTPUTS"'],
+        entrypoint=["sh", "-c"],
+        env={"FOO": "bar baz"},
+        workdir="/tmp",
+    )
+    res = await runtime.run(spec, sink)
+    assert res.reason == "success", res
+    assert sink.text("stdout").strip() == f"bar baz|/tmp|{spec.job_id}|1|/inputs|/outputs"
+
+
+async def test_inputs_are_visible_and_read_only(runtime: DockerRuntime, tmp_path: Path, worker_id: str) -> None:
+    files = {"a.txt": b"alpha\n", "sub/dir/b.txt": b"beta\n"}
+    inputs = []
+    for rel, data in files.items():
+        path = tmp_path / "in" / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        inputs.append(InputFile(path=rel, sha256=hashlib.sha256(data).hexdigest(), size=len(data)))
+    script = (
+        "cat /inputs/a.txt /inputs/sub/dir/b.txt; "
+        "if echo x > /inputs/new 2>/dev/null || touch /inputs/a.txt 2>/dev/null; then echo WRITABLE; "
+        "else echo read-only; fi; ls -l /inputs/a.txt"
+    )
+    sink = Sink()
+    res = await runtime.run(make_spec(tmp_path, worker_id, sh(script), inputs=inputs), sink)
+    assert res.reason == "success", (res, sink.text("stderr"))
+    lines = sink.text("stdout").splitlines()
+    assert lines[:3] == ["alpha", "beta", "read-only"]
+    assert lines[3].startswith("-r--r--r--")  # the declared mode (0o444 by default)
+
+
+async def test_outputs_are_collected(runtime: DockerRuntime, tmp_path: Path, worker_id: str) -> None:
+    script = (
+        "mkdir -p /outputs/a/b/empty && echo deep > /outputs/a/b/c.txt && echo top > /outputs/top.txt "
+        "&& ln -s /etc/passwd /outputs/link"
+    )
+    sink = Sink()
+    res = await runtime.run(make_spec(tmp_path, worker_id, sh(script)), sink)
+    assert res.reason == "success", res
+    out = tmp_path / "out"
+    assert (out / "a" / "b" / "c.txt").read_text() == "deep\n"
+    assert (out / "top.txt").read_text() == "top\n"
+    assert (out / "a" / "b" / "empty").is_dir()
+    assert not (out / "link").exists() and not (out / "link").is_symlink()
+    assert "output link skipped" in sink.text("stderr")
+
+
+async def test_outputs_are_only_what_the_job_wrote(
+    runtime: DockerRuntime, client: docker.DockerClient, tmp_path: Path, worker_id: str
+) -> None:
+    # An image that already has a file in /outputs: it must not be copied into the outputs volume.
+    base = client.containers.create(IMAGE, ["true"])
+    base.put_archive("/", _tar({"outputs/baked.txt": b"from the image"}))
+    image = f"scaleq-test/baked:{worker_id}"
+    base.commit(*image.split(":"))
+    base.remove()
+    try:
+        res = await runtime.run(make_spec(tmp_path, worker_id, sh("echo new > /outputs/new.txt"), image=image), Sink())
+        assert res.reason == "success"
+        assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["new.txt"]
+    finally:
+        client.images.remove(image)
+
+
+def test_output_extraction_refuses_unsafe_members(tmp_path: Path) -> None:
+    members = {
+        "outputs/ok.txt": b"ok",
+        "outputs/../escape.txt": b"no",
+        "/outputs/abs.txt": b"no",
+    }
+    data = _tar(members, links={"outputs/sym": "/etc/passwd", "outputs/hard": "outputs/ok.txt"})
+    dest = tmp_path / "out"
+    skipped = _extract_outputs(iter([data[:700], data[700:]]), dest)
+    assert sorted(p.name for p in dest.iterdir()) == ["ok.txt"]
+    assert sorted(skipped) == ["../escape.txt", "/outputs/abs.txt", "hard", "sym"]
+    assert not (tmp_path / "escape.txt").exists()
+
+
+def _tar(files: dict[str, bytes], links: dict[str, str] | None = None) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        for name, target in (links or {}).items():
+            info = tarfile.TarInfo(name)
+            info.type = tarfile.SYMTYPE if target.startswith("/") else tarfile.LNKTYPE
+            info.linkname = target
+            tar.addfile(info)
+    return buf.getvalue()
+
+
+async def test_timeout_stops_and_removes_the_container(
+    runtime: DockerRuntime, client: docker.DockerClient, tmp_path: Path, worker_id: str
+) -> None:
+    started = time.monotonic()
+    spec = make_spec(tmp_path, worker_id, sh('trap "" TERM; echo started; sleep 30'), max_duration=1)
+    res = await runtime.run(spec, Sink())
+    assert res.reason == "timed_out"
+    assert res.exit_code == 137  # SIGTERM ignored: killed after the grace
+    assert "max_duration" in (res.error or "")
+    assert time.monotonic() - started < 6
+    assert managed(client, worker_id) == ([], [])
+
+
+async def test_cancellation_removes_the_container(
+    runtime: DockerRuntime, client: docker.DockerClient, tmp_path: Path, worker_id: str
+) -> None:
+    sink = Sink()
+    task = asyncio.create_task(runtime.run(make_spec(tmp_path, worker_id, sh("echo started; sleep 30")), sink))
+    await asyncio.wait_for(sink.event.wait(), 10)
+    assert len(managed(client, worker_id)[0]) == 1
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert managed(client, worker_id) == ([], [])
+
+
+async def test_cancellation_with_inputs_removes_the_volume(
+    runtime: DockerRuntime, client: docker.DockerClient, tmp_path: Path, worker_id: str
+) -> None:
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "x").write_bytes(b"x")
+    inputs = [InputFile(path="x", sha256=hashlib.sha256(b"x").hexdigest(), size=1)]
+    sink = Sink()
+    spec = make_spec(tmp_path, worker_id, sh("echo started; sleep 30"), inputs=inputs)
+    task = asyncio.create_task(runtime.run(spec, sink))
+    await asyncio.wait_for(sink.event.wait(), 10)
+    containers, volumes = managed(client, worker_id)
+    assert (len(containers), len(volumes)) == (1, 1)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_memory_and_cpu_limits_are_applied(
+    runtime: DockerRuntime, client: docker.DockerClient, tmp_path: Path, worker_id: str
+) -> None:
+    sink = Sink()
+    spec = make_spec(tmp_path, worker_id, sh("echo ready; sleep 1"), requirements={"memory": "64m", "cpus": 0.5})
+    task = asyncio.create_task(runtime.run(spec, sink))
+    await asyncio.wait_for(sink.event.wait(), 10)
+    [container] = managed(client, worker_id)[0]
+    host = container.attrs["HostConfig"]
+    assert container.labels["scaleq.job"] == spec.job_id and container.labels["scaleq.attempt"] == "1"
+    assert (host["Memory"], host["MemorySwap"], host["NanoCpus"]) == (64 << 20, 64 << 20, 500_000_000)
+    assert host["NetworkMode"] == "none"
+    assert (await task).reason == "success"
+
+
+async def test_gpus_become_a_device_request(
+    runtime: DockerRuntime, client: docker.DockerClient, tmp_path: Path, worker_id: str
+) -> None:
+    spec = make_spec(tmp_path, worker_id, ["true"], requirements={"gpus": 2})
+    container = await runtime.create_container(spec)
+    try:
+        container.reload()
+        [request] = container.attrs["HostConfig"]["DeviceRequests"]
+        assert (request["Count"], request["Capabilities"]) == (2, [["gpu"]])
+    finally:
+        container.remove(force=True, v=True)
+    # This machine has no GPU runtime: the start fails, clearly, and nothing is left behind.
+    res = await runtime.run(spec, Sink())
+    assert res.reason == "failed"
+    assert "did not start" in (res.error or "") and "GPU" in (res.error or "")
+
+
+async def test_out_of_memory(runtime: DockerRuntime, tmp_path: Path, worker_id: str) -> None:
+    script = "x=$(head -c 50000000 /dev/zero | tr '\\0' a); echo survived"
+    res = await runtime.run(make_spec(tmp_path, worker_id, sh(script), requirements={"memory": "8m"}), Sink())
+    assert res.reason == "failed"
+    assert res.exit_code == 137
+    assert res.error == "out of memory (OOMKilled; limit 8 MiB)"
+
+
+async def test_missing_image(tmp_path: Path, worker_id: str) -> None:
+    res = await DockerRuntime(pull=False).run(
+        make_spec(tmp_path, worker_id, ["true"], image="scaleq-test/nope:1"), Sink()
+    )
+    assert res.reason == "failed"
+    assert (res.error or "").startswith("image scaleq-test/nope:1 not found")
+    # Pulling from a registry that is not there fails the attempt too, without raising.
+    image = "127.0.0.1:9/scaleq/nope:1"
+    res = await DockerRuntime(pull=True).run(make_spec(tmp_path, worker_id, ["true"], image=image), Sink())
+    assert res.reason == "failed"
+    assert (res.error or "").startswith(f"image {image} not found: ")
+
+
+async def test_host_network_needs_permission(tmp_path: Path, worker_id: str) -> None:
+    spec = make_spec(tmp_path, worker_id, sh("cat /proc/net/dev | grep -c :"), network="host")
+    refused = await DockerRuntime(pull=False).run(spec, Sink())
+    assert refused.reason == "failed" and "host" in (refused.error or "")
+    sink = Sink()
+    allowed = await DockerRuntime(pull=False, allow_host_network=True).run(spec, sink)
+    assert allowed.reason == "success", allowed
+    assert int(sink.text("stdout")) > 1  # more than lo: the host's interfaces
+
+
+async def test_cleanup_orphans(
+    runtime: DockerRuntime, client: docker.DockerClient, tmp_path: Path, worker_id: str
+) -> None:
+    spec = make_spec(tmp_path, worker_id, ["true"])
+    for _ in range(2):
+        await runtime.create_container(spec)
+    labels = {"scaleq.managed": "true", "scaleq.worker": worker_id}
+    client.volumes.create(name=f"scaleq-test-orphan-{worker_id}", labels=labels)
+    other = make_spec(tmp_path, f"{worker_id}-other", ["true"])
+    keep = await runtime.create_container(other)
+    try:
+        assert await runtime.cleanup_orphans(worker_id) == 3
+        assert managed(client, worker_id) == ([], [])
+        keep.reload()  # another worker's container is not touched
+    finally:
+        keep.remove(force=True, v=True)
+
+
+async def test_check(runtime: DockerRuntime) -> None:
+    await runtime.check()
+    with pytest.raises(RuntimeUnavailable, match="DOCKER_HOST"):
+        await DockerRuntime(base_url="unix:///nonexistent/docker.sock").check()

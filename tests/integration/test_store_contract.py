@@ -1,0 +1,263 @@
+"""The store contract: every store dialect must pass these (parametrised over the stores available)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from scaleq.jobs import Capabilities, JobDefinition, RuntimeKind, Worker, job_id
+from scaleq.store.base import FinishResult, NotFound, StaleLease, Store
+from scaleq.store.sqlite import SQLiteStore
+
+T0 = 1_000_000.0
+
+
+@pytest.fixture(params=["sqlite"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    s = SQLiteStore(tmp_path / "contract.db")
+    await s.open()
+    yield s
+    await s.close()
+
+
+def definition(*cmd: str, **kw: object) -> JobDefinition:
+    return JobDefinition(command=list(cmd) or ["true"], **kw)
+
+
+async def worker(store: Store, wid: str = "w1", queue: str = "q", **caps: object) -> str:
+    fields = {
+        "runtimes": [RuntimeKind.process, RuntimeKind.docker],
+        "cpus": 4.0,
+        "memory": 8 << 30,
+        "gpus": 0,
+        "tags": [],
+        "host_network": False,
+    }
+    fields.update(caps)
+    await store.register_worker(Worker(id=wid, queue=queue, slots=4, started_at=T0, last_heartbeat=T0, **fields), T0)
+    return wid
+
+
+async def submit(store: Store, d: JobDefinition, queue: str = "q", **kw: object):
+    opts = {"priority": 0, "max_attempts": 3, "rerun": False, "now": T0}
+    opts.update(kw)
+    return await store.submit(queue, d, **opts)
+
+
+async def test_submit_is_idempotent_and_id_is_the_hash(store: Store) -> None:
+    d = definition("echo", "a")
+    job, created = await submit(store, d)
+    again, created_again = await submit(store, d)
+    assert created and not created_again
+    assert job.id == again.id == job_id("q", d)
+    other, _ = await submit(store, d, queue="other")
+    assert other.id != job.id
+
+
+async def test_claim_is_fifo_within_priority_and_respects_n(store: Store) -> None:
+    ids = [(await submit(store, definition("echo", str(i))))[0].id for i in range(5)]
+    urgent, _ = await submit(store, definition("echo", "urgent"), priority=5)
+    await worker(store)
+    claims = await store.claim("w1", 3, T0 + 1, 10)
+    assert [c.job.id for c in claims] == [urgent.id, ids[0], ids[1]]
+    assert all(c.job.state == "running" and c.attempt == 1 for c in claims)
+    assert len({c.lease for c in claims}) == 3
+
+
+async def test_claim_matches_requirements(store: Store) -> None:
+    big, _ = await submit(store, definition("x", requirements={"cpus": 8}))
+    gpu, _ = await submit(store, definition("y", requirements={"gpus": 1}))
+    tagged, _ = await submit(store, definition("z", tags=["ssd"]))
+    image, _ = await submit(store, definition("w", image="busybox"))
+    host, _ = await submit(store, definition("v", network="host"))
+    plain, _ = await submit(store, definition("u"))
+    await worker(store, "small", runtimes=[RuntimeKind.process])
+    assert [c.job.id for c in await store.claim("small", 10, T0, 10)] == [plain.id]
+    await worker(store, "big", cpus=16.0, gpus=2, tags=["ssd"], host_network=True)
+    got = {c.job.id for c in await store.claim("big", 10, T0, 10)}
+    assert got == {big.id, gpu.id, tagged.id, image.id, host.id}
+
+
+async def test_concurrent_claims_never_share_a_job(store: Store) -> None:
+    for i in range(60):
+        await submit(store, definition("echo", str(i)))
+    for n in range(6):
+        await worker(store, f"w{n}")
+    results = await asyncio.gather(*(store.claim(f"w{n % 6}", 4, T0, 10) for n in range(30)))
+    claimed = [c.job.id for batch in results for c in batch]
+    assert len(claimed) == 60 and len(set(claimed)) == 60
+
+
+async def test_finish_is_fenced_and_idempotent(store: Store) -> None:
+    job, _ = await submit(store, definition("echo"))
+    await worker(store)
+    (claim,) = await store.claim("w1", 1, T0, 10)
+    done = await store.finish(claim.lease, FinishResult("success", 0), T0 + 1)
+    assert done.state == "finished" and done.reason == "success" and done.exit_code == 0
+    again = await store.finish(claim.lease, FinishResult("success", 0), T0 + 2)
+    assert again.finished_at == done.finished_at
+    with pytest.raises(StaleLease):
+        await store.finish(claim.lease, FinishResult("failed", 1), T0 + 3)
+    with pytest.raises(StaleLease):
+        await store.finish("nope", FinishResult("success", 0), T0 + 3)
+
+
+async def test_expired_lease_goes_to_exactly_one_new_owner(store: Store) -> None:
+    job, _ = await submit(store, definition("sleep"))
+    await worker(store, "slow")
+    (first,) = await store.claim("slow", 1, T0, 5)
+    expired = await store.expire_leases(T0 + 6)
+    assert [(e.job_id, e.state) for e in expired] == [(job.id, "queued")]
+    for n in range(4):
+        await worker(store, f"w{n}")
+    results = await asyncio.gather(*(store.claim(f"w{n}", 1, T0 + 7, 5) for n in range(4)))
+    owners = [c for batch in results for c in batch]
+    assert len(owners) == 1 and owners[0].attempt == 2
+    with pytest.raises(StaleLease):
+        await store.finish(first.lease, FinishResult("success", 0), T0 + 8)
+    final = await store.finish(owners[0].lease, FinishResult("success", 0), T0 + 8)
+    assert final.reason == "success" and final.attempts == 2
+    outcomes = [a.outcome for a in await store.list_attempts(job.id)]
+    assert outcomes == ["lost", "success"]
+
+
+async def test_retry_budget_ends_in_worker_lost(store: Store) -> None:
+    job, _ = await submit(store, definition("x"), max_attempts=2)
+    await worker(store)
+    now = T0
+    for _ in range(2):
+        assert await store.claim("w1", 1, now, 1)
+        now += 2
+        await store.expire_leases(now)
+    lost = await store.get_job(job.id)
+    assert lost.state == "finished" and lost.reason == "worker_lost" and "lease lost" in (lost.error or "")
+
+
+async def test_heartbeat_renews_and_reports_live_leases(store: Store) -> None:
+    await submit(store, definition("a"))
+    await submit(store, definition("b"))
+    await worker(store)
+    claims = await store.claim("w1", 2, T0, 5)
+    state, live = await store.heartbeat("w1", T0 + 4, 5)
+    assert state == "active" and live == {c.lease for c in claims}
+    assert await store.expire_leases(T0 + 6) == []
+    await store.cancel(claims[0].job.id, T0 + 7)
+    _, live = await store.heartbeat("w1", T0 + 7, 5)
+    assert live == {claims[1].lease}
+    with pytest.raises(NotFound):
+        await store.heartbeat("ghost", T0, 5)
+
+
+async def test_cancel_queued_running_and_finished(store: Store) -> None:
+    queued, _ = await submit(store, definition("q"))
+    cancelled = await store.cancel(queued.id, T0)
+    assert cancelled.state == "finished" and cancelled.reason == "cancelled"
+    await worker(store)
+    assert await store.claim("w1", 1, T0, 5) == []  # a cancelled job is never claimed
+    running, _ = await submit(store, definition("r"))
+    (claim,) = await store.claim("w1", 1, T0, 5)
+    await store.cancel(running.id, T0 + 1)
+    with pytest.raises(StaleLease):
+        await store.append_logs(claim.lease, [("stdout", b"x")], T0 + 2)
+    with pytest.raises(StaleLease):
+        await store.finish(claim.lease, FinishResult("success", 0), T0 + 2)
+    assert (await store.cancel(running.id, T0 + 3)).reason == "cancelled"
+
+
+async def test_rerun_requeues_a_finished_job_with_a_new_attempt_number(store: Store) -> None:
+    d = definition("again")
+    job, _ = await submit(store, d)
+    await worker(store)
+    (c1,) = await store.claim("w1", 1, T0, 5)
+    await store.finish(c1.lease, FinishResult("failed", 3), T0 + 1)
+    same, created = await submit(store, d)
+    assert not created and same.reason == "failed"
+    rerun, created = await submit(store, d, rerun=True)
+    assert created and rerun.state == "queued" and rerun.exit_code is None
+    (c2,) = await store.claim("w1", 1, T0 + 2, 5)
+    assert c2.attempt == 2 and c2.job.attempts == 1
+
+
+async def test_release_hands_back_without_spending_an_attempt(store: Store) -> None:
+    job, _ = await submit(store, definition("x"), max_attempts=1)
+    await worker(store)
+    (claim,) = await store.claim("w1", 1, T0, 5)
+    released = await store.release(claim.lease, T0 + 1)
+    assert released is not None and released.state == "queued" and released.attempts == 0
+    assert await store.release(claim.lease, T0 + 2) is None
+    (again,) = await store.claim("w1", 1, T0, 5)
+    assert again.job.id == job.id
+
+
+async def test_logs_outputs_and_blobs(store: Store) -> None:
+    job, _ = await submit(store, definition("x"))
+    await worker(store)
+    (claim,) = await store.claim("w1", 1, T0, 5)
+    assert await store.append_logs(claim.lease, [("stdout", b"one\n"), ("stderr", b"two\n")], T0) == job.id
+    chunks = await store.read_logs(job.id, 1, 0, 100)
+    assert [(c.stream, c.data) for c in chunks] == [("stdout", b"one\n"), ("stderr", b"two\n")]
+    assert await store.read_logs(job.id, 1, chunks[0].seq, 100) == chunks[1:]
+    await store.put_outputs(claim.lease, [("a/b.txt", b"hello"), ("c", b"")])
+    outs = await store.list_outputs(job.id)
+    assert [(o.path, o.size) for o in outs] == [("a/b.txt", 5), ("c", 0)]
+    assert await store.get_blob(outs[0].sha256) == b"hello"
+    assert await store.missing_blobs([outs[0].sha256, "0" * 64]) == ["0" * 64]
+    with pytest.raises(NotFound):
+        await store.get_blob("f" * 64)
+
+
+async def test_get_job_by_prefix(store: Store) -> None:
+    job, _ = await submit(store, definition("p"))
+    assert (await store.get_job(job.id[:8])).id == job.id
+    with pytest.raises(NotFound):
+        await store.get_job("abc")
+    with pytest.raises(NotFound):
+        await store.get_job("0" * 64)
+
+
+async def test_demand_counts_only_what_a_group_can_run(store: Store) -> None:
+    await submit(store, definition("a"))
+    await submit(store, definition("b", image="busybox"))
+    await submit(store, definition("c", requirements={"gpus": 1}))
+    caps = Capabilities(runtimes=[RuntimeKind.process], cpus=2)
+    assert await store.demand("q", caps) == (1, 0)
+    assert await store.demand("q", Capabilities(runtimes=[RuntimeKind.process, RuntimeKind.docker], gpus=1)) == (3, 0)
+
+
+async def test_workers_idle_since_busy_and_gone(store: Store) -> None:
+    await submit(store, definition("a"))
+    await worker(store)
+    (w,) = await store.list_workers()
+    assert w.busy == 0 and w.idle_since == T0
+    (claim,) = await store.claim("w1", 1, T0 + 1, 5)
+    assert (await store.get_worker("w1")).busy == 1
+    await store.finish(claim.lease, FinishResult("success", 0), T0 + 3)
+    w = await store.get_worker("w1")
+    assert w.busy == 0 and w.idle_since == T0 + 3
+    assert await store.mark_gone_workers(T0 + 100, T0) == ["w1"]
+    assert await store.list_workers() == []
+    assert len(await store.list_workers(include_gone=True)) == 1
+
+
+async def test_tokens_are_found_by_hash_and_revocable(store: Store) -> None:
+    await store.create_token("id1", "ci", "submit", "h" * 64, T0)
+    found = await store.find_token("h" * 64)
+    assert found is not None and found.role == "submit"
+    assert await store.revoke_token("id1", T0 + 1)
+    assert await store.find_token("h" * 64) is None
+    assert not await store.revoke_token("id1", T0 + 2)
+
+
+async def test_durable_across_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "reopen.db"
+    s = SQLiteStore(path)
+    await s.open()
+    job, _ = await s.submit("q", definition("keep"), priority=0, max_attempts=3, rerun=False, now=T0)
+    await s.close()
+    s2 = SQLiteStore(path)
+    await s2.open()
+    assert (await s2.get_job(job.id)).state == "queued"
+    await s2.close()

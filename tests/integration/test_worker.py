@@ -1,0 +1,200 @@
+"""The worker agent (process runtime) against a live server: run, stream, cancel, fence, drain, hand back."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from scaleq.jobs import Job, JobDefinition, SubmitRequest
+from scaleq.server.settings import ServerSettings
+from scaleq.store.sqlite import SQLiteStore
+from scaleq.worker.agent import WorkerAgent, WorkerConfig
+from scaleq.worker.runtime.process import ProcessRuntime
+from tests.helpers import LiveServer, serve
+
+
+def agent(live: LiveServer, wid: str = "w1", slots: int = 2, **kw: object) -> WorkerAgent:
+    cfg = WorkerConfig(
+        server=live.url,
+        token=live.tokens["worker"],
+        queue="q",
+        runtimes={"process": ProcessRuntime(kill_grace=1.0)},
+        slots=slots,
+        worker_id=wid,
+        cpus=2.0,
+        **kw,
+    )
+    return WorkerAgent(cfg)
+
+
+@contextlib.asynccontextmanager
+async def running(a: WorkerAgent) -> AsyncIterator[asyncio.Task[int]]:
+    task = asyncio.create_task(a.run())
+    try:
+        yield task
+    finally:
+        if not task.done():
+            a.request_drain()
+            a.request_drain()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(task, 10)
+
+
+async def submit(live: LiveServer, *cmd: str, max_attempts: int = 3, **kw: object) -> Job:
+    async with live.client("submit") as c:
+        d = JobDefinition(command=list(cmd), **kw)
+        job, _ = await c.submit(SubmitRequest(queue="q", definition=d, max_attempts=max_attempts))
+        return job
+
+
+async def wait_state(live: LiveServer, job_id: str, state: str = "finished", timeout: float = 15) -> Job:
+    deadline = time.monotonic() + timeout
+    async with live.client("read") as c:
+        while True:
+            job = await c.get_job(job_id, wait=1, state=None)
+            if job.state == state:
+                return job
+            assert time.monotonic() < deadline, f"job still {job.state}"
+            await asyncio.sleep(0.05)
+
+
+async def test_runs_jobs_streams_logs_and_collects_outputs(live: LiveServer) -> None:
+    a = agent(live)
+    async with running(a):
+        job = await submit(live, "sh", "-c", 'echo out; echo err >&2; echo data > "$SCALEQ_OUTPUTS/r.txt"; exit 3')
+        done = await wait_state(live, job.id)
+        assert done.reason == "failed" and done.exit_code == 3
+        async with live.client("read") as c:
+            page = await c.logs(job.id)
+            assert {(ch["stream"], ch["data"]) for ch in page["chunks"]} >= {("stdout", "out\n"), ("stderr", "err\n")}
+            assert [o["path"] for o in await c.outputs(job.id)] == ["r.txt"]
+            assert await c.output_bytes(job.id, "r.txt") == b"data\n"
+
+
+async def test_logs_arrive_while_the_job_runs(live: LiveServer) -> None:
+    a = agent(live)
+    async with running(a):
+        job = await submit(live, "sh", "-c", "echo first; sleep 3; echo second")
+        async with live.client("read") as c:
+            page = await c.logs(job.id, wait=5)
+            while not page["chunks"]:
+                page = await c.logs(job.id, wait=5)
+            assert page["chunks"][0]["data"] == "first\n"
+            assert (await c.get_job(job.id)).state == "running"
+        await wait_state(live, job.id)
+
+
+async def test_slots_bound_concurrency_and_all_jobs_finish(live: LiveServer) -> None:
+    a = agent(live, slots=2)
+    async with running(a):
+        jobs = [await submit(live, "sh", "-c", f"sleep 0.5; echo {i}") for i in range(5)]
+        await asyncio.sleep(0.3)
+        async with live.client("read") as c:
+            assert len(await c.list_jobs(state="running")) <= 2
+        for j in jobs:
+            assert (await wait_state(live, j.id)).reason == "success"
+
+
+async def test_cancel_stops_the_running_process(live: LiveServer, tmp_path: Path) -> None:
+    marker = tmp_path / "pid"
+    a = agent(live)
+    async with running(a):
+        job = await submit(live, "sh", "-c", f"echo $$ > {marker}; sleep 30")
+        await wait_state(live, job.id, "running")
+        while not marker.exists() or not marker.read_text().strip():
+            await asyncio.sleep(0.05)
+        pid = int(marker.read_text())
+        async with live.client("submit") as c:
+            assert (await c.cancel(job.id)).reason == "cancelled"
+        deadline = time.monotonic() + 5
+        while Path(f"/proc/{pid}").exists():
+            assert time.monotonic() < deadline, "cancelled job still running"
+            await asyncio.sleep(0.1)
+        assert (await wait_state(live, job.id)).reason == "cancelled"
+
+
+async def test_max_duration_times_out(live: LiveServer) -> None:
+    a = agent(live)
+    async with running(a):
+        job = await submit(live, "sleep", "30", max_duration=1)
+        done = await wait_state(live, job.id)
+        assert done.reason == "timed_out"
+
+
+async def test_drain_finishes_running_jobs_then_exits(live: LiveServer) -> None:
+    a = agent(live)
+    task = asyncio.create_task(a.run())
+    job = await submit(live, "sh", "-c", "sleep 1; echo ok")
+    await wait_state(live, job.id, "running")
+    a.request_drain()
+    queued = await submit(live, "echo", "later")
+    assert await asyncio.wait_for(task, 10) == 0
+    assert (await wait_state(live, job.id)).reason == "success"
+    async with live.client("read") as c:
+        assert (await c.get_job(queued.id)).state == "queued"  # a draining worker takes nothing new
+        (w,) = await c.workers(include_gone=True)
+        assert w.state == "gone"
+
+
+async def test_forced_drain_hands_jobs_back(live: LiveServer) -> None:
+    a = agent(live)
+    task = asyncio.create_task(a.run())
+    job = await submit(live, "sleep", "30", max_attempts=1)
+    await wait_state(live, job.id, "running")
+    a.request_drain()
+    a.request_drain()
+    assert await asyncio.wait_for(task, 10) == 0
+    async with live.client("read") as c:
+        back = await c.get_job(job.id)
+    assert back.state == "queued" and back.attempts == 0
+
+
+async def test_server_drain_request_stops_an_idle_worker(live: LiveServer) -> None:
+    a = agent(live)
+    task = asyncio.create_task(a.run())
+    async with live.client("admin") as c:
+        while not await c.workers():
+            await asyncio.sleep(0.05)
+        start = time.monotonic()
+        await c.drain_worker("w1")
+    assert await asyncio.wait_for(task, 10) == 0
+    assert time.monotonic() - start < 2  # the parked claim ends at once, not after its long-poll
+
+
+@pytest.mark.parametrize("max_attempts, reason", [(2, "success"), (1, "worker_lost")])
+async def test_a_lost_worker_is_retried_elsewhere_then_worker_lost(
+    live: LiveServer, max_attempts: int, reason: str
+) -> None:
+    doomed = agent(live, "doomed")
+    task = asyncio.create_task(doomed.run())
+    job = await submit(live, "sh", "-c", "sleep 1; echo done", max_attempts=max_attempts)
+    await wait_state(live, job.id, "running")
+    task.cancel()  # the worker vanishes: no finish, no heartbeat, no deregistration
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    async with running(agent(live, "rescuer")):
+        done = await wait_state(live, job.id, timeout=20)
+    assert done.reason == reason
+
+
+async def test_worker_waits_out_a_server_outage(sqlite_store: SQLiteStore) -> None:
+    """A result produced while the server is down is delivered when it is back; the job is not run twice."""
+    # the outage (2.5 s) is shorter than the lease, as a restart of a real server would be
+    settings = ServerSettings(lease_seconds=8.0, sweep_interval=0.2, long_poll_max=1.0)
+    async with serve(sqlite_store, settings) as first:
+        port, tokens = int(first.url.rsplit(":", 1)[1]), first.tokens
+        a = agent(first, server_grace=60)
+        task = asyncio.create_task(a.run())
+        job = await submit(first, "sh", "-c", "sleep 1.5; echo survived")
+        await wait_state(first, job.id, "running")
+    await asyncio.sleep(2.5)  # the server is gone while the job finishes
+    async with serve(sqlite_store, settings, port=port, tokens=tokens) as second:
+        done = await wait_state(second, job.id, timeout=15)
+        assert done.reason == "success" and done.attempts == 1
+        a.request_drain()
+        assert await asyncio.wait_for(task, 10) == 0
