@@ -48,11 +48,8 @@ export DOCKER_HOST=unix://$sock
 
 ping() { curl -sf --max-time 2 --unix-socket "$sock" http://d/_ping 2>/dev/null | grep -q OK; }
 # A live process by pid file (a zombie is not: here nobody may reap a daemon whose parent is gone).
-alive() {
-  local pid
-  pid=$(cat "$1" 2>/dev/null) || return 1
-  [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null && ! grep -q '^State:.*Z' "/proc/$pid/status" 2>/dev/null
-}
+alive_pid() { [[ -n "$1" ]] && kill -0 "$1" 2>/dev/null && ! grep -q '^State:.*Z' "/proc/$1/status" 2>/dev/null; }
+alive() { alive_pid "$(cat "$1" 2>/dev/null)"; }
 stop_pid() {  # TERM, up to 30 s, then KILL
   local pid
   pid=$(cat "$1")
@@ -98,9 +95,10 @@ else
   setsid nohup dockerd --host="unix://$sock" --data-root="$state/data" --exec-root="$run/exec" \
     --pidfile="$pidfile" --bridge=none --iptables=false --ip6tables=false \
     >"$state/dockerd.log" 2>&1 </dev/null &
+  daemon=$!
   for _ in $(seq 1 300); do  # up to 60 s; usually ~0.5 s
     ping && break
-    alive <(echo $!) || { tail -n 20 "$state/dockerd.log" >&2; die "dockerd exited; see $state/dockerd.log"; }
+    alive_pid "$daemon" || { tail -n 20 "$state/dockerd.log" >&2; die "dockerd exited; see $state/dockerd.log"; }
     sleep 0.2
   done
   ping || { tail -n 20 "$state/dockerd.log" >&2; die "dockerd did not answer within 60 s"; }

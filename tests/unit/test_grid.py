@@ -1,0 +1,47 @@
+"""The grid file: defaults, and errors naming the file, the field and the problem."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from scaleq import grid
+
+
+def test_loads_a_grid(tmp_path: Path) -> None:
+    f = tmp_path / "grid.toml"
+    f.write_text(
+        '[[groups]]\nname = "cpu"\nqueue = "work"\nmax_workers = 3\nidle_timeout = 5\n'
+        '[groups.resources]\ncpus = 2\nmemory = "1g"\n'
+    )
+    g = grid.load(f)
+    (cpu,) = g.groups
+    assert cpu.queue == "work" and cpu.max_workers == 3 and cpu.resources.memory == 1 << 30
+    policy = cpu.policy()
+    assert policy.max_workers == 3 and policy.idle_timeout == 5
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ('[[groups]]\nname = "a"\nmax_workers = -1\n', "groups[0].max_workers"),
+        ('[[groups]]\nname = "a"\nmin_workers = 3\nmax_workers = 1\n', "groups[0]"),
+        ('[[groups]]\nname = "a"\nprovider = "aws"\n', "groups[0].provider"),
+        ('[[groups]]\nname = "a"\nmax_wokers = 1\n', "groups[0].max_wokers"),
+        ('[[groups]]\nname = "A B"\n', "groups[0].name"),
+        ('[[groups]]\nname = "a"\n[[groups]]\nname = "a"\n', "two groups are named"),
+        ("[server\n", "line 1"),
+    ],
+)
+def test_bad_grid_files(tmp_path: Path, text: str, expected: str) -> None:
+    f = tmp_path / "grid.toml"
+    f.write_text(text)
+    with pytest.raises(grid.GridFileError) as e:
+        grid.load(f)
+    assert str(f) in str(e.value) and expected in str(e.value)
+
+
+def test_embedded_default() -> None:
+    (g,) = grid.embedded_default(cores=4).groups
+    assert (g.queue, g.provider, g.min_workers, g.max_workers, g.slots) == ("default", "local", 0, 4, 1)
