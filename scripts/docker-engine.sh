@@ -27,6 +27,8 @@ if [[ "${1:-}" == "--stop" ]]; then stop=true; shift; fi
 state=${1:-$PWD/.tmp/docker}
 mkdir -p "$state"
 state=$(cd "$state" && pwd -P)
+exec 9>"$state/.lock"  # one invocation at a time per state dir (parallel test runners)
+flock 9
 
 # The run dir: short enough for containerd's sockets (exec-root/containerd/containerd-debug.sock and friends).
 if (( ${#state} <= 60 )); then
@@ -60,14 +62,20 @@ stop_pid() {  # TERM, up to 30 s, then KILL
   kill -KILL "$pid" 2>/dev/null || true
 }
 
-if $stop; then
-  if alive "$pidfile"; then stop_pid "$pidfile" dockerd; else log "no dockerd running for $state"; fi
-  # After a crash of dockerd, its containerd and mounts outlive it: clean those up too.
+# What a crashed dockerd leaves behind: its containerd, or that containerd's stale pidfile (a new dockerd then
+# times out waiting for containerd: seen after `kill -9`), and mounts under the state dir.
+leftovers() {
   if alive "$run/exec/containerd/containerd.pid"; then stop_pid "$run/exec/containerd/containerd.pid" containerd; fi
+  rm -f "$run/exec/containerd/containerd.pid"
   awk -v p="$state/" 'index($2, p) == 1 {print $2}' /proc/mounts 2>/dev/null | sort -r | while read -r m; do
     umount -l "$m" 2>/dev/null || true
   done
   rm -f "$pidfile" "$sock"
+}
+
+if $stop; then
+  if alive "$pidfile"; then stop_pid "$pidfile" dockerd; else log "no dockerd running for $state"; fi
+  leftovers
   exit 0
 fi
 
@@ -86,16 +94,18 @@ if ping; then
   log "dockerd already running on $sock"
 else
   if alive "$pidfile"; then
-    die "dockerd (pid $(cat "$pidfile")) is running but does not answer on $sock; see $state/dockerd.log"
+    daemon=$(cat "$pidfile")
+    log "dockerd (pid $daemon) is running but does not answer yet; waiting"
+  else
+    leftovers
+    mkdir -p "$state/data" "$run/exec"
+    log "starting dockerd (state in $state)"
+    # setsid + nohup: the daemon outlives this script and the shell that called it.
+    setsid nohup dockerd --host="unix://$sock" --data-root="$state/data" --exec-root="$run/exec" \
+      --pidfile="$pidfile" --bridge=none --iptables=false --ip6tables=false \
+      >"$state/dockerd.log" 2>&1 </dev/null 9>&- &
+    daemon=$!
   fi
-  rm -f "$pidfile" "$sock"
-  mkdir -p "$state/data" "$run/exec"
-  log "starting dockerd (state in $state)"
-  # setsid + nohup: the daemon outlives this script and the shell that called it.
-  setsid nohup dockerd --host="unix://$sock" --data-root="$state/data" --exec-root="$run/exec" \
-    --pidfile="$pidfile" --bridge=none --iptables=false --ip6tables=false \
-    >"$state/dockerd.log" 2>&1 </dev/null &
-  daemon=$!
   for _ in $(seq 1 300); do  # up to 60 s; usually ~0.5 s
     ping && break
     alive_pid "$daemon" || { tail -n 20 "$state/dockerd.log" >&2; die "dockerd exited; see $state/dockerd.log"; }

@@ -130,6 +130,30 @@ class Client:
     async def revoke_token(self, token_id: str) -> None:
         await self.request("DELETE", f"/tokens/{token_id}")
 
+    # -- scaling --------------------------------------------------------------------------------------------
+
+    async def groups(self) -> list[dict[str, Any]]:
+        return await self._json("GET", "/groups")
+
+    async def put_group(self, status: dict[str, Any]) -> None:
+        await self.request("PUT", f"/groups/{status['name']}", json=status)
+
+    async def delete_group(self, name: str) -> None:
+        await self.request("DELETE", f"/groups/{name}")
+
+    async def events(self, *, group: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        params: dict[str, Any] = {"limit": limit}
+        if group:
+            params["group"] = group
+        return await self._json("GET", "/events", params=params)
+
+    async def record_event(self, event: dict[str, Any]) -> None:
+        await self.request("POST", "/events", json=event)
+
+    async def demand(self, queue: str, capabilities: dict[str, Any], *, wait: float = 0) -> dict[str, Any]:
+        body = {"queue": queue, "capabilities": capabilities, "wait": wait}
+        return await self._json("POST", "/demand", json=body, timeout=wait + 30)
+
     # -- the worker protocol ----------------------------------------------------------------------------------
 
     async def register(self, registration: dict[str, Any]) -> dict[str, Any]:

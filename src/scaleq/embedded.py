@@ -19,9 +19,10 @@ from pathlib import Path
 import uvicorn
 
 from scaleq.config import write_server_info
-from scaleq.grid import Grid
+from scaleq.grid import Grid, Group
 from scaleq.providers.base import Provider
 from scaleq.providers.local import LocalProvider
+from scaleq.providers.registry import ProviderContext, make_provider
 from scaleq.scaling.controller import Controller
 from scaleq.scaling.observe import StoreObserver
 from scaleq.server.app import create_app
@@ -51,14 +52,6 @@ def _read(path: Path) -> str | None:
     return path.read_text().strip() if path.exists() else None
 
 
-def make_provider(name: str, *, grid: str, server: str, token: str, data_dir: Path) -> Provider:
-    if name == "local":
-        return LocalProvider(
-            grid=grid, server=server, token=token, state_dir=data_dir / "workers", log_dir=data_dir / "logs"
-        )
-    raise ValueError(f"provider {name!r} is not available in this version")
-
-
 async def serve(
     grid: Grid,
     data_dir: Path,
@@ -84,10 +77,8 @@ async def serve(
         app = create_app(store, settings, notifier=notifier, manage_store=False)
         server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
         server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
-        groups = [
-            (g, make_provider(g.provider, grid=grid.name, server=url, token=worker_token, data_dir=data_dir))
-            for g in grid.groups
-        ]
+        pctx = ProviderContext(grid.name, url, worker_token, data_dir)
+        groups = [(g, make_provider(g, pctx)) for g in grid.groups]
         controller = Controller(groups, StoreObserver(store, notifier, time.time))
         write_server_info(data_dir, url, admin)
 
@@ -115,11 +106,8 @@ async def serve(
         await store.close()
 
 
-async def _drain_local(groups: list[tuple]) -> None:
+async def _drain_local(groups: list[tuple[Group, Provider]]) -> None:
+    """Local workers are this process's children: drain them on the way out (remote ones keep running)."""
     for group, provider in groups:
         if isinstance(provider, LocalProvider):
-            for w in await provider.list(group):
-                await provider.stop(group, w.id)
-            if not await provider.wait_gone(group, 10.0):
-                for w in await provider.list(group):
-                    await provider.stop(group, w.id, force=True)
+            await provider.destroy(group, grace=10.0)

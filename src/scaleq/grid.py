@@ -23,6 +23,7 @@ Errors name the file, the field (``groups[0].max_workers``) and the problem, wit
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tomllib
 from pathlib import Path
@@ -101,6 +102,10 @@ class Group(_Strict):
             step_period=self.step_period,
             startup_grace=self.startup_grace,
         )
+
+    def version(self) -> str:
+        """A short hash of the group's settings: workers started under other settings are out of date."""
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:12]
 
     def capabilities(self) -> Capabilities:
         return Capabilities(

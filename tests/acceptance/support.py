@@ -176,12 +176,46 @@ class Grid:
         return r.stdout.split()[0]
 
     def job(self, job_id: str) -> dict[str, Any]:
+        """``scaleq job ID -o json``: the summary, the definition and the attempt history."""
         return self.json("job", job_id)
+
+    def api(self, method: str, path: str, token: str | None = None, **kw: Any) -> httpx.Response:
+        """A raw request to the API (admin token unless given): for polling, which would be slow through the CLI."""
+        headers = {"Authorization": f"Bearer {token or self.admin_token}"}
+        return httpx.request(method, f"{self.url}/api/v1{path}", headers=headers, timeout=30, **kw)
+
+    def api_job(self, job_id: str) -> dict[str, Any]:
+        r = self.api("GET", f"/jobs/{job_id}")
+        r.raise_for_status()
+        job = r.json()
+        job["attempt_history"] = self.api("GET", f"/jobs/{job_id}/attempts").raise_for_status().json()
+        return job
+
+    def api_logs(self, job_id: str, stream: str = "stdout", attempt: int | None = None) -> str:
+        """One attempt's output on ``stream`` (the latest attempt unless given), read through the API."""
+        text, after = [], 0
+        while True:
+            params = {"after": after, **({"attempt": attempt} if attempt else {})}
+            page = self.api("GET", f"/jobs/{job_id}/logs", params=params).raise_for_status().json()
+            if not page["chunks"]:
+                return "".join(text)
+            text += [c["data"] for c in page["chunks"] if c["stream"] == stream]
+            after = page["next"]
 
     def wait_state(self, job_id: str, state: str, timeout: float) -> dict[str, Any]:
         return wait_for(
-            lambda: j if (j := self.job(job_id))["state"] == state else None, timeout, 0.3, f"{job_id[:12]} {state}"
+            lambda: (j if (j := self.api_job(job_id))["state"] == state else None),
+            timeout,
+            0.2,
+            f"job {job_id[:12]} to be {state}",
         )
+
+    def wait_all_finished(self, job_ids: list[str], timeout: float) -> dict[str, dict[str, Any]]:
+        def done() -> dict[str, dict[str, Any]] | None:
+            jobs = {i: self.api_job(i) for i in job_ids}
+            return jobs if all(j["state"] == "finished" for j in jobs.values()) else None
+
+        return wait_for(done, timeout, 0.3, f"{len(job_ids)} jobs to finish")
 
     def worker_records(self) -> dict[str, dict[str, Any]]:
         """The local provider's records: worker id → {"id", "pid", ...}."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from scaleq import __version__
-from scaleq.cli import grid, jobs
+from scaleq.cli import grid, jobs, scale
 
 app = typer.Typer(
     name="scaleq",
@@ -40,6 +40,12 @@ app.command(rich_help_panel="Jobs")(jobs.outputs)
 app.command(rich_help_panel="Jobs")(jobs.cancel)
 app.command(rich_help_panel="Inspect")(jobs.queues)
 app.command(rich_help_panel="Inspect")(grid.workers)
+app.command(rich_help_panel="Inspect")(scale.groups)
+app.command(rich_help_panel="Inspect")(scale.events)
+app.command(rich_help_panel="Groups")(scale.plan)
+app.command(rich_help_panel="Groups")(scale.apply)
+app.command(rich_help_panel="Groups")(scale.destroy)
+app.command(rich_help_panel="Groups")(scale.autoscale)
 app.add_typer(grid.tokens_app, name="tokens", rich_help_panel="Admin")
 
 

@@ -24,6 +24,7 @@ class ProviderWorker:
     started_at: float
     status: Status
     detail: str = ""
+    version: str = ""  # the group version it was started with (Group.version())
 
 
 @dataclass(frozen=True)

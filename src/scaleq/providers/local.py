@@ -62,7 +62,16 @@ class LocalProvider:
                 self._stopping.discard(record["id"])
                 continue
             status = "stopping" if record["id"] in self._stopping else "running"
-            found.append(ProviderWorker(record["id"], group.name, record["started_at"], status, f"pid {record['pid']}"))
+            found.append(
+                ProviderWorker(
+                    record["id"],
+                    group.name,
+                    record["started_at"],
+                    status,
+                    f"pid {record['pid']}",
+                    record.get("version", ""),
+                )
+            )
         return found
 
     def _argv(self, group: Group, worker_id: str) -> list[str]:
@@ -116,7 +125,13 @@ class LocalProvider:
                     start_new_session=True,
                 )
             self._children[worker_id] = proc
-            record = {"id": worker_id, "pid": proc.pid, "started_at": time.time(), "group": group.name}
+            record = {
+                "id": worker_id,
+                "pid": proc.pid,
+                "started_at": time.time(),
+                "group": group.name,
+                "version": group.version(),
+            }
             (directory / f"{worker_id}.json").write_text(json.dumps(record))
             ids.append(worker_id)
         return ids
@@ -140,11 +155,12 @@ class LocalProvider:
             await asyncio.sleep(0.1)
         return True
 
-    async def destroy(self, group: Group) -> list[str]:
+    async def destroy(self, group: Group, grace: float = 15.0) -> list[str]:
+        """Drain every worker of the group; kill what is still there after ``grace`` seconds."""
         workers = await self.list(group)
         for w in workers:
             await self.stop(group, w.id)
-        if not await self.wait_gone(group, 15.0):
+        if not await self.wait_gone(group, grace):
             for w in await self.list(group):
                 await self.stop(group, w.id, force=True)
             await self.wait_gone(group, 5.0)

@@ -1,9 +1,11 @@
-"""The controller's in-process observer: signals and records straight from the store, wake-ups from the notifier."""
+"""Where the controller observes and records: the store in-process (``up``), or the HTTP API (``autoscale``)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
+from scaleq.client import ApiError, Client, Unreachable
 from scaleq.grid import Group
 from scaleq.jobs import Worker
 from scaleq.scaling.policy import Demand
@@ -39,3 +41,45 @@ class StoreObserver:
         await wait(self._event, timeout)
         # take the next event before the controller looks again, so nothing between is missed
         self._event = self.notifier.event("any")
+
+
+class RemoteObserver:
+    """The same observer over the HTTP API, for ``scaleq autoscale`` running apart from the server."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+
+    async def demand(self, group: Group) -> Demand:
+        d = await self.client.demand(group.queue, group.capabilities().model_dump(mode="json"))
+        return Demand(d["at"], d["queued"], d["running"])
+
+    async def registered(self, group: Group) -> list[Worker]:
+        return [w for w in await self.client.workers() if w.group == group.name and w.queue == group.queue]
+
+    async def drain(self, worker_id: str) -> None:
+        await self.client.drain_worker(worker_id)
+
+    async def record(self, group: str, kind: str, from_count: int | None, to_count: int | None, reason: str) -> None:
+        await self.client.record_event(
+            {"group": group, "kind": kind, "from": from_count, "to": to_count, "reason": reason}
+        )
+
+    async def status(self, status: GroupStatus) -> None:
+        await self.client.put_group(
+            {
+                "name": status.name,
+                "queue": status.queue,
+                "provider": status.provider,
+                "min": status.min_workers,
+                "max": status.max_workers,
+                "current": status.current,
+                "desired": status.desired,
+            }
+        )
+
+    async def wait_for_change(self, timeout: float) -> None:
+        # any change on the server ends this long-poll; the answer itself is not needed
+        try:
+            await self.client.demand("-", {}, wait=timeout)
+        except (ApiError, Unreachable):
+            await asyncio.sleep(min(timeout, 1.0))

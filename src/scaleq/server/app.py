@@ -18,7 +18,7 @@ from scaleq import __version__
 from scaleq.server import housekeeping
 from scaleq.server.auth import TokenCache
 from scaleq.server.notify import Notifier
-from scaleq.server.routes import admin, jobs, workers
+from scaleq.server.routes import admin, jobs, scaling, workers
 from scaleq.server.settings import ServerSettings
 from scaleq.store.base import AmbiguousId, NotFound, SchemaTooNew, StaleLease, Store
 
@@ -62,7 +62,7 @@ def create_app(
     app.state.notifier = notifier or Notifier()
     app.state.tokens = TokenCache()
 
-    for router in (jobs.router, workers.router, admin.router):
+    for router in (jobs.router, workers.router, scaling.router, admin.router):
         app.include_router(router, prefix="/api/v1")
 
     @app.exception_handler(NotFound)

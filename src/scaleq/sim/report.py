@@ -130,12 +130,14 @@ def plot(results: Sequence[Result], outdir: str | Path, prefix: str = "sim-") ->
     written = []
     for trace, group in traces.items():
         fig, (ax_q, ax_w) = plt.subplots(2, 1, figsize=(10, 6), sharex=True, constrained_layout=True)
-        for r in group:
+        for i, r in enumerate(group):  # the first policy (scaleq, in the bench) drawn boldest, on top
             ts = [p[0] / 60 for p in r.series] + [r.end / 60]
             queued = [p[1] for p in r.series]
             alive = [p[2] for p in r.series]
-            ax_q.step(ts, [*queued, queued[-1] if queued else 0], where="post", label=r.policy, linewidth=1)
-            ax_w.step(ts, [*alive, alive[-1] if alive else 0], where="post", label=r.policy, linewidth=1)
+            style = {"label": r.policy, "where": "post", "linewidth": 1.6 if i == 0 else 1.0}
+            style |= {"zorder": 10 - i, "alpha": 1.0 if i == 0 else 0.75}
+            ax_q.step(ts, [*queued, queued[-1] if queued else 0], **style)
+            ax_w.step(ts, [*alive, alive[-1] if alive else 0], **style)
         ax_q.set_ylabel("jobs waiting")
         ax_w.set_ylabel("workers")
         ax_w.set_xlabel("minutes")

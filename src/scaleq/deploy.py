@@ -1,0 +1,197 @@
+"""plan / apply / destroy: make the providers match the grid file, from recorded state.
+
+``apply`` records what it created in ``<data dir>/state/<grid>.json`` (each group's settings and version);
+``destroy`` removes everything recorded — and everything the providers' labels say belongs to those groups — then
+the record. ``plan`` compares the grid file with the record and the providers, and shows the decision the policy
+would take now for each group, with its reason.
+
+A changed group is updated by draining: its out-of-date workers take no new jobs, finish what they run and exit,
+and new workers start with the new settings (at least ``min_workers`` now, more as the controller sees demand).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from scaleq.client import ApiError, Client, Unreachable
+from scaleq.grid import Grid, Group
+from scaleq.providers.base import ProviderWorker
+from scaleq.providers.registry import ProviderContext, make_provider
+from scaleq.scaling.controller import worker_views
+from scaleq.scaling.policy import Demand, PolicyState, decide
+
+
+@dataclass
+class GroupPlan:
+    name: str
+    provider: str
+    action: str  # create | update | remove | none
+    changes: list[str] = field(default_factory=list)
+    workers: int = 0
+    out_of_date: int = 0
+    desired: int | None = None
+    reason: str = ""
+    done: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return self.__dict__.copy()
+
+
+def state_path(data_dir: Path, grid: str) -> Path:
+    return data_dir / "state" / f"{grid}.json"
+
+
+def read_state(data_dir: Path, grid: str) -> dict:
+    path = state_path(data_dir, grid)
+    return json.loads(path.read_text()) if path.exists() else {"grid": grid, "groups": {}}
+
+
+def write_state(data_dir: Path, grid: str, state: dict) -> None:
+    path = state_path(data_dir, grid)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=2, sort_keys=True))
+    tmp.replace(path)
+
+
+def _changes(old: dict, new: dict) -> list[str]:
+    return [f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+class Deployer:
+    def __init__(self, grid: Grid, data_dir: Path, client: Client, ctx: ProviderContext) -> None:
+        self.grid = grid
+        self.data_dir = data_dir
+        self.client = client
+        self.ctx = ctx
+
+    def _groups(self, state: dict) -> list[tuple[Group, str]]:
+        declared = {g.name: g for g in self.grid.groups}
+        out = [(g, "declared") for g in self.grid.groups]
+        for name, rec in state["groups"].items():
+            if name not in declared:
+                out.append((Group.model_validate(rec["spec"]), "recorded"))
+        return out
+
+    async def plan(self) -> list[GroupPlan]:
+        state = read_state(self.data_dir, self.grid.name)
+        plans = []
+        for group, origin in self._groups(state):
+            rec = state["groups"].get(group.name)
+            provider = make_provider(group, self.ctx)
+            workers = await provider.list(group)
+            p = GroupPlan(group.name, group.provider, "none", workers=len(workers))
+            p.out_of_date = sum(1 for w in workers if w.version and w.version != group.version())
+            if origin == "recorded":
+                p.action, p.reason = "remove", "no longer in the grid file: destroy its workers"
+            else:
+                if rec is None:
+                    p.action = "create"
+                elif rec["version"] != group.version():
+                    p.action, p.changes = "update", _changes(rec["spec"], group.model_dump(mode="json"))
+                p.desired, p.reason = await self._decision(group, workers)
+            plans.append(p)
+        return plans
+
+    async def _decision(self, group: Group, workers: list[ProviderWorker]) -> tuple[int | None, str]:
+        try:
+            d = await self.client.demand(group.queue, group.capabilities().model_dump(mode="json"))
+            registered = [w for w in await self.client.workers() if w.group == group.name]
+        except (ApiError, Unreachable) as exc:
+            return None, f"server not reachable, no decision: {exc}"
+        now = time.time()
+        decision = decide(
+            Demand(now, d["queued"], d["running"]),
+            worker_views(workers, registered),
+            group.policy(),
+            PolicyState(),
+            now,
+        )
+        return decision.desired, decision.reason
+
+    async def apply(self) -> list[GroupPlan]:
+        plans = await self.plan()
+        state = read_state(self.data_dir, self.grid.name)
+        by_name = {g.name: g for g, _ in self._groups(state)}
+        for p in plans:
+            group = by_name[p.name]
+            provider = make_provider(group, self.ctx)
+            if p.action == "remove":
+                p.done = [f"removed worker {w}" for w in await provider.destroy(group)]
+                await self._forget_group(group.name)
+                state["groups"].pop(group.name, None)
+                write_state(self.data_dir, self.grid.name, state)
+                continue
+            workers = await provider.list(group)
+            stale = [w for w in workers if w.status != "stopping" and w.version and w.version != group.version()]
+            for w in stale:
+                await self._drain(group, provider, w)
+                p.done.append(f"draining out-of-date worker {w.id}")
+            current = len(workers) - len(stale)
+            if current < group.min_workers:
+                started = await provider.start(group, group.min_workers - current)
+                p.done += [f"started worker {w}" for w in started]
+            state["groups"][group.name] = {
+                "provider": group.provider,
+                "version": group.version(),
+                "spec": group.model_dump(mode="json"),
+                "applied_at": time.time(),
+            }
+            write_state(self.data_dir, self.grid.name, state)
+            await self._record_group(group, current, max(current, group.min_workers))
+        return plans
+
+    async def destroy(self) -> list[GroupPlan]:
+        state = read_state(self.data_dir, self.grid.name)
+        plans = []
+        for group, _ in self._groups(state):
+            if group.name not in state["groups"] and not await make_provider(group, self.ctx).list(group):
+                continue
+            provider = make_provider(group, self.ctx)
+            removed = await provider.destroy(group)
+            await self._forget_group(group.name)
+            plans.append(
+                GroupPlan(
+                    group.name,
+                    group.provider,
+                    "remove",
+                    workers=len(removed),
+                    done=[f"removed worker {w}" for w in removed] or ["nothing was running"],
+                )
+            )
+            state["groups"].pop(group.name, None)
+        state_path(self.data_dir, self.grid.name).unlink(missing_ok=True)
+        return plans
+
+    async def _drain(self, group: Group, provider: object, w: ProviderWorker) -> None:
+        try:
+            await self.client.drain_worker(w.id)
+        except ApiError as exc:
+            if exc.status != 404:
+                raise
+            await provider.stop(group, w.id)  # type: ignore[attr-defined]  # never registered: stop it directly
+
+    async def _record_group(self, group: Group, current: int, desired: int) -> None:
+        try:
+            await self.client.put_group(
+                {
+                    "name": group.name,
+                    "queue": group.queue,
+                    "provider": group.provider,
+                    "min": group.min_workers,
+                    "max": group.max_workers,
+                    "current": current,
+                    "desired": desired,
+                }
+            )
+        except Unreachable:
+            pass
+
+    async def _forget_group(self, name: str) -> None:
+        try:
+            await self.client.delete_group(name)
+        except (ApiError, Unreachable):
+            pass

@@ -1,0 +1,35 @@
+"""Build the provider a group names. Providers for clouds import their client libraries only when used."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from scaleq.grid import Group
+from scaleq.providers.base import Provider, ProviderError
+
+
+@dataclass(frozen=True)
+class ProviderContext:
+    grid: str
+    server: str
+    worker_token: str
+    data_dir: Path
+
+
+def make_provider(group: Group, ctx: ProviderContext) -> Provider:
+    if group.provider == "local":
+        from scaleq.providers.local import LocalProvider
+
+        return LocalProvider(
+            grid=ctx.grid,
+            server=ctx.server,
+            token=ctx.worker_token,
+            state_dir=ctx.data_dir / "workers",
+            log_dir=ctx.data_dir / "logs",
+        )
+    if group.provider == "docker":
+        from scaleq.providers.docker import DockerProvider
+
+        return DockerProvider(grid=ctx.grid, server=ctx.server, token=ctx.worker_token)
+    raise ProviderError(f"group {group.name}: provider {group.provider!r} is not available in this version of scaleq")
