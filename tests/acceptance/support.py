@@ -204,7 +204,7 @@ class Grid:
 
     def wait_state(self, job_id: str, state: str, timeout: float) -> dict[str, Any]:
         return wait_for(
-            lambda: (j if (j := self.api_job(job_id))["state"] == state else None),
+            lambda: j if (j := self.api_job(job_id))["state"] == state else None,
             timeout,
             0.2,
             f"job {job_id[:12]} to be {state}",

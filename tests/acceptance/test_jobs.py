@@ -19,8 +19,18 @@ from pathlib import Path
 
 from tests.acceptance.support import HEX64, Grid, pid_alive, wait_for
 
-SUMMARY_KEYS = {"id", "queue", "state", "reason", "exit_code", "error", "attempts", "submitted_at", "started_at",
-                "finished_at"}
+SUMMARY_KEYS = {
+    "id",
+    "queue",
+    "state",
+    "reason",
+    "exit_code",
+    "error",
+    "attempts",
+    "submitted_at",
+    "started_at",
+    "finished_at",
+}
 
 
 def unique() -> str:
@@ -275,7 +285,7 @@ def test_cancel_stops_a_running_job_and_its_process(shared_grid: Grid, tmp_path:
 
         job = shared_grid.wait_state(job_id, "finished", 5)
         assert job["reason"] == "cancelled"
-        wait_for(lambda: not pid_alive(pid), 5, 0.1, f"the job's process {pid} to be gone")
+        wait_for(lambda: not pid_alive(pid), 7, 0.1, f"the job's process {pid} to be gone")
     finally:
         if pid_alive(pid):
             os.kill(pid, signal.SIGKILL)

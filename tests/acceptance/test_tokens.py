@@ -95,7 +95,10 @@ def test_tokens_and_roles(shared_grid: Grid, tmp_path: Path) -> None:
 def test_raw_http_needs_a_token_and_serves_openapi(shared_grid: Grid) -> None:
     url = shared_grid.url
     assert httpx.get(f"{url}/api/v1/jobs").status_code == 401
-    assert httpx.post(f"{url}/api/v1/jobs", json={"queue": "default", "definition": {"command": ["true"]}}).status_code == 401
+    assert (
+        httpx.post(f"{url}/api/v1/jobs", json={"queue": "default", "definition": {"command": ["true"]}}).status_code
+        == 401
+    )
     bad = httpx.get(f"{url}/api/v1/jobs", headers={"Authorization": "Bearer sq_nope"})
     assert bad.status_code == 401
 

@@ -73,10 +73,10 @@ async def uncancellable(aw: Awaitable[T]) -> T:
             result = await asyncio.shield(task)
             break
         except asyncio.CancelledError:
+            cancelled = True
             if task.done() and not task.cancelled():
                 result = task.result()
                 break
-            cancelled = True
     if cancelled:
         raise asyncio.CancelledError
     return result

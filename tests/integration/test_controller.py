@@ -1,0 +1,229 @@
+"""The controller with the real local provider against a live server: scale from zero and back, adopt after a
+restart, survive provider failures, never stop busy workers, and destroy everything apply created."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+from scaleq.client import Client
+from scaleq.deploy import Deployer, state_path
+from scaleq.grid import Grid, Group
+from scaleq.jobs import JobDefinition, RuntimeKind, SubmitRequest
+from scaleq.providers.base import Health, ProviderWorker
+from scaleq.providers.local import LocalProvider
+from scaleq.providers.registry import ProviderContext
+from scaleq.scaling.controller import Controller
+from scaleq.scaling.observe import RemoteObserver
+from tests.helpers import LiveServer
+
+
+def group(name: str = "cpu", **kw: object) -> Group:
+    fields = {
+        "queue": "q",
+        "provider": "local",
+        "min_workers": 0,
+        "max_workers": 3,
+        "slots": 1,
+        "runtimes": [RuntimeKind.process],
+        "idle_timeout": 1.0,
+        "scale_down_window": 1.0,
+    }
+    fields.update(kw)
+    return Group(name=name, **fields)
+
+
+def local(live: LiveServer, tmp_path: Path) -> LocalProvider:
+    return LocalProvider(
+        grid="t",
+        server=live.url,
+        token=live.tokens["worker"],
+        state_dir=tmp_path / "workers",
+        log_dir=tmp_path / "logs",
+    )
+
+
+@contextlib.asynccontextmanager
+async def controlling(controller: Controller) -> AsyncIterator[None]:
+    task = asyncio.create_task(controller.run())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def eventually(check: Callable[[], Awaitable[object]], timeout: float = 15.0, every: float = 0.1) -> object:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = await check()
+        if result:
+            return result
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(every)
+
+
+async def submit(c: Client, *cmd: str) -> str:
+    job, _ = await c.submit(SubmitRequest(queue="q", definition=JobDefinition(command=list(cmd))))
+    return job.id
+
+
+async def test_scales_from_zero_to_max_and_back_to_zero(live: LiveServer, tmp_path: Path) -> None:
+    g, provider = group(), local(live, tmp_path)
+    admin = live.client("admin")
+    controller = Controller([(g, provider)], RemoteObserver(admin), tick=0.2)
+    try:
+        async with controlling(controller):
+            ids = [await submit(admin, "sh", "-c", f"sleep 2; echo {i}") for i in range(6)]
+            first = time.monotonic()
+            await eventually(lambda: _count(provider, g, 3), timeout=10)
+            assert time.monotonic() - first < 10
+            for job_id in ids:
+                await eventually(lambda j=job_id: _finished(admin, j), timeout=30)
+            await eventually(lambda: _count(provider, g, 0), timeout=20)
+        events = await admin.events(group="cpu", limit=100)
+        kinds = [e["kind"] for e in events]
+        assert "scale_up" in kinds and "scale_down" in kinds
+        assert all(e["reason"] for e in events)
+        up = next(e for e in reversed(events) if e["kind"] == "scale_up")
+        assert "waiting" in up["reason"] and "starting" in up["reason"]
+        (status,) = await admin.groups()
+        assert status["current"] == 0 and status["max"] == 3
+    finally:
+        await provider.destroy(g, grace=5)
+        await admin.close()
+
+
+async def _count(provider: LocalProvider, g: Group, n: int) -> bool:
+    return len([w for w in await provider.list(g) if w.status == "running"]) == n
+
+
+async def _finished(c: Client, job_id: str) -> bool:
+    job = await c.get_job(job_id)
+    return job.state == "finished" and job.reason == "success"
+
+
+async def test_scale_in_never_stops_a_busy_worker(live: LiveServer, tmp_path: Path) -> None:
+    g, provider = group(max_workers=2), local(live, tmp_path)
+    admin = live.client("admin")
+    controller = Controller([(g, provider)], RemoteObserver(admin), tick=0.2)
+    try:
+        async with controlling(controller):
+            long_job = await submit(admin, "sh", "-c", "sleep 6; echo long")
+            short_job = await submit(admin, "sh", "-c", "echo short")
+            await eventually(lambda: _finished(admin, short_job), timeout=15)
+            # the idle worker goes after its 1 s idle timeout; the busy one must stay until its job is done
+            await eventually(lambda: _count(provider, g, 1), timeout=15)
+            job = await admin.get_job(long_job)
+            assert job.state == "running"
+            await eventually(lambda: _finished(admin, long_job), timeout=15)
+            (attempt,) = await admin.attempts(long_job)
+            assert attempt["outcome"] == "success"
+    finally:
+        await provider.destroy(g, grace=5)
+        await admin.close()
+
+
+async def test_a_restarted_controller_adopts_running_workers(live: LiveServer, tmp_path: Path) -> None:
+    g = group(min_workers=2, max_workers=2, idle_timeout=60)
+    admin = live.client("admin")
+    first = local(live, tmp_path)
+    try:
+        async with controlling(Controller([(g, first)], RemoteObserver(admin), tick=0.2)):
+            await eventually(lambda: _count(first, g, 2))
+        before = {w.id for w in await first.list(g)}
+        second = local(live, tmp_path)  # a new process would start with nothing in memory
+        async with controlling(Controller([(g, second)], RemoteObserver(admin), tick=0.2)):
+            await asyncio.sleep(1.5)
+            assert {w.id for w in await second.list(g)} == before
+        events = await admin.events(group="cpu")
+        assert any(e["kind"] == "adopt" and e["to"] == 2 for e in events)
+        assert sum(1 for e in events if e["kind"] == "scale_up") == 1
+    finally:
+        await first.destroy(g, grace=5)
+        await admin.close()
+
+
+class FlakyProvider:
+    """A provider whose API fails for a while (a stand-in for a cloud outage), then recovers."""
+
+    name = "flaky"
+
+    def __init__(self, inner: LocalProvider, failures: int) -> None:
+        self.inner = inner
+        self.failures = failures
+
+    async def list(self, g: Group) -> list[ProviderWorker]:
+        if self.failures > 0:
+            self.failures -= 1
+            raise ConnectionError("provider API unreachable")
+        return await self.inner.list(g)
+
+    async def start(self, g: Group, count: int) -> list[str]:
+        return await self.inner.start(g, count)
+
+    async def stop(self, g: Group, worker_id: str, *, force: bool = False) -> None:
+        await self.inner.stop(g, worker_id, force=force)
+
+    async def destroy(self, g: Group) -> list[str]:
+        return await self.inner.destroy(g)
+
+    async def health(self) -> Health:
+        return Health(self.failures == 0, "flaky")
+
+
+async def test_provider_failure_is_reported_retried_and_spares_other_groups(live: LiveServer, tmp_path: Path) -> None:
+    bad, good = group("bad", queue="q"), group("good", queue="other")
+    flaky = FlakyProvider(local(live, tmp_path), failures=2)
+    healthy = local(live, tmp_path)
+    admin = live.client("admin")
+    try:
+        async with controlling(Controller([(bad, flaky), (good, healthy)], RemoteObserver(admin), tick=0.2)):
+            job, _ = await admin.submit(SubmitRequest(queue="other", definition=JobDefinition(command=["true"])))
+            await eventually(lambda: _finished(admin, job.id), timeout=15)
+            stuck = await submit(admin, "echo", "after the outage")
+            await eventually(lambda: _finished(admin, stuck), timeout=20)
+        events = await admin.events(group="bad")
+        errors = [e for e in events if e["kind"] == "error"]
+        assert errors and "provider API unreachable" in errors[-1]["reason"] and "retry" in errors[-1]["reason"]
+        assert any(e["kind"] == "recovered" for e in events)
+    finally:
+        await healthy.destroy(good, grace=5)
+        await flaky.inner.destroy(bad, grace=5)
+        await admin.close()
+
+
+async def test_apply_then_destroy_leaves_nothing(live: LiveServer, tmp_path: Path) -> None:
+    g = group(min_workers=2, idle_timeout=60)
+    grid = Grid(name="t", groups=[g])
+    admin = live.client("admin")
+    ctx = ProviderContext("t", live.url, live.tokens["worker"], tmp_path)
+    deployer = Deployer(grid, tmp_path, admin, ctx)
+    try:
+        plans = await deployer.plan()
+        assert [(p.name, p.action) for p in plans] == [("cpu", "create")]
+        applied = await deployer.apply()
+        assert sum(1 for line in applied[0].done if line.startswith("started")) == 2
+        assert state_path(tmp_path, "t").exists()
+        provider = local(live, tmp_path)
+        pids = [int(w.detail.split()[1]) for w in await provider.list(g)]
+        assert len(pids) == 2
+        assert [p.action for p in await deployer.plan()] == ["none"]
+        # a changed group is an update; apply drains the out-of-date workers
+        changed = Deployer(
+            Grid(name="t", groups=[group(min_workers=2, idle_timeout=60, slots=2)]), tmp_path, admin, ctx
+        )
+        assert [p.action for p in await changed.plan()] == ["update"]
+        removed = await deployer.destroy()
+        assert removed and removed[0].action == "remove"
+        assert not state_path(tmp_path, "t").exists()
+        assert await provider.list(g) == []
+        for pid in pids:
+            assert not Path(f"/proc/{pid}").exists() or b"zombie" in Path(f"/proc/{pid}/status").read_bytes().lower()
+        assert await admin.groups() == []
+    finally:
+        await admin.close()
