@@ -33,8 +33,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from scaleq.jobs import Capabilities, Requirements, RuntimeKind, validate_queue_name
 from scaleq.scaling.policy import PolicySettings
+from scaleq.scaling.signals import SignalSpec
 
 ProviderName = Literal["local", "docker", "kubernetes", "gcp", "fly"]
+
+
+_POLICY = PolicySettings()
 
 
 class GridFileError(ValueError):
@@ -66,11 +70,12 @@ class Group(_Strict):
     max_workers: int = Field(default=1, ge=0)
     slots: int = Field(default=1, ge=1, le=1024)
     runtimes: list[RuntimeKind] = Field(default_factory=lambda: [RuntimeKind.process])
-    idle_timeout: float = Field(default=60.0, ge=0)
-    scale_down_window: float = Field(default=30.0, ge=0)
-    max_step_up: int | None = Field(default=None, ge=1)
-    step_period: float = Field(default=10.0, gt=0)
-    startup_grace: float = Field(default=120.0, ge=0)
+    # policy settings: the defaults are the policy's own
+    idle_timeout: float = Field(default=_POLICY.idle_timeout, ge=0)
+    scale_down_window: float = Field(default=_POLICY.scale_down_window, ge=0)
+    max_step_up: int | None = Field(default=_POLICY.max_step_up, ge=1)
+    step_period: float = Field(default=_POLICY.step_period, gt=0)
+    startup_grace: float = Field(default=_POLICY.startup_grace, ge=0)
     tags: list[str] = Field(default_factory=list)
     resources: Requirements = Field(
         default_factory=lambda: Requirements(cpus=float(os.cpu_count() or 1)),
@@ -79,6 +84,7 @@ class Group(_Strict):
     image: str | None = Field(default=None, description="worker image, for container providers")
     allow_host_network: bool = False
     env: dict[str, str] = Field(default_factory=dict, description="extra environment of the worker processes")
+    signal: SignalSpec = Field(default_factory=SignalSpec, description="what the controller reads as demand")
 
     @field_validator("queue")
     @classmethod

@@ -138,7 +138,6 @@ def test_report_table_and_targets():
 
 
 def test_plot_writes_one_png_per_trace(tmp_path: Path):
-    pytest.importorskip("matplotlib")
     from scaleq.sim import plot
 
     results = run_simulation(small_traces()[:1], ["scaleq", "keda"], SETTINGS, 30.0)

@@ -28,6 +28,7 @@ from scaleq.grid import Group
 from scaleq.jobs import Worker
 from scaleq.providers.base import Provider, ProviderWorker
 from scaleq.scaling.policy import Decision, Demand, PolicyState, WorkerView, decide
+from scaleq.scaling.signals import read_external
 from scaleq.store.base import GroupStatus
 
 log = logging.getLogger("scaleq.controller")
@@ -116,7 +117,7 @@ class Controller:
         if now < loop.retry_at:
             return None
         try:
-            demand = await self.observer.demand(g)
+            demand = await self.observer.demand(g) if g.signal.kind == "server" else await read_external(g.signal)
             provider_workers = await loop.provider.list(g)
             views = worker_views(provider_workers, await self.observer.registered(g))
             decision = decide(demand, views, g.policy(), loop.state, now)
