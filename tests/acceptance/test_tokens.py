@@ -32,7 +32,9 @@ def test_tokens_and_roles(shared_grid: Grid, tmp_path: Path) -> None:
     def as_user(*args: str, token: str, data_dir: bool = False) -> Callable[[], subprocess.CompletedProcess[str]]:
         if data_dir:  # SCALEQ_TOKEN in the environment, the server from the data dir
             return lambda: cli(*args, env=shared_grid.env(SCALEQ_TOKEN=token), cwd=nowhere)
-        return lambda: cli(*args, "--server", url, "--token", token, env=base_env(), cwd=nowhere)
+        at = args.index("--") if "--" in args else len(args)  # options go before the job's command
+        argv = [*args[:at], "--server", url, "--token", token, *args[at:]]
+        return lambda: cli(*argv, env=base_env(), cwd=nowhere)
 
     created = shared_grid.cli("tokens", "create", "--role", "submit", "--name", "ci")
     assert created.returncode == 0, created.stderr

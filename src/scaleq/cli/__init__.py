@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from scaleq import __version__
-from scaleq.cli import grid, jobs, scale
+from scaleq.cli import grid, jobs, scale, simulate
 
 app = typer.Typer(
     name="scaleq",
@@ -46,6 +46,7 @@ app.command(rich_help_panel="Groups")(scale.plan)
 app.command(rich_help_panel="Groups")(scale.apply)
 app.command(rich_help_panel="Groups")(scale.destroy)
 app.command(rich_help_panel="Groups")(scale.autoscale)
+app.command(rich_help_panel="Groups")(simulate.simulate)
 app.add_typer(grid.tokens_app, name="tokens", rich_help_panel="Admin")
 
 

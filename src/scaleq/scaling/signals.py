@@ -62,6 +62,9 @@ async def read_external(spec: SignalSpec, client: httpx.AsyncClient | None = Non
     finally:
         if own:
             await client.aclose()
+    if math.isinf(value) and value > 0:  # e.g. a division by zero in the query: not a number of jobs
+        what = spec.query if spec.kind == "promql" else f"{spec.metric}{_fmt(spec.labels)}"
+        raise SignalError(f"{spec.kind} signal at {spec.url}: {what} is +Inf, not a number of jobs")
     if math.isnan(value) or value < 0:
         value = 0.0
     return Demand(time.time(), math.ceil(value), 0)
@@ -71,11 +74,14 @@ async def _text(client: httpx.AsyncClient, spec: SignalSpec, headers: dict[str, 
     r = await client.get(spec.url or "", headers=headers, timeout=spec.timeout)
     r.raise_for_status()
     total, seen = 0.0, False
-    for family in text_string_to_metric_families(r.text):
-        for sample in family.samples:
-            if sample.name == spec.metric and all(sample.labels.get(k) == v for k, v in spec.labels.items()):
-                total += sample.value
-                seen = True
+    try:
+        for family in text_string_to_metric_families(r.text):
+            for sample in family.samples:
+                if sample.name == spec.metric and all(sample.labels.get(k) == v for k, v in spec.labels.items()):
+                    total += sample.value
+                    seen = True
+    except ValueError as exc:  # the parser's only complaint: e.g. an HTML page or JSON where metrics were expected
+        raise SignalError(f"{spec.url} does not serve the Prometheus text format: {exc}") from exc
     if not seen:
         raise SignalError(f"{spec.url} has no series {spec.metric}{_fmt(spec.labels)}")
     return total
@@ -88,7 +94,12 @@ async def _promql(client: httpx.AsyncClient, spec: SignalSpec, headers: dict[str
         headers=headers,
         timeout=spec.timeout,
     )
-    body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
+    try:
+        body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
+    except ValueError:
+        body = {}
+    if not isinstance(body, dict):
+        body = {}
     if r.status_code != 200 or body.get("status") != "success":
         raise SignalError(f"Prometheus at {spec.url} refused {spec.query!r}: {body.get('error', r.text[:200])}")
     data = body["data"]

@@ -1,0 +1,310 @@
+"""Reaction from zero: how long from the first submit to the provider's start call, and to the job running.
+
+    PYTHONPATH=src python bench/reaction.py [--rounds 10] [--warm-rounds 5] [--provider local|docker]
+
+Everything real and in one process: a SQLite store in a temp dir, the HTTP server (uvicorn on a free port), the
+controller with the in-process observer (woken by the server's notifier, as in ``scaleq up``) and the provider, wrapped
+only to note when ``start()`` is called. A group of 0..1 workers; every cold round starts from zero workers (the
+previous round's worker is destroyed, and the round waits until the provider lists none), submits a ``true`` process
+job through the client and measures, from just before the submit:
+
+* **start call** -- the controller calling ``provider.start()`` (target: within 100 ms; event-driven, not polled);
+* **registered** -- the new worker registering with the server (its process start, imports and first request);
+* **running** -- the job leaving ``queued``, seen by the client's long-poll (target: within 1 s on the local provider);
+* **finished** -- the job finished, seen by the client's long-poll.
+
+Warm rounds then submit to a worker that is already up and idle: the same timings without a start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib.util
+import logging
+import secrets
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import uvicorn
+from rich.console import Console
+from rich.table import Table
+
+from scaleq.client import Client
+from scaleq.grid import Group
+from scaleq.jobs import JobDefinition, State, SubmitRequest
+from scaleq.providers.base import Health, Provider, ProviderWorker
+from scaleq.providers.registry import ProviderContext, make_provider
+from scaleq.scaling.controller import Controller
+from scaleq.scaling.observe import StoreObserver
+from scaleq.server.app import create_app
+from scaleq.server.auth import new_token
+from scaleq.server.notify import Notifier
+from scaleq.server.settings import ServerSettings
+from scaleq.sim import percentile
+from scaleq.store.sqlite import SQLiteStore
+
+START_TARGET = 0.100  # submit -> provider.start() called
+RUNNING_TARGET = 1.0  # submit -> job running, local provider
+
+
+class TimedProvider:
+    """The real provider, noting the ``perf_counter`` of every ``start()`` call (and when it returned)."""
+
+    def __init__(self, inner: Provider) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.calls: list[tuple[float, float, int]] = []  # (called, returned, count)
+
+    async def start(self, group: Group, count: int) -> list[str]:
+        called = time.perf_counter()
+        ids = await self.inner.start(group, count)
+        self.calls.append((called, time.perf_counter(), count))
+        return ids
+
+    async def list(self, group: Group) -> list[ProviderWorker]:
+        return await self.inner.list(group)
+
+    async def stop(self, group: Group, worker_id: str, *, force: bool = False) -> None:
+        await self.inner.stop(group, worker_id, force=force)
+
+    async def destroy(self, group: Group) -> list[str]:
+        return await self.inner.destroy(group)
+
+    async def health(self) -> Health:
+        return await self.inner.health()
+
+
+@dataclass
+class Round:
+    start_call: float | None = None  # seconds after the submit
+    start_returned: float | None = None
+    registered: float | None = None
+    running: float | None = None
+    finished: float | None = None
+    ok: bool = False
+
+
+@dataclass
+class Bench:
+    client: Client
+    store: SQLiteStore
+    group: Group
+    provider: TimedProvider
+    nonce: str = field(default_factory=lambda: secrets.token_hex(4))
+    count: int = 0
+
+    async def submit_and_follow(self, timeout: float) -> Round:
+        self.count += 1
+        definition = JobDefinition(command=["true"], env={"BENCH_ROUND": f"{self.nonce}-{self.count}"})
+        calls_before = len(self.provider.calls)
+        t0, wall0 = time.perf_counter(), time.time()
+        job, _ = await self.client.submit(SubmitRequest(queue=self.group.queue, definition=definition))
+        r = Round()
+        job = await self.client.get_job(job.id, wait=timeout, state=State.queued.value)
+        if job.state != State.queued:
+            r.running = time.perf_counter() - t0
+        job = await self.client.get_job(job.id, wait=timeout, state=State.running.value)
+        if job.state == State.finished:
+            r.finished = time.perf_counter() - t0
+            r.ok = job.reason == "success"
+        if len(self.provider.calls) > calls_before:
+            called, returned, _ = self.provider.calls[calls_before]
+            r.start_call, r.start_returned = called - t0, returned - t0
+            if job.worker_id:
+                worker = next((w for w in await self.store.list_workers() if w.id == job.worker_id), None)
+                if worker is not None:
+                    r.registered = worker.started_at - wall0
+        return r
+
+    async def to_zero(self, timeout: float = 20.0) -> None:
+        """Destroy the group's workers and wait until the provider lists none."""
+        await self.provider.destroy(self.group)
+        deadline = time.monotonic() + timeout
+        while await self.provider.list(self.group):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"workers of group {self.group.name} still there after {timeout:.0f} s")
+            await asyncio.sleep(0.05)
+
+
+async def make_tokens(store: SQLiteStore) -> dict[str, str]:
+    tokens = {}
+    for role in ("admin", "worker"):
+        token_id, token, token_hash = new_token()
+        await store.create_token(token_id, f"bench {role}", role, token_hash, time.time())
+        tokens[role] = token
+    return tokens
+
+
+@contextlib.asynccontextmanager
+async def serving(app: object, host: str) -> AsyncIterator[str]:
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started and not task.done():
+        await asyncio.sleep(0.01)
+    try:
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        await task
+
+
+@contextlib.asynccontextmanager
+async def running(controller: Controller) -> AsyncIterator[None]:
+    task = asyncio.create_task(controller.run())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def make_group(provider: str, image: str | None) -> Group:
+    # scale_down_window 0: once the job is done the group wants 0 workers again, so a round's destroy is not undone
+    # by the controller keeping the peak of the last minute; idle_timeout (default 60 s) keeps the warm worker up.
+    extra = {"image": image} if image else {}
+    return Group(
+        name="bench",
+        queue="q",
+        provider=provider,
+        min_workers=0,
+        max_workers=1,
+        runtimes=["process"],
+        scale_down_window=0,
+        **extra,
+    )
+
+
+async def bench(args: argparse.Namespace, console: Console) -> list[tuple[str, list[Round]]]:
+    with tempfile.TemporaryDirectory(prefix="scaleq-bench-") as tmp:
+        data_dir = Path(tmp)
+        store = SQLiteStore(data_dir / "scaleq.db")
+        await store.open()
+        try:
+            notifier = Notifier()
+            app = create_app(store, ServerSettings(), notifier=notifier, manage_store=False)
+            tokens = await make_tokens(store)
+            host = "0.0.0.0" if args.provider == "docker" else "127.0.0.1"
+            async with serving(app, host) as url, Client(url.replace("0.0.0.0", "127.0.0.1"), tokens["admin"]) as c:
+                group = make_group(args.provider, args.image)
+                server_for_workers = args.worker_server or url
+                inner = make_provider(group, ProviderContext("bench", server_for_workers, tokens["worker"], data_dir))
+                provider = TimedProvider(inner)
+                controller = Controller([(group, provider)], StoreObserver(store, notifier, time.time), tick=1.0)
+                b = Bench(c, store, group, provider)
+                try:
+                    async with running(controller):
+                        await asyncio.sleep(0.2)  # the controller's first look: nothing to do
+                        cold, warm = [], []
+                        for i in range(args.rounds):
+                            await b.to_zero()
+                            await asyncio.sleep(0.1)  # let the controller settle at zero workers
+                            r = await b.submit_and_follow(args.timeout)
+                            cold.append(r)
+                            console.print(f"cold {i + 1}/{args.rounds}: {_row(r)}", highlight=False)
+                        if not (await provider.list(group)):  # a worker up and idle for the warm rounds
+                            await b.submit_and_follow(args.timeout)
+                        for i in range(args.warm_rounds):
+                            r = await b.submit_and_follow(args.timeout)
+                            warm.append(r)
+                            console.print(f"warm {i + 1}/{args.warm_rounds}: {_row(r)}", highlight=False)
+                finally:
+                    await b.to_zero()
+        finally:
+            await store.close()
+    return [("cold (from zero)", cold), ("warm (idle worker)", warm)]
+
+
+def _ms(seconds: float | None) -> str:
+    return "—" if seconds is None else f"{seconds * 1000:,.0f} ms"
+
+
+def _row(r: Round) -> str:
+    return (
+        f"start call {_ms(r.start_call)}, registered {_ms(r.registered)}, running {_ms(r.running)}, "
+        f"finished {_ms(r.finished)}{'' if r.ok else ' [NOT OK]'}"
+    )
+
+
+METRICS = (
+    ("submit → start call", "start_call"),
+    ("start call returned", "start_returned"),
+    ("submit → worker registered", "registered"),
+    ("submit → job running", "running"),
+    ("submit → job finished", "finished"),
+)
+
+
+def render(provider: str, cases: list[tuple[str, list[Round]]]) -> tuple[Table, Table, bool]:
+    table = Table(title=f"reaction on the {provider} provider", title_justify="left")
+    for name, justify in (("case", "left"), ("metric", "left"), ("n", "right"), ("p50", "right"), ("p95", "right")):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    table.add_column("max", justify="right")
+    stats: dict[tuple[str, str], tuple[float, float, float]] = {}
+    for case, rounds in cases:
+        table.add_section()
+        for label, attr in METRICS:
+            values = sorted(v for r in rounds if (v := getattr(r, attr)) is not None)
+            if not values:
+                continue
+            p50, p95, top = percentile(values, 50), percentile(values, 95), values[-1]
+            stats[(case, attr)] = (p50, p95, top)
+            table.add_row(case, label, str(len(values)), _ms(p50), _ms(p95), _ms(top))
+
+    targets = Table(title="targets", title_justify="left")
+    for name in ("target", "p95", "max", "met"):
+        targets.add_column(name, justify="left" if name == "target" else "right")
+    all_met = True
+    checks = [("submit → start call ≤ 100 ms (cold)", ("cold (from zero)", "start_call"), START_TARGET)]
+    if provider == "local":
+        checks.append(("submit → job running ≤ 1 s (cold)", ("cold (from zero)", "running"), RUNNING_TARGET))
+    for label, key, limit in checks:
+        p50, p95, top = stats.get(key, (float("nan"),) * 3)
+        met = p95 <= limit
+        all_met &= met
+        verdict = "[green]met[/green]" if met else "[red]missed[/red]"
+        margin = f" ({(limit - p95) * 1000:+,.0f} ms)"
+        targets.add_row(label, _ms(p95), _ms(top), verdict + margin)
+    cold_ok = all(r.ok for _, rounds in cases for r in rounds)
+    return table, targets, all_met and cold_ok
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=10, help="cold rounds, each from zero workers")
+    ap.add_argument("--warm-rounds", type=int, default=5, help="rounds with a worker already idle")
+    ap.add_argument("--provider", choices=("local", "docker"), default="local")
+    ap.add_argument("--image", help="worker image, for --provider docker")
+    ap.add_argument("--worker-server", help="server URL as the workers reach it (docker: the host's address)")
+    ap.add_argument("--timeout", type=float, default=20.0, help="seconds to wait for each state change")
+    args = ap.parse_args(argv)
+    console = Console(width=120)
+    if args.provider == "docker" and importlib.util.find_spec("scaleq.providers.docker") is None:
+        console.print(
+            "[red]error:[/red] --provider docker needs scaleq.providers.docker (the Docker provider), which this "
+            "checkout does not have yet"
+        )
+        return 2
+    logging.basicConfig(level=logging.WARNING)
+    started = time.perf_counter()
+    cases = asyncio.run(bench(args, console))
+    table, targets, ok = render(args.provider, cases)
+    console.print(table)
+    console.print(targets)
+    console.print(f"{args.rounds} cold + {args.warm_rounds} warm rounds in {time.perf_counter() - started:.1f} s")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

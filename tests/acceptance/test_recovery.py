@@ -1,0 +1,121 @@
+"""8-9. Nothing is lost: a ``kill -9`` of ``scaleq up``, a worker killed mid-job (retried, or worker_lost)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+
+from tests.acceptance.support import Grid, pid_alive, wait_for
+
+
+def unique() -> str:
+    return uuid.uuid4().hex[:10]
+
+
+# -- 8. kill -9 of the server ---------------------------------------------------------------------------------------
+
+
+def test_kill_9_of_the_server_loses_nothing(grid: Grid) -> None:
+    tag = unique()
+    r = grid.cli("submit", "default", "--wait", "-o", "json", "--", "sh", "-c", f"echo before-the-crash-{tag}")
+    assert r.returncode == 0, r.stderr
+    done_before = grid.api_job(json.loads(r.stdout)["id"])
+    logs_before = grid.cli("logs", done_before["id"]).stdout
+    assert logs_before == f"before-the-crash-{tag}\n"
+
+    slow = grid.submit("default", "--", "sh", "-c", f"sleep 4; echo slow-{tag}")
+    grid.wait_state(slow, "running", 15)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        queued = list(
+            pool.map(lambda i: grid.submit("default", "--", "sh", "-c", f"sleep 1; echo queued-{i}-{tag}"), range(4))
+        )
+    states = [grid.api_job(j)["state"] for j in [slow, *queued]]
+    assert states[0] == "running" and states.count("queued") >= 2, states  # 2 workers cannot take 5 jobs at once
+
+    old_url = grid.url
+    grid.kill_server()
+    grid.start()
+    assert grid.url != old_url  # --port 0: the commands must find the new one through server.json
+
+    jobs = grid.wait_all_finished([slow, *queued], timeout=60)
+    assert {j: (v["state"], v["reason"]) for j, v in jobs.items()} == {
+        j: ("finished", "success") for j in [slow, *queued]
+    }
+    assert grid.api_logs(slow) == f"slow-{tag}\n"
+    for i, job_id in enumerate(queued):
+        assert grid.api_logs(job_id) == f"queued-{i}-{tag}\n"
+
+    # The job that had finished before the crash keeps its result and its logs, seen through the CLI.
+    after = grid.job(done_before["id"])
+    for key in ("state", "reason", "exit_code", "attempts", "finished_at"):
+        assert after[key] == done_before[key], key
+    assert len(after["attempt_history"]) == 1
+    assert grid.cli("logs", done_before["id"][:8]).stdout == logs_before
+    listed = {j["id"]: j for j in grid.json("jobs", "--state", "finished")}
+    assert {done_before["id"], slow, *queued} <= listed.keys()
+
+
+# -- 9. a worker killed mid-job ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def killed_workers(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """Two ``sleep 3`` jobs (one with the default 3 attempts, one with --max-attempts 1) on the two local workers;
+    each job's worker is SIGKILLed while the job runs. Both scenarios run side by side to halve the waiting."""
+    grid = Grid(tmp_path_factory.mktemp("killed-workers") / "data", lease_seconds=3.0)
+    try:
+        grid.start()
+        tag = unique()
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            retried_f = pool.submit(grid.submit, "default", "--", "sh", "-c", f"sleep 3; echo retried-{tag}")
+            lost_f = pool.submit(
+                grid.submit, "default", "--max-attempts", "1", "--", "sh", "-c", f"sleep 3; echo lost-{tag}"
+            )
+            retried, lost = retried_f.result(), lost_f.result()
+        running = {j: grid.wait_state(j, "running", 20) for j in (retried, lost)}
+        first_workers = {j: job["attempt_history"][-1]["worker_id"] for j, job in running.items()}
+        records = grid.worker_records()
+        victims = {j: records[w]["pid"] for j, w in first_workers.items()}
+        for pid in set(victims.values()):
+            os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: not any(pid_alive(p) for p in victims.values()), 5, 0.1, "the workers to die")
+        finished = grid.wait_all_finished([retried, lost], timeout=45)
+        yield {
+            "grid": grid,
+            "retried": finished[retried],
+            "lost": finished[lost],
+            "first_workers": first_workers,
+            "tag": tag,
+        }
+    finally:
+        grid.stop()
+
+
+def test_a_job_whose_worker_is_killed_is_retried_on_another_worker(killed_workers: dict) -> None:
+    job = killed_workers["retried"]
+    assert (job["state"], job["reason"], job["exit_code"]) == ("finished", "success", 0), job
+    history = job["attempt_history"]
+    assert len(history) == 2, history
+    assert history[0]["worker_id"] == killed_workers["first_workers"][job["id"]]
+    assert history[0]["outcome"] != "success"
+    assert history[1]["outcome"] == "success"
+    assert history[1]["worker_id"] != history[0]["worker_id"]
+    grid = killed_workers["grid"]
+    assert grid.api_logs(job["id"]) == f"retried-{killed_workers['tag']}\n"
+    shown = grid.job(job["id"][:8])  # and the CLI tells the same story
+    assert [a["worker_id"] for a in shown["attempt_history"]] == [a["worker_id"] for a in history]
+
+
+def test_a_job_with_one_attempt_whose_worker_is_killed_finishes_worker_lost(killed_workers: dict) -> None:
+    job = killed_workers["lost"]
+    assert (job["state"], job["reason"]) == ("finished", "worker_lost"), job
+    assert len(job["attempt_history"]) == 1
+    grid = killed_workers["grid"]
+    r = grid.cli("job", job["id"], "-o", "json")
+    assert json.loads(r.stdout)["reason"] == "worker_lost"
