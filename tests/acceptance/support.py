@@ -215,7 +215,24 @@ class Grid:
             jobs = {i: self.api_job(i) for i in job_ids}
             return jobs if all(j["state"] == "finished" for j in jobs.values()) else None
 
-        return wait_for(done, timeout, 0.3, f"{len(job_ids)} jobs to finish")
+        try:
+            return wait_for(done, timeout, 0.3, f"{len(job_ids)} jobs to finish")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{self.diagnosis(job_ids)}") from None
+
+    def diagnosis(self, job_ids: list[str]) -> str:
+        """What the grid looks like: for failure messages."""
+        lines = ["jobs:"]
+        for i in job_ids:
+            j = self.api_job(i)
+            attempts = [(a["attempt"], a["worker_id"], a["outcome"]) for a in j["attempt_history"]]
+            lines.append(f"  {i[:12]} {j['state']} {j['reason']} attempts={attempts}")
+        workers = self.api("GET", "/workers", params={"all": True}).json()
+        lines.append("workers known to the server: " + ", ".join(f"{w['id']} {w['state']} busy={w['busy']}" for w in workers))
+        lines.append(f"worker records: {self.worker_records()}")
+        alive = {i: pid_alive(r["pid"]) for i, r in self.worker_records().items()}
+        lines.append(f"worker processes alive: {alive}")
+        return "\n".join(lines)
 
     def worker_records(self) -> dict[str, dict[str, Any]]:
         """The local provider's records: worker id → {"id", "pid", ...}."""

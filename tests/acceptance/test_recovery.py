@@ -29,21 +29,23 @@ def test_kill_9_of_the_server_loses_nothing(grid: Grid) -> None:
     logs_before = grid.cli("logs", done_before["id"]).stdout
     assert logs_before == f"before-the-crash-{tag}\n"
 
-    slow = grid.submit("default", "--", "sh", "-c", f"sleep 4; echo slow-{tag}")
-    grid.wait_state(slow, "running", 15)
-    with ThreadPoolExecutor(max_workers=4) as pool:
+    # The slow job first (priority), and four more than the two local workers can take at once behind it.
+    with ThreadPoolExecutor(max_workers=5) as pool:
+        slow_f = pool.submit(grid.submit, "default", "--priority", "1", "--", "sh", "-c", f"sleep 4; echo slow-{tag}")
         queued = list(
-            pool.map(lambda i: grid.submit("default", "--", "sh", "-c", f"sleep 1; echo queued-{i}-{tag}"), range(4))
+            pool.map(lambda i: grid.submit("default", "--", "sh", "-c", f"sleep 2; echo queued-{i}-{tag}"), range(4))
         )
-    states = [grid.api_job(j)["state"] for j in [slow, *queued]]
-    assert states[0] == "running" and states.count("queued") >= 2, states  # 2 workers cannot take 5 jobs at once
+        slow = slow_f.result()
+    grid.wait_state(slow, "running", 15)
+    states = [grid.api_job(j)["state"] for j in queued]
+    assert states.count("finished") == 0 and states.count("queued") >= 2, states
 
     old_url = grid.url
     grid.kill_server()
     grid.start()
     assert grid.url != old_url  # --port 0: the commands must find the new one through server.json
 
-    jobs = grid.wait_all_finished([slow, *queued], timeout=60)
+    jobs = grid.wait_all_finished([slow, *queued], timeout=40)
     assert {j: (v["state"], v["reason"]) for j, v in jobs.items()} == {
         j: ("finished", "success") for j in [slow, *queued]
     }
