@@ -1,6 +1,6 @@
 """Reaction from zero: how long from the first submit to the provider's start call, and to the job running.
 
-    PYTHONPATH=src python bench/reaction.py [--rounds 10] [--warm-rounds 5] [--provider local|docker]
+    PYTHONPATH=src python bench/reaction.py [--rounds 10] [--warm-rounds 5] [--provider local|docker] [--tcp-nodelay]
 
 Everything real and in one process: a SQLite store in a temp dir, the HTTP server (uvicorn on a free port), the
 controller with the in-process observer (woken by the server's notifier, as in ``scaleq up``) and the provider, wrapped
@@ -143,9 +143,14 @@ async def make_tokens(store: SQLiteStore) -> dict[str, str]:
 
 
 @contextlib.asynccontextmanager
-async def serving(app: object, host: str) -> AsyncIterator[str]:
+async def serving(app: object, host: str, nodelay: bool) -> AsyncIterator[str]:
+    # As `scaleq up` and tests/helpers.py bind it. asyncio sets TCP_NODELAY only on sockets made with proto
+    # IPPROTO_TCP, so on this one (proto 0) Nagle holds a response's body until the client's delayed ACK of its
+    # headers: +40 ms per request on a kept-alive connection. --tcp-nodelay sets it, as the listening socket should.
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if nodelay:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # inherited by accepted connections
     sock.bind((host, 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
@@ -195,34 +200,39 @@ async def bench(args: argparse.Namespace, console: Console) -> list[tuple[str, l
             notifier = Notifier()
             app = create_app(store, ServerSettings(), notifier=notifier, manage_store=False)
             tokens = await make_tokens(store)
-            host = "0.0.0.0" if args.provider == "docker" else "127.0.0.1"
-            async with serving(app, host) as url, Client(url.replace("0.0.0.0", "127.0.0.1"), tokens["admin"]) as c:
+            host = "0.0.0.0" if args.provider == "docker" else "127.0.0.1"  # containers must reach it
+            async with serving(app, host, args.tcp_nodelay) as url:
+                local_url = url.replace("0.0.0.0", "127.0.0.1")
                 group = make_group(args.provider, args.image)
-                server_for_workers = args.worker_server or url
-                inner = make_provider(group, ProviderContext("bench", server_for_workers, tokens["worker"], data_dir))
-                provider = TimedProvider(inner)
+                ctx = ProviderContext("bench", args.worker_server or local_url, tokens["worker"], data_dir)
+                provider = TimedProvider(make_provider(group, ctx))
                 controller = Controller([(group, provider)], StoreObserver(store, notifier, time.time), tick=1.0)
-                b = Bench(c, store, group, provider)
-                try:
-                    async with running(controller):
-                        await asyncio.sleep(0.2)  # the controller's first look: nothing to do
-                        cold, warm = [], []
-                        for i in range(args.rounds):
-                            await b.to_zero()
-                            await asyncio.sleep(0.1)  # let the controller settle at zero workers
-                            r = await b.submit_and_follow(args.timeout)
-                            cold.append(r)
-                            console.print(f"cold {i + 1}/{args.rounds}: {_row(r)}", highlight=False)
-                        if not (await provider.list(group)):  # a worker up and idle for the warm rounds
-                            await b.submit_and_follow(args.timeout)
-                        for i in range(args.warm_rounds):
-                            r = await b.submit_and_follow(args.timeout)
-                            warm.append(r)
-                            console.print(f"warm {i + 1}/{args.warm_rounds}: {_row(r)}", highlight=False)
-                finally:
-                    await b.to_zero()
+                async with Client(local_url, tokens["admin"]) as client:
+                    b = Bench(client, store, group, provider)
+                    try:
+                        async with running(controller):
+                            return await rounds(b, args, console)
+                    finally:
+                        await b.to_zero()
         finally:
             await store.close()
+
+
+async def rounds(b: Bench, args: argparse.Namespace, console: Console) -> list[tuple[str, list[Round]]]:
+    await asyncio.sleep(0.2)  # the controller's first look: nothing to do
+    cold, warm = [], []
+    for i in range(args.rounds):
+        await b.to_zero()
+        await asyncio.sleep(0.1)  # let the controller look once at zero workers and no demand
+        r = await b.submit_and_follow(args.timeout)
+        cold.append(r)
+        console.print(f"cold {i + 1}/{args.rounds}: {_row(r)}", highlight=False)
+    if not await b.provider.list(b.group):  # a worker up and idle for the warm rounds
+        await b.submit_and_follow(args.timeout)
+    for i in range(args.warm_rounds):
+        r = await b.submit_and_follow(args.timeout)
+        warm.append(r)
+        console.print(f"warm {i + 1}/{args.warm_rounds}: {_row(r)}", highlight=False)
     return [("cold (from zero)", cold), ("warm (idle worker)", warm)]
 
 
@@ -246,8 +256,8 @@ METRICS = (
 )
 
 
-def render(provider: str, cases: list[tuple[str, list[Round]]]) -> tuple[Table, Table, bool]:
-    table = Table(title=f"reaction on the {provider} provider", title_justify="left")
+def render(provider: str, cases: list[tuple[str, list[Round]]], note: str = "") -> tuple[Table, Table, bool]:
+    table = Table(title=f"reaction on the {provider} provider{note}", title_justify="left")
     for name, justify in (("case", "left"), ("metric", "left"), ("n", "right"), ("p50", "right"), ("p95", "right")):
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
     table.add_column("max", justify="right")
@@ -287,6 +297,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--provider", choices=("local", "docker"), default="local")
     ap.add_argument("--image", help="worker image, for --provider docker")
     ap.add_argument("--worker-server", help="server URL as the workers reach it (docker: the host's address)")
+    ap.add_argument(
+        "--tcp-nodelay",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="set TCP_NODELAY on the server's listening socket (default: no, as scaleq up binds it today; "
+        "without it every kept-alive request waits ~40 ms for a delayed ACK)",
+    )
     ap.add_argument("--timeout", type=float, default=20.0, help="seconds to wait for each state change")
     args = ap.parse_args(argv)
     console = Console(width=120)
@@ -299,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     started = time.perf_counter()
     cases = asyncio.run(bench(args, console))
-    table, targets, ok = render(args.provider, cases)
+    note = ", TCP_NODELAY on the server socket" if args.tcp_nodelay else ", server socket as `scaleq up` binds it"
+    table, targets, ok = render(args.provider, cases, note)
     console.print(table)
     console.print(targets)
     console.print(f"{args.rounds} cold + {args.warm_rounds} warm rounds in {time.perf_counter() - started:.1f} s")

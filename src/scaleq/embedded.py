@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import signal
 import socket
@@ -48,6 +49,27 @@ async def ensure_token(store: Store, path: Path, role: str, name: str) -> str:
     return token
 
 
+def _bind(host: str, port: int, data_dir: Path) -> socket.socket:
+    """Bind the listening socket. With port 0, prefer the port of the previous run from this data dir, so workers
+    left running by a crashed server find the restarted one at the same URL."""
+    candidates = [port]
+    if port == 0:
+        previous = data_dir / "server.json"
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            candidates.insert(0, int(json.loads(previous.read_text())["url"].rsplit(":", 1)[1]))
+    for n, candidate in enumerate(candidates):
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, candidate))
+            return sock
+        except OSError:
+            sock.close()
+            if n == len(candidates) - 1:
+                raise
+    raise OSError("no port to bind")
+
+
 def _read(path: Path) -> str | None:
     return path.read_text().strip() if path.exists() else None
 
@@ -68,9 +90,7 @@ async def serve(
     try:
         admin = await ensure_token(store, data_dir / "admin.token", "admin", "admin (scaleq up)")
         worker_token = await ensure_token(store, data_dir / "worker.token", "worker", "local workers (scaleq up)")
-        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
+        sock = _bind(host, port, data_dir)
         url = f"http://{host if ':' not in host else f'[{host}]'}:{sock.getsockname()[1]}"
         settings = ServerSettings(lease_seconds=lease_seconds or grid.server.lease_seconds)
         notifier = Notifier()

@@ -40,10 +40,8 @@ def test_kill_9_of_the_server_loses_nothing(grid: Grid) -> None:
     states = [grid.api_job(j)["state"] for j in queued]
     assert states.count("finished") == 0 and states.count("queued") >= 2, states
 
-    old_url = grid.url
     grid.kill_server()
-    grid.start()
-    assert grid.url != old_url  # --port 0: the commands must find the new one through server.json
+    grid.start()  # same data dir; the commands below find it through the server.json it writes
 
     jobs = grid.wait_all_finished([slow, *queued], timeout=40)
     assert {j: (v["state"], v["reason"]) for j, v in jobs.items()} == {

@@ -61,6 +61,9 @@ class LocalProvider:
                 self._children.pop(record["id"], None)
                 self._stopping.discard(record["id"])
                 continue
+            if record.get("server", self.server) != self.server and record["id"] not in self._stopping:
+                # left by an earlier server at another address: it can never reach us, so let it go
+                await self.stop(group, record["id"])
             status = "stopping" if record["id"] in self._stopping else "running"
             found.append(
                 ProviderWorker(

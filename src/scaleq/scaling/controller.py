@@ -28,7 +28,7 @@ from scaleq.grid import Group
 from scaleq.jobs import Worker
 from scaleq.providers.base import Provider, ProviderWorker
 from scaleq.scaling.policy import Decision, Demand, PolicyState, WorkerView, decide
-from scaleq.scaling.signals import read_external
+from scaleq.scaling.signals import SignalError, describe, read_external
 from scaleq.store.base import GroupStatus
 
 log = logging.getLogger("scaleq.controller")
@@ -130,7 +130,10 @@ class Controller:
                 await self.observer.drain(worker_id)
             if decision.start or decision.drain or decision.desired != loop.last_desired:
                 kind = "scale_up" if decision.start else "scale_down" if decision.drain else "desired"
-                await self.observer.record(g.name, kind, current, decision.desired, decision.reason)
+                reason = decision.reason
+                if g.signal.kind != "server":
+                    reason = f"{describe(g.signal)} reads {demand.queued}: {reason}"
+                await self.observer.record(g.name, kind, current, decision.desired, reason)
                 loop.last_desired = decision.desired
             await self.observer.status(
                 GroupStatus(
@@ -145,21 +148,21 @@ class Controller:
                 )
             )
             if loop.failures:
-                await self.observer.record(g.name, "recovered", None, None, f"provider {g.provider} answers again")
+                await self.observer.record(g.name, "recovered", None, None, "signal and provider answer again")
             loop.failures = 0
             return decision
         except Exception as exc:  # one group's trouble must not stop the others
             loop.failures += 1
             backoff = min(2.0**loop.failures, 60.0)
             loop.retry_at = now + backoff
-            log.warning("group %s: %s; retrying in %.0f s", g.name, exc, backoff)
+            what = f"signal {g.signal.kind}" if isinstance(exc, SignalError) else f"provider {g.provider}"
+            log.warning("group %s: %s failed: %s; retrying in %.0f s", g.name, what, exc, backoff)
             with contextlib.suppress(Exception):
                 await self.observer.record(
                     g.name,
                     "error",
                     None,
                     None,
-                    f"provider {g.provider} failed ({type(exc).__name__}: {exc}); retry {loop.failures} "
-                    f"in {backoff:.0f} s",
+                    f"{what} failed ({type(exc).__name__}: {exc}); retry {loop.failures} in {backoff:.0f} s",
                 )
             return None

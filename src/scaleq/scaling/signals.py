@@ -45,6 +45,15 @@ class SignalSpec(BaseModel):
             raise ValueError(f"a {self.kind} signal needs {' and '.join(missing)}")
 
 
+def describe(spec: SignalSpec) -> str:
+    """The signal in words, for event reasons."""
+    if spec.kind == "prometheus_text":
+        return f"{spec.metric}{_fmt(spec.labels)} at {spec.url}"
+    if spec.kind == "promql":
+        return f"PromQL {spec.query!r} at {spec.url}"
+    return "the server's queue counts"
+
+
 async def read_external(spec: SignalSpec, client: httpx.AsyncClient | None = None) -> Demand:
     """Read a prometheus_text or promql signal as Demand(queued=value, running=0)."""
     own = client is None
