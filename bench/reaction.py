@@ -200,9 +200,8 @@ async def bench(args: argparse.Namespace, console: Console) -> list[tuple[str, l
             notifier = Notifier()
             app = create_app(store, ServerSettings(), notifier=notifier, manage_store=False)
             tokens = await make_tokens(store)
-            host = "0.0.0.0" if args.provider == "docker" else "127.0.0.1"  # containers must reach it
-            async with serving(app, host, args.tcp_nodelay) as url:
-                local_url = url.replace("0.0.0.0", "127.0.0.1")
+            # the docker provider runs workers on the host network by default, so loopback reaches them too
+            async with serving(app, "127.0.0.1", args.tcp_nodelay) as local_url:
                 group = make_group(args.provider, args.image)
                 ctx = ProviderContext("bench", args.worker_server or local_url, tokens["worker"], data_dir)
                 provider = TimedProvider(make_provider(group, ctx))
@@ -296,7 +295,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warm-rounds", type=int, default=5, help="rounds with a worker already idle")
     ap.add_argument("--provider", choices=("local", "docker"), default="local")
     ap.add_argument("--image", help="worker image, for --provider docker")
-    ap.add_argument("--worker-server", help="server URL as the workers reach it (docker: the host's address)")
+    ap.add_argument(
+        "--worker-server",
+        help="server URL as workers reach it (default: loopback; docker workers use the host network)",
+    )
     ap.add_argument(
         "--tcp-nodelay",
         action=argparse.BooleanOptionalAction,

@@ -15,13 +15,13 @@ from scaleq.client import Client
 from scaleq.server.app import create_app
 from scaleq.server.auth import new_token
 from scaleq.server.settings import ServerSettings
-from scaleq.store.sqlite import SQLiteStore
+from scaleq.store.base import Store
 
 
 @dataclass
 class LiveServer:
     url: str
-    store: SQLiteStore
+    store: Store
     app: object
     tokens: dict[str, str]
 
@@ -29,7 +29,7 @@ class LiveServer:
         return Client(self.url, self.tokens[role])
 
 
-async def make_tokens(store: SQLiteStore) -> dict[str, str]:
+async def make_tokens(store: Store) -> dict[str, str]:
     tokens = {}
     for role in ("admin", "submit", "worker", "read"):
         token_id, token, token_hash = new_token()
@@ -40,7 +40,7 @@ async def make_tokens(store: SQLiteStore) -> dict[str, str]:
 
 @contextlib.asynccontextmanager
 async def serve(
-    store: SQLiteStore, settings: ServerSettings, port: int = 0, tokens: dict[str, str] | None = None
+    store: Store, settings: ServerSettings, port: int = 0, tokens: dict[str, str] | None = None
 ) -> AsyncIterator[LiveServer]:
     app = create_app(store, settings, manage_store=False)
     sock = socket.socket()

@@ -67,6 +67,8 @@ class Client:
             r = await self._http.request(method, path, **kw)
         except httpx.TransportError as exc:
             raise Unreachable(f"cannot reach the scaleq server at {self.server}: {exc or type(exc).__name__}") from exc
+        if r.status_code in (502, 503, 504):
+            raise Unreachable(f"the scaleq server at {self.server} is unavailable ({r.status_code}): {r.text[:200]}")
         if r.status_code >= 400:
             try:
                 detail = r.json().get("detail", r.text)

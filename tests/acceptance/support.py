@@ -191,6 +191,14 @@ class Grid:
         job["attempt_history"] = self.api("GET", f"/jobs/{job_id}/attempts").raise_for_status().json()
         return job
 
+    def api_submit(self, *command: str, queue: str = "default", wait: bool = True, **definition: Any) -> str:
+        """Set-up only: submit through the API (no CLI start), and by default wait for the job to finish."""
+        body = {"queue": queue, "definition": {"command": list(command), **definition}}
+        job_id = self.api("POST", "/jobs", json=body).raise_for_status().json()["job"]["id"]
+        if wait:
+            self.wait_state(job_id, "finished", 30)
+        return job_id
+
     def api_logs(self, job_id: str, stream: str = "stdout", attempt: int | None = None) -> str:
         """One attempt's output on ``stream`` (the latest attempt unless given), read through the API."""
         text, after = [], 0
@@ -228,7 +236,9 @@ class Grid:
             attempts = [(a["attempt"], a["worker_id"], a["outcome"]) for a in j["attempt_history"]]
             lines.append(f"  {i[:12]} {j['state']} {j['reason']} attempts={attempts}")
         workers = self.api("GET", "/workers", params={"all": True}).json()
-        lines.append("workers known to the server: " + ", ".join(f"{w['id']} {w['state']} busy={w['busy']}" for w in workers))
+        lines.append(
+            "workers known to the server: " + ", ".join(f"{w['id']} {w['state']} busy={w['busy']}" for w in workers)
+        )
         lines.append(f"worker records: {self.worker_records()}")
         alive = {i: pid_alive(r["pid"]) for i, r in self.worker_records().items()}
         lines.append(f"worker processes alive: {alive}")

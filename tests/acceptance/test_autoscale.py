@@ -17,7 +17,9 @@ def test_embedded_group_scales_from_zero_to_the_core_count(grid: Grid) -> None:
     tag = uuid.uuid4().hex[:10]
     started = time.monotonic()
     with ThreadPoolExecutor(max_workers=4) as pool:
-        job_ids = list(pool.map(lambda i: grid.submit("default", "--", "sh", "-c", f"sleep 2; echo {i}-{tag}"), range(4)))
+        job_ids = list(
+            pool.map(lambda i: grid.submit("default", "--", "sh", "-c", f"sleep 2; echo {i}-{tag}"), range(4))
+        )
 
     seen: list[int] = []
 

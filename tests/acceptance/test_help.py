@@ -82,7 +82,7 @@ def wide_env() -> dict[str, str]:
 @pytest.fixture(scope="module")
 def helps() -> dict[tuple[str, ...], subprocess.CompletedProcess[str]]:
     """Every ``--help`` (and a few ``-h``), run concurrently once: each CLI start costs half a second."""
-    runs = [(*c, "--help") for c in HELP] + [("-h",), ("submit", "-h"), ("--version",)]
+    runs = [(*c, "--help") for c in HELP] + [("submit", "-h"), ("--version",)]
     with ThreadPoolExecutor(max_workers=4) as pool:
         return dict(zip(runs, pool.map(lambda a: cli(*a, env=wide_env()), runs), strict=True))
 
@@ -98,7 +98,7 @@ def test_help_exits_0_and_lists_the_options(command: tuple[str, ...], helps: dic
 
 
 def test_short_help_is_the_same_help(helps: dict) -> None:
-    for command in [(), ("submit",)]:
+    for command in [("submit",)]:
         short = helps[(*command, "-h")]
         assert short.returncode == 0
         assert short.stdout == helps[(*command, "--help")].stdout

@@ -106,9 +106,9 @@ def test_the_same_definition_is_the_same_job_and_runs_once(shared_grid: Grid, tm
 
 def test_jobs_lists_and_filters(shared_grid: Grid) -> None:
     tag = unique()
-    done_id = submitted_id(shared_grid.cli("submit", "default", "--wait", "-o", "json", "--", "echo", tag))
+    done_id = shared_grid.api_submit("echo", tag)
     other_queue = f"nobody-serves-{tag}"  # no worker group: its job stays queued
-    waiting_id = shared_grid.submit(other_queue, "--", "echo", tag)
+    waiting_id = shared_grid.api_submit("echo", tag, queue=other_queue, wait=False)
     try:
         table = shared_grid.cli("jobs")
         assert table.returncode == 0
@@ -129,8 +129,7 @@ def test_jobs_lists_and_filters(shared_grid: Grid) -> None:
 
 def test_job_accepts_an_8_character_prefix(shared_grid: Grid) -> None:
     tag = unique()
-    r = shared_grid.cli("submit", "default", "--wait", "-o", "json", "-e", f"TAG={tag}", "--", "sh", "-c", "echo $TAG")
-    job_id = submitted_id(r)
+    job_id = shared_grid.api_submit("sh", "-c", "echo $TAG", env={"TAG": tag})
 
     job = shared_grid.json("job", job_id[:8])
     assert job["id"] == job_id
@@ -148,7 +147,7 @@ def test_job_accepts_an_8_character_prefix(shared_grid: Grid) -> None:
 def test_logs_prints_the_jobs_output(shared_grid: Grid) -> None:
     tag = unique()
     script = f"echo out-{tag}; echo err-{tag} >&2; printf 'no newline'"
-    job_id = submitted_id(shared_grid.cli("submit", "default", "-w", "-o", "json", "--", "sh", "-c", script))
+    job_id = shared_grid.api_submit("sh", "-c", script)
 
     r = shared_grid.cli("logs", job_id)
     assert r.returncode == 0
@@ -164,7 +163,7 @@ def test_logs_prints_the_jobs_output(shared_grid: Grid) -> None:
 def test_logs_follow_returns_when_the_job_finishes_with_all_output(shared_grid: Grid) -> None:
     tag = unique()
     script = f"for i in 1 2 3 4; do echo {tag}-$i; sleep 0.5; done"
-    job_id = shared_grid.submit("default", "--", "sh", "-c", script)
+    job_id = shared_grid.api_submit("sh", "-c", script, wait=False)
     follower = subprocess.Popen(
         [sys.executable, "-m", "scaleq", "logs", job_id, "--follow"],
         env=shared_grid.env(),
@@ -189,7 +188,7 @@ def test_outputs_downloads_what_the_job_wrote(shared_grid: Grid, tmp_path: Path)
         f'echo {tag} > "$SCALEQ_OUTPUTS/top.txt" && '
         'printf "nested" > "$SCALEQ_OUTPUTS/reports/2024/deep.txt"'
     )
-    job_id = submitted_id(shared_grid.cli("submit", "default", "-w", "-o", "json", "--", "sh", "-c", script))
+    job_id = shared_grid.api_submit("sh", "-c", script)
 
     dest = tmp_path / "out"
     r = shared_grid.cli("outputs", job_id, str(dest))
@@ -208,7 +207,7 @@ def test_outputs_downloads_what_the_job_wrote(shared_grid: Grid, tmp_path: Path)
 
 
 def test_queues_and_workers(shared_grid: Grid) -> None:
-    submitted_id(shared_grid.cli("submit", "default", "-w", "-o", "json", "--", "echo", unique()))
+    shared_grid.api_submit("echo", unique())
     queues = shared_grid.json("queues")
     default = next(q for q in queues if q["name"] == "default")
     assert {"name", "queued", "running", "succeeded", "unsuccessful", "oldest_queued_age"} <= default.keys()
@@ -273,7 +272,7 @@ def test_job_file_inputs_are_relative_to_the_file(shared_grid: Grid, tmp_path: P
 def test_cancel_stops_a_running_job_and_its_process(shared_grid: Grid, tmp_path: Path) -> None:
     pidfile = tmp_path / "pid"
     script = f"echo $$ > {pidfile}.tmp && mv {pidfile}.tmp {pidfile}; sleep 30; echo {unique()}"
-    job_id = shared_grid.submit("default", "--", "sh", "-c", script)
+    job_id = shared_grid.api_submit("sh", "-c", script, wait=False)
     pid = int(wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), 20, what="the job to start"))
     try:
         assert pid_alive(pid)
@@ -292,7 +291,7 @@ def test_cancel_stops_a_running_job_and_its_process(shared_grid: Grid, tmp_path:
 
 
 def test_cancel_of_a_queued_job(shared_grid: Grid) -> None:
-    job_id = shared_grid.submit(f"nobody-serves-{unique()}", "--", "true")
+    job_id = shared_grid.api_submit("true", queue=f"nobody-serves-{unique()}", wait=False)
     r = shared_grid.cli("cancel", job_id)
     assert r.returncode == 0, r.stderr
     assert "cancelled" in r.stdout

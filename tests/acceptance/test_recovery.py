@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -59,6 +61,33 @@ def test_kill_9_of_the_server_loses_nothing(grid: Grid) -> None:
     assert grid.cli("logs", done_before["id"][:8]).stdout == logs_before
     listed = {j["id"]: j for j in grid.json("jobs", "--state", "finished")}
     assert {done_before["id"], slow, *queued} <= listed.keys()
+
+
+def test_a_job_that_ends_while_the_server_is_down_keeps_its_output(grid: Grid, tmp_path: Path) -> None:
+    """Workers wait out a server outage and report afterwards: the result, the outputs *and the last output lines*
+    of a job that ended while ``scaleq up`` was down (killed, then restarted) must all arrive."""
+    tag = unique()
+    go, done = tmp_path / "go", tmp_path / "done"
+    script = (
+        f"echo started-{tag}; while [ ! -e {go} ]; do sleep 0.1; done; "
+        f'echo last-words-{tag}; echo {tag} > "$SCALEQ_OUTPUTS/result.txt"; touch {done}'
+    )
+    job_id = grid.submit("default", "--", "sh", "-c", script)
+    wait_for(lambda: grid.api_logs(job_id) == f"started-{tag}\n", 20, 0.2, "the job's first line")
+
+    grid.kill_server()
+    go.touch()  # the job ends while no server answers
+    wait_for(done.exists, 10, 0.1, "the job to end")
+    time.sleep(1.0)  # the worker tries to report, and fails
+    grid.start()
+
+    job = grid.wait_state(job_id, "finished", 30)
+    assert (job["reason"], job["exit_code"], len(job["attempt_history"])) == ("success", 0, 1), job
+    out = tmp_path / "out"
+    assert grid.cli("outputs", job_id, str(out)).returncode == 0
+    assert (out / "result.txt").read_text() == f"{tag}\n"
+    logs = grid.cli("logs", job_id)
+    assert logs.stdout == f"started-{tag}\nlast-words-{tag}\n", "output written while the server was down is lost"
 
 
 # -- 9. a worker killed mid-job ---------------------------------------------------------------------------------------

@@ -78,7 +78,7 @@ def test_tokens_and_roles(shared_grid: Grid, tmp_path: Path) -> None:
     assert f"echo flags-{tag}" in commands and f"echo env-{tag}" in commands
     assert f"echo read-{tag}" not in commands and f"echo garbage-{tag}" not in commands
 
-    submit_id = next(t["id"] for t in shared_grid.json("tokens", "list") if t["name"] == "ci")
+    submit_id = re.search(r"token (\S+) \(submit\)", created.stderr).group(1)  # "token ID (submit) created ..."
     revoked = shared_grid.cli("tokens", "revoke", submit_id)
     assert revoked.returncode == 0, revoked.stderr
 
@@ -89,6 +89,7 @@ def test_tokens_and_roles(shared_grid: Grid, tmp_path: Path) -> None:
     assert r["after_revoke"].returncode == 1
     assert re.search(r"401|unknown or revoked token", r["after_revoke"].stderr, re.I), r["after_revoke"].stderr
     tokens = {t["id"]: t for t in json.loads(r["tokens"].stdout)}
+    assert (tokens[submit_id]["name"], tokens[submit_id]["role"]) == ("ci", "submit")
     assert tokens[submit_id]["revoked_at"] is not None
     assert tokens[read["id"]]["revoked_at"] is None
     assert not any("token" in t for t in tokens.values()), "tokens list never shows secrets"

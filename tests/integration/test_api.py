@@ -62,9 +62,10 @@ async def test_tokens_are_stored_hashed_and_revocation_bites(live: LiveServer) -
     async with live.client("admin") as admin:
         created = await admin.create_token("submit", "ci")
         token = created["token"]
-        rows = live.store.db.execute("SELECT hash FROM tokens").fetchall()
-        assert all(token not in r["hash"] for r in rows)
-        assert hashlib.sha256(token.encode()).hexdigest() in {r["hash"] for r in rows}
+        rows = await live.store._run(lambda: live.store.db.execute("SELECT hash FROM tokens").fetchall())
+        hashes = {r["hash"] for r in rows}
+        assert all(token not in h for h in hashes)
+        assert hashlib.sha256(token.encode()).hexdigest() in hashes
         async with type(admin)(live.url, token) as c:
             await c.list_jobs()
             await admin.revoke_token(created["id"])

@@ -10,14 +10,18 @@ import pytest
 
 from scaleq.jobs import Capabilities, JobDefinition, RuntimeKind, Worker, job_id
 from scaleq.store.base import FinishResult, NotFound, StaleLease, Store
+from scaleq.store.postgres import PostgresStore
 from scaleq.store.sqlite import SQLiteStore
 
 T0 = 1_000_000.0
 
 
-@pytest.fixture(params=["sqlite"])
+@pytest.fixture(params=["sqlite", "postgres"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    s = SQLiteStore(tmp_path / "contract.db")
+    if request.param == "postgres":
+        s: Store = PostgresStore(request.getfixturevalue("pg_url"))
+    else:
+        s = SQLiteStore(tmp_path / "contract.db")
     await s.open()
     yield s
     await s.close()

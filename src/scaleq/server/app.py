@@ -20,7 +20,7 @@ from scaleq.server.auth import TokenCache
 from scaleq.server.notify import Notifier
 from scaleq.server.routes import admin, jobs, scaling, workers
 from scaleq.server.settings import ServerSettings
-from scaleq.store.base import AmbiguousId, NotFound, SchemaTooNew, StaleLease, Store
+from scaleq.store.base import AmbiguousId, NotFound, SchemaTooNew, StaleLease, Store, unavailable_errors
 
 
 def create_app(
@@ -37,6 +37,8 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if manage_store:
             await store.open()
+        app.state.notifier.forward = store.publish
+        await store.listen(app.state.notifier.deliver)
         sweeper = asyncio.create_task(housekeeping.run(store, app.state.notifier, app.state.settings, clock))
         try:
             yield
@@ -80,6 +82,13 @@ def create_app(
     @app.exception_handler(SchemaTooNew)
     async def _schema(_: Request, exc: SchemaTooNew) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=500)
+
+    async def _unavailable(_: Request, exc: Exception) -> JSONResponse:
+        # the database is away (restarting, failing over): 503, and workers and clients retry
+        return JSONResponse({"detail": f"store unavailable: {exc}"}, status_code=503, headers={"Retry-After": "1"})
+
+    for exc_type in unavailable_errors():
+        app.add_exception_handler(exc_type, _unavailable)
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:

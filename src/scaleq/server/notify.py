@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import weakref
+from collections.abc import Callable
 
 
 class Notifier:
     def __init__(self) -> None:
         self._events: weakref.WeakValueDictionary[str, asyncio.Event] = weakref.WeakValueDictionary()
+        #: called with the keys of every local notify, to tell other servers (PostgreSQL NOTIFY)
+        self.forward: Callable[[tuple[str, ...]], None] | None = None
 
     def event(self, key: str) -> asyncio.Event:
         ev = self._events.get(key)
@@ -24,6 +27,12 @@ class Notifier:
         return ev
 
     def notify(self, *keys: str) -> None:
+        self.deliver(keys)
+        if self.forward is not None:
+            self.forward(keys)
+
+    def deliver(self, keys: tuple[str, ...]) -> None:
+        """Wake the local waiters of ``keys`` (what another server published arrives here)."""
         for key in keys:
             ev = self._events.pop(key, None)
             if ev is not None:

@@ -8,9 +8,11 @@ from scaleq.store.base import Store
 
 
 def open_store(url: str, *, durability: str = "normal") -> Store:
-    """``sqlite:///path/to/db`` or a plain path → SQLite; ``postgresql://…`` → PostgreSQL (not yet)."""
+    """``sqlite:///path/to/db`` or a plain path → SQLite; ``postgresql://…`` → PostgreSQL."""
     if url.startswith(("postgresql://", "postgres://")):
-        raise ValueError("the PostgreSQL store is not available yet; use a sqlite path")
+        from scaleq.store.postgres import PostgresStore
+
+        return PostgresStore(url, durability=durability)
     from scaleq.store.sqlite import SQLiteStore
 
     path = url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else url.removeprefix("sqlite:")

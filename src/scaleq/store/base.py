@@ -8,6 +8,7 @@ renewal presents the attempt's lease token, and a stale token changes nothing.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -121,6 +122,8 @@ class Store(Protocol):
     async def open(self) -> None: ...
     async def close(self) -> None: ...
     async def ping(self) -> None: ...
+    def publish(self, keys: tuple[str, ...]) -> None: ...
+    async def listen(self, deliver: Callable[[tuple[str, ...]], None]) -> None: ...
 
     # jobs
     async def submit(
@@ -196,3 +199,13 @@ class Store(Protocol):
     async def put_group(self, status: GroupStatus) -> None: ...
     async def list_groups(self) -> list[GroupStatus]: ...
     async def delete_group(self, name: str) -> None: ...
+
+
+def unavailable_errors() -> tuple[type[Exception], ...]:
+    """Exceptions that mean "the database is not there right now" (answer 503 and retry), not a bad request."""
+    try:
+        import psycopg
+        from psycopg_pool import PoolClosed, PoolTimeout
+    except ImportError:
+        return ()
+    return (psycopg.OperationalError, PoolTimeout, PoolClosed)

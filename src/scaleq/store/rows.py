@@ -99,6 +99,17 @@ def worker_params(w: Worker, now: float) -> dict[str, Any]:
     }
 
 
+def worker_capabilities(row: Row) -> Capabilities:
+    return Capabilities(
+        runtimes=_loads(row["runtimes"]),
+        cpus=row["cpus"],
+        memory=row["memory"],
+        gpus=row["gpus"],
+        tags=_loads(row["tags"]),
+        host_network=bool(row["host_network"]),
+    )
+
+
 def worker(row: Row) -> Worker:
     busy = row["busy"]
     return Worker(

@@ -1,0 +1,404 @@
+"""The SQL store: every operation written once, over a small per-dialect adapter.
+
+Each store operation is a plain function run whole on a worker thread with one connection, inside one transaction:
+nothing interleaves with it, and the event loop pays one thread hop per operation, not one per statement. A dialect
+(:mod:`scaleq.store.sqlite`, :mod:`scaleq.store.postgres`) supplies its named queries (``queries/<dialect>.sql``, the
+same names in each), how to get a connection and how to run a transaction. The state machine lives in the SQL: every
+transition is one conditional statement, so concurrent servers or a late worker can never both win one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+from scaleq.jobs import Capabilities, Claim, Job, JobDefinition, Worker
+from scaleq.store import rows
+from scaleq.store.base import (
+    AmbiguousId,
+    Attempt,
+    Event,
+    Expired,
+    FinishResult,
+    GroupStatus,
+    LogChunk,
+    NotFound,
+    OutputFile,
+    QueueStats,
+    StaleLease,
+    TokenRecord,
+)
+
+T = TypeVar("T")
+Row = Any
+
+
+class SQLStore:
+    """Operations shared by the dialects. Subclasses set ``Q`` and implement ``_connect_sync``/``_close_sync``,
+    ``_connection`` and ``_transaction``."""
+
+    Q: dict[str, str]
+
+    def __init__(self, threads: int) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"scaleq-{type(self).__name__}")
+        self._local = __import__("threading").local()
+
+    # -- plumbing ---------------------------------------------------------------------------------------------
+
+    @contextmanager
+    def _connection(self) -> Iterator[Any]:
+        raise NotImplementedError
+
+    @contextmanager
+    def _transaction(self, conn: Any) -> Iterator[None]:
+        raise NotImplementedError
+
+    def _open_sync(self) -> None:
+        raise NotImplementedError
+
+    def _close_sync(self) -> None:
+        raise NotImplementedError
+
+    async def _run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run ``fn`` on a store thread with a connection in ``self.db`` (no transaction: one statement)."""
+        return await self._in_thread(False, fn, *args, **kwargs)
+
+    async def tx(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn`` on a store thread inside one transaction."""
+        return await self._in_thread(True, fn, *args)
+
+    async def _in_thread(self, transaction: bool, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        def call() -> T:
+            with self._connection() as conn:
+                self._local.conn = conn
+                try:
+                    if transaction:
+                        with self._transaction(conn):
+                            return fn(*args, **kwargs)
+                    return fn(*args, **kwargs)
+                finally:
+                    self._local.conn = None
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(call))
+
+    @property
+    def db(self) -> Any:
+        conn = getattr(self._local, "conn", None)
+        assert conn is not None, "store operations run on a store thread"
+        return conn
+
+    async def open(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._open_sync)
+
+    async def close(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._close_sync)
+        self._executor.shutdown(wait=True)
+
+    def publish(self, keys: tuple[str, ...]) -> None:
+        """Tell other servers on this database about wake-ups (a no-op where only one server can exist)."""
+
+    async def listen(self, deliver: Callable[[tuple[str, ...]], None]) -> None:
+        """Feed other servers' wake-ups into ``deliver`` (a no-op where only one server can exist)."""
+
+    async def ping(self) -> None:
+        await self._run(lambda: self.db.execute("SELECT 1").fetchone())
+
+    def _one(self, query: str, **params: Any) -> Row | None:
+        return self.db.execute(self.Q[query], params).fetchone()
+
+    def _many(self, query: str, seq: list[dict[str, Any]]) -> None:
+        if seq:
+            self.db.cursor().executemany(self.Q[query], seq)
+
+    def _all(self, query: str, **params: Any) -> list[Row]:
+        return self.db.execute(self.Q[query], params).fetchall()
+
+    # -- jobs -------------------------------------------------------------------------------------------------
+
+    async def submit(
+        self,
+        queue: str,
+        definition: JobDefinition,
+        *,
+        priority: int,
+        max_attempts: int,
+        rerun: bool,
+        now: float,
+    ) -> tuple[Job, bool]:
+        params = rows.job_params(queue, definition, priority, max_attempts)
+
+        def op() -> tuple[Job, bool]:
+            seq = self._one("next_seq")["seq"]  # type: ignore[index]
+            created = self.db.execute(self.Q["insert_job"], {**params, "seq": seq, "now": now}).rowcount == 1
+            if not created and rerun:
+                created = (
+                    self.db.execute(
+                        self.Q["requeue_finished"],
+                        {"id": params["id"], "seq": seq, "priority": priority, "max_attempts": max_attempts},
+                    ).rowcount
+                    == 1
+                )
+                if created:
+                    self.db.execute(self.Q["clear_outputs"], {"job_id": params["id"]})
+            return rows.job(self._one("get_job", id=params["id"])), created
+
+        return await self.tx(op)
+
+    def _get_job(self, job_id: str) -> Job:
+        if len(job_id) == 64:
+            row = self._one("get_job", id=job_id)
+            if row is None:
+                raise NotFound(f"no job {job_id}")
+            return rows.job(row)
+        if len(job_id) < 6 or any(c not in "0123456789abcdef" for c in job_id):
+            raise NotFound(f"no job {job_id} (give the full id or a prefix of at least 6 hex digits)")
+        found = self._all("find_jobs_by_prefix", prefix=job_id)
+        if not found:
+            raise NotFound(f"no job {job_id}")
+        if len(found) > 1:
+            raise AmbiguousId(f"{job_id} matches more than one job; give more of the id")
+        return rows.job(found[0])
+
+    async def get_job(self, job_id: str) -> Job:
+        return await self._run(self._get_job, job_id)
+
+    async def list_jobs(self, *, queue: str | None, state: str | None, limit: int) -> list[Job]:
+        return [rows.job(r) for r in await self._run(self._all, "list_jobs", queue=queue, state=state, limit=limit)]
+
+    async def list_attempts(self, job_id: str) -> list[Attempt]:
+        return [rows.attempt(r) for r in await self._run(self._all, "list_attempts", job_id=job_id)]
+
+    async def cancel(self, job_id: str, now: float) -> Job:
+        def op() -> Job:
+            job = self._get_job(job_id)
+            row = self._one("cancel_job", id=job.id, now=now, error="cancelled by request")
+            if row is None:
+                return job
+            self.db.execute(self.Q["end_attempts_of_job"], {"job_id": job.id, "now": now, "outcome": "cancelled"})
+            return rows.job(row)
+
+        return await self.tx(op)
+
+    # -- workers ----------------------------------------------------------------------------------------------
+
+    async def register_worker(self, worker: Worker, now: float) -> None:
+        await self._run(lambda: self.db.execute(self.Q["upsert_worker"], rows.worker_params(worker, now)))
+
+    def _worker_caps(self, worker_id: str) -> dict[str, Any]:
+        row = self._one("get_worker", id=worker_id)
+        if row is None:
+            raise NotFound(f"no worker {worker_id}; register first")
+        return {"queue": row["queue"], **rows.caps_params(rows.worker_capabilities(row))}
+
+    async def claim(self, worker_id: str, n: int, now: float, lease_seconds: float) -> list[Claim]:
+        def op() -> list[Claim]:
+            caps = self._worker_caps(worker_id)
+            claimed = self._all("claim", worker_id=worker_id, n=n, now=now, expires=now + lease_seconds, **caps)
+            claimed.sort(key=lambda r: (-r["priority"], r["seq"]))
+            self._many(
+                "insert_attempt",
+                [
+                    {
+                        "job_id": r["id"],
+                        "attempt": r["attempt_seq"],
+                        "worker_id": worker_id,
+                        "lease": r["lease"],
+                        "now": now,
+                    }
+                    for r in claimed
+                ],
+            )
+            return [Claim(job=rows.job(r), attempt=r["attempt_seq"], lease=r["lease"]) for r in claimed]
+
+        return await self.tx(op)
+
+    async def heartbeat(self, worker_id: str, now: float, lease_seconds: float) -> tuple[str, set[str]]:
+        def op() -> tuple[str, set[str]]:
+            row = self._one("touch_worker", id=worker_id, now=now)
+            if row is None:
+                raise NotFound(f"no worker {worker_id}; register first")
+            leases = {r["lease"] for r in self._all("renew_leases", worker_id=worker_id, expires=now + lease_seconds)}
+            return row["state"], leases
+
+        return await self.tx(op)
+
+    async def finish(self, lease: str, result: FinishResult, now: float) -> Job:
+        def op() -> Job:
+            row = self._one(
+                "finish",
+                lease=lease,
+                reason=result.reason,
+                exit_code=result.exit_code,
+                error=result.error,
+                now=now,
+            )
+            if row is not None:
+                self.db.execute(self.Q["end_attempt"], {"lease": lease, "now": now, "outcome": result.reason})
+                return rows.job(row)
+            attempt = self._one("get_attempt", lease=lease)
+            # A repeated finish of the attempt that did finish the job is harmless: answer with the job.
+            if attempt is not None and attempt["outcome"] == result.reason:
+                job = self._get_job(attempt["job_id"])
+                if job.state == "finished" and job.reason == result.reason:
+                    return job
+            raise StaleLease("this attempt no longer owns its job")
+
+        return await self.tx(op)
+
+    async def release(self, lease: str, now: float) -> Job | None:
+        def op() -> Job | None:
+            row = self._one("release", lease=lease)
+            if row is None:
+                return None
+            self.db.execute(self.Q["end_attempt"], {"lease": lease, "now": now, "outcome": "released"})
+            return rows.job(row)
+
+        return await self.tx(op)
+
+    def _live_lease(self, lease: str) -> tuple[str, int]:
+        attempt = self._one("get_attempt", lease=lease)
+        if attempt is None or attempt["ended_at"] is not None:
+            raise StaleLease("this attempt no longer owns its job")
+        return attempt["job_id"], attempt["attempt"]
+
+    async def check_lease(self, lease: str) -> tuple[str, int]:
+        return await self._run(self._live_lease, lease)
+
+    async def append_logs(self, lease: str, chunks: list[tuple[str, bytes]], now: float) -> str:
+        def op() -> str:
+            job_id, attempt = self._live_lease(lease)
+            self._many(
+                "append_log",
+                [{"job_id": job_id, "attempt": attempt, "stream": s, "data": d, "now": now} for s, d in chunks],
+            )
+            return job_id
+
+        return await self.tx(op)
+
+    async def read_logs(self, job_id: str, attempt: int, after: int, limit: int) -> list[LogChunk]:
+        found = await self._run(self._all, "read_logs", job_id=job_id, attempt=attempt, after=after, limit=limit)
+        return [LogChunk(r["seq"], r["attempt"], r["stream"], bytes(r["data"]), r["at"]) for r in found]
+
+    async def put_outputs(self, lease: str, files: list[tuple[str, bytes]]) -> None:
+        def op() -> None:
+            job_id, attempt = self._live_lease(lease)
+            self.db.execute(self.Q["clear_outputs"], {"job_id": job_id})
+            for path, data in files:
+                sha = rows.sha256(data)
+                self.db.execute(self.Q["put_blob"], {"sha256": sha, "data": data})
+                self.db.execute(
+                    self.Q["put_output"],
+                    {"job_id": job_id, "attempt": attempt, "path": path, "sha256": sha, "size": len(data)},
+                )
+
+        await self.tx(op)
+
+    async def list_outputs(self, job_id: str) -> list[OutputFile]:
+        found = await self._run(self._all, "list_outputs", job_id=job_id)
+        return [OutputFile(r["path"], r["sha256"], r["size"]) for r in found]
+
+    # -- blobs ------------------------------------------------------------------------------------------------
+
+    async def put_blob(self, sha256: str, data: bytes) -> None:
+        await self._run(lambda: self.db.execute(self.Q["put_blob"], {"sha256": sha256, "data": data}))
+
+    async def get_blob(self, sha256: str) -> bytes:
+        row = await self._run(self._one, "get_blob", sha256=sha256)
+        if row is None:
+            raise NotFound(f"no blob {sha256}")
+        return bytes(row["data"])
+
+    async def missing_blobs(self, shas: list[str]) -> list[str]:
+        return await self._run(lambda: [s for s in shas if self._one("has_blob", sha256=s) is None])
+
+    # -- housekeeping -----------------------------------------------------------------------------------------
+
+    async def expire_leases(self, now: float) -> list[Expired]:
+        def op() -> list[Expired]:
+            expired = self._all("expire_leases", now=now)
+            if expired:
+                self.db.execute(self.Q["end_lost_attempts"], {"now": now})
+            return [Expired(r["id"], r["queue"], r["state"]) for r in expired]
+
+        return await self.tx(op)
+
+    async def extend_leases(self, now: float, lease_seconds: float) -> None:
+        await self._run(lambda: self.db.execute(self.Q["extend_leases"], {"expires": now + lease_seconds}))
+
+    async def mark_gone_workers(self, cutoff: float, forget_before: float) -> list[str]:
+        def op() -> list[str]:
+            gone = [r["id"] for r in self._all("mark_gone_workers", cutoff=cutoff)]
+            self.db.execute(self.Q["forget_workers"], {"cutoff": forget_before})
+            return gone
+
+        return await self.tx(op)
+
+    # -- views ------------------------------------------------------------------------------------------------
+
+    async def queue_stats(self) -> list[QueueStats]:
+        return [rows.queue_stats(r) for r in await self._run(self._all, "queue_stats")]
+
+    async def demand(self, queue: str, capabilities: Capabilities) -> tuple[int, int]:
+        row = await self._run(lambda: self._one("demand", queue=queue, **rows.caps_params(capabilities)))
+        return (row["queued"] or 0, row["running"] or 0) if row else (0, 0)
+
+    async def list_workers(self, *, queue: str | None = None, include_gone: bool = False) -> list[Worker]:
+        found = await self._run(self._all, "list_workers", queue=queue, include_gone=include_gone)
+        return [rows.worker(r) for r in found]
+
+    async def get_worker(self, worker_id: str) -> Worker:
+        for w in await self.list_workers(include_gone=True):
+            if w.id == worker_id:
+                return w
+        raise NotFound(f"no worker {worker_id}")
+
+    async def set_worker_state(self, worker_id: str, state: str) -> None:
+        await self._run(lambda: self.db.execute(self.Q["set_worker_state"], {"id": worker_id, "state": state}))
+
+    # -- tokens -----------------------------------------------------------------------------------------------
+
+    async def create_token(self, token_id: str, name: str, role: str, token_hash: str, now: float) -> None:
+        params = {"id": token_id, "name": name, "role": role, "hash": token_hash, "now": now}
+        await self._run(lambda: self.db.execute(self.Q["insert_token"], params))
+
+    async def find_token(self, token_hash: str) -> TokenRecord | None:
+        row = await self._run(self._one, "find_token", hash=token_hash)
+        return rows.token(row) if row else None
+
+    async def list_tokens(self) -> list[TokenRecord]:
+        return [rows.token(r) for r in await self._run(self._all, "list_tokens")]
+
+    async def revoke_token(self, token_id: str, now: float) -> bool:
+        return await self._run(lambda: self._one("revoke_token", id=token_id, now=now) is not None)
+
+    # -- scaling records --------------------------------------------------------------------------------------
+
+    async def record_event(
+        self, group: str, kind: str, from_count: int | None, to_count: int | None, reason: str, now: float
+    ) -> None:
+        params = {
+            "at": now,
+            "grp": group,
+            "kind": kind,
+            "from_count": from_count,
+            "to_count": to_count,
+            "reason": reason,
+        }
+        await self._run(lambda: self.db.execute(self.Q["insert_event"], params))
+
+    async def list_events(self, group: str | None, after: int, limit: int) -> list[Event]:
+        found = await self._run(self._all, "list_events", grp=group, after=after, limit=limit)
+        return [rows.event(r) for r in found]
+
+    async def put_group(self, status: GroupStatus) -> None:
+        await self._run(lambda: self.db.execute(self.Q["upsert_group"], rows.group_params(status)))
+
+    async def list_groups(self) -> list[GroupStatus]:
+        return [rows.group(r) for r in await self._run(self._all, "list_groups")]
+
+    async def delete_group(self, name: str) -> None:
+        await self._run(lambda: self.db.execute(self.Q["delete_group"], {"name": name}))
