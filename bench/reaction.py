@@ -1,6 +1,6 @@
 """Reaction from zero: how long from the first submit to the provider's start call, and to the job running.
 
-    PYTHONPATH=src python bench/reaction.py [--rounds 10] [--warm-rounds 5] [--provider local|docker] [--tcp-nodelay]
+    PYTHONPATH=src python bench/reaction.py [--rounds 10] [--warm-rounds 5] [--provider local|docker]
 
 Everything real and in one process: a SQLite store in a temp dir, the HTTP server (uvicorn on a free port), the
 controller with the in-process observer (woken by the server's notifier, as in ``scaleq up``) and the provider, wrapped
@@ -143,14 +143,12 @@ async def make_tokens(store: SQLiteStore) -> dict[str, str]:
 
 
 @contextlib.asynccontextmanager
-async def serving(app: object, host: str, nodelay: bool) -> AsyncIterator[str]:
-    # As `scaleq up` and tests/helpers.py bind it. asyncio sets TCP_NODELAY only on sockets made with proto
-    # IPPROTO_TCP, so on this one (proto 0) Nagle holds a response's body until the client's delayed ACK of its
-    # headers: +40 ms per request on a kept-alive connection. --tcp-nodelay sets it, as the listening socket should.
+async def serving(app: object, host: str) -> AsyncIterator[str]:
+    # As `scaleq up` binds it: TCP_NODELAY on the listening socket (inherited by accepted connections), without
+    # which Nagle + delayed ACK add ~40 ms to every request on a kept-alive connection.
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if nodelay:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # inherited by accepted connections
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.bind((host, 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
@@ -201,7 +199,7 @@ async def bench(args: argparse.Namespace, console: Console) -> list[tuple[str, l
             app = create_app(store, ServerSettings(), notifier=notifier, manage_store=False)
             tokens = await make_tokens(store)
             # the docker provider runs workers on the host network by default, so loopback reaches them too
-            async with serving(app, "127.0.0.1", args.tcp_nodelay) as local_url:
+            async with serving(app, "127.0.0.1") as local_url:
                 group = make_group(args.provider, args.image)
                 ctx = ProviderContext("bench", args.worker_server or local_url, tokens["worker"], data_dir)
                 provider = TimedProvider(make_provider(group, ctx))
@@ -299,13 +297,6 @@ def main(argv: list[str] | None = None) -> int:
         "--worker-server",
         help="server URL as workers reach it (default: loopback; docker workers use the host network)",
     )
-    ap.add_argument(
-        "--tcp-nodelay",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="set TCP_NODELAY on the server's listening socket (default: no, as scaleq up binds it today; "
-        "without it every kept-alive request waits ~40 ms for a delayed ACK)",
-    )
     ap.add_argument("--timeout", type=float, default=20.0, help="seconds to wait for each state change")
     args = ap.parse_args(argv)
     console = Console(width=120)
@@ -318,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     started = time.perf_counter()
     cases = asyncio.run(bench(args, console))
-    note = ", TCP_NODELAY on the server socket" if args.tcp_nodelay else ", server socket as `scaleq up` binds it"
+    note = ""
     table, targets, ok = render(args.provider, cases, note)
     console.print(table)
     console.print(targets)

@@ -45,6 +45,7 @@ async def serve(
     app = create_app(store, settings, manage_store=False)
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.bind(("127.0.0.1", port))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]

@@ -78,7 +78,7 @@ def test_a_job_that_ends_while_the_server_is_down_keeps_its_output(grid: Grid, t
     grid.kill_server()
     go.touch()  # the job ends while no server answers
     wait_for(done.exists, 10, 0.1, "the job to end")
-    time.sleep(1.0)  # the worker tries to report, and fails
+    time.sleep(0.5)  # the worker tries to report, and fails
     grid.start()
 
     job = grid.wait_state(job_id, "finished", 30)

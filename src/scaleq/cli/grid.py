@@ -30,7 +30,7 @@ from scaleq.cli.common import (
 )
 from scaleq.config import data_dir as resolve_data_dir
 from scaleq.jobs import RuntimeKind, parse_size, validate_queue_name
-from scaleq.server.auth import ROLES
+from scaleq.server.roles import ROLES
 
 tokens_app = typer.Typer(help="Create, list and revoke API tokens (admin only).", no_args_is_help=True)
 

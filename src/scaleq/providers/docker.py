@@ -295,24 +295,26 @@ class DockerProvider:
         return started
 
     async def stop(self, group: Group, worker_id: str, *, force: bool = False) -> None:
-        def signal(client: docker.DockerClient) -> None:
+        def signal(client: docker.DockerClient) -> bool:
             try:
                 c = client.containers.get(f"scaleq-{worker_id}")
             except NotFound:
-                return
+                return False
             labels = c.labels
             if labels.get("scaleq.grid") != self.grid or labels.get("scaleq.group") != group.name:
-                return  # a namesake that is not ours
+                return False  # a namesake that is not ours
             if c.status == "created":  # never started: nothing to drain
                 _remove(c)
-                return
+                return False
             try:
                 c.kill(signal="SIGKILL" if force else "SIGTERM")
             except (NotFound, APIError) as exc:  # 409: not running any more; list() removes it
                 log.debug("signal to %s: %s", c.name, _explain(exc))
+            return True
 
-        self._stopping.add(worker_id)
-        await self._call(f"stop worker {worker_id}", signal)
+        self._stopping.add(worker_id)  # before the signal: a list() meanwhile must not call it running
+        if not await self._call(f"stop worker {worker_id}", signal):
+            self._stopping.discard(worker_id)
 
     async def wait_gone(self, group: Group, timeout: float) -> bool:
         deadline = time.monotonic() + timeout

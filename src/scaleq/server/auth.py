@@ -18,13 +18,8 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-ROLES = ("admin", "submit", "worker", "read")
-SCOPES: dict[str, set[str]] = {
-    "admin": {"admin", "jobs:read", "jobs:write", "worker", "view"},
-    "submit": {"jobs:read", "jobs:write", "view"},
-    "worker": {"worker", "view"},
-    "read": {"jobs:read", "view"},
-}
+from scaleq.server.roles import SCOPES
+
 _CACHE_SECONDS = 5.0
 _bearer = HTTPBearer(auto_error=False)
 

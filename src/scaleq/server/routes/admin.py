@@ -5,7 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter, HTTPException, status
 from pydantic import BaseModel, Field
 
-from scaleq.server.auth import ROLES, new_token, require
+from scaleq.server.auth import new_token, require
+from scaleq.server.roles import ROLES
 from scaleq.server.routes.common import C
 
 router = APIRouter(tags=["admin"])

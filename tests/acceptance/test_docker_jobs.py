@@ -1,0 +1,227 @@
+"""Container jobs as a user runs them: ``scaleq up``, a ``scaleq worker --runtime docker``, and the CLI.
+
+The embedded default group of ``scaleq up`` runs process jobs only, so the container jobs here go to the worker this
+module starts (``--runtime docker --slots 2``) on the engine at ``DOCKER_HOST``. Every CLI call is a subprocess;
+containers are checked through the docker SDK by the labels the runtime puts on them (``scaleq.job=<id>``). Needs
+a real engine with ``scaleq-test/busybox:latest`` (``eval "$(scripts/docker-engine.sh | tail -n1)"``); fails,
+never skips, without one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import docker
+import pytest
+
+from tests.acceptance.support import HEX64, MARKER_VAR, Grid, wait_for
+
+pytestmark = pytest.mark.docker
+BUSYBOX = "scaleq-test/busybox:latest"
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator[docker.DockerClient]:
+    if not os.environ.get("DOCKER_HOST"):
+        pytest.fail(
+            'DOCKER_HOST is not set: start a Docker Engine with eval "$(scripts/docker-engine.sh | tail -n1)" '
+            "and run these tests again (they need a real engine and never skip).",
+            pytrace=False,
+        )
+    client = docker.DockerClient.from_env()
+    try:
+        client.images.get(BUSYBOX)
+    except docker.errors.ImageNotFound:
+        pytest.fail(f"{BUSYBOX} is missing: run scripts/docker-engine.sh to build it", pytrace=False)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def docker_grid(tmp_path_factory: pytest.TempPathFactory, engine: docker.DockerClient) -> Iterator[Grid]:
+    """``scaleq up --port 0 --data-dir <tmp>``: the embedded default grid (process jobs only)."""
+    grid = Grid(tmp_path_factory.mktemp("docker-jobs") / "data")
+    try:
+        grid.start()
+        yield grid
+    finally:
+        grid.stop()
+
+
+@dataclass
+class Worker:
+    id: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def job_objects(engine: docker.DockerClient, label: str) -> tuple[list[Any], list[Any]]:
+    filters = {"label": ["scaleq.managed=true", label]}
+    return engine.containers.list(all=True, filters=filters), engine.volumes.list(filters=filters)
+
+
+@pytest.fixture
+def start_worker(docker_grid: Grid, engine: docker.DockerClient, tmp_path: Path) -> Iterator[Callable[[], Worker]]:
+    """``scaleq worker --queue default --runtime docker --slots 2 --data-dir <the grid's>``, registered and idle.
+
+    Teardown drains (SIGTERM), then kills, every worker started, and removes whatever its jobs left in the engine.
+    """
+    started: list[Worker] = []
+
+    def start() -> Worker:
+        worker_id = f"acc-docker-{uuid.uuid4().hex[:8]}"  # only so that teardown finds its containers
+        log = tmp_path / f"{worker_id}.log"
+        argv = [sys.executable, "-m", "scaleq", "worker", "--queue", "default", "--runtime", "docker"]
+        argv += ["--slots", "2", "--data-dir", str(docker_grid.data_dir), "--worker-id", worker_id]
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(
+                argv,
+                env=docker_grid.env(**{MARKER_VAR: docker_grid.marker}),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        worker = Worker(worker_id, proc, log)
+        started.append(worker)
+
+        def registered() -> bool:
+            assert proc.poll() is None, f"scaleq worker exited with {proc.returncode}:\n{worker.output()}"
+            workers = docker_grid.api("GET", "/workers").raise_for_status().json()
+            return any(w["id"] == worker_id and w["state"] == "active" for w in workers)
+
+        wait_for(registered, 20, 0.2, f"worker {worker_id} to register")
+        return worker
+
+    yield start
+    for w in started:
+        if w.proc.poll() is None:
+            w.proc.send_signal(signal.SIGTERM)
+            try:
+                w.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                w.proc.kill()
+                w.proc.wait(timeout=10)
+        containers, volumes = job_objects(engine, f"scaleq.worker={w.id}")
+        for obj in [*containers, *volumes]:
+            with contextlib.suppress(docker.errors.NotFound):
+                obj.remove(force=True)
+
+
+def ok(r: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
+    assert r.returncode == 0, f"exit {r.returncode}\nstdout: {r.stdout}\nstderr: {r.stderr}"
+    return r
+
+
+def test_a_container_job_with_an_input_limits_logs_and_outputs(
+    docker_grid: Grid, start_worker: Callable[[], Worker], tmp_path: Path
+) -> None:
+    worker = start_worker()
+    token = uuid.uuid4().hex
+    (tmp_path / "greeting.txt").write_text(f"hello {token}\n")
+    script = (
+        "cat /inputs/greeting.txt; echo x > /outputs/o.txt; "
+        # the limits as the container's cgroup sees them (v1 here; v2 elsewhere)
+        "cat /sys/fs/cgroup/memory/memory.limit_in_bytes 2>/dev/null || cat /sys/fs/cgroup/memory.max; "
+        "cat /sys/fs/cgroup/cpu/cpu.cfs_quota_us 2>/dev/null || cut -d' ' -f1 /sys/fs/cgroup/cpu.max"
+    )
+    argv = ["submit", "default", "--image", BUSYBOX, "--input", str(tmp_path / "greeting.txt")]
+    argv += ["--memory", "64m", "--cpus", "0.5", "--wait", "--", "sh", "-c", script]
+    r = ok(docker_grid.cli(*argv))
+    job_id = r.stdout.split()[0]
+    assert re.fullmatch(HEX64, job_id), r.stdout
+    assert "success" in r.stderr, r.stderr
+
+    logs = ok(docker_grid.cli("logs", job_id)).stdout
+    assert logs.splitlines() == [f"hello {token}", str(64 * 2**20), "50000"], logs
+
+    out = tmp_path / "out"
+    listing = json.loads(ok(docker_grid.cli("outputs", job_id, str(out), "-o", "json")).stdout)
+    assert [i["path"] for i in listing] == ["o.txt"]
+    assert (out / "o.txt").read_text() == "x\n"
+
+    job = docker_grid.api_job(job_id)
+    assert (job["state"], job["reason"], job["exit_code"]) == ("finished", "success", 0)
+    assert [a["worker_id"] for a in job["attempt_history"]] == [worker.id]
+
+
+def test_a_failing_container_job_exits_1_with_its_exit_code(
+    docker_grid: Grid, start_worker: Callable[[], Worker], engine: docker.DockerClient
+) -> None:
+    start_worker()
+    marker = uuid.uuid4().hex[:10]
+    argv = ["submit", "default", "--image", BUSYBOX, "--wait", "--", "sh", "-c", f"echo {marker} >&2; exit 7"]
+    r = docker_grid.cli(*argv)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert "failed" in r.stderr and "exit 7" in r.stderr, r.stderr
+    job_id = r.stdout.split()[0]
+
+    r = docker_grid.cli(argv[0], "-o", "json", *argv[1:])  # the same job again: its result and exit code
+    assert r.returncode == 1
+    job = json.loads(r.stdout)
+    assert (job["id"], job["state"], job["reason"], job["exit_code"]) == (job_id, "finished", "failed", 7)
+    assert docker_grid.api_logs(job_id, "stderr") == f"{marker}\n"
+    assert job_objects(engine, f"scaleq.job={job_id}") == ([], []), "the job's container was not removed"
+
+
+def test_cancel_of_a_running_container_job_removes_its_container(
+    docker_grid: Grid, start_worker: Callable[[], Worker], engine: docker.DockerClient
+) -> None:
+    start_worker()
+    job_id = docker_grid.submit("default", "--image", BUSYBOX, "--", "sh", "-c", f"echo {uuid.uuid4().hex}; sleep 30")
+    docker_grid.wait_state(job_id, "running", timeout=20)
+    wait_for(
+        lambda: any(c.status == "running" for c in job_objects(engine, f"scaleq.job={job_id}")[0]),
+        10,
+        0.2,
+        "the job's container to run",
+    )
+
+    ok(docker_grid.cli("cancel", job_id))
+    cancelled = time.monotonic()
+    # the worker learns it at its next heartbeat (a third of the lease: 5 s by default) and removes the container
+    wait_for(lambda: job_objects(engine, f"scaleq.job={job_id}") == ([], []), 10, 0.2, "the container to go")
+    took = time.monotonic() - cancelled
+    assert took < 8, f"the container went {took:.1f} s after the cancel"
+    job = docker_grid.api_job(job_id)
+    assert (job["state"], job["reason"]) == ("finished", "cancelled")
+
+
+def test_sigterm_drains_the_worker_running_container_jobs(
+    docker_grid: Grid, start_worker: Callable[[], Worker], engine: docker.DockerClient
+) -> None:
+    worker = start_worker()
+    job_id = docker_grid.submit(
+        "default", "--image", BUSYBOX, "--", "sh", "-c", f"sleep 3; echo {uuid.uuid4().hex} > /outputs/done.txt"
+    )
+    docker_grid.wait_state(job_id, "running", timeout=20)
+
+    worker.proc.send_signal(signal.SIGTERM)
+    try:
+        code = worker.proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the worker did not drain in 30 s:\n{worker.output()}")
+    assert code == 0, worker.output()
+    job = docker_grid.api_job(job_id)
+    assert (job["state"], job["reason"]) == ("finished", "success"), job  # the running job finished first
+    assert [o["path"] for o in docker_grid.api("GET", f"/jobs/{job_id}/outputs").raise_for_status().json()] == [
+        "done.txt"
+    ]
+    workers = {w["id"]: w for w in docker_grid.api("GET", "/workers", params={"all": "true"}).json()}
+    assert worker.id not in workers or workers[worker.id]["state"] == "gone", "a drained worker deregisters"
+    assert job_objects(engine, f"scaleq.worker={worker.id}") == ([], [])
