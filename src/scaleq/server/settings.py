@@ -22,4 +22,5 @@ class ServerSettings:
 
     @property
     def heartbeat_seconds(self) -> float:
-        return max(self.lease_seconds / 3, 0.2)
+        # often enough that a cancel reaches a quiet job within ~2 s, and a lease survives two missed beats
+        return min(max(self.lease_seconds / 3, 0.2), 2.0)
