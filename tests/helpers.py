@@ -6,12 +6,14 @@ import asyncio
 import contextlib
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import uvicorn
 
 from scaleq.client import Client
+from scaleq.scaling.controller import Controller
 from scaleq.server.app import create_app
 from scaleq.server.auth import new_token
 from scaleq.server.settings import ServerSettings
@@ -58,3 +60,28 @@ async def serve(
     finally:
         server.should_exit = True
         await task
+
+
+@contextlib.asynccontextmanager
+async def controlling(controller: Controller) -> AsyncIterator[None]:
+    """Run a controller for the duration of the block."""
+    task = asyncio.create_task(controller.run())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def eventually(
+    check: Callable[[], Awaitable[Any]], timeout: float = 15.0, *, what: str = "condition", every: float = 0.1
+) -> Any:
+    """Poll ``check`` until it returns something truthy (returned), failing after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = await check()
+        if result:
+            return result
+        assert time.monotonic() < deadline, f"{what}: not reached in {timeout:g} s (last: {result!r})"
+        await asyncio.sleep(every)

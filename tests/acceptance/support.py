@@ -17,13 +17,12 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
 MARKER_VAR = "SCALEQ_ACCEPTANCE_GRID"
 HEX64 = r"^[0-9a-f]{64}$"

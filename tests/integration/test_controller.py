@@ -4,9 +4,7 @@ restart, survive provider failures, never stop busy workers, and destroy everyth
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 from scaleq.client import Client
@@ -18,7 +16,7 @@ from scaleq.providers.local import LocalProvider
 from scaleq.providers.registry import ProviderContext
 from scaleq.scaling.controller import Controller
 from scaleq.scaling.observe import RemoteObserver
-from tests.helpers import LiveServer
+from tests.helpers import LiveServer, controlling, eventually
 
 
 def group(name: str = "cpu", **kw: object) -> Group:
@@ -44,27 +42,6 @@ def local(live: LiveServer, tmp_path: Path) -> LocalProvider:
         state_dir=tmp_path / "workers",
         log_dir=tmp_path / "logs",
     )
-
-
-@contextlib.asynccontextmanager
-async def controlling(controller: Controller) -> AsyncIterator[None]:
-    task = asyncio.create_task(controller.run())
-    try:
-        yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-
-async def eventually(check: Callable[[], Awaitable[object]], timeout: float = 15.0, every: float = 0.1) -> object:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = await check()
-        if result:
-            return result
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(every)
 
 
 async def submit(c: Client, *cmd: str) -> str:

@@ -15,7 +15,7 @@ import re
 import secrets
 import subprocess
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from scaleq.providers.base import ProviderError
 from scaleq.providers.docker import DEFAULT_IMAGE, DockerProvider
 from scaleq.scaling.controller import Controller
 from scaleq.scaling.observe import RemoteObserver
-from tests.helpers import LiveServer
+from tests.helpers import LiveServer, controlling, eventually
 
 # a cold build of the worker image (debootstrap, wheels) takes about 2 minutes, inside the first test's time
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(400)]
@@ -113,27 +113,6 @@ def group(name: str = "box", **kw: Any) -> Group:
 
 def provider_for(live: LiveServer, grid_name: str, **kw: Any) -> DockerProvider:
     return DockerProvider(grid=grid_name, server=live.url, token=live.tokens["worker"], **kw)
-
-
-@contextlib.asynccontextmanager
-async def controlling(controller: Controller) -> AsyncIterator[None]:
-    task = asyncio.create_task(controller.run())
-    try:
-        yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-
-async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = 20.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = await check()
-        if result:
-            return result
-        assert time.monotonic() < deadline, f"{what}: not reached in {timeout:g} s (last: {result!r})"
-        await asyncio.sleep(0.2)
 
 
 async def running(provider: DockerProvider, g: Group, n: int) -> bool:

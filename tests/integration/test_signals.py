@@ -10,7 +10,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +24,7 @@ from scaleq.providers.local import LocalProvider
 from scaleq.scaling.controller import Controller
 from scaleq.scaling.observe import RemoteObserver
 from scaleq.scaling.signals import SignalError, SignalSpec, read_external
-from tests.helpers import LiveServer
+from tests.helpers import LiveServer, controlling, eventually
 
 # -- a real metrics endpoint ------------------------------------------------------------------------------------------
 
@@ -261,24 +261,6 @@ def test_grid_file_refuses_a_promql_signal_without_a_query(tmp_path: Path) -> No
 # -- the controller on a Prometheus signal ----------------------------------------------------------------------------
 
 
-@contextlib.asynccontextmanager
-async def controlling(controller: Controller) -> AsyncIterator[None]:
-    task = asyncio.create_task(controller.run())
-    try:
-        yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-
-async def eventually(check: Callable[[], Awaitable[object]], what: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        assert time.monotonic() < deadline, f"not within {timeout:.0f} s: {what}"
-        await asyncio.sleep(0.1)
-
-
 async def test_controller_scales_a_group_on_a_prometheus_text_signal(live: LiveServer, tmp_path: Path) -> None:
     admin = live.client("admin")
     with metrics_endpoint() as ep:
@@ -319,12 +301,12 @@ async def test_controller_scales_a_group_on_a_prometheus_text_signal(live: LiveS
             own = await observer.demand(g)
             assert (own.queued, own.running) == (0, 0)
             async with controlling(Controller([(g, provider)], observer, tick=0.2)):
-                await eventually(lambda: running(2), "2 workers started for queue_length{queue=a} = 5", 10)
-                await eventually(lambda: registered_idle(2), "both workers registered", 15)
+                await eventually(lambda: running(2), 10, what="2 workers started for queue_length{queue=a} = 5")
+                await eventually(lambda: registered_idle(2), 15, what="both workers registered")
                 await asyncio.sleep(1.5)  # several ticks at demand 5: still 2, the max
                 assert await running(2)
                 ep.gauge.labels(queue="a").set(0)
-                await eventually(lambda: running(0), "workers drained after queue_length{queue=a} fell to 0", 20)
+                await eventually(lambda: running(0), 20, what="workers drained after queue_length{queue=a} fell to 0")
             assert most == 2
             events = await admin.events(group="ext", limit=100)
             ups = [e for e in events if e["kind"] == "scale_up"]

@@ -108,6 +108,10 @@ def worker(
     gpus: Annotated[int, typer.Option(help="GPUs offered.")] = 0,
     allow_host_network: Annotated[bool, typer.Option(help="Run jobs that ask for the host network.")] = False,
     server_grace: Annotated[float, typer.Option(help="Seconds to wait out an unreachable server.")] = 600.0,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Serve Prometheus /metrics on this port (0: any free port) [default: off].")
+    ] = None,
+    metrics_host: Annotated[str, typer.Option(help="Address for --metrics-port.")] = "0.0.0.0",
     server: ServerOpt = None,
     token: TokenOpt = None,
     data_dir: DataDirOpt = None,
@@ -162,6 +166,8 @@ def worker(
             gpus=gpus,
             allow_host_network=allow_host_network,
             server_grace=server_grace,
+            metrics_port=metrics_port,
+            metrics_host=metrics_host,
         )
         return await WorkerAgent(config).run()
 

@@ -8,7 +8,9 @@ worker that was told to drain by the server exits on its own, and ``list`` stops
 
 from __future__ import annotations
 
+import asyncio
 import secrets
+import time
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -35,6 +37,33 @@ class Health:
 
 class ProviderError(Exception):
     """The provider refused or failed; the message says what and, where it can, how to fix it."""
+
+
+def worker_args(group: Group, server: str, worker_id: str, server_grace: float) -> list[str]:
+    """``scaleq worker …`` arguments (after the program) for a worker of ``group``: every provider starts the same."""
+    argv = ["worker", "--server", server, "--queue", group.queue, "--slots", str(group.slots)]
+    argv += ["--group", group.name, "--worker-id", worker_id]
+    argv += ["--cpus", f"{group.resources.cpus:g}", "--gpus", str(group.resources.gpus)]
+    argv += ["--server-grace", f"{server_grace:g}"]
+    for runtime in group.runtimes:
+        argv += ["--runtime", runtime.value]
+    for tag in group.tags:
+        argv += ["--tag", tag]
+    if group.resources.memory:
+        argv += ["--memory", str(group.resources.memory)]
+    if group.allow_host_network:
+        argv.append("--allow-host-network")
+    return argv
+
+
+async def wait_gone(provider: Provider, group: Group, timeout: float, every: float = 0.1) -> bool:
+    """Wait until the provider lists no worker of the group; False on timeout."""
+    deadline = time.monotonic() + timeout
+    while await provider.list(group):
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(every)
+    return True
 
 
 def new_worker_id(grid: str, group: str) -> str:

@@ -57,7 +57,7 @@ from docker.types import DeviceRequest, Mount
 
 from scaleq.grid import Group
 from scaleq.jobs import RuntimeKind
-from scaleq.providers.base import Health, ProviderError, ProviderWorker, new_worker_id
+from scaleq.providers.base import Health, ProviderError, ProviderWorker, new_worker_id, wait_gone, worker_args
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -144,19 +144,7 @@ class DockerProvider:
         return {"label": [f"{MANAGED}=true", f"scaleq.grid={self.grid}", f"scaleq.group={group.name}"]}
 
     def worker_argv(self, group: Group, worker_id: str) -> list[str]:
-        argv = ["scaleq", "worker", "--server", self.server, "--queue", group.queue, "--slots", str(group.slots)]
-        argv += ["--group", group.name, "--worker-id", worker_id]
-        argv += ["--cpus", f"{group.resources.cpus:g}", "--gpus", str(group.resources.gpus)]
-        argv += ["--server-grace", f"{self.server_grace:g}"]
-        for runtime in group.runtimes:
-            argv += ["--runtime", runtime.value]
-        for tag in group.tags:
-            argv += ["--tag", tag]
-        if group.resources.memory:
-            argv += ["--memory", str(group.resources.memory)]
-        if group.allow_host_network:
-            argv.append("--allow-host-network")
-        return argv
+        return ["scaleq", *worker_args(group, self.server, worker_id, self.server_grace)]
 
     def _engine_access(self, group: Group) -> tuple[dict[str, str], list[Mount]]:
         """Environment and mounts that let a worker with the docker runtime use this same engine."""
@@ -317,12 +305,7 @@ class DockerProvider:
             self._stopping.discard(worker_id)
 
     async def wait_gone(self, group: Group, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while await self.list(group):
-            if time.monotonic() > deadline:
-                return False
-            await asyncio.sleep(0.2)
-        return True
+        return await wait_gone(self, group, timeout, every=0.2)
 
     async def destroy(self, group: Group, grace: float = 15.0) -> list[str]:
         """Drain every worker of the group; after ``grace`` s hand their jobs back; then remove everything."""

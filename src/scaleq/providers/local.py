@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from scaleq.grid import Group
-from scaleq.providers.base import Health, ProviderWorker, new_worker_id
+from scaleq.providers.base import Health, ProviderWorker, new_worker_id, wait_gone, worker_args
 
 
 class LocalProvider:
@@ -78,37 +78,7 @@ class LocalProvider:
         return found
 
     def _argv(self, group: Group, worker_id: str) -> list[str]:
-        argv = [
-            sys.executable,
-            "-m",
-            "scaleq",
-            "worker",
-            "--server",
-            self.server,
-            "--queue",
-            group.queue,
-            "--slots",
-            str(group.slots),
-            "--group",
-            group.name,
-            "--worker-id",
-            worker_id,
-            "--cpus",
-            str(group.resources.cpus),
-            "--gpus",
-            str(group.resources.gpus),
-            "--server-grace",
-            "300",
-        ]
-        for runtime in group.runtimes:
-            argv += ["--runtime", runtime.value]
-        for tag in group.tags:
-            argv += ["--tag", tag]
-        if group.resources.memory:
-            argv += ["--memory", str(group.resources.memory)]
-        if group.allow_host_network:
-            argv.append("--allow-host-network")
-        return argv
+        return [sys.executable, "-m", "scaleq", *worker_args(group, self.server, worker_id, server_grace=300)]
 
     async def start(self, group: Group, count: int) -> list[str]:
         directory = self._dir(group)
@@ -151,12 +121,7 @@ class LocalProvider:
                 os.kill(record["pid"], signal.SIGKILL if force else signal.SIGTERM)
 
     async def wait_gone(self, group: Group, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while await self.list(group):
-            if time.monotonic() > deadline:
-                return False
-            await asyncio.sleep(0.1)
-        return True
+        return await wait_gone(self, group, timeout)
 
     async def destroy(self, group: Group, grace: float = 15.0) -> list[str]:
         """Drain every worker of the group; kill what is still there after ``grace`` seconds."""

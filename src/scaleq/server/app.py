@@ -15,7 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from scaleq import __version__
-from scaleq.server import housekeeping
+from scaleq.server import dashboard, housekeeping, metrics
 from scaleq.server.auth import TokenCache
 from scaleq.server.notify import Notifier
 from scaleq.server.routes import admin, jobs, scaling, workers
@@ -66,6 +66,8 @@ def create_app(
 
     for router in (jobs.router, workers.router, scaling.router, admin.router):
         app.include_router(router, prefix="/api/v1")
+    dashboard.mount(app)
+    metrics.install(app)  # GET /metrics (Prometheus) and the request counter
 
     @app.exception_handler(NotFound)
     async def _not_found(_: Request, exc: NotFound) -> JSONResponse:

@@ -35,6 +35,7 @@ from scaleq.client import ApiError, Client, Unreachable
 from scaleq.jobs import Claim
 from scaleq.worker import transfer
 from scaleq.worker.logship import LogShipper
+from scaleq.worker.metrics import WorkerMetrics
 from scaleq.worker.runtime.base import RunResult, RunSpec, Runtime
 
 log = logging.getLogger("scaleq.worker")
@@ -67,6 +68,8 @@ class WorkerConfig:
     allow_host_network: bool = False
     work_dir: Path | None = None
     server_grace: float = 600.0
+    metrics_port: int | None = None  # serve /metrics here (0: any free port); None: no endpoint
+    metrics_host: str = "0.0.0.0"
 
 
 @dataclass
@@ -93,6 +96,7 @@ class WorkerAgent:
         self._last_contact = time.monotonic()
         self._tmp: Path | None = None
         self._sending: set[asyncio.Task[None]] = set()
+        self.metrics: WorkerMetrics | None = None
 
     # -- lifecycle --------------------------------------------------------------------------------------------
 
@@ -104,6 +108,12 @@ class WorkerAgent:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.request_drain)
         try:
+            if self.cfg.metrics_port is not None:
+                self.metrics = WorkerMetrics(self.cfg.slots, lambda: len(self.running), lambda: self.draining)
+                try:
+                    self.metrics.serve(self.cfg.metrics_port, self.cfg.metrics_host)
+                except OSError as exc:
+                    raise SystemExit(f"cannot serve metrics on port {self.cfg.metrics_port}: {exc}") from exc
             for runtime in self.cfg.runtimes.values():
                 removed = await runtime.cleanup_orphans(self.id)
                 if removed:
@@ -122,6 +132,8 @@ class WorkerAgent:
             log.info("worker %s stopped", self.id)
             return code
         finally:
+            if self.metrics is not None:
+                self.metrics.stop()
             await self.client.close()
             shutil.rmtree(self._tmp, ignore_errors=True)
 
@@ -254,6 +266,8 @@ class WorkerAgent:
                     self._abandon(r, "its lease is no longer live (cancelled, or expired and taken over)")
             if state == "draining" and not self.draining:
                 self.request_drain()
+            if self.metrics is not None:
+                await self.metrics.refresh_queue(self.client, self.cfg.queue)
 
     def _abandon(self, r: Running, why: str) -> None:
         if not r.abandoned:
@@ -293,10 +307,12 @@ class WorkerAgent:
                 with contextlib.suppress(ApiError, Unreachable):
                     await self.client.release(lease)
                 log.info("job %s handed back", job.id[:12])
+            self._count("handed_back" if self.forced and not r.abandoned else "abandoned")
             return
         except ApiError as exc:
             if exc.stale:
                 log.warning("job %s attempt %d was replaced; dropping it", job.id[:12], claim.attempt)
+                self._count("abandoned")
                 return
             result = RunResult("failed", error=f"worker error: {exc}")
         except Exception as exc:  # the job fails, the worker lives on
@@ -306,11 +322,16 @@ class WorkerAgent:
             self.running.pop(lease, None)
             shutil.rmtree(base, ignore_errors=True)
             self._wake.set()
+        self._count("abandoned" if r.abandoned or result is None else result.reason)
         if result is not None and not r.abandoned:
             log.info("job %s attempt %d finished: %s", job.id[:12], claim.attempt, result.reason)
             self._report(
                 {"lease": lease, "reason": result.reason, "exit_code": result.exit_code, "error": result.error}
             )
+
+    def _count(self, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.finished(reason)
 
     def _report(self, finish: dict[str, Any]) -> None:
         # Ride along with the next claim if the claim loop is about to make one; otherwise send now.

@@ -17,6 +17,7 @@ from fastapi import APIRouter, Header, HTTPException, Request, Response, status
 from pydantic import BaseModel, Field
 
 from scaleq.jobs import Claim, Job, RuntimeKind, Worker
+from scaleq.server import metrics
 from scaleq.server.auth import require
 from scaleq.server.notify import wait_any
 from scaleq.server.routes.common import C, Ctx
@@ -111,7 +112,9 @@ async def list_workers(ctx: C, queue: str | None = None, all: bool = False) -> l
 
 
 async def _finish(ctx: Ctx, body: FinishBody) -> Job:
-    job = await ctx.store.finish(body.lease, FinishResult(body.reason, body.exit_code, body.error), ctx.now())
+    now = ctx.now()
+    job = await ctx.store.finish(body.lease, FinishResult(body.reason, body.exit_code, body.error), now)
+    metrics.observe_finished(ctx.request.app, job, now)
     ctx.notifier.changed(job.id)
     return job
 
@@ -136,6 +139,7 @@ async def claim(worker_id: str, body: ClaimBody, ctx: C, request: Request) -> Cl
             break
         claims = await ctx.store.claim(worker_id, body.max, ctx.now(), ctx.settings.lease_seconds)
         if claims:
+            metrics.observe_claimed(request.app, claims)
             for c in claims:
                 ctx.notifier.changed(c.job.id)
             break

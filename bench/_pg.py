@@ -1,0 +1,195 @@
+"""Shared bits of the dispatch, scale and container benchmarks: a throw-away PostgreSQL cluster (``tests/pg.py``),
+a real ``scaleq up`` server in its own process, and CPU / memory readings from ``/proc``."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from tests.pg import Cluster, start_cluster  # noqa: E402
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+# -- PostgreSQL -------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def cluster(*databases: str) -> Iterator[Cluster]:
+    """A fresh cluster (default settings apart from max_connections=200) with ``databases`` created in it."""
+    import psycopg
+
+    c = start_cluster()
+    try:
+        with psycopg.connect(c.url, autocommit=True) as conn:
+            for db in databases:
+                conn.execute(f"CREATE DATABASE {db}")
+        yield c
+    finally:
+        with contextlib.suppress(Exception):
+            c.stop("immediate")
+        shutil.rmtree(c.data, ignore_errors=True)
+
+
+def db_url(c: Cluster, db: str) -> str:
+    return c.url.rsplit("/", 1)[0] + "/" + db
+
+
+def pg_version(c: Cluster) -> str:
+    import psycopg
+
+    with psycopg.connect(c.url) as conn:
+        return str(conn.execute("SHOW server_version").fetchone()[0])
+
+
+def postgres_pids(c: Cluster) -> list[int]:
+    """The postmaster and all its children (backends, walwriter, …)."""
+    try:
+        master = int((c.data / "data" / "postmaster.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return []
+    return [master, *children(master)]
+
+
+# -- /proc ------------------------------------------------------------------------------------------------------
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry))
+    return found
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of ``pids`` (those still alive)."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+    return total / _TICK
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def machine() -> str:
+    model = "?"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    load = os.getloadavg()
+    return (
+        f"{os.cpu_count()} cores ({model}), {mem:.0f} GiB, Linux {platform.release()}, "
+        f"Python {platform.python_version()}, load {load[0]:.1f}/{load[1]:.1f}, "
+        f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC"
+    )
+
+
+# -- a scaleq server in its own process -------------------------------------------------------------------------
+
+
+@dataclass
+class Server:
+    """``scaleq up`` in a subprocess, with a grid file of no groups (no controller work) unless ``controller``."""
+
+    proc: subprocess.Popen[bytes]
+    data_dir: Path
+    url: str
+    admin_token: str
+    worker_token: str
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+
+@contextlib.contextmanager
+def scaleq_server(
+    store: str | None, *, controller: bool = False, env: dict[str, str] | None = None
+) -> Iterator[Server]:
+    """Start ``scaleq up --port 0`` over ``store`` (a postgresql:// URL, or None for SQLite in the data dir).
+
+    Without ``controller`` the grid has no groups; with it, ``scaleq up``'s embedded default (a local group on queue
+    ``default``, which the benchmarks leave idle)."""
+    data_dir = Path(tempfile.mkdtemp(prefix="scaleq-bench-"))
+    cmd = [sys.executable, "-m", "scaleq", "up", "--port", "0", "--data-dir", str(data_dir)]
+    if not controller:
+        (data_dir / "grid.toml").write_text('name = "bench"\n')
+        cmd += ["--grid", str(data_dir / "grid.toml")]
+    if store:
+        cmd += ["--store", store]
+    log = open(data_dir / "server.log", "wb")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    try:
+        info = data_dir / "server.json"
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"scaleq up exited {proc.returncode}: {(data_dir / 'server.log').read_text()}")
+            if info.exists():
+                with contextlib.suppress(ValueError):
+                    data = json.loads(info.read_text())
+                    if data.get("pid") == proc.pid:
+                        break
+            if time.monotonic() > deadline:
+                raise RuntimeError("scaleq up did not start within 60 s")
+            time.sleep(0.02)
+        server = Server(
+            proc,
+            data_dir,
+            data["url"],
+            (data_dir / "admin.token").read_text().strip(),
+            (data_dir / "worker.token").read_text().strip(),
+        )
+        _wait_healthy(server.url)
+        yield server
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def _wait_healthy(url: str) -> None:
+    import httpx
+
+    deadline = time.monotonic() + 30
+    while True:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url + "/healthz", timeout=2).status_code == 200:
+                return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{url}/healthz did not answer")
+        time.sleep(0.05)
