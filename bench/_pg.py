@@ -162,15 +162,14 @@ def scaleq_server(
             if time.monotonic() > deadline:
                 raise RuntimeError("scaleq up did not start within 60 s")
             time.sleep(0.02)
-        server = Server(
+        _wait_healthy(data["url"])  # server.json is written before admin.token is rewritten: read it after
+        yield Server(
             proc,
             data_dir,
             data["url"],
             (data_dir / "admin.token").read_text().strip(),
             (data_dir / "worker.token").read_text().strip(),
         )
-        _wait_healthy(server.url)
-        yield server
     finally:
         proc.terminate()
         try:

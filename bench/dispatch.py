@@ -55,7 +55,7 @@ from rich.table import Table
 from scaleq.client import Client
 from scaleq.jobs import JobDefinition, SubmitRequest
 
-console = Console()
+console = Console(width=160)
 SUBMIT_CONCURRENCY = 8
 LAYOUTS = {1: [1], 4: [4], 16: [4, 4, 4, 4]}  # slots -> slots per worker connection
 
@@ -133,46 +133,56 @@ def _registration(worker_id: str, queue: str, slots: int) -> dict[str, Any]:
     }
 
 
-async def noop_workers(url: str, token: str, queue: str, layout: list[int], n: int, go: Any) -> dict[str, float]:
-    """Claim and finish ``n`` jobs with ``len(layout)`` worker connections; the time from ``go`` to the last ack."""
+async def noop_workers(
+    url: str, token: str, admin: str, queue: str, layout: list[int], n: int, go: Any
+) -> dict[str, float]:
+    """Claim and finish ``n`` jobs over ``len(layout)`` worker connections; when it started and when the last
+    finish was recorded (the server's ``finished_at``)."""
     clients = [Client(url, token) for _ in layout]
     ids = [f"bench-{secrets.token_hex(4)}" for _ in layout]
     for client, wid, slots in zip(clients, ids, layout, strict=True):
         await client.register(_registration(wid, queue, slots))
-    claimed = acked = 0
-    done = asyncio.Event()
+    claimed = 0
+    all_claimed = asyncio.Event()
     await asyncio.to_thread(go.wait)
     t0 = time.time()
-    t_end = 0.0
 
     async def work(client: Client, wid: str, slots: int) -> None:
-        nonlocal claimed, acked, t_end
+        nonlocal claimed
         pending: list[dict[str, Any]] = []
         while True:
             if claimed >= n and not pending:
                 return
             want = 0 if claimed >= n else slots
-            claims, outcomes, _ = await client.claim(wid, want, wait=0 if want == 0 else 20, finishes=pending)
-            acked += sum(1 for o in outcomes if o["ok"])
-            if acked >= n and not done.is_set():
-                t_end = time.time()
-                done.set()
+            claims, _, state = await client.claim(wid, want, wait=0 if want == 0 else 20, finishes=pending)
             claimed += len(claims)
+            if claimed >= n:
+                all_claimed.set()
             pending = [{"lease": c.lease, "reason": "success", "exit_code": 0} for c in claims]
+            if state != "active" and not pending:
+                return
 
     tasks = [asyncio.create_task(work(c, w, s)) for c, w, s in zip(clients, ids, layout, strict=True)]
-    await done.wait()
-    for client, wid in zip(clients, ids, strict=True):  # end parked claims the protocol's way: drain, deregister
+    await all_claimed.wait()
+    # A worker whose claim found the queue empty is parked in its long-poll (its finishes were recorded when the
+    # claim arrived); end those claims the protocol's way: drain (which answers a parked claim at once).
+    for client, wid in zip(clients, ids, strict=True):
         await client.heartbeat(wid, draining=True)
+    await asyncio.gather(*tasks)
+    for client, wid in zip(clients, ids, strict=True):
         await client.deregister(wid)
-    await asyncio.gather(*tasks, return_exceptions=True)
     for client in clients:
         await client.close()
-    return {"start": t0, "end": t_end}
+    async with Client(url, admin) as reader:
+        finished = await reader.list_jobs(queue=queue, state="finished", limit=10_000)
+    assert len(finished) == n, f"{len(finished)} of {n} jobs finished"
+    return {"start": t0, "end": max(j.finished_at or 0.0 for j in finished)}
 
 
-def _noop_workers_proc(url: str, token: str, queue: str, layout: list[int], n: int, go: Any, out: Any) -> None:
-    out.put(asyncio.run(noop_workers(url, token, queue, layout, n, go)))
+def _noop_workers_proc(
+    url: str, token: str, admin: str, queue: str, layout: list[int], n: int, go: Any, out: Any
+) -> None:
+    out.put(asyncio.run(noop_workers(url, token, admin, queue, layout, n, go)))
 
 
 async def scaleq_latency(url: str, admin: str, worker_token: str, queue: str, rounds: int) -> Latency:
@@ -227,7 +237,7 @@ def run_scaleq(
             go, out = ctx.Event(), ctx.Queue()
             proc = ctx.Process(
                 target=_noop_workers_proc,
-                args=(server.url, server.worker_token, queue, LAYOUTS[slots], n, go, out),
+                args=(server.url, server.worker_token, server.admin_token, queue, LAYOUTS[slots], n, go, out),
             )
             proc.start()
             time.sleep(1.0)  # imports + registration
@@ -247,7 +257,7 @@ def run_scaleq(
             go, out = ctx.Event(), ctx.Queue()
             proc = ctx.Process(
                 target=_noop_workers_proc,
-                args=(server.url, server.worker_token, queue, LAYOUTS[slots], n, go, out),
+                args=(server.url, server.worker_token, server.admin_token, queue, LAYOUTS[slots], n, go, out),
             )
             proc.start()
             time.sleep(1.0)

@@ -84,6 +84,7 @@ async def serve(
     port: int,
     store_url: str | None = None,
     lease_seconds: float | None = None,
+    otlp_endpoint: str | None = None,
     ready: asyncio.Event | None = None,
 ) -> None:
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -97,6 +98,11 @@ async def serve(
         settings = ServerSettings(lease_seconds=lease_seconds or grid.server.lease_seconds)
         notifier = Notifier()
         app = create_app(store, settings, notifier=notifier, manage_store=False)
+        pusher = None
+        if otlp_endpoint:
+            from scaleq.server import otlp
+
+            pusher = otlp.pusher(app, otlp_endpoint)  # fails here, at start, if the packages are missing
         server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
         server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         pctx = ProviderContext(grid.name, url, worker_token, data_dir)
@@ -112,13 +118,16 @@ async def serve(
         while not server.started and not serving.done():
             await asyncio.sleep(0.01)
         controlling = asyncio.create_task(controller.run())
+        pushing = asyncio.create_task(pusher.run()) if pusher else None
         log.info("scaleq serving on %s (data dir %s)", url, data_dir)
         if ready is not None:
             ready.set()
         await asyncio.wait([asyncio.create_task(stop.wait()), serving], return_when=asyncio.FIRST_COMPLETED)
-        controlling.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await controlling
+        for task in (controlling, pushing):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
         await _drain_local(groups)
         server.should_exit = True
         with contextlib.suppress(asyncio.CancelledError):

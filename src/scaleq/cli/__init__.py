@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from scaleq import __version__
-from scaleq.cli import grid, jobs, scale, simulate
+from scaleq.cli import doctor, grid, jobs, scale, simulate
 
 app = typer.Typer(
     name="scaleq",
@@ -42,6 +42,7 @@ app.command(rich_help_panel="Inspect")(jobs.queues)
 app.command(rich_help_panel="Inspect")(grid.workers)
 app.command(rich_help_panel="Inspect")(scale.groups)
 app.command(rich_help_panel="Inspect")(scale.events)
+app.command(rich_help_panel="Inspect")(doctor.doctor)
 app.command(rich_help_panel="Groups")(scale.plan)
 app.command(rich_help_panel="Groups")(scale.apply)
 app.command(rich_help_panel="Groups")(scale.destroy)

@@ -51,6 +51,10 @@ def up(
     port: Annotated[int | None, typer.Option(help="Port to listen on; 0 picks a free one [default: 8765].")] = None,
     store: Annotated[str | None, typer.Option(help="Store URL [default: sqlite in the data dir].")] = None,
     lease_seconds: Annotated[float | None, typer.Option(help="Lease of a running job without heartbeat.")] = None,
+    otlp_endpoint: Annotated[
+        str | None,
+        typer.Option(envvar="SCALEQ_OTLP_ENDPOINT", help="Push metrics over OTLP/HTTP, e.g. http://collector:4318."),
+    ] = None,
     data_dir: DataDirOpt = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ) -> None:
@@ -85,10 +89,13 @@ def up(
                 port=grid.server.port if port is None else port,
                 store_url=store,
                 lease_seconds=lease_seconds,
+                otlp_endpoint=otlp_endpoint,
             )
         )
     except OSError as exc:
         fail(f"cannot listen: {exc}")
+    except RuntimeError as exc:  # e.g. OTLP asked for without its packages
+        fail(str(exc))
     except ValueError as exc:
         bad_input(str(exc))
 

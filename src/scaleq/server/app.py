@@ -18,7 +18,7 @@ from scaleq import __version__
 from scaleq.server import dashboard, housekeeping, metrics
 from scaleq.server.auth import TokenCache
 from scaleq.server.notify import Notifier
-from scaleq.server.routes import admin, jobs, scaling, workers
+from scaleq.server.routes import admin, health, jobs, scaling, workers
 from scaleq.server.settings import ServerSettings
 from scaleq.store.base import AmbiguousId, NotFound, SchemaTooNew, StaleLease, Store, unavailable_errors
 
@@ -64,7 +64,7 @@ def create_app(
     app.state.notifier = notifier or Notifier()
     app.state.tokens = TokenCache()
 
-    for router in (jobs.router, workers.router, scaling.router, admin.router):
+    for router in (jobs.router, workers.router, scaling.router, admin.router, health.router):
         app.include_router(router, prefix="/api/v1")
     dashboard.mount(app)
     metrics.install(app)  # GET /metrics (Prometheus) and the request counter

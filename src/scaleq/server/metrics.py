@@ -311,9 +311,25 @@ class _CountRequests:
             status = status or 500  # the server's error handler answers 500
             raise
         finally:
-            route = scope.get("route")
-            template = getattr(route, "path_format", None) or getattr(route, "path", None) or "(unmatched)"
-            self.metrics.http_requests.labels(template, str(status or 500)).inc()
+            self.metrics.http_requests.labels(route_template(scope), str(status or 500)).inc()
+
+
+def route_template(scope: dict[str, Any]) -> str:
+    """The matched route's path template with the prefix it was included under, e.g. ``/api/v1/jobs/{job_id}``.
+
+    Some FastAPI versions put the included route itself (its path without the router's prefix) in the scope: the
+    prefix is then what the request path has before the rendered route path.
+    """
+    route = scope.get("route")
+    template = getattr(route, "path_format", None)
+    if not template:
+        return "(unmatched)"
+    path: str = scope.get("path", "")
+    try:
+        rendered = template.format(**scope.get("path_params", {}))
+    except (KeyError, IndexError, ValueError):
+        return template
+    return path[: len(path) - len(rendered)] + template if path.endswith(rendered) else template
 
 
 router = APIRouter(tags=["metrics"])

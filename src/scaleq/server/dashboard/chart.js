@@ -10,7 +10,7 @@ import { fmt, h, s } from "./dom.js";
 const W = 760;
 const H = 240;
 const M = { left: 40, right: 74, top: 30, bottom: 28 };
-const MIN_SPAN = 60; // seconds: the narrowest window shown
+const MIN_SPAN = 30; // seconds: the narrowest window shown
 const MAX_SPAN = 6 * 3600; // and the widest
 
 export const MARK = {
@@ -25,10 +25,13 @@ export const MARK = {
 /** Points {t, current, desired} in time order, from the group's events (oldest first) and seen statuses. */
 export function buildSeries(group, events, samples) {
   const points = [];
+  // Where this page saw the group's status every poll, those samples say when a change took effect; elsewhere a
+  // scale_up / scale_down is taken to bring current to what it decided.
+  const seenFrom = samples.length ? samples[0].t : Infinity;
   for (const e of events) {
     if (e.from !== null && e.to !== null && (e.kind === "scale_up" || e.kind === "scale_down" || e.kind === "desired")) {
       points.push({ t: e.time, current: e.from, desired: e.to });
-      if (e.kind !== "desired") points.push({ t: e.time + 0.001, current: e.to, desired: e.to });
+      if (e.kind !== "desired" && e.time < seenFrom) points.push({ t: e.time + 0.001, current: e.to, desired: e.to });
     } else if (e.kind === "adopt" && e.to !== null) {
       points.push({ t: e.time, current: e.to, desired: null });
     }
@@ -91,13 +94,15 @@ function stepPath(points, key, X, Y, t0, now) {
 
 /**
  * The chart of one group: a <figure> with the SVG, a tooltip for the decision markers, and a legend.
- * `events` are this group's events, oldest first; `onPick(event)` is called when a marker is clicked.
+ * `events` are this group's events, oldest first; `onPick(event)` is called when a marker is clicked, `onHold(true)`
+ * while a marker's tooltip shows (the caller then leaves the chart alone) and `onHold(false)` after.
  */
-export function groupChart(group, events, samples, { onPick } = {}) {
+export function groupChart(group, events, samples, { onPick, onHold } = {}) {
   const now = Math.max(Date.now() / 1000, group.updated_at);
   const points = buildSeries(group, events, samples);
   const earliest = Math.min(...points.map((p) => p.t), ...events.map((e) => e.time));
-  const t0 = Math.max(now - MAX_SPAN, Math.min(earliest - 2, now - MIN_SPAN));
+  const span = Math.min(MAX_SPAN, Math.max(MIN_SPAN, (now - earliest) * 1.08));
+  const t0 = now - span;
   const yMax = Math.max(1, group.max, ...points.map((p) => Math.max(p.current, p.desired)));
   const yTop = yMax + Math.max(1, Math.ceil(yMax * 0.1));
   const X = (t) => +(M.left + ((t - t0) / (now - t0)) * (W - M.left - M.right)).toFixed(1);
@@ -150,6 +155,7 @@ export function groupChart(group, events, samples, { onPick } = {}) {
   const figure = h("figure", { class: "chart" });
   const hideTip = () => {
     tip.hidden = true;
+    onHold?.(false);
   };
   const markers = events
     .filter((e) => e.time >= t0 && e.time <= now)
@@ -166,8 +172,10 @@ export function groupChart(group, events, samples, { onPick } = {}) {
           e.reason,
         );
         tip.hidden = false;
+        onHold?.(true);
         const left = (x / W) * 100;
-        tip.style.left = `${Math.min(Math.max(left, 18), 82)}%`;
+        tip.style.left = `${Math.min(Math.max(left, 20), 80)}%`;
+        tip.style.top = `${((M.top + 4) / H) * 100}%`;
       };
       return s(
         "g",
@@ -214,8 +222,8 @@ export function groupChart(group, events, samples, { onPick } = {}) {
     band,
     grid,
     bounds,
-    desired,
     current,
+    desired,
     endLabels,
     s("line", { x1: M.left, x2: M.left, y1: M.top, y2: plotBottom, class: "axis" }),
     s("line", { x1: M.left, x2: W - M.right, y1: plotBottom, y2: plotBottom, class: "axis" }),

@@ -119,11 +119,15 @@ export function stateBadge(job) {
 export function table(caption, headers, { className } = {}) {
   const tbody = h("tbody");
   const el = h(
-    "table",
-    { class: className },
-    caption ? h("caption", {}, caption) : null,
-    h("thead", {}, h("tr", {}, headers.map((c) => h("th", { scope: "col", class: c.cls }, c.label ?? c)))),
-    tbody,
+    "div",
+    { class: "table-wrap" },
+    h(
+      "table",
+      { class: className },
+      caption ? h("caption", {}, caption) : null,
+      h("thead", {}, h("tr", {}, headers.map((c) => h("th", { scope: "col", class: c.cls }, c.label ?? c)))),
+      tbody,
+    ),
   );
   return { el, tbody };
 }

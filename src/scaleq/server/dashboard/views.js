@@ -610,7 +610,7 @@ function kindBadge(kind) {
   return badge(cls, MARK[kind]?.label ?? kind, sym);
 }
 
-function groupCard(group, events, picked) {
+function groupCard(group, events, picked, onHold) {
   const decisions = [...events].reverse(); // newest first
   const rows = new Map();
   const pick = (e) => {
@@ -674,7 +674,7 @@ function groupCard(group, events, picked) {
       ),
       figures,
     ),
-    groupChart(group, events, seen.samples.get(group.name) || [], { onPick: pick }),
+    groupChart(group, events, seen.samples.get(group.name) || [], { onPick: pick, onHold }),
     shown.length < decisions.length ? h("p", { class: "hint" }, `The newest 50 of ${decisions.length} shown.`) : null,
     el,
   );
@@ -695,6 +695,8 @@ export async function groupsView(ctx) {
     body,
   );
   const picked = {};
+  const cards = new Map(); // group name → its card on screen
+  let held = null; // the group whose chart shows a tooltip: left as it is until the tooltip goes
   await every(
     POLL_MS,
     ctx.signal,
@@ -704,6 +706,7 @@ export async function groupsView(ctx) {
       ctx.updated();
       remember(groups);
       if (!groups.length) {
+        cards.clear();
         body.replaceChildren(
           notice(
             "info",
@@ -717,15 +720,26 @@ export async function groupsView(ctx) {
         return;
       }
       const events = [...seen.events.values()].sort((a, b) => a.time - b.time || a.id - b.id);
-      const focused = document.activeElement?.closest?.("[data-event-id]")?.dataset.eventId;
-      body.replaceChildren(
-        ...groups.map((g) => groupCard(g, events.filter((e) => e.group === g.name), picked)),
-      );
-      // keep keyboard focus on the same marker or row across the refresh
-      if (focused) {
-        const again = body.querySelector(`.marker[data-event-id="${focused}"]`);
-        again?.focus();
+      const next = new Map();
+      for (const g of groups) {
+        const hold = (on) => {
+          held = on ? g.name : held === g.name ? null : held;
+        };
+        const card =
+          held === g.name && cards.has(g.name)
+            ? cards.get(g.name)
+            : groupCard(g, events.filter((e) => e.group === g.name), picked, hold);
+        next.set(g.name, card);
       }
+      body.querySelector(".notice")?.remove();
+      for (const [name, card] of cards) if (!next.has(name)) card.remove();
+      for (const [name, card] of next) {
+        const old = cards.get(name);
+        if (old && old !== card) old.replaceWith(card);
+        else if (!old) body.append(card);
+      }
+      cards.clear();
+      for (const [name, card] of next) cards.set(name, card);
     },
     errors.show,
   );

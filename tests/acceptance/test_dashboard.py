@@ -1,0 +1,272 @@
+"""The dashboard, end to end in real headless Chromium against a live grid (``scaleq up --grid`` in a subprocess).
+
+Needs Debian's ``chromium`` (``scripts/browser.sh`` installs it) and Playwright's Python package (a dev dependency),
+which drives that browser by its path and never downloads one. Screenshots of the main pages are taken on every run
+into the test's temp dir; with ``SCALEQ_DOCS_SCREENSHOTS=1`` they also replace ``docs/img/dashboard-*.png``, the
+ones ``docs/operations.md`` shows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.acceptance.support import MARKER_VAR, Grid, base_env, cli, wait_for
+
+CHROMIUM = Path("/usr/bin/chromium")
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+DOCS_IMG = Path(__file__).resolve().parents[2] / "docs" / "img"
+GRID_FILE = """
+name = "dashboard-test"
+
+[[groups]]
+name = "cpu"
+queue = "default"
+provider = "local"
+min_workers = 0
+max_workers = 2
+slots = 1
+runtimes = ["process"]
+idle_timeout = 2
+scale_down_window = 2
+"""
+HELLO = 'echo hello-dashboard; echo 42 > "$SCALEQ_OUTPUTS/answer.txt"; sleep 1'
+
+pytestmark = pytest.mark.timeout(240)
+
+
+@dataclass
+class FileGrid(Grid):
+    """A grid started from a grid file (``scaleq up --grid``); teardown as for every acceptance grid."""
+
+    grid_file: Path | None = None
+
+    def start(self, timeout: float = 20) -> None:
+        self.starts += 1
+        args = [sys.executable, "-m", "scaleq", "up", "--port", "0", "--data-dir", str(self.data_dir)]
+        args += ["--grid", str(self.grid_file)]
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                args,
+                env=base_env(**{MARKER_VAR: self.marker}),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+        def ready() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"scaleq up exited with {self.proc.returncode}:\n{self.log_path.read_text()}")
+            try:
+                info = json.loads((self.data_dir / "server.json").read_text())
+                return info.get("pid") == self.proc.pid and httpx.get(info["url"] + "/healthz", timeout=2).is_success
+            except (OSError, ValueError, httpx.TransportError):
+                return False
+
+        wait_for(ready, timeout, 0.1, "scaleq up --grid to write server.json and answer")
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FileGrid]:
+    root = tmp_path_factory.mktemp("dashboard")
+    (root / "grid.toml").write_text(GRID_FILE)
+    g = FileGrid(root / "data", grid_file=root / "grid.toml")
+    try:
+        g.start()
+        yield g
+    finally:
+        g.stop()  # the server, then every worker pid recorded under <data-dir>/workers/** and any straggler
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} is missing: run scripts/browser.sh (it installs Debian's chromium)", pytrace=False)
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail("Playwright's Python package is missing: run scripts/setup (pip install -e '.[dev]')")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=FLAGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@pytest.fixture
+def page(browser: Any) -> Iterator[Any]:
+    context = browser.new_context(viewport={"width": 1280, "height": 640}, accept_downloads=True)
+    pg = context.new_page()
+    pg.set_default_timeout(15_000)
+    errors: list[str] = []
+    pg.on("pageerror", lambda exc: errors.append(f"uncaught: {exc}"))
+    pg.on(
+        "console",
+        lambda msg: (
+            errors.append(f"console: {msg.text}")
+            if msg.type == "error" and "Failed to load resource" not in msg.text  # a refused token's 401, on purpose
+            else None
+        ),
+    )
+    try:
+        yield pg
+        assert errors == [], f"the dashboard logged errors: {errors}"
+    finally:
+        context.close()
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    directory = tmp_path_factory.mktemp("screenshots")
+    yield directory
+    if os.environ.get("SCALEQ_DOCS_SCREENSHOTS") == "1":
+        DOCS_IMG.mkdir(parents=True, exist_ok=True)
+        for png in directory.glob("dashboard-*.png"):
+            shutil.copyfile(png, DOCS_IMG / png.name)
+
+
+def screenshot(page: Any, shots: Path, name: str) -> None:
+    path = shots / f"dashboard-{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    assert path.stat().st_size > 10_000, f"{path} looks empty"
+
+
+def submit(grid: Grid, *command: str) -> str:
+    """Through the CLI, as a user would (``--data-dir`` finds the server and the admin token)."""
+    r = cli("submit", "default", "--data-dir", str(grid.data_dir), "--", *command)
+    assert r.returncode == 0, f"scaleq submit: exit {r.returncode}\n{r.stdout}\n{r.stderr}"
+    return r.stdout.split()[0]
+
+
+def log_in(page: Any, grid: Grid, token: str | None = None) -> None:
+    page.goto(grid.url + "/")
+    page.get_by_label("API token").fill(token or grid.admin_token)
+    page.get_by_role("button", name="Log in").click()
+
+
+def test_the_server_serves_the_dashboard(grid: FileGrid) -> None:
+    root = httpx.get(grid.url + "/", follow_redirects=False)
+    assert root.status_code == 307 and root.headers["location"] == "/dashboard/"
+    index = httpx.get(grid.url + "/dashboard/")
+    assert index.status_code == 200 and "<title>scaleq dashboard</title>" in index.text
+    assert "default-src 'none'" in index.headers["content-security-policy"]
+    js = httpx.get(grid.url + "/dashboard/app.js")
+    assert js.status_code == 200 and js.headers["content-type"].startswith("text/javascript")
+    assert httpx.get(grid.url + "/dashboard/__init__.py").status_code == 404, "only the front end's own files"
+    assert "http://" not in index.text and "https://" not in index.text, "nothing from outside the server"
+
+
+def test_a_wrong_token_shows_the_login_error(grid: FileGrid, page: Any) -> None:
+    from playwright.sync_api import expect
+
+    log_in(page, grid, "sq_00000000_not-a-real-token")
+    expect(page.locator("#login-error")).to_be_visible()
+    expect(page.locator("#login-error")).to_contain_text("refused")
+    expect(page.locator("#nav")).to_be_hidden()
+
+    # a token revoked while logged in: the next request's 401 brings the login page back, with the reason
+    log_in(page, grid)
+    expect(page.get_by_role("heading", name="Queues")).to_be_visible()
+    page.evaluate("sessionStorage.setItem('scaleq.token', 'sq_00000000_revoked')")
+    page.goto(grid.url + "/dashboard/#/workers")
+    expect(page.locator("#login-error")).to_contain_text("log in again")
+
+
+def test_a_job_and_a_scaling_decision_in_the_dashboard(grid: FileGrid, page: Any, shots: Path) -> None:
+    from playwright.sync_api import expect
+
+    log_in(page, grid)
+    expect(page.get_by_role("heading", name="Queues")).to_be_visible()
+    page.get_by_role("link", name="Jobs").click()
+    expect(page.get_by_role("heading", name="Jobs")).to_be_visible()
+    page.evaluate("window.__sameDocument = true")  # gone if anything reloads the page
+
+    # a job submitted through the CLI appears, and finishes, in the open Jobs view
+    job_id = submit(grid, "sh", "-c", HELLO)
+    failing = submit(grid, "sh", "-c", "echo 'input.csv: no such file' >&2; exit 3")
+    submit(grid, "sh", "-c", "for i in 1 2 3; do echo step $i; sleep 1; done")
+    long_job = submit(grid, "sh", "-c", "echo working; sleep 6")
+    row = page.locator(f'tr[data-job-id="{job_id}"]')
+    expect(row).to_be_visible()
+    expect(row.locator(".badge")).to_have_attribute("data-state", "success", timeout=30_000)
+    expect(row.locator(".badge")).to_contain_text("success")
+    expect(page.locator(f'tr[data-job-id="{failing}"] .badge')).to_have_attribute("data-state", "failed")
+    assert page.evaluate("window.__sameDocument") is True, "the Jobs view updated by reloading the page"
+    expect(page.locator(f'tr[data-job-id="{long_job}"]')).to_be_visible()
+    screenshot(page, shots, "jobs")
+
+    # its page: definition, attempts, the log line, the output (downloaded with the token)
+    row.click()
+    expect(page.locator("#page h1")).to_contain_text(job_id[:12])
+    expect(page.locator("#log")).to_contain_text("hello-dashboard")
+    expect(page.locator(".log-status")).to_contain_text("end of log")
+    expect(page.locator("dl.facts").first).to_contain_text("success")
+    expect(page.get_by_text("answer.txt", exact=True)).to_be_visible()
+    with page.expect_download() as download:
+        page.get_by_role("button", name="Download").click()
+    assert Path(download.value.path()).read_text() == "42\n"
+    assert download.value.suggested_filename == "answer.txt"
+    screenshot(page, shots, "job")
+
+    # the failed job's page shows its stderr
+    page.goto(f"{grid.url}/dashboard/#/jobs/{failing}")
+    expect(page.locator("#log .stderr")).to_contain_text("input.csv: no such file")
+
+    # workers: the long job keeps one busy
+    page.get_by_role("link", name="Workers").click()
+    expect(page.locator('tr[data-worker-id] .badge:has-text("busy")').first).to_be_visible(timeout=15_000)
+    screenshot(page, shots, "workers")
+
+    page.get_by_role("link", name="Queues").click()
+    expect(page.locator('tr[data-queue="default"]')).to_be_visible()
+    screenshot(page, shots, "queues")
+
+    # groups: the decision to scale up, with its reason, in the list and on the chart; then the scale-down
+    page.get_by_role("link", name="Groups").click()
+    card = page.locator('article[data-group="cpu"]')
+    expect(card).to_be_visible()
+    events = grid.api("GET", "/events", params={"group": "cpu"}).raise_for_status().json()
+    up = next(e for e in events if e["kind"] == "scale_up")
+    assert up["reason"], up
+    expect(card.locator(f'tr[data-event-id="{up["id"]}"] td.reason')).to_have_text(up["reason"])
+    expect(card.locator(f'tr[data-event-id="{up["id"]}"]')).to_contain_text("scale up")
+    marker = card.locator(f'.marker[data-event-id="{up["id"]}"]')
+    expect(marker.locator("title")).to_contain_text(up["reason"])
+    grid.wait_state(long_job, "finished", 30)
+    expect(card.locator('tr[data-kind="scale_down"]').first).to_be_visible(timeout=30_000)
+    expect(card.locator(".fig-current .v")).to_have_text("0", timeout=30_000)
+    time.sleep(2.5)  # one more poll, so the chart's line reaches zero
+    card.locator(f'.marker[data-event-id="{up["id"]}"]').hover()
+    expect(card.locator(".tip")).to_contain_text(up["reason"])
+    screenshot(page, shots, "groups")
+
+    # health: doctor's checks, or word that this server has none
+    page.get_by_role("link", name="Health").click()
+    expect(page.locator(".server-health")).to_contain_text("ok")
+    expect(page.locator("table.health tbody tr, .notice").first).to_be_visible()
+    screenshot(page, shots, "health")
+
+    page.get_by_role("button", name="Log out").click()
+    expect(page.get_by_role("heading", name="Log in")).to_be_visible()
+    assert page.evaluate("sessionStorage.getItem('scaleq.token')") is None
