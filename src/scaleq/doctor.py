@@ -80,8 +80,9 @@ FIX_HEARTBEAT = (
     "a worker that died is marked gone after {gone} and its jobs return to the queue when their leases expire"
 )
 FIX_LEASE = (
-    "the worker stopped renewing (crashed, was killed or lost the server): look at its log or the provider; its jobs "
-    "went back to the queue (delivery is at-least-once) or finished as worker_lost after their retry budget"
+    "the worker stopped renewing (crashed, was killed, paused or cut off from the server): look at its log or the "
+    "provider; once a lease expires its job goes back to the queue (delivery is at-least-once), or finishes as "
+    "worker_lost when its retry budget is spent"
 )
 FIX_SWEEPER = (
     "the server's lease sweeper is not running or cannot write: look for 'housekeeping failed' in the server log and "
@@ -500,22 +501,14 @@ async def _server_hops(client: Client | None, clock: Callable[[], float], unconf
 def _clock(server_time: float, t0: float, t1: float) -> Check:
     """The server's clock against ours, allowing for the round trip: it read its clock somewhere in [t0, t1]."""
     rtt = max(0.0, t1 - t0)
-    if server_time > t1:
-        skew, way = server_time - t1, "ahead of"
-    elif server_time < t0:
-        skew, way = t0 - server_time, "behind"
-    else:
-        skew, way = 0.0, "in step with"
+    trip = f"round trip {rtt * 1000:.0f} ms"
+    if t0 <= server_time <= t1:
+        return Check("server", "clock", True, f"in step: the server's time fell within the {trip}")
+    skew, way = (server_time - t1, "ahead of") if server_time > t1 else (t0 - server_time, "behind")
+    detail = f"the server's clock is {secs(skew)} {way} this machine's ({trip})"
     if skew > CLOCK_SKEW_MAX:
-        return Check(
-            "server",
-            "clock",
-            False,
-            f"the server's clock is {secs(skew)} {way} this machine's (round trip {rtt * 1000:.0f} ms; "
-            f"more than {secs(CLOCK_SKEW_MAX)} apart)",
-            FIX_CLOCK,
-        )
-    return Check("server", "clock", True, f"in step within {secs(max(skew, rtt))} (round trip {rtt * 1000:.0f} ms)")
+        return Check("server", "clock", False, f"{detail}: more than {secs(CLOCK_SKEW_MAX)} apart", FIX_CLOCK)
+    return Check("server", "clock", True, f"{detail}: within {secs(CLOCK_SKEW_MAX)}")
 
 
 async def _remote_health(client: Client, groups: Sequence[str]) -> list[Check]:
@@ -591,6 +584,14 @@ async def _prometheus(g: Group) -> Check:
             False,
             f"Prometheus at {spec.url} does not answer: {_err(exc)}",
             f"start Prometheus or fix the signal's url ({spec.url}); it must be reachable from the controller",
+        )
+    if r.status_code == 404:
+        return Check(
+            hop,
+            "prometheus",
+            False,
+            f"{spec.url} is not a Prometheus server: {url} answered 404",
+            "a promql signal's url is the Prometheus base URL (e.g. http://prometheus:9090), not an API path",
         )
     if r.status_code != 200:
         return Check(

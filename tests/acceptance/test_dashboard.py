@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -193,6 +194,18 @@ def test_a_wrong_token_shows_the_login_error(grid: FileGrid, page: Any) -> None:
     expect(page.locator("#login-error")).to_contain_text("log in again")
 
 
+def test_health_says_so_when_the_server_has_no_checks(grid: FileGrid, page: Any) -> None:
+    """An older server without GET /api/v1/health/checks: the Health view says so instead of failing."""
+    from playwright.sync_api import expect
+
+    page.route("**/api/v1/health/checks", lambda route: route.fulfill(status=404, json={"detail": "Not Found"}))
+    log_in(page, grid)
+    expect(page.get_by_role("heading", name="Queues")).to_be_visible()
+    page.get_by_role("link", name="Health").click()
+    expect(page.get_by_text("Health checks not available")).to_be_visible()
+    expect(page.locator("table.health")).to_be_hidden()
+
+
 def test_a_job_and_a_scaling_decision_in_the_dashboard(grid: FileGrid, page: Any, shots: Path) -> None:
     from playwright.sync_api import expect
 
@@ -257,6 +270,10 @@ def test_a_job_and_a_scaling_decision_in_the_dashboard(grid: FileGrid, page: Any
     expect(card.locator('tr[data-kind="scale_down"]').first).to_be_visible(timeout=30_000)
     expect(card.locator(".fig-current .v")).to_have_text("0", timeout=30_000)
     time.sleep(2.5)  # one more poll, so the chart's line reaches zero
+    card.locator(f'.marker[data-event-id="{up["id"]}"]').focus()  # by keyboard, as by mouse
+    expect(card.locator(".tip")).to_contain_text(up["reason"])
+    card.locator(f'.marker[data-event-id="{up["id"]}"]').press("Enter")  # picks its row in the list
+    expect(card.locator(f'tr[data-event-id="{up["id"]}"]')).to_have_class(re.compile(r"\bpicked\b"))
     card.locator(f'.marker[data-event-id="{up["id"]}"]').hover()
     expect(card.locator(".tip")).to_contain_text(up["reason"])
     screenshot(page, shots, "groups")

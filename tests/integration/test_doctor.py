@@ -6,15 +6,19 @@ JSON, and the health routes the dashboard reads, too."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import shutil
 import socket
 import sqlite3
+import subprocess
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client import CollectorRegistry, Gauge, start_http_server
 from typer.testing import CliRunner
 
 from scaleq.cli import app
@@ -228,6 +232,77 @@ async def test_a_signal_endpoint_that_is_down_is_named(sqlite_live: LiveServer, 
     assert not prometheus.ok and prom_url in prometheus.detail and "start Prometheus" in prometheus.fix
     assert [c for c in checks if c.name == "prometheus"] == [prometheus]  # only promql signals use Prometheus
     assert set(failed(checks)) == {("group text", "signal"), ("group prom", "signal"), ("group prom", "prometheus")}
+
+
+async def test_a_promql_url_that_is_not_prometheus_is_named(sqlite_live: LiveServer, tmp_path: Path) -> None:
+    g = group("prom", signal=SignalSpec(kind="promql", url=sqlite_live.url, query="vector(1)", timeout=2))
+    async with sqlite_live.client("admin") as admin:
+        await fresh_status(admin, g)
+        checks = await run_checks(admin, Grid(name="t", groups=[g]), ctx(sqlite_live, tmp_path))
+    prometheus = find(checks, "group prom", "prometheus")
+    assert not prometheus.ok and "not a Prometheus server" in prometheus.detail and "base URL" in prometheus.fix
+    assert sqlite_live.url in find(checks, "group prom", "signal").detail
+
+
+@pytest.fixture(scope="module")
+def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real Prometheus (Debian's, from scripts/prometheus.sh) with nothing to scrape: PromQL still answers."""
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.fail("the prometheus binary is not on PATH: run scripts/prometheus.sh (Debian's prometheus package)")
+    work = tmp_path_factory.mktemp("prometheus")
+    (work / "prometheus.yml").write_text("global:\n  scrape_interval: 15s\n")
+    port = free_port()
+    with open(work / "prometheus.log", "wb") as log:
+        proc = subprocess.Popen(
+            [
+                binary,
+                f"--config.file={work / 'prometheus.yml'}",
+                f"--storage.tsdb.path={work / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/-/ready", timeout=1).status_code == 200:
+                    break
+            assert proc.poll() is None, (work / "prometheus.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, "prometheus not ready in 30 s"
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+async def test_healthy_external_signals_and_prometheus_pass(
+    sqlite_live: LiveServer, tmp_path: Path, prometheus: str
+) -> None:
+    registry = CollectorRegistry()
+    Gauge("queue_length", "jobs waiting", ["queue"], registry=registry).labels(queue="q").set(4)
+    httpd, thread = start_http_server(0, addr="127.0.0.1", registry=registry)
+    text_url = f"http://127.0.0.1:{httpd.server_port}/metrics"
+    text = group("text", signal=SignalSpec(kind="prometheus_text", url=text_url, metric="queue_length"))
+    prom = group("prom", signal=SignalSpec(kind="promql", url=prometheus, query="vector(3)"))
+    try:
+        async with sqlite_live.client("admin") as admin:
+            for g in (text, prom):
+                await fresh_status(admin, g)
+            checks = await run_checks(admin, Grid(name="t", groups=[text, prom]), ctx(sqlite_live, tmp_path))
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(5)
+    assert all_ok(checks), [c for c in checks if not c.ok]
+    assert find(checks, "group text", "signal").detail == f"queue_length at {text_url} reads 4"
+    assert find(checks, "group prom", "signal").detail == f"PromQL 'vector(3)' at {prometheus} reads 3"
+    assert find(checks, "group prom", "prometheus").detail == f"Prometheus at {prometheus} is ready"
 
 
 async def test_a_provider_it_cannot_reach_is_named(

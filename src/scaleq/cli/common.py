@@ -25,7 +25,7 @@ from scaleq.config import ConfigError, resolve
 T = TypeVar("T")
 # Off a terminal (pipes, logs), tables get room instead of the 80-column default.
 out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True, width=None if sys.stderr.isatty() else 200)
 
 
 class Output(StrEnum):
@@ -42,7 +42,7 @@ TokenOpt = Annotated[
 DataDirOpt = Annotated[
     Path | None,
     typer.Option(
-        "--data-dir", envvar="SCALEQ_DATA_DIR", help="Grid data dir written by 'scaleq up' [default: ./.scaleq]."
+        "--data-dir", envvar="SCALEQ_DATA_DIR", help="Grid data dir written by 'scaleq up' \\[default: ./.scaleq]."
     ),
 ]
 OutputOpt = Annotated[Output, typer.Option("--output", "-o", help="table for people, json for scripts.")]

@@ -45,11 +45,20 @@ def _logging(verbose: bool) -> None:
     logging.getLogger("httpx").setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
+def _running(pid: int) -> bool:
+    """A live process (a zombie — killed, not yet reaped — does not count)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in status
+
+
 def up(
     grid_file: Annotated[Path | None, typer.Option("--grid", "-g", help="Grid file (TOML) to run.")] = None,
-    host: Annotated[str | None, typer.Option(help="Address to listen on [default: 127.0.0.1].")] = None,
-    port: Annotated[int | None, typer.Option(help="Port to listen on; 0 picks a free one [default: 8765].")] = None,
-    store: Annotated[str | None, typer.Option(help="Store URL [default: sqlite in the data dir].")] = None,
+    host: Annotated[str | None, typer.Option(help="Address to listen on \\[default: 127.0.0.1].")] = None,
+    port: Annotated[int | None, typer.Option(help="Port to listen on; 0 picks a free one \\[default: 8765].")] = None,
+    store: Annotated[str | None, typer.Option(help="Store URL \\[default: sqlite in the data dir].")] = None,
     lease_seconds: Annotated[float | None, typer.Option(help="Lease of a running job without heartbeat.")] = None,
     otlp_endpoint: Annotated[
         str | None,
@@ -78,7 +87,7 @@ def up(
         import json
 
         pid = json.loads(info.read_text()).get("pid")
-        if pid and Path(f"/proc/{pid}").exists() and pid != os.getpid():
+        if pid and pid != os.getpid() and _running(pid):
             fail(f"a grid is already running from {directory} (pid {pid}); stop it or use another --data-dir")
     try:
         asyncio.run(
@@ -106,17 +115,17 @@ def worker(
         list[RuntimeKind] | None,
         typer.Option("--runtime", "-r", help="docker (default) and/or process (trusted local work); repeatable."),
     ] = None,
-    slots: Annotated[int | None, typer.Option(help="Jobs at once [default: one per CPU core].")] = None,
-    worker_id: Annotated[str | None, typer.Option(help="Worker id [default: <hostname>-<random>].")] = None,
+    slots: Annotated[int | None, typer.Option(help="Jobs at once \\[default: one per CPU core].")] = None,
+    worker_id: Annotated[str | None, typer.Option(help="Worker id \\[default: <hostname>-<random>].")] = None,
     group: Annotated[str | None, typer.Option(help="Worker group this worker belongs to.")] = None,
     tag: Annotated[list[str] | None, typer.Option("--tag", help="Tag this worker offers; repeatable.")] = None,
-    cpus: Annotated[float | None, typer.Option(help="CPU cores offered [default: all].")] = None,
-    memory: Annotated[str | None, typer.Option(help="Memory offered, e.g. 8g [default: all].")] = None,
+    cpus: Annotated[float | None, typer.Option(help="CPU cores offered \\[default: all].")] = None,
+    memory: Annotated[str | None, typer.Option(help="Memory offered, e.g. 8g \\[default: all].")] = None,
     gpus: Annotated[int, typer.Option(help="GPUs offered.")] = 0,
     allow_host_network: Annotated[bool, typer.Option(help="Run jobs that ask for the host network.")] = False,
     server_grace: Annotated[float, typer.Option(help="Seconds to wait out an unreachable server.")] = 600.0,
     metrics_port: Annotated[
-        int | None, typer.Option(help="Serve Prometheus /metrics on this port (0: any free port) [default: off].")
+        int | None, typer.Option(help="Serve Prometheus /metrics on this port (0: any free port) \\[default: off].")
     ] = None,
     metrics_host: Annotated[str, typer.Option(help="Address for --metrics-port.")] = "0.0.0.0",
     server: ServerOpt = None,

@@ -238,7 +238,7 @@ def job(
 def logs(
     job_id: Annotated[str, typer.Argument(help="Job id or a unique prefix.")],
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing until the job finishes.")] = False,
-    attempt: Annotated[int | None, typer.Option(help="Attempt number [default: the latest].")] = None,
+    attempt: Annotated[int | None, typer.Option(help="Attempt number \\[default: the latest].")] = None,
     output: OutputOpt = Output.table,
     server: ServerOpt = None,
     token: TokenOpt = None,

@@ -287,7 +287,12 @@ class WorkerAgent:
         assert self._tmp is not None
         base = self._tmp / f"{job.id[:16]}-{claim.attempt}"
         spec = RunSpec(job.id, claim.attempt, self.id, job.definition, base / "inputs", base / "outputs")
-        shipper = LogShipper(self.client, lease, on_stale=lambda: self._abandon(r, "the server refused its logs"))
+        shipper = LogShipper(
+            self.client,
+            lease,
+            on_stale=lambda: self._abandon(r, "the server refused its logs"),
+            give_up_after=self.cfg.server_grace,
+        )
         result: RunResult | None = None
         try:
             runtime = self.cfg.runtimes.get(job.definition.runtime.value)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable
 
 from scaleq.client import ApiError, Client, Unreachable
@@ -18,8 +19,10 @@ MAX_BUFFER = 8 * 1024 * 1024
 
 
 class LogShipper:
-    def __init__(self, client: Client, lease: str, on_stale: Callable[[], None]) -> None:
+    def __init__(self, client: Client, lease: str, on_stale: Callable[[], None], give_up_after: float = 600.0) -> None:
         self.client = client
+        self.give_up_after = give_up_after
+        self._stale = False
         self.lease = lease
         self.on_stale = on_stale
         self._buf: list[tuple[str, bytes]] = []
@@ -51,10 +54,19 @@ class LogShipper:
         if self._task is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        # the final flush must land before the result is reported
-        for _ in range(20):
-            if not self._buf or not await self._flush():
+        if exc[0] is not None:
+            return  # the attempt was stopped (cancelled, abandoned): its last output has no one to go to
+        # The final output must land before the result is reported, and it is retried as the result is: a server
+        # that is away (restarting) gets it when it is back.
+        deadline = time.monotonic() + self.give_up_after
+        delay = 0.2
+        while self._buf and not self._stale:
+            if await self._flush():
+                continue
+            if self._stale or time.monotonic() > deadline:
                 break
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
     async def _loop(self) -> None:
         while not self._closing.is_set():
@@ -81,5 +93,6 @@ class LogShipper:
             return False
         except ApiError as exc:
             if exc.stale:
+                self._stale = True
                 self.on_stale()
             return False

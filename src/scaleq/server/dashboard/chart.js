@@ -29,7 +29,8 @@ export function buildSeries(group, events, samples) {
   // scale_up / scale_down is taken to bring current to what it decided.
   const seenFrom = samples.length ? samples[0].t : Infinity;
   for (const e of events) {
-    if (e.from !== null && e.to !== null && (e.kind === "scale_up" || e.kind === "scale_down" || e.kind === "desired")) {
+    const counted = e.kind === "scale_up" || e.kind === "scale_down" || e.kind === "desired";
+    if (counted && e.from !== null && e.to !== null) {
       points.push({ t: e.time, current: e.from, desired: e.to });
       if (e.kind !== "desired" && e.time < seenFrom) points.push({ t: e.time + 0.001, current: e.to, desired: e.to });
     } else if (e.kind === "adopt" && e.to !== null) {

@@ -52,7 +52,11 @@ export async function queuesView(ctx) {
       ctx.updated();
       if (!queues.length) {
         tbody.replaceChildren(
-          emptyRow(6, "No queues yet. A queue appears with its first job: ", h("code", {}, "scaleq submit default -- echo hi")),
+          emptyRow(
+            6,
+            "No queues yet. A queue appears with its first job: ",
+            h("code", {}, "scaleq submit default -- echo hi"),
+          ),
         );
         return;
       }
@@ -184,7 +188,9 @@ function dl(pairs) {
   return h(
     "dl",
     { class: "facts" },
-    pairs.filter(Boolean).map(([k, v]) => [h("dt", {}, k), h("dd", {}, v === null || v === undefined || v === "" ? "—" : v)]),
+    pairs
+      .filter(Boolean)
+      .map(([k, v]) => [h("dt", {}, k), h("dd", {}, v === null || v === undefined || v === "" ? "—" : v)]),
   );
 }
 
@@ -216,7 +222,10 @@ function definitionFacts(d) {
         : "—",
     ],
     ["Max duration", fmt.duration(d.max_duration)],
-    ["Requirements", `${req.cpus ?? 1} CPU, ${req.gpus ?? 0} GPU, memory ${req.memory ? fmt.bytes(req.memory) : "any"}`],
+    [
+      "Requirements",
+      `${req.cpus ?? 1} CPU, ${req.gpus ?? 0} GPU, memory ${req.memory ? fmt.bytes(req.memory) : "any"}`,
+    ],
     ["Tags", (d.tags || []).length ? d.tags.join(", ") : "—"],
     ["Network", d.network],
   ]);
@@ -560,7 +569,11 @@ export async function workersView(ctx) {
                 h("td", {}, offers.join(", ")),
                 h("td", {}, w.hostname || "—"),
                 h("td", { class: "num", title: fmt.stamp(w.last_heartbeat) }, fmt.ago(w.last_heartbeat)),
-                h("td", { class: "num" }, w.idle_since && w.state === "active" ? fmt.duration(now - w.idle_since) : "—"),
+                h(
+                  "td",
+                  { class: "num" },
+                  w.idle_since && w.state === "active" ? fmt.duration(now - w.idle_since) : "—",
+                ),
               );
             })
           : [
@@ -634,7 +647,11 @@ function groupCard(group, events, picked, onHold) {
       ? shown.map((e) => {
           const row = h(
             "tr",
-            { class: [`k-${e.kind}`, picked.id === e.id && "picked"], tabindex: -1, dataset: { eventId: e.id, kind: e.kind } },
+            {
+              class: [`k-${e.kind}`, picked.id === e.id && "picked"],
+              tabindex: -1,
+              dataset: { eventId: e.id, kind: e.kind },
+            },
             h("td", { title: fmt.stamp(e.time) }, fmt.time(e.time)),
             h("td", {}, kindBadge(e.kind)),
             h("td", { class: "num" }, e.from !== null || e.to !== null ? `${e.from ?? "?"} → ${e.to ?? "?"}` : "—"),
@@ -788,19 +805,30 @@ export async function healthView(ctx) {
           el.hidden = true;
         } else {
           el.hidden = false;
-          const failing = checks.filter((c) => !c.ok).length;
+          // a check that could not run (checked: false) is neither a pass nor a failure: it says why
+          const look = (c) =>
+            c.checked === false
+              ? badge("cancelled", "not checked", "?")
+              : c.ok
+                ? badge("success", "ok", "✓")
+                : badge("failed", "failing", "✗");
+          const failing = checks.filter((c) => !c.ok && c.checked !== false).length;
+          const unchecked = checks.filter((c) => c.checked === false).length;
+          const also = unchecked ? ` ${unchecked} could not be checked.` : "";
           summary.replaceChildren(
             failing
-              ? notice("error", `${failing} of ${checks.length} checks fail. The first failing hop is where to look.`)
-              : notice("ok", `All ${checks.length} checks pass.`),
+              ? notice("error", `${failing} of ${checks.length} checks fail: start with the first failing hop.${also}`)
+              : unchecked
+                ? notice("info", `No check fails.${also}`)
+                : notice("ok", `All ${checks.length} checks pass.`),
           );
           tbody.replaceChildren(
             ...(checks.length
               ? checks.map((c) =>
                   h(
                     "tr",
-                    { class: c.ok ? "ok" : "failing" },
-                    h("td", {}, c.ok ? badge("success", "ok", "✓") : badge("failed", "failing", "✗")),
+                    { class: c.checked === false ? "unchecked" : c.ok ? "ok" : "failing" },
+                    h("td", {}, look(c)),
                     h("td", {}, c.hop),
                     h("th", { scope: "row" }, c.name),
                     h("td", { class: "reason" }, c.detail || "—"),
