@@ -31,6 +31,7 @@ def _root(
 
 
 app.command(rich_help_panel="Run")(grid.up)
+app.command(rich_help_panel="Run")(grid.server)
 app.command(rich_help_panel="Run")(grid.worker)
 app.command(rich_help_panel="Jobs")(jobs.submit)
 app.command(rich_help_panel="Jobs")(jobs.jobs)

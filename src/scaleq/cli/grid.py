@@ -29,6 +29,7 @@ from scaleq.cli.common import (
     with_client,
 )
 from scaleq.config import data_dir as resolve_data_dir
+from scaleq.grid import Grid
 from scaleq.jobs import RuntimeKind, parse_size, validate_queue_name
 from scaleq.server.roles import ROLES
 
@@ -54,18 +55,28 @@ def _running(pid: int) -> bool:
     return "\nState:\tZ" not in status
 
 
+HostOpt = Annotated[str | None, typer.Option(help="Address to listen on \\[default: 127.0.0.1].")]
+PortOpt = Annotated[int | None, typer.Option(help="Port to listen on; 0 picks a free one \\[default: 8765].")]
+StoreOpt = Annotated[
+    str | None, typer.Option(help="Store: a sqlite path or postgresql:// URL \\[default: sqlite in the data dir].")
+]
+LeaseOpt = Annotated[float | None, typer.Option(help="Lease of a running job without heartbeat, in seconds.")]
+OtlpOpt = Annotated[
+    str | None,
+    typer.Option(envvar="SCALEQ_OTLP_ENDPOINT", help="Push metrics over OTLP/HTTP, e.g. http://collector:4318."),
+]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")]
+
+
 def up(
     grid_file: Annotated[Path | None, typer.Option("--grid", "-g", help="Grid file (TOML) to run.")] = None,
-    host: Annotated[str | None, typer.Option(help="Address to listen on \\[default: 127.0.0.1].")] = None,
-    port: Annotated[int | None, typer.Option(help="Port to listen on; 0 picks a free one \\[default: 8765].")] = None,
-    store: Annotated[str | None, typer.Option(help="Store URL \\[default: sqlite in the data dir].")] = None,
-    lease_seconds: Annotated[float | None, typer.Option(help="Lease of a running job without heartbeat.")] = None,
-    otlp_endpoint: Annotated[
-        str | None,
-        typer.Option(envvar="SCALEQ_OTLP_ENDPOINT", help="Push metrics over OTLP/HTTP, e.g. http://collector:4318."),
-    ] = None,
+    host: HostOpt = None,
+    port: PortOpt = None,
+    store: StoreOpt = None,
+    lease_seconds: LeaseOpt = None,
+    otlp_endpoint: OtlpOpt = None,
     data_dir: DataDirOpt = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Run the server, the store and the autoscaler in one process.
 
@@ -74,13 +85,46 @@ def up(
     commands given the same data dir need no further set-up.
     """
     from scaleq import grid as gridmod
-    from scaleq.embedded import serve
 
-    _logging(verbose)
     try:
         grid = gridmod.load(grid_file) if grid_file else gridmod.embedded_default()
     except gridmod.GridFileError as exc:
         bad_input(str(exc))
+    _serve(grid, host, port, store, lease_seconds, otlp_endpoint, data_dir, verbose)
+
+
+def server(
+    host: HostOpt = None,
+    port: PortOpt = None,
+    store: StoreOpt = None,
+    lease_seconds: LeaseOpt = None,
+    otlp_endpoint: OtlpOpt = None,
+    data_dir: DataDirOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Run the API server alone (no autoscaler, no workers): several of them can share one PostgreSQL store.
+
+    Run the controller with 'scaleq autoscale --grid FILE' (or 'scaleq up --grid FILE' on one of them).
+    """
+    from scaleq.grid import Grid
+
+    _serve(Grid(), host, port, store, lease_seconds, otlp_endpoint, data_dir, verbose)
+
+
+def _serve(
+    grid: Grid,
+    host: str | None,
+    port: int | None,
+    store: str | None,
+    lease_seconds: float | None,
+    otlp_endpoint: str | None,
+    data_dir: Path | None,
+    verbose: bool,
+) -> None:
+    from scaleq.embedded import serve
+    from scaleq.store.base import SchemaTooNew
+
+    _logging(verbose)
     directory = resolve_data_dir(data_dir)
     info = directory / "server.json"
     if info.exists():
@@ -88,7 +132,7 @@ def up(
 
         pid = json.loads(info.read_text()).get("pid")
         if pid and pid != os.getpid() and _running(pid):
-            fail(f"a grid is already running from {directory} (pid {pid}); stop it or use another --data-dir")
+            fail(f"a server is already running from {directory} (pid {pid}); stop it or use another --data-dir")
     try:
         asyncio.run(
             serve(
@@ -101,6 +145,8 @@ def up(
                 otlp_endpoint=otlp_endpoint,
             )
         )
+    except SchemaTooNew as exc:
+        fail(str(exc))
     except OSError as exc:
         fail(f"cannot listen: {exc}")
     except RuntimeError as exc:  # e.g. OTLP asked for without its packages
