@@ -105,7 +105,7 @@ async def serve(
             pusher = otlp.pusher(app, otlp_endpoint)  # fails here, at start, if the packages are missing
         server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
         server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
-        pctx = ProviderContext(grid.name, url, worker_token, data_dir)
+        pctx = ProviderContext(grid.name, url, worker_token, data_dir, grid.server.public_url)
         groups = [(g, make_provider(g, pctx)) for g in grid.groups]
         controller = Controller(groups, StoreObserver(store, notifier, time.time))
         write_server_info(data_dir, url, admin)

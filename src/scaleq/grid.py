@@ -53,6 +53,45 @@ class ServerSection(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=8765, ge=0, le=65535)
     lease_seconds: float = Field(default=15.0, gt=0)
+    public_url: str | None = Field(
+        default=None, description="the URL workers on other machines use to reach the server (cloud providers)"
+    )
+
+
+class GcpSettings(_Strict):
+    """Where a ``gcp`` group's regional managed instance group lives and what its VMs are."""
+
+    project: str
+    region: str
+    zones: list[str] = Field(default_factory=list, description="zones to spread over; default: the region's")
+    machine_type: str = "e2-standard-2"
+    network: str = "default"
+    subnetwork: str | None = None
+    service_account: str | None = None
+    boot_disk_gb: int = Field(default=20, ge=10)
+    spot: bool = False
+    api_endpoint: str | None = Field(default=None, description="Compute API endpoint override (tests, proxies)")
+
+
+class KubernetesSettings(_Strict):
+    """Where a ``kubernetes`` group's worker pods run."""
+
+    namespace: str = "scaleq"
+    context: str | None = Field(default=None, description="kubeconfig context; default: current or in-cluster")
+    kubeconfig: str | None = None
+    service_account: str | None = None
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+
+
+class FlySettings(_Strict):
+    """The Fly.io app and machine size of a ``fly`` group."""
+
+    app: str
+    region: str = "iad"
+    cpu_kind: Literal["shared", "performance"] = "shared"
+    cpus: int = Field(default=1, ge=1)
+    memory_mb: int = Field(default=1024, ge=256)
+    api_url: str = "https://api.machines.dev"
 
 
 class StoreSection(_Strict):
@@ -85,6 +124,9 @@ class Group(_Strict):
     allow_host_network: bool = False
     env: dict[str, str] = Field(default_factory=dict, description="extra environment of the worker processes")
     signal: SignalSpec = Field(default_factory=SignalSpec, description="what the controller reads as demand")
+    gcp: GcpSettings | None = None
+    kubernetes: KubernetesSettings | None = None
+    fly: FlySettings | None = None
 
     @field_validator("queue")
     @classmethod
@@ -95,6 +137,12 @@ class Group(_Strict):
     def _bounds(self) -> Group:
         if self.max_workers < self.min_workers:
             raise ValueError(f"max_workers ({self.max_workers}) must be >= min_workers ({self.min_workers})")
+        if self.provider == "gcp" and self.gcp is None:
+            raise ValueError("a gcp group needs a [groups.gcp] table with at least project and region")
+        if self.provider == "fly" and self.fly is None:
+            raise ValueError("a fly group needs a [groups.fly] table with at least app")
+        if self.provider in ("gcp", "kubernetes", "fly") and not self.image:
+            raise ValueError(f"a {self.provider} group needs image (the worker image its machines run)")
         return self
 
     def policy(self) -> PolicySettings:

@@ -51,7 +51,9 @@ def doctor(
         # doctor only asks providers for their health, which needs no token: read the recorded one, never make one
         token_file = directory / "worker.token"
         worker_token = token_file.read_text().strip() if token_file.exists() else ""
-        ctx = ProviderContext(grid.name, target.server if target else "", worker_token, directory)
+        ctx = ProviderContext(
+            grid.name, target.server if target else "", worker_token, directory, grid.server.public_url
+        )
 
     async def go() -> list[Check]:
         if target is None:

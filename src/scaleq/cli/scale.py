@@ -59,7 +59,9 @@ def _with_deployer(
     directory = resolve_data_dir(data_dir)
 
     async def go(client: Client) -> T:
-        ctx = ProviderContext(grid.name, client.server, await _worker_token(client, directory), directory)
+        ctx = ProviderContext(
+            grid.name, client.server, await _worker_token(client, directory), directory, grid.server.public_url
+        )
         return await fn(Deployer(grid, directory, client, ctx))
 
     return with_client(server, token, data_dir, go)
@@ -189,7 +191,9 @@ def autoscale(
     directory = resolve_data_dir(data_dir)
 
     async def go(client: Client) -> None:
-        ctx = ProviderContext(grid.name, client.server, await _worker_token(client, directory), directory)
+        ctx = ProviderContext(
+            grid.name, client.server, await _worker_token(client, directory), directory, grid.server.public_url
+        )
         controller = Controller([(g, make_provider(g, ctx)) for g in grid.groups], RemoteObserver(client), tick=tick)
         err.print(f"autoscaling {len(grid.groups)} group(s) of {grid.name} against {client.server}")
         await controller.run()

@@ -15,6 +15,11 @@ class ProviderContext:
     server: str
     worker_token: str
     data_dir: Path
+    public_url: str | None = None  # how workers on other machines reach the server (grid [server] public_url)
+
+    @property
+    def public_server(self) -> str:
+        return self.public_url or self.server
 
 
 def make_provider(group: Group, ctx: ProviderContext) -> Provider:
@@ -32,4 +37,16 @@ def make_provider(group: Group, ctx: ProviderContext) -> Provider:
         from scaleq.providers.docker import DockerProvider
 
         return DockerProvider(grid=ctx.grid, server=ctx.server, token=ctx.worker_token)
+    if group.provider == "gcp":
+        from scaleq.providers.gcp import GcpProvider
+
+        return GcpProvider(grid=ctx.grid, server=ctx.public_server, token=ctx.worker_token)
+    if group.provider == "kubernetes":
+        from scaleq.providers.kubernetes import KubernetesProvider
+
+        return KubernetesProvider(grid=ctx.grid, server=ctx.public_server, token=ctx.worker_token)
+    if group.provider == "fly":
+        from scaleq.providers.fly import FlyProvider
+
+        return FlyProvider(grid=ctx.grid, server=ctx.public_server, token=ctx.worker_token)
     raise ProviderError(f"group {group.name}: provider {group.provider!r} is not available in this version of scaleq")
