@@ -231,7 +231,7 @@ class WorkerAgent:
                 if not o["ok"]:
                     log.warning("result of an attempt was refused: %s", o.get("detail"))
             for claim in claims:
-                if self.forced:  # claimed while being stopped by force: hand it straight back
+                if self.draining:  # claimed while the drain began: hand it straight back, unrun and unspent
                     with contextlib.suppress(ApiError, Unreachable):
                         await self.client.release(claim.lease)
                 else:
