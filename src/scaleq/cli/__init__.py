@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from scaleq import __version__
-from scaleq.cli import doctor, grid, jobs, scale, simulate
+from scaleq.cli import doctor, export, grid, jobs, scale, simulate
 
 app = typer.Typer(
     name="scaleq",
@@ -49,6 +49,7 @@ app.command(rich_help_panel="Groups")(scale.apply)
 app.command(rich_help_panel="Groups")(scale.destroy)
 app.command(rich_help_panel="Groups")(scale.autoscale)
 app.command(rich_help_panel="Groups")(simulate.simulate)
+app.add_typer(export.export_app, name="export", rich_help_panel="Groups")
 app.add_typer(grid.tokens_app, name="tokens", rich_help_panel="Admin")
 
 
