@@ -21,6 +21,7 @@ from rich.table import Table
 
 from scaleq.client import ApiError, Client, Unreachable, format_detail
 from scaleq.config import ConfigError, resolve
+from scaleq.providers.base import ProviderError
 
 T = TypeVar("T")
 # Off a terminal (pipes, logs), tables get room instead of the 80-column default.
@@ -89,6 +90,8 @@ def with_client(
         fail(detail)
     except Unreachable as exc:
         fail(str(exc))
+    except ProviderError as exc:
+        fail(f"provider: {exc}")
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
 

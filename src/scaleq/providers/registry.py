@@ -40,7 +40,7 @@ def make_provider(group: Group, ctx: ProviderContext) -> Provider:
     if group.provider == "gcp":
         from scaleq.providers.gcp import GcpProvider
 
-        return GcpProvider(grid=ctx.grid, server=ctx.public_server, token=ctx.worker_token)
+        return GcpProvider(grid=ctx.grid, server=ctx.public_server, token=ctx.worker_token, settings=group.gcp)
     if group.provider == "kubernetes":
         from scaleq.providers.kubernetes import KubernetesProvider
 
@@ -48,5 +48,5 @@ def make_provider(group: Group, ctx: ProviderContext) -> Provider:
     if group.provider == "fly":
         from scaleq.providers.fly import FlyProvider
 
-        return FlyProvider(grid=ctx.grid, server=ctx.public_server, token=ctx.worker_token)
+        return FlyProvider(grid=ctx.grid, server=ctx.public_server, token=ctx.worker_token, settings=group.fly)
     raise ProviderError(f"group {group.name}: provider {group.provider!r} is not available in this version of scaleq")
