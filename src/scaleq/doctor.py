@@ -106,6 +106,11 @@ PROVIDER_FIX = {
         "('scaleq up' / 'scaleq autoscale') and of doctor"
     ),
     "local": "the local provider runs 'scaleq worker' with this Python: reinstall scaleq in it",
+    "kubernetes": (
+        "set the group's kubeconfig/context, or $KUBECONFIG, or run in-cluster with the Role in docs/providers.md"
+    ),
+    "gcp": "set up application default credentials (gcloud auth application-default login, or a service account)",
+    "fly": "set FLY_API_TOKEN (fly tokens create deploy) and create the app (fly apps create)",
 }
 PROVIDER_FIX_DEFAULT = "check the provider's API endpoint and credentials in the environment of the controller"
 

@@ -114,9 +114,12 @@ UINT64 = re.compile(r"[0-9]{1,20}")
 class ApiError(Exception):
     """An error answered in Google's JSON shape."""
 
-    def __init__(self, code: int, message: str, reason: str, status: str | None = None) -> None:
+    def __init__(
+        self, code: int, message: str, reason: str, status: str | None = None, op_code: str | None = None
+    ) -> None:
         super().__init__(message)
         self.code, self.message, self.reason, self.status = code, message, reason, status
+        self.op_code = op_code or reason.upper()  # the code an Operation's error gives it (e.g. QUOTA_EXCEEDED)
 
     def body(self) -> dict[str, Any]:
         error: dict[str, Any] = {
@@ -346,6 +349,7 @@ class ComputeStandIn:
         self.calls: list[Call] = []
         self._inserting: dict[tuple[str, str, str], tuple[str, str, str]] = {}  # insert operation → template
         self.faults: list[Fault] = []
+        self.op_faults: list[Fault] = []
         self._ids = itertools.count(int(time.time() * 1000) * 1000)
         self._lock = threading.RLock()
         self._rand = random.Random(7)
@@ -358,6 +362,12 @@ class ComputeStandIn:
         reasons = {403: "forbidden", 404: "notFound", 429: "rateLimitExceeded", 500: "backendError", 503: "unavailable"}
         with self._lock:
             self.faults.append(Fault(code, message, reason or reasons.get(code, "invalid"), method, times))
+
+    def fail_operation(self, method: str, code: str, message: str, *, times: int = 1) -> None:
+        """Let the next ``times`` operations of ``method`` (id or last part) end DONE with this error, as the API
+        reports what goes wrong while an operation runs (e.g. ``QUOTA_EXCEEDED``)."""
+        with self._lock:
+            self.op_faults.append(Fault(400, message, code, method, times))
 
     def called(self, name: str) -> list[Call]:
         """The recorded calls of a method, by its id or last part (``createInstances``)."""
@@ -444,6 +454,8 @@ class ComputeStandIn:
                 self._region(params["project"], params["region"])
             if not (m.resource == "regionOperations" and m.name == "wait"):
                 result = getattr(self, f"_{m.resource}_{m.name}")(params, query, body)
+                if m.response == "Operation":
+                    self._maybe_fail(m, params, result)
         if m.resource == "regionOperations" and m.name == "wait":
             result = self._wait(params)  # blocks without the lock, so other requests go on meanwhile
         if m.response:
@@ -454,6 +466,18 @@ class ComputeStandIn:
                     500, f"stand-in bug: its answer does not fit {m.response}: {exc.message}", "backendError"
                 ) from None
         return result
+
+    def _maybe_fail(self, m: Method, params: dict[str, str], op: dict[str, Any]) -> None:
+        for fault in self.op_faults:
+            if fault.times > 0 and fault.method in (m.id, m.name):
+                fault.times -= 1
+                error = ApiError(fault.code, fault.message, "operationFailed", op_code=fault.reason)
+
+                def fail(error: ApiError = error) -> None:
+                    raise error
+
+                self.ops[(params["project"], params["region"], op["name"])].effect = fail
+                return
 
     # -- scopes -----------------------------------------------------------------------------------------------------
 
@@ -513,7 +537,7 @@ class ComputeStandIn:
                 if effect is not None:
                     effect()
             except ApiError as exc:
-                op.resource["error"] = {"errors": [{"code": exc.reason.upper(), "message": exc.message}]}
+                op.resource["error"] = {"errors": [{"code": exc.op_code, "message": exc.message}]}
                 op.resource["httpErrorStatusCode"] = exc.code
                 op.resource["httpErrorMessage"] = {400: "BAD REQUEST", 404: "NOT FOUND"}.get(exc.code, "ERROR")
             else:

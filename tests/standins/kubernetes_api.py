@@ -63,8 +63,7 @@ import aiohttp.web
 import kmock
 import kubernetes_validate
 import yaml
-from kmock._internal.dicts import patch_dict
-from kmock._internal.enums import action as Action
+from kmock import action as Action
 from kubernetes.utils import parse_quantity
 
 T = TypeVar("T")
@@ -143,6 +142,18 @@ def parse_selector(text: str) -> Callable[[dict[str, str]], bool]:
         else:
             tests.append(lambda labels, k=key: k in labels)
     return lambda labels: all(t(labels) for t in tests)
+
+
+def merge_patch(target: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    """A JSON merge patch (RFC 7386): objects merge, ``null`` removes, anything else replaces."""
+    for key, value in patch.items():
+        if value is None:
+            target.pop(key, None)
+        elif isinstance(value, dict) and isinstance(target.get(key), dict):
+            target[key] = merge_patch(target[key], value)
+        else:
+            target[key] = copy.deepcopy(value)
+    return target
 
 
 # -- validation beyond the schema -------------------------------------------------------------------------------------
@@ -291,8 +302,10 @@ class StandInApi(kmock.KubernetesEmulator):
         if path.rstrip("/") == _SSAR_PATH:
             return self._access_review(request)
         res = request.resource
-        if res is None or res.group != "" or res.version != "v1" or res.plural not in ("pods", "secrets"):
-            return await super()._handle(request)  # discovery (/api, /version, …); other resources: 404 below
+        if res is None or res.plural is None:
+            return await super()._handle(request)  # discovery: /api, /apis, /api/v1, …
+        if res.group != "" or res.version != "v1" or res.plural not in ("pods", "secrets"):
+            raise _error(404, "NotFound", f"the stand-in does not model {path} (only namespaces, pods, secrets)")
         resource = res.plural + (f"/{request.subresource}" if request.subresource else "")
         verb = _VERBS.get(request.action, str(request.action))
         ns = request.namespace
@@ -469,7 +482,7 @@ class StandInApi(kmock.KubernetesEmulator):
         current = self._get(plural, ns, name)
         if not isinstance(body, dict):
             raise _error(415, "UnsupportedMediaType", "the stand-in merges JSON object patches only")
-        merged = dict(patch_dict(copy.deepcopy(current.raw), copy.deepcopy(body)))
+        merged = merge_patch(copy.deepcopy(current.raw), body)
         self.validate(merged, ns)
         merged["metadata"]["resourceVersion"] = self._next_rv()
         current.history.append(merged)

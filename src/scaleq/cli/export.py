@@ -38,3 +38,32 @@ def export_terraform_command(
     for path in files:
         out.print(str(path), markup=False, highlight=False)
     err.print(f"next: read {directory / 'README.md'}, then: terraform -chdir={directory} init", markup=False)
+
+
+@export_app.command("k8s")
+def export_k8s_command(
+    directory: Annotated[Path, typer.Argument(help="Directory to write the manifests into (created if missing).")],
+    grid_file: Annotated[Path, typer.Option("--grid", "-g", help="Grid file (TOML).")],
+    image: Annotated[str | None, typer.Option(help="Image of the server \\[default: the first group's image].")] = None,
+) -> None:
+    """Kubernetes manifests, scaled by KEDA, for the grid's kubernetes groups.
+
+    The server (Deployment + Service, on PostgreSQL), per group a worker Deployment and a KEDA ScaledObject on the
+    server's own queue counts, the Secrets to fill in. For deploying with your own tools; scaleq's own controller
+    (the kubernetes provider) scales in more gently. Read DIRECTORY/README.md next."""
+    from scaleq import grid as gridmod
+    from scaleq.export.k8s import ExportError, export_k8s
+
+    try:
+        grid = gridmod.load(grid_file)
+    except gridmod.GridFileError as exc:
+        bad_input(str(exc))
+    try:
+        files = export_k8s(grid, directory, image=image)
+    except ExportError as exc:
+        bad_input(f"{grid_file}: {exc}")
+    except OSError as exc:
+        fail(f"cannot write {directory}: {exc.strerror or exc}")
+    for path in files:
+        out.print(str(path), markup=False, highlight=False)
+    err.print(f"next: read {directory / 'README.md'}, fill in {directory / '10-secrets.yaml'}", markup=False)

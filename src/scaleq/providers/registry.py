@@ -44,7 +44,9 @@ def make_provider(group: Group, ctx: ProviderContext) -> Provider:
     if group.provider == "kubernetes":
         from scaleq.providers.kubernetes import KubernetesProvider
 
-        return KubernetesProvider(grid=ctx.grid, server=ctx.public_server, token=ctx.worker_token)
+        return KubernetesProvider(
+            grid=ctx.grid, server=ctx.public_server, token=ctx.worker_token, settings=group.kubernetes
+        )
     if group.provider == "fly":
         from scaleq.providers.fly import FlyProvider
 
