@@ -41,8 +41,9 @@ What it models (the behaviour scaleq depends on):
   ``deleteInstances`` that leaves the zones uneven makes the MIG delete instances of its own choosing in the fuller
   zones and create randomly named ones in the emptier ones; ``resize`` down deletes instances of its own choosing;
 - **errors**: unknown project, region, template, MIG or operation → 404 ``notFound`` with GCP's message
-  (``The resource 'projects/…' was not found``); faults can be injected (:meth:`ComputeStandIn.inject`) to answer
-  e.g. 403 or 500 to the next matching calls.
+  (``The resource 'projects/…' was not found``); faults can be injected: :meth:`ComputeStandIn.inject` answers
+  e.g. 403 or 500 to the next matching calls, :meth:`ComputeStandIn.fail_operation` makes the next operation of a
+  method end ``DONE`` with an error (e.g. ``QUOTA_EXCEEDED``), as the API reports what fails while it works.
 
 What it does not model: IAM (requests are unauthenticated; inject a 403 to test refusal), quotas, real VMs (no
 container runs: an instance is a record), health checks and autohealing, stateful policy, filters on list calls
