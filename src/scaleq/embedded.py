@@ -104,7 +104,8 @@ async def serve(
 
             pusher = otlp.pusher(app, otlp_endpoint)  # fails here, at start, if the packages are missing
         server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
-        server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        # our handlers, not uvicorn's: on SIGINT/SIGTERM the API must keep serving while local workers drain
+        server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]
         pctx = ProviderContext(grid.name, url, worker_token, data_dir, grid.server.public_url)
         groups = [(g, make_provider(g, pctx)) for g in grid.groups]
         controller = Controller(groups, StoreObserver(store, notifier, time.time))
@@ -119,7 +120,13 @@ async def serve(
             await asyncio.sleep(0.01)
         controlling = asyncio.create_task(controller.run())
         pushing = asyncio.create_task(pusher.run()) if pusher else None
-        log.info("scaleq serving on %s (data dir %s)", url, data_dir)
+        log.info(
+            "scaleq serving on %s (dashboard %s/, data dir %s, admin token in %s)",
+            url,
+            url,
+            data_dir,
+            data_dir / "admin.token",
+        )
         if ready is not None:
             ready.set()
         await asyncio.wait([asyncio.create_task(stop.wait()), serving], return_when=asyncio.FIRST_COMPLETED)
@@ -128,7 +135,10 @@ async def serve(
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-        await _drain_local(groups)
+        force = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, force.set)
+        await _drain_local(groups, force)
         server.should_exit = True
         with contextlib.suppress(asyncio.CancelledError):
             await serving
@@ -137,8 +147,33 @@ async def serve(
         await store.close()
 
 
-async def _drain_local(groups: list[tuple[Group, Provider]]) -> None:
-    """Local workers are this process's children: drain them on the way out (remote ones keep running)."""
-    for group, provider in groups:
-        if isinstance(provider, LocalProvider):
-            await provider.destroy(group, grace=10.0)
+async def _drain_local(groups: list[tuple[Group, Provider]], force: asyncio.Event) -> None:
+    """Local workers are this process's children: drain them on the way out (remote ones keep running).
+
+    Running jobs finish while the API keeps serving; a second Ctrl-C (``force``) makes the workers hand their jobs
+    back to the queue instead, and whatever is still there 10 s later is killed.
+    """
+    local = [(g, p) for g, p in groups if isinstance(p, LocalProvider)]
+    workers = [(g, p, w) for g, p in local for w in await p.list(g)]
+    if not workers:
+        return
+    log.info(
+        "stopping: draining %d local worker(s); running jobs finish (Ctrl-C again to hand them back)", len(workers)
+    )
+    for g, p, w in workers:
+        await p.stop(g, w.id)
+    gone = asyncio.ensure_future(asyncio.gather(*(p.wait_gone(g, 1e9) for g, p in local)))
+    forced = asyncio.ensure_future(force.wait())
+    await asyncio.wait([gone, forced], return_when=asyncio.FIRST_COMPLETED)
+    if not gone.done():
+        log.warning("stopping now: workers hand their jobs back to the queue")
+        for g, p in local:
+            for w in await p.list(g):
+                await p.stop(g, w.id)  # the second SIGTERM: hand back and exit
+        for g, p in local:
+            if not await p.wait_gone(g, 10.0):
+                for w in await p.list(g):
+                    await p.stop(g, w.id, force=True)
+    gone.cancel()
+    forced.cancel()
+    log.info("all local workers stopped")

@@ -209,3 +209,30 @@ async def test_apply_then_destroy_leaves_nothing(live: LiveServer, tmp_path: Pat
         assert await admin.groups() == []
     finally:
         await admin.close()
+
+
+async def test_workers_that_die_before_registering_pause_the_group(live: LiveServer, tmp_path: Path) -> None:
+    """A refused worker token (or a broken image) must not become a restart loop: the group pauses and says why."""
+    g = group(max_workers=1)
+    provider = LocalProvider(
+        grid="t", server=live.url, token="sq_revoked_token", state_dir=tmp_path / "workers", log_dir=tmp_path / "logs"
+    )
+    admin = live.client("admin")
+    try:
+        async with controlling(Controller([(g, provider)], RemoteObserver(admin), tick=0.2)):
+            await submit(admin, "true")
+
+            async def paused() -> list[dict]:
+                return [e for e in await admin.events(group="cpu") if "before registering" in e["reason"]]
+
+            (error,) = (await eventually(paused, 30))[:1]
+            assert error["kind"] == "error" and "token" in error["reason"]
+            starts = len([e for e in await admin.events(group="cpu") if e["kind"] == "scale_up"])
+            await asyncio.sleep(2.0)  # paused: no new starts while it backs off
+            assert len([e for e in await admin.events(group="cpu") if e["kind"] == "scale_up"]) == starts
+        assert starts <= 4
+        logs = list((tmp_path / "logs").glob("*.log"))
+        assert logs and "refused this worker" in logs[0].read_text()
+    finally:
+        await provider.destroy(g, grace=5)
+        await admin.close()

@@ -17,7 +17,9 @@ from typing import Annotated, Any, NoReturn, TypeVar
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from scaleq.client import ApiError, Client, Unreachable, format_detail
 from scaleq.config import ConfigError, resolve
@@ -50,7 +52,7 @@ OutputOpt = Annotated[Output, typer.Option("--output", "-o", help="table for peo
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
-    err.print(f"[red]error:[/red] {message}", markup=True, highlight=False)
+    err.print(f"[red]error:[/red] {escape(message)}", markup=True, highlight=False)
     raise typer.Exit(code)
 
 
@@ -106,7 +108,7 @@ def table(columns: Sequence[str], rows: Iterable[Sequence[Any]], title: str | No
         last = n == len(columns) - 1
         t.add_column(name, no_wrap=not last, overflow="fold" if last else "ellipsis")
     for row in rows:
-        t.add_row(*("" if v is None else str(v) for v in row))
+        t.add_row(*(Text("" if v is None else str(v)) for v in row))  # user text is never markup
     out.print(t)
 
 

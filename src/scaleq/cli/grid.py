@@ -28,6 +28,7 @@ from scaleq.cli.common import (
     table,
     with_client,
 )
+from scaleq.client import ApiError, format_detail
 from scaleq.config import data_dir as resolve_data_dir
 from scaleq.grid import Grid
 from scaleq.jobs import RuntimeKind, parse_size, validate_queue_name
@@ -233,7 +234,12 @@ def worker(
         )
         return await WorkerAgent(config).run()
 
-    raise typer.Exit(asyncio.run(go()))
+    try:
+        code = asyncio.run(go())
+    except ApiError as exc:
+        hint = " (check --token / SCALEQ_TOKEN: it needs the worker role)" if exc.status in (401, 403) else ""
+        fail(f"the server refused this worker: {format_detail(exc.detail)}{hint}")
+    raise typer.Exit(code)
 
 
 def workers(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -57,21 +58,27 @@ def _status(job: Job) -> str:
     return text + ")"
 
 
+class _Progress:
+    """A spinner line that redraws itself (elapsed time ticks even while the long-poll waits)."""
+
+    def __init__(self, job: Job) -> None:
+        self.job = job
+        self.start = time.monotonic()
+        self.spinner = Spinner("dots")
+
+    def __rich__(self) -> Spinner:
+        self.spinner.update(
+            text=f"{self.job.id[:12]} {self.job.state.value} · {duration(time.monotonic() - self.start)}"
+        )
+        return self.spinner
+
+
 async def _follow(client: Client, job: Job, show: bool) -> Job:
-    """Long-poll the job until it finishes, with a spinner on a terminal."""
-    start = time.monotonic()
-
-    async def step(j: Job) -> Job:
-        return await client.get_job(j.id, wait=20, state=j.state.value)
-
-    if not show:
+    """Long-poll the job until it finishes, with a live spinner on a terminal."""
+    progress = _Progress(job)
+    with Live(progress, console=err, transient=True, refresh_per_second=8) if show else contextlib.nullcontext():
         while job.state != State.finished:
-            job = await step(job)
-        return job
-    with Live(Spinner("dots", text=f"{job.id[:12]} {job.state.value}"), console=err, transient=True) as live:
-        while job.state != State.finished:
-            live.update(Spinner("dots", text=f"{job.id[:12]} {job.state.value} · {duration(time.monotonic() - start)}"))
-            job = await step(job)
+            job = progress.job = await client.get_job(job.id, wait=20, state=job.state.value)
     return job
 
 
@@ -80,7 +87,9 @@ def submit(
     command: Annotated[list[str] | None, typer.Argument(help="Command and arguments, after '--'.")] = None,
     image: Annotated[str | None, typer.Option(help="Container image; without one the job runs as a process.")] = None,
     env: Annotated[list[str] | None, typer.Option("--env", "-e", help="KEY=VALUE, repeatable.")] = None,
-    max_duration: Annotated[int | None, typer.Option(help="Seconds before the job is stopped (timed_out).")] = None,
+    max_duration: Annotated[
+        int | None, typer.Option(help="Seconds before the job is stopped (timed_out) \\[default: 3600].")
+    ] = None,
     cpus: Annotated[float | None, typer.Option(help="CPU cores the job needs (a limit in docker).")] = None,
     memory: Annotated[str | None, typer.Option(help="Memory the job needs, e.g. 512m, 2g (a limit in docker).")] = None,
     gpus: Annotated[int | None, typer.Option(help="GPUs the job needs.")] = None,
@@ -135,20 +144,21 @@ def submit(
     except ValueError as exc:
         bad_input(f"queue: {exc}" if "queue" in str(exc) else str(exc))
 
-    async def go(client: Client) -> Job:
+    async def go(client: Client) -> tuple[Job, bool]:
         job, created = await client.submit(request)
         if output == Output.table:
-            note = "" if created else f"  (same job as before: {job.state.value})"
-            out.print(f"{job.id}{note}")
+            out.print(job.id, markup=False, highlight=False)  # stdout: the id alone, for ID=$(scaleq submit …)
+            if not created:
+                err.print(f"same job as before ({_status(job)}); --rerun runs a finished job again", markup=False)
         if wait:
             job = await _follow(client, job, show=sys.stderr.isatty() and output == Output.table)
             if output == Output.table:
-                err.print(f"{job.id[:12]} {_status(job)}" + (f": {job.error}" if job.error else ""))
-        return job
+                err.print(f"{job.id[:12]} {_status(job)}" + (f": {job.error}" if job.error else ""), markup=False)
+        return job, created
 
-    job = with_client(server, token, data_dir, go)
+    job, created = with_client(server, token, data_dir, go)
     if output == Output.json:
-        emit_json(_summary(job))
+        emit_json({**_summary(job), "created": created})
     if wait and job.reason != "success":
         raise typer.Exit(1)
 
@@ -306,7 +316,7 @@ def cancel(
     if output == Output.json:
         emit_json(_summary(j))
     else:
-        out.print(f"{j.id[:12]} {_status(j)}")
+        out.print(f"{j.id[:12]} {_status(j)}", markup=False)
 
 
 def queues(

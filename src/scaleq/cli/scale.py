@@ -89,7 +89,7 @@ def _print_plans(plans: list, output: Output, title: str) -> None:
     )
     for p in plans:
         for line in [*p.changes, *p.done]:
-            out.print(f"  {p.name}: {line}")
+            out.print(f"  {p.name}: {line}", markup=False)
 
 
 def plan(

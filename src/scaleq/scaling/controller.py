@@ -73,6 +73,9 @@ class GroupLoop:
     failures: int = 0
     retry_at: float = 0.0
     last: Decision | None = None
+    pending: dict[str, float] = field(default_factory=dict)  # started, not registered yet
+    early_exits: int = 0  # started workers that vanished without ever registering, in a row
+    crash_backoff: float = 5.0
 
 
 class Controller:
@@ -119,12 +122,16 @@ class Controller:
         try:
             demand = await self.observer.demand(g) if g.signal.kind == "server" else await read_external(g.signal)
             provider_workers = await loop.provider.list(g)
-            views = worker_views(provider_workers, await self.observer.registered(g))
+            registered = await self.observer.registered(g)
+            if await self._crash_looping(loop, provider_workers, registered, now):
+                return None
+            views = worker_views(provider_workers, registered)
             decision = decide(demand, views, g.policy(), loop.state, now)
             loop.state, loop.last = decision.state, decision
             current = sum(1 for v in views if v.state != "draining")
             if decision.start:
                 started = await loop.provider.start(g, decision.start)
+                loop.pending.update(dict.fromkeys(started, now))
                 log.info("group %s: started %s", g.name, ", ".join(started))
             for worker_id in decision.drain:
                 await self.observer.drain(worker_id)
@@ -166,3 +173,34 @@ class Controller:
                     f"{what} failed ({type(exc).__name__}: {exc}); retry {loop.failures} in {backoff:.0f} s",
                 )
             return None
+
+    async def _note_crash_loop(self, loop: GroupLoop, now: float) -> None:
+        g = loop.group
+        loop.retry_at = now + loop.crash_backoff
+        reason = (
+            f"{loop.early_exits} workers in a row exited before registering with the server (a refused worker "
+            f"token, a wrong server URL, a broken worker image?): see the workers' logs on provider {g.provider}; "
+            f"trying again in {loop.crash_backoff:.0f} s"
+        )
+        log.warning("group %s: %s", g.name, reason)
+        loop.crash_backoff = min(loop.crash_backoff * 2, 300.0)
+        loop.early_exits = 2  # one more early exit after the pause trips this again
+        await self.observer.record(g.name, "error", None, None, reason)
+
+    async def _crash_looping(
+        self, loop: GroupLoop, provider_workers: list[ProviderWorker], registered: list[Worker], now: float
+    ) -> bool:
+        """Track started workers until they register; True (and pause the group) when they keep dying first."""
+        listed = {w.id for w in provider_workers}
+        known = {w.id for w in registered}
+        for worker_id in list(loop.pending):
+            if worker_id in known:
+                del loop.pending[worker_id]
+                loop.early_exits, loop.crash_backoff = 0, 5.0
+            elif worker_id not in listed:
+                del loop.pending[worker_id]
+                loop.early_exits += 1
+        if loop.early_exits >= 3:
+            await self._note_crash_loop(loop, now)
+            return True
+        return False
