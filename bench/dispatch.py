@@ -17,7 +17,8 @@ What runs where (2 cores are shared by all of it, as they would be on a small bo
 * **procrastinate**: its worker (``run_worker_async(concurrency=c, wait=False)``) in a separate process, an
   ``async`` no-op task, jobs deferred from this process one ``defer_async`` at a time (8 in flight).
 * **pgqueuer**: ``QueueManager.run(batch_size=10, mode=drain)`` in a separate process, the entrypoint's
-  ``concurrency_limit`` set to 1/4/16 (its ``max_concurrent_tasks`` must be at least twice the batch), an ``async`` no-op;
+  ``concurrency_limit`` set to 1/4/16 (its ``max_concurrent_tasks`` must be at least twice the batch), an
+  ``async`` no-op;
   enqueued one at a time (8 in flight). The row "pgqueuer (no limit)" is its default: no concurrency limit.
 
 *Submit* is the rate of putting N jobs in; *drain* the rate of running N pre-queued jobs to their recorded finish;
