@@ -75,7 +75,21 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-SCHEMAS_DIR = Path(os.environ.get("SCALEQ_SCHEMAS_DIR") or Path(__file__).resolve().parents[3] / "shared" / "schemas")
+# the repo's own copy first (tests/standins/schemas, see its README), then the shared folder beside the checkout
+SCHEMAS_DIR = Path(
+    os.environ.get("SCALEQ_SCHEMAS_DIR")
+    or next(
+        (
+            d
+            for d in (
+                Path(__file__).resolve().parent / "schemas",
+                Path(__file__).resolve().parents[3] / "shared" / "schemas",
+            )
+            if (d / "gcp" / "compute-v1-discovery.json").exists()
+        ),
+        Path(__file__).resolve().parent / "schemas",
+    )
+)
 DISCOVERY = SCHEMAS_DIR / "gcp" / "compute-v1-discovery.json"
 BASE = "https://www.googleapis.com/compute/v1/"
 

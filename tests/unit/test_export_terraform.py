@@ -237,7 +237,11 @@ LIFECYCLE = _blk("create_before_destroy prevent_destroy ignore_changes replace_t
 
 def schema_file() -> Path:
     candidates = [Path(os.environ["SCALEQ_SCHEMAS"])] if os.environ.get("SCALEQ_SCHEMAS") else []
-    candidates += [REPO.parent / "shared" / "schemas", REPO / "shared" / "schemas"]
+    candidates += [
+        REPO / "tests" / "standins" / "schemas",
+        REPO.parent / "shared" / "schemas",
+        REPO / "shared" / "schemas",
+    ]
     for base in candidates:
         if (base / SCHEMA_NAME).exists():
             return base / SCHEMA_NAME
