@@ -7,6 +7,8 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 
+import pytest
+
 from scaleq.client import Client
 from scaleq.jobs import JobDefinition, SubmitRequest
 from scaleq.server.settings import ServerSettings
@@ -77,12 +79,13 @@ async def all_finished(c: Client, ids: list[str], timeout: float) -> None:
         await asyncio.sleep(0.2)
 
 
+@pytest.mark.timeout(400)
 async def test_two_servers_share_one_database_and_each_job_runs_once(pg_url: str) -> None:
     async with server(pg_url) as a, server(pg_url, tokens=a.tokens) as b:
         async with workers(a, "wa", 2, 4), workers(b, "wb", 2, 4):
             ca, cb = a.client("submit"), b.client("submit")
-            ids = (await submit_many(ca, 150, "a")) + (await submit_many(cb, 150, "b"))
-            await all_finished(ca, ids, 120)
+            ids = (await submit_many(ca, 100, "a")) + (await submit_many(cb, 100, "b"))
+            await all_finished(ca, ids, 300)
             for job_id in ids:
                 job = await cb.get_job(job_id)
                 assert job.reason == "success" and job.attempts == 1, job
@@ -92,7 +95,7 @@ async def test_two_servers_share_one_database_and_each_job_runs_once(pg_url: str
                     "FROM attempts GROUP BY job_id"
                 ).fetchall()
             )
-            assert len(rows) == 300 and all(r["n"] == 1 and r["ok"] == 1 for r in rows)
+            assert len(rows) == 200 and all(r["n"] == 1 and r["ok"] == 1 for r in rows)
             served = {w.id: w for w in await ca.workers(include_gone=True)}
             assert {"wa0", "wa1", "wb0", "wb1"} <= set(served)
             await ca.close()
