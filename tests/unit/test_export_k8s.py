@@ -82,7 +82,11 @@ provider = "local"
 
 def schema_dir() -> Path:
     candidates = [Path(os.environ["SCALEQ_SCHEMAS"])] if os.environ.get("SCALEQ_SCHEMAS") else []
-    candidates += [REPO.parent / "shared" / "schemas", REPO / "shared" / "schemas"]
+    candidates += [
+        REPO / "tests" / "standins" / "schemas",
+        REPO.parent / "shared" / "schemas",
+        REPO / "shared" / "schemas",
+    ]
     for base in candidates:
         if all((base / f).exists() for f in KEDA_CRDS.values()):
             return base
