@@ -198,3 +198,31 @@ async def test_worker_waits_out_a_server_outage(sqlite_store: SQLiteStore) -> No
         assert done.reason == "success" and done.attempts == 1
         a.request_drain()
         assert await asyncio.wait_for(task, 10) == 0
+
+
+async def test_a_heartbeat_answered_after_a_claim_does_not_abandon_the_new_job(live: LiveServer) -> None:
+    # The race: a heartbeat reads the worker's leases, a claim commits and is answered, then the heartbeat's answer
+    # (without the new lease) arrives. The new job must run on, not be stopped as "no longer live".
+    a = agent(live, slots=1)
+    real = a.client.heartbeat
+    raced: list[tuple[str, set[str]]] = []
+
+    async def heartbeat_overtaken_by_a_claim(worker_id: str, **kw: object) -> tuple[str, set[str]]:
+        answer = await real(worker_id, **kw)
+        if not raced:
+            job = await submit(live, "sleep", "1.5")
+            await wait_state(live, job.id, "running")
+            while not a.running:
+                await asyncio.sleep(0.01)
+            raced.append((next(iter(a.running)), set(answer[1])))
+        return answer
+
+    a.client.heartbeat = heartbeat_overtaken_by_a_claim  # type: ignore[method-assign]
+    async with running(a):
+        while not raced:
+            await asyncio.sleep(0.05)
+        lease, answered = raced[0]
+        assert lease not in answered  # the stale answer really lacked the new lease
+        job_id = a.running[lease].claim.job.id
+        done = await wait_state(live, job_id)
+        assert done.reason == "success" and done.attempts == 1

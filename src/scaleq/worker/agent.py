@@ -77,6 +77,8 @@ class Running:
     claim: Claim
     task: asyncio.Task[None]
     abandoned: bool = False
+    #: When the claim's answer arrived: a heartbeat sent before then may have read the leases before it committed.
+    claimed_at: float = field(default_factory=time.monotonic)
 
 
 class WorkerAgent:
@@ -249,6 +251,7 @@ class WorkerAgent:
     async def _heartbeat_loop(self) -> None:
         while True:
             await asyncio.sleep(self.heartbeat_seconds)
+            sent = time.monotonic()
             try:
                 state, live = await self.client.heartbeat(self.id)
                 self._last_contact = time.monotonic()
@@ -262,7 +265,9 @@ class WorkerAgent:
                 log.warning("heartbeat refused: %s", exc)
                 continue
             for lease, r in list(self.running.items()):
-                if lease not in live and not r.task.done():
+                # A lease claimed after this heartbeat left may be missing from its answer and yet live (the
+                # heartbeat, on this server or another, read the leases before the claim committed).
+                if lease not in live and not r.task.done() and r.claimed_at < sent:
                     self._abandon(r, "its lease is no longer live (cancelled, or expired and taken over)")
             if state == "draining" and not self.draining:
                 self.request_drain()
