@@ -80,14 +80,23 @@ def children(pid: int) -> list[int]:
     return found
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU time of ``pids`` (those still alive)."""
+def cpu_seconds(pids: list[int], *, reaped: bool = False) -> float:
+    """User + system CPU time of ``pids`` (those still alive); with ``reaped`` also that of their children which
+    exited and were waited for (PostgreSQL's postmaster reaps its backends, so the total is monotonic)."""
     total = 0
     for pid in pids:
         with contextlib.suppress(OSError, IndexError, ValueError):
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             total += int(fields[11]) + int(fields[12])
+            if reaped:
+                total += int(fields[13]) + int(fields[14])
     return total / _TICK
+
+
+def postgres_cpu(c: Cluster) -> float:
+    """CPU seconds used by the cluster so far: postmaster, live backends and the backends that have exited."""
+    pids = postgres_pids(c)
+    return cpu_seconds(pids[:1], reaped=True) + cpu_seconds(pids[1:])
 
 
 def rss_bytes(pid: int) -> int:

@@ -1,34 +1,41 @@
 """Dispatch throughput and latency of no-op jobs: scaleq over HTTP (SQLite and PostgreSQL) against procrastinate
 and pgqueuer on the same PostgreSQL, in one run.
 
-    python bench/dispatch.py            # ~3 min: 3,000 jobs per drain, 1/4/16 slots, 100 latency rounds
-    python bench/dispatch.py --quick    # ~1 min: 1,000 jobs, 50 rounds
-    python bench/dispatch.py --only scaleq-sqlite,scaleq-pg --slots 4 --profile /tmp/prof   # py-spy the server
+    python bench/dispatch.py            # ~3 min: 2,000 jobs per drain, 1/4/16 slots, 100 latency rounds
+    python bench/dispatch.py --quick    # ~1 min: 500 jobs, 30 rounds
+    python bench/dispatch.py --only scaleq-pg --slots 1 --profile DIR   # py-spy (--gil) the server during drains
 
-What runs where (2 cores are shared by all of it, as they would be on a small box):
+What runs where (the 2 cores are shared by all of it, as they would be on a small box):
 
-* **scaleq**: ``scaleq up --port 0`` in its own process (uvicorn, uvloop + httptools), over SQLite in its data dir
-  or over PostgreSQL; its grid file has no groups, so no controller shares the server's loop. The *submitter* is
-  this process: ``Client.submit`` of ``{"command": ["true"], "env": {"I": …}}``, 8 requests in flight. The *no-op
-  workers* are a separate process speaking the worker protocol with ``scaleq.client.Client``: register, then loop
-  ``claim(worker, n=free slots, wait=20, finishes=[…])``, finishing every claimed job at once by letting its
-  finish ride along with the next claim (the protocol's fast path; once every job is claimed, the last finishes go
-  with ``n=0``, which answers at once). Slots 1, 4, 16 are 1x1, 1x4 and 4x4 (workers x slots).
-* **procrastinate**: its worker (``run_worker_async(concurrency=c, wait=False)``) in a separate process, an
-  ``async`` no-op task, jobs deferred from this process one ``defer_async`` at a time (8 in flight).
-* **pgqueuer**: ``QueueManager.run(batch_size=10, mode=drain)`` in a separate process, the entrypoint's
-  ``concurrency_limit`` set to 1/4/16 (its ``max_concurrent_tasks`` must be at least twice the batch), an
-  ``async`` no-op;
-  enqueued one at a time (8 in flight). The row "pgqueuer (no limit)" is its default: no concurrency limit.
+* **PostgreSQL**: one throw-away cluster (``tests/pg.py``: initdb, default settings, loopback), a database each for
+  scaleq, procrastinate and pgqueuer.
+* **scaleq**: ``scaleq up --port 0`` in its own process (uvicorn, httptools), over SQLite in its data dir or over
+  PostgreSQL; its grid file has no groups, so no controller shares the server's loop. The *submitter* is this
+  process: ``Client.submit`` of ``{"command": ["true"], "env": {"I": …}}``, 8 requests in flight. The *no-op
+  workers* are another process speaking the worker protocol with ``scaleq.client.Client``: register, then loop
+  ``claim(worker, n=free slots, wait=20, finishes=[…])``, finishing every claimed job at once by letting its finish
+  ride along with the next claim (the protocol's fast path); once every job is claimed, the last finishes go with
+  ``n=0``. Slots 1, 4, 16 are 1x1, 1x4 and 4x4 (worker connections x slots). A drain ends at the server's
+  ``finished_at`` of its last job.
+* **procrastinate**: its worker, ``run_worker_async(concurrency=1/4/16)``, in another process, with an ``async``
+  no-op task; jobs deferred from this process one ``defer_async`` at a time, 8 in flight.
+* **pgqueuer**: 1/4/16 ``QueueManager``s (each on its own asyncpg connection, its default batch of 10 and no
+  concurrency limit — what "concurrency" means in pgqueuer's own benchmark) in another process, with an ``async``
+  no-op entrypoint; enqueued one at a time, 8 in flight. (Its per-entrypoint ``concurrency_limit`` cannot stand in
+  for slots: with a limit, the next batch waits for the previous one's status flush and a wake-up, ~0.5 jobs/s per
+  unit of limit here.)
+* A peer's drain ends when its task body has run for the last job (a little in its favour: its final status
+  write is not waited for).
 
-*Submit* is the rate of putting N jobs in; *drain* the rate of running N pre-queued jobs to their recorded finish;
-*both* submits and drains at once (from the first submit to the last finish). CPU is the user+system time per job of
-the server, the workers' process and all PostgreSQL processes during the drain.
+*Submit* is the rate of putting N jobs in; *drain* the rate of running N pre-queued jobs; *both* submits and drains
+N/2 jobs at once (from the first submit to the last finish). *CPU ms/job* is user+system time per job during the
+drain: ``s`` the scaleq server, ``w`` the workers' process, ``p`` the whole PostgreSQL cluster.
 
-*Latency*: one job at a time to an idle worker (1 slot), parked in its long-poll; scaleq's *claimed* is when the
-worker's claim answers with the job, *finished* is the server's ``finished_at`` (the finish rode along with the
-worker's next claim); the peers' *start* is when the task body starts, *finished* is when the job's end is recorded
-in their tables (procrastinate: the ``succeeded`` event; pgqueuer: its log row, written in batches).
+*Latency*: one job at a time to an idle worker (1 slot) parked in its long-poll, submitter and worker in this
+process. scaleq's *claimed* is when the worker's claim answers with the job; *finished* is the server's
+``finished_at`` (the finish rode along with the worker's next claim). The peers' *start* is when the task body
+starts; *finished* is when the job's end is recorded in their tables (procrastinate: its ``succeeded`` event;
+pgqueuer: its log row, which it writes in batches).
 """
 
 from __future__ import annotations
@@ -37,8 +44,10 @@ import argparse
 import asyncio
 import contextlib
 import importlib.metadata
+import logging
 import multiprocessing as mp
 import secrets
+import signal
 import subprocess
 import sys
 import time
@@ -88,8 +97,12 @@ class Drain:
         return self.n / self.drain_s if self.drain_s else 0.0
 
     @property
+    def n_both(self) -> int:
+        return max(self.n // 2, 100)
+
+    @property
     def both_rate(self) -> float:
-        return self.n / self.both_s if self.both_s else 0.0
+        return self.n_both / self.both_s if self.both_s else 0.0
 
 
 @dataclass
@@ -97,6 +110,38 @@ class Latency:
     system: str
     claimed: list[float] = field(default_factory=list)
     finished: list[float] = field(default_factory=list)
+
+
+_OUT: Any = None  # in a load process: where its messages go
+
+
+def _mark(phase: str) -> None:
+    """Tell the parent this load process is ``ready`` (set up, waiting for go) or has ``ended`` the measured work
+    (the parent then reads the server's and PostgreSQL's CPU)."""
+    if _OUT is not None:
+        _OUT.put({phase: 1.0})
+
+
+def _child(out: Any, main: Awaitable[dict[str, float]]) -> None:
+    """Body of a load process: run ``main`` and hand back its times (or the error, so the parent does not hang)."""
+    global _OUT
+    _OUT = out
+    logging.getLogger("procrastinate").setLevel(logging.ERROR)
+    try:
+        out.put(asyncio.run(main))  # type: ignore[arg-type]
+    except BaseException as exc:
+        out.put({"error": f"{type(exc).__name__}: {exc}"})
+        raise
+
+
+def _result(out: Any, phase: str | None = None) -> dict[str, float]:
+    """The next message of a load process: the mark of ``phase``, or (None) its times; other marks are skipped."""
+    while True:
+        got = out.get(timeout=600)
+        if "error" in got:
+            raise RuntimeError(f"load process failed: {got['error']}")
+        if phase in got or (phase is None and "start" in got):
+            return got
 
 
 async def gather_limited(n: int, concurrency: int, make: Callable[[int], Awaitable[Any]]) -> None:
@@ -145,8 +190,9 @@ async def noop_workers(
         await client.register(_registration(wid, queue, slots))
     claimed = 0
     all_claimed = asyncio.Event()
+    _mark("ready")
     await asyncio.to_thread(go.wait)
-    t0 = time.time()
+    t0, cpu0 = time.time(), time.process_time()
 
     async def work(client: Client, wid: str, slots: int) -> None:
         nonlocal claimed
@@ -165,6 +211,8 @@ async def noop_workers(
 
     tasks = [asyncio.create_task(work(c, w, s)) for c, w, s in zip(clients, ids, layout, strict=True)]
     await all_claimed.wait()
+    cpu = time.process_time() - cpu0
+    _mark("ended")
     # A worker whose claim found the queue empty is parked in its long-poll (its finishes were recorded when the
     # claim arrived); end those claims the protocol's way: drain (which answers a parked claim at once).
     for client, wid in zip(clients, ids, strict=True):
@@ -177,13 +225,13 @@ async def noop_workers(
     async with Client(url, admin) as reader:
         finished = await reader.list_jobs(queue=queue, state="finished", limit=10_000)
     assert len(finished) == n, f"{len(finished)} of {n} jobs finished"
-    return {"start": t0, "end": max(j.finished_at or 0.0 for j in finished)}
+    return {"start": t0, "end": max(j.finished_at or 0.0 for j in finished), "cpu": cpu}
 
 
 def _noop_workers_proc(
     url: str, token: str, admin: str, queue: str, layout: list[int], n: int, go: Any, out: Any
 ) -> None:
-    out.put(asyncio.run(noop_workers(url, token, admin, queue, layout, n, go)))
+    _child(out, noop_workers(url, token, admin, queue, layout, n, go))
 
 
 async def scaleq_latency(url: str, admin: str, worker_token: str, queue: str, rounds: int) -> Latency:
@@ -230,7 +278,6 @@ def run_scaleq(
     drains: list[Drain] = []
     with _pg.scaleq_server(store) as server:
         console.print(f"[dim]{system}: server pid {server.pid} at {server.url}[/dim]")
-        pg_pids = (lambda: _pg.postgres_pids(pg)) if store else (lambda: [])
         for slots in slots_list:
             queue = f"bench-{slots}-{secrets.token_hex(3)}"
             d = Drain(system, slots, n)
@@ -241,31 +288,32 @@ def run_scaleq(
                 args=(server.url, server.worker_token, server.admin_token, queue, LAYOUTS[slots], n, go, out),
             )
             proc.start()
-            time.sleep(1.0)  # imports + registration
+            _result(out, "ready")  # imported and registered
             spy = _py_spy(server.pid, profile, f"{system}-{slots}") if profile else None
-            before = _cpu(server.pid, proc.pid, pg_pids())
+            before = _cpu(server.pid, pg if store else None)
             go.set()
-            times = out.get(timeout=600)
-            after = _cpu(server.pid, proc.pid, pg_pids())
-            proc.join()
+            _result(out, "ended")
+            after = _cpu(server.pid, pg if store else None)
             if spy:
-                spy.terminate()
+                spy.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
                 spy.wait()
+            times = _result(out)
+            proc.join()
             d.drain_s = times["end"] - times["start"]
-            d.cpu = {k: after[k] - before.get(k, 0.0) for k in after}
-            # both at once: submitting and draining the same number of jobs
+            d.cpu = {k: after[k] - before.get(k, 0.0) for k in after} | {"workers": times["cpu"]}
+            # both at once: submitting and draining (half as many jobs)
             queue = f"both-{slots}-{secrets.token_hex(3)}"
             go, out = ctx.Event(), ctx.Queue()
             proc = ctx.Process(
                 target=_noop_workers_proc,
-                args=(server.url, server.worker_token, server.admin_token, queue, LAYOUTS[slots], n, go, out),
+                args=(server.url, server.worker_token, server.admin_token, queue, LAYOUTS[slots], d.n_both, go, out),
             )
             proc.start()
-            time.sleep(1.0)
+            _result(out, "ready")
             go.set()
             t0 = time.time()
-            asyncio.run(scaleq_submit(server.url, server.admin_token, queue, n, secrets.token_hex(4)))
-            times = out.get(timeout=600)
+            asyncio.run(scaleq_submit(server.url, server.admin_token, queue, d.n_both, secrets.token_hex(4)))
+            times = _result(out)
             proc.join()
             d.both_s = times["end"] - t0
             drains.append(d)
@@ -280,18 +328,22 @@ def run_scaleq(
     return drains, lat
 
 
-def _cpu(server: int | None, workers: int, pg: list[int]) -> dict[str, float]:
-    out = {"workers": _pg.cpu_seconds([workers]), "postgres": _pg.cpu_seconds(pg)}
+def _cpu(server: int | None, pg: Any) -> dict[str, float]:
+    """CPU seconds so far of the server process and of the whole PostgreSQL cluster (the workers' process reports
+    its own, for the measured interval)."""
+    out = {}
     if server:
         out["server"] = _pg.cpu_seconds([server])
+    if pg is not None:
+        out["postgres"] = _pg.postgres_cpu(pg)
     return out
 
 
 def _py_spy(pid: int, directory: Path, name: str) -> subprocess.Popen[bytes]:
     directory.mkdir(parents=True, exist_ok=True)
     py_spy = Path(sys.executable).parent / "py-spy"
-    cmd = [str(py_spy), "record", "--pid", str(pid), "--rate", "200", "--format", "speedscope"]
-    cmd += ["--output", str(directory / f"{name}.json"), "--nonblocking"]
+    cmd = [str(py_spy), "record", "--pid", str(pid), "--rate", "200", "--gil", "--format", "raw"]
+    cmd += ["--output", str(directory / f"{name}.txt"), "--nonblocking"]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -306,13 +358,14 @@ class Counter:
     target = 0
     count = 0
     end = 0.0
+    cpu = 0.0  # process CPU seconds when the target-th ran
     done: asyncio.Event | None = None
 
     @classmethod
     def hit(cls) -> None:
         cls.count += 1
         if cls.count == cls.target and cls.done is not None:
-            cls.end = time.time()
+            cls.end, cls.cpu = time.time(), time.process_time()
             cls.done.set()
 
     @classmethod
@@ -354,18 +407,20 @@ async def procrastinate_drain(url: str, concurrency: int, n: int, go: Any) -> di
     Counter.reset(n)
     assert Counter.done is not None
     async with app.open_async():
+        _mark("ready")
         await asyncio.to_thread(go.wait)
-        t0 = time.time()
+        t0, cpu0 = time.time(), time.process_time()
         worker = asyncio.create_task(app.run_worker_async(concurrency=concurrency, install_signal_handlers=False))
         await Counter.done.wait()
+        _mark("ended")
         worker.cancel()  # procrastinate stops gracefully on cancellation
         with contextlib.suppress(asyncio.CancelledError):
             await worker
-        return {"start": t0, "end": Counter.end}
+        return {"start": t0, "end": Counter.end, "cpu": Counter.cpu - cpu0}
 
 
 def _procrastinate_proc(url: str, concurrency: int, n: int, go: Any, out: Any) -> None:
-    out.put(asyncio.run(procrastinate_drain(url, concurrency, n, go)))
+    _child(out, procrastinate_drain(url, concurrency, n, go))
 
 
 async def procrastinate_latency(url: str, rounds: int) -> Latency:
@@ -378,11 +433,11 @@ async def procrastinate_latency(url: str, rounds: int) -> Latency:
         await asyncio.sleep(0.5)
         task = app.tasks["noop"]
         for i in range(rounds):
-            key = f"lat-{i}"
+            key = f"procrastinate-lat-{i}"
             t0 = time.time()
             job_id = await task.defer_async(i=i, key=key)
             while key not in STARTS:
-                await asyncio.sleep(0.0005)
+                await asyncio.sleep(0.0002)
             result.claimed.append(STARTS[key] - t0)
             await asyncio.sleep(0.03)
             row = await (
@@ -403,17 +458,21 @@ async def procrastinate_latency(url: str, rounds: int) -> Latency:
 
 
 async def _pgq_queries(url: str) -> Any:
-    import psycopg
-    from pgqueuer import PsycopgDriver, Queries
+    """A connection and pgqueuer's queries over it, with its asyncpg driver (its psycopg driver holds the
+    connection for up to 1 s while it waits for a NOTIFY, which puts ~1 s on every idle pick-up)."""
+    import asyncpg
+    from pgqueuer import AsyncpgDriver, Queries
 
-    conn = await psycopg.AsyncConnection.connect(url, autocommit=True)
-    return conn, Queries(PsycopgDriver(conn))
+    conn = await asyncpg.connect(url)
+    return conn, Queries(AsyncpgDriver(conn))
 
 
 async def pgqueuer_setup(url: str) -> None:
     conn, queries = await _pgq_queries(url)
-    async with conn:
+    try:
         await queries.install()
+    finally:
+        await conn.close()
 
 
 async def pgqueuer_enqueue(url: str, n: int) -> float:
@@ -439,56 +498,62 @@ def pgqueuer_manager(queries: Any, concurrency: int) -> Any:
 
     @qm.entrypoint("noop", concurrency_limit=concurrency)
     async def noop(job: Any) -> None:
-        if job.payload and job.payload.startswith(b"lat-"):
+        if job.payload and job.payload.startswith(b"pgq-lat-"):
             STARTS[job.payload.decode()] = time.time()
         Counter.hit()
 
     return qm
 
 
-async def pgqueuer_drain(url: str, concurrency: int, n: int, go: Any) -> dict[str, float]:
-    conn, queries = await _pgq_queries(url)
-    qm = pgqueuer_manager(queries, concurrency)
+async def pgqueuer_drain(url: str, consumers: int, n: int, go: Any) -> dict[str, float]:
+    """``consumers`` queue managers (each its own connection, default batch of 10, no concurrency limit), as in
+    pgqueuer's own benchmark; 0 means one, as it comes."""
+    lanes = [await _pgq_queries(url) for _ in range(max(consumers, 1))]
+    managers = [pgqueuer_manager(q, 0) for _, q in lanes]
     Counter.reset(n)
     assert Counter.done is not None
+    _mark("ready")
     await asyncio.to_thread(go.wait)
-    t0 = time.time()
-    worker = asyncio.create_task(qm.run())
+    t0, cpu0 = time.time(), time.process_time()
+    workers = [asyncio.create_task(qm.run()) for qm in managers]
     await Counter.done.wait()
-    qm.shutdown.set()
+    _mark("ended")
+    for qm in managers:
+        qm.shutdown.set()
     with contextlib.suppress(Exception):
-        await asyncio.wait_for(worker, 10)
-    with contextlib.suppress(Exception):
-        await conn.close()
-    return {"start": t0, "end": Counter.end}
+        await asyncio.wait_for(asyncio.gather(*workers), 10)
+    for conn, _ in lanes:
+        with contextlib.suppress(Exception):
+            await conn.close()
+    return {"start": t0, "end": Counter.end, "cpu": Counter.cpu - cpu0}
 
 
 def _pgqueuer_proc(url: str, concurrency: int, n: int, go: Any, out: Any) -> None:
-    out.put(asyncio.run(pgqueuer_drain(url, concurrency, n, go)))
+    _child(out, pgqueuer_drain(url, concurrency, n, go))
 
 
 async def pgqueuer_latency(url: str, rounds: int) -> Latency:
     result = Latency("pgqueuer")
     conn, queries = await _pgq_queries(url)
     wconn, wqueries = await _pgq_queries(url)
-    qm = pgqueuer_manager(wqueries, 1)
+    qm = pgqueuer_manager(wqueries, 0)
     worker = asyncio.create_task(qm.run())
     await asyncio.sleep(0.5)
+    sent: dict[int, float] = {}
     for i in range(rounds):
-        key = f"lat-{i}"
+        key = f"pgq-lat-{i}"
         t0 = time.time()
         (job_id,) = await queries.enqueue("noop", key.encode())
+        sent[int(job_id)] = t0
         while key not in STARTS:
-            await asyncio.sleep(0.0005)
+            await asyncio.sleep(0.0002)
         result.claimed.append(STARTS[key] - t0)
         await asyncio.sleep(0.03)
-    await asyncio.sleep(0.3)  # its status log is written in batches
-    rows = await conn.execute(
-        "SELECT p.payload, extract(epoch FROM l.created) FROM pgqueuer_log l"
-        " JOIN (SELECT DISTINCT job_id FROM pgqueuer_log) j USING (job_id)"
-        " LEFT JOIN pgqueuer p ON p.id = l.job_id WHERE l.status = 'successful'"
+    await asyncio.sleep(0.5)  # its status log is written in batches (at most every ~0.1 s)
+    rows = await conn.fetch(
+        "SELECT job_id, extract(epoch FROM created)::float8 AS at FROM pgqueuer_log WHERE status = 'successful'"
     )
-    _ = rows
+    result.finished = [r["at"] - sent[r["job_id"]] for r in rows if r["job_id"] in sent]
     qm.shutdown.set()
     with contextlib.suppress(Exception):
         await asyncio.wait_for(worker, 5)
@@ -497,9 +562,7 @@ async def pgqueuer_latency(url: str, rounds: int) -> Latency:
     return result
 
 
-def run_peer(
-    system: str, url: str, slots_list: list[int], n: int, rounds: int, pg: Any, unlimited: bool
-) -> tuple[list[Drain], Latency]:
+def run_peer(system: str, url: str, slots_list: list[int], n: int, rounds: int, pg: Any) -> tuple[list[Drain], Latency]:
     ctx = mp.get_context("spawn")
     drains = []
     if system == "procrastinate":
@@ -509,31 +572,30 @@ def run_peer(
         asyncio.run(pgqueuer_setup(url))
         enqueue, target = pgqueuer_enqueue, _pgqueuer_proc
     configs = [(s, s, system) for s in slots_list]
-    if unlimited:
-        configs.append((0, 0, f"{system} (no limit)"))
     for slots, concurrency, name in configs:
         d = Drain(name, slots, n)
         d.submit_s = asyncio.run(enqueue(url, n))
         go, out = ctx.Event(), ctx.Queue()
         proc = ctx.Process(target=target, args=(url, concurrency, n, go, out))
         proc.start()
-        time.sleep(1.0)
-        before = _cpu(None, proc.pid, _pg.postgres_pids(pg))
+        _result(out, "ready")
+        before = _cpu(None, pg)
         go.set()
-        times = out.get(timeout=600)
-        after = _cpu(None, proc.pid, _pg.postgres_pids(pg))
+        _result(out, "ended")
+        after = _cpu(None, pg)
+        times = _result(out)
         proc.join()
         d.drain_s = times["end"] - times["start"]
-        d.cpu = {k: after[k] - before.get(k, 0.0) for k in after}
-        # both at once
+        d.cpu = {k: after[k] - before.get(k, 0.0) for k in after} | {"workers": times["cpu"]}
+        # both at once (half as many jobs)
         go, out = ctx.Event(), ctx.Queue()
-        proc = ctx.Process(target=target, args=(url, concurrency, n, go, out))
+        proc = ctx.Process(target=target, args=(url, concurrency, d.n_both, go, out))
         proc.start()
-        time.sleep(1.0)
+        _result(out, "ready")
         go.set()
         t0 = time.time()
-        asyncio.run(enqueue(url, n))
-        times = out.get(timeout=600)
+        asyncio.run(enqueue(url, d.n_both))
+        times = _result(out)
         proc.join()
         d.both_s = times["end"] - t0
         drains.append(d)
@@ -605,8 +667,8 @@ def main() -> int:
     )
     ap.add_argument("--profile", type=Path, default=None, help="py-spy the server during scaleq drains, into DIR")
     args = ap.parse_args()
-    n = args.jobs or (1000 if args.quick else 3000)
-    rounds = args.rounds or (50 if args.quick else 100)
+    n = args.jobs or (500 if args.quick else 2000)
+    rounds = args.rounds or (30 if args.quick else 100)
     slots = [int(s) for s in args.slots.split(",")]
     only = args.only.split(",")
     console.print(f"[bold]machine[/bold]: {_pg.machine()}")
@@ -629,7 +691,7 @@ def main() -> int:
             latencies.append(lat)
         for peer in ("procrastinate", "pgqueuer"):
             if peer in only:
-                d, lat = run_peer(peer, _pg.db_url(pg, peer), slots, n, rounds, pg, peer == "pgqueuer")
+                d, lat = run_peer(peer, _pg.db_url(pg, peer), slots, n, rounds, pg)
                 drains += d
                 latencies.append(lat)
     report(drains, latencies, n)

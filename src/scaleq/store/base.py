@@ -9,7 +9,7 @@ renewal presents the attempt's lease token, and a stale token changes nothing.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from scaleq.jobs import Capabilities, Claim, Job, JobDefinition, Worker
@@ -112,6 +112,17 @@ class GroupStatus:
 
 
 @dataclass(frozen=True)
+class WorkerClaim:
+    """What a worker's claim found: its queue and state, the jobs it got (none unless it is ``active``), and per
+    finish that rode along, the job as :meth:`Store.finish` answers it, or None where that would be StaleLease."""
+
+    queue: str
+    state: str
+    claims: list[Claim]
+    finished: list[Job | None] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class Expired:
     job_id: str
     queue: str
@@ -154,7 +165,25 @@ class Store(Protocol):
         """Renew every lease the worker holds; return its state and the leases still valid."""
         ...
 
+    async def worker_claim(
+        self,
+        worker_id: str,
+        n: int,
+        now: float,
+        lease_seconds: float,
+        finishes: list[tuple[str, FinishResult]] | None = None,
+    ) -> WorkerClaim:
+        """The claim as the worker protocol makes it: record the finishes that ride along, read the worker and, if
+        it is active, claim up to ``n`` jobs it can run — one transaction (one statement on PostgreSQL). NotFound
+        for an unknown worker (its finishes may or may not have been recorded: the worker sends them again)."""
+        ...
+
     async def finish(self, lease: str, result: FinishResult, now: float) -> Job: ...
+    async def finish_many(self, finishes: list[tuple[str, FinishResult]], now: float) -> list[Job | None]:
+        """Several finishes in one transaction: per item, the job as :meth:`finish` answers it, or None where
+        :meth:`finish` would raise StaleLease."""
+        ...
+
     async def release(self, lease: str, now: float) -> Job | None: ...
     async def check_lease(self, lease: str) -> tuple[str, int]:
         """(job_id, attempt) of a live lease; StaleLease otherwise."""

@@ -7,6 +7,12 @@ channel (batched), and a listener task feeds what other servers publish into its
 survived: the pool replaces broken connections, the listener reconnects with backoff, and a request that fails while
 the database is away gets 503 (workers retry), so nothing acknowledged is lost.
 
+The hot paths are one statement each and skip the thread pool: a submit (``insert_new_job``) and the worker
+protocol's claim with the finishes riding along (``worker_claim``) run on async connections of their own in the
+event loop, whose planner settings keep the claim an ordered index scan at any queue length. Pooled connections
+that served an operation within the last second are handed out without a health check (one round trip saved per
+operation), and wake-ups are published from an async connection of their own with ``synchronous_commit`` off.
+
 The schema is created and migrated by scaleq (table ``scaleq_schema``); a database newer than the code is refused.
 """
 
@@ -15,24 +21,39 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
-from psycopg_pool import ConnectionPool
+from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
-from scaleq.store.base import SchemaTooNew
+from scaleq.jobs import Claim, Job, JobDefinition
+from scaleq.store import rows
+from scaleq.store.base import FinishResult, NotFound, SchemaTooNew, WorkerClaim
 from scaleq.store.queries import load
 from scaleq.store.sql import SQLStore
 
 SCHEMA_VERSION = 1
 CHANNEL = "scaleq"
+#: A pooled connection idle for longer than this is checked before it is handed out.
+CHECK_AFTER = 1.0
+#: NOTIFY payloads start with a line naming the sending store (older servers' payloads do not).
+ORIGIN = "from:"
+#: A NOTIFY payload must be shorter than 8000 bytes.
+MAX_PAYLOAD = 7900
+#: Planner settings of the hot-path connections (see worker_claim and claim_plan in queries/postgres.sql).
+CLAIM_OPTIONS = "-c enable_seqscan=off -c enable_bitmapscan=off -c enable_sort=off"
 log = logging.getLogger("scaleq.store")
 
 
 class PostgresStore(SQLStore):
     Q = load("postgres")
+    single_statement_batches = True
 
     def __init__(self, url: str, *, pool_size: int = 8, durability: str = "normal") -> None:
         super().__init__(threads=pool_size)
@@ -40,15 +61,28 @@ class PostgresStore(SQLStore):
         self.pool_size = pool_size
         self.durability = durability
         self._pool: ConnectionPool | None = None
+        self._hot: AsyncConnectionPool | None = None
         self._listener: asyncio.Task[None] | None = None
         self._pending: set[str] = set()
         self._flush: asyncio.Task[None] | None = None
+        self._publisher: psycopg.AsyncConnection | None = None
+        self._origin = f"{ORIGIN}{secrets.token_hex(8)}"  # first line of what we publish, to skip our own
+        self._used: dict[int, float] = {}  # id(connection) -> when it last served an operation without error
 
     @contextmanager
     def _connection(self) -> Iterator[psycopg.Connection]:
         assert self._pool is not None, "store is not open"
         with self._pool.connection() as conn:
             yield conn
+            self._used[id(conn)] = time.monotonic()  # (not reached when the operation failed)
+
+    def _check(self, conn: psycopg.Connection) -> None:
+        """The pool's health check of a connection it hands out, skipped for one that just served an operation
+        without error: on the hot path the check would be one more round trip per operation. A connection that
+        broke since (the database restarted in that second) fails its operation, which answers 503 and is
+        retried; the pool then replaces it."""
+        if time.monotonic() - self._used.get(id(conn), -CHECK_AFTER) >= CHECK_AFTER:
+            ConnectionPool.check_connection(conn)
 
     @contextmanager
     def _transaction(self, conn: psycopg.Connection) -> Iterator[None]:
@@ -61,16 +95,7 @@ class PostgresStore(SQLStore):
             conn.execute("SET synchronous_commit = on")
 
     def _open_sync(self) -> None:
-        self._pool = ConnectionPool(
-            self.url,
-            min_size=1,
-            max_size=self.pool_size,
-            kwargs={"autocommit": True},
-            configure=self._configure,
-            check=ConnectionPool.check_connection,
-            open=False,
-            name="scaleq",
-        )
+        self._pool = self._new_pool("scaleq", {})
         self._pool.open(wait=True, timeout=15)
         with self._pool.connection() as conn, conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(727274)")  # one migrator at a time across servers
@@ -85,10 +110,110 @@ class PostgresStore(SQLStore):
                 conn.execute(self.Q["schema"])
                 conn.execute(self.Q["set_schema_version"], {"version": SCHEMA_VERSION})
 
+    # -- the hot paths: one statement each ---------------------------------------------------------------------
+
+    async def submit(
+        self,
+        queue: str,
+        definition: JobDefinition,
+        *,
+        priority: int,
+        max_attempts: int,
+        rerun: bool,
+        now: float,
+    ) -> tuple[Job, bool]:
+        params = {**rows.job_params(queue, definition, priority, max_attempts), "now": now}
+        found = await self._hot_all("insert_new_job", params)
+        if found:
+            return rows.job(found[0]), True
+        # it exists: answer with it, or queue it again on rerun (a transaction of several statements)
+        return await super().submit(
+            queue, definition, priority=priority, max_attempts=max_attempts, rerun=rerun, now=now
+        )
+
+    async def worker_claim(
+        self,
+        worker_id: str,
+        n: int,
+        now: float,
+        lease_seconds: float,
+        finishes: list[tuple[str, FinishResult]] | None = None,
+    ) -> WorkerClaim:
+        """One statement (worker_claim) on a hot-path connection."""
+        finishes = finishes or []
+        params = {"worker_id": worker_id, "n": max(n, 0), "now": now, "expires": now + lease_seconds}
+        found = await self._hot_all("worker_claim", {**params, **_batch(finishes)})
+        claim_rows = [r for r in found if r["finished_lease"] is None]
+        if not claim_rows:
+            raise NotFound(f"no worker {worker_id}; register first")
+        done = {r["finished_lease"]: r for r in found if r["finished_lease"]}
+        if all(lease in done for lease, _ in finishes):
+            finished: list[Job | None] = [rows.job(done[lease]) for lease, _ in finishes]
+        else:  # some were not finished now: repeated finishes, or stale leases (rare; a few lookups)
+            finished = await self._run(self._finished, finishes, done)
+        claimed = sorted((r for r in claim_rows if r["id"] is not None), key=lambda r: (-r["priority"], r["seq"]))
+        claims = [Claim(job=rows.job(r), attempt=r["attempt_seq"], lease=r["lease"]) for r in claimed]
+        return WorkerClaim(claim_rows[0]["worker_queue"], claim_rows[0]["worker_state"], claims, finished)
+
+    def _claim_rows(self, worker_id: str, caps: dict[str, Any], n: int, now: float, lease: float) -> list[Claim]:
+        self.db.execute(self.Q["claim_plan"])  # runs inside the claim's transaction: see claim_plan
+        return super()._claim_rows(worker_id, caps, n, now, lease)
+
+    def _finish_rows(self, finishes: list[tuple[str, FinishResult]], now: float) -> dict[str, Any]:
+        return {r["finished_lease"]: r for r in self._all("finish_batch", now=now, **_batch(finishes))}
+
+    def _new_pool(self, name: str, kwargs: dict[str, Any]) -> ConnectionPool:
+        return ConnectionPool(
+            self.url,
+            min_size=1,
+            max_size=self.pool_size,
+            kwargs={"autocommit": True, **kwargs},
+            configure=self._configure,
+            check=self._check,
+            open=False,
+            name=name,
+        )
+
     def _close_sync(self) -> None:
         if self._pool is not None:
             self._pool.close()
             self._pool = None
+
+    async def open(self) -> None:
+        await super().open()
+        # The hot paths (submit, the worker protocol's claim) run on async connections of their own, in the event
+        # loop: no thread hop. Their planner settings keep the claim an ordered scan of jobs_claim that stops after
+        # n rows, however long the queue (see claim_plan in queries/postgres.sql); set per connection, they cost
+        # no statement.
+        options = " ".join(filter(None, [conninfo_to_dict(self.url).get("options"), CLAIM_OPTIONS]))
+        self._hot = AsyncConnectionPool(
+            self.url,
+            min_size=1,
+            max_size=self.pool_size,
+            kwargs={"autocommit": True, "options": options},
+            configure=self._configure_async,
+            check=self._check_async,
+            open=False,
+            name="scaleq-hot",
+        )
+        await self._hot.open(wait=True, timeout=15)
+
+    async def _configure_async(self, conn: psycopg.AsyncConnection) -> None:
+        conn.row_factory = dict_row  # type: ignore[assignment]
+        if self.durability == "strict":
+            await conn.execute("SET synchronous_commit = on")
+
+    async def _check_async(self, conn: psycopg.AsyncConnection) -> None:
+        if time.monotonic() - self._used.get(id(conn), -CHECK_AFTER) >= CHECK_AFTER:  # see _check
+            await AsyncConnectionPool.check_connection(conn)
+
+    async def _hot_all(self, query: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+        """One statement on a hot-path connection, in the event loop."""
+        assert self._hot is not None, "store is not open"
+        async with self._hot.connection() as conn:
+            found = await (await conn.execute(self.Q[query], params)).fetchall()
+            self._used[id(conn)] = time.monotonic()
+        return found  # type: ignore[return-value]
 
     async def close(self) -> None:
         for task in (self._listener, self._flush):
@@ -96,6 +221,13 @@ class PostgresStore(SQLStore):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        if self._publisher is not None:
+            with contextlib.suppress(psycopg.Error, OSError):
+                await self._publisher.close()
+            self._publisher = None
+        if self._hot is not None:
+            await self._hot.close()
+            self._hot = None
         await super().close()
 
     # -- cross-server wake-ups --------------------------------------------------------------------------------
@@ -107,15 +239,24 @@ class PostgresStore(SQLStore):
             self._flush = asyncio.get_running_loop().create_task(self._send())
 
     async def _send(self) -> None:
+        """Send what is pending (and whatever is queued meanwhile) on the publisher connection: an async connection
+        of its own, so a publish costs the event loop no thread hop and no pooled connection, with
+        ``synchronous_commit`` off — a NOTIFY has nothing to make durable, so it need not wait for a WAL flush."""
         await asyncio.sleep(0)
-        keys, self._pending = self._pending, set()
-        if not keys:
-            return
-        payload = "\n".join(sorted(keys))
-        try:
-            await self._run(lambda: self.db.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload)))
-        except psycopg.Error as exc:
-            log.warning("could not publish wake-ups: %s", exc)
+        while self._pending:
+            keys, self._pending = self._pending, set()
+            try:
+                if self._publisher is None or self._publisher.closed:
+                    self._publisher = await psycopg.AsyncConnection.connect(self.url, autocommit=True)
+                    await self._publisher.execute("SET synchronous_commit = off")
+                for payload in _payloads(self._origin, sorted(keys)):
+                    await self._publisher.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload))
+            except (psycopg.Error, OSError) as exc:
+                log.warning("could not publish wake-ups: %s", exc)
+                if self._publisher is not None:
+                    with contextlib.suppress(psycopg.Error, OSError):
+                        await self._publisher.close()
+                    self._publisher = None
 
     async def listen(self, deliver: Callable[[tuple[str, ...]], None]) -> None:
         """Start feeding other servers' wake-ups into ``deliver`` (reconnecting as needed)."""
@@ -130,8 +271,37 @@ class PostgresStore(SQLStore):
                     delay = 0.2
                     deliver(("any",))  # anything may have happened while we were not listening
                     async for note in conn.notifies():
-                        deliver(tuple(note.payload.split("\n")))
+                        keys = note.payload.split("\n")
+                        if keys[0].startswith(ORIGIN):
+                            if keys[0] == self._origin:
+                                continue  # our own: delivered locally when it was sent
+                            keys = keys[1:]
+                        deliver(tuple(keys))
             except (psycopg.Error, OSError) as exc:
                 log.warning("LISTEN connection lost (%s); reconnecting in %.1f s", exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+
+
+def _batch(finishes: list[tuple[str, FinishResult]]) -> dict[str, list[Any]]:
+    """Finishes as the array parameters of ``finish_batch`` and ``worker_claim``."""
+    return {
+        "leases": [lease for lease, _ in finishes],
+        "reasons": [r.reason for _, r in finishes],
+        "exit_codes": [r.exit_code for _, r in finishes],
+        "errors": [r.error for _, r in finishes],
+    }
+
+
+def _payloads(origin: str, keys: list[str]) -> Iterator[str]:
+    """``origin`` and the keys, one per line, cut into payloads NOTIFY accepts."""
+    lines: list[str] = [origin]
+    size = len(origin)
+    for key in keys:
+        if size + 1 + len(key) > MAX_PAYLOAD and len(lines) > 1:
+            yield "\n".join(lines)
+            lines, size = [origin], len(origin)
+        lines.append(key)
+        size += 1 + len(key)
+    if len(lines) > 1:
+        yield "\n".join(lines)

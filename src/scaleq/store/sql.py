@@ -31,6 +31,7 @@ from scaleq.store.base import (
     QueueStats,
     StaleLease,
     TokenRecord,
+    WorkerClaim,
 )
 
 T = TypeVar("T")
@@ -42,6 +43,8 @@ class SQLStore:
     ``_connection`` and ``_transaction``."""
 
     Q: dict[str, str]
+    #: The dialect finishes and claims a batch in one statement, so it needs no explicit transaction around it.
+    single_statement_batches = False
 
     def __init__(self, threads: int) -> None:
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"scaleq-{type(self).__name__}")
@@ -194,27 +197,44 @@ class SQLStore:
             raise NotFound(f"no worker {worker_id}; register first")
         return {"queue": row["queue"], **rows.caps_params(rows.worker_capabilities(row))}
 
-    async def claim(self, worker_id: str, n: int, now: float, lease_seconds: float) -> list[Claim]:
-        def op() -> list[Claim]:
-            caps = self._worker_caps(worker_id)
-            claimed = self._all("claim", worker_id=worker_id, n=n, now=now, expires=now + lease_seconds, **caps)
-            claimed.sort(key=lambda r: (-r["priority"], r["seq"]))
-            self._many(
-                "insert_attempt",
-                [
-                    {
-                        "job_id": r["id"],
-                        "attempt": r["attempt_seq"],
-                        "worker_id": worker_id,
-                        "lease": r["lease"],
-                        "now": now,
-                    }
-                    for r in claimed
-                ],
-            )
-            return [Claim(job=rows.job(r), attempt=r["attempt_seq"], lease=r["lease"]) for r in claimed]
+    def _claim_rows(self, worker_id: str, caps: dict[str, Any], n: int, now: float, lease: float) -> list[Claim]:
+        claimed = self._all("claim", worker_id=worker_id, n=n, now=now, expires=now + lease, **caps)
+        claimed.sort(key=lambda r: (-r["priority"], r["seq"]))
+        attempts = [
+            {"job_id": r["id"], "attempt": r["attempt_seq"], "worker_id": worker_id, "lease": r["lease"], "now": now}
+            for r in claimed
+        ]
+        self._many("insert_attempt", attempts)
+        return [Claim(job=rows.job(r), attempt=r["attempt_seq"], lease=r["lease"]) for r in claimed]
 
-        return await self.tx(op)
+    async def claim(self, worker_id: str, n: int, now: float, lease_seconds: float) -> list[Claim]:
+        return await self.tx(lambda: self._claim_rows(worker_id, self._worker_caps(worker_id), n, now, lease_seconds))
+
+    def _worker_claim(
+        self, worker_id: str, n: int, now: float, lease_seconds: float, finishes: list[tuple[str, FinishResult]]
+    ) -> WorkerClaim:
+        """Record the finishes, read the worker and claim for it, in one transaction. PostgreSQL: one statement."""
+        row = self._one("get_worker", id=worker_id)
+        if row is None:
+            raise NotFound(f"no worker {worker_id}; register first")
+        finished = self._finish_many(finishes, now) if finishes else []
+        if row["state"] != "active" or n <= 0:
+            return WorkerClaim(row["queue"], row["state"], [], finished)
+        caps = {"queue": row["queue"], **rows.caps_params(rows.worker_capabilities(row))}
+        return WorkerClaim(
+            row["queue"], row["state"], self._claim_rows(worker_id, caps, n, now, lease_seconds), finished
+        )
+
+    async def worker_claim(
+        self,
+        worker_id: str,
+        n: int,
+        now: float,
+        lease_seconds: float,
+        finishes: list[tuple[str, FinishResult]] | None = None,
+    ) -> WorkerClaim:
+        run = self._run if self.single_statement_batches else self.tx
+        return await run(self._worker_claim, worker_id, n, now, lease_seconds, finishes or [])
 
     async def heartbeat(self, worker_id: str, now: float, lease_seconds: float) -> tuple[str, set[str]]:
         def op() -> tuple[str, set[str]]:
@@ -226,28 +246,49 @@ class SQLStore:
 
         return await self.tx(op)
 
-    async def finish(self, lease: str, result: FinishResult, now: float) -> Job:
-        def op() -> Job:
+    def _finish_rows(self, finishes: list[tuple[str, FinishResult]], now: float) -> dict[str, Row]:
+        """Finish the attempts whose leases still own their jobs; their job rows by lease. One statement per
+        finish here (SQLite runs in-process); PostgreSQL overrides it with one statement for the whole batch."""
+        done = {}
+        for lease, result in finishes:
             row = self._one(
-                "finish",
-                lease=lease,
-                reason=result.reason,
-                exit_code=result.exit_code,
-                error=result.error,
-                now=now,
+                "finish", lease=lease, reason=result.reason, exit_code=result.exit_code, error=result.error, now=now
             )
             if row is not None:
                 self.db.execute(self.Q["end_attempt"], {"lease": lease, "now": now, "outcome": result.reason})
-                return rows.job(row)
-            attempt = self._one("get_attempt", lease=lease)
-            # A repeated finish of the attempt that did finish the job is harmless: answer with the job.
-            if attempt is not None and attempt["outcome"] == result.reason:
-                job = self._get_job(attempt["job_id"])
-                if job.state == "finished" and job.reason == result.reason:
-                    return job
-            raise StaleLease("this attempt no longer owns its job")
+                done[lease] = row
+        return done
 
-        return await self.tx(op)
+    def _repeated_finish(self, lease: str, result: FinishResult) -> Job | None:
+        """A repeated finish of the attempt that did finish the job is harmless: the job; None for a stale lease."""
+        attempt = self._one("get_attempt", lease=lease)
+        if attempt is not None and attempt["outcome"] == result.reason:
+            job = self._get_job(attempt["job_id"])
+            if job.state == "finished" and job.reason == result.reason:
+                return job
+        return None
+
+    def _finish_many(self, finishes: list[tuple[str, FinishResult]], now: float) -> list[Job | None]:
+        return self._finished(finishes, self._finish_rows(finishes, now))
+
+    def _finished(self, finishes: list[tuple[str, FinishResult]], done: dict[str, Row]) -> list[Job | None]:
+        """Per finish, its job from ``done`` (job rows by the lease that finished them), else a repeated finish."""
+        return [
+            rows.job(done[lease]) if lease in done else self._repeated_finish(lease, result)
+            for lease, result in finishes
+        ]
+
+    async def finish(self, lease: str, result: FinishResult, now: float) -> Job:
+        (job,) = await self.finish_many([(lease, result)], now)
+        if job is None:
+            raise StaleLease("this attempt no longer owns its job")
+        return job
+
+    async def finish_many(self, finishes: list[tuple[str, FinishResult]], now: float) -> list[Job | None]:
+        if not finishes:
+            return []
+        run = self._run if self.single_statement_batches else self.tx
+        return await run(self._finish_many, finishes, now)
 
     async def release(self, lease: str, now: float) -> Job | None:
         def op() -> Job | None:

@@ -23,7 +23,7 @@ class Ctx:
         return self.request.app.state.clock()
 
 
-def _ctx(request: Request) -> Ctx:
+async def _ctx(request: Request) -> Ctx:  # async: FastAPI runs a plain def dependency on a thread, per request
     s = request.app.state
     return Ctx(s.store, s.notifier, s.settings, request)
 

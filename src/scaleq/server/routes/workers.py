@@ -11,7 +11,8 @@ import base64
 import io
 import tarfile
 import time
-from typing import Annotated, Literal
+from collections import deque
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, HTTPException, Request, Response, status
 from pydantic import BaseModel, Field
@@ -21,7 +22,7 @@ from scaleq.server import metrics
 from scaleq.server.auth import require
 from scaleq.server.notify import wait_any
 from scaleq.server.routes.common import C, Ctx
-from scaleq.store.base import FinishResult, StaleLease
+from scaleq.store.base import FinishResult
 
 router = APIRouter(tags=["workers"])
 MAX_OUTPUT_BYTES = 256 * 1024 * 1024
@@ -122,34 +123,37 @@ async def _finish(ctx: Ctx, body: FinishBody) -> Job:
 @router.post("/workers/{worker_id}/claim", response_model=Claimed, dependencies=[require("worker")])
 async def claim(worker_id: str, body: ClaimBody, ctx: C, request: Request) -> Claimed:
     """Finish what rides along, then return up to ``max`` jobs as soon as any is runnable (or none after ``wait``)."""
-    finished = []
-    for f in body.finishes:
-        try:
-            await _finish(ctx, f)
-            finished.append(FinishOutcome(lease=f.lease, ok=True))
-        except StaleLease as exc:
-            finished.append(FinishOutcome(lease=f.lease, ok=False, detail=str(exc)))
-    worker = await ctx.store.get_worker(worker_id)
+    # The finishes and the first claim are one store operation (one statement on PostgreSQL). That first try goes
+    # without taking the wake-up events (the queue is not known yet): only when it finds nothing are they taken,
+    # and the claim tried again before waiting, so that a submit in between is not missed.
     deadline = time.monotonic() + min(body.wait, ctx.settings.long_poll_max)
-    claims: list[Claim] = []
-    while body.max > 0 and worker.state == "active":
-        ev = ctx.notifier.event(f"queue:{worker.queue}")
+    now = ctx.now()
+    results = [(f.lease, FinishResult(f.reason, f.exit_code, f.error)) for f in body.finishes]
+    got = await ctx.store.worker_claim(worker_id, body.max, now, ctx.settings.lease_seconds, finishes=results)
+    finished = []
+    for f, job in zip(body.finishes, got.finished, strict=True):
+        if job is None:
+            finished.append(FinishOutcome(lease=f.lease, ok=False, detail="this attempt no longer owns its job"))
+            continue
+        metrics.observe_finished(request.app, job, now)
+        ctx.notifier.changed(job.id)
+        finished.append(FinishOutcome(lease=f.lease, ok=True))
+    while not got.claims and got.state == "active" and body.max > 0 and time.monotonic() < deadline:
+        ev = ctx.notifier.event(f"queue:{got.queue}")
         ev_worker = ctx.notifier.event(f"worker:{worker_id}")
         if await request.is_disconnected():
             break
-        claims = await ctx.store.claim(worker_id, body.max, ctx.now(), ctx.settings.lease_seconds)
-        if claims:
-            metrics.observe_claimed(request.app, claims)
-            for c in claims:
-                ctx.notifier.changed(c.job.id)
+        got = await ctx.store.worker_claim(worker_id, body.max, ctx.now(), ctx.settings.lease_seconds)
+        if got.claims or got.state != "active":
             break
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
+        if not await wait_any((ev, ev_worker), deadline - time.monotonic()):
             break
-        if not await wait_any((ev, ev_worker), remaining):
-            break
-        worker = await ctx.store.get_worker(worker_id)
-    return Claimed(claims=claims, finished=finished, state=worker.state)
+    if got.claims:
+        _note_claims(request.app, worker_id, [c.lease for c in got.claims])
+        metrics.observe_claimed(request.app, got.claims)
+        for c in got.claims:
+            ctx.notifier.changed(c.job.id)
+    return Claimed(claims=got.claims, finished=finished, state=got.state)
 
 
 @router.post("/workers/{worker_id}/heartbeat", response_model=Beat, dependencies=[require("worker")])
@@ -158,8 +162,36 @@ async def heartbeat(worker_id: str, ctx: C, body: BeatBody | None = None) -> Bea
     if body is not None and body.draining:
         await ctx.store.set_worker_state(worker_id, "draining")
         ctx.notifier.notify(f"worker:{worker_id}", "any")
+    started = time.monotonic()
     state, leases = await ctx.store.heartbeat(worker_id, ctx.now(), ctx.settings.lease_seconds)
+    # A claim that committed after the renewal read the worker's leases may answer before this heartbeat does; the
+    # worker would then take the new lease's absence here for "no longer live" and abandon a job that nothing
+    # ever finishes (its lease renewed by every later heartbeat). So the leases this server handed the worker
+    # while the heartbeat ran are listed too.
+    leases |= _claimed_since(ctx.request.app, worker_id, started)
     return Beat(state=state, leases=sorted(leases))
+
+
+_RECENT_SECONDS = 30.0
+
+
+def _note_claims(app: Any, worker_id: str, leases: list[str]) -> None:
+    recent: dict[str, deque[tuple[float, list[str]]]] | None = getattr(app.state, "recent_claims", None)
+    if recent is None:
+        recent = app.state.recent_claims = {}
+    now = time.monotonic()
+    notes = recent.setdefault(worker_id, deque())
+    notes.append((now, leases))
+    while notes and notes[0][0] < now - _RECENT_SECONDS:
+        notes.popleft()
+    if len(recent) > 10_000:  # workers come and go: forget the quiet ones
+        for wid in [w for w, n in recent.items() if not n or n[-1][0] < now - _RECENT_SECONDS]:
+            del recent[wid]
+
+
+def _claimed_since(app: Any, worker_id: str, since: float) -> set[str]:
+    notes = getattr(app.state, "recent_claims", {}).get(worker_id, ())
+    return {lease for at, leases in notes if at >= since for lease in leases}
 
 
 @router.post("/workers/{worker_id}/drain", response_model=Worker, dependencies=[require("admin")])

@@ -136,6 +136,16 @@ VALUES (:id, :queue, :definition, :runtime, :cpus, :memory, :gpus, CAST(:tags AS
         :max_attempts, :now)
 ON CONFLICT (id) DO NOTHING;
 
+-- name: insert_new_job
+-- A submit in one statement (no transaction around next_seq, insert and read back): the new job, or no row when it
+-- already exists (then the store takes the general path, which handles rerun).
+INSERT INTO jobs (id, queue, definition, runtime, cpus, memory, gpus, tags, host_network, priority, seq, state,
+                  max_attempts, submitted_at)
+VALUES (:id, :queue, :definition, :runtime, :cpus, :memory, :gpus, CAST(:tags AS JSONB), :host_network, :priority,
+        nextval('job_seq'), 'queued', :max_attempts, :now)
+ON CONFLICT (id) DO NOTHING
+RETURNING *;
+
 -- name: requeue_finished
 UPDATE jobs SET state = 'queued', reason = NULL, exit_code = NULL, error = NULL, attempts = 0, worker_id = NULL,
        started_at = NULL, finished_at = NULL, seq = :seq, priority = :priority, max_attempts = :max_attempts
@@ -153,15 +163,93 @@ UPDATE jobs
  WHERE id IN (
        SELECT j.id FROM jobs j
         WHERE j.queue = :queue AND j.state = 'queued'
-          AND CAST(:runtimes AS JSONB) ? j.runtime
-          AND j.cpus <= :cpus AND j.gpus <= :gpus
-          AND (j.memory IS NULL OR CAST(:memory AS BIGINT) IS NULL OR j.memory <= :memory)
-          AND (j.host_network = 0 OR :host_network = 1)
-          AND j.tags <@ CAST(:tags AS JSONB)
+          AND coalesce(CAST(:runtimes AS JSONB) ? j.runtime
+                       AND j.cpus <= :cpus AND j.gpus <= :gpus
+                       AND (j.memory IS NULL OR CAST(:memory AS BIGINT) IS NULL OR j.memory <= :memory)
+                       AND (j.host_network = 0 OR :host_network = 1)
+                       AND j.tags <@ CAST(:tags AS JSONB), false)  -- one condition estimated at 1/2: see worker_claim
         ORDER BY j.priority DESC, j.seq
         LIMIT :n
         FOR UPDATE SKIP LOCKED)
 RETURNING *;
+
+-- name: claim_plan
+-- The claim must walk jobs_claim in order and stop after n rows, however many jobs are queued. Left to itself the
+-- planner may prefer to read the whole queue and sort it when it believes few rows match: before the first ANALYZE
+-- of a grown table, or in a plan prepared while the table was small (psycopg prepares a statement run often), which
+-- is then kept; a claim then costs O(queue) (60 ms at 100,000 queued). With these off, the ordered index scan is the
+-- plan at any size. worker_claim runs on connections that have them set (PostgresStore's hot-path pool); claim sets
+-- them for its transaction with this.
+SELECT set_config('enable_seqscan', 'off', true), set_config('enable_bitmapscan', 'off', true),
+       set_config('enable_sort', 'off', true);
+
+-- name: worker_claim
+-- The worker protocol claim in one statement (one round trip, one commit): finish what rides along (the arrays, as in
+-- finish_batch), read the worker and, if it is active, claim up to n jobs it can run and open their attempts. Rows:
+-- one per finished job (finished_lease set), and one per claimed job, or one with NULL job columns when nothing was
+-- claimed (finished_lease NULL, worker_queue and worker_state set); none of the latter for an unknown worker.
+WITH v AS (
+       SELECT * FROM unnest(CAST(:leases AS TEXT[]), CAST(:reasons AS TEXT[]), CAST(:exit_codes AS INTEGER[]),
+                            CAST(:errors AS TEXT[])) AS v(lease, reason, exit_code, error)),
+done AS (
+       UPDATE jobs j
+          SET state = 'finished', reason = v.reason, exit_code = v.exit_code, error = v.error, finished_at = :now,
+              lease = NULL, lease_expires_at = NULL
+         FROM v
+        WHERE j.lease = v.lease AND j.state = 'running'
+       RETURNING v.lease AS finished_lease, j.*),
+ended AS (
+       UPDATE attempts a SET ended_at = :now, outcome = done.reason
+         FROM done
+        WHERE a.lease = done.finished_lease AND a.ended_at IS NULL),
+w AS (SELECT * FROM workers WHERE id = :worker_id),
+-- The claim must walk jobs_claim in order and stop after n rows, however long the queue. So: the worker's fields
+-- are scalar subqueries (evaluated once), not a join (a join would sort the whole queue); and the capability test is
+-- one COALESCE, which the planner estimates at 1/2, not a chain of conditions on values it cannot know when
+-- planning (estimated at a few rows, which makes a sequential scan and a sort of the whole queue look cheaper).
+picked AS (
+       SELECT j.id FROM jobs j
+        WHERE j.queue = (SELECT queue FROM w WHERE state = 'active') AND j.state = 'queued'
+          AND coalesce((SELECT runtimes FROM w) ? j.runtime
+                       AND j.cpus <= (SELECT cpus FROM w) AND j.gpus <= (SELECT gpus FROM w)
+                       AND (j.memory IS NULL OR (SELECT memory FROM w) IS NULL OR j.memory <= (SELECT memory FROM w))
+                       AND (j.host_network = 0 OR (SELECT host_network FROM w) = 1)
+                       AND j.tags <@ (SELECT tags FROM w), false)
+        ORDER BY j.priority DESC, j.seq
+        LIMIT :n
+        FOR UPDATE SKIP LOCKED),
+claimed AS (
+       UPDATE jobs
+          SET state = 'running', attempts = attempts + 1, attempt_seq = attempt_seq + 1, worker_id = :worker_id,
+              lease = replace(gen_random_uuid()::text, '-', ''), lease_expires_at = :expires, started_at = :now
+        WHERE id IN (SELECT id FROM picked)
+       RETURNING *),
+opened AS (
+       INSERT INTO attempts (job_id, attempt, worker_id, lease, started_at)
+       SELECT id, attempt_seq, :worker_id, lease, :now FROM claimed)
+SELECT w.queue AS worker_queue, w.state AS worker_state, NULL AS finished_lease, c.*
+  FROM w LEFT JOIN claimed c ON true
+UNION ALL
+SELECT NULL, NULL, done.* FROM done;
+
+-- name: finish_batch
+-- Several finishes in one statement: the jobs whose leases still own them are finished and their attempts ended;
+-- the rows are those jobs, each with the lease that finished it (finished_lease).
+WITH v AS (
+       SELECT * FROM unnest(CAST(:leases AS TEXT[]), CAST(:reasons AS TEXT[]), CAST(:exit_codes AS INTEGER[]),
+                            CAST(:errors AS TEXT[])) AS v(lease, reason, exit_code, error)),
+done AS (
+       UPDATE jobs j
+          SET state = 'finished', reason = v.reason, exit_code = v.exit_code, error = v.error, finished_at = :now,
+              lease = NULL, lease_expires_at = NULL
+         FROM v
+        WHERE j.lease = v.lease AND j.state = 'running'
+       RETURNING v.lease AS finished_lease, j.*),
+ended AS (
+       UPDATE attempts a SET ended_at = :now, outcome = done.reason
+         FROM done
+        WHERE a.lease = done.finished_lease AND a.ended_at IS NULL)
+SELECT * FROM done;
 
 -- name: insert_attempt
 INSERT INTO attempts (job_id, attempt, worker_id, lease, started_at) VALUES (:job_id, :attempt, :worker_id, :lease, :now);
