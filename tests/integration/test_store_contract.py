@@ -109,6 +109,57 @@ async def test_finish_is_fenced_and_idempotent(store: Store) -> None:
         await store.finish("nope", FinishResult("success", 0), T0 + 3)
 
 
+async def test_worker_claim_records_the_finishes_riding_along_then_claims(store: Store) -> None:
+    first, _ = await submit(store, definition("one"))
+    second, _ = await submit(store, definition("two"))
+    urgent, _ = await submit(store, definition("three"), priority=9)
+    gpu, _ = await submit(store, definition("four", requirements={"gpus": 1}))  # this worker cannot run it
+    await worker(store)
+    got = await store.worker_claim("w1", 1, T0, 10)
+    assert (got.queue, got.state, got.finished) == ("q", "active", [])
+    assert [c.job.id for c in got.claims] == [urgent.id]
+    lease = got.claims[0].lease
+    ok = FinishResult("success", 0)
+    got = await store.worker_claim("w1", 5, T0 + 1, 10, finishes=[(lease, ok), ("no-such-lease", ok)])
+    done, stale = got.finished
+    assert done is not None and done.id == urgent.id and done.state == "finished" and done.finished_at == T0 + 1
+    assert stale is None
+    assert [c.job.id for c in got.claims] == [first.id, second.id]  # FIFO, and never the gpu job
+    assert [a.outcome for a in await store.list_attempts(urgent.id)] == ["success"]
+    # finishing the same attempt again with the same result is harmless; with another result it is stale
+    again = await store.worker_claim("w1", 0, T0 + 2, 10, finishes=[(lease, ok), (lease, FinishResult("failed", 1))])
+    assert again.claims == [] and again.finished[0] is not None and again.finished[0].finished_at == T0 + 1
+    assert again.finished[1] is None
+    assert (await store.get_job(gpu.id)).state == "queued"
+
+
+async def test_worker_claim_of_a_draining_or_unknown_worker(store: Store) -> None:
+    job, _ = await submit(store, definition("one"))
+    later, _ = await submit(store, definition("two"))
+    await worker(store)
+    (claim,) = (await store.worker_claim("w1", 1, T0, 10)).claims
+    await store.set_worker_state("w1", "draining")
+    got = await store.worker_claim("w1", 4, T0 + 1, 10, finishes=[(claim.lease, FinishResult("success", 0))])
+    assert got.state == "draining" and got.claims == []  # a draining worker takes nothing new...
+    assert got.finished[0] is not None and got.finished[0].reason == "success"  # ...but its results count
+    assert (await store.get_job(later.id)).state == "queued"
+    with pytest.raises(NotFound):
+        await store.worker_claim("ghost", 1, T0, 10)
+
+
+async def test_concurrent_worker_claims_never_share_a_job(store: Store) -> None:
+    for i in range(60):
+        await submit(store, definition("echo", str(i)))
+    for n in range(6):
+        await worker(store, f"w{n}")
+    results = await asyncio.gather(*(store.worker_claim(f"w{n % 6}", 4, T0, 10) for n in range(30)))
+    claimed = [c.job.id for r in results for c in r.claims]
+    assert len(claimed) == 60 and len(set(claimed)) == 60
+    finishes = [[(c.lease, FinishResult("success", 0)) for c in r.claims] for r in results]
+    again = await asyncio.gather(*(store.finish_many(f, T0 + 1) for f in finishes))
+    assert all(j is not None and j.reason == "success" for batch in again for j in batch)
+
+
 async def test_expired_lease_goes_to_exactly_one_new_owner(store: Store) -> None:
     job, _ = await submit(store, definition("sleep"))
     await worker(store, "slow")

@@ -11,8 +11,7 @@ import base64
 import io
 import tarfile
 import time
-from collections import deque
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, HTTPException, Request, Response, status
 from pydantic import BaseModel, Field
@@ -149,7 +148,6 @@ async def claim(worker_id: str, body: ClaimBody, ctx: C, request: Request) -> Cl
         if not await wait_any((ev, ev_worker), deadline - time.monotonic()):
             break
     if got.claims:
-        _note_claims(request.app, worker_id, [c.lease for c in got.claims])
         metrics.observe_claimed(request.app, got.claims)
         for c in got.claims:
             ctx.notifier.changed(c.job.id)
@@ -162,36 +160,8 @@ async def heartbeat(worker_id: str, ctx: C, body: BeatBody | None = None) -> Bea
     if body is not None and body.draining:
         await ctx.store.set_worker_state(worker_id, "draining")
         ctx.notifier.notify(f"worker:{worker_id}", "any")
-    started = time.monotonic()
     state, leases = await ctx.store.heartbeat(worker_id, ctx.now(), ctx.settings.lease_seconds)
-    # A claim that committed after the renewal read the worker's leases may answer before this heartbeat does; the
-    # worker would then take the new lease's absence here for "no longer live" and abandon a job that nothing
-    # ever finishes (its lease renewed by every later heartbeat). So the leases this server handed the worker
-    # while the heartbeat ran are listed too.
-    leases |= _claimed_since(ctx.request.app, worker_id, started)
     return Beat(state=state, leases=sorted(leases))
-
-
-_RECENT_SECONDS = 30.0
-
-
-def _note_claims(app: Any, worker_id: str, leases: list[str]) -> None:
-    recent: dict[str, deque[tuple[float, list[str]]]] | None = getattr(app.state, "recent_claims", None)
-    if recent is None:
-        recent = app.state.recent_claims = {}
-    now = time.monotonic()
-    notes = recent.setdefault(worker_id, deque())
-    notes.append((now, leases))
-    while notes and notes[0][0] < now - _RECENT_SECONDS:
-        notes.popleft()
-    if len(recent) > 10_000:  # workers come and go: forget the quiet ones
-        for wid in [w for w, n in recent.items() if not n or n[-1][0] < now - _RECENT_SECONDS]:
-            del recent[wid]
-
-
-def _claimed_since(app: Any, worker_id: str, since: float) -> set[str]:
-    notes = getattr(app.state, "recent_claims", {}).get(worker_id, ())
-    return {lease for at, leases in notes if at >= since for lease in leases}
 
 
 @router.post("/workers/{worker_id}/drain", response_model=Worker, dependencies=[require("admin")])
