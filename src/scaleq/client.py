@@ -152,8 +152,10 @@ class Client:
     async def record_event(self, event: dict[str, Any]) -> None:
         await self.request("POST", "/events", json=event)
 
-    async def demand(self, queue: str, capabilities: dict[str, Any], *, wait: float = 0) -> dict[str, Any]:
-        body = {"queue": queue, "capabilities": capabilities, "wait": wait}
+    async def demand(
+        self, queue: str, capabilities: dict[str, Any], *, wait: float = 0, limit: int | None = None
+    ) -> dict[str, Any]:
+        body = {"queue": queue, "capabilities": capabilities, "wait": wait, "limit": limit}
         return await self._json("POST", "/demand", json=body, timeout=wait + 30)
 
     # -- the worker protocol ----------------------------------------------------------------------------------

@@ -15,7 +15,8 @@ from scaleq.providers.base import Health, ProviderWorker
 from scaleq.providers.local import LocalProvider
 from scaleq.providers.registry import ProviderContext
 from scaleq.scaling.controller import Controller
-from scaleq.scaling.observe import RemoteObserver
+from scaleq.scaling.observe import RemoteObserver, StoreObserver
+from scaleq.server.notify import Notifier
 from tests.helpers import LiveServer, controlling, eventually
 
 
@@ -236,3 +237,15 @@ async def test_workers_that_die_before_registering_pause_the_group(live: LiveSer
     finally:
         await provider.destroy(g, grace=5)
         await admin.close()
+
+
+async def test_observers_count_the_queue_only_as_far_as_the_group_can_run(live: LiveServer) -> None:
+    g = group(max_workers=2, slots=3)  # at most 6 jobs at once: 6 queued or 600 decide the same
+    async with live.client("submit") as c:
+        for i in range(10):
+            await c.submit(SubmitRequest(queue="q", definition=JobDefinition(command=["echo", str(i)])))
+    async with live.client("admin") as admin:
+        assert (await RemoteObserver(admin).demand(g)).queued == 6
+        assert (await admin.demand("q", g.capabilities().model_dump(mode="json")))["queued"] == 10
+    local_view = StoreObserver(live.store, Notifier(), time.time)
+    assert (await local_view.demand(g)).queued == 6

@@ -282,6 +282,18 @@ async def test_demand_counts_only_what_a_group_can_run(store: Store) -> None:
     assert await store.demand("q", Capabilities(runtimes=[RuntimeKind.process, RuntimeKind.docker], gpus=1)) == (3, 0)
 
 
+async def test_demand_counts_queued_jobs_up_to_a_limit(store: Store) -> None:
+    for i in range(7):
+        await submit(store, definition("echo", str(i)))
+    await worker(store)
+    await store.claim("w1", 2, T0, 10)
+    caps = Capabilities(runtimes=[RuntimeKind.process])
+    assert await store.demand("q", caps) == (5, 2)
+    assert await store.demand("q", caps, limit=3) == (3, 2)  # running is always counted whole
+    assert await store.demand("q", caps, limit=0) == (0, 2)
+    assert await store.demand("q", caps, limit=50) == (5, 2)
+
+
 async def test_workers_idle_since_busy_and_gone(store: Store) -> None:
     await submit(store, definition("a"))
     await worker(store)

@@ -13,6 +13,12 @@ from scaleq.server.notify import Notifier, wait
 from scaleq.store.base import GroupStatus, Store
 
 
+def demand_limit(group: Group) -> int:
+    """Queued jobs past what the group can run at once change no decision (the policy clamps at max_workers), and
+    counting a long queue whole on every wake-up would cost O(queue): the count stops here."""
+    return max(group.max_workers, 1) * group.slots
+
+
 class StoreObserver:
     def __init__(self, store: Store, notifier: Notifier, clock: Callable[[], float]) -> None:
         self.store = store
@@ -21,7 +27,7 @@ class StoreObserver:
         self._event = notifier.event("any")
 
     async def demand(self, group: Group) -> Demand:
-        queued, running = await self.store.demand(group.queue, group.capabilities())
+        queued, running = await self.store.demand(group.queue, group.capabilities(), limit=demand_limit(group))
         return Demand(self.clock(), queued, running)
 
     async def registered(self, group: Group) -> list[Worker]:
@@ -50,7 +56,8 @@ class RemoteObserver:
         self.client = client
 
     async def demand(self, group: Group) -> Demand:
-        d = await self.client.demand(group.queue, group.capabilities().model_dump(mode="json"))
+        caps = group.capabilities().model_dump(mode="json")
+        d = await self.client.demand(group.queue, caps, limit=demand_limit(group))
         return Demand(d["at"], d["queued"], d["running"])
 
     async def registered(self, group: Group) -> list[Worker]:

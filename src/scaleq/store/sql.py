@@ -383,8 +383,9 @@ class SQLStore:
     async def queue_stats(self) -> list[QueueStats]:
         return [rows.queue_stats(r) for r in await self._run(self._all, "queue_stats")]
 
-    async def demand(self, queue: str, capabilities: Capabilities) -> tuple[int, int]:
-        row = await self._run(lambda: self._one("demand", queue=queue, **rows.caps_params(capabilities)))
+    async def demand(self, queue: str, capabilities: Capabilities, limit: int | None = None) -> tuple[int, int]:
+        params = {"queue": queue, "limit": limit, **rows.caps_params(capabilities)}
+        row = await self._run(self._one, "demand", **params)
         return (row["queued"] or 0, row["running"] or 0) if row else (0, 0)
 
     async def list_workers(self, *, queue: str | None = None, include_gone: bool = False) -> list[Worker]:

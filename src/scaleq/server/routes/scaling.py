@@ -73,6 +73,8 @@ class DemandQuery(BaseModel):
     queue: str
     capabilities: Capabilities
     wait: float = Field(default=0, ge=0)
+    #: Count queued jobs only up to this many (an autoscaler needs no more than its group can run at once).
+    limit: int | None = Field(default=None, ge=0)
 
 
 @router.get("/groups", response_model=list[GroupOut], dependencies=[require("view")])
@@ -133,5 +135,5 @@ async def demand(body: DemandQuery, ctx: C) -> DemandOut:
     if body.wait:
         ev = ctx.notifier.event("any")
         await wait(ev, min(body.wait, ctx.settings.long_poll_max))
-    queued, running = await ctx.store.demand(body.queue, body.capabilities)
+    queued, running = await ctx.store.demand(body.queue, body.capabilities, limit=body.limit)
     return DemandOut(queue=body.queue, queued=queued, running=running, at=time.time())

@@ -413,10 +413,17 @@ SELECT * FROM groups ORDER BY name;
 DELETE FROM groups WHERE name = :name;
 
 -- name: demand
-SELECT count(*) FILTER (WHERE j.state = 'queued') AS queued, count(*) FILTER (WHERE j.state = 'running') AS running FROM jobs j
- WHERE j.queue = :queue AND j.state IN ('queued', 'running')
+-- Queued jobs are counted up to :limit only (NULL: all): see the SQLite query.
+SELECT (SELECT count(*) FROM (SELECT 1 FROM jobs j WHERE j.queue = :queue AND j.state = 'queued'
    AND CAST(:runtimes AS JSONB) ? j.runtime
    AND j.cpus <= :cpus AND j.gpus <= :gpus
    AND (j.memory IS NULL OR CAST(:memory AS BIGINT) IS NULL OR j.memory <= :memory)
    AND (j.host_network = 0 OR :host_network = 1)
-   AND j.tags <@ CAST(:tags AS JSONB);
+   AND j.tags <@ CAST(:tags AS JSONB)
+         LIMIT CAST(:limit AS BIGINT)) q) AS queued,
+       (SELECT count(*) FROM jobs j WHERE j.queue = :queue AND j.state = 'running'
+   AND CAST(:runtimes AS JSONB) ? j.runtime
+   AND j.cpus <= :cpus AND j.gpus <= :gpus
+   AND (j.memory IS NULL OR CAST(:memory AS BIGINT) IS NULL OR j.memory <= :memory)
+   AND (j.host_network = 0 OR :host_network = 1)
+   AND j.tags <@ CAST(:tags AS JSONB)) AS running;

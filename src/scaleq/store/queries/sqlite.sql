@@ -315,10 +315,18 @@ SELECT * FROM groups ORDER BY name;
 DELETE FROM groups WHERE name = :name;
 
 -- name: demand
-SELECT sum(j.state = 'queued') AS queued, sum(j.state = 'running') AS running FROM jobs j
- WHERE j.queue = :queue AND j.state IN ('queued', 'running')
+-- Queued jobs are counted up to :limit only (NULL: all): past the most a group can run at once, more changes no
+-- decision, and counting a long queue whole on every wake-up of the controller costs O(queue).
+SELECT (SELECT count(*) FROM (SELECT 1 FROM jobs j WHERE j.queue = :queue AND j.state = 'queued'
    AND j.runtime IN (SELECT value FROM json_each(:runtimes))
    AND j.cpus <= :cpus AND j.gpus <= :gpus
    AND (j.memory IS NULL OR :memory IS NULL OR j.memory <= :memory)
    AND (j.host_network = 0 OR :host_network = 1)
-   AND NOT EXISTS (SELECT 1 FROM json_each(j.tags) t WHERE t.value NOT IN (SELECT value FROM json_each(:tags)));
+   AND NOT EXISTS (SELECT 1 FROM json_each(j.tags) t WHERE t.value NOT IN (SELECT value FROM json_each(:tags)))
+         LIMIT coalesce(:limit, -1))) AS queued,
+       (SELECT count(*) FROM jobs j WHERE j.queue = :queue AND j.state = 'running'
+   AND j.runtime IN (SELECT value FROM json_each(:runtimes))
+   AND j.cpus <= :cpus AND j.gpus <= :gpus
+   AND (j.memory IS NULL OR :memory IS NULL OR j.memory <= :memory)
+   AND (j.host_network = 0 OR :host_network = 1)
+   AND NOT EXISTS (SELECT 1 FROM json_each(j.tags) t WHERE t.value NOT IN (SELECT value FROM json_each(:tags)))) AS running;
