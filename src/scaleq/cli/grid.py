@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import sys
@@ -12,6 +11,7 @@ from typing import Annotated
 
 import typer
 
+from scaleq import loop
 from scaleq.cli.common import (
     DataDirOpt,
     Output,
@@ -135,7 +135,7 @@ def _serve(
         if pid and pid != os.getpid() and _running(pid):
             fail(f"a server is already running from {directory} (pid {pid}); stop it or use another --data-dir")
     try:
-        asyncio.run(
+        loop.run(
             serve(
                 grid,
                 directory,
@@ -235,7 +235,7 @@ def worker(
         return await WorkerAgent(config).run()
 
     try:
-        code = asyncio.run(go())
+        code = loop.run(go())
     except ApiError as exc:
         hint = " (check --token / SCALEQ_TOKEN: it needs the worker role)" if exc.status in (401, 403) else ""
         fail(f"the server refused this worker: {format_detail(exc.detail)}{hint}")
