@@ -32,6 +32,8 @@ from scaleq.scaling.signals import SignalError, describe, read_external
 from scaleq.store.base import GroupStatus
 
 log = logging.getLogger("scaleq.controller")
+#: Seconds between rewrites of an unchanged group status.
+STATUS_REFRESH = 5.0
 
 
 class Observer(Protocol):
@@ -76,6 +78,8 @@ class GroupLoop:
     pending: dict[str, float] = field(default_factory=dict)  # started, not registered yet
     early_exits: int = 0  # started workers that vanished without ever registering, in a row
     crash_backoff: float = 5.0
+    recorded: tuple[int, int] | None = None  # (current, desired) last written as the group's status
+    recorded_at: float = float("-inf")
 
 
 class Controller:
@@ -142,18 +146,15 @@ class Controller:
                     reason = f"{describe(g.signal)} reads {demand.queued}: {reason}"
                 await self.observer.record(g.name, kind, current, decision.desired, reason)
                 loop.last_desired = decision.desired
-            await self.observer.status(
-                GroupStatus(
-                    g.name,
-                    g.queue,
-                    g.provider,
-                    g.min_workers,
-                    g.max_workers,
-                    current + decision.start - len(decision.drain),
-                    decision.desired,
-                    now,
+            counts = (current + decision.start - len(decision.drain), decision.desired)
+            # Under a stream of jobs the controller steps up to 20 times a second: the status is a store write, so
+            # it is written when it changes, and otherwise refreshed every STATUS_REFRESH seconds (its age is how
+            # the dashboard and doctor tell a live controller from a stopped one).
+            if counts != loop.recorded or now - loop.recorded_at >= STATUS_REFRESH:
+                await self.observer.status(
+                    GroupStatus(g.name, g.queue, g.provider, g.min_workers, g.max_workers, *counts, now)
                 )
-            )
+                loop.recorded, loop.recorded_at = counts, now
             if loop.failures:
                 await self.observer.record(g.name, "recovered", None, None, "signal and provider answer again")
             loop.failures = 0
