@@ -87,6 +87,12 @@ class Client:
         data = await self._json("POST", "/jobs", json=req.model_dump(mode="json"), timeout=120)
         return Job.model_validate(data["job"]), data["created"]
 
+    async def submit_many(self, reqs: list[SubmitRequest]) -> list[tuple[Job, bool]]:
+        """Up to 1,000 jobs in one request and one transaction (all or none)."""
+        body = {"jobs": [r.model_dump(mode="json") for r in reqs]}
+        data = await self._json("POST", "/jobs/batch", json=body, timeout=300)
+        return [(Job.model_validate(s["job"]), s["created"]) for s in data["submitted"]]
+
     async def get_job(self, job_id: str, *, wait: float = 0, state: str | None = None) -> Job:
         params: dict[str, Any] = {"wait": wait} if wait else {}
         if state:

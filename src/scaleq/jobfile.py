@@ -10,6 +10,7 @@ import base64
 import hashlib
 import json
 import os
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -106,10 +107,22 @@ def build(
         data["requirements"] = req
     if "command" not in data:
         raise JobInputError(f"{where}: command: missing (give it after '--' or as command = [...] in a job file)")
-    local_inputs = list(data.pop("inputs", []) or [])
+    return definition_from(data, where, base, inputs)
+
+
+def definition_from(
+    data: dict[str, Any], where: str, base: Path, extra_inputs: list[str] | None = None
+) -> tuple[JobDefinition, dict[str, bytes]]:
+    """A job file's fields (``inputs`` as local paths, relative to ``base``) → the validated definition and the
+    bytes of its inputs; problems are reported as ``where: field: problem``."""
+    data = dict(data)
+    local_inputs = data.pop("inputs", []) or []
     if not isinstance(local_inputs, list) or not all(isinstance(i, str) for i in local_inputs):
         raise JobInputError(f"{where}: inputs: must be a list of local paths")
-    entries, blobs = collect_inputs([*local_inputs, *(inputs or [])], base)
+    try:
+        entries, blobs = collect_inputs([*local_inputs, *(extra_inputs or [])], base)
+    except JobInputError as exc:
+        raise JobInputError(f"{where}: {exc}") from exc
     data["inputs"] = [e.model_dump() for e in entries]
     try:
         definition = JobDefinition.model_validate(data)
@@ -117,6 +130,33 @@ def build(
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}" for e in exc.errors())
         raise JobInputError(f"{where}: {problems}") from exc
     return definition, blobs
+
+
+def load_lines(path: Path) -> list[tuple[JobDefinition, dict[str, bytes]]]:
+    """A JSON Lines file of job definitions (one job file's fields per line, ``inputs`` relative to the file; blank
+    lines and lines starting with ``#`` skipped); every line is checked before any is returned."""
+    try:
+        text = sys.stdin.read() if str(path) == "-" else path.read_text()
+    except OSError as exc:
+        raise JobInputError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    base = Path.cwd() if str(path) == "-" else path.parent
+    found = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        where = f"{path}:{n}"
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise JobInputError(f"{where}: not valid JSON: column {exc.colno}: {exc.msg}") from exc
+        if not isinstance(data, dict):
+            raise JobInputError(f"{where}: a line holds one job: an object of a job file's fields")
+        if "command" not in data:
+            raise JobInputError(f"{where}: command: missing")
+        found.append(definition_from(data, where, base))
+    if not found:
+        raise JobInputError(f"{path}: no jobs in it")
+    return found
 
 
 def encode_blobs(blobs: dict[str, bytes]) -> dict[str, str]:

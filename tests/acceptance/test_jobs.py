@@ -104,6 +104,45 @@ def test_the_same_definition_is_the_same_job_and_runs_once(shared_grid: Grid, tm
 # -- 3. looking at jobs, queues and workers -----------------------------------------------------------------------
 
 
+def test_submit_many_from_json_lines_runs_every_job_once(shared_grid: Grid, tmp_path: Path) -> None:
+    tag = unique()
+    (tmp_path / "params.txt").write_text("alpha\n")
+    lines = [json.dumps({"command": ["sh", "-c", f"echo {tag}-{i}"]}) for i in range(7)]
+    lines.insert(3, "# a comment, and a blank line, are skipped")
+    lines.insert(4, "")
+    reads = ["sh", "-c", 'cat "$SCALEQ_INPUTS/params.txt"']
+    lines.append(json.dumps({"command": reads, "inputs": ["params.txt"]}))  # relative to the file
+    sweep = tmp_path / "sweep.jsonl"
+    sweep.write_text("\n".join(lines) + "\n")
+    r = shared_grid.cli("submit-many", "default", str(sweep))
+    assert r.returncode == 0, r.stderr
+    ids = r.stdout.split()
+    assert len(ids) == 8 and all(re.fullmatch(HEX64, i) for i in ids)
+    assert "8 jobs on default: 8 queued" in r.stderr
+    results = shared_grid.wait_all_finished(ids, timeout=60)
+    assert all(job["reason"] == "success" for job in results.values()), shared_grid.diagnosis(ids)
+    assert [shared_grid.api_logs(i) for i in ids] == [f"{tag}-{i}\n" for i in range(7)] + ["alpha\n"]
+    # the same file again: the same jobs, found rather than queued twice
+    again = shared_grid.cli("submit-many", "default", str(sweep), "--output", "json")
+    assert again.returncode == 0, again.stderr
+    found = [(j["id"], j["created"], j["state"]) for j in json.loads(again.stdout)]
+    assert found == [(i, False, "finished") for i in ids]
+
+
+def test_submit_many_with_a_bad_line_exits_2_naming_it_and_submits_nothing(shared_grid: Grid, tmp_path: Path) -> None:
+    before = shared_grid.json("jobs", "--limit", "10000")
+    sweep = tmp_path / "sweep.jsonl"
+    good = json.dumps({"command": ["echo", unique()]})
+    sweep.write_text(f'{good}\n{{"command": ["true"], "max_duration": -1}}\n')
+    r = shared_grid.cli("submit-many", "default", str(sweep))
+    assert r.returncode == 2 and f"{sweep}:2: max_duration" in r.stderr, r.stderr
+    sweep.write_text(f"{good}\n{{not json\n")
+    r = shared_grid.cli("submit-many", "default", str(sweep))
+    assert r.returncode == 2 and f"{sweep}:2: not valid JSON" in r.stderr, r.stderr
+    assert r.stdout == "" and "Traceback" not in r.stderr
+    assert shared_grid.json("jobs", "--limit", "10000") == before
+
+
 def test_jobs_lists_and_filters(shared_grid: Grid) -> None:
     tag = unique()
     done_id = shared_grid.api_submit("echo", tag)

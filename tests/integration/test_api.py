@@ -117,6 +117,41 @@ async def test_inputs_must_come_with_their_bytes(live: LiveServer) -> None:
         assert await w.blob(sha) == data
 
 
+async def test_batch_submit_answers_in_order_and_is_all_or_nothing(live: LiveServer) -> None:
+    data = b"shared input"
+    sha = hashlib.sha256(data).hexdigest()
+    reads = {"path": "in.txt", "sha256": sha, "size": len(data)}
+    reqs = [SubmitRequest(queue="q", definition=JobDefinition(command=["echo", str(i)])) for i in range(3)]
+    # two jobs name the same input; its bytes travel once, with the second
+    reqs += [
+        SubmitRequest(queue="q", definition=JobDefinition(command=["cat", "a"], inputs=[reads])),
+        SubmitRequest(
+            queue="q2",
+            definition=JobDefinition(command=["cat", "b"], inputs=[reads]),
+            blobs={sha: base64.b64encode(data).decode()},
+        ),
+    ]
+    headers = {"Authorization": f"Bearer {live.tokens['submit']}"}
+    async with live.client("submit") as c, httpx.AsyncClient(base_url=live.url, headers=headers) as r:
+        bad = [req.model_dump(mode="json") for req in reqs]
+        bad[3]["definition"]["max_duration"] = -1
+        resp = await r.post("/api/v1/jobs/batch", json={"jobs": bad})
+        assert resp.status_code == 422
+        assert [d["loc"][1:4] for d in resp.json()["detail"]] == [["jobs", 3, "definition"]]
+        missing = [req.model_dump(mode="json") for req in reqs[:4]]  # the bytes were in the fifth
+        resp = await r.post("/api/v1/jobs/batch", json={"jobs": missing})
+        assert resp.status_code == 422 and resp.json()["detail"][0]["loc"][1:5] == ["jobs", 3, "definition", "inputs"]
+        assert (await r.post("/api/v1/jobs/batch", json={"jobs": []})).status_code == 422
+        assert await live.store.list_jobs(queue=None, state=None, limit=10) == []  # nothing of the above stayed
+        done = await c.submit_many(reqs)
+        assert [job.definition.command for job, _ in done] == [req.definition.command for req in reqs]
+        assert [created for _, created in done] == [True] * 5 and done[4][0].queue == "q2"
+        again = await c.submit_many(reqs[:2])
+        assert [(job.id, created) for job, created in again] == [(done[0][0].id, False), (done[1][0].id, False)]
+    async with live.client("worker") as w:
+        assert await w.blob(sha) == data
+
+
 async def test_claim_long_poll_wakes_on_submit(live: LiveServer) -> None:
     await register(live)
     async with live.client("worker") as w, live.client("submit") as s:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from scaleq.jobs import Capabilities, JobDefinition, RuntimeKind, Worker, job_id
-from scaleq.store.base import FinishResult, NotFound, StaleLease, Store
+from scaleq.store.base import FinishResult, NotFound, StaleLease, Store, Submission
 from scaleq.store.postgres import PostgresStore
 from scaleq.store.sqlite import SQLiteStore
 
@@ -59,6 +59,26 @@ async def test_submit_is_idempotent_and_id_is_the_hash(store: Store) -> None:
     assert job.id == again.id == job_id("q", d)
     other, _ = await submit(store, d, queue="other")
     assert other.id != job.id
+
+
+async def test_submit_many_in_order_idempotent_and_rerun(store: Store) -> None:
+    old, _ = await submit(store, definition("echo", "old"))
+    subs = [Submission("q", definition("echo", str(i)), priority=i % 2) for i in range(5)]
+    subs.append(Submission("q", definition("echo", "old")))
+    done = await store.submit_many(subs, T0 + 1)
+    assert [job.id for job, _ in done] == [job_id(s.queue, s.definition) for s in subs]
+    assert [created for _, created in done] == [True] * 5 + [False]
+    assert done[5][0].id == old.id and done[5][0].submitted_at == T0
+    assert [j.priority for j, _ in done[:5]] == [0, 1, 0, 1, 0]
+    again = await store.submit_many(subs[:2], T0 + 2)
+    assert [created for _, created in again] == [False, False]
+    # a finished job comes back queued on rerun, within a batch too
+    await worker(store)
+    claims = await store.claim("w1", 10, T0 + 3, 10)
+    first = next(c for c in claims if c.job.id == done[0][0].id)
+    await store.finish(first.lease, FinishResult("success", 0), T0 + 4)
+    (rerun,) = await store.submit_many([Submission("q", subs[0].definition, rerun=True)], T0 + 5)
+    assert rerun[1] and rerun[0].state == "queued"
 
 
 async def test_claim_is_fifo_within_priority_and_respects_n(store: Store) -> None:

@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 from rich.live import Live
+from rich.progress import Progress
 from rich.spinner import Spinner
 
 from scaleq.cli.common import (
@@ -29,8 +30,8 @@ from scaleq.cli.common import (
     table,
     with_client,
 )
-from scaleq.client import Client
-from scaleq.jobfile import JobInputError, build, encode_blobs
+from scaleq.client import ApiError, Client, Unreachable
+from scaleq.jobfile import JobInputError, build, encode_blobs, load_lines
 from scaleq.jobs import Job, State, SubmitRequest, validate_queue_name
 
 
@@ -161,6 +162,84 @@ def submit(
         emit_json({**_summary(job), "created": created})
     if wait and job.reason != "success":
         raise typer.Exit(1)
+
+
+BATCH = 500  # jobs per request: well under the server's 1,000 and its body limit for small definitions
+
+
+def submit_many(
+    queue: Annotated[str, typer.Argument(help="Queue to submit to.")],
+    file: Annotated[
+        Path,
+        typer.Argument(
+            help="JSON Lines: one job per line, as the fields of a job file ('-' reads stdin).", allow_dash=True
+        ),
+    ],
+    priority: Annotated[int, typer.Option(help="Higher runs first; FIFO within a priority.")] = 0,
+    max_attempts: Annotated[int, typer.Option(help="Attempts before a lost job finishes as worker_lost.")] = 3,
+    rerun: Annotated[bool, typer.Option("--rerun", help="Run again those of the jobs that already finished.")] = False,
+    output: OutputOpt = Output.table,
+    server: ServerOpt = None,
+    token: TokenOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Submit many jobs from a file, 500 per request; print their ids, one per line, in the file's order.
+
+    Every line is checked before anything is sent.
+
+    Idempotent (the same definition on the same queue is the same job): after an interruption, run it again.
+
+    Example line: {"command": ["python3", "sweep.py", "--alpha", "0.3"], "image": "python:3.12-slim"}
+    """
+    try:
+        validate_queue_name(queue)
+        found = load_lines(file)
+    except JobInputError as exc:
+        bad_input(str(exc))
+    except ValueError as exc:
+        bad_input(f"queue: {exc}")
+    requests = [
+        SubmitRequest(
+            queue=queue,
+            definition=d,
+            priority=priority,
+            max_attempts=max_attempts,
+            rerun=rerun,
+            blobs=encode_blobs(blobs),
+        )
+        for d, blobs in found
+    ]
+
+    async def go(client: Client) -> list[tuple[Job, bool]]:
+        done: list[tuple[Job, bool]] = []
+        with Progress(transient=True, console=err, disable=not err.is_terminal) as bar:
+            task = bar.add_task("submitting", total=len(requests))
+            for start in range(0, len(requests), BATCH):
+                try:
+                    done += await client.submit_many(requests[start : start + BATCH])
+                except (ApiError, Unreachable):
+                    if done:
+                        err.print(
+                            f"{len(done)} of {len(requests)} jobs were submitted before this error; running the same "
+                            "command again submits the rest (the others are found, not queued twice)",
+                            markup=False,
+                        )
+                    raise
+                bar.update(task, completed=len(done))
+        return done
+
+    done = with_client(server, token, data_dir, go)
+    if output == Output.json:
+        emit_json([{**_summary(job), "created": created} for job, created in done])
+        return
+    out.print("\n".join(job.id for job, _ in done), markup=False, highlight=False)
+    new = sum(1 for _, created in done if created)
+    again = len(done) - new
+    err.print(
+        f"{len(done)} jobs on {queue}: {new} queued"
+        + (f", {again} already there (--rerun runs finished ones again)" if again else ""),
+        markup=False,
+    )
 
 
 def jobs(

@@ -112,6 +112,17 @@ class GroupStatus:
 
 
 @dataclass(frozen=True)
+class Submission:
+    """One job of a batch submit: what :meth:`Store.submit` takes for one."""
+
+    queue: str
+    definition: JobDefinition
+    priority: int = 0
+    max_attempts: int = 3
+    rerun: bool = False
+
+
+@dataclass(frozen=True)
 class WorkerClaim:
     """What a worker's claim found: its queue and state, the jobs it got (none unless it is ``active``), and per
     finish that rode along, the job as :meth:`Store.finish` answers it, or None where that would be StaleLease."""
@@ -148,6 +159,10 @@ class Store(Protocol):
         now: float,
     ) -> tuple[Job, bool]:
         """Store the job if new (or requeue a finished one on ``rerun``); return it and whether it is now queued."""
+        ...
+
+    async def submit_many(self, submissions: list[Submission], now: float) -> list[tuple[Job, bool]]:
+        """:meth:`submit` for each, in order, in one transaction (all or none)."""
         ...
 
     async def get_job(self, job_id: str) -> Job:

@@ -30,6 +30,7 @@ from scaleq.store.base import (
     OutputFile,
     QueueStats,
     StaleLease,
+    Submission,
     TokenRecord,
     WorkerClaim,
 )
@@ -122,6 +123,22 @@ class SQLStore:
 
     # -- jobs -------------------------------------------------------------------------------------------------
 
+    def _submit(self, s: Submission, now: float) -> tuple[Job, bool]:
+        params = rows.job_params(s.queue, s.definition, s.priority, s.max_attempts)
+        seq = self._one("next_seq")["seq"]  # type: ignore[index]
+        created = self.db.execute(self.Q["insert_job"], {**params, "seq": seq, "now": now}).rowcount == 1
+        if not created and s.rerun:
+            created = (
+                self.db.execute(
+                    self.Q["requeue_finished"],
+                    {"id": params["id"], "seq": seq, "priority": s.priority, "max_attempts": s.max_attempts},
+                ).rowcount
+                == 1
+            )
+            if created:
+                self.db.execute(self.Q["clear_outputs"], {"job_id": params["id"]})
+        return rows.job(self._one("get_job", id=params["id"])), created
+
     async def submit(
         self,
         queue: str,
@@ -132,24 +149,10 @@ class SQLStore:
         rerun: bool,
         now: float,
     ) -> tuple[Job, bool]:
-        params = rows.job_params(queue, definition, priority, max_attempts)
+        return await self.tx(lambda: self._submit(Submission(queue, definition, priority, max_attempts, rerun), now))
 
-        def op() -> tuple[Job, bool]:
-            seq = self._one("next_seq")["seq"]  # type: ignore[index]
-            created = self.db.execute(self.Q["insert_job"], {**params, "seq": seq, "now": now}).rowcount == 1
-            if not created and rerun:
-                created = (
-                    self.db.execute(
-                        self.Q["requeue_finished"],
-                        {"id": params["id"], "seq": seq, "priority": priority, "max_attempts": max_attempts},
-                    ).rowcount
-                    == 1
-                )
-                if created:
-                    self.db.execute(self.Q["clear_outputs"], {"job_id": params["id"]})
-            return rows.job(self._one("get_job", id=params["id"])), created
-
-        return await self.tx(op)
+    async def submit_many(self, submissions: list[Submission], now: float) -> list[tuple[Job, bool]]:
+        return await self.tx(lambda: [self._submit(s, now) for s in submissions])
 
     def _get_job(self, job_id: str) -> Job:
         if len(job_id) == 64:

@@ -9,15 +9,17 @@ import time
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Response, status
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from scaleq.jobs import Job, State, SubmitRequest
 from scaleq.server.auth import require
 from scaleq.server.notify import wait, wait_any
-from scaleq.server.routes.common import C
-from scaleq.store.base import NotFound
+from scaleq.server.routes.common import C, Ctx
+from scaleq.store.base import NotFound, Submission
 
 router = APIRouter(tags=["jobs"])
+#: Most jobs one batch submit may carry.
+MAX_BATCH = 1000
 
 
 class Submitted(BaseModel):
@@ -70,27 +72,41 @@ def _unprocessable(loc: list[str | int], msg: str) -> HTTPException:
     )
 
 
-@router.post("/jobs", response_model=Submitted, dependencies=[require("jobs:write")])
-async def submit(body: SubmitRequest, ctx: C, response: Response) -> Submitted:
-    """Queue a job. The same definition on the same queue is the same job: its id and result come back."""
+def _decode_blobs(req: SubmitRequest, loc: list[str | int]) -> dict[str, bytes]:
     blobs: dict[str, bytes] = {}
-    for sha, encoded in body.blobs.items():
+    for sha, encoded in req.blobs.items():
         try:
             data = base64.b64decode(encoded, validate=True)
         except (binascii.Error, ValueError) as exc:
-            raise _unprocessable(["blobs", sha], "is not base64") from exc
+            raise _unprocessable([*loc, "blobs", sha], "is not base64") from exc
         if hashlib.sha256(data).hexdigest() != sha:
-            raise _unprocessable(["blobs", sha], "bytes do not match their sha256")
+            raise _unprocessable([*loc, "blobs", sha], "bytes do not match their sha256")
         blobs[sha] = data
-    needed = [i.sha256 for i in body.definition.inputs if i.sha256 not in blobs]
-    missing = set(await ctx.store.missing_blobs(needed)) if needed else set()
-    for n, item in enumerate(body.definition.inputs):
-        if item.sha256 in missing:
-            raise _unprocessable(["definition", "inputs", n], f"bytes of {item.path!r} were not sent (blobs)")
-        if item.sha256 in blobs and len(blobs[item.sha256]) != item.size:
-            raise _unprocessable(["definition", "inputs", n, "size"], "does not match the bytes sent")
+    return blobs
+
+
+async def _store_inputs(ctx: Ctx, reqs: list[tuple[list[str | int], SubmitRequest]]) -> None:
+    """Check that every input of every job has its bytes (sent now, by any job of the request, or stored before),
+    then store the bytes sent. Nothing is stored when anything is wrong."""
+    blobs: dict[str, bytes] = {}
+    for loc, req in reqs:
+        blobs.update(_decode_blobs(req, loc))
+    needed = {i.sha256 for _, req in reqs for i in req.definition.inputs if i.sha256 not in blobs}
+    missing = set(await ctx.store.missing_blobs(sorted(needed))) if needed else set()
+    for loc, req in reqs:
+        for n, item in enumerate(req.definition.inputs):
+            if item.sha256 in missing:
+                raise _unprocessable([*loc, "definition", "inputs", n], f"bytes of {item.path!r} were not sent (blobs)")
+            if item.sha256 in blobs and len(blobs[item.sha256]) != item.size:
+                raise _unprocessable([*loc, "definition", "inputs", n, "size"], "does not match the bytes sent")
     for sha, data in blobs.items():
         await ctx.store.put_blob(sha, data)
+
+
+@router.post("/jobs", response_model=Submitted, dependencies=[require("jobs:write")])
+async def submit(body: SubmitRequest, ctx: C, response: Response) -> Submitted:
+    """Queue a job. The same definition on the same queue is the same job: its id and result come back."""
+    await _store_inputs(ctx, [([], body)])
     job, created = await ctx.store.submit(
         body.queue,
         body.definition,
@@ -103,6 +119,27 @@ async def submit(body: SubmitRequest, ctx: C, response: Response) -> Submitted:
         ctx.notifier.submitted(job.queue, job.id)
         response.status_code = status.HTTP_201_CREATED
     return Submitted(job=job, created=created)
+
+
+class SubmitBatch(BaseModel):
+    jobs: list[SubmitRequest] = Field(min_length=1, max_length=MAX_BATCH)
+
+
+class SubmittedBatch(BaseModel):
+    submitted: list[Submitted]
+
+
+@router.post("/jobs/batch", response_model=SubmittedBatch, dependencies=[require("jobs:write")])
+async def submit_batch(body: SubmitBatch, ctx: C) -> SubmittedBatch:
+    """Queue up to 1,000 jobs at once, each as ``POST /jobs`` would, in one transaction: all are queued (or found
+    already there) or, on any error, none. The answers come back in the order of the jobs."""
+    await _store_inputs(ctx, [(["jobs", n], req) for n, req in enumerate(body.jobs)])
+    subs = [Submission(r.queue, r.definition, r.priority, r.max_attempts, r.rerun) for r in body.jobs]
+    done = await ctx.store.submit_many(subs, ctx.now())
+    for job, created in done:
+        if created:
+            ctx.notifier.submitted(job.queue, job.id)
+    return SubmittedBatch(submitted=[Submitted(job=job, created=created) for job, created in done])
 
 
 @router.get("/jobs", response_model=list[Job], dependencies=[require("jobs:read")])
