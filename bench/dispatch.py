@@ -27,7 +27,9 @@ What runs where (the 2 cores are shared by all of it, as they would be on a smal
 * A peer's drain ends when its task body has run for the last job (a little in its favour: its final status
   write is not waited for).
 
-*Submit* is the rate of putting N jobs in; *drain* the rate of running N pre-queued jobs; *both* submits and drains
+*Submit* is the rate of putting N jobs in one at a time (8 in flight); *batch* putting them in 500 per request, one
+request after another (scaleq's ``POST /jobs/batch``, procrastinate's ``batch_defer_async``, pgqueuer's ``enqueue``
+of lists), measured once per system; *drain* the rate of running N pre-queued jobs; *both* submits and drains
 N/2 jobs at once (from the first submit to the last finish). *CPU ms/job* is user+system time per job during the
 drain: ``s`` the scaleq server, ``w`` the workers' process, ``p`` the whole PostgreSQL cluster.
 
@@ -67,6 +69,7 @@ from scaleq.jobs import JobDefinition, SubmitRequest
 
 console = Console(width=160)
 SUBMIT_CONCURRENCY = 8
+BATCH = 500  # jobs per batch submit (scaleq's CLI default; within each system's limits)
 LAYOUTS = {1: [1], 4: [4], 16: [4, 4, 4, 4]}  # slots -> slots per worker connection
 
 
@@ -86,11 +89,16 @@ class Drain:
     submit_s: float = 0.0
     drain_s: float = 0.0
     both_s: float = 0.0
+    batch_s: float = 0.0  # submitting the n jobs BATCH at a time, one request (or statement) after another
     cpu: dict[str, float] = field(default_factory=dict)  # seconds during the drain, by process group
 
     @property
     def submit_rate(self) -> float:
         return self.n / self.submit_s if self.submit_s else 0.0
+
+    @property
+    def batch_rate(self) -> float:
+        return self.n / self.batch_s if self.batch_s else 0.0
 
     @property
     def drain_rate(self) -> float:
@@ -271,6 +279,15 @@ async def scaleq_latency(url: str, admin: str, worker_token: str, queue: str, ro
     return result
 
 
+async def scaleq_submit_batch(url: str, token: str, queue: str, n: int, nonce: str) -> float:
+    async with Client(url, token) as client:
+        jobs = [noop_job(queue, nonce, i) for i in range(n)]
+        t0 = time.perf_counter()
+        for start in range(0, n, BATCH):
+            await client.submit_many(jobs[start : start + BATCH])
+        return time.perf_counter() - t0
+
+
 def run_scaleq(
     system: str, store: str | None, slots_list: list[int], n: int, rounds: int, pg: Any, profile: Path | None
 ) -> tuple[list[Drain], Latency]:
@@ -282,6 +299,9 @@ def run_scaleq(
             queue = f"bench-{slots}-{secrets.token_hex(3)}"
             d = Drain(system, slots, n)
             d.submit_s = asyncio.run(scaleq_submit(server.url, server.admin_token, queue, n, secrets.token_hex(4)))
+            if slots == slots_list[0]:  # (not a function of the slots)
+                spare = f"batch-{secrets.token_hex(3)}"
+                d.batch_s = asyncio.run(scaleq_submit_batch(server.url, server.admin_token, spare, n, "b"))
             go, out = ctx.Event(), ctx.Queue()
             proc = ctx.Process(
                 target=_noop_workers_proc,
@@ -402,6 +422,19 @@ async def procrastinate_defer(url: str, n: int) -> float:
         return time.perf_counter() - t0
 
 
+async def procrastinate_defer_batch(url: str, n: int) -> float:
+    app = procrastinate_app(url, 2)
+    async with app.open_async():
+        task = app.tasks["noop"]
+        t0 = time.perf_counter()
+        for start in range(0, n, BATCH):
+            await task.batch_defer_async(*({"i": i} for i in range(start, min(start + BATCH, n))))
+        elapsed = time.perf_counter() - t0
+        # the bench's drains must not see these: procrastinate has one queue here
+        await app.connector.execute_query_async("DELETE FROM procrastinate_jobs WHERE status = 'todo'")
+        return elapsed
+
+
 async def procrastinate_drain(url: str, concurrency: int, n: int, go: Any) -> dict[str, float]:
     app = procrastinate_app(url, concurrency + 4)
     Counter.reset(n)
@@ -491,6 +524,20 @@ async def pgqueuer_enqueue(url: str, n: int) -> float:
     return elapsed
 
 
+async def pgqueuer_enqueue_batch(url: str, n: int) -> float:
+    conn, queries = await _pgq_queries(url)
+    try:
+        t0 = time.perf_counter()
+        for start in range(0, n, BATCH):
+            k = min(BATCH, n - start)
+            await queries.enqueue(["noop"] * k, [str(i).encode() for i in range(start, start + k)], [0] * k)
+        elapsed = time.perf_counter() - t0
+        await conn.execute("DELETE FROM pgqueuer")  # the bench's drains must not see these
+        return elapsed
+    finally:
+        await conn.close()
+
+
 def pgqueuer_manager(queries: Any, concurrency: int) -> Any:
     from pgqueuer import QueueManager
 
@@ -567,13 +614,15 @@ def run_peer(system: str, url: str, slots_list: list[int], n: int, rounds: int, 
     drains = []
     if system == "procrastinate":
         asyncio.run(procrastinate_setup(url))
-        enqueue, target = procrastinate_defer, _procrastinate_proc
+        enqueue, target, batch = procrastinate_defer, _procrastinate_proc, procrastinate_defer_batch
     else:
         asyncio.run(pgqueuer_setup(url))
-        enqueue, target = pgqueuer_enqueue, _pgqueuer_proc
+        enqueue, target, batch = pgqueuer_enqueue, _pgqueuer_proc, pgqueuer_enqueue_batch
     configs = [(s, s, system) for s in slots_list]
     for slots, concurrency, name in configs:
         d = Drain(name, slots, n)
+        if slots == slots_list[0]:  # (not a function of the slots; before the others are queued)
+            d.batch_s = asyncio.run(batch(url, n))
         d.submit_s = asyncio.run(enqueue(url, n))
         go, out = ctx.Event(), ctx.Queue()
         proc = ctx.Process(target=target, args=(url, concurrency, n, go, out))
@@ -622,7 +671,8 @@ def report(drains: list[Drain], latencies: list[Latency], n: int) -> None:
     ref = {s: by.get(("procrastinate", s)) for s in (1, 4, 16)}
     ref2 = {s: by.get(("pgqueuer", s)) for s in (1, 4, 16)}
     t = Table(title=f"Throughput, no-op jobs ({n:,} per run)")
-    for col in ("system", "slots", "submit/s", "drain/s", "both/s", "drain ÷ procr.", "drain ÷ pgq.", "CPU ms/job"):
+    cols = ("system", "slots", "submit/s", f"batch {BATCH}/s", "drain/s", "both/s", "drain ÷ procr.", "drain ÷ pgq.")
+    for col in (*cols, "CPU ms/job"):
         t.add_column(col, justify="right" if col not in ("system",) else "left")
     for d in drains:
         p, q = ref.get(d.slots), ref2.get(d.slots)
@@ -631,6 +681,7 @@ def report(drains: list[Drain], latencies: list[Latency], n: int) -> None:
             d.system,
             str(d.slots) if d.slots else "∞",
             f"{d.submit_rate:,.0f}",
+            f"{d.batch_rate:,.0f}" if d.batch_s else "",
             f"{d.drain_rate:,.0f}",
             f"{d.both_rate:,.0f}",
             f"{d.drain_rate / p.drain_rate:.2f}" if p and d.system != "procrastinate" else "",

@@ -72,6 +72,8 @@ async def test_submit_many_in_order_idempotent_and_rerun(store: Store) -> None:
     assert [j.priority for j, _ in done[:5]] == [0, 1, 0, 1, 0]
     again = await store.submit_many(subs[:2], T0 + 2)
     assert [created for _, created in again] == [False, False]
+    twice = Submission("q", definition("echo", "twice"))
+    assert [created for _, created in await store.submit_many([twice, twice], T0 + 2)] == [True, False]
     # a finished job comes back queued on rerun, within a batch too
     await worker(store)
     claims = await store.claim("w1", 10, T0 + 3, 10)

@@ -34,7 +34,7 @@ from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 from scaleq.jobs import Claim, Job, JobDefinition
 from scaleq.store import rows
-from scaleq.store.base import FinishResult, NotFound, SchemaTooNew, WorkerClaim
+from scaleq.store.base import FinishResult, NotFound, SchemaTooNew, Submission, WorkerClaim
 from scaleq.store.queries import load
 from scaleq.store.sql import SQLStore
 
@@ -130,6 +130,30 @@ class PostgresStore(SQLStore):
         return await super().submit(
             queue, definition, priority=priority, max_attempts=max_attempts, rerun=rerun, now=now
         )
+
+    async def submit_many(self, submissions: list[Submission], now: float) -> list[tuple[Job, bool]]:
+        """One transaction; the new jobs are inserted with one pipelined ``executemany`` (no round trip per job),
+        those that exist already take the general path (found, or requeued on rerun)."""
+        return await self.tx(lambda: self._submit_batch(submissions, now))
+
+    def _submit_batch(self, submissions: list[Submission], now: float) -> list[tuple[Job, bool]]:
+        params = [
+            {**rows.job_params(s.queue, s.definition, s.priority, s.max_attempts), "now": now} for s in submissions
+        ]
+        inserted: dict[str, Any] = {}
+        with self.db.cursor() as cur:
+            cur.executemany(self.Q["insert_new_job"], params, returning=True)
+            while True:
+                row = cur.fetchone()
+                if row is not None:
+                    inserted[row["id"]] = row
+                if not cur.nextset():
+                    break
+        done = []
+        for s, p in zip(submissions, params, strict=True):
+            row = inserted.pop(p["id"], None)  # (popped: the same job twice in a batch is new only the first time)
+            done.append((rows.job(row), True) if row is not None else self._submit(s, now))
+        return done
 
     async def worker_claim(
         self,
