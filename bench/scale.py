@@ -12,7 +12,8 @@ transaction; filling is not what is measured). Everything measured goes through 
 * **claim 16** — the same with ``n=16`` and 16 finishes riding along;
 * **submit** — one new job, round trip;
 * **queues** — ``GET /queues`` (what the dashboard and ``scaleq jobs`` read), round trip;
-* **demand** — ``POST /demand`` (what the autoscaler reads for a group: its queued + running jobs), round trip;
+* **demand** — ``POST /demand`` as the autoscaler asks it (queued counted up to what a group of 10 workers x 4 slots
+  could run), round trip;
 * **RSS** — the server process's resident memory after the level's measurements.
 """
 
@@ -111,7 +112,8 @@ async def measure(server: _pg.Server, worker_id: str, claims: int) -> dict[str, 
             await admin.queues()
             out["queues"].append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            await admin.demand(QUEUE, {"runtimes": ["process"], "cpus": 2.0})
+            # as the autoscaler asks: counted only as far as a group of 10 workers x 4 slots could run
+            await admin.demand(QUEUE, {"runtimes": ["process"], "cpus": 2.0}, limit=40)
             out["demand"].append(time.perf_counter() - t0)
     return out
 
