@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-workers", type=int, default=20)
     ap.add_argument("--slots", type=int, default=1)
     ap.add_argument("--idle-timeout", type=float, default=PolicySettings().idle_timeout)
+    ap.add_argument("--headroom", type=float, default=PolicySettings().headroom)
+    ap.add_argument("--lookahead", type=float, default=PolicySettings().lookahead)
+    ap.add_argument("--scale-down-window", type=float, default=PolicySettings().scale_down_window)
     ap.add_argument("--tick", type=float, default=1.0, help="scaleq controller tick, seconds")
     ap.add_argument("--dispatch", choices=("pack", "fifo", "random"), default="pack")
     ap.add_argument("--seeds", type=int, default=1, help="also check the targets on this many seeds")
@@ -38,11 +41,18 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     console = Console(width=160)
-    settings = PolicySettings(max_workers=args.max_workers, slots=args.slots, idle_timeout=args.idle_timeout)
+    settings = PolicySettings(
+        max_workers=args.max_workers,
+        slots=args.slots,
+        idle_timeout=args.idle_timeout,
+        scale_down_window=args.scale_down_window,
+        headroom=args.headroom,
+        lookahead=args.lookahead,
+    )
     console.print(
         f"boot time {args.boot_time:g} s, max {settings.max_workers} workers, {settings.slots} slot(s), "
         f"idle_timeout {settings.idle_timeout:g} s, scale_down_window {settings.scale_down_window:g} s, "
-        f"dispatch {args.dispatch}"
+        f"headroom {settings.headroom:g}, lookahead {settings.lookahead:g} s, dispatch {args.dispatch}"
     )
     started = time.perf_counter()
     results = run_simulation(

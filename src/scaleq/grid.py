@@ -115,6 +115,19 @@ class Group(_Strict):
     max_step_up: int | None = Field(default=_POLICY.max_step_up, ge=1)
     step_period: float = Field(default=_POLICY.step_period, gt=0)
     startup_grace: float = Field(default=_POLICY.startup_grace, ge=0)
+    headroom: float = Field(
+        default=_POLICY.headroom,
+        ge=0,
+        allow_inf_nan=False,
+        description="spare jobs provisioned for, in standard deviations of the demand's move over lookahead",
+    )
+    lookahead: float = Field(
+        default=_POLICY.lookahead,
+        ge=0,
+        allow_inf_nan=False,
+        description="seconds the spare covers: about a new worker's start-up time",
+    )
+    demand_halflife: float = Field(default=_POLICY.demand_halflife, gt=0, allow_inf_nan=False)
     tags: list[str] = Field(default_factory=list)
     resources: Requirements = Field(
         default_factory=lambda: Requirements(cpus=float(os.cpu_count() or 1)),
@@ -155,6 +168,9 @@ class Group(_Strict):
             max_step_up=self.max_step_up,
             step_period=self.step_period,
             startup_grace=self.startup_grace,
+            headroom=self.headroom,
+            lookahead=self.lookahead,
+            demand_halflife=self.demand_halflife,
         )
 
     def version(self) -> str:
@@ -202,6 +218,7 @@ def embedded_default(cores: int | None = None) -> Grid:
                 slots=1,
                 runtimes=runtimes,
                 idle_timeout=30.0,
+                lookahead=1.0,  # a local worker process registers in about half a second
                 resources=Requirements(cpus=float(n)),
             )
         ]

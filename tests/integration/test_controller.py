@@ -30,6 +30,7 @@ def group(name: str = "cpu", **kw: object) -> Group:
         "runtimes": [RuntimeKind.process],
         "idle_timeout": 1.0,
         "scale_down_window": 1.0,
+        "lookahead": 1.0,  # a local worker registers in well under a second
     }
     fields.update(kw)
     return Group(name=name, **fields)

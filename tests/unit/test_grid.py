@@ -20,6 +20,14 @@ def test_loads_a_grid(tmp_path: Path) -> None:
     assert cpu.queue == "work" and cpu.max_workers == 3 and cpu.resources.memory == 1 << 30
     policy = cpu.policy()
     assert policy.max_workers == 3 and policy.idle_timeout == 5
+    assert (policy.headroom, policy.lookahead) == (1.2, 30.0)  # the policy's own defaults
+
+
+def test_spare_settings_reach_the_policy(tmp_path: Path) -> None:
+    f = tmp_path / "grid.toml"
+    f.write_text('[[groups]]\nname = "vm"\nheadroom = 0.5\nlookahead = 90\ndemand_halflife = 600\n')
+    policy = grid.load(f).groups[0].policy()
+    assert (policy.headroom, policy.lookahead, policy.demand_halflife) == (0.5, 90, 600)
 
 
 @pytest.mark.parametrize(
@@ -31,6 +39,9 @@ def test_loads_a_grid(tmp_path: Path) -> None:
         ('[[groups]]\nname = "a"\nmax_wokers = 1\n', "groups[0].max_wokers"),
         ('[[groups]]\nname = "A B"\n', "groups[0].name"),
         ('[[groups]]\nname = "a"\n[[groups]]\nname = "a"\n', "two groups are named"),
+        ('[[groups]]\nname = "a"\nheadroom = -1\n', "groups[0].headroom"),
+        ('[[groups]]\nname = "a"\nlookahead = inf\n', "groups[0].lookahead"),
+        ('[[groups]]\nname = "a"\ndemand_halflife = 0\n', "groups[0].demand_halflife"),
         ("[server\n", "line 1"),
     ],
 )

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
 
+from scaleq.scaling.forecast import Activity, observe, spare_jobs
 from scaleq.scaling.policy import Decision, Demand, PolicySettings, PolicyState, WorkerView, decide
 
 
@@ -101,7 +103,7 @@ def test_max_lowered_with_only_busy_workers_waits_for_them():
 
 
 def test_stabilisation_window_damps_thrash():
-    settings = {"idle_timeout": 0, "scale_down_window": 60}
+    settings = {"idle_timeout": 0, "scale_down_window": 60, "headroom": 0}  # the window alone, without a spare
     workers = [busy(f"w{i}") for i in range(5)]
     d1 = run(0, 5, workers, now=0.0, **settings)
     assert d1.desired == 5
@@ -128,8 +130,8 @@ def test_window_state_stays_small():
 
 
 def test_scale_up_is_not_held_back_by_the_window():
-    d1 = run(0, 0, [], now=0.0, scale_down_window=600)
-    d2 = run(4, 0, [], now=1.0, state=d1.state, scale_down_window=600)
+    d1 = run(0, 0, [], now=0.0, scale_down_window=600, headroom=0)
+    d2 = run(4, 0, [], now=1.0, state=d1.state, scale_down_window=600, headroom=0)
     assert d2.start == 4
 
 
@@ -187,6 +189,10 @@ def test_decide_is_pure_and_deterministic():
         ({"startup_grace": -5}, "startup_grace"),
         ({"max_step_up": 0}, "max_step_up"),
         ({"max_workers": True}, "max_workers"),
+        ({"headroom": -0.5}, "headroom"),
+        ({"headroom": float("inf")}, "headroom"),
+        ({"lookahead": float("nan")}, "lookahead"),
+        ({"demand_halflife": 0}, "demand_halflife"),
     ],
 )
 def test_nonsense_settings_are_refused_naming_the_field(settings, field):
@@ -206,6 +212,8 @@ def test_property_random_inputs_never_drain_busy_and_keep_bounds():
             scale_down_window=rng.choice([0.0, 30.0, 120.0]),
             max_step_up=rng.choice([None, 1, 3]),
             startup_grace=rng.choice([10.0, 300.0]),
+            headroom=rng.choice([0.0, 1.0, 3.0]),
+            lookahead=rng.choice([0.0, 30.0, 120.0]),
         )
         now = 1000.0
         workers = []
@@ -217,6 +225,7 @@ def test_property_random_inputs_never_drain_busy_and_keep_bounds():
         state = PolicyState(
             recommendations=tuple(sorted((now - rng.uniform(0, 200), rng.randint(0, 12)) for _ in range(3))),
             recent_starts=((now - rng.uniform(0, 20), rng.randint(0, 3)),),
+            activity=rng.choice([None, Activity(now - rng.uniform(0, 300), rng.randint(0, 40), rng.uniform(0, 500))]),
         )
         d = decide(Demand(now, rng.randint(0, 30), rng.randint(0, 10)), workers, s, state, now)
         kinds = {w.id: w.state for w in workers}
@@ -238,3 +247,99 @@ def test_property_random_inputs_never_drain_busy_and_keep_bounds():
                 w = next(w for w in workers if w.id == i)
                 assert now - (w.idle_since if w.idle_since is not None else w.started_at) >= s.idle_timeout
         assert d.reason
+
+
+# --- the spare for the demand's noise (scaleq.scaling.forecast) ---
+
+HALF = 180.0  # demand_halflife
+# ≈ 0.4 changes of queued + running per second (12 jobs of a minute each: 0.2 arrivals + 0.2 completions a second);
+# over a 30 s lookahead √(0.4 · 30) ≈ 3.5 → a spare of 3 jobs at headroom 1, 4 at the default 1.2
+BUSY = Activity(100.0, 4, 0.4 * HALF / math.log(2))
+
+
+def test_noisy_demand_keeps_a_worker_that_the_idle_timeout_alone_would_drain():
+    settings = {"idle_timeout": 20, "scale_down_window": 20, "lookahead": 30, "demand_halflife": HALF}
+    state = PolicyState(activity=BUSY)
+    workers = [*(busy(f"b{i}") for i in range(4)), idle("spare", since=40.0)]  # idle 60 s > idle_timeout
+    plain = run(0, 4, workers, state=state, headroom=0, **settings)
+    assert plain.drain == ("spare",) and plain.desired == 4
+    kept = run(0, 4, workers, state=state, headroom=1, **settings)
+    assert (kept.desired, kept.start, kept.drain) == (7, 2, ())  # 4 + 3 spare: the idle one stays, 2 more start
+    assert "7 with a spare of 3 jobs for the demand's noise (24.0 changes/min; headroom 1, lookahead 30 s)" in (
+        kept.reason
+    )
+
+
+def test_the_spare_is_started_before_the_jobs_that_need_it():
+    d = run(0, 4, [busy(f"b{i}") for i in range(4)], state=PolicyState(activity=BUSY), demand_halflife=HALF)
+    assert (d.desired, d.start, d.drain) == (8, 4, ())
+    workers, state = [busy(f"b{i}") for i in range(4)], PolicyState(activity=BUSY)
+    d = run(0, 4, workers, state=state, demand_halflife=HALF, headroom=2, max_workers=20)
+    assert (d.desired, d.start) == (11, 7)  # 2 · √(0.4 · 30) ≈ 6.9 → 7
+
+
+def test_the_spare_respects_max_workers_and_max_step_up():
+    state = PolicyState(activity=BUSY)
+    d = run(0, 4, [busy(f"b{i}") for i in range(4)], state=state, demand_halflife=HALF, max_workers=5)
+    assert (d.desired, d.start) == (5, 1)
+    d = run(0, 4, [busy(f"b{i}") for i in range(4)], state=state, demand_halflife=HALF, max_step_up=2)
+    assert (d.desired, d.start) == (8, 2)
+    assert "max_step_up 2 per 10 s" in d.reason
+
+
+def test_the_spare_never_drains_a_busy_worker_and_min_workers_hold():
+    state = PolicyState(activity=BUSY)
+    workers = [busy(f"b{i}") for i in range(6)]
+    d = run(0, 6, workers, state=state, demand_halflife=HALF, max_workers=4)  # max lowered below 6 busy workers
+    assert d.drain == () and d.start == 0 and d.desired == 4
+    d = run(0, 1, [busy("b")], state=state, demand_halflife=HALF, min_workers=6)
+    assert d.desired == 6  # 1 + 4 spare < min 6
+
+
+def test_no_spare_without_work_so_scale_to_zero_is_unchanged():
+    state = PolicyState(activity=BUSY)
+    d = run(0, 0, [idle("a", since=70.0), idle("b", since=85.0)], state=state, demand_halflife=HALF)
+    assert (d.desired, d.drain) == (0, ("a",))  # idle 30 s ≥ idle_timeout 20 s; b (15 s) goes on a later call
+    assert "spare" not in d.reason
+
+
+def test_quiet_demand_keeps_no_spare():
+    state = PolicyState()
+    for k in range(8):  # one 5-minute job every 15 minutes
+        t = 900.0 * k
+        state = run(1, 0, [], now=t, state=state).state
+        state = run(0, 1, [busy("b")], now=t + 1, state=state).state
+        state = run(0, 0, [idle("b", t + 300.0)], now=t + 301, state=state).state
+    assert spare_jobs(state.activity, 1.0, 30.0, PolicySettings().demand_halflife) == 0
+    d = run(1, 0, [], now=7200.0, state=state)
+    assert (d.desired, d.start) == (1, 1)
+    assert "spare" not in d.reason
+
+
+def test_a_noisy_trace_builds_a_spare_and_quiet_lets_it_decay():
+    state, t = PolicyState(), 0.0
+    while t < 300.0:  # 4 or 5 jobs, changing every 2 s: 0.5 changes/s → √(0.5 · 30) ≈ 3.9 → 4
+        state = run(0, 4 + int(t) % 4 // 2, [], now=t, state=state, demand_halflife=HALF).state
+        t += 2.0
+    d = run(0, 4, [], now=t, state=state, demand_halflife=HALF)
+    assert d.desired == 4 + spare_jobs(d.state.activity, PolicySettings().headroom, 30.0, HALF) >= 8
+    later = run(0, 4, [], now=t + 6 * HALF, state=d.state, demand_halflife=HALF)  # six half-lives without a change
+    assert later.desired == 4 and "spare" not in later.reason
+
+
+def test_spare_is_counted_in_jobs_and_divided_by_slots():
+    state = PolicyState(activity=Activity(0.0, 8, BUSY.count))
+    d = decide(Demand(0.0, 0, 8), [], PolicySettings(max_workers=10, slots=4, demand_halflife=HALF), state, 0.0)
+    assert d.desired == 3  # ceil((8 + 4) / 4)
+    d = decide(Demand(0.0, 0, 8), [], PolicySettings(max_workers=10, slots=4, headroom=0), state, 0.0)
+    assert d.desired == 2
+
+
+def test_activity_is_a_pure_fold_of_the_observations():
+    a = observe(None, 5, 10.0, 60.0)
+    assert a == Activity(10.0, 5, 0.0)  # the first observation only sets the level
+    b = observe(a, 8, 10.0, 60.0)
+    assert b == Activity(10.0, 8, 3.0)
+    c = observe(b, 7, 70.0, 60.0)  # one half-life later: 3 → 1.5, plus one change
+    assert c.count == pytest.approx(2.5)
+    assert observe(b, 7, 70.0, 60.0) == c

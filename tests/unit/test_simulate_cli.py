@@ -70,10 +70,10 @@ def test_json_has_one_object_per_trace_and_policy():
 
 def test_csv_trace_and_chosen_policies(tmp_path: Path):
     csv = str(burst_csv(tmp_path))
-    data = run_json("--csv", csv, "--policy", "scaleq", "--policy", "mig-worker", "--boot-time", "0")
+    data = run_json("--csv", csv, "--policy", "scaleq", "--policy", "mig-worker", "--boot-time", "0", "--headroom", "0")
     assert [(d["trace"], d["policy"]) for d in data] == [("burst", "scaleq"), ("burst", "mig-worker")]
     scaleq = data[0]
-    assert scaleq["jobs"] == 12 and scaleq["peak_workers"] == 12  # default max 20: one worker per job
+    assert scaleq["jobs"] == 12 and scaleq["peak_workers"] == 12  # default max 20, no spare: one worker per job
     assert scaleq["wait_p95"] == 0.0  # event-driven, boot time 0
 
 

@@ -37,6 +37,8 @@ _OPTION = {  # PolicySettings field -> the option that sets it, for error messag
     "slots": "--slots",
     "idle_timeout": "--idle-timeout",
     "scale_down_window": "--scale-down-window",
+    "headroom": "--headroom",
+    "lookahead": "--lookahead",
 }
 JSON_FIELDS = (
     "trace",
@@ -171,6 +173,22 @@ def simulate(
             show_default=f"{PolicySettings().scale_down_window:g}, or the group's",
         ),
     ] = None,
+    headroom: Annotated[
+        float | None,
+        typer.Option(
+            "--headroom",
+            help="Spare jobs to provision for, in standard deviations of the demand's move over --lookahead (0: none).",
+            show_default=f"{PolicySettings().headroom:g}, or the group's",
+        ),
+    ] = None,
+    lookahead: Annotated[
+        float | None,
+        typer.Option(
+            "--lookahead",
+            help="Seconds the spare covers: about a worker's start-up time.",
+            show_default=f"{PolicySettings().lookahead:g}, or the group's",
+        ),
+    ] = None,
     boot_time: Annotated[
         float, typer.Option("--boot-time", help="Seconds from a start call to a worker claiming (30: VMs).")
     ] = 30.0,
@@ -197,6 +215,8 @@ def simulate(
             "slots": slots,
             "idle_timeout": idle_timeout,
             "scale_down_window": scale_down_window,
+            "headroom": headroom,
+            "lookahead": lookahead,
         },
     )
     traces = _traces(trace or [], csv_file or [], seed)
@@ -215,7 +235,8 @@ def simulate(
     out.print(
         f"settings from {source}: {settings.min_workers}..{settings.max_workers} workers, "
         f"{settings.slots} slot(s), idle_timeout {settings.idle_timeout:g} s, "
-        f"scale_down_window {settings.scale_down_window:g} s; boot time {boot_time:g} s"
+        f"scale_down_window {settings.scale_down_window:g} s, headroom {settings.headroom:g}, "
+        f"lookahead {settings.lookahead:g} s; boot time {boot_time:g} s"
     )
     out.print(render_table(results))
     checks = check_targets(results)

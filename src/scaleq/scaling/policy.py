@@ -8,12 +8,19 @@ How a decision is made:
 
 * **Size by slots.** ``need = ceil((queued + running) / slots)``, clamped to ``[min_workers, max_workers]``.
   Running jobs count, so a group never shrinks under the work it is doing.
+* **A spare for the noise** (:mod:`scaleq.scaling.forecast`). A job that arrives when no worker is free waits for a
+  boot, so the policy provisions ``lookahead`` seconds ahead (about a worker's start-up time): it adds
+  ``headroom · √(changes of queued + running expected within lookahead)`` jobs -- the demand's recent activity,
+  arrivals and completions, decayed with ``demand_halflife`` -- before dividing by ``slots``. A quiet group keeps no
+  spare, nor does one with nothing queued or running (scale-to-zero is unchanged); a busy, noisy one keeps a few
+  workers ready, started before the jobs that will need them.
 * **Up at once.** The controller wakes on every submit, and an increase is acted on in the same call -- including
   from zero on the first runnable job. The only brake is ``max_step_up`` workers per ``step_period``.
-* **Down slowly, and only idle.** The desired size is the highest ``need`` seen in the last ``scale_down_window``
-  seconds (a sliding-window maximum, like the HPA's stabilisation window), which damps thrash. The extra workers are
-  drained only if they are *idle* and have been idle for ``idle_timeout`` seconds. Busy workers are never chosen,
-  so scale-in never interrupts a job; starting workers are never chosen either.
+* **Down soon, and only idle.** The desired size is the highest ``need`` seen in the last ``scale_down_window``
+  seconds (a sliding-window maximum, like the HPA's stabilisation window), or ``need`` plus the spare if that is
+  more. The extra workers are drained only if they are *idle* and have been idle for ``idle_timeout`` seconds.
+  Busy workers are never chosen, so scale-in never interrupts a job; starting workers are never chosen either. The
+  spare is what absorbs the noise, so both holds can be short (20 s by default).
 * **Drain the longest-idle worker first** (ties: the most recently started). Its idle timeout ran out first, so the
   drain order follows the clock the user configured. The workers kept are the ones that ran a job most recently
   (warm image layers and caches).
@@ -33,6 +40,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from scaleq.scaling.forecast import Activity, observe, rate, spare_jobs
+
 __all__ = ["Decision", "Demand", "PolicySettings", "PolicyState", "WorkerView", "decide"]
 
 WorkerState = Literal["starting", "idle", "busy", "draining"]
@@ -43,11 +52,14 @@ class PolicySettings:
     min_workers: int = 0
     max_workers: int = 1
     slots: int = 1  # jobs per worker
-    idle_timeout: float = 60.0  # seconds a worker must have been idle before it may be drained
-    scale_down_window: float = 60.0  # desired never drops below the highest need seen in this window
+    idle_timeout: float = 20.0  # seconds a worker must have been idle before it may be drained
+    scale_down_window: float = 20.0  # desired never drops below the highest need seen in this window
     max_step_up: int | None = None  # at most this many new workers per step_period; None = up to max at once
     step_period: float = 10.0
     startup_grace: float = 300.0  # a started, unregistered worker counts as capacity for this long
+    headroom: float = 1.2  # spare jobs provisioned for, in standard deviations of the demand's move; 0 = no spare
+    lookahead: float = 30.0  # seconds the spare covers: about a new worker's start-up time (boot + register)
+    demand_halflife: float = 180.0  # half-life of the demand-activity estimate the spare is sized from
 
     def __post_init__(self) -> None:
         self.validate()
@@ -64,14 +76,20 @@ class PolicySettings:
             raise ValueError(f"max_workers ({self.max_workers}) must be >= min_workers ({self.min_workers})")
         if self.slots < 1:
             raise ValueError(f"slots must be >= 1, got {self.slots}")
-        for name in ("idle_timeout", "scale_down_window", "step_period", "startup_grace"):
+        for name in ("headroom", "lookahead"):  # finite: they multiply into a number of workers
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        for name in ("idle_timeout", "scale_down_window", "step_period", "startup_grace", "lookahead"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
                 raise ValueError(f"{name} must be a number of seconds, got {value!r}")
             if value < 0:
                 raise ValueError(f"{name} must be >= 0 seconds, got {value}")
-        if self.step_period == 0:
-            raise ValueError("step_period must be > 0 seconds, got 0")
+        for name in ("step_period", "demand_halflife"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+                raise ValueError(f"{name} must be > 0 seconds, got {value!r}")
         if self.max_step_up is not None and (
             isinstance(self.max_step_up, bool) or not isinstance(self.max_step_up, int) or self.max_step_up < 1
         ):
@@ -103,6 +121,7 @@ class PolicyState:
     # (at, need) within scale_down_window, as a sliding-window maximum: needs strictly decreasing with time
     recommendations: tuple[tuple[float, int], ...] = ()
     recent_starts: tuple[tuple[float, int], ...] = ()  # (at, workers started) within step_period
+    activity: Activity | None = None  # how much the demand has been moving (see scaleq.scaling.forecast)
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,9 +158,21 @@ def decide(
     horizon = now - s.scale_down_window
     recs = [(at, r) for at, r in state.recommendations if at > horizon and r > target]
     recs.append((now, target))
-    desired = min(max(recs[0][1], s.min_workers), s.max_workers)
-    if desired > target:
-        words += f"; keeping {desired}, the peak of the last {_secs(s.scale_down_window)} (scale-down window)"
+    peak = min(max(recs[0][1], s.min_workers), s.max_workers)
+
+    activity = observe(state.activity, queued + running, now, s.demand_halflife)
+    # no spare for a group with nothing to do: scale-to-zero stays idle_timeout after the last job
+    spare = spare_jobs(activity, s.headroom, s.lookahead, s.demand_halflife) if queued + running else 0
+    ahead = min(max(-(-(queued + running + spare) // s.slots), s.min_workers), s.max_workers)
+    desired = max(peak, ahead)
+    if ahead > max(peak, target):
+        words += (
+            f"; {ahead} with a spare of {_n(spare, 'job')} for the demand's noise "
+            f"({60 * rate(activity, s.demand_halflife):.1f} changes/min; headroom {s.headroom:g}, "
+            f"lookahead {_secs(s.lookahead)})"
+        )
+    elif peak > target:
+        words += f"; keeping {peak}, the peak of the last {_secs(s.scale_down_window)} (scale-down window)"
 
     starting = [w for w in workers if w.state == "starting"]
     booting = [w for w in starting if now - w.started_at < s.startup_grace]
@@ -221,5 +252,5 @@ def decide(
         start=start,
         drain=drain,
         reason=reason,
-        state=PolicyState(recommendations=tuple(recs), recent_starts=starts),
+        state=PolicyState(recommendations=tuple(recs), recent_starts=starts, activity=activity),
     )
