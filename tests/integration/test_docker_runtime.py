@@ -2,6 +2,8 @@
 
 Start one with ``eval "$(scripts/docker-engine.sh | tail -n1)"`` (it also builds ``scaleq-test/busybox:latest``).
 These tests fail, never skip, when DOCKER_HOST is not set: a silently skipped runtime suite hides regressions.
+The ``runtime`` fixture runs each of its tests both ways ``/outputs`` can go: bind-mounted (an engine on this host)
+and copied out of a volume (what a remote engine gets).
 """
 
 from __future__ import annotations
@@ -11,7 +13,11 @@ import hashlib
 import io
 import os
 import secrets
+import stat
+import subprocess
+import sys
 import tarfile
+import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,8 +27,9 @@ import docker
 import pytest
 
 from scaleq.jobs import InputFile, JobDefinition
+from scaleq.worker import transfer
 from scaleq.worker.runtime.base import RunSpec, RuntimeUnavailable
-from scaleq.worker.runtime.docker import DockerRuntime, _extract_outputs
+from scaleq.worker.runtime.docker import DockerRuntime, OutputsMode, _extract_outputs
 
 pytestmark = pytest.mark.docker
 IMAGE = "scaleq-test/busybox:latest"
@@ -66,9 +73,15 @@ def _nothing_left_behind(client: docker.DockerClient, worker_id: str) -> Iterato
     assert (containers, volumes) == ([], []), "the runtime left containers or volumes behind"
 
 
-@pytest.fixture
-def runtime(client: docker.DockerClient) -> DockerRuntime:
-    return DockerRuntime(pull=False, kill_grace=1)
+@pytest.fixture(params=["bind", "archive"])
+def runtime(client: docker.DockerClient, request: pytest.FixtureRequest) -> DockerRuntime:
+    mode: OutputsMode = request.param
+    return DockerRuntime(pull=False, kill_grace=1, outputs=mode)
+
+
+def root_only() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("the bind-mounted /outputs of auto mode needs a root worker")
 
 
 class Sink:
@@ -360,3 +373,117 @@ async def test_check(runtime: DockerRuntime) -> None:
     await runtime.check()
     with pytest.raises(RuntimeUnavailable, match="DOCKER_HOST"):
         await DockerRuntime(base_url="unix:///nonexistent/docker.sock").check()
+
+
+async def test_auto_binds_outputs_on_this_hosts_engine(
+    client: docker.DockerClient, tmp_path: Path, worker_id: str
+) -> None:
+    root_only()
+    runtime = DockerRuntime(pull=False)
+    assert runtime.local is None  # decided by the first attempt's probe
+    spec = make_spec(tmp_path, worker_id, ["true"])
+    container = await runtime.create_container(spec)
+    try:
+        assert runtime.local is True
+        container.reload()
+        mounts = {m["Destination"]: m for m in container.attrs["Mounts"]}
+        assert (mounts["/outputs"]["Type"], mounts["/outputs"]["Source"]) == ("bind", str(spec.outputs_dir.resolve()))
+        assert (mounts["/etc/hosts"]["Type"], mounts["/etc/hosts"]["RW"]) == ("bind", False)
+        # network none without the engine's sandbox: still "none", and no network at all
+        assert container.attrs["HostConfig"]["NetworkMode"] == "none"
+        assert container.attrs["Config"].get("NetworkDisabled") is True
+    finally:
+        container.remove(force=True, v=True)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".scaleq-probe")] == []  # the probe cleaned up
+
+
+async def test_no_network_is_only_loopback(runtime: DockerRuntime, tmp_path: Path, worker_id: str) -> None:
+    script = "cat /proc/net/dev | grep -c :; cat /sys/class/net/lo/flags; grep -c '^127.0.0.1\\slocalhost$' /etc/hosts"
+    sink = Sink()
+    res = await runtime.run(make_spec(tmp_path, worker_id, sh(script)), sink)
+    assert res.reason == "success", (res, sink.text("stderr"))
+    interfaces, lo_flags, localhost = sink.text("stdout").split()
+    assert interfaces == "1"  # lo, and nothing else
+    assert int(lo_flags, 16) & 1  # lo is up
+    assert localhost == "1"  # and localhost resolves through /etc/hosts
+
+
+async def test_outputs_cannot_lead_outside(runtime: DockerRuntime, tmp_path: Path, worker_id: str) -> None:
+    # Links to the host's (and the container's) files, a fifo, modes and owners the worker could not read.
+    script = (
+        "mkdir -p /outputs/d/sub && echo kept > /outputs/d/sub/f.txt && echo top > /outputs/top.txt "
+        "&& ln -s / /outputs/root && ln -s /etc/passwd /outputs/d/passwd && ln -s ../../.. /outputs/d/sub/up "
+        "&& ln -s top.txt /outputs/inside && mkfifo /outputs/fifo "
+        "&& echo secret > /outputs/locked && chmod 4000 /outputs/locked && chown 65534:65534 /outputs/locked "
+        "&& chmod 000 /outputs/d/sub"
+    )
+    sink = Sink()
+    res = await runtime.run(make_spec(tmp_path, worker_id, sh(script)), sink)
+    assert res.reason == "success", (res, sink.text("stderr"))
+    out = tmp_path / "out"
+    found = {str(p.relative_to(out)): p.lstat() for p in out.rglob("*")}
+    assert sorted(found) == ["d", "d/sub", "d/sub/f.txt", "locked", "top.txt"]
+    for path, st in found.items():
+        assert stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode), path
+        assert st.st_uid == os.geteuid(), path
+        assert not st.st_mode & (stat.S_ISUID | stat.S_ISGID | 0o022), (path, oct(st.st_mode))
+    assert (out / "locked").read_text() == "secret\n"
+    assert (out / "d" / "sub" / "f.txt").read_text() == "kept\n"
+    for name in ("root", "d/passwd", "d/sub/up", "inside", "fifo"):
+        assert f"output {name} skipped" in sink.text("stderr")
+    tar = transfer.pack_outputs(out)  # what the worker uploads: these files, nothing from outside
+    assert tar is not None
+    with tarfile.open(fileobj=io.BytesIO(tar)) as t:
+        assert sorted(t.getnames()) == ["d/sub/f.txt", "locked", "top.txt"]
+
+
+async def test_a_removed_image_is_checked_again(
+    runtime: DockerRuntime, client: docker.DockerClient, tmp_path: Path, worker_id: str
+) -> None:
+    image = f"scaleq-test/gone:{worker_id}"
+    client.images.get(IMAGE).tag(image)
+    res = await runtime.run(make_spec(tmp_path, worker_id, ["true"], image=image), Sink())
+    assert res.reason == "success"  # its presence is now cached
+    client.images.remove(image)
+    res = await runtime.run(make_spec(tmp_path, worker_id, ["true"], image=image), Sink())
+    assert res.reason == "failed"
+    assert (res.error or "").startswith(f"image {image} not found: not present on this worker")
+
+
+def test_an_engine_that_does_not_see_the_outputs_dir_gets_the_archive(tmp_path: Path, worker_id: str) -> None:
+    # The worker in a mount namespace of its own, with a tmpfs the engine does not see where the outputs go (as a
+    # worker in a container with the engine's socket): auto mode must notice and copy /outputs out instead.
+    root_only()
+    work = tmp_path / "private"
+    work.mkdir()
+    script = textwrap.dedent(
+        f"""
+        import asyncio, json, secrets
+        from pathlib import Path
+        from scaleq.jobs import JobDefinition
+        from scaleq.worker.runtime.base import RunSpec
+        from scaleq.worker.runtime.docker import DockerRuntime
+
+        async def main():
+            work = Path({str(work)!r})
+            (work / "in").mkdir()
+            definition = JobDefinition(image={IMAGE!r}, command=["sh", "-c", "echo hi > /outputs/x.txt"])
+            spec = RunSpec(secrets.token_hex(32), 1, {worker_id!r}, definition, work / "in", work / "out")
+            async def sink(stream, data): pass
+            runtime = DockerRuntime(pull=False)
+            res = await runtime.run(spec, sink)
+            print(json.dumps([res.reason, runtime.local, (work / "out" / "x.txt").read_text()]))
+
+        asyncio.run(main())
+        """
+    )
+    mount = f'mount -t tmpfs tmpfs {work} && exec {sys.executable} -c "$0"'
+    done = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", mount, script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == '["success", false, "hi\\n"]'
