@@ -72,7 +72,7 @@ class Worker:
 
 def job_objects(engine: docker.DockerClient, label: str) -> tuple[list[Any], list[Any]]:
     filters = {"label": ["scaleq.managed=true", label]}
-    return engine.containers.list(all=True, filters=filters), engine.volumes.list(filters=filters)
+    return engine.containers.list(all=True, filters=filters, ignore_removed=True), engine.volumes.list(filters=filters)
 
 
 @pytest.fixture

@@ -76,7 +76,9 @@ def grid_name() -> str:
 
 def labelled(engine: docker.DockerClient, *labels: str) -> tuple[list[Any], list[Any]]:
     filters = {"label": ["scaleq.managed=true", *labels]}
-    return engine.containers.list(all=True, filters=filters), engine.volumes.list(filters=filters)
+    # ignore_removed: a short-lived helper (the inputs volume's) may go between the listing and its inspect
+    containers = engine.containers.list(all=True, filters=filters, ignore_removed=True)
+    return containers, engine.volumes.list(filters=filters)
 
 
 @pytest.fixture
