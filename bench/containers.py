@@ -3,17 +3,20 @@
     DOCKER_HOST=unix:///…/docker.sock python bench/containers.py [-n 20] [--image scaleq-test/busybox:latest]
 
 Needs a Docker Engine (``scripts/docker-engine.sh`` starts a private one and prints its ``DOCKER_HOST``) with the
-image present. Five ways of running ``IMAGE true``, interleaved round by round (so that drift in the machine's load
+image present. Six ways of running ``IMAGE true``, interleaved round by round (so that drift in the machine's load
 hits them alike), after one warm-up run each:
 
 * **docker CLI** — ``docker run --rm IMAGE true`` (a subprocess: the CLI's own start-up is included);
 * **SDK bare** — the Docker SDK for Python: ``containers.create`` + ``start`` + ``wait`` + ``remove`` (what a
   program that runs containers must do at least), with the engine's default network;
 * **SDK bare, network none** — the same with ``network_mode="none"``: the isolation scaleq gives every job that does
-  not ask for the host network, so the like-for-like baseline of scaleq's runtime (which uses the same SDK);
+  not ask for the host network (what ``docker run --network none`` does);
+* **SDK bare, network none, no sandbox** — the same isolation the way scaleq's runtime now gets it on a local engine:
+  ``network_mode="none"`` plus ``network_disabled=True`` (a network namespace of its own with only ``lo``, without
+  the engine's network sandbox and its prestart hook), so the like-for-like baseline of the runtime;
 * **scaleq runtime** — ``scaleq.worker.runtime.docker.DockerRuntime.run`` on a job definition, as the worker calls
-  it (image check, create with an ``/outputs`` volume and limits, attach for logs, start, wait, inspect, copy out
-  ``/outputs``, remove);
+  it (on a local engine: create with ``/outputs`` bind-mounted and limits, attach for logs, start, wait, adopt
+  ``/outputs``, remove; image presence checked once);
 * **scaleq grid** — the whole path: ``scaleq up`` (SQLite) in one process, ``scaleq worker --runtime docker
   --slots 1`` in another, the job submitted with ``Client.submit`` and followed with ``get_job(wait=…)``: from
   before the submit until the client sees it finished.
@@ -66,9 +69,9 @@ def run_cli(image: str) -> float:
     return time.perf_counter() - t0
 
 
-def run_sdk(client: docker.DockerClient, image: str, network: str | None = None) -> float:
+def run_sdk(client: docker.DockerClient, image: str, network: str | None = None, sandbox: bool = True) -> float:
     t0 = time.perf_counter()
-    container = client.containers.create(image, ["true"], network_mode=network)
+    container = client.containers.create(image, ["true"], network_mode=network, network_disabled=not sandbox)
     container.start()
     status = container.wait()
     container.remove(force=True)
@@ -178,7 +181,14 @@ async def main_async(n: int, image: str) -> int:
     runtime = DockerRuntime()
     work = Path(tempfile.mkdtemp(prefix="scaleq-bench-containers-"))
     times: dict[str, list[float]] = defaultdict(list)
-    order = ["docker CLI", "SDK bare", "SDK bare, network none", "scaleq runtime", "scaleq grid"]
+    order = [
+        "docker CLI",
+        "SDK bare",
+        "SDK bare, network none",
+        "SDK bare, network none, no sandbox",
+        "scaleq runtime",
+        "scaleq grid",
+    ]
     try:
         with _pg.scaleq_server(None) as server, grid_worker(server):
             async with Client(server.url, server.admin_token) as api:
@@ -195,6 +205,9 @@ async def main_async(n: int, image: str) -> int:
                             "docker CLI": await asyncio.to_thread(run_cli, image),
                             "SDK bare": await asyncio.to_thread(run_sdk, client, image),
                             "SDK bare, network none": await asyncio.to_thread(run_sdk, client, image, "none"),
+                            "SDK bare, network none, no sandbox": await asyncio.to_thread(
+                                run_sdk, client, image, "none", False
+                            ),
                             "scaleq runtime": await run_runtime(runtime, image, work, k + 1_000_000 * warm),
                             "scaleq grid": await run_grid(api, image, nonce, k + 1_000_000 * warm),
                         }
@@ -205,15 +218,18 @@ async def main_async(n: int, image: str) -> int:
                         console.print(f"  {n} rounds done")
             with ApiTimer() as sdk_calls:
                 await asyncio.to_thread(run_sdk, client, image, "none")
+            with ApiTimer() as bare_calls:
+                await asyncio.to_thread(run_sdk, client, image, "none", False)
             with ApiTimer() as rt_calls:
                 await run_runtime(runtime, image, work, 2_000_000)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    base = pct(times["SDK bare, network none"], 50)
+    none = pct(times["SDK bare, network none"], 50)
+    base = pct(times["SDK bare, network none, no sandbox"], 50)
     plain = pct(times["SDK bare"], 50)
     t = Table(title=f"{image} `true`, {n} runs each (ms)")
-    cols = ("how", "p50", "p95", "mean", "vs SDK bare", "vs SDK bare, network none", "added", "target: at most +5 %")
+    cols = ("how", "p50", "p95", "mean", "vs SDK bare", "vs network none", "vs no sandbox", "added", "target: ≤ +5 %")
     for col in cols:
         t.add_column(col, justify="left" if col == "how" else "right")
     for name in order:
@@ -227,16 +243,23 @@ async def main_async(n: int, image: str) -> int:
             f"{pct(v, 95) * 1000:.0f}",
             f"{sum(v) / len(v) * 1000:.0f}",
             f"{p50 / plain:.2f}x",
+            f"{p50 / none:.2f}x",
             f"{p50 / base:.2f}x",
             f"{(p50 - base) * 1000:+.0f} ms",
             verdict if name.startswith("scaleq") else "",
         )
     console.print(t)
     console.print(
-        "(p50s; 'added' and the target are against the bare SDK run with network none, the isolation scaleq gives a "
-        "job that does not ask for the host network)"
+        "(p50s; 'added' and the target are against the bare SDK run with the same isolation got the same way: network "
+        "none without the engine's sandbox, what scaleq's runtime does on a local engine; 'vs network none' is against "
+        "the bare run with the engine's own network none)"
     )
-    for title, calls in (("SDK bare, network none", sdk_calls.calls), ("scaleq runtime", rt_calls.calls)):
+    timed = (
+        ("SDK bare, network none", sdk_calls.calls),
+        ("SDK bare, network none, no sandbox", bare_calls.calls),
+        ("scaleq runtime", rt_calls.calls),
+    )
+    for title, calls in timed:
         total = sum(d for _, d in calls) * 1000
         t = Table(title=f"Engine API requests of one run: {title} ({len(calls)} requests, {total:.0f} ms)")
         t.add_column("request")

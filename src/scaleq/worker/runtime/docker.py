@@ -32,11 +32,13 @@ Design:
 - ``/inputs`` is a named volume filled through ``put_archive`` into a created-but-never-started helper container of
   the job's own image (no extra image needed), then mounted read-only. Jobs without inputs skip all of this.
 - Output is read through an attach made before the start, as ``docker run`` does, so a fast job's output is never
-  missed (and it needs no log driver that can be read back); it costs no measurable start time.
+  missed (what comes before the reader thread is up waits in the socket), and no log driver that can be read back
+  is needed; attach and start go in one thread hop, and the attach skips the SDK's inspect for a TTY (never given).
 - Per attempt on the success path only the requests that matter: create (low-level, without the SDK's inspect
   after it), attach, start, wait, remove. Whether an image is present is checked once per image and runtime (an
-  image removed since is noticed at create and checked again); the inspect for ``OOMKilled`` is made only on a
-  non-zero exit.
+  image removed since is noticed at create and checked again). ``OOMKilled`` is inspected only on a non-zero exit;
+  when the engine took the kernel's OOM event after the exit it never sets it (Docker 20.10, a few times in a
+  hundred), so a SIGKILL exit without it also looks for an ``oom`` event of the container.
 - Cleanup runs to its end even if the task is cancelled meanwhile: each step that creates something records it as
   it goes, and cleanup waits for a step still in flight before removing (container with force, so also killed).
 - The engine refusing the job (``APIError``: bad image, bad configuration) fails the attempt with its message; an
@@ -57,6 +59,7 @@ import stat
 import tarfile
 import tempfile
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -67,7 +70,7 @@ import docker
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 from docker.models.containers import Container
 from docker.models.volumes import Volume
-from docker.types import DeviceRequest, Mount
+from docker.types import CancellableStream, DeviceRequest, Mount
 
 from scaleq.worker.runtime.base import LogSink, RunResult, RunSpec, RuntimeUnavailable, result_for_exit, uncancellable
 
@@ -254,6 +257,18 @@ class DockerRuntime:
         created = self.client.api.create_container(image, command, **kw)
         return self.client.containers.prepare_model({"Id": created["Id"]})
 
+    def _attach(self, container: Container) -> CancellableStream:
+        """``container.attach(stdout, stderr, stream, demux)`` without the inspect the SDK makes first to learn
+        whether the container has a TTY: this runtime never gives one."""
+        api = self.client.api
+        response = api._post(
+            api._url("/containers/{0}/attach", container.id),
+            headers={"Connection": "Upgrade", "Upgrade": "tcp"},
+            params={"logs": 0, "stdout": 1, "stderr": 1, "stream": 1},
+            stream=True,
+        )
+        return CancellableStream(api._read_from_socket(response, True, tty=False, demux=True), response)
+
     def _hosts_file(self) -> Path:
         """The ``/etc/hosts`` bind-mounted (read-only) into containers without a network sandbox."""
         with self._lock:
@@ -347,19 +362,25 @@ class DockerRuntime:
     ) -> RunResult:
         d = spec.definition
 
-        def attach() -> None:  # before the start, as `docker run` does, so no output is missed
-            att.log_stream = container.attach(stdout=True, stderr=True, stream=True, logs=False, demux=True)
+        def attach_and_start() -> APIError | None:
+            # Attached before the start, as `docker run` does, so no output is missed (what comes before the pump
+            # below reads it waits in the socket); logs(stream=True) could not tell stdout from stderr apart.
+            att.log_stream = self._attach(container)
+            try:
+                container.start()
+            except APIError as e:
+                return e
+            return None
 
-        await self._step(att, attach)  # (logs(stream=True) cannot tell stdout from stderr apart)
+        since = int(time.time()) - 1  # for the engine's events (see _oom_killed)
+        refused = await self._step(att, attach_and_start)  # one thread hop for both
         queue: asyncio.Queue[tuple[str, bytes] | None] = asyncio.Queue()
         loop = asyncio.get_running_loop()
         _in_thread(lambda: _pump_logs(att.log_stream, loop, queue))
         delivery = asyncio.create_task(_deliver(queue, on_log))
         try:
-            try:
-                await self._step(att, container.start)
-            except APIError as e:
-                msg = _explain(e)
+            if refused is not None:
+                msg = _explain(refused)
                 not_found = "executable file not found" in msg or "no such file or directory" in msg
                 code = 127 if not_found else 126 if "permission denied" in msg else None
                 hint = " (this worker has no GPU runtime)" if d.requirements.gpus and "device driver" in msg else ""
@@ -372,20 +393,35 @@ class DockerRuntime:
                 status, timed_out = await exited, True
             await asyncio.wait([delivery], timeout=_LOG_TAIL_TIMEOUT)
             code = int(status["StatusCode"])
-            if code != 0 and not timed_out:
-                await asyncio.to_thread(container.reload)  # for OOMKilled
+            oom = code != 0 and not timed_out and await asyncio.to_thread(self._oom_killed, container, code, since)
             collected = await self._collect_outputs(container, spec.outputs_dir, on_log, local)
         finally:
             delivery.cancel()
         if timed_out:
             return RunResult(reason="timed_out", exit_code=code, error=f"exceeded max_duration of {d.max_duration} s")
-        if code != 0 and container.attrs["State"].get("OOMKilled"):
+        if oom:
             mem = d.requirements.memory
             limit = f"{mem / 2**20:g} MiB" if mem else "none set"
             return RunResult(reason="failed", exit_code=code, error=f"out of memory (OOMKilled; limit {limit})")
         if not collected and code == 0:
             return RunResult(reason="failed", exit_code=code, error="could not collect /outputs")
         return result_for_exit(code)
+
+    def _oom_killed(self, container: Container, code: int, since: int) -> bool:
+        container.reload()
+        if container.attrs["State"].get("OOMKilled"):
+            return True
+        if code != 137:
+            return False
+        # The engine may take the kernel's OOM event after the exit, and then never sets OOMKilled (seen with Docker
+        # 20.10, a few times in a hundred); its event log still says so.
+        events = self.client.api.events(
+            since=since, until=f"{time.time():.9f}", filters={"container": container.id, "event": "oom"}, decode=True
+        )
+        try:
+            return any(True for _ in events)
+        finally:
+            events.close()
 
     async def _collect_outputs(self, container: Container, dest: Path, on_log: LogSink, local: bool) -> bool:
         try:
