@@ -40,6 +40,7 @@ HELP = {
         "--memory",
         "--gpus",
         "--allow-host-network",
+        "--docker-outputs",
         "--server-grace",
         *CLIENT,
     ],

@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 import time
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -156,6 +157,12 @@ def _serve(
         bad_input(str(exc))
 
 
+class DockerOutputs(StrEnum):
+    auto = "auto"
+    bind = "bind"
+    archive = "archive"
+
+
 def worker(
     queue: Annotated[str, typer.Option("--queue", "-q", help="Queue to take jobs from.")],
     runtime: Annotated[
@@ -170,6 +177,13 @@ def worker(
     memory: Annotated[str | None, typer.Option(help="Memory offered, e.g. 8g \\[default: all].")] = None,
     gpus: Annotated[int, typer.Option(help="GPUs offered.")] = 0,
     allow_host_network: Annotated[bool, typer.Option(help="Run jobs that ask for the host network.")] = False,
+    docker_outputs: Annotated[
+        DockerOutputs,
+        typer.Option(
+            help="How container jobs' /outputs reach the worker: bind-mounted (an engine on this host), copied out "
+            "through the engine's API (archive), or auto: bind when the worker is root and the engine sees its files."
+        ),
+    ] = DockerOutputs.auto,
     server_grace: Annotated[float, typer.Option(help="Seconds to wait out an unreachable server.")] = 600.0,
     metrics_port: Annotated[
         int | None, typer.Option(help="Serve Prometheus /metrics on this port (0: any free port) \\[default: off].")
@@ -203,7 +217,7 @@ def worker(
         if kind == RuntimeKind.docker:
             from scaleq.worker.runtime.docker import DockerRuntime
 
-            runtimes["docker"] = DockerRuntime(allow_host_network=allow_host_network)
+            runtimes["docker"] = DockerRuntime(allow_host_network=allow_host_network, outputs=docker_outputs.value)
         else:
             from scaleq.worker.runtime.process import ProcessRuntime
 

@@ -23,7 +23,8 @@ Design:
 - **Container jobs** (``runtimes`` includes ``docker``) run docker-out-of-docker: the engine's socket (from
   ``DOCKER_HOST``) is mounted into the worker at ``/var/run/docker.sock`` and ``DOCKER_HOST`` points at it, so job
   containers are siblings of the worker on the same engine. Inputs and outputs move through the engine's API
-  (volumes, put/get archive), never through bind mounts, so no host path has to exist inside the worker. Mounting
+  (volumes, put/get archive): the docker runtime's probe finds that the engine does not see the worker's files, so
+  it never bind-mounts and no host path has to exist inside the worker. Mounting
   the socket gives the worker root on the engine's host: only do it for workers you would trust with that. A
   ``tcp://`` engine is passed through as it is (reachable over the host network; TLS material is not copied).
 - **Limits** from ``group.resources``: ``nano_cpus`` and ``mem_limit`` (no swap beyond it), GPUs as a device

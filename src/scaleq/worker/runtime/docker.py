@@ -4,6 +4,7 @@ Design:
 
 - The SDK is synchronous. Short calls run in ``asyncio.to_thread``; the two that block for the whole job (``wait``
   and the attached output stream) get daemon threads of their own, so long jobs cannot starve the shared pool.
+  Attach, start and the wait request go in one thread hop, so nothing waits for the event loop between them.
 - Everything created is labelled ``scaleq.managed=true`` plus job, attempt and worker, so
   :meth:`DockerRuntime.cleanup_orphans` finds leftovers after a crash from the engine itself.
 - ``/outputs`` comes to ``RunSpec.outputs_dir`` one of two ways (``outputs=``), with the same contract: only regular
@@ -22,7 +23,9 @@ Design:
   job wrote as) and the engine sees this host's files, proved once per runtime by a probe: a fresh directory with a
   random file, bind-mounted into a created-never-started container and read back through ``get_archive``. A worker
   in a container with the engine's socket, an engine in a VM, a snap-confined engine with its own ``/tmp``: all fail
-  the probe and use the archive.
+  the probe and use the archive. ``bind`` skips both checks (the operator vouches for them, e.g. a rootless engine
+  of the worker's own user); ``archive`` never binds. Either way ``/outputs`` starts empty and, as the volume did,
+  writable by the container's root only: a job running as another uid cannot write it (unchanged).
 - No network (every job not allowed the host's): ``network_mode="none"`` makes the engine build a network sandbox
   that runs a prestart hook (a re-exec of dockerd, ``libnetwork-setkey``): ~100 ms of every start on a 2-core
   machine. With ``network_disabled`` as well, the engine skips the sandbox and the runtime (runc) gives the container
@@ -33,7 +36,7 @@ Design:
   the job's own image (no extra image needed), then mounted read-only. Jobs without inputs skip all of this.
 - Output is read through an attach made before the start, as ``docker run`` does, so a fast job's output is never
   missed (what comes before the reader thread is up waits in the socket), and no log driver that can be read back
-  is needed; attach and start go in one thread hop, and the attach skips the SDK's inspect for a TTY (never given).
+  is needed; the attach skips the SDK's inspect for a TTY (never given).
 - Per attempt on the success path only the requests that matter: create (low-level, without the SDK's inspect
   after it), attach, start, wait, remove. Whether an image is present is checked once per image and runtime (an
   image removed since is noticed at create and checked again). ``OOMKilled`` is inspected only on a non-zero exit;
@@ -362,21 +365,25 @@ class DockerRuntime:
     ) -> RunResult:
         d = spec.definition
 
-        def attach_and_start() -> APIError | None:
-            # Attached before the start, as `docker run` does, so no output is missed (what comes before the pump
-            # below reads it waits in the socket); logs(stream=True) could not tell stdout from stderr apart.
-            att.log_stream = self._attach(container)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[str, bytes] | None] = asyncio.Queue()
+        exited: asyncio.Future[dict[str, Any]] = loop.create_future()
+
+        def launch() -> APIError | None:
+            # In one thread hop, so that nothing waits for the event loop between the start and the wait request.
+            # Attached before the start, as `docker run` does, so no output is missed (logs(stream=True) could not
+            # tell stdout from stderr apart).
+            att.log_stream = stream = self._attach(container)
+            threading.Thread(target=_pump_logs, args=(stream, loop, queue), daemon=True, name="scaleq-logs").start()
             try:
                 container.start()
             except APIError as e:
                 return e
+            _spawn(container.wait, loop, exited)  # no timeout: the SDK waits as long as the job runs
             return None
 
         since = int(time.time()) - 1  # for the engine's events (see _oom_killed)
-        refused = await self._step(att, attach_and_start)  # one thread hop for both
-        queue: asyncio.Queue[tuple[str, bytes] | None] = asyncio.Queue()
-        loop = asyncio.get_running_loop()
-        _in_thread(lambda: _pump_logs(att.log_stream, loop, queue))
+        refused = await self._step(att, launch)
         delivery = asyncio.create_task(_deliver(queue, on_log))
         try:
             if refused is not None:
@@ -385,7 +392,6 @@ class DockerRuntime:
                 code = 127 if not_found else 126 if "permission denied" in msg else None
                 hint = " (this worker has no GPU runtime)" if d.requirements.gpus and "device driver" in msg else ""
                 return RunResult(reason="failed", exit_code=code, error=f"container did not start: {msg}{hint}")
-            exited = _in_thread(container.wait)  # no timeout: the SDK waits as long as the job runs
             try:
                 status, timed_out = await asyncio.wait_for(asyncio.shield(exited), d.max_duration), False
             except TimeoutError:
@@ -468,10 +474,9 @@ def _explain(e: DockerException) -> str:
     return str(getattr(e, "explanation", None) or e)
 
 
-def _in_thread(fn: Callable[[], T]) -> asyncio.Future[T]:
-    """Run a call that blocks for the job's whole duration on a daemon thread of its own."""
-    loop = asyncio.get_running_loop()
-    fut: asyncio.Future[T] = loop.create_future()
+def _spawn(fn: Callable[[], T], loop: asyncio.AbstractEventLoop, fut: asyncio.Future[T]) -> None:
+    """Run a call that blocks for the job's whole duration on a daemon thread of its own; its outcome settles ``fut``
+    (made beforehand in ``loop``). Callable from any thread."""
 
     def settle(ok: bool, value: Any) -> None:
         if not fut.done():
@@ -486,7 +491,6 @@ def _in_thread(fn: Callable[[], T]) -> asyncio.Future[T]:
             loop.call_soon_threadsafe(settle, ok, value)
 
     threading.Thread(target=target, daemon=True, name="scaleq-docker").start()
-    return fut
 
 
 def _pump_logs(stream: Any, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[Any]) -> None:
