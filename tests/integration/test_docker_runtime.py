@@ -29,7 +29,7 @@ import pytest
 from scaleq.jobs import InputFile, JobDefinition
 from scaleq.worker import transfer
 from scaleq.worker.runtime.base import RunSpec, RuntimeUnavailable
-from scaleq.worker.runtime.docker import DockerRuntime, OutputsMode, _extract_outputs
+from scaleq.worker.runtime.docker import DockerRuntime, OutputsMode, _adopt_outputs, _extract_outputs
 
 pytestmark = pytest.mark.docker
 IMAGE = "scaleq-test/busybox:latest"
@@ -228,6 +228,27 @@ def test_output_extraction_refuses_unsafe_members(tmp_path: Path) -> None:
     assert sorted(p.name for p in dest.iterdir()) == ["ok.txt"]
     assert sorted(skipped) == ["../escape.txt", "/outputs/abs.txt", "hard", "sym"]
     assert not (tmp_path / "escape.txt").exists()
+
+
+def test_adoption_of_bind_mounted_outputs(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    deep = out
+    for _ in range(1100):  # deeper than Python's recursion limit, shorter than PATH_MAX
+        deep /= "d"
+        deep.mkdir(parents=deep.parent == out)
+    (deep / "f.txt").write_text("deep")
+    (out / "suid").write_text("x")
+    (out / "suid").chmod(0o4777)
+    (out / "passwd").symlink_to("/etc/passwd")
+    (out / "dir-link").symlink_to(tmp_path)
+    os.mkfifo(out / "d" / "fifo")
+    skipped = _adopt_outputs(out)
+    assert sorted(skipped) == ["d/fifo", "dir-link", "passwd"]
+    assert (deep / "f.txt").read_text() == "deep"
+    assert stat.S_IMODE((out / "suid").stat().st_mode) == 0o755
+    assert sorted(p.name for p in out.iterdir()) == ["d", "suid"]
+    with pytest.raises(OSError):
+        _adopt_outputs(out / "suid")  # not a directory
 
 
 def _tar(files: dict[str, bytes], links: dict[str, str] | None = None) -> bytes:

@@ -577,23 +577,23 @@ def _adopt_outputs(root: Path) -> list[str]:
         if stat.S_IMODE(st.st_mode) != mode:
             os.chmod(path, mode)  # not a symlink: checked with lstat just before
 
-    def visit(directory: str, rel: str) -> None:
+    top = os.lstat(root)
+    if not stat.S_ISDIR(top.st_mode):
+        raise OSError(f"{root} is not a directory")
+    adopt(str(root), top, 0o755)
+    pending = [(str(root), "")]  # a stack, not recursion: a job may nest directories deeper than Python recurses
+    while pending:
+        directory, rel = pending.pop()
         with os.scandir(directory) as it:
             entries = sorted(it, key=lambda e: e.name)
         for entry in entries:
             st = entry.stat(follow_symlinks=False)
             if stat.S_ISDIR(st.st_mode):
                 adopt(entry.path, st, 0o755)
-                visit(entry.path, f"{rel}{entry.name}/")
+                pending.append((entry.path, f"{rel}{entry.name}/"))
             elif stat.S_ISREG(st.st_mode):
                 adopt(entry.path, st, (st.st_mode & 0o755) | 0o600)
             else:
                 os.unlink(entry.path)
                 skipped.append(f"{rel}{entry.name}")
-
-    top = os.lstat(root)
-    if not stat.S_ISDIR(top.st_mode):
-        raise OSError(f"{root} is not a directory")
-    adopt(str(root), top, 0o755)
-    visit(str(root), "")
     return skipped
