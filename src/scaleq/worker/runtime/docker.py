@@ -192,8 +192,7 @@ class DockerRuntime:
                     self._images.discard(d.image)
                     if checked:
                         return RunResult(reason="failed", error=f"the Docker Engine refused the job: {_explain(e)}")
-                    await asyncio.to_thread(lambda: [_remove(obj) for obj in att.created])
-                    att.created.clear()
+                    await asyncio.to_thread(_release, att)
                 except APIError as e:
                     return RunResult(reason="failed", error=f"the Docker Engine refused the job: {_explain(e)}")
             return await self._execute(att, container, spec, on_log, local)
@@ -399,8 +398,17 @@ class DockerRuntime:
                 status, timed_out = await exited, True
             await asyncio.wait([delivery], timeout=_LOG_TAIL_TIMEOUT)
             code = int(status["StatusCode"])
-            oom = code != 0 and not timed_out and await asyncio.to_thread(self._oom_killed, container, code, since)
-            collected = await self._collect_outputs(container, spec.outputs_dir, on_log, local)
+
+            def finish() -> tuple[bool, list[str] | None]:  # in one thread hop: OOM?, outputs, removal
+                oom = code != 0 and not timed_out and self._oom_killed(container, code, since)
+                skipped = self._collect_outputs(container, spec.outputs_dir, local)
+                _release(att)
+                return oom, skipped
+
+            oom, skipped = await self._step(att, finish)
+            for name in skipped or ():  # tell the job's owner, not only the worker's log
+                await on_log("stderr", f"[scaleq] output {name} skipped: not a regular file or directory\n".encode())
+            collected = skipped is not None
         finally:
             delivery.cancel()
         if timed_out:
@@ -429,26 +437,21 @@ class DockerRuntime:
         finally:
             events.close()
 
-    async def _collect_outputs(self, container: Container, dest: Path, on_log: LogSink, local: bool) -> bool:
+    def _collect_outputs(self, container: Container, dest: Path, local: bool) -> list[str] | None:
+        """Outputs into ``dest``: what was skipped, or None if they could not be collected."""
         try:
             if local:
-                skipped = await asyncio.to_thread(_adopt_outputs, dest)
-            else:
-                skipped = await asyncio.to_thread(lambda: _extract_outputs(container.get_archive(OUTPUTS)[0], dest))
+                return _adopt_outputs(dest)
+            return _extract_outputs(container.get_archive(OUTPUTS)[0], dest)
         except (DockerException, OSError, tarfile.TarError):
             log.exception("collecting /outputs of %s failed", container.name or container.id)
-            return False
-        for name in skipped:  # tell the job's owner, not only the worker's log
-            await on_log("stderr", f"[scaleq] output {name} skipped: not a regular file or directory\n".encode())
-        return True
+            return None
 
     async def _cleanup(self, att: _Attempt) -> None:
         if att.inflight is not None and not att.inflight.done():
             await asyncio.wait([att.inflight])  # it may be creating something right now
-        if att.log_stream is not None:
-            with contextlib.suppress(Exception):
-                att.log_stream.close()
-        await asyncio.to_thread(lambda: [_remove(obj) for obj in att.created])  # containers come first
+        if att.created or att.log_stream is not None:  # the success path released them already
+            await asyncio.to_thread(_release, att)
 
 
 def _is_root() -> bool:
@@ -458,6 +461,17 @@ def _is_root() -> bool:
 def _labels(spec: RunSpec) -> dict[str, str]:
     job, attempt, worker = spec.job_id, str(spec.attempt), spec.worker_id
     return {MANAGED: "true", "scaleq.job": job, "scaleq.attempt": attempt, "scaleq.worker": worker}
+
+
+def _release(att: _Attempt) -> None:
+    """Close the output stream, remove what the attempt created (containers first)."""
+    if att.log_stream is not None:
+        with contextlib.suppress(Exception):
+            att.log_stream.close()
+        att.log_stream = None
+    for obj in att.created:
+        _remove(obj)
+    att.created.clear()
 
 
 def _remove(obj: Container | Volume) -> None:
