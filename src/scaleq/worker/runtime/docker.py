@@ -4,7 +4,8 @@ Design:
 
 - The SDK is synchronous. Short calls run in ``asyncio.to_thread``; the two that block for the whole job (``wait``
   and the attached output stream) get daemon threads of their own, so long jobs cannot starve the shared pool.
-  Attach, start and the wait request go in one thread hop, so nothing waits for the event loop between them.
+  Attach, start and the wait request go in one thread hop, so nothing waits for the event loop between them;
+  after the exit, the OOM check, the outputs and the removal in another.
 - Everything created is labelled ``scaleq.managed=true`` plus job, attempt and worker, so
   :meth:`DockerRuntime.cleanup_orphans` finds leftovers after a crash from the engine itself.
 - ``/outputs`` comes to ``RunSpec.outputs_dir`` one of two ways (``outputs=``), with the same contract: only regular
