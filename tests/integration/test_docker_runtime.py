@@ -236,19 +236,25 @@ def test_adoption_of_bind_mounted_outputs(tmp_path: Path) -> None:
     for _ in range(1100):  # deeper than Python's recursion limit, shorter than PATH_MAX
         deep /= "d"
         deep.mkdir(parents=deep.parent == out)
-    (deep / "f.txt").write_text("deep")
-    (out / "suid").write_text("x")
-    (out / "suid").chmod(0o4777)
-    (out / "passwd").symlink_to("/etc/passwd")
-    (out / "dir-link").symlink_to(tmp_path)
-    os.mkfifo(out / "d" / "fifo")
-    skipped = _adopt_outputs(out)
-    assert sorted(skipped) == ["d/fifo", "dir-link", "passwd"]
-    assert (deep / "f.txt").read_text() == "deep"
-    assert stat.S_IMODE((out / "suid").stat().st_mode) == 0o755
-    assert sorted(p.name for p in out.iterdir()) == ["d", "suid"]
-    with pytest.raises(OSError):
-        _adopt_outputs(out / "suid")  # not a directory
+    try:
+        (deep / "f.txt").write_text("deep")
+        (out / "suid").write_text("x")
+        (out / "suid").chmod(0o4777)
+        (out / "passwd").symlink_to("/etc/passwd")
+        (out / "dir-link").symlink_to(tmp_path)
+        os.mkfifo(out / "d" / "fifo")
+        skipped = _adopt_outputs(out)
+        assert sorted(skipped) == ["d/fifo", "dir-link", "passwd"]
+        assert (deep / "f.txt").read_text() == "deep"
+        assert stat.S_IMODE((out / "suid").stat().st_mode) == 0o755
+        assert sorted(p.name for p in out.iterdir()) == ["d", "suid"]
+        with pytest.raises(OSError):
+            _adopt_outputs(out / "suid")  # not a directory
+    finally:  # shutil.rmtree (pytest's clean-up too) recurses, so too deep for it: one level at a time
+        (deep / "f.txt").unlink(missing_ok=True)
+        while deep != out:
+            deep.rmdir()
+            deep = deep.parent
 
 
 def _tar(files: dict[str, bytes], links: dict[str, str] | None = None) -> bytes:
