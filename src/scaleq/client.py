@@ -180,8 +180,11 @@ class Client:
         )
         return [Claim.model_validate(c) for c in data["claims"]], data["finished"], data["state"]
 
-    async def heartbeat(self, worker_id: str, *, draining: bool = False) -> tuple[str, set[str]]:
-        data = await self._json("POST", f"/workers/{worker_id}/heartbeat", json={"draining": draining}, timeout=10)
+    async def heartbeat(
+        self, worker_id: str, *, draining: bool = False, leases: list[str] | None = None
+    ) -> tuple[str, set[str]]:
+        body = {"draining": draining, "leases": leases}
+        data = await self._json("POST", f"/workers/{worker_id}/heartbeat", json=body, timeout=10)
         return data["state"], set(data["leases"])
 
     async def drain_worker(self, worker_id: str) -> Worker:

@@ -228,6 +228,20 @@ async def test_heartbeat_renews_and_reports_live_leases(store: Store) -> None:
         await store.heartbeat("ghost", T0, 5)
 
 
+async def test_heartbeat_renews_only_the_leases_the_worker_holds(store: Store) -> None:
+    for name in ("a", "b"):
+        await submit(store, definition(name))
+    await worker(store)
+    known, lost = await store.claim("w1", 2, T0, 5)  # say the answer naming ``lost`` never reached the worker
+    state, live = await store.heartbeat("w1", T0 + 4, 5, held=[known.lease])
+    assert live == {known.lease}
+    expired = await store.expire_leases(T0 + 6)  # ``lost`` was not renewed: back to the queue
+    assert [(e.job_id, e.state) for e in expired] == [(lost.job.id, "queued")]
+    assert (await store.get_job(known.job.id)).state == "running"
+    _, live = await store.heartbeat("w1", T0 + 7, 5, held=[])
+    assert live == set()
+
+
 async def test_cancel_queued_running_and_finished(store: Store) -> None:
     queued, _ = await submit(store, definition("q"))
     cancelled = await store.cancel(queued.id, T0)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from scaleq.client import Unreachable
 from scaleq.jobs import Job, JobDefinition, SubmitRequest
 from scaleq.server.settings import ServerSettings
 from scaleq.store.sqlite import SQLiteStore
@@ -226,3 +227,26 @@ async def test_a_heartbeat_answered_after_a_claim_does_not_abandon_the_new_job(l
         job_id = a.running[lease].claim.job.id
         done = await wait_state(live, job_id)
         assert done.reason == "success" and done.attempts == 1
+
+
+async def test_a_claim_whose_answer_is_lost_goes_back_to_the_queue(live: LiveServer) -> None:
+    # The server commits a claim, then dies before answering (here: the answer is dropped). The worker never learns
+    # of that lease, so its heartbeats must not keep it alive: it expires and the job runs after all.
+    a = agent(live, slots=1)
+    real = a.client.claim
+    dropped: list[str] = []
+
+    async def claim_answer_lost(*args: object, **kw: object) -> object:
+        claims, outcomes, state = await real(*args, **kw)  # type: ignore[arg-type]
+        if claims and not dropped:
+            dropped.append(claims[0].lease)
+            raise Unreachable("connection reset before the answer")
+        return claims, outcomes, state
+
+    a.client.claim = claim_answer_lost  # type: ignore[method-assign]
+    job = await submit(live, "echo", "once")
+    async with running(a):
+        done = await wait_state(live, job.id, timeout=20)
+    assert dropped and done.reason == "success" and done.attempts == 2
+    attempts = await live.store.list_attempts(job.id)
+    assert [x.outcome for x in attempts] == ["lost", "success"]

@@ -176,8 +176,11 @@ class Store(Protocol):
     # the worker protocol
     async def register_worker(self, worker: Worker, now: float) -> None: ...
     async def claim(self, worker_id: str, n: int, now: float, lease_seconds: float) -> list[Claim]: ...
-    async def heartbeat(self, worker_id: str, now: float, lease_seconds: float) -> tuple[str, set[str]]:
-        """Renew every lease the worker holds; return its state and the leases still valid."""
+    async def heartbeat(
+        self, worker_id: str, now: float, lease_seconds: float, held: list[str] | None = None
+    ) -> tuple[str, set[str]]:
+        """Renew the worker's leases that it says it ``held`` (None: all of them); return its state and, of those,
+        the leases still valid."""
         ...
 
     async def worker_claim(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -239,13 +240,17 @@ class SQLStore:
         run = self._run if self.single_statement_batches else self.tx
         return await run(self._worker_claim, worker_id, n, now, lease_seconds, finishes or [])
 
-    async def heartbeat(self, worker_id: str, now: float, lease_seconds: float) -> tuple[str, set[str]]:
+    async def heartbeat(
+        self, worker_id: str, now: float, lease_seconds: float, held: list[str] | None = None
+    ) -> tuple[str, set[str]]:
+        held_json = None if held is None else json.dumps(held)
+        renew = {"worker_id": worker_id, "expires": now + lease_seconds, "held": held_json}
+
         def op() -> tuple[str, set[str]]:
             row = self._one("touch_worker", id=worker_id, now=now)
             if row is None:
                 raise NotFound(f"no worker {worker_id}; register first")
-            leases = {r["lease"] for r in self._all("renew_leases", worker_id=worker_id, expires=now + lease_seconds)}
-            return row["state"], leases
+            return row["state"], {r["lease"] for r in self._all("renew_leases", **renew)}
 
         return await self.tx(op)
 

@@ -5,8 +5,11 @@ Design:
 - **One claim loop.** While slots are free it long-polls ``claim`` for up to that many jobs; while none are free it
   waits for a slot. A finished job's result rides along with the claim that its freed slot triggers (one round trip
   per job under load); if the loop is already parked in a long-poll, the result is sent on its own at once.
-- **One heartbeat loop** renews all leases. The answer lists the leases still live; a running attempt whose lease
-  is gone (cancelled, expired, taken over) is abandoned: its task is cancelled, which makes the runtime stop it.
+- **One heartbeat loop** renews the leases the worker holds (running jobs, and results not yet delivered) — only
+  those, so a lease it never learnt of (a claim whose answer was lost) expires and its job is queued again. The
+  answer lists the leases still live; a running attempt whose lease is gone (cancelled, expired, taken over) is
+  abandoned: its task is cancelled, which makes the runtime stop it — unless the heartbeat left before the claim of
+  that lease was answered (it may have read the leases before the claim committed).
 - **Fencing.** Logs, outputs and the finish all present the attempt's lease; a 409 means the attempt was replaced,
   and the worker stops it without reporting.
 - **Server outages** are waited out: jobs keep running, results are retried, and only after ``server_grace`` seconds
@@ -88,6 +91,8 @@ class WorkerAgent:
         self.client = Client(config.server, config.token)
         self.running: dict[str, Running] = {}
         self.pending_finishes: list[dict[str, Any]] = []
+        #: Leases whose result is reported but not yet delivered: still held, so still renewed by heartbeats.
+        self._finishing: set[str] = set()
         self.heartbeat_seconds = 5.0
         self.long_poll = 20.0
         self.draining = False
@@ -156,7 +161,7 @@ class WorkerAgent:
 
     async def _announce_drain(self) -> None:
         with contextlib.suppress(ApiError, Unreachable):
-            await self.client.heartbeat(self.id, draining=True)
+            await self.client.heartbeat(self.id, draining=True, leases=self._held())
 
     async def _register(self) -> None:
         cfg = self.cfg
@@ -211,6 +216,7 @@ class WorkerAgent:
             try:
                 claims, outcomes, state = await self.client.claim(self.id, free, wait=self.long_poll, finishes=finishes)
                 self._last_contact = time.monotonic()
+                self._finishing.difference_update(f["lease"] for f in finishes)
             except Unreachable as exc:
                 self.pending_finishes[:0] = finishes
                 if time.monotonic() - self._last_contact > self.cfg.server_grace:
@@ -253,7 +259,7 @@ class WorkerAgent:
             await asyncio.sleep(self.heartbeat_seconds)
             sent = time.monotonic()
             try:
-                state, live = await self.client.heartbeat(self.id)
+                state, live = await self.client.heartbeat(self.id, leases=self._held())
                 self._last_contact = time.monotonic()
             except Unreachable as exc:
                 log.warning("heartbeat failed: %s", exc)
@@ -273,6 +279,12 @@ class WorkerAgent:
                 self.request_drain()
             if self.metrics is not None:
                 await self.metrics.refresh_queue(self.client, self.cfg.queue)
+
+    def _held(self) -> list[str]:
+        """The leases to renew: jobs running, and results not yet delivered. Nothing else — a claim whose answer
+        was lost (the server died after committing it) left a lease this worker never learnt of: unrenewed, it
+        expires and the job goes back to the queue, instead of being kept alive here forever."""
+        return sorted(set(self.running) | self._finishing)
 
     def _abandon(self, r: Running, why: str) -> None:
         if not r.abandoned:
@@ -344,6 +356,7 @@ class WorkerAgent:
             self.metrics.finished(reason)
 
     def _report(self, finish: dict[str, Any]) -> None:
+        self._finishing.add(finish["lease"])
         # Ride along with the next claim if the claim loop is about to make one; otherwise send now.
         if self._polling or self.draining:
             task = asyncio.create_task(self._send_finish(finish))
@@ -360,6 +373,7 @@ class WorkerAgent:
             if not exc.stale:
                 raise
             log.warning("result refused (attempt replaced): %s", exc.detail)
+        self._finishing.discard(finish["lease"])
 
     async def _flush_finishes(self) -> None:
         finishes, self.pending_finishes = self.pending_finishes, []

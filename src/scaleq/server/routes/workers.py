@@ -79,6 +79,11 @@ class Beat(BaseModel):
 
 class BeatBody(BaseModel):
     draining: bool = Field(default=False, description="the worker is draining: end its parked claim")
+    leases: list[str] | None = Field(
+        default=None,
+        description="the leases the worker holds (running, or result not yet delivered): only these are renewed; "
+        "a lease it does not list expires, and its job goes back to the queue. Omitted: all of them",
+    )
 
 
 class LogChunkIn(BaseModel):
@@ -160,7 +165,8 @@ async def heartbeat(worker_id: str, ctx: C, body: BeatBody | None = None) -> Bea
     if body is not None and body.draining:
         await ctx.store.set_worker_state(worker_id, "draining")
         ctx.notifier.notify(f"worker:{worker_id}", "any")
-    state, leases = await ctx.store.heartbeat(worker_id, ctx.now(), ctx.settings.lease_seconds)
+    held = body.leases if body is not None else None
+    state, leases = await ctx.store.heartbeat(worker_id, ctx.now(), ctx.settings.lease_seconds, held)
     return Beat(state=state, leases=sorted(leases))
 
 

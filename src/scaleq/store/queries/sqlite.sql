@@ -187,8 +187,11 @@ RETURNING *;
 UPDATE attempts SET ended_at = :now, outcome = :outcome WHERE job_id = :job_id AND ended_at IS NULL;
 
 -- name: renew_leases
+-- Only the leases the worker says it holds (:held, a JSON array; NULL: all of its leases, as older workers ask): a
+-- lease it never learnt of (a claim whose answer was lost) then expires and its job goes back to the queue.
 UPDATE jobs SET lease_expires_at = :expires
  WHERE worker_id = :worker_id AND state = 'running'
+   AND (:held IS NULL OR lease IN (SELECT value FROM json_each(:held)))
 RETURNING lease;
 
 -- name: touch_worker
