@@ -24,7 +24,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import shutil
 import signal
 import socket
 import tempfile
@@ -142,7 +141,7 @@ class WorkerAgent:
             if self.metrics is not None:
                 self.metrics.stop()
             await self.client.close()
-            shutil.rmtree(self._tmp, ignore_errors=True)
+            transfer.remove_tree(self._tmp)
 
     def request_drain(self) -> None:
         if self.draining:
@@ -342,7 +341,7 @@ class WorkerAgent:
             result = RunResult("failed", error=f"worker error: {type(exc).__name__}: {exc}")
         finally:
             self.running.pop(lease, None)
-            shutil.rmtree(base, ignore_errors=True)
+            transfer.remove_tree(base)
             self._wake.set()
         self._count("abandoned" if r.abandoned or result is None else result.reason)
         if result is not None and not r.abandoned:
