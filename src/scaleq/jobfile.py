@@ -7,11 +7,13 @@ A job file holds the fields of :class:`scaleq.jobs.JobDefinition`, except that `
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import os
 import sys
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +42,9 @@ def load_file(path: Path) -> dict[str, Any]:
     return data
 
 
-def collect_inputs(paths: list[str], base: Path) -> tuple[list[InputFile], dict[str, bytes]]:
+def collect_inputs(
+    paths: list[str], base: Path, read: Callable[[Path], bytes] = Path.read_bytes
+) -> tuple[list[InputFile], dict[str, bytes]]:
     """Files (and directories, recursively) → input entries under /inputs, and their bytes by sha256."""
     entries: list[InputFile] = []
     blobs: dict[str, bytes] = {}
@@ -54,7 +58,7 @@ def collect_inputs(paths: list[str], base: Path) -> tuple[list[InputFile], dict[
             else [(f, f"{p.name}/{f.relative_to(p).as_posix()}") for f in sorted(p.rglob("*")) if f.is_file()]
         )
         for f, name in files:
-            data = f.read_bytes()
+            data = read(f)
             sha = hashlib.sha256(data).hexdigest()
             blobs[sha] = data
             mode = 0o555 if os.access(f, os.X_OK) else 0o444
@@ -111,7 +115,11 @@ def build(
 
 
 def definition_from(
-    data: dict[str, Any], where: str, base: Path, extra_inputs: list[str] | None = None
+    data: dict[str, Any],
+    where: str,
+    base: Path,
+    extra_inputs: list[str] | None = None,
+    read: Callable[[Path], bytes] = Path.read_bytes,
 ) -> tuple[JobDefinition, dict[str, bytes]]:
     """A job file's fields (``inputs`` as local paths, relative to ``base``) → the validated definition and the
     bytes of its inputs; problems are reported as ``where: field: problem``."""
@@ -120,7 +128,7 @@ def definition_from(
     if not isinstance(local_inputs, list) or not all(isinstance(i, str) for i in local_inputs):
         raise JobInputError(f"{where}: inputs: must be a list of local paths")
     try:
-        entries, blobs = collect_inputs([*local_inputs, *(extra_inputs or [])], base)
+        entries, blobs = collect_inputs([*local_inputs, *(extra_inputs or [])], base, read)
     except JobInputError as exc:
         raise JobInputError(f"{where}: {exc}") from exc
     data["inputs"] = [e.model_dump() for e in entries]
@@ -140,6 +148,7 @@ def load_lines(path: Path) -> list[tuple[JobDefinition, dict[str, bytes]]]:
     except OSError as exc:
         raise JobInputError(f"{path}: cannot read: {exc.strerror or exc}") from exc
     base = Path.cwd() if str(path) == "-" else path.parent
+    read = functools.cache(Path.read_bytes)  # a file many lines name is read (and held) once
     found = []
     for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip() or line.lstrip().startswith("#"):
@@ -153,7 +162,7 @@ def load_lines(path: Path) -> list[tuple[JobDefinition, dict[str, bytes]]]:
             raise JobInputError(f"{where}: a line holds one job: an object of a job file's fields")
         if "command" not in data:
             raise JobInputError(f"{where}: command: missing")
-        found.append(definition_from(data, where, base))
+        found.append(definition_from(data, where, base, read=read))
     if not found:
         raise JobInputError(f"{path}: no jobs in it")
     return found

@@ -118,7 +118,7 @@ def test_submit_many_from_json_lines_runs_every_job_once(shared_grid: Grid, tmp_
     assert r.returncode == 0, r.stderr
     ids = r.stdout.split()
     assert len(ids) == 8 and all(re.fullmatch(HEX64, i) for i in ids)
-    assert "8 jobs on default: 8 queued" in r.stderr
+    assert "8 jobs on default: 8 newly queued" in r.stderr
     results = shared_grid.wait_all_finished(ids, timeout=60)
     assert all(job["reason"] == "success" for job in results.values()), shared_grid.diagnosis(ids)
     assert [shared_grid.api_logs(i) for i in ids] == [f"{tag}-{i}\n" for i in range(7)] + ["alpha\n"]

@@ -12,7 +12,9 @@ import pytest
 
 from scaleq.client import ApiError
 from scaleq.jobs import JobDefinition, SubmitRequest
-from tests.helpers import LiveServer
+from scaleq.server.settings import ServerSettings
+from scaleq.store.sqlite import SQLiteStore
+from tests.helpers import LiveServer, serve
 
 
 def req(*cmd: str, queue: str = "q", **kw: object) -> SubmitRequest:
@@ -150,6 +152,19 @@ async def test_batch_submit_answers_in_order_and_is_all_or_nothing(live: LiveSer
         assert [(job.id, created) for job, created in again] == [(done[0][0].id, False), (done[1][0].id, False)]
     async with live.client("worker") as w:
         assert await w.blob(sha) == data
+
+
+async def test_a_body_over_max_submit_bytes_is_refused_with_413(sqlite_store: SQLiteStore) -> None:
+    settings = ServerSettings(lease_seconds=2.0, max_submit_bytes=4096)
+    async with serve(sqlite_store, settings) as small:
+        headers = {"Authorization": f"Bearer {small.tokens['submit']}"}
+        fits = {"queue": "q", "definition": {"command": ["echo", "x" * 1000]}}
+        too_big = {"queue": "q", "definition": {"command": ["echo", "x" * 5000]}}
+        async with httpx.AsyncClient(base_url=small.url, headers=headers) as r:
+            assert (await r.post("/api/v1/jobs", json=fits)).status_code == 201
+            assert (await r.post("/api/v1/jobs", json=too_big)).status_code == 413
+            assert (await r.post("/api/v1/jobs/batch", json={"jobs": [fits] * 5})).status_code == 413
+        assert len(await sqlite_store.list_jobs(queue=None, state=None, limit=10)) == 1
 
 
 async def test_claim_long_poll_wakes_on_submit(live: LiveServer) -> None:

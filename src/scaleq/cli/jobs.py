@@ -32,7 +32,12 @@ from scaleq.cli.common import (
 )
 from scaleq.client import ApiError, Client, Unreachable
 from scaleq.jobfile import JobInputError, build, encode_blobs, load_lines
-from scaleq.jobs import Job, State, SubmitRequest, validate_queue_name
+from scaleq.jobs import Job, JobDefinition, State, SubmitRequest, validate_queue_name
+
+PriorityOpt = Annotated[int, typer.Option(min=-1000, max=1000, help="Higher runs first; FIFO within a priority.")]
+MaxAttemptsOpt = Annotated[
+    int, typer.Option(min=1, max=100, help="Attempts before a lost job finishes as worker_lost.")
+]
 
 
 def _summary(job: Job) -> dict:
@@ -104,8 +109,8 @@ def submit(
     file: Annotated[
         Path | None, typer.Option("--file", "-f", help="Job file (TOML or JSON) with the definition's fields.")
     ] = None,
-    priority: Annotated[int, typer.Option(help="Higher runs first; FIFO within a priority.")] = 0,
-    max_attempts: Annotated[int, typer.Option(help="Attempts before a lost job finishes as worker_lost.")] = 3,
+    priority: PriorityOpt = 0,
+    max_attempts: MaxAttemptsOpt = 3,
     rerun: Annotated[bool, typer.Option("--rerun", help="Run again if this exact job already finished.")] = False,
     wait: Annotated[bool, typer.Option("--wait", "-w", help="Follow the job; exit 0 only on success.")] = False,
     output: OutputOpt = Output.table,
@@ -164,7 +169,8 @@ def submit(
         raise typer.Exit(1)
 
 
-BATCH = 500  # jobs per request: well under the server's 1,000 and its body limit for small definitions
+BATCH = 500  # jobs per request (the server takes up to 1,000)
+BATCH_BYTES = 16 << 20  # input bytes per request, well under the server's body limit (64 MiB by default)
 
 
 def submit_many(
@@ -175,8 +181,8 @@ def submit_many(
             help="JSON Lines: one job per line, as the fields of a job file ('-' reads stdin).", allow_dash=True
         ),
     ],
-    priority: Annotated[int, typer.Option(help="Higher runs first; FIFO within a priority.")] = 0,
-    max_attempts: Annotated[int, typer.Option(help="Attempts before a lost job finishes as worker_lost.")] = 3,
+    priority: PriorityOpt = 0,
+    max_attempts: MaxAttemptsOpt = 3,
     rerun: Annotated[bool, typer.Option("--rerun", help="Run again those of the jobs that already finished.")] = False,
     output: OutputOpt = Output.table,
     server: ServerOpt = None,
@@ -185,7 +191,9 @@ def submit_many(
 ) -> None:
     """Submit many jobs from a file, 500 per request; print their ids, one per line, in the file's order.
 
-    Every line is checked before anything is sent.
+    Each line holds a job file's fields as JSON; inputs are relative to the file (for '-', to this directory).
+
+    Blank lines and lines starting with '#' are skipped. Every line is checked before anything is sent.
 
     Idempotent (the same definition on the same queue is the same job): after an interruption, run it again.
 
@@ -198,29 +206,20 @@ def submit_many(
         bad_input(str(exc))
     except ValueError as exc:
         bad_input(f"queue: {exc}")
-    requests = [
-        SubmitRequest(
-            queue=queue,
-            definition=d,
-            priority=priority,
-            max_attempts=max_attempts,
-            rerun=rerun,
-            blobs=encode_blobs(blobs),
-        )
-        for d, blobs in found
-    ]
+    batches = _batches(queue, found, priority=priority, max_attempts=max_attempts, rerun=rerun)
+    total = sum(len(b) for b in batches)
 
     async def go(client: Client) -> list[tuple[Job, bool]]:
         done: list[tuple[Job, bool]] = []
         with Progress(transient=True, console=err, disable=not err.is_terminal) as bar:
-            task = bar.add_task("submitting", total=len(requests))
-            for start in range(0, len(requests), BATCH):
+            task = bar.add_task("submitting", total=total)
+            for batch in batches:
                 try:
-                    done += await client.submit_many(requests[start : start + BATCH])
+                    done += await client.submit_many(batch)
                 except (ApiError, Unreachable):
                     if done:
                         err.print(
-                            f"{len(done)} of {len(requests)} jobs were submitted before this error; running the same "
+                            f"{len(done)} of {total} jobs were submitted before this error; running the same "
                             "command again submits the rest (the others are found, not queued twice)",
                             markup=False,
                         )
@@ -236,10 +235,43 @@ def submit_many(
     new = sum(1 for _, created in done if created)
     again = len(done) - new
     err.print(
-        f"{len(done)} jobs on {queue}: {new} queued"
-        + (f", {again} already there (--rerun runs finished ones again)" if again else ""),
+        f"{len(done)} job{'s' if len(done) != 1 else ''} on {queue}: {new} newly queued"
+        + (f", {again} submitted before (--rerun runs finished ones again)" if again else ""),
         markup=False,
     )
+
+
+def _batches(
+    queue: str, found: list[tuple[JobDefinition, dict[str, bytes]]], *, priority: int, max_attempts: int, rerun: bool
+) -> list[list[SubmitRequest]]:
+    """The requests of ``submit-many``: at most BATCH jobs and about BATCH_BYTES of input bytes each, every input's
+    bytes sent once per request (the server takes them for any job of the request that names them)."""
+    batches: list[list[SubmitRequest]] = []
+    batch: list[SubmitRequest] = []
+    sent: set[str] = set()
+    size = 0
+    for definition, blobs in found:
+        fresh = {sha: data for sha, data in blobs.items() if sha not in sent}
+        more = sum(len(d) for d in fresh.values())
+        if batch and (len(batch) == BATCH or size + more > BATCH_BYTES):
+            batches.append(batch)
+            batch, sent, size = [], set(), 0
+            fresh, more = blobs, sum(len(d) for d in blobs.values())
+        batch.append(
+            SubmitRequest(
+                queue=queue,
+                definition=definition,
+                priority=priority,
+                max_attempts=max_attempts,
+                rerun=rerun,
+                blobs=encode_blobs(fresh),
+            )
+        )
+        sent |= fresh.keys()
+        size += more
+    if batch:
+        batches.append(batch)
+    return batches
 
 
 def jobs(

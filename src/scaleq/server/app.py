@@ -49,6 +49,7 @@ def create_app(
             if manage_store:
                 await store.close()
 
+    settings = settings or ServerSettings()
     app = FastAPI(
         title="scaleq",
         version=__version__,
@@ -57,9 +58,10 @@ def create_app(
         docs_url="/api/v1/docs",
         redoc_url=None,
         lifespan=lifespan,
+        max_body_size=settings.max_submit_bytes,  # every body but a job's outputs (their route sets its own)
     )
     app.state.store = store
-    app.state.settings = settings or ServerSettings()
+    app.state.settings = settings
     app.state.clock = clock
     app.state.notifier = notifier or Notifier()
     app.state.tokens = TokenCache()

@@ -211,7 +211,9 @@ async def append_logs(body: LogsBody, ctx: C) -> Response:
     return Response(status_code=204)
 
 
-@router.post("/leases/outputs", status_code=204, dependencies=[require("worker")])
+@router.post(
+    "/leases/outputs", status_code=204, dependencies=[require("worker")], max_body_size=MAX_OUTPUT_BYTES + (1 << 20)
+)
 async def put_outputs(request: Request, ctx: C, lease: Annotated[str, Header(alias="X-Scaleq-Lease")]) -> Response:
     """The attempt's ``/outputs`` as a tar archive (regular files only are kept)."""
     await ctx.store.check_lease(lease)
