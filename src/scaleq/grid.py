@@ -118,12 +118,14 @@ class Group(_Strict):
     headroom: float = Field(
         default=_POLICY.headroom,
         ge=0,
+        le=10,
         allow_inf_nan=False,
         description="spare jobs provisioned for, in standard deviations of the demand's move over lookahead",
     )
     lookahead: float = Field(
         default=_POLICY.lookahead,
         ge=0,
+        le=3600,
         allow_inf_nan=False,
         description="seconds the spare covers: about a new worker's start-up time",
     )

@@ -16,6 +16,7 @@ from scaleq.providers.local import LocalProvider
 from scaleq.providers.registry import ProviderContext
 from scaleq.scaling.controller import Controller
 from scaleq.scaling.observe import RemoteObserver, StoreObserver
+from scaleq.scaling.policy import PolicyState, decide
 from scaleq.server.notify import Notifier
 from tests.helpers import LiveServer, controlling, eventually
 
@@ -246,7 +247,12 @@ async def test_observers_count_the_queue_only_as_far_as_the_group_can_run(live: 
         for i in range(10):
             await c.submit(SubmitRequest(queue="q", definition=JobDefinition(command=["echo", str(i)])))
     async with live.client("admin") as admin:
-        assert (await RemoteObserver(admin).demand(g)).queued == 6
+        remote = await RemoteObserver(admin).demand(g)
+        assert (remote.queued, remote.capped) == (6, True)
         assert (await admin.demand("q", g.capabilities().model_dump(mode="json")))["queued"] == 10
-    local_view = StoreObserver(live.store, Notifier(), time.time)
-    assert (await local_view.demand(g)).queued == 6
+    local = await StoreObserver(live.store, Notifier(), time.time).demand(g)
+    assert (local.queued, local.capped) == (6, True)
+    # and the decision says so: at least 6 waiting, not 6
+    assert decide(local, [], g.policy(), PolicyState(), local.at).reason.startswith("≥6 jobs waiting")
+    roomy = await StoreObserver(live.store, Notifier(), time.time).demand(group(max_workers=20, slots=1))
+    assert (roomy.queued, roomy.capped) == (10, False)

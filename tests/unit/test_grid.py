@@ -41,6 +41,8 @@ def test_spare_settings_reach_the_policy(tmp_path: Path) -> None:
         ('[[groups]]\nname = "a"\n[[groups]]\nname = "a"\n', "two groups are named"),
         ('[[groups]]\nname = "a"\nheadroom = -1\n', "groups[0].headroom"),
         ('[[groups]]\nname = "a"\nlookahead = inf\n', "groups[0].lookahead"),
+        ('[[groups]]\nname = "a"\nheadroom = 1e308\n', "groups[0].headroom"),
+        ('[[groups]]\nname = "a"\nlookahead = 86400\n', "groups[0].lookahead"),
         ('[[groups]]\nname = "a"\ndemand_halflife = 0\n', "groups[0].demand_halflife"),
         ("[server\n", "line 1"),
     ],

@@ -287,6 +287,18 @@ def test_the_spare_respects_max_workers_and_max_step_up():
     assert "max_step_up 2 per 10 s" in d.reason
 
 
+def test_a_huge_spare_is_clamped_not_an_overflow():
+    huge = Activity(0.0, 1000, 1e300)  # an absurd activity: the product would overflow floor()
+    assert spare_jobs(huge, 1e300, 1e300, 1.0) == 10**9
+    d = run(0, 4, [busy(f"b{i}") for i in range(4)], state=PolicyState(activity=huge), max_workers=7)
+    assert (d.desired, d.start) == (7, 3)
+
+
+def test_a_capped_count_is_said_as_a_lower_bound():
+    d = decide(Demand(0.0, 6, 0, capped=True), [], PolicySettings(max_workers=3, slots=2), PolicyState(), 0.0)
+    assert d.reason.startswith("≥6 jobs waiting") and d.desired == 3
+
+
 def test_the_spare_never_drains_a_busy_worker_and_min_workers_hold():
     state = PolicyState(activity=BUSY)
     workers = [busy(f"b{i}") for i in range(6)]

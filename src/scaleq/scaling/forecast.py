@@ -53,4 +53,5 @@ def spare_jobs(activity: Activity | None, headroom: float, lookahead: float, hal
     """Jobs to provision for beyond ``queued + running``: ``headroom`` std. deviations of the move in ``lookahead``."""
     if headroom <= 0 or lookahead <= 0:
         return 0
-    return math.floor(headroom * math.sqrt(rate(activity, halflife) * lookahead) + 0.5)
+    # capped: a group is clamped at max_workers anyway, and a huge product must not overflow floor()
+    return math.floor(min(headroom * math.sqrt(rate(activity, halflife) * lookahead), 1e9) + 0.5)

@@ -27,8 +27,9 @@ class StoreObserver:
         self._event = notifier.event("any")
 
     async def demand(self, group: Group) -> Demand:
-        queued, running = await self.store.demand(group.queue, group.capabilities(), limit=demand_limit(group))
-        return Demand(self.clock(), queued, running)
+        limit = demand_limit(group)
+        queued, running = await self.store.demand(group.queue, group.capabilities(), limit=limit)
+        return Demand(self.clock(), queued, running, capped=queued >= limit)
 
     async def registered(self, group: Group) -> list[Worker]:
         return [w for w in await self.store.list_workers(queue=group.queue) if w.group == group.name]
@@ -57,8 +58,9 @@ class RemoteObserver:
 
     async def demand(self, group: Group) -> Demand:
         caps = group.capabilities().model_dump(mode="json")
-        d = await self.client.demand(group.queue, caps, limit=demand_limit(group))
-        return Demand(d["at"], d["queued"], d["running"])
+        limit = demand_limit(group)
+        d = await self.client.demand(group.queue, caps, limit=limit)
+        return Demand(d["at"], d["queued"], d["running"], capped=d["queued"] >= limit)
 
     async def registered(self, group: Group) -> list[Worker]:
         return [w for w in await self.client.workers() if w.group == group.name and w.queue == group.queue]

@@ -103,6 +103,7 @@ class Demand:
     at: float
     queued: int  # runnable jobs waiting that this group can run
     running: int  # jobs of this group's queue currently running
+    capped: bool = False  # queued was counted only this far (there may be more): see scaling.observe.demand_limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,7 +149,8 @@ def decide(
     queued, running = max(0, demand.queued), max(0, demand.running)
     need = -(-(queued + running) // s.slots)
     target = min(max(need, s.min_workers), s.max_workers)
-    words = f"{_n(queued, 'job')} waiting, {running} running, {_n(s.slots, 'slot')} per worker → {_n(need, 'worker')}"
+    waiting = ("≥" if demand.capped else "") + _n(queued, "job")
+    words = f"{waiting} waiting, {running} running, {_n(s.slots, 'slot')} per worker → {_n(need, 'worker')}"
     if need > s.max_workers:
         words += f" (capped at max {s.max_workers})"
     elif need < s.min_workers:
