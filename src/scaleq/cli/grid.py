@@ -181,7 +181,8 @@ def worker(
         DockerOutputs,
         typer.Option(
             help="How container jobs' /outputs reach the worker: bind-mounted (an engine on this host), copied out "
-            "through the engine's API (archive), or auto: bind when the worker is root and the engine sees its files."
+            "through the engine's API (archive), or auto: bind when the worker is root and the engine sees its files. "
+            "Force bind only for a worker that can re-own what jobs write (root, or a rootless engine of its user)."
         ),
     ] = DockerOutputs.auto,
     server_grace: Annotated[float, typer.Option(help="Seconds to wait out an unreachable server.")] = 600.0,
