@@ -106,6 +106,7 @@ def test_bad_options_exit_2():
         (["--slots", "0"], "--slots"),
         (["--boot-time", "-1"], "--boot-time"),
         (["--group", "cpu"], "--group needs --grid"),
+        (["--demand-halflife", "0"], "--demand-halflife"),
     ):
         result = runner.invoke(app, ["simulate", "--trace", "sparse", *args])
         assert result.exit_code == 2, args
@@ -156,3 +157,9 @@ def test_plot_dir_gets_a_png_per_trace(tmp_path: Path):
     )
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in (tmp_path / "img").iterdir()) == ["sim-burst.png", "sim-sparse.png"]
+
+
+def test_demand_halflife_moves_the_spare():
+    base = ["--trace", "steady", "--policy", "scaleq"]
+    short, long_ = (run_json(*base, "--demand-halflife", h)[0] for h in ("10", "3600"))
+    assert short["worker_seconds"] != long_["worker_seconds"]  # the setting reaches the policy the sim runs

@@ -99,7 +99,10 @@ def plan(
     token: TokenOpt = None,
     data_dir: DataDirOpt = None,
 ) -> None:
-    """Show, per group, what exists, what apply would change, and the decision the policy would take now."""
+    """Show, per group, what exists, what apply would change, and the decision the policy would take now.
+
+    The decision is made from this one observation: it shows no spare, which needs the demand's recent history.
+    """
     plans = _with_deployer(grid_file, server, token, data_dir, lambda d: d.plan())
     _print_plans(plans, output, f"plan for {grid_file}")
 

@@ -39,6 +39,7 @@ _OPTION = {  # PolicySettings field -> the option that sets it, for error messag
     "scale_down_window": "--scale-down-window",
     "headroom": "--headroom",
     "lookahead": "--lookahead",
+    "demand_halflife": "--demand-halflife",
 }
 JSON_FIELDS = (
     "trace",
@@ -189,6 +190,14 @@ def simulate(
             show_default=f"{PolicySettings().lookahead:g}, or the group's",
         ),
     ] = None,
+    demand_halflife: Annotated[
+        float | None,
+        typer.Option(
+            "--demand-halflife",
+            help="Half-life, in seconds, of the demand activity the spare is sized from.",
+            show_default=f"{PolicySettings().demand_halflife:g}, or the group's",
+        ),
+    ] = None,
     boot_time: Annotated[
         float, typer.Option("--boot-time", help="Seconds from a start call to a worker claiming (30: VMs).")
     ] = 30.0,
@@ -217,6 +226,7 @@ def simulate(
             "scale_down_window": scale_down_window,
             "headroom": headroom,
             "lookahead": lookahead,
+            "demand_halflife": demand_halflife,
         },
     )
     traces = _traces(trace or [], csv_file or [], seed)
