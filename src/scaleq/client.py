@@ -87,6 +87,10 @@ class Client:
         data = await self._json("POST", "/jobs", json=req.model_dump(mode="json"), timeout=120)
         return Job.model_validate(data["job"]), data["created"]
 
+    async def purge(self, older_than: float, queue: str | None = None) -> dict[str, Any]:
+        """Remove finished jobs older than ``older_than`` seconds (admin); what was removed."""
+        return await self._json("POST", "/admin/purge", json={"older_than": older_than, "queue": queue}, timeout=600)
+
     async def submit_many(self, reqs: list[SubmitRequest]) -> list[tuple[Job, bool]]:
         """Up to 1,000 jobs in one request and one transaction (all or none)."""
         body = {"jobs": [r.model_dump(mode="json") for r in reqs]}

@@ -48,6 +48,18 @@ class RuntimeKind(StrEnum):
     process = "process"
 
 
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
+_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(value: str) -> float:
+    """Seconds from ``90``, ``90s``, ``15m``, ``12h``, ``7d`` or ``2w``."""
+    m = _DURATION.match(value.lower())
+    if not m:
+        raise ValueError(f"{value!r} is not a duration (like 90s, 15m, 12h, 7d, 2w)")
+    return float(m.group(1)) * _SECONDS[m.group(2)]
+
+
 def parse_size(value: int | float | str) -> int:
     """Bytes from ``512m``, ``2GiB``, ``1.5g`` or a plain number of bytes (binary units, as Docker reads them)."""
     if isinstance(value, bool):

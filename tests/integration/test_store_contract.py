@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -298,6 +299,47 @@ async def test_logs_outputs_and_blobs(store: Store) -> None:
     assert await store.missing_blobs([outs[0].sha256, "0" * 64]) == ["0" * 64]
     with pytest.raises(NotFound):
         await store.get_blob("f" * 64)
+
+
+async def test_purge_removes_old_finished_jobs_and_only_what_nothing_else_uses(store: Store) -> None:
+    shared, own = b"shared input", b"only the old job's input"
+    ins = {}
+    for data in (shared, own):
+        sha = hashlib.sha256(data).hexdigest()
+        await store.put_blob(sha, data)
+        ins[data] = {"path": f"{sha[:6]}.txt", "sha256": sha, "size": len(data)}
+    old, _ = await submit(store, definition("old", inputs=[ins[shared], ins[own]]))
+    other_queue, _ = await submit(store, definition("old"), queue="keep")
+    recent, _ = await submit(store, definition("recent"))
+    queued, _ = await submit(store, definition("queued", inputs=[ins[shared]]))  # still needs the shared bytes
+    await worker(store)
+    await worker(store, "wk", queue="keep")
+    claims = {c.job.id: c for c in await store.claim("w1", 2, T0, 100)}
+    (keep_claim,) = await store.claim("wk", 1, T0, 100)
+    for c in (claims[old.id], keep_claim):
+        await store.append_logs(c.lease, [("stdout", b"log\n")], T0)
+        await store.put_outputs(c.lease, [("out.txt", b"old output")])
+        await store.finish(c.lease, FinishResult("success", 0), T0 + 10)
+    await store.finish(claims[recent.id].lease, FinishResult("success", 0), T0 + 500)
+    await store.record_event("g", "scale_up", 0, 1, "old news", T0)
+    await store.record_event("g", "scale_up", 1, 2, "recent", T0 + 600)
+
+    purged = await store.purge(T0 + 100, queue="q")
+    assert (purged.jobs, purged.log_chunks, purged.outputs, purged.events) == (1, 1, 1, 1)
+    with pytest.raises(NotFound):
+        await store.get_job(old.id)
+    for kept in (other_queue, recent, queued):  # another queue, finished too recently, not finished
+        assert (await store.get_job(kept.id)).id == kept.id
+    assert await store.read_logs(old.id, 1, 0, 100) == []
+    assert await store.list_outputs(old.id) == []
+    # the old job's own input went; the shared one (a queued job needs it) and "old output" (the job on queue
+    # "keep" wrote the same bytes) stayed
+    assert purged.blobs == 1
+    assert await store.missing_blobs([ins[own]["sha256"], ins[shared]["sha256"]]) == [ins[own]["sha256"]]
+    assert len(await store.list_outputs(other_queue.id)) == 1
+    assert [e.reason for e in await store.list_events(None, 0, 10)] == ["recent"]
+    assert (await store.purge(T0 + 100, queue="q")).jobs == 0  # nothing more to do
+    assert (await store.purge(T0 + 1000)).jobs == 2  # every queue
 
 
 async def test_get_job_by_prefix(store: Store) -> None:

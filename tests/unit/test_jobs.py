@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from scaleq.jobs import Capabilities, JobDefinition, RuntimeKind, job_id, parse_env_pair, parse_size
+from scaleq.jobs import Capabilities, JobDefinition, RuntimeKind, job_id, parse_duration, parse_env_pair, parse_size
 
 
 def fields_of(exc: ValidationError) -> set[str]:
@@ -79,3 +79,18 @@ def test_capabilities_fit() -> None:
     assert not caps.fits(JobDefinition(command=["x"], requirements={"memory": "2g"}))
     assert not caps.fits(JobDefinition(command=["x"], tags=["gpu"]))
     assert not caps.fits(JobDefinition(command=["x"], network="host"))
+
+
+def test_parse_duration():
+    assert [parse_duration(v) for v in ("90", "90s", "15m", "12h", "7d", "2w", "1.5h")] == [
+        90,
+        90,
+        900,
+        43200,
+        604800,
+        1209600,
+        5400,
+    ]
+    for bad in ("", "soon", "-1d", "7x", "1 2d"):
+        with pytest.raises(ValueError, match="not a duration"):
+            parse_duration(bad)

@@ -52,6 +52,7 @@ app.command(rich_help_panel="Groups")(scale.autoscale)
 app.command(rich_help_panel="Groups")(simulate.simulate)
 app.add_typer(export.export_app, name="export", rich_help_panel="Groups")
 app.add_typer(grid.tokens_app, name="tokens", rich_help_panel="Admin")
+app.command(rich_help_panel="Admin")(grid.purge)
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Commands that run or inspect the grid: up, worker, workers, tokens."""
+"""Commands that run or inspect the grid: up, server, worker, workers, tokens, purge."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from scaleq.cli.common import (
 from scaleq.client import ApiError, format_detail
 from scaleq.config import data_dir as resolve_data_dir
 from scaleq.grid import Grid
-from scaleq.jobs import RuntimeKind, parse_size, validate_queue_name
+from scaleq.jobs import RuntimeKind, parse_duration, parse_size, validate_queue_name
 from scaleq.server.roles import ROLES
 
 tokens_app = typer.Typer(help="Create, list and revoke API tokens (admin only).", no_args_is_help=True)
@@ -338,3 +338,36 @@ def tokens_revoke(
     """Revoke a token: it stops working at once."""
     with_client(server, token, data_dir, lambda c: c.revoke_token(token_id))
     out.print(f"revoked {token_id}")
+
+
+def purge(
+    older_than: Annotated[
+        str, typer.Option("--older-than", help="Jobs that finished longer ago than this: 90s, 15m, 12h, 7d, 2w.")
+    ],
+    queue: Annotated[str | None, typer.Option(help="Only this queue's jobs.")] = None,
+    output: OutputOpt = Output.table,
+    server: ServerOpt = None,
+    token: TokenOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Remove finished jobs, with their logs, outputs and input bytes, once they are older than --older-than.
+
+    Queued and running jobs are never touched. Scaling events as old go too (of every group). Needs the admin token.
+    """
+    try:
+        seconds = parse_duration(older_than)
+    except ValueError as exc:
+        bad_input(f"--older-than: {exc}")
+    if queue is not None:
+        try:
+            validate_queue_name(queue)
+        except ValueError as exc:
+            bad_input(f"--queue: {exc}")
+    done = with_client(server, token, data_dir, lambda c: c.purge(seconds, queue))
+    if output == Output.json:
+        emit_json(done)
+        return
+    table(
+        ["jobs", "log chunks", "outputs", "blobs", "events"],
+        [(done["jobs"], done["log_chunks"], done["outputs"], done["blobs"], done["events"])],
+    )

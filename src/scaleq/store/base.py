@@ -112,6 +112,17 @@ class GroupStatus:
 
 
 @dataclass(frozen=True)
+class Purged:
+    """What :meth:`Store.purge` removed."""
+
+    jobs: int
+    log_chunks: int
+    outputs: int
+    blobs: int
+    events: int
+
+
+@dataclass(frozen=True)
 class Submission:
     """One job of a batch submit: what :meth:`Store.submit` takes for one."""
 
@@ -163,6 +174,11 @@ class Store(Protocol):
 
     async def submit_many(self, submissions: list[Submission], now: float) -> list[tuple[Job, bool]]:
         """:meth:`submit` for each, in order, in one transaction (all or none)."""
+        ...
+
+    async def purge(self, before: float, queue: str | None = None) -> Purged:
+        """Remove the finished jobs (of ``queue``, or all) that ended before ``before`` — with their attempts, logs,
+        outputs and the bytes no other job refers to — and scaling events older than ``before``."""
         ...
 
     async def get_job(self, job_id: str) -> Job:

@@ -29,6 +29,7 @@ from scaleq.store.base import (
     LogChunk,
     NotFound,
     OutputFile,
+    Purged,
     QueueStats,
     StaleLease,
     Submission,
@@ -154,6 +155,21 @@ class SQLStore:
 
     async def submit_many(self, submissions: list[Submission], now: float) -> list[tuple[Job, bool]]:
         return await self.tx(lambda: [self._submit(s, now) for s in submissions])
+
+    async def purge(self, before: float, queue: str | None = None) -> Purged:
+        params = {"before": before, "queue": queue}
+
+        def count(query: str, **extra: Any) -> int:
+            return self.db.execute(self.Q[query], {**params, **extra}).rowcount
+
+        def op() -> Purged:
+            candidates = [r["sha256"] for r in self._all("purge_candidates", **params) if r["sha256"]]
+            count("purge_attempts")
+            logs, outputs, jobs = count("purge_logs"), count("purge_outputs"), count("purge_jobs")
+            blobs = count("purge_blobs", candidates=json.dumps(candidates)) if candidates else 0
+            return Purged(jobs, logs, outputs, blobs, count("purge_events"))
+
+        return await self.tx(op)
 
     def _get_job(self, job_id: str) -> Job:
         if len(job_id) == 64:

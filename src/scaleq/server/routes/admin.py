@@ -1,6 +1,8 @@
-"""Tokens (admin only)."""
+"""Tokens, and purging old jobs (admin only)."""
 
 from __future__ import annotations
+
+import dataclasses
 
 from fastapi import APIRouter, HTTPException, status
 from pydantic import BaseModel, Field
@@ -52,3 +54,26 @@ async def revoke_token(token_id: str, ctx: C) -> None:
     if not await ctx.store.revoke_token(token_id, ctx.now()):
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no live token {token_id}")
     ctx.request.app.state.tokens.clear()
+
+
+class PurgeRequest(BaseModel):
+    older_than: float = Field(ge=0, allow_inf_nan=False, description="seconds since a job finished (server clock)")
+    queue: str | None = Field(default=None, description="only this queue's jobs (events are not per queue)")
+
+
+class PurgedOut(BaseModel):
+    before: float
+    jobs: int
+    log_chunks: int
+    outputs: int
+    blobs: int
+    events: int
+
+
+@router.post("/admin/purge", response_model=PurgedOut, dependencies=[require("admin")])
+async def purge(body: PurgeRequest, ctx: C) -> PurgedOut:
+    """Remove finished jobs that ended more than ``older_than`` seconds ago, with their attempts, logs, outputs and
+    the bytes no other job refers to, and scaling events as old. Queued and running jobs are never touched."""
+    before = ctx.now() - body.older_than
+    p = await ctx.store.purge(before, body.queue)
+    return PurgedOut(before=before, **dataclasses.asdict(p))

@@ -430,3 +430,34 @@ SELECT (SELECT count(*) FROM (SELECT 1 FROM jobs j WHERE j.queue = :queue AND j.
    AND (j.memory IS NULL OR CAST(:memory AS BIGINT) IS NULL OR j.memory <= :memory)
    AND (j.host_network = 0 OR :host_network = 1)
    AND j.tags <@ CAST(:tags AS JSONB)) AS running;
+
+-- name: purge_attempts
+-- The purge: finished jobs that ended before :before (of :queue; every queue when NULL) with their attempts, logs
+-- and outputs, in one transaction, the jobs last. A job finishing meanwhile ends now, not before :before.
+DELETE FROM attempts WHERE job_id IN (SELECT id FROM jobs WHERE state = 'finished' AND finished_at < :before AND (CAST(:queue AS TEXT) IS NULL OR queue = :queue));
+
+-- name: purge_logs
+DELETE FROM logs WHERE job_id IN (SELECT id FROM jobs WHERE state = 'finished' AND finished_at < :before AND (CAST(:queue AS TEXT) IS NULL OR queue = :queue));
+
+-- name: purge_outputs
+DELETE FROM outputs WHERE job_id IN (SELECT id FROM jobs WHERE state = 'finished' AND finished_at < :before AND (CAST(:queue AS TEXT) IS NULL OR queue = :queue));
+
+-- name: purge_jobs
+DELETE FROM jobs WHERE state = 'finished' AND finished_at < :before AND (CAST(:queue AS TEXT) IS NULL OR queue = :queue);
+
+-- name: purge_events
+DELETE FROM events WHERE at < :before;
+
+-- name: purge_candidates
+-- The blobs the jobs about to be purged refer to (inputs and outputs): the only ones purge_blobs may remove, so that
+-- bytes just uploaded for a new submit are not taken (unless a purged job had the very same bytes).
+SELECT sha256 FROM outputs WHERE job_id IN (SELECT id FROM jobs WHERE state = 'finished' AND finished_at < :before AND (CAST(:queue AS TEXT) IS NULL OR queue = :queue))
+UNION
+SELECT i ->> 'sha256' AS sha256 FROM jobs j, jsonb_array_elements(CAST(j.definition AS JSONB) -> 'inputs') i WHERE j.id IN (SELECT id FROM jobs WHERE state = 'finished' AND finished_at < :before AND (CAST(:queue AS TEXT) IS NULL OR queue = :queue));
+
+-- name: purge_blobs
+-- Of the candidates, the blobs no remaining job refers to.
+DELETE FROM blobs
+ WHERE CAST(:candidates AS JSONB) ? sha256
+   AND sha256 NOT IN (SELECT sha256 FROM outputs)
+   AND sha256 NOT IN (SELECT i ->> 'sha256' AS sha256 FROM jobs j, jsonb_array_elements(CAST(j.definition AS JSONB) -> 'inputs') i);

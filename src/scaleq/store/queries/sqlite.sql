@@ -333,3 +333,34 @@ SELECT (SELECT count(*) FROM (SELECT 1 FROM jobs j WHERE j.queue = :queue AND j.
    AND (j.memory IS NULL OR :memory IS NULL OR j.memory <= :memory)
    AND (j.host_network = 0 OR :host_network = 1)
    AND NOT EXISTS (SELECT 1 FROM json_each(j.tags) t WHERE t.value NOT IN (SELECT value FROM json_each(:tags)))) AS running;
+
+-- name: purge_attempts
+-- The purge: finished jobs that ended before :before (of :queue; every queue when NULL) with their attempts, logs
+-- and outputs, in one transaction, the jobs last. A job finishing meanwhile ends now, not before :before.
+DELETE FROM attempts WHERE job_id IN (SELECT id FROM jobs WHERE state = 'finished' AND finished_at < :before AND (:queue IS NULL OR queue = :queue));
+
+-- name: purge_logs
+DELETE FROM logs WHERE job_id IN (SELECT id FROM jobs WHERE state = 'finished' AND finished_at < :before AND (:queue IS NULL OR queue = :queue));
+
+-- name: purge_outputs
+DELETE FROM outputs WHERE job_id IN (SELECT id FROM jobs WHERE state = 'finished' AND finished_at < :before AND (:queue IS NULL OR queue = :queue));
+
+-- name: purge_jobs
+DELETE FROM jobs WHERE state = 'finished' AND finished_at < :before AND (:queue IS NULL OR queue = :queue);
+
+-- name: purge_events
+DELETE FROM events WHERE at < :before;
+
+-- name: purge_candidates
+-- The blobs the jobs about to be purged refer to (inputs and outputs): the only ones purge_blobs may remove, so that
+-- bytes just uploaded for a new submit are not taken (unless a purged job had the very same bytes).
+SELECT sha256 FROM outputs WHERE job_id IN (SELECT id FROM jobs WHERE state = 'finished' AND finished_at < :before AND (:queue IS NULL OR queue = :queue))
+UNION
+SELECT json_extract(i.value, '$.sha256') AS sha256 FROM jobs j, json_each(j.definition, '$.inputs') i WHERE j.id IN (SELECT id FROM jobs WHERE state = 'finished' AND finished_at < :before AND (:queue IS NULL OR queue = :queue));
+
+-- name: purge_blobs
+-- Of the candidates, the blobs no remaining job refers to.
+DELETE FROM blobs
+ WHERE sha256 IN (SELECT value FROM json_each(:candidates))
+   AND sha256 NOT IN (SELECT sha256 FROM outputs)
+   AND sha256 NOT IN (SELECT json_extract(i.value, '$.sha256') AS sha256 FROM jobs j, json_each(j.definition, '$.inputs') i);
