@@ -84,8 +84,13 @@ class Client:
     # -- jobs -------------------------------------------------------------------------------------------------
 
     async def submit(self, req: SubmitRequest) -> tuple[Job, bool]:
+        job, created, _ = await self.submit_checked(req)
+        return job, created
+
+    async def submit_checked(self, req: SubmitRequest) -> tuple[Job, bool, str | None]:
+        """:meth:`submit`, with the server's warning when nothing it knows of can run the job."""
         data = await self._json("POST", "/jobs", json=req.model_dump(mode="json"), timeout=120)
-        return Job.model_validate(data["job"]), data["created"]
+        return Job.model_validate(data["job"]), data["created"], data.get("warning")
 
     async def purge(self, older_than: float, queue: str | None = None) -> dict[str, Any]:
         """Remove finished jobs older than ``older_than`` seconds (admin); what was removed."""
@@ -93,9 +98,13 @@ class Client:
 
     async def submit_many(self, reqs: list[SubmitRequest]) -> list[tuple[Job, bool]]:
         """Up to 1,000 jobs in one request and one transaction (all or none)."""
+        return [(job, created) for job, created, _ in await self.submit_many_checked(reqs)]
+
+    async def submit_many_checked(self, reqs: list[SubmitRequest]) -> list[tuple[Job, bool, str | None]]:
+        """:meth:`submit_many`, with the server's warning per job when nothing it knows of can run it."""
         body = {"jobs": [r.model_dump(mode="json") for r in reqs]}
         data = await self._json("POST", "/jobs/batch", json=body, timeout=300)
-        return [(Job.model_validate(s["job"]), s["created"]) for s in data["submitted"]]
+        return [(Job.model_validate(s["job"]), s["created"], s.get("warning")) for s in data["submitted"]]
 
     async def get_job(self, job_id: str, *, wait: float = 0, state: str | None = None) -> Job:
         params: dict[str, Any] = {"wait": wait} if wait else {}

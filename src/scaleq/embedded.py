@@ -97,7 +97,7 @@ async def serve(
         url = f"http://{host if ':' not in host else f'[{host}]'}:{sock.getsockname()[1]}"
         settings = ServerSettings(lease_seconds=lease_seconds or grid.server.lease_seconds)
         notifier = Notifier()
-        app = create_app(store, settings, notifier=notifier, manage_store=False)
+        app = create_app(store, settings, notifier=notifier, manage_store=False, groups=grid.groups or None)
         pusher = None
         if otlp_endpoint:
             from scaleq.server import otlp

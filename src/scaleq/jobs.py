@@ -265,15 +265,25 @@ class Capabilities(BaseModel):
     host_network: bool = False
 
     def fits(self, definition: JobDefinition) -> bool:
+        return self.misfit(definition) is None
+
+    def misfit(self, definition: JobDefinition) -> str | None:
+        """Why a job does not fit here (the first reason), or None when it does."""
         req = definition.requirements
-        return (
-            definition.runtime in self.runtimes
-            and req.cpus <= self.cpus
-            and req.gpus <= self.gpus
-            and (req.memory is None or self.memory is None or req.memory <= self.memory)
-            and (definition.network != "host" or self.host_network)
-            and set(definition.tags) <= set(self.tags)
-        )
+        if definition.runtime not in self.runtimes:
+            return f"runs {'/'.join(r.value for r in self.runtimes) or 'no'} jobs, not {definition.runtime.value}"
+        if req.cpus > self.cpus:
+            return f"offers cpus {self.cpus:g}, the job needs {req.cpus:g}"
+        if req.gpus > self.gpus:
+            return f"offers gpus {self.gpus}, the job needs {req.gpus}"
+        if req.memory is not None and self.memory is not None and req.memory > self.memory:
+            return f"offers memory {self.memory / 2**20:g} MiB, the job needs {req.memory / 2**20:g} MiB"
+        if definition.network == "host" and not self.host_network:
+            return "does not allow the host network, which the job asks for"
+        missing = sorted(set(definition.tags) - set(self.tags))
+        if missing:
+            return f"lacks the tag{'s' if len(missing) > 1 else ''} {', '.join(missing)}"
+        return None
 
 
 class Worker(BaseModel):

@@ -336,3 +336,20 @@ def test_cancel_of_a_queued_job(shared_grid: Grid) -> None:
     assert "cancelled" in r.stdout
     job = shared_grid.api_job(job_id)
     assert (job["state"], job["reason"], job["attempt_history"]) == ("finished", "cancelled", [])
+
+
+def test_submit_warns_when_nothing_can_run_the_job_but_queues_it(shared_grid: Grid) -> None:
+    typo = f"defualt-{unique()}"  # no group of the default grid, no worker, takes this queue
+    r = shared_grid.cli("submit", typo, "--", "echo", "lost?")
+    assert r.returncode == 0, r.stderr
+    job_id = r.stdout.strip()
+    assert re.fullmatch(HEX64, job_id) and shared_grid.job(job_id)["state"] == "queued"
+    assert f"warning: nothing here runs queue '{typo}'" in r.stderr, r.stderr
+    gpu = shared_grid.cli("submit", "default", "--gpus", "1", "--output", "json", "--", "nvidia-smi")
+    assert gpu.returncode == 0, gpu.stderr
+    warned = json.loads(gpu.stdout)
+    assert "group local offers gpus 0, the job needs 1" in warned["warning"]
+    fine = shared_grid.cli("submit", "default", "--output", "json", "--", "echo", unique())
+    assert "warning" not in json.loads(fine.stdout) and "warning" not in fine.stderr
+    for stuck in (job_id, warned["id"]):  # leave the shared grid as it was
+        assert shared_grid.cli("cancel", stuck).returncode == 0

@@ -94,3 +94,19 @@ def test_parse_duration():
     for bad in ("", "soon", "-1d", "7x", "1 2d"):
         with pytest.raises(ValueError, match="not a duration"):
             parse_duration(bad)
+
+
+def test_misfit_says_the_first_unmet_need():
+    caps = Capabilities(runtimes=[RuntimeKind.docker], cpus=2, memory=1 << 30, gpus=0, tags=["ssd"])
+    image = {"image": "busybox", "command": ["true"]}
+    assert caps.misfit(JobDefinition(**image)) is None
+    assert caps.misfit(JobDefinition(command=["true"])) == "runs docker jobs, not process"
+    assert caps.misfit(JobDefinition(**image, requirements={"cpus": 4})) == "offers cpus 2, the job needs 4"
+    assert caps.misfit(JobDefinition(**image, requirements={"gpus": 1})) == "offers gpus 0, the job needs 1"
+    assert "memory 1024 MiB, the job needs 2048 MiB" in caps.misfit(
+        JobDefinition(**image, requirements={"memory": "2g"})
+    )
+    assert (
+        caps.misfit(JobDefinition(**image, network="host")) == "does not allow the host network, which the job asks for"
+    )
+    assert caps.misfit(JobDefinition(**image, tags=["ssd", "a100"])) == "lacks the tag a100"

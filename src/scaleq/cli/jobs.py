@@ -150,21 +150,23 @@ def submit(
     except ValueError as exc:
         bad_input(f"queue: {exc}" if "queue" in str(exc) else str(exc))
 
-    async def go(client: Client) -> tuple[Job, bool]:
-        job, created = await client.submit(request)
+    async def go(client: Client) -> tuple[Job, bool, str | None]:
+        job, created, warning = await client.submit_checked(request)
         if output == Output.table:
             out.print(job.id, markup=False, highlight=False)  # stdout: the id alone, for ID=$(scaleq submit …)
             if not created:
                 err.print(f"same job as before ({_status(job)}); --rerun runs a finished job again", markup=False)
+        if warning:
+            err.print(f"warning: {warning}", markup=False)
         if wait:
             job = await _follow(client, job, show=sys.stderr.isatty() and output == Output.table)
             if output == Output.table:
                 err.print(f"{job.id[:12]} {_status(job)}" + (f": {job.error}" if job.error else ""), markup=False)
-        return job, created
+        return job, created, warning
 
-    job, created = with_client(server, token, data_dir, go)
+    job, created, warning = with_client(server, token, data_dir, go)
     if output == Output.json:
-        emit_json({**_summary(job), "created": created})
+        emit_json({**_summary(job), "created": created} | ({"warning": warning} if warning else {}))
     if wait and job.reason != "success":
         raise typer.Exit(1)
 
@@ -209,13 +211,13 @@ def submit_many(
     batches = _batches(queue, found, priority=priority, max_attempts=max_attempts, rerun=rerun)
     total = sum(len(b) for b in batches)
 
-    async def go(client: Client) -> list[tuple[Job, bool]]:
-        done: list[tuple[Job, bool]] = []
+    async def go(client: Client) -> list[tuple[Job, bool, str | None]]:
+        done: list[tuple[Job, bool, str | None]] = []
         with Progress(transient=True, console=err, disable=not err.is_terminal) as bar:
             task = bar.add_task("submitting", total=total)
             for batch in batches:
                 try:
-                    done += await client.submit_many(batch)
+                    done += await client.submit_many_checked(batch)
                 except (ApiError, Unreachable):
                     if done:
                         err.print(
@@ -229,16 +231,19 @@ def submit_many(
 
     done = with_client(server, token, data_dir, go)
     if output == Output.json:
-        emit_json([{**_summary(job), "created": created} for job, created in done])
+        emit_json([{**_summary(job), "created": c} | ({"warning": w} if w else {}) for job, c, w in done])
         return
-    out.print("\n".join(job.id for job, _ in done), markup=False, highlight=False)
-    new = sum(1 for _, created in done if created)
+    out.print("\n".join(job.id for job, _, _ in done), markup=False, highlight=False)
+    new = sum(1 for _, created, _ in done if created)
     again = len(done) - new
     err.print(
         f"{len(done)} job{'s' if len(done) != 1 else ''} on {queue}: {new} newly queued"
         + (f", {again} submitted before (--rerun runs finished ones again)" if again else ""),
         markup=False,
     )
+    warned = [w for _, _, w in done if w]
+    if warned:
+        err.print(f"warning: {len(warned)} of them: {warned[0]}", markup=False)
 
 
 def _batches(

@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -19,6 +20,7 @@ from scaleq.server import dashboard, housekeeping, metrics
 from scaleq.server.auth import TokenCache
 from scaleq.server.notify import Notifier
 from scaleq.server.routes import admin, health, jobs, scaling, workers
+from scaleq.server.runnable import RunnableCheck
 from scaleq.server.settings import ServerSettings
 from scaleq.store.base import AmbiguousId, NotFound, SchemaTooNew, StaleLease, Store, unavailable_errors
 
@@ -30,6 +32,7 @@ def create_app(
     clock: Callable[[], float] = time.time,
     notifier: Notifier | None = None,
     manage_store: bool = True,
+    groups: Sequence[Any] | None = None,
 ) -> FastAPI:
     """Build the app. With ``manage_store`` the app opens and closes the store in its lifespan."""
 
@@ -65,6 +68,7 @@ def create_app(
     app.state.clock = clock
     app.state.notifier = notifier or Notifier()
     app.state.tokens = TokenCache()
+    app.state.runnable = RunnableCheck(store, groups)  # groups: the grid's, when this process runs the controller
 
     for router in (jobs.router, workers.router, scaling.router, admin.router, health.router):
         app.include_router(router, prefix="/api/v1")

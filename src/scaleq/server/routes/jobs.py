@@ -25,6 +25,7 @@ MAX_BATCH = 1000
 class Submitted(BaseModel):
     job: Job
     created: bool
+    warning: str | None = Field(default=None, description="set when nothing the server knows of can run the job")
 
 
 class AttemptOut(BaseModel):
@@ -118,7 +119,7 @@ async def submit(body: SubmitRequest, ctx: C, response: Response) -> Submitted:
     if created:
         ctx.notifier.submitted(job.queue, job.id)
         response.status_code = status.HTTP_201_CREATED
-    return Submitted(job=job, created=created)
+    return Submitted(job=job, created=created, warning=await _warning(ctx, job))
 
 
 class SubmitBatch(BaseModel):
@@ -139,7 +140,16 @@ async def submit_batch(body: SubmitBatch, ctx: C) -> SubmittedBatch:
     for job, created in done:
         if created:
             ctx.notifier.submitted(job.queue, job.id)
-    return SubmittedBatch(submitted=[Submitted(job=job, created=created) for job, created in done])
+    return SubmittedBatch(
+        submitted=[Submitted(job=job, created=created, warning=await _warning(ctx, job)) for job, created in done]
+    )
+
+
+async def _warning(ctx: Ctx, job: Job) -> str | None:
+    """Only for a job that waits (see scaleq.server.runnable)."""
+    if job.state != State.queued:
+        return None
+    return await ctx.request.app.state.runnable.warning(job.queue, job.definition)
 
 
 @router.get("/jobs", response_model=list[Job], dependencies=[require("jobs:read")])
