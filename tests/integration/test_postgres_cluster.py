@@ -117,6 +117,24 @@ async def test_a_submit_on_one_server_wakes_a_claim_parked_on_another(pg_url: st
         await wb.close()
 
 
+async def test_a_job_finished_through_one_server_wakes_its_follower_on_another(pg_url: str) -> None:
+    async with server(pg_url) as a, server(pg_url, tokens=a.tokens) as b:
+        wa = a.client("worker")
+        await wa.register({"id": "w", "queue": "q", "slots": 1, "runtimes": ["process"], "cpus": 1})
+        async with b.client("submit") as cb:
+            job, _ = await cb.submit(SubmitRequest(queue="q", definition=JobDefinition(command=["true"])))
+            (claim,), _, _ = await wa.claim("w", 1, wait=5)
+            # a follower on b waits for the job to leave "running"; the finish goes through a
+            following = asyncio.create_task(cb.get_job(job.id, wait=5, state="running"))
+            await asyncio.sleep(0.3)
+            start = time.monotonic()
+            await wa.claim("w", 0, wait=0, finishes=[{"lease": claim.lease, "reason": "success", "exit_code": 0}])
+            done = await following
+            assert done.state == "finished" and done.reason == "success"
+            assert time.monotonic() - start < 2.0  # the lazily published change, not the 5 s long-poll timeout
+        await wa.close()
+
+
 async def test_database_restart_under_load_loses_nothing(pg_cluster: Cluster, pg_url: str) -> None:
     async with server(pg_url) as live, workers(live, "w", 2, 3):
         c = live.client("submit")

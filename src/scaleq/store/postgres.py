@@ -40,6 +40,10 @@ from scaleq.store.sql import SQLStore
 
 SCHEMA_VERSION = 1
 CHANNEL = "scaleq"
+#: Keys whose NOTIFY goes out at once: they wake workers parked in a claim (and the autoscaler, with "any").
+URGENT = ("queue:", "worker:")
+#: At most this long, job changes alone wait to be published together.
+LAZY_PUBLISH = 0.01
 #: A pooled connection idle for longer than this is checked before it is handed out.
 CHECK_AFTER = 1.0
 #: NOTIFY payloads start with a line naming the sending store (older servers' payloads do not).
@@ -65,6 +69,7 @@ class PostgresStore(SQLStore):
         self._listener: asyncio.Task[None] | None = None
         self._pending: set[str] = set()
         self._flush: asyncio.Task[None] | None = None
+        self._hurry = asyncio.Event()  # an urgent key is pending: publish without waiting
         self._publisher: psycopg.AsyncConnection | None = None
         self._origin = f"{ORIGIN}{secrets.token_hex(8)}"  # first line of what we publish, to skip our own
         self._used: dict[int, float] = {}  # id(connection) -> when it last served an operation without error
@@ -257,8 +262,12 @@ class PostgresStore(SQLStore):
     # -- cross-server wake-ups --------------------------------------------------------------------------------
 
     def publish(self, keys: tuple[str, ...]) -> None:
-        """Queue keys for NOTIFY; one batch goes out per event-loop turn."""
+        """Queue keys for NOTIFY. Wake-ups of waiting workers (a queue's or a worker's key) go out in this event-loop
+        turn; job changes alone (what job followers on other servers wait for) are gathered for up to LAZY_PUBLISH
+        seconds, so that a stream of claims and finishes costs one NOTIFY per interval, not one per job."""
         self._pending.update(keys)
+        if any(k.startswith(URGENT) for k in keys):
+            self._hurry.set()
         if self._flush is None or self._flush.done():
             self._flush = asyncio.get_running_loop().create_task(self._send())
 
@@ -266,8 +275,11 @@ class PostgresStore(SQLStore):
         """Send what is pending (and whatever is queued meanwhile) on the publisher connection: an async connection
         of its own, so a publish costs the event loop no thread hop and no pooled connection, with
         ``synchronous_commit`` off — a NOTIFY has nothing to make durable, so it need not wait for a WAL flush."""
-        await asyncio.sleep(0)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._hurry.wait(), LAZY_PUBLISH)
+        await asyncio.sleep(0)  # whatever else this turn queues goes in the same NOTIFY
         while self._pending:
+            self._hurry.clear()
             keys, self._pending = self._pending, set()
             try:
                 if self._publisher is None or self._publisher.closed:
