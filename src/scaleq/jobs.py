@@ -305,3 +305,13 @@ class Worker(BaseModel):
     started_at: float
     last_heartbeat: float
     idle_since: float | None = None
+
+    def capabilities(self) -> Capabilities:
+        return Capabilities(
+            runtimes=self.runtimes,
+            cpus=self.cpus,
+            memory=self.memory,
+            gpus=self.gpus,
+            tags=self.tags,
+            host_network=self.host_network,
+        )

@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from scaleq.jobs import Capabilities, JobDefinition
+from scaleq.jobs import JobDefinition
 from scaleq.store.base import Store
 
 CACHE_SECONDS = 5.0
@@ -41,18 +41,8 @@ class RunnableCheck:
         return found
 
     async def _look(self, queue: str, definition: JobDefinition) -> str | None:
-        offers: list[tuple[str, Capabilities]] = []
-        for w in await self.store.list_workers(queue=queue):
-            if w.state == "active":
-                caps = Capabilities(
-                    runtimes=w.runtimes,
-                    cpus=w.cpus,
-                    memory=w.memory,
-                    gpus=w.gpus,
-                    tags=w.tags,
-                    host_network=w.host_network,
-                )
-                offers.append((f"worker {w.id}", caps))
+        workers = await self.store.list_workers(queue=queue)
+        offers = [(f"worker {w.id}", w.capabilities()) for w in workers if w.state == "active"]
         if self.groups is not None:
             offers += [(f"group {g.name}", g.capabilities()) for g in self.groups if g.queue == queue]
         elif not offers:

@@ -80,14 +80,6 @@ def caps_params(caps: Capabilities) -> dict[str, Any]:
 
 
 def worker_params(w: Worker, now: float) -> dict[str, Any]:
-    caps = Capabilities(
-        runtimes=w.runtimes,
-        cpus=w.cpus,
-        memory=w.memory,
-        gpus=w.gpus,
-        tags=w.tags,
-        host_network=w.host_network,
-    )
     return {
         "id": w.id,
         "queue": w.queue,
@@ -95,7 +87,7 @@ def worker_params(w: Worker, now: float) -> dict[str, Any]:
         "slots": w.slots,
         "hostname": w.hostname,
         "now": now,
-        **caps_params(caps),
+        **caps_params(w.capabilities()),
     }
 
 
