@@ -23,25 +23,28 @@ def unique() -> str:
 # -- 8. kill -9 of the server ---------------------------------------------------------------------------------------
 
 
-def test_kill_9_of_the_server_loses_nothing(grid: Grid) -> None:
+def test_kill_9_of_the_server_loses_nothing(grid: Grid, tmp_path: Path) -> None:
     tag = unique()
+    gate = tmp_path / "gate"  # the jobs wait on it, not on a clock: a loaded machine must not finish them early
+    wait_gate = f"while [ ! -e {gate} ]; do sleep 0.05; done"
     r = grid.cli("submit", "default", "--wait", "-o", "json", "--", "sh", "-c", f"echo before-the-crash-{tag}")
     assert r.returncode == 0, r.stderr
     done_before = grid.api_job(json.loads(r.stdout)["id"])
     logs_before = grid.cli("logs", done_before["id"]).stdout
     assert logs_before == f"before-the-crash-{tag}\n"
 
-    slow = grid.submit("default", "--", "sh", "-c", f"sleep 4; echo slow-{tag}")
+    slow = grid.submit("default", "--", "sh", "-c", f"{wait_gate}; echo slow-{tag}")
     grid.wait_state(slow, "running", 15)
     # Four more than the two local workers can take at once, behind the slow one.
     with ThreadPoolExecutor(max_workers=4) as pool:
         queued = list(
-            pool.map(lambda i: grid.submit("default", "--", "sh", "-c", f"sleep 2; echo queued-{i}-{tag}"), range(4))
+            pool.map(lambda i: grid.submit("default", "--", "sh", "-c", f"{wait_gate}; echo queued-{i}-{tag}"), range(4))
         )
     states = [grid.api_job(j)["state"] for j in [slow, *queued]]
     assert states[0] == "running" and states.count("queued") >= 2, states
 
     grid.kill_server()
+    gate.touch()  # the running jobs end while no server answers
     grid.start()  # same data dir; the commands below find it through the server.json it writes
 
     jobs = grid.wait_all_finished([slow, *queued], timeout=40)
