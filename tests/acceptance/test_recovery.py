@@ -38,7 +38,9 @@ def test_kill_9_of_the_server_loses_nothing(grid: Grid, tmp_path: Path) -> None:
     # Four more than the two local workers can take at once, behind the slow one.
     with ThreadPoolExecutor(max_workers=4) as pool:
         queued = list(
-            pool.map(lambda i: grid.submit("default", "--", "sh", "-c", f"{wait_gate}; echo queued-{i}-{tag}"), range(4))
+            pool.map(
+                lambda i: grid.submit("default", "--", "sh", "-c", f"{wait_gate}; echo queued-{i}-{tag}"), range(4)
+            )
         )
     states = [grid.api_job(j)["state"] for j in [slow, *queued]]
     assert states[0] == "running" and states.count("queued") >= 2, states
