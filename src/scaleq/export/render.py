@@ -29,6 +29,11 @@ def text(path: str) -> str:
     return resources.files(__package__).joinpath("templates", path).read_text(encoding="utf-8")
 
 
+def placeholders(path: str) -> list[str]:
+    """The names of the ``@{name}`` placeholders of ``templates/<path>``, in order of first appearance."""
+    return _Template(text(path)).get_identifiers()
+
+
 def render(path: str, **values: object) -> str:
     """``templates/<path>`` with its ``@{name}`` placeholders filled in from ``values``."""
     template = _Template(text(path))
