@@ -28,6 +28,7 @@ import typer
 from typer.testing import CliRunner
 
 from scaleq.cli.export import export_app
+from scaleq.export import hcl
 from scaleq.export import terraform as tf
 from scaleq.grid import Grid, load
 from scaleq.providers.base import worker_args
@@ -790,9 +791,9 @@ def test_export_refuses_what_one_module_cannot_hold(grid: Grid, tmp_path: Path) 
 
 
 def test_hcl_writer_escapes_and_aligns() -> None:
-    assert tf.hcl_string('a"b\\c\n${x}%{y}') == '"a\\"b\\\\c\\n$${x}%%{y}"'
+    assert hcl.hcl_string('a"b\\c\n${x}%{y}') == '"a\\"b\\\\c\\n$${x}%%{y}"'
     assert (
-        tf.hcl_value({"a": 1, "bbb": [True, None], "c-d": {}})
+        hcl.hcl_value({"a": 1, "bbb": [True, None], "c-d": {}})
         == '{\n  a     = 1\n  bbb   = [true, null]\n  "c-d" = {}\n}'
     )
     assert tf.name_prefix("9lives-grid-with-a-long-name") == "g9lives-grid-with-a"

@@ -3,7 +3,12 @@
 
 import { api, onReachability, onUnauthorized, token, Unauthorized } from "./api.js";
 import { fmt } from "./dom.js";
-import { groupsView, healthView, jobsView, jobView, queuesView, workersView } from "./views.js";
+import { groupsView } from "./views/groups.js";
+import { healthView } from "./views/health.js";
+import { jobView } from "./views/job.js";
+import { jobsView } from "./views/jobs.js";
+import { queuesView } from "./views/queues.js";
+import { workersView } from "./views/workers.js";
 
 const $ = (id) => document.getElementById(id);
 const ROUTES = {
