@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from scaleq.cli.common import DataDirOpt, Output, OutputOpt, ServerOpt, TokenOpt, emit_json, out
+from scaleq.cli.common import DataDirOpt, Output, OutputOpt, ServerOpt, TokenOpt, emit_json, load_grid, out
 from scaleq.client import Client
 from scaleq.config import ConfigError, resolve
 from scaleq.config import data_dir as resolve_data_dir
@@ -35,9 +35,7 @@ def doctor(
 
     grid = None
     if grid_file is not None:
-        from scaleq.cli.scale import _load
-
-        grid = _load(grid_file)  # a bad grid file: exit 2
+        grid = load_grid(grid_file)  # a bad grid file: exit 2
     directory = resolve_data_dir(data_dir)
     try:
         target = resolve(server, token, data_dir)
