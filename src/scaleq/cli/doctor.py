@@ -31,7 +31,8 @@ def doctor(
 ) -> None:
     """Check every hop — server, token, clocks, store, lease sweeper, workers, leases, controllers and, with --grid,
     each group's signal, Prometheus and provider — and say what to fix. Exit 0 when all is well, 1 when not."""
-    from scaleq.doctor import Check, all_ok, run_checks, summary
+    from scaleq.doctor.checks import Check, all_ok, summary
+    from scaleq.doctor.remote import run_checks
 
     grid = None
     if grid_file is not None:
