@@ -17,7 +17,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from scaleq.scaling.policy import PolicySettings
+from scaleq.grid import PolicySettings
 from scaleq.sim import check_targets, default_traces, plot, render_table, render_targets, run_simulation
 
 ROOT = Path(__file__).resolve().parent.parent

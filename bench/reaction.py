@@ -39,13 +39,13 @@ from rich.table import Table
 from scaleq.client import Client
 from scaleq.grid import Group
 from scaleq.jobs import JobDefinition, State, SubmitRequest
+from scaleq.notify import Notifier
 from scaleq.providers.base import Health, Provider, ProviderWorker
 from scaleq.providers.registry import ProviderContext, make_provider
 from scaleq.scaling.controller import Controller
 from scaleq.scaling.observe import StoreObserver
 from scaleq.server.app import create_app
 from scaleq.server.auth import new_token
-from scaleq.server.notify import Notifier
 from scaleq.server.settings import ServerSettings
 from scaleq.sim import percentile
 from scaleq.store.sqlite import SQLiteStore

@@ -20,8 +20,7 @@ from scaleq.client import ApiError, Client, Unreachable
 from scaleq.grid import Grid, Group
 from scaleq.providers.base import ProviderWorker
 from scaleq.providers.registry import ProviderContext, make_provider
-from scaleq.scaling.controller import worker_views
-from scaleq.scaling.policy import Demand, PolicyState, decide
+from scaleq.scaling.policy import Demand, PolicyState, decide, worker_views
 
 
 @dataclass

@@ -21,6 +21,7 @@ import uvicorn
 
 from scaleq.config import write_server_info
 from scaleq.grid import Grid, Group
+from scaleq.notify import Notifier
 from scaleq.providers.base import Provider
 from scaleq.providers.local import LocalProvider
 from scaleq.providers.registry import ProviderContext, make_provider
@@ -28,7 +29,6 @@ from scaleq.scaling.controller import Controller
 from scaleq.scaling.observe import StoreObserver
 from scaleq.server.app import create_app
 from scaleq.server.auth import hash_token, new_token
-from scaleq.server.notify import Notifier
 from scaleq.server.settings import ServerSettings
 from scaleq.store import open_store
 from scaleq.store.base import Store

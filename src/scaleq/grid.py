@@ -19,23 +19,79 @@ runtimes = ["process"]
 idle_timeout = 30
 ```
 Errors name the file, the field (``groups[0].max_workers``) and the problem, with the line where TOML gives one.
+
+The file's schema lives here whole, the policy settings and the signal section included, and none of the code that
+acts on them: the scaling code imports this module, never the other way round, so reading a grid file loads no
+HTTP or metrics library.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from scaleq.jobs import Capabilities, Requirements, RuntimeKind, validate_queue_name
-from scaleq.scaling.policy import PolicySettings
-from scaleq.scaling.signals import SignalSpec
 
 ProviderName = Literal["local", "docker", "kubernetes", "gcp", "fly"]
+
+
+@dataclass(frozen=True, slots=True)
+class PolicySettings:
+    """A group's scaling policy settings (see :mod:`scaleq.scaling.policy`): :meth:`Group.policy` builds them from
+    the grid file, and the simulator and tests build them directly. Their defaults are the grid file's."""
+
+    min_workers: int = 0
+    max_workers: int = 1
+    slots: int = 1  # jobs per worker
+    idle_timeout: float = 20.0  # seconds a worker must have been idle before it may be drained
+    scale_down_window: float = 20.0  # desired never drops below the highest need seen in this window
+    max_step_up: int | None = None  # at most this many new workers per step_period; None = up to max at once
+    step_period: float = 10.0
+    startup_grace: float = 300.0  # a started, unregistered worker counts as capacity for this long
+    headroom: float = 1.2  # spare jobs provisioned for, in standard deviations of the demand's move; 0 = no spare
+    lookahead: float = 30.0  # seconds the spare covers: about a new worker's start-up time (boot + register)
+    demand_halflife: float = 180.0  # half-life of the demand-activity estimate the spare is sized from
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field for settings that make no sense."""
+        for name in ("min_workers", "max_workers", "slots"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be a whole number, got {value!r}")
+        if self.min_workers < 0:
+            raise ValueError(f"min_workers must be >= 0, got {self.min_workers}")
+        if self.max_workers < self.min_workers:
+            raise ValueError(f"max_workers ({self.max_workers}) must be >= min_workers ({self.min_workers})")
+        if self.slots < 1:
+            raise ValueError(f"slots must be >= 1, got {self.slots}")
+        for name in ("headroom", "lookahead"):  # finite: they multiply into a number of workers
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        for name in ("idle_timeout", "scale_down_window", "step_period", "startup_grace", "lookahead"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+                raise ValueError(f"{name} must be a number of seconds, got {value!r}")
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0 seconds, got {value}")
+        for name in ("step_period", "demand_halflife"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+                raise ValueError(f"{name} must be > 0 seconds, got {value!r}")
+        if self.max_step_up is not None and (
+            isinstance(self.max_step_up, bool) or not isinstance(self.max_step_up, int) or self.max_step_up < 1
+        ):
+            raise ValueError(f"max_step_up must be None or a whole number >= 1, got {self.max_step_up!r}")
 
 
 _POLICY = PolicySettings()
@@ -97,6 +153,26 @@ class FlySettings(_Strict):
 class StoreSection(_Strict):
     url: str | None = Field(default=None, description="sqlite path/URL or postgresql:// URL; default in the data dir")
     durability: Literal["normal", "strict"] = "normal"
+
+
+class SignalSpec(BaseModel):
+    """A group's ``signal`` section: what the controller reads as demand (:mod:`scaleq.scaling.signals` reads it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["server", "prometheus_text", "promql"] = "server"
+    url: str | None = Field(default=None, description="metrics endpoint (prometheus_text) or Prometheus base URL")
+    metric: str | None = Field(default=None, description="metric name, for prometheus_text")
+    labels: dict[str, str] = Field(default_factory=dict, description="only series with these labels")
+    query: str | None = Field(default=None, description="PromQL, for promql")
+    bearer_token: str | None = Field(default=None, description="sent as Authorization: Bearer …")
+    timeout: float = Field(default=5.0, gt=0)
+
+    def model_post_init(self, _: object) -> None:
+        need = {"prometheus_text": ("url", "metric"), "promql": ("url", "query")}.get(self.kind, ())
+        missing = [f for f in need if not getattr(self, f)]
+        if missing:
+            raise ValueError(f"a {self.kind} signal needs {' and '.join(missing)}")
 
 
 class Group(_Strict):

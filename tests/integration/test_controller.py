@@ -11,13 +11,13 @@ from scaleq.client import Client
 from scaleq.deploy import Deployer, state_path
 from scaleq.grid import Grid, Group
 from scaleq.jobs import JobDefinition, RuntimeKind, SubmitRequest
+from scaleq.notify import Notifier
 from scaleq.providers.base import Health, ProviderWorker
 from scaleq.providers.local import LocalProvider
 from scaleq.providers.registry import ProviderContext
 from scaleq.scaling.controller import Controller
 from scaleq.scaling.observe import RemoteObserver, StoreObserver
 from scaleq.scaling.policy import PolicyState, decide
-from scaleq.server.notify import Notifier
 from tests.helpers import LiveServer, controlling, eventually
 
 

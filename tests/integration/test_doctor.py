@@ -23,11 +23,12 @@ from typer.testing import CliRunner
 
 from scaleq.cli import app
 from scaleq.client import Client
-from scaleq.doctor import Check, all_ok, run_checks, server_side_checks
-from scaleq.grid import Grid, Group
+from scaleq.doctor.checks import Check, all_ok
+from scaleq.doctor.remote import run_checks
+from scaleq.grid import Grid, Group, SignalSpec
 from scaleq.jobs import JobDefinition, RuntimeKind, SubmitRequest
 from scaleq.providers.registry import ProviderContext
-from scaleq.scaling.signals import SignalSpec
+from scaleq.server.checks import server_side_checks
 from scaleq.server.settings import ServerSettings
 from scaleq.store.base import GroupStatus
 from scaleq.store.sqlite import SQLiteStore

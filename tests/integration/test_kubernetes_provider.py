@@ -23,7 +23,7 @@ from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 
 from scaleq.deploy import Deployer
-from scaleq.doctor import run_checks
+from scaleq.doctor.remote import run_checks
 from scaleq.grid import Grid, Group, KubernetesSettings
 from scaleq.jobs import JobDefinition, Requirements, RuntimeKind, SubmitRequest
 from scaleq.providers.base import ProviderError

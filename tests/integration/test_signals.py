@@ -18,12 +18,12 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
-from scaleq.grid import GridFileError, Group, load
+from scaleq.grid import GridFileError, Group, SignalSpec, load
 from scaleq.jobs import RuntimeKind
 from scaleq.providers.local import LocalProvider
 from scaleq.scaling.controller import Controller
 from scaleq.scaling.observe import RemoteObserver
-from scaleq.scaling.signals import SignalError, SignalSpec, read_external
+from scaleq.scaling.signals import SignalError, read_external
 from tests.helpers import LiveServer, controlling, eventually
 
 # -- a real metrics endpoint ------------------------------------------------------------------------------------------

@@ -7,8 +7,9 @@ import random
 
 import pytest
 
+from scaleq.grid import PolicySettings
 from scaleq.scaling.forecast import Activity, observe, spare_jobs
-from scaleq.scaling.policy import Decision, Demand, PolicySettings, PolicyState, WorkerView, decide
+from scaleq.scaling.policy import Decision, Demand, PolicyState, WorkerView, decide
 
 
 def idle(wid: str, since: float, started: float = 0.0) -> WorkerView:

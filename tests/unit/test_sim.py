@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from scaleq.scaling.policy import PolicySettings
+from scaleq.grid import PolicySettings
 from scaleq.sim import (
     POLICIES,
     Action,

@@ -1,4 +1,5 @@
-"""What every command shares: finding the server, printing tables or JSON, and exit codes scripts can trust.
+"""What every command shares: finding the server, reading the grid file, logging, printing tables or JSON, and
+exit codes scripts can trust.
 
 Exit codes: 0 ok, 1 failure (the server said no, a job failed, nothing answered), 2 bad usage or bad input.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -21,6 +23,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from scaleq import grid as gridmod
 from scaleq.client import ApiError, Client, Unreachable, format_detail
 from scaleq.config import ConfigError, resolve
 from scaleq.providers.base import ProviderError
@@ -66,6 +69,25 @@ def validation_message(exc: ValidationError, prefix: str = "") -> str:
         loc = ".".join(str(p) for p in e["loc"])
         lines.append(f"{prefix}{loc or '(root)'}: {e['msg']}")
     return "\n  ".join(lines)
+
+
+def load_grid(path: Path) -> gridmod.Grid:
+    """The grid file, or exit 2 with its errors (each names the file and the field)."""
+    try:
+        return gridmod.load(path)
+    except gridmod.GridFileError as exc:
+        bad_input(str(exc))
+
+
+def setup_logging(verbose: bool) -> None:
+    """Log lines of the long-running commands on stderr; DEBUG with --verbose."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # one line per HTTP request is noise at INFO
+    logging.getLogger("httpx").setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 def with_client(

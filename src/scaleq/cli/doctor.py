@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from scaleq.cli.common import DataDirOpt, Output, OutputOpt, ServerOpt, TokenOpt, emit_json, out
+from scaleq.cli.common import DataDirOpt, Output, OutputOpt, ServerOpt, TokenOpt, emit_json, load_grid, out
 from scaleq.client import Client
 from scaleq.config import ConfigError, resolve
 from scaleq.config import data_dir as resolve_data_dir
@@ -31,13 +31,12 @@ def doctor(
 ) -> None:
     """Check every hop — server, token, clocks, store, lease sweeper, workers, leases, controllers and, with --grid,
     each group's signal, Prometheus and provider — and say what to fix. Exit 0 when all is well, 1 when not."""
-    from scaleq.doctor import Check, all_ok, run_checks, summary
+    from scaleq.doctor.checks import Check, all_ok, summary
+    from scaleq.doctor.remote import run_checks
 
     grid = None
     if grid_file is not None:
-        from scaleq.cli.scale import _load
-
-        grid = _load(grid_file)  # a bad grid file: exit 2
+        grid = load_grid(grid_file)  # a bad grid file: exit 2
     directory = resolve_data_dir(data_dir)
     try:
         target = resolve(server, token, data_dir)

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import logging
 import os
-import sys
 import time
 from enum import StrEnum
 from pathlib import Path
@@ -25,6 +23,7 @@ from scaleq.cli.common import (
     err,
     fail,
     out,
+    setup_logging,
     size,
     table,
     with_client,
@@ -36,16 +35,6 @@ from scaleq.jobs import RuntimeKind, parse_duration, parse_size, validate_queue_
 from scaleq.server.roles import ROLES
 
 tokens_app = typer.Typer(help="Create, list and revoke API tokens (admin only).", no_args_is_help=True)
-
-
-def _logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # one line per HTTP request is noise at INFO
-    logging.getLogger("httpx").setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 def _running(pid: int) -> bool:
@@ -126,7 +115,7 @@ def _serve(
     from scaleq.embedded import serve
     from scaleq.store.base import SchemaTooNew
 
-    _logging(verbose)
+    setup_logging(verbose)
     directory = resolve_data_dir(data_dir)
     info = directory / "server.json"
     if info.exists():
@@ -200,7 +189,7 @@ def worker(
     from scaleq.worker.agent import WorkerAgent, WorkerConfig, default_worker_id, total_memory
     from scaleq.worker.runtime.base import RuntimeUnavailable
 
-    _logging(verbose)
+    setup_logging(verbose)
     try:
         validate_queue_name(queue)
         mem = parse_size(memory) if memory else total_memory()

@@ -9,17 +9,17 @@ from typing import Annotated, TypeVar
 
 import typer
 
-from scaleq import grid as gridmod
 from scaleq.cli.common import (
     DataDirOpt,
     Output,
     OutputOpt,
     ServerOpt,
     TokenOpt,
-    bad_input,
     emit_json,
     err,
+    load_grid,
     out,
+    setup_logging,
     table,
     with_client,
 )
@@ -28,13 +28,6 @@ from scaleq.config import data_dir as resolve_data_dir
 
 T = TypeVar("T")
 GridOpt = Annotated[Path, typer.Option("--grid", "-g", help="Grid file (TOML).")]
-
-
-def _load(path: Path) -> gridmod.Grid:
-    try:
-        return gridmod.load(path)
-    except gridmod.GridFileError as exc:
-        bad_input(str(exc))
 
 
 async def _worker_token(client: Client, directory: Path) -> str:
@@ -55,7 +48,7 @@ def _with_deployer(
     from scaleq.deploy import Deployer
     from scaleq.providers.registry import ProviderContext
 
-    grid = _load(grid_file)
+    grid = load_grid(grid_file)
     directory = resolve_data_dir(data_dir)
 
     async def go(client: Client) -> T:
@@ -184,13 +177,12 @@ def autoscale(
     data_dir: DataDirOpt = None,
 ) -> None:
     """Run the controller on its own against a remote server: observe → decide → act → record, per group."""
-    from scaleq.cli.grid import _logging
     from scaleq.providers.registry import ProviderContext, make_provider
     from scaleq.scaling.controller import Controller
     from scaleq.scaling.observe import RemoteObserver
 
-    _logging(False)
-    grid = _load(grid_file)
+    setup_logging(False)
+    grid = load_grid(grid_file)
     directory = resolve_data_dir(data_dir)
 
     async def go(client: Client) -> None:

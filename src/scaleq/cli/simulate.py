@@ -14,7 +14,7 @@ import typer
 
 from scaleq import grid as gridmod
 from scaleq.cli.common import Output, OutputOpt, bad_input, emit_json, fail, out
-from scaleq.scaling.policy import PolicySettings
+from scaleq.grid import PolicySettings
 from scaleq.sim import (
     DEFAULT_TRACES,
     POLICIES,

@@ -27,7 +27,7 @@ from typing import Protocol
 from scaleq.grid import Group
 from scaleq.jobs import Worker
 from scaleq.providers.base import Provider, ProviderWorker
-from scaleq.scaling.policy import Decision, Demand, PolicyState, WorkerView, decide
+from scaleq.scaling.policy import Decision, Demand, PolicyState, decide, worker_views
 from scaleq.scaling.signals import SignalError, describe, read_external
 from scaleq.store.base import GroupStatus
 
@@ -47,23 +47,6 @@ class Observer(Protocol):
     ) -> None: ...
     async def status(self, status: GroupStatus) -> None: ...
     async def wait_for_change(self, timeout: float) -> None: ...
-
-
-def worker_views(provider_workers: list[ProviderWorker], registered: list[Worker]) -> list[WorkerView]:
-    """Join what the provider runs with what the server knows: registration decides idle / busy / draining."""
-    by_id = {w.id: w for w in registered if w.state != "gone"}
-    views = []
-    for pw in provider_workers:
-        w = by_id.get(pw.id)
-        if pw.status == "stopping" or (w is not None and w.state == "draining"):
-            views.append(WorkerView(pw.id, pw.started_at, "draining"))
-        elif w is None:
-            views.append(WorkerView(pw.id, pw.started_at, "starting"))
-        elif w.busy > 0:
-            views.append(WorkerView(pw.id, pw.started_at, "busy", busy_slots=w.busy))
-        else:
-            views.append(WorkerView(pw.id, pw.started_at, "idle", idle_since=w.idle_since))
-    return views
 
 
 @dataclass

@@ -8,8 +8,8 @@ from collections.abc import Callable
 from scaleq.client import ApiError, Client, Unreachable
 from scaleq.grid import Group
 from scaleq.jobs import Worker
+from scaleq.notify import Notifier, wait
 from scaleq.scaling.policy import Demand
-from scaleq.server.notify import Notifier, wait
 from scaleq.store.base import GroupStatus, Store
 
 

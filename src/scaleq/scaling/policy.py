@@ -2,7 +2,10 @@
 
 The same :func:`decide` runs in the live controller, in ``scaleq plan`` and in the simulator (``scaleq.sim``), so it
 does no I/O and never reads a clock: the caller passes ``now`` and the :class:`PolicyState` returned by the previous
-decision (the policy's whole memory), and stores the new one. Same inputs, same :class:`Decision`.
+decision (the policy's whole memory), and stores the new one. Same inputs, same :class:`Decision`. The workers it
+sees are :class:`WorkerView` s, which :func:`worker_views` builds (pure, too) from the provider's list and the
+server's registrations, for the controller and ``plan`` alike. Its settings (:class:`scaleq.grid.PolicySettings`)
+are part of the grid file's schema.
 
 How a decision is made:
 
@@ -35,65 +38,20 @@ The ``reason`` of every decision -- "no change" too -- says in words what was se
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
+from scaleq.grid import PolicySettings
 from scaleq.scaling.forecast import Activity, observe, rate, spare_jobs
 
-__all__ = ["Decision", "Demand", "PolicySettings", "PolicyState", "WorkerView", "decide"]
+if TYPE_CHECKING:  # the join below reads their fields; the policy itself never needs them
+    from scaleq.jobs import Worker
+    from scaleq.providers.base import ProviderWorker
+
+__all__ = ["Decision", "Demand", "PolicyState", "WorkerView", "decide", "worker_views"]
 
 WorkerState = Literal["starting", "idle", "busy", "draining"]
-
-
-@dataclass(frozen=True, slots=True)
-class PolicySettings:
-    min_workers: int = 0
-    max_workers: int = 1
-    slots: int = 1  # jobs per worker
-    idle_timeout: float = 20.0  # seconds a worker must have been idle before it may be drained
-    scale_down_window: float = 20.0  # desired never drops below the highest need seen in this window
-    max_step_up: int | None = None  # at most this many new workers per step_period; None = up to max at once
-    step_period: float = 10.0
-    startup_grace: float = 300.0  # a started, unregistered worker counts as capacity for this long
-    headroom: float = 1.2  # spare jobs provisioned for, in standard deviations of the demand's move; 0 = no spare
-    lookahead: float = 30.0  # seconds the spare covers: about a new worker's start-up time (boot + register)
-    demand_halflife: float = 180.0  # half-life of the demand-activity estimate the spare is sized from
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise ValueError naming the field for settings that make no sense."""
-        for name in ("min_workers", "max_workers", "slots"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"{name} must be a whole number, got {value!r}")
-        if self.min_workers < 0:
-            raise ValueError(f"min_workers must be >= 0, got {self.min_workers}")
-        if self.max_workers < self.min_workers:
-            raise ValueError(f"max_workers ({self.max_workers}) must be >= min_workers ({self.min_workers})")
-        if self.slots < 1:
-            raise ValueError(f"slots must be >= 1, got {self.slots}")
-        for name in ("headroom", "lookahead"):  # finite: they multiply into a number of workers
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        for name in ("idle_timeout", "scale_down_window", "step_period", "startup_grace", "lookahead"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
-                raise ValueError(f"{name} must be a number of seconds, got {value!r}")
-            if value < 0:
-                raise ValueError(f"{name} must be >= 0 seconds, got {value}")
-        for name in ("step_period", "demand_halflife"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-                raise ValueError(f"{name} must be > 0 seconds, got {value!r}")
-        if self.max_step_up is not None and (
-            isinstance(self.max_step_up, bool) or not isinstance(self.max_step_up, int) or self.max_step_up < 1
-        ):
-            raise ValueError(f"max_step_up must be None or a whole number >= 1, got {self.max_step_up!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +71,23 @@ class WorkerView:
     state: WorkerState  # starting = asked of the provider, not registered yet
     busy_slots: int = 0
     idle_since: float | None = None  # None for an idle worker = idle since it started
+
+
+def worker_views(provider_workers: list[ProviderWorker], registered: list[Worker]) -> list[WorkerView]:
+    """Join what the provider runs with what the server knows: registration decides idle / busy / draining."""
+    by_id = {w.id: w for w in registered if w.state != "gone"}
+    views = []
+    for pw in provider_workers:
+        w = by_id.get(pw.id)
+        if pw.status == "stopping" or (w is not None and w.state == "draining"):
+            views.append(WorkerView(pw.id, pw.started_at, "draining"))
+        elif w is None:
+            views.append(WorkerView(pw.id, pw.started_at, "starting"))
+        elif w.busy > 0:
+            views.append(WorkerView(pw.id, pw.started_at, "busy", busy_slots=w.busy))
+        else:
+            views.append(WorkerView(pw.id, pw.started_at, "idle", idle_since=w.idle_since))
+    return views
 
 
 @dataclass(frozen=True, slots=True)

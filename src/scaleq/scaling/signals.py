@@ -14,35 +14,16 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Literal
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
-from pydantic import BaseModel, ConfigDict, Field
 
+from scaleq.grid import SignalSpec
 from scaleq.scaling.policy import Demand
 
 
 class SignalError(Exception):
     """The signal could not be read; the message names the endpoint and the problem."""
-
-
-class SignalSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    kind: Literal["server", "prometheus_text", "promql"] = "server"
-    url: str | None = Field(default=None, description="metrics endpoint (prometheus_text) or Prometheus base URL")
-    metric: str | None = Field(default=None, description="metric name, for prometheus_text")
-    labels: dict[str, str] = Field(default_factory=dict, description="only series with these labels")
-    query: str | None = Field(default=None, description="PromQL, for promql")
-    bearer_token: str | None = Field(default=None, description="sent as Authorization: Bearer …")
-    timeout: float = Field(default=5.0, gt=0)
-
-    def model_post_init(self, _: object) -> None:
-        need = {"prometheus_text": ("url", "metric"), "promql": ("url", "query")}.get(self.kind, ())
-        missing = [f for f in need if not getattr(self, f)]
-        if missing:
-            raise ValueError(f"a {self.kind} signal needs {' and '.join(missing)}")
 
 
 def describe(spec: SignalSpec) -> str:

@@ -16,9 +16,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from scaleq import __version__
+from scaleq.notify import Notifier
 from scaleq.server import dashboard, housekeeping, metrics
 from scaleq.server.auth import TokenCache
-from scaleq.server.notify import Notifier
 from scaleq.server.routes import admin, health, jobs, scaling, workers
 from scaleq.server.runnable import RunnableCheck
 from scaleq.server.settings import ServerSettings

@@ -11,7 +11,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from scaleq.server.notify import Notifier
+from scaleq.notify import Notifier
 from scaleq.server.settings import ServerSettings
 from scaleq.store.base import Store
 

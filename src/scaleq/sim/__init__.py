@@ -1,6 +1,6 @@
 """A discrete-event simulator that drives scaleq's real scaling policy (and models of its peers) on job traces.
 
->>> from scaleq.scaling.policy import PolicySettings
+>>> from scaleq.grid import PolicySettings
 >>> from scaleq.sim import default_traces, run_simulation, render_table
 >>> results = run_simulation(default_traces(), ["scaleq", "keda", "mig"], PolicySettings(max_workers=20), 30.0)
 

@@ -27,7 +27,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from scaleq.scaling.policy import Demand, PolicySettings, WorkerView
+from scaleq.grid import PolicySettings
+from scaleq.scaling.policy import Demand, WorkerView
 from scaleq.sim.peers import SimPolicy, make_policy
 from scaleq.sim.traces import Trace
 

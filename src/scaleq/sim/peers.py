@@ -26,7 +26,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from scaleq.scaling.policy import Demand, PolicySettings, PolicyState, WorkerView, decide
+from scaleq.grid import PolicySettings
+from scaleq.scaling.policy import Demand, PolicyState, WorkerView, decide
 
 __all__ = ["POLICIES", "Action", "KedaLike", "MigLike", "ScaleqPolicy", "SimPolicy", "make_policy"]
 

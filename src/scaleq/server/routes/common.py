@@ -7,7 +7,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from scaleq.server.notify import Notifier
+from scaleq.notify import Notifier
 from scaleq.server.settings import ServerSettings
 from scaleq.store.base import Store
 

@@ -1,4 +1,4 @@
-"""Health as the server sees it: who a token is, and the checks of :mod:`scaleq.doctor` it can run over its store.
+"""Health as the server sees it: who a token is, and the checks it runs over its store (:mod:`scaleq.server.checks`).
 
 - ``GET /whoami`` (any valid token): the token's role and the server's clock — ``scaleq doctor`` checks the token
   with it and compares clocks.
@@ -19,8 +19,9 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 
 from scaleq import __version__
-from scaleq.doctor import all_ok, server_side_checks
+from scaleq.doctor.checks import all_ok
 from scaleq.server.auth import require, role_of
+from scaleq.server.checks import server_side_checks
 from scaleq.server.routes.common import C
 
 router = APIRouter(tags=["health"])

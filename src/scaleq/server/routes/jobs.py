@@ -12,8 +12,8 @@ from fastapi import APIRouter, HTTPException, Query, Response, status
 from pydantic import BaseModel, Field
 
 from scaleq.jobs import Job, State, SubmitRequest
+from scaleq.notify import wait, wait_any
 from scaleq.server.auth import require
-from scaleq.server.notify import wait, wait_any
 from scaleq.server.routes.common import C, Ctx
 from scaleq.store.base import NotFound, Submission
 

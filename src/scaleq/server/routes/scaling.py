@@ -13,8 +13,8 @@ from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 
 from scaleq.jobs import Capabilities
+from scaleq.notify import wait
 from scaleq.server.auth import require
-from scaleq.server.notify import wait
 from scaleq.server.routes.common import C
 from scaleq.store.base import GroupStatus
 

@@ -17,9 +17,9 @@ from fastapi import APIRouter, Header, HTTPException, Request, Response, status
 from pydantic import BaseModel, Field
 
 from scaleq.jobs import Claim, Job, RuntimeKind, Worker
+from scaleq.notify import wait_any
 from scaleq.server import metrics
 from scaleq.server.auth import require
-from scaleq.server.notify import wait_any
 from scaleq.server.routes.common import C, Ctx
 from scaleq.store.base import FinishResult
 

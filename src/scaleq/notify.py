@@ -3,7 +3,8 @@
 Keys are plain strings (``queue:<name>``, ``job:<id>``, ``any``). A waiter takes the key's current event *before*
 it checks its condition, then waits on it, so a notify between the check and the wait is never lost. Events live
 only while someone holds them (weak values), so idle keys cost nothing. Across servers (PostgreSQL) the same
-``notify`` is fed by LISTEN/NOTIFY.
+``notify`` is fed by LISTEN/NOTIFY. The server's routes wait on it and so does the controller running in the same
+process (``scaleq up``), which wakes on every job event: that is why it sits below both.
 """
 
 from __future__ import annotations
