@@ -105,15 +105,17 @@ class SQLStore:
         """Inside a transaction: run the migration and record its version."""
         raise NotImplementedError
 
-    def _migrate_sync(self) -> list[str]:
-        """Apply what is pending, one migration per transaction under the schema lock, reading the version again in
-        each (another server may be migrating too); refuse a database newer than this code."""
+    def _migrate_sync(self, to: int | None = None) -> list[str]:
+        """Apply what is pending (up to version ``to``; all of it when None), one migration per transaction under
+        the schema lock, reading the version again in each (another server may be migrating too); refuse a database
+        newer than this code."""
         applied = []
         with self._connection() as conn:
             while True:
                 with self._transaction(conn):
                     self._lock_schema(conn)
                     todo = migrations.pending(self.dialect, self._schema_version(conn), self._where())
+                    todo = [m for m in todo if to is None or m.version <= to]
                     if todo:
                         self._apply(conn, todo[0])
                 if not todo:
@@ -131,9 +133,10 @@ class SQLStore:
         """Where the database stands (raises SchemaTooNew when it is newer than this code)."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, self._schema_status_sync)
 
-    async def migrate(self) -> list[str]:
-        """Apply the pending migrations; their labels, in order (none when it was up to date)."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self._migrate_sync)
+    async def migrate(self, to: int | None = None) -> list[str]:
+        """Apply the pending migrations (up to version ``to``: the tests build databases at earlier versions); their
+        labels, in order (none when it was up to date)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._migrate_sync, to)
 
     async def _run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run ``fn`` on a store thread with a connection in ``self.db`` (no transaction: one statement)."""
