@@ -53,6 +53,7 @@ app.command(rich_help_panel="Groups")(simulate.simulate)
 app.add_typer(export.export_app, name="export", rich_help_panel="Groups")
 app.add_typer(grid.tokens_app, name="tokens", rich_help_panel="Admin")
 app.command(rich_help_panel="Admin")(grid.purge)
+app.command(rich_help_panel="Admin")(grid.migrate)
 
 
 def main() -> None:

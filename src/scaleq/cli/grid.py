@@ -1,8 +1,11 @@
-"""Commands that run or inspect the grid: up, server, worker, workers, tokens, purge."""
+"""Commands that run or inspect the grid: up, server, worker, workers, tokens, purge, migrate."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import re
+import sqlite3
 import time
 from enum import StrEnum
 from pathlib import Path
@@ -360,3 +363,62 @@ def purge(
         ["jobs", "log chunks", "outputs", "blobs", "events"],
         [(done["jobs"], done["log_chunks"], done["outputs"], done["blobs"], done["events"])],
     )
+
+
+def migrate(
+    check: Annotated[
+        bool, typer.Option("--check", help="Change nothing: exit 1 if migrations are pending (naming them), 0 if not.")
+    ] = False,
+    store: StoreOpt = None,
+    output: OutputOpt = Output.table,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Bring the store's schema up to this scaleq's version, one numbered migration per transaction.
+
+    Servers do the same when they start, so this is for upgrading on purpose: before starting the new release's
+    servers on a shared PostgreSQL database, or to see (--check) what an upgrade would do. A database migrated by a
+    newer scaleq is refused, untouched.
+    """
+    from scaleq.store import open_store, sqlite_path
+    from scaleq.store.base import SchemaTooNew, unavailable_errors
+
+    url = store or str(resolve_data_dir(data_dir) / "scaleq.db")
+    postgres = url.startswith(("postgresql://", "postgres://"))
+    where = re.sub(r"//([^:@/]*):[^@/]*@", r"//\1:***@", url) if postgres else str(sqlite_path(url))
+    if not postgres and where != ":memory:" and not Path(where).exists():
+        fail(f"no store at {where}: a server creates it when it first starts (or give --store / --data-dir)")
+
+    async def go() -> tuple[int, int, list[str], list[str]]:
+        opened = open_store(url, migrate=False)
+        await opened.open()
+        try:
+            status = await opened.schema_status()
+            applied = [] if check else await opened.migrate()
+        finally:
+            await opened.close()
+        return status.version, status.head, status.pending, applied
+
+    try:
+        version, head, pending, applied = asyncio.run(go())
+    except SchemaTooNew as exc:
+        fail(str(exc))
+    except (sqlite3.Error, *unavailable_errors()) as exc:
+        fail(f"cannot reach the store at {where}: {exc}")
+    if output == Output.json:
+        emit_json(
+            {
+                "store": where,
+                "version": head if applied else version,
+                "head": head,
+                "pending": [] if applied else pending,
+                "applied": applied,
+            }
+        )
+    elif not pending:
+        out.print(f"{where}: schema version {version}, up to date")
+    elif check:
+        out.print(f"{where}: schema version {version} of {head}; pending: {', '.join(pending)}")
+    else:
+        out.print(f"{where}: schema version {version} → {head}; applied: {', '.join(applied)}")
+    if check and pending:
+        raise typer.Exit(1)

@@ -32,7 +32,16 @@ class StaleLease(StoreError):
 
 
 class SchemaTooNew(StoreError):
-    pass
+    """The database was migrated by a newer scaleq than this one."""
+
+
+@dataclass(frozen=True)
+class SchemaStatus:
+    """Where a database stands against this code's migrations (``scaleq.store.migrations``)."""
+
+    version: int  # the last migration applied to the database (0: none, an empty database)
+    head: int  # the newest migration this code has
+    pending: list[str]  # labels (NNNN_name) of the migrations still to apply, in order
 
 
 @dataclass(frozen=True)
@@ -154,6 +163,8 @@ class Expired:
 class Store(Protocol):
     async def open(self) -> None: ...
     async def close(self) -> None: ...
+    async def schema_status(self) -> SchemaStatus: ...
+    async def migrate(self, to: int | None = None) -> list[str]: ...
     async def ping(self) -> None: ...
     def publish(self, keys: tuple[str, ...]) -> None: ...
     async def listen(self, deliver: Callable[[tuple[str, ...]], None]) -> None: ...

@@ -13,7 +13,9 @@ event loop, whose planner settings keep the claim an ordered index scan at any q
 that served an operation within the last second are handed out without a health check (one round trip saved per
 operation), and wake-ups are published from an async connection of their own with ``synchronous_commit`` off.
 
-The schema is created and migrated by scaleq (table ``scaleq_schema``); a database newer than the code is refused.
+The schema is created and migrated by scaleq (:mod:`scaleq.store.migrations`; the versions applied are rows of table
+``scaleq_schema``), each migration in its own transaction under an advisory lock, so servers starting together
+migrate once; a database newer than the code is refused.
 """
 
 from __future__ import annotations
@@ -34,11 +36,11 @@ from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 from scaleq.jobs import Claim, Job, JobDefinition
 from scaleq.store import rows
-from scaleq.store.base import FinishResult, NotFound, SchemaTooNew, Submission, WorkerClaim
+from scaleq.store.base import FinishResult, NotFound, Submission, WorkerClaim
+from scaleq.store.migrations import Migration
 from scaleq.store.queries import load
 from scaleq.store.sql import SQLStore
 
-SCHEMA_VERSION = 1
 CHANNEL = "scaleq"
 #: Keys whose NOTIFY goes out at once: they wake workers parked in a claim (and the autoscaler, with "any").
 URGENT = ("queue:", "worker:")
@@ -56,11 +58,12 @@ log = logging.getLogger("scaleq.store")
 
 
 class PostgresStore(SQLStore):
+    dialect = "postgres"
     Q = load("postgres")
     single_statement_batches = True
 
-    def __init__(self, url: str, *, pool_size: int = 8, durability: str = "normal") -> None:
-        super().__init__(threads=pool_size)
+    def __init__(self, url: str, *, pool_size: int = 8, durability: str = "normal", migrate: bool = True) -> None:
+        super().__init__(threads=pool_size, migrate=migrate)
         self.url = url
         self.pool_size = pool_size
         self.durability = durability
@@ -99,21 +102,24 @@ class PostgresStore(SQLStore):
         if self.durability == "strict":
             conn.execute("SET synchronous_commit = on")
 
-    def _open_sync(self) -> None:
+    def _connect_sync(self) -> None:
         self._pool = self._new_pool("scaleq", {})
         self._pool.open(wait=True, timeout=15)
-        with self._pool.connection() as conn, conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(727274)")  # one migrator at a time across servers
-            conn.execute("CREATE TABLE IF NOT EXISTS scaleq_schema (version INTEGER NOT NULL)")
-            version = conn.execute(self.Q["schema_version"]).fetchone()["version"] or 0
-            if version > SCHEMA_VERSION:
-                raise SchemaTooNew(
-                    f"the database has scaleq schema version {version}, newer than this scaleq ({SCHEMA_VERSION}): "
-                    "upgrade scaleq"
-                )
-            if version < SCHEMA_VERSION:
-                conn.execute(self.Q["schema"])
-                conn.execute(self.Q["set_schema_version"], {"version": SCHEMA_VERSION})
+
+    def _where(self) -> str:
+        return "the database"
+
+    def _schema_version(self, conn: psycopg.Connection) -> int:
+        if not conn.execute(self.Q["schema_table"]).fetchone()["present"]:
+            return 0
+        return int(conn.execute(self.Q["schema_version"]).fetchone()["version"])
+
+    def _lock_schema(self, conn: psycopg.Connection) -> None:
+        conn.execute(self.Q["schema_lock"])
+
+    def _apply(self, conn: psycopg.Connection, migration: Migration) -> None:
+        conn.execute(migration.sql)  # several statements: allowed, as no parameters are passed
+        conn.execute(self.Q["record_version"], {"version": migration.version})
 
     # -- the hot paths: one statement each ---------------------------------------------------------------------
 

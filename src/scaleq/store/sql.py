@@ -2,9 +2,11 @@
 
 Each store operation is a plain function run whole on a worker thread with one connection, inside one transaction:
 nothing interleaves with it, and the event loop pays one thread hop per operation, not one per statement. A dialect
-(:mod:`scaleq.store.sqlite`, :mod:`scaleq.store.postgres`) supplies its named queries (``queries/<dialect>.sql``, the
-same names in each), how to get a connection and how to run a transaction. The state machine lives in the SQL: every
-transition is one conditional statement, so concurrent servers or a late worker can never both win one.
+(:mod:`scaleq.store.sqlite`, :mod:`scaleq.store.postgres`) supplies its named queries (``queries/common.sql`` with
+``queries/<dialect>.sql``), how to get a connection, how to run a transaction and how to read, lock and record its
+schema version; the migrations (:mod:`scaleq.store.migrations`) are applied here, the same way for both. The state
+machine lives in the SQL: every transition is one conditional statement, so concurrent servers or a late worker can
+never both win one.
 """
 
 from __future__ import annotations
@@ -12,13 +14,14 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import logging
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from scaleq.jobs import Capabilities, Claim, Job, JobDefinition, Worker
-from scaleq.store import rows
+from scaleq.store import migrations, rows
 from scaleq.store.base import (
     AmbiguousId,
     Attempt,
@@ -31,6 +34,7 @@ from scaleq.store.base import (
     OutputFile,
     Purged,
     QueueStats,
+    SchemaStatus,
     StaleLease,
     Submission,
     TokenRecord,
@@ -39,19 +43,24 @@ from scaleq.store.base import (
 
 T = TypeVar("T")
 Row = Any
+log = logging.getLogger("scaleq.store")
 
 
 class SQLStore:
-    """Operations shared by the dialects. Subclasses set ``Q`` and implement ``_connect_sync``/``_close_sync``,
-    ``_connection`` and ``_transaction``."""
+    """Operations shared by the dialects. Subclasses set ``dialect`` and ``Q`` and implement
+    ``_connect_sync``/``_close_sync``, ``_connection``, ``_transaction`` and the schema hooks (``_schema_version``,
+    ``_lock_schema``, ``_apply``)."""
 
+    dialect: str
     Q: dict[str, str]
     #: The dialect finishes and claims a batch in one statement, so it needs no explicit transaction around it.
     single_statement_batches = False
 
-    def __init__(self, threads: int) -> None:
+    def __init__(self, threads: int, *, migrate: bool = True) -> None:
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"scaleq-{type(self).__name__}")
         self._local = __import__("threading").local()
+        #: Apply pending migrations when the store opens (``scaleq migrate --check`` opens without).
+        self.migrate_on_open = migrate
 
     # -- plumbing ---------------------------------------------------------------------------------------------
 
@@ -63,11 +72,71 @@ class SQLStore:
     def _transaction(self, conn: Any) -> Iterator[None]:
         raise NotImplementedError
 
-    def _open_sync(self) -> None:
+    def _connect_sync(self) -> None:
         raise NotImplementedError
 
     def _close_sync(self) -> None:
         raise NotImplementedError
+
+    def _open_sync(self) -> None:
+        self._connect_sync()
+        if self.migrate_on_open:
+            try:
+                self._migrate_sync()
+            except BaseException:
+                self._close_sync()
+                raise
+
+    # -- schema -----------------------------------------------------------------------------------------------
+
+    def _where(self) -> str:
+        """The database, as messages name it."""
+        raise NotImplementedError
+
+    def _schema_version(self, conn: Any) -> int:
+        """The last migration applied (0 for an empty database)."""
+        raise NotImplementedError
+
+    def _lock_schema(self, conn: Any) -> None:
+        """Inside a transaction: keep other migrators out until it ends."""
+        raise NotImplementedError
+
+    def _apply(self, conn: Any, migration: migrations.Migration) -> None:
+        """Inside a transaction: run the migration and record its version."""
+        raise NotImplementedError
+
+    def _migrate_sync(self, to: int | None = None) -> list[str]:
+        """Apply what is pending (up to version ``to``; all of it when None), one migration per transaction under
+        the schema lock, reading the version again in each (another server may be migrating too); refuse a database
+        newer than this code."""
+        applied = []
+        with self._connection() as conn:
+            while True:
+                with self._transaction(conn):
+                    self._lock_schema(conn)
+                    todo = migrations.pending(self.dialect, self._schema_version(conn), self._where())
+                    todo = [m for m in todo if to is None or m.version <= to]
+                    if todo:
+                        self._apply(conn, todo[0])
+                if not todo:
+                    return applied
+                log.info("%s: applied schema migration %s", self._where(), todo[0].label)
+                applied.append(todo[0].label)
+
+    def _schema_status_sync(self) -> SchemaStatus:
+        with self._connection() as conn:
+            version = self._schema_version(conn)
+        todo = migrations.pending(self.dialect, version, self._where())
+        return SchemaStatus(version, migrations.head(self.dialect), [m.label for m in todo])
+
+    async def schema_status(self) -> SchemaStatus:
+        """Where the database stands (raises SchemaTooNew when it is newer than this code)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._schema_status_sync)
+
+    async def migrate(self, to: int | None = None) -> list[str]:
+        """Apply the pending migrations (up to version ``to``: the tests build databases at earlier versions); their
+        labels, in order (none when it was up to date)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._migrate_sync, to)
 
     async def _run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run ``fn`` on a store thread with a connection in ``self.db`` (no transaction: one statement)."""

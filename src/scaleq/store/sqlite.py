@@ -3,7 +3,8 @@
 One connection, owned by one thread (a single writer is SQLite's nature, and WAL lets the one thread serve reads
 fast). WAL mode with ``synchronous=NORMAL`` survives ``kill -9`` of the server — a committed transaction is in the
 WAL before the call returns; ``durability="strict"`` uses ``synchronous=FULL`` for power-loss safety too. The schema
-version is ``PRAGMA user_version``.
+version is ``PRAGMA user_version``, set in the transaction of the migration it records; ``BEGIN IMMEDIATE`` takes
+the database's one write lock, which is the schema lock too.
 """
 
 from __future__ import annotations
@@ -13,18 +14,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from scaleq.store.base import SchemaTooNew
+from scaleq.store.migrations import Migration
 from scaleq.store.queries import load
 from scaleq.store.sql import SQLStore
 
-SCHEMA_VERSION = 1
-
 
 class SQLiteStore(SQLStore):
+    dialect = "sqlite"
     Q = load("sqlite")
 
-    def __init__(self, path: str | Path, *, durability: str = "normal") -> None:
-        super().__init__(threads=1)
+    def __init__(self, path: str | Path, *, durability: str = "normal", migrate: bool = True) -> None:
+        super().__init__(threads=1, migrate=migrate)
         self.path = str(path)
         self.durability = durability
         self._conn: sqlite3.Connection | None = None
@@ -44,7 +44,7 @@ class SQLiteStore(SQLStore):
             raise
         conn.execute("COMMIT")
 
-    def _open_sync(self) -> None:
+    def _connect_sync(self) -> None:
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -52,17 +52,38 @@ class SQLiteStore(SQLStore):
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={'FULL' if self.durability == 'strict' else 'NORMAL'}")
         conn.execute("PRAGMA busy_timeout=5000")
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
-            conn.close()
-            raise SchemaTooNew(
-                f"{self.path} has schema version {version}, newer than this scaleq ({SCHEMA_VERSION}): upgrade scaleq"
-            )
-        conn.executescript(self.Q["schema"])
-        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         self._conn = conn
+
+    def _where(self) -> str:
+        return self.path
+
+    def _schema_version(self, conn: sqlite3.Connection) -> int:
+        return int(conn.execute(self.Q["schema_version"]).fetchone()[0])
+
+    def _lock_schema(self, conn: sqlite3.Connection) -> None:
+        """Nothing to add: the transaction began IMMEDIATE, holding the write lock."""
+
+    def _apply(self, conn: sqlite3.Connection, migration: Migration) -> None:
+        # statement by statement: executescript would commit the open transaction first
+        for statement in _statements(migration.sql, migration.label):
+            conn.execute(statement)
+        conn.execute(f"PRAGMA user_version = {int(migration.version)}")  # (a pragma takes no parameters)
 
     def _close_sync(self) -> None:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+
+def _statements(script: str, source: str) -> list[str]:
+    """A script's statements, cut where SQLite's own tokenizer says one is complete (quotes, comments and
+    triggers' bodies are read as SQLite reads them)."""
+    statements, pending = [], ""
+    for line in script.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            statements.append(pending.strip())
+            pending = ""
+    if any(not part.strip().startswith("--") for part in pending.splitlines() if part.strip()):
+        raise ValueError(f"migration {source}: the last statement has no closing semicolon")
+    return statements

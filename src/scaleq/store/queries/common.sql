@@ -1,0 +1,165 @@
+-- Named queries written once for both dialects (loaded with queries/sqlite.sql or queries/postgres.sql, which hold
+-- only what differs; a name defined here and in a dialect file is an error). Each block starts with
+-- "-- name: NAME"; parameters are :named. Only SQL both SQLite and PostgreSQL read the same way belongs here.
+
+-- name: get_job
+SELECT * FROM jobs WHERE id = :id;
+
+-- name: requeue_finished
+UPDATE jobs SET state = 'queued', reason = NULL, exit_code = NULL, error = NULL, attempts = 0, worker_id = NULL,
+       started_at = NULL, finished_at = NULL, seq = :seq, priority = :priority, max_attempts = :max_attempts
+ WHERE id = :id AND state = 'finished';
+
+-- name: list_jobs
+SELECT * FROM jobs
+ WHERE (CAST(:queue AS TEXT) IS NULL OR queue = :queue) AND (CAST(:state AS TEXT) IS NULL OR state = :state)
+ ORDER BY seq DESC LIMIT :limit;
+
+-- name: insert_attempt
+INSERT INTO attempts (job_id, attempt, worker_id, lease, started_at) VALUES (:job_id, :attempt, :worker_id, :lease, :now);
+
+-- name: finish
+UPDATE jobs SET state = 'finished', reason = :reason, exit_code = :exit_code, error = :error, finished_at = :now,
+       lease = NULL, lease_expires_at = NULL
+ WHERE lease = :lease AND state = 'running'
+RETURNING *;
+
+-- name: end_attempt
+UPDATE attempts SET ended_at = :now, outcome = :outcome WHERE lease = :lease AND ended_at IS NULL;
+
+-- name: get_attempt
+SELECT * FROM attempts WHERE lease = :lease;
+
+-- name: list_attempts
+SELECT * FROM attempts WHERE job_id = :job_id ORDER BY attempt;
+
+-- name: cancel_job
+UPDATE jobs SET state = 'finished', reason = 'cancelled', error = :error, finished_at = :now, lease = NULL,
+       lease_expires_at = NULL
+ WHERE id = :id AND state != 'finished'
+RETURNING *;
+
+-- name: end_attempts_of_job
+UPDATE attempts SET ended_at = :now, outcome = :outcome WHERE job_id = :job_id AND ended_at IS NULL;
+
+-- name: touch_worker
+UPDATE workers SET last_heartbeat = :now, state = CASE WHEN state = 'gone' THEN 'active' ELSE state END
+ WHERE id = :id
+RETURNING state;
+
+-- name: expire_leases
+UPDATE jobs
+   SET state = CASE WHEN attempts >= max_attempts THEN 'finished' ELSE 'queued' END,
+       reason = CASE WHEN attempts >= max_attempts THEN 'worker_lost' ELSE NULL END,
+       error = CASE WHEN attempts >= max_attempts
+                    THEN 'lease lost ' || attempts || ' times; last worker ' || coalesce(worker_id, '?') ELSE error END,
+       finished_at = CASE WHEN attempts >= max_attempts THEN :now ELSE NULL END,
+       worker_id = CASE WHEN attempts >= max_attempts THEN worker_id ELSE NULL END,
+       lease = NULL, lease_expires_at = NULL
+ WHERE state = 'running' AND lease_expires_at < :now
+RETURNING id, queue, state;
+
+-- name: end_lost_attempts
+UPDATE attempts SET ended_at = :now, outcome = 'lost'
+ WHERE ended_at IS NULL AND lease NOT IN (SELECT lease FROM jobs WHERE lease IS NOT NULL);
+
+-- name: append_log
+INSERT INTO logs (job_id, attempt, stream, data, at) VALUES (:job_id, :attempt, :stream, :data, :now);
+
+-- name: read_logs
+SELECT seq, attempt, stream, data, at FROM logs
+ WHERE job_id = :job_id AND attempt = :attempt AND seq > :after
+ ORDER BY seq LIMIT :limit;
+
+-- name: put_blob
+INSERT INTO blobs (sha256, data) VALUES (:sha256, :data) ON CONFLICT (sha256) DO NOTHING;
+
+-- name: get_blob
+SELECT data FROM blobs WHERE sha256 = :sha256;
+
+-- name: has_blob
+SELECT 1 FROM blobs WHERE sha256 = :sha256;
+
+-- name: clear_outputs
+DELETE FROM outputs WHERE job_id = :job_id;
+
+-- name: put_output
+INSERT INTO outputs (job_id, attempt, path, sha256, size) VALUES (:job_id, :attempt, :path, :sha256, :size)
+ON CONFLICT (job_id, path) DO UPDATE SET attempt = excluded.attempt, sha256 = excluded.sha256, size = excluded.size;
+
+-- name: list_outputs
+SELECT path, sha256, size FROM outputs WHERE job_id = :job_id ORDER BY path;
+
+-- name: queue_stats
+-- Counted per (queue, state, reason) from jobs_stats, which holds every column read (no row is visited), then
+-- summed per queue. The CASTs keep PostgreSQL's sums of counts integers.
+SELECT queue,
+       CAST(sum(CASE WHEN state = 'queued' THEN n ELSE 0 END) AS BIGINT) AS queued,
+       CAST(sum(CASE WHEN state = 'running' THEN n ELSE 0 END) AS BIGINT) AS running,
+       CAST(sum(CASE WHEN state = 'finished' THEN n ELSE 0 END) AS BIGINT) AS finished,
+       CAST(sum(CASE WHEN state = 'finished' AND reason = 'success' THEN n ELSE 0 END) AS BIGINT) AS succeeded,
+       CAST(sum(CASE WHEN state = 'finished' AND reason != 'success' THEN n ELSE 0 END) AS BIGINT) AS unsuccessful,
+       min(CASE WHEN state = 'queued' THEN oldest END) AS oldest_queued_at
+  FROM (SELECT queue, state, reason, count(*) AS n, min(submitted_at) AS oldest
+          FROM jobs GROUP BY queue, state, reason) AS g
+ GROUP BY queue ORDER BY queue;
+
+-- name: get_worker
+SELECT * FROM workers WHERE id = :id;
+
+-- name: set_worker_state
+UPDATE workers SET state = :state WHERE id = :id;
+
+-- name: mark_gone_workers
+UPDATE workers SET state = 'gone' WHERE state != 'gone' AND last_heartbeat < :cutoff RETURNING id;
+
+-- name: forget_workers
+DELETE FROM workers WHERE state = 'gone' AND last_heartbeat < :cutoff;
+
+-- name: insert_token
+INSERT INTO tokens (id, name, role, hash, created_at) VALUES (:id, :name, :role, :hash, :now);
+
+-- name: find_token
+SELECT * FROM tokens WHERE hash = :hash AND revoked_at IS NULL;
+
+-- name: list_tokens
+SELECT id, name, role, created_at, revoked_at FROM tokens ORDER BY created_at;
+
+-- name: revoke_token
+UPDATE tokens SET revoked_at = :now WHERE id = :id AND revoked_at IS NULL RETURNING id;
+
+-- name: insert_event
+INSERT INTO events (at, grp, kind, from_count, to_count, reason) VALUES (:at, :grp, :kind, :from_count, :to_count, :reason);
+
+-- name: list_events
+SELECT * FROM events WHERE (CAST(:grp AS TEXT) IS NULL OR grp = :grp) AND id > :after ORDER BY id DESC LIMIT :limit;
+
+-- name: upsert_group
+INSERT INTO groups (name, queue, provider, min_workers, max_workers, current, desired, updated_at)
+VALUES (:name, :queue, :provider, :min_workers, :max_workers, :current, :desired, :now)
+ON CONFLICT (name) DO UPDATE SET queue = excluded.queue, provider = excluded.provider,
+       min_workers = excluded.min_workers, max_workers = excluded.max_workers, current = excluded.current,
+       desired = excluded.desired, updated_at = excluded.updated_at;
+
+-- name: list_groups
+SELECT * FROM groups ORDER BY name;
+
+-- name: delete_group
+DELETE FROM groups WHERE name = :name;
+
+-- name: purge_attempts
+-- The purge: finished jobs that ended before :before (of :queue; every queue when NULL) with their attempts, logs
+-- and outputs, in one transaction, the jobs last. A job finishing meanwhile ends now, not before :before.
+DELETE FROM attempts WHERE job_id IN (SELECT id FROM jobs WHERE state = 'finished' AND finished_at < :before AND (CAST(:queue AS TEXT) IS NULL OR queue = :queue));
+
+-- name: purge_logs
+DELETE FROM logs WHERE job_id IN (SELECT id FROM jobs WHERE state = 'finished' AND finished_at < :before AND (CAST(:queue AS TEXT) IS NULL OR queue = :queue));
+
+-- name: purge_outputs
+DELETE FROM outputs WHERE job_id IN (SELECT id FROM jobs WHERE state = 'finished' AND finished_at < :before AND (CAST(:queue AS TEXT) IS NULL OR queue = :queue));
+
+-- name: purge_jobs
+DELETE FROM jobs WHERE state = 'finished' AND finished_at < :before AND (CAST(:queue AS TEXT) IS NULL OR queue = :queue);
+
+-- name: purge_events
+DELETE FROM events WHERE at < :before;
