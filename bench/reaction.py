@@ -68,7 +68,7 @@ class TimedProvider:
         self.calls.append((called, time.perf_counter(), count))
         return ids
 
-    async def list(self, group: Group) -> list[ProviderWorker]:
+    async def workers(self, group: Group) -> list[ProviderWorker]:
         return await self.inner.workers(group)
 
     async def stop(self, group: Group, worker_id: str, *, force: bool = False) -> None:

@@ -143,7 +143,7 @@ class FlakyProvider:
         self.inner = inner
         self.failures = failures
 
-    async def list(self, g: Group) -> list[ProviderWorker]:
+    async def workers(self, g: Group) -> list[ProviderWorker]:
         if self.failures > 0:
             self.failures -= 1
             raise ConnectionError("provider API unreachable")
