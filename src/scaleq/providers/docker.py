@@ -8,9 +8,9 @@ Design:
   worker removes it from the environment its jobs inherit; anyone who can ``docker inspect`` can read it, but they
   control the engine anyway), next to ``group.env``.
 - **Labels are the state**: ``scaleq.managed=true``, ``scaleq.grid``, ``scaleq.group``, ``scaleq.worker-id`` and
-  ``scaleq.version`` (``Group.version()``). ``list`` finds workers by label only, so a restarted controller,
-  another provider instance, ``destroy`` and ``doctor`` all see what the engine runs. ``list`` also keeps house: a
-  worker that drained exits 0 and an exited container has no use, so ``list`` removes exited containers (and
+  ``scaleq.version`` (``Group.version()``). ``workers`` finds workers by label only, so a restarted controller,
+  another provider instance, ``destroy`` and ``doctor`` all see what the engine runs. ``workers`` also keeps house: a
+  worker that drained exits 0 and an exited container has no use, so ``workers`` removes exited containers (and
   anything the dead worker's jobs left labelled with its id), logging the output of those that failed. The worker
   id is ``scaleq.worker-id``, not ``scaleq.worker``: the docker runtime labels a worker's *job* containers and
   volumes ``scaleq.managed=true, scaleq.worker=<id>``, and a starting worker removes everything so labelled as the
