@@ -42,6 +42,7 @@ def spawn_daemon(
             future.set_result(value) if ok else future.set_exception(value)
 
     def target() -> None:
+        value: Any
         try:
             ok, value = True, fn()
         except BaseException as exc:
