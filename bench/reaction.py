@@ -28,7 +28,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,7 +40,7 @@ from scaleq.client import Client
 from scaleq.grid import Group
 from scaleq.jobs import JobDefinition, State, SubmitRequest
 from scaleq.notify import Notifier
-from scaleq.providers.base import Health, Provider, ProviderWorker
+from scaleq.providers.base import DESTROY_GRACE, Health, Provider, ProviderWorker
 from scaleq.providers.registry import ProviderContext, make_provider
 from scaleq.scaling.controller import Controller
 from scaleq.scaling.observe import StoreObserver
@@ -68,17 +68,26 @@ class TimedProvider:
         self.calls.append((called, time.perf_counter(), count))
         return ids
 
-    async def list(self, group: Group) -> list[ProviderWorker]:
-        return await self.inner.list(group)
+    async def workers(self, group: Group) -> list[ProviderWorker]:
+        return await self.inner.workers(group)
 
     async def stop(self, group: Group, worker_id: str, *, force: bool = False) -> None:
         await self.inner.stop(group, worker_id, force=force)
 
-    async def destroy(self, group: Group) -> list[str]:
-        return await self.inner.destroy(group)
+    async def reap(self, group: Group, worker_ids: Collection[str]) -> set[str]:
+        return await self.inner.reap(group, worker_ids)
+
+    async def wait_gone(self, group: Group, timeout: float) -> bool:
+        return await self.inner.wait_gone(group, timeout)
+
+    async def destroy(self, group: Group, grace: float = DESTROY_GRACE) -> list[str]:
+        return await self.inner.destroy(group, grace)
 
     async def health(self) -> Health:
         return await self.inner.health()
+
+    async def close(self) -> None:
+        await self.inner.close()
 
 
 @dataclass
@@ -127,7 +136,7 @@ class Bench:
         """Destroy the group's workers and wait until the provider lists none."""
         await self.provider.destroy(self.group)
         deadline = time.monotonic() + timeout
-        while await self.provider.list(self.group):
+        while await self.provider.workers(self.group):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"workers of group {self.group.name} still there after {timeout:.0f} s")
             await asyncio.sleep(0.05)
@@ -224,7 +233,7 @@ async def rounds(b: Bench, args: argparse.Namespace, console: Console) -> list[t
         r = await b.submit_and_follow(args.timeout)
         cold.append(r)
         console.print(f"cold {i + 1}/{args.rounds}: {_row(r)}", highlight=False)
-    if not await b.provider.list(b.group):  # a worker up and idle for the warm rounds
+    if not await b.provider.workers(b.group):  # a worker up and idle for the warm rounds
         await b.submit_and_follow(args.timeout)
     for i in range(args.warm_rounds):
         r = await b.submit_and_follow(args.timeout)

@@ -81,7 +81,7 @@ class Deployer:
         for group, origin in self._groups(state):
             rec = state["groups"].get(group.name)
             provider = make_provider(group, self.ctx)
-            workers = await provider.list(group)
+            workers = await provider.workers(group)
             p = GroupPlan(group.name, group.provider, "none", workers=len(workers))
             p.out_of_date = sum(1 for w in workers if w.version and w.version != group.version())
             if origin == "recorded":
@@ -124,7 +124,7 @@ class Deployer:
                 state["groups"].pop(group.name, None)
                 write_state(self.data_dir, self.grid.name, state)
                 continue
-            workers = await provider.list(group)
+            workers = await provider.workers(group)
             stale = [w for w in workers if w.status != "stopping" and w.version and w.version != group.version()]
             for w in stale:
                 await self._drain(group, provider, w)
@@ -147,7 +147,7 @@ class Deployer:
         state = read_state(self.data_dir, self.grid.name)
         plans = []
         for group, _ in self._groups(state):
-            if group.name not in state["groups"] and not await make_provider(group, self.ctx).list(group):
+            if group.name not in state["groups"] and not await make_provider(group, self.ctx).workers(group):
                 continue
             provider = make_provider(group, self.ctx)
             removed = await provider.destroy(group)

@@ -154,7 +154,7 @@ async def _drain_local(groups: list[tuple[Group, Provider]], force: asyncio.Even
     back to the queue instead, and whatever is still there 10 s later is killed.
     """
     local = [(g, p) for g, p in groups if isinstance(p, LocalProvider)]
-    workers = [(g, p, w) for g, p in local for w in await p.list(g)]
+    workers = [(g, p, w) for g, p in local for w in await p.workers(g)]
     if not workers:
         return
     log.info(
@@ -168,11 +168,11 @@ async def _drain_local(groups: list[tuple[Group, Provider]], force: asyncio.Even
     if not gone.done():
         log.warning("stopping now: workers hand their jobs back to the queue")
         for g, p in local:
-            for w in await p.list(g):
+            for w in await p.workers(g):
                 await p.stop(g, w.id)  # the second SIGTERM: hand back and exit
         for g, p in local:
             if not await p.wait_gone(g, 10.0):
-                for w in await p.list(g):
+                for w in await p.workers(g):
                     await p.stop(g, w.id, force=True)
     gone.cancel()
     forced.cancel()

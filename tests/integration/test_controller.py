@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Collection
 from pathlib import Path
 
 from scaleq.client import Client
@@ -12,7 +13,7 @@ from scaleq.deploy import Deployer, state_path
 from scaleq.grid import Grid, Group
 from scaleq.jobs import JobDefinition, RuntimeKind, SubmitRequest
 from scaleq.notify import Notifier
-from scaleq.providers.base import Health, ProviderWorker
+from scaleq.providers.base import DESTROY_GRACE, Health, ProviderWorker
 from scaleq.providers.local import LocalProvider
 from scaleq.providers.registry import ProviderContext
 from scaleq.scaling.controller import Controller
@@ -78,7 +79,7 @@ async def test_scales_from_zero_to_max_and_back_to_zero(live: LiveServer, tmp_pa
 
 
 async def _count(provider: LocalProvider, g: Group, n: int) -> bool:
-    return len([w for w in await provider.list(g) if w.status == "running"]) == n
+    return len([w for w in await provider.workers(g) if w.status == "running"]) == n
 
 
 async def _status(c: Client, **expected: int) -> bool:
@@ -119,12 +120,12 @@ async def test_a_restarted_controller_adopts_running_workers(live: LiveServer, t
     try:
         async with controlling(Controller([(g, first)], RemoteObserver(admin), tick=0.2)):
             await eventually(lambda: _count(first, g, 2))
-        before = {w.id for w in await first.list(g)}
+        before = {w.id for w in await first.workers(g)}
         seen = {e["id"] for e in await admin.events(group="cpu")}
         second = local(live, tmp_path)  # a new process would start with nothing in memory
         async with controlling(Controller([(g, second)], RemoteObserver(admin), tick=0.2)):
             await asyncio.sleep(1.5)
-            assert {w.id for w in await second.list(g)} == before
+            assert {w.id for w in await second.workers(g)} == before
         events = [e for e in await admin.events(group="cpu") if e["id"] not in seen]
         assert any(e["kind"] == "adopt" and e["to"] == 2 for e in events), events
         assert not [e for e in events if e["kind"] == "scale_up"], events
@@ -142,11 +143,11 @@ class FlakyProvider:
         self.inner = inner
         self.failures = failures
 
-    async def list(self, g: Group) -> list[ProviderWorker]:
+    async def workers(self, g: Group) -> list[ProviderWorker]:
         if self.failures > 0:
             self.failures -= 1
             raise ConnectionError("provider API unreachable")
-        return await self.inner.list(g)
+        return await self.inner.workers(g)
 
     async def start(self, g: Group, count: int) -> list[str]:
         return await self.inner.start(g, count)
@@ -154,11 +155,20 @@ class FlakyProvider:
     async def stop(self, g: Group, worker_id: str, *, force: bool = False) -> None:
         await self.inner.stop(g, worker_id, force=force)
 
-    async def destroy(self, g: Group) -> list[str]:
-        return await self.inner.destroy(g)
+    async def reap(self, g: Group, worker_ids: Collection[str]) -> set[str]:
+        return await self.inner.reap(g, worker_ids)
+
+    async def wait_gone(self, g: Group, timeout: float) -> bool:
+        return await self.inner.wait_gone(g, timeout)
+
+    async def destroy(self, g: Group, grace: float = DESTROY_GRACE) -> list[str]:
+        return await self.inner.destroy(g, grace)
 
     async def health(self) -> Health:
         return Health(self.failures == 0, "flaky")
+
+    async def close(self) -> None:
+        await self.inner.close()
 
 
 async def test_provider_failure_is_reported_retried_and_spares_other_groups(live: LiveServer, tmp_path: Path) -> None:
@@ -195,7 +205,7 @@ async def test_apply_then_destroy_leaves_nothing(live: LiveServer, tmp_path: Pat
         assert sum(1 for line in applied[0].done if line.startswith("started")) == 2
         assert state_path(tmp_path, "t").exists()
         provider = local(live, tmp_path)
-        pids = [int(w.detail.split()[1]) for w in await provider.list(g)]
+        pids = [int(w.detail.split()[1]) for w in await provider.workers(g)]
         assert len(pids) == 2
         assert [p.action for p in await deployer.plan()] == ["none"]
         # a changed group is an update; apply drains the out-of-date workers
@@ -206,7 +216,7 @@ async def test_apply_then_destroy_leaves_nothing(live: LiveServer, tmp_path: Pat
         removed = await deployer.destroy()
         assert removed and removed[0].action == "remove"
         assert not state_path(tmp_path, "t").exists()
-        assert await provider.list(g) == []
+        assert await provider.workers(g) == []
         for pid in pids:
             assert not Path(f"/proc/{pid}").exists() or b"zombie" in Path(f"/proc/{pid}/status").read_bytes().lower()
         assert await admin.groups() == []

@@ -118,7 +118,7 @@ def provider_for(live: LiveServer, grid_name: str, **kw: Any) -> DockerProvider:
 
 
 async def running(provider: DockerProvider, g: Group, n: int) -> bool:
-    return len([w for w in await provider.list(g) if w.status == "running"]) == n
+    return len([w for w in await provider.workers(g) if w.status == "running"]) == n
 
 
 async def finished(c: Client, job_id: str, reason: str = "success") -> bool:
@@ -178,7 +178,7 @@ async def test_controller_scales_worker_containers_from_zero_to_three_and_back(
         assert status["current"] == 0 and status["max"] == 3 and status["provider"] == "docker"
     finally:
         await provider.destroy(g, grace=5)
-        provider.close()
+        await provider.close()
         await admin.close()
 
 
@@ -245,7 +245,7 @@ async def test_container_job_runs_docker_out_of_docker(
         assert labelled(engine, f"scaleq.worker={worker_id}") == ([], [])
     finally:
         removed = await provider.destroy(g, grace=5)
-        provider.close()
+        await provider.close()
         await admin.close()
     assert removed == [worker_id]
     assert labelled(engine, f"scaleq.grid={grid_name}") == ([], [])
@@ -262,11 +262,11 @@ async def test_a_second_provider_adopts_by_label_and_destroy_leaves_nothing(
         ids = set(await first.start(g, 2))
         cleanup.update(ids)
         await eventually(lambda: registered(admin, ids), timeout=20, what="both workers to register")
-        seen = await second.list(g)
+        seen = await second.workers(g)
         assert {w.id for w in seen} == ids
         assert all(w.status == "running" and w.version == g.version() and w.group == "adopt" for w in seen)
-        assert [w.id for w in seen] == [w.id for w in await first.list(g)]
-        assert await second.list(group("other")) == []  # another group of the grid: not these
+        assert [w.id for w in seen] == [w.id for w in await first.workers(g)]
+        assert await second.workers(group("other")) == []  # another group of the grid: not these
 
         # a long container job with an input: a job container and an inputs volume exist while destroy runs
         (tmp_path / "data.txt").write_text("x")
@@ -287,14 +287,14 @@ async def test_a_second_provider_adopts_by_label_and_destroy_leaves_nothing(
         for w in ids:
             assert labelled(engine, f"scaleq.worker={w}") == ([], []), f"worker {w} left job containers or volumes"
         assert labelled(engine, f"scaleq.job={job.id}") == ([], [])
-        assert await first.list(g) == [] and await second.list(g) == []
+        assert await first.workers(g) == [] and await second.workers(g) == []
         # the draining workers handed the job back (second SIGTERM) rather than losing it
         assert (await admin.get_job(job.id)).state == "queued"
         assert took < 15, f"destroy took {took:.1f} s"
     finally:
         await first.destroy(g, grace=2)
-        first.close()
-        second.close()
+        await first.close()
+        await second.close()
         await admin.close()
 
 
@@ -313,7 +313,7 @@ async def test_health_names_docker_host_and_a_missing_image_names_the_build_scri
     with pytest.raises(ProviderError, match=re.escape(BAD_HOST)):
         await bad.start(group(), 1)
     with pytest.raises(ProviderError, match=re.escape(BAD_HOST)):
-        await bad.list(group())
+        await bad.workers(group())
 
     with pytest.raises(ProviderError) as e:
         await good.start(group(image="scaleq-test/no-such-worker:latest"), 1)
@@ -326,4 +326,4 @@ async def test_health_names_docker_host_and_a_missing_image_names_the_build_scri
     with pytest.raises(ProviderError, match="loopback"):
         await isolated.start(group(), 1)
     for p in (good, bad, isolated):
-        p.close()
+        await p.close()

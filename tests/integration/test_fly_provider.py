@@ -68,7 +68,7 @@ def provider(g: Group, *, grid: str = "t", server: str = SERVER, **kw: object) -
 
 
 async def running(p: FlyProvider, g: Group, n: int) -> bool:
-    return len([w for w in await p.list(g) if w.status == "running"]) == n
+    return len([w for w in await p.workers(g) if w.status == "running"]) == n
 
 
 async def test_start_creates_named_labelled_machines_with_a_valid_config(fly: FlyMachines) -> None:
@@ -98,9 +98,9 @@ async def test_start_creates_named_labelled_machines_with_a_valid_config(fly: Fl
         }
         assert c["restart"] == {"policy": "no"} and c["auto_destroy"] is True
         assert c["stop_config"]["signal"] == "SIGTERM"
-    assert {w.status for w in await p.list(g)} == {"starting"}
+    assert {w.status for w in await p.workers(g)} == {"starting"}
     await eventually(lambda: running(p, g, 2), timeout=5)
-    assert {(w.id, w.version) for w in await p.list(g)} == {(i, g.version()) for i in ids}
+    assert {(w.id, w.version) for w in await p.workers(g)} == {(i, g.version()) for i in ids}
     await p.close()
 
 
@@ -114,7 +114,7 @@ async def test_another_provider_instance_finds_the_groups_machines_by_metadata(f
         r = await raw.post(f"/apps/{APP}/machines", json={"name": "not-ours", "config": {"image": "nginx"}})
         assert r.status_code == 200
     second = provider(g)  # a restarted controller: nothing in memory
-    adopted = await second.list(g)
+    adopted = await second.workers(g)
     assert sorted(w.id for w in adopted) == sorted(ids)
     assert all(w.group == "fly" and w.version == g.version() and w.started_at > time.time() - 60 for w in adopted)
     assert len(fly.live(APP)) == 5
@@ -130,11 +130,11 @@ async def test_stop_signals_exactly_that_machine_and_its_exit_removes_it(fly: Fl
     assert fly.by_name(a).signals == ["SIGTERM"] and fly.by_name(b).signals == []
     (signal,) = fly.calls_to("POST", "/signal")
     assert signal.path.endswith(f"/machines/{fly.by_name(a).id}/signal") and signal.body == {"signal": "SIGTERM"}
-    assert {w.id: w.status for w in await provider(g).list(g)} == {a: "running", b: "running"}
-    assert {w.id: w.status for w in await p.list(g)} == {a: "stopping", b: "running"}
+    assert {w.id: w.status for w in await provider(g).workers(g)} == {a: "running", b: "running"}
+    assert {w.id: w.status for w in await p.workers(g)} == {a: "stopping", b: "running"}
     machine = fly.by_name(a)
     fly.exit(machine.id)  # the drained worker exits 0; restart "no" + auto_destroy: Fly destroys the machine
-    assert [w.id for w in await p.list(g)] == [b]
+    assert [w.id for w in await p.workers(g)] == [b]
     assert fly.machines[machine.id].state == "destroyed"
     assert not fly.calls_to("DELETE")  # nothing left for scaleq to clean up
 
@@ -147,7 +147,7 @@ async def test_stop_of_a_machine_not_started_yet_destroys_it(fly: FlyMachines) -
     machine = fly.by_name(worker)
     await p.stop(g, worker)
     assert fly.machines[machine.id].state == "destroyed" and machine.signals == []
-    assert await p.list(g) == []
+    assert await p.workers(g) == []
 
 
 async def test_force_stop_hands_jobs_back_and_lets_fly_kill_after_a_short_timeout(fly: FlyMachines) -> None:
@@ -160,7 +160,7 @@ async def test_force_stop_hands_jobs_back_and_lets_fly_kill_after_a_short_timeou
     assert stop.body == {"signal": "SIGTERM", "timeout": f"{fly_module.FORCE_TIMEOUT}s"}
     assert fly.by_name(worker).signals == ["SIGTERM", "SIGTERM"]  # drain, then hand the jobs back
     assert fly.by_name(worker).state == "stopping"
-    assert [w.status for w in await p.list(g)] == ["stopping"]
+    assert [w.status for w in await p.workers(g)] == ["stopping"]
 
 
 async def test_a_failed_worker_that_fly_did_not_destroy_is_cleaned_up(
@@ -176,7 +176,7 @@ async def test_a_failed_worker_that_fly_did_not_destroy_is_cleaned_up(
     fly.exit(r.json()["id"], code=3)
     assert fly.machines[r.json()["id"]].state == "stopped"
     with caplog.at_level(logging.WARNING, logger="scaleq.providers.fly"):
-        assert await p.list(g) == []
+        assert await p.workers(g) == []
     assert fly.machines[r.json()["id"]].state == "destroyed"
     assert "t-fly-legacy" in caplog.text and "exit code 3" in caplog.text and f"fly logs -a {APP}" in caplog.text
 
@@ -190,7 +190,7 @@ async def test_destroy_drains_then_removes_every_machine_of_the_group_only(fly: 
     await eventually(lambda: running(p, g, 3), timeout=5)
     removed = await p.destroy(g, grace=5)
     assert sorted(removed) == sorted(ids)
-    assert await p.list(g) == []
+    assert await p.workers(g) == []
     assert [m.name for m in fly.live(APP)] == [kept]
     assert fly.by_name(kept).signals == []
     assert len(fly.calls_to("POST", "/signal")) == 3
@@ -219,7 +219,7 @@ async def test_a_missing_token_is_a_clear_error_from_health_and_list(
     assert not health.ok and "FLY_API_TOKEN is not set" in health.message
     assert "fly tokens create" in health.message
     with pytest.raises(ProviderError, match="FLY_API_TOKEN is not set"):
-        await p.list(g)
+        await p.workers(g)
     with pytest.raises(ProviderError, match="FLY_API_TOKEN is not set"):
         await p.start(g, 1)
     assert fly.calls == []  # nothing was sent without a token
@@ -234,7 +234,7 @@ async def test_a_wrong_token_and_a_missing_app_are_clear_errors(
     health = await p.health()
     assert not health.ok and "FLY_API_TOKEN is missing or wrong" in health.message and "401" in health.message
     with pytest.raises(ProviderError, match="FLY_API_TOKEN is missing or wrong"):
-        await p.list(g)
+        await p.workers(g)
     monkeypatch.setenv("FLY_API_TOKEN", fly.token)
     missing = group(fly, app="no-such-app")
     p = provider(missing)
@@ -280,7 +280,7 @@ async def test_429_and_5xx_are_retried_with_bounds(fly: FlyMachines) -> None:
     g = group(fly)
     p = provider(g)
     fly.fail(503, times=2, method="GET", path="/machines")
-    assert await p.list(g) == []
+    assert await p.workers(g) == []
     assert [c.status for c in fly.calls_to("GET", "/machines")] == [503, 503, 200]
     fly.fail(429, method="POST", retry_after="0")
     (worker,) = await p.start(g, 1)
@@ -291,11 +291,11 @@ async def test_429_and_5xx_are_retried_with_bounds(fly: FlyMachines) -> None:
     assert len(fly.live(APP)) == 2
     fly.fail(502, times=100, method="GET")
     with pytest.raises(ProviderError, match="502"):
-        await p.list(g)
+        await p.workers(g)
     # 3 for the first list, 1 lookup after the lost answer, then retries + 1 attempts and no more
     assert len(fly.calls_to("GET", "/machines")) == 3 + 1 + p.retries + 1
     fly.heal()
-    assert {w.id for w in await p.list(g)} == {worker, second}
+    assert {w.id for w in await p.workers(g)} == {worker, second}
 
 
 async def test_the_standin_holds_requests_to_the_spec(fly: FlyMachines) -> None:
@@ -379,7 +379,7 @@ async def _draining(worker: Client, worker_id: str) -> bool:
 
 
 async def _none(p: FlyProvider, g: Group) -> bool:
-    return await p.list(g) == []
+    return await p.workers(g) == []
 
 
 async def _current(c: Client, n: int) -> bool:

@@ -115,7 +115,7 @@ def template_names(compute: ComputeStandIn) -> set[str]:
 
 
 async def ids(provider: GcpProvider, g: Group, status: str | None = None) -> list[str]:
-    return sorted(w.id for w in await provider.list(g) if status is None or w.status == status)
+    return sorted(w.id for w in await provider.workers(g) if status is None or w.status == status)
 
 
 # -- what start creates ------------------------------------------------------------------------------------------------
@@ -173,7 +173,7 @@ async def test_start_creates_a_labelled_template_and_a_regional_mig_of_named_ins
     assert env["SCALEQ_TOKEN"] == "worker-token" and env["DOCKER_HOST"] == "unix:///var/run/docker.sock"
     assert container["volumeMounts"][0]["mountPath"] == "/var/run/docker.sock"
     assert spec["volumes"] == [{"name": "docker-socket", "hostPath": {"path": "/var/run/docker.sock"}}]
-    provider.close()
+    await provider.close()
 
 
 def test_the_container_command_gives_the_worker_its_instance_name(tmp_path: Path) -> None:
@@ -203,17 +203,17 @@ def test_names_fit_gce_rules_however_long_the_grid_and_group() -> None:
 
 async def test_list_pages_through_instances_and_reports_creating_then_running(compute: ComputeStandIn) -> None:
     g, provider = gcp_group(compute), gcp()
-    assert await provider.list(g) == []  # no MIG yet: no workers, no error
+    assert await provider.workers(g) == []  # no MIG yet: no workers, no error
     started = await provider.start(g, 3)
     before = len(compute.called("listManagedInstances"))
-    workers = await provider.list(g)
+    workers = await provider.workers(g)
     assert len(compute.called("listManagedInstances")) - before == 2  # 3 instances, 2 per page
     assert sorted(w.id for w in workers) == sorted(started)
     assert {w.status for w in workers} == {"starting"} and {w.version for w in workers} == {g.version()}
     assert all("creating" in w.detail for w in workers)
     compute.settle()
     assert await ids(provider, g, "running") == sorted(started)
-    provider.close()
+    await provider.close()
 
 
 # -- scale-in ----------------------------------------------------------------------------------------------------------
@@ -231,7 +231,7 @@ async def test_stop_deletes_exactly_the_named_instance_and_nothing_else(compute:
     (delete,) = compute.called("deleteInstances")
     assert [u.rsplit("/", 1)[-1] for u in delete.body["instances"]] == [lonely]
     assert delete.body["instances"][0].startswith("https://www.googleapis.com/compute/v1/projects/scaleq-test/zones/")
-    assert {w.id: w.status for w in await provider.list(g)}[lonely] == "stopping"
+    assert {w.id: w.status for w in await provider.workers(g)}[lonely] == "stopping"
     compute.settle()
     rest = sorted(set(started) - {lonely})
     assert await ids(provider, g) == rest  # the others untouched: none replaced, none added
@@ -239,7 +239,7 @@ async def test_stop_deletes_exactly_the_named_instance_and_nothing_else(compute:
     assert not compute.called("resize")
     await provider.stop(g, lonely)  # gone already: nothing to do
     assert len(compute.called("deleteInstances")) == 1
-    provider.close()
+    await provider.close()
 
 
 # -- rolling updates ---------------------------------------------------------------------------------------------------
@@ -257,9 +257,9 @@ async def test_a_changed_image_makes_a_new_template_and_old_instances_are_out_of
     assert mig_of(compute)["instanceTemplate"].endswith(template_name("t", "cpu", new.version()))
     (switch,) = compute.called("setInstanceTemplate")
     assert switch.body["instanceTemplate"].endswith(template_name("t", "cpu", new.version()))
-    versions = {w.id: w.version for w in await provider.list(new)}
+    versions = {w.id: w.version for w in await provider.workers(new)}
     assert versions == {**dict.fromkeys(old_ids, old.version()), **dict.fromkeys(new_ids, new.version())}
-    assert {w.status for w in await provider.list(new)} == {"running"}  # the MIG replaced nothing by itself
+    assert {w.status for w in await provider.workers(new)} == {"running"}  # the MIG replaced nothing by itself
     spec = compute.templates[(PROJECT, REGION, template_name("t", "cpu", new.version()))]["properties"]
     declaration = next(i["value"] for i in spec["metadata"]["items"] if i["key"] == "gce-container-declaration")
     assert yaml.safe_load(declaration)["spec"]["containers"][0]["image"] == IMAGE.replace(":1", ":2")
@@ -271,7 +271,7 @@ async def test_a_changed_image_makes_a_new_template_and_old_instances_are_out_of
     newest = gcp_group(compute, image=IMAGE.replace(":1", ":3"))
     await provider.start(newest, 1)
     assert template_names(compute) == {template_name("t", "cpu", v) for v in (new.version(), newest.version())}
-    provider.close()
+    await provider.close()
 
 
 # -- destroy -----------------------------------------------------------------------------------------------------------
@@ -287,9 +287,9 @@ async def test_destroy_removes_the_mig_its_instances_and_every_template_of_the_g
     assert sorted(removed) == sorted(first + second)
     assert (PROJECT, REGION, "scaleq-t-cpu") not in compute.migs
     assert template_names(compute) == {template_name("t", "gpu", other.version())}  # another group's stays
-    assert await provider.list(g) == [] and len(await provider.list(other)) == 1
+    assert await provider.workers(g) == [] and len(await provider.workers(other)) == 1
     assert await provider.destroy(g) == []  # nothing left: nothing to do, no error
-    provider.close()
+    await provider.close()
 
 
 # -- health, credentials and errors ------------------------------------------------------------------------------------
@@ -337,7 +337,7 @@ async def test_no_credentials_is_a_clear_not_ok_health_and_a_clear_error(
     )
     group = Group(name="cpu", provider="gcp", image=IMAGE, gcp=real_settings())
     with pytest.raises(ProviderError, match="no Google Cloud credentials found"):
-        await provider.list(group)  # what plan and apply call: a clear error, not a traceback
+        await provider.workers(group)  # what plan and apply call: a clear error, not a traceback
 
 
 async def test_a_metadata_server_that_never_answers_does_not_hang_the_lookup(
@@ -360,7 +360,7 @@ async def test_api_refusals_and_failures_become_provider_errors_with_the_message
     g, provider = gcp_group(compute), gcp()
     compute.inject(500, "Internal error. Please try again.", method="listManagedInstances")
     with pytest.raises(ProviderError, match=r"failed to list the instances of group cpu \(500 .*Internal error"):
-        await provider.list(g)
+        await provider.workers(g)
     compute.inject(403, "Required 'compute.instanceGroupManagers.get' permission for 'projects/scaleq-test'")
     with pytest.raises(ProviderError) as refused:
         await provider.start(g, 1)
@@ -371,7 +371,7 @@ async def test_api_refusals_and_failures_become_provider_errors_with_the_message
     assert not health.ok and "gcloud services enable compute.googleapis.com --project scaleq-test" in health.message
     assert not compute.called("createInstances")  # nothing was created behind the errors
     await provider.start(g, 1)  # and it works once the API answers again
-    provider.close()
+    await provider.close()
 
 
 async def test_an_operation_that_fails_is_a_provider_error_with_its_errors(compute: ComputeStandIn) -> None:
@@ -381,9 +381,9 @@ async def test_an_operation_that_fails_is_a_provider_error_with_its_errors(compu
     )
     with pytest.raises(ProviderError, match=r"could not create instance.*QUOTA_EXCEEDED: Quota 'CPUS' exceeded"):
         await provider.start(g, 2)
-    assert await provider.list(g) == []  # nothing was created
+    assert await provider.workers(g) == []  # nothing was created
     assert len(await provider.start(g, 1)) == 1
-    provider.close()
+    await provider.close()
 
 
 async def test_an_unreachable_endpoint_is_a_provider_error() -> None:
@@ -393,7 +393,7 @@ async def test_an_unreachable_endpoint_is_a_provider_error() -> None:
     settings = GcpSettings(project=PROJECT, region=REGION, api_endpoint=f"http://127.0.0.1:{port}")
     group = Group(name="cpu", provider="gcp", image=IMAGE, gcp=settings)
     with pytest.raises(ProviderError, match=f"cannot reach the Compute Engine API at http://127.0.0.1:{port}"):
-        await gcp().list(group)
+        await gcp().workers(group)
     health = await gcp(settings=settings).health()
     assert not health.ok and "cannot reach" in health.message
 
@@ -546,7 +546,7 @@ async def test_the_controller_scales_a_gcp_group_out_by_name_and_in_by_deleting_
         assert down and "idle" in down[-1]["reason"]
     finally:
         await provider.destroy(g)
-        provider.close()
+        await provider.close()
         await admin.close()
         await worker.close()
 
@@ -560,7 +560,7 @@ async def _state(c: Client, worker_id: str, state: str) -> bool:
 
 
 async def _no_workers(provider: GcpProvider, g: Group) -> bool:
-    return await provider.list(g) == []
+    return await provider.workers(g) == []
 
 
 async def test_apply_rolls_a_changed_gcp_group_and_destroy_removes_it(
@@ -586,7 +586,7 @@ async def test_apply_rolls_a_changed_gcp_group_and_destroy_removes_it(
         assert [u.rsplit("/", 1)[-1] for u in delete.body["instances"]] == [first]
         compute.settle()
         provider = make_provider(changed, ctx)
-        (current,) = await provider.list(changed)
+        (current,) = await provider.workers(changed)
         assert current.id != first and current.version == changed.version()
 
         (destroyed,) = await deployer.destroy()

@@ -91,13 +91,15 @@ def group(kubeconfig: Path | None, name: str = "cpu", **kw: object) -> Group:
     return Group(name=name, **fields)
 
 
-@contextlib.contextmanager
-def provider(g: Group, grid: str = "t", token: str = "worker-secret", server: str = "http://scaleq.example:8765"):
+@contextlib.asynccontextmanager
+async def provider(
+    g: Group, grid: str = "t", token: str = "worker-secret", server: str = "http://scaleq.example:8765"
+) -> AsyncIterator[KubernetesProvider]:
     p = KubernetesProvider(grid=grid, server=server, token=token, settings=g.kubernetes)
     try:
         yield p
     finally:
-        p.close()
+        await p.close()
 
 
 def api(kubeconfig: Path) -> k8s.CoreV1Api:
@@ -105,7 +107,7 @@ def api(kubeconfig: Path) -> k8s.CoreV1Api:
 
 
 async def running(p: KubernetesProvider, g: Group, n: int) -> bool:
-    return [w.status for w in await p.list(g)] == ["running"] * n
+    return [w.status for w in await p.workers(g)] == ["running"] * n
 
 
 # -- start, list, adopt -------------------------------------------------------------------------------------------
@@ -115,7 +117,7 @@ async def test_start_creates_named_labelled_schema_valid_pods_and_the_token_secr
     standin: KubernetesStandIn, kubeconfig: Path
 ) -> None:
     g = group(kubeconfig, resources=Requirements(cpus=1.5, memory="2GiB", gpus=1), env={"EXTRA": "1"})
-    with provider(g) as p:
+    async with provider(g) as p:
         ids = await p.start(g, 2)
         assert len(ids) == 2 and len(set(ids)) == 2
         pods = {pod["metadata"]["name"]: pod for pod in standin.pods(NS)}
@@ -158,16 +160,16 @@ async def test_start_creates_named_labelled_schema_valid_pods_and_the_token_secr
         )
         # Pending, then Running once the stand-in's kubelet starts them
         await eventually(lambda: running(p, g, 2), timeout=5)
-        workers = await p.list(g)
+        workers = await p.workers(g)
         assert {w.id for w in workers} == set(ids)
         assert all(w.version == g.version() and w.group == "cpu" and "standin-node" in w.detail for w in workers)
 
 
 async def test_the_token_secret_follows_a_new_token(standin: KubernetesStandIn, kubeconfig: Path) -> None:
     g = group(kubeconfig)
-    with provider(g, token="first") as p:
+    async with provider(g, token="first") as p:
         await p.start(g, 1)
-    with provider(g, token="second") as p:
+    async with provider(g, token="second") as p:
         await p.start(g, 1)
     secret = standin.secret(NS, token_secret_name("t"))
     assert secret is not None and base64.b64decode(secret["data"]["token"]) == b"second"
@@ -210,7 +212,7 @@ async def test_long_grid_and_group_names_still_make_valid_pod_names(
     standin: KubernetesStandIn, kubeconfig: Path
 ) -> None:
     g = group(kubeconfig, name="a-very-long-group-name-for-the-gpu-pool1")
-    with provider(g, grid="a-rather-long-grid-name-for-tests") as p:
+    async with provider(g, grid="a-rather-long-grid-name-for-tests") as p:
         (worker_id,) = await p.start(g, 1)
     assert len(worker_id) <= 63 and standin.pod(NS, worker_id) is not None
     assert standin.rejected == []
@@ -220,15 +222,15 @@ async def test_a_second_provider_instance_adopts_the_pods_by_label(
     standin: KubernetesStandIn, kubeconfig: Path
 ) -> None:
     g, other_group = group(kubeconfig), group(kubeconfig, name="gpu")
-    with provider(g) as first:
+    async with provider(g) as first:
         ids = await first.start(g, 2)
         await first.start(other_group, 1)
-    with provider(g, grid="other-grid") as other_grid:
+    async with provider(g, grid="other-grid") as other_grid:
         await other_grid.start(g, 1)
-    with provider(g) as second:  # a restarted controller: nothing in memory
+    async with provider(g) as second:  # a restarted controller: nothing in memory
         await eventually(lambda: running(second, g, 2), timeout=5)
-        assert {w.id for w in await second.list(g)} == set(ids)
-        assert [w.version for w in await second.list(g)] == [g.version()] * 2
+        assert {w.id for w in await second.workers(g)} == set(ids)
+        assert [w.version for w in await second.workers(g)] == [g.version()] * 2
     assert len(standin.pods(NS)) == 4
 
 
@@ -239,36 +241,36 @@ async def test_stop_deletes_exactly_that_pod_with_a_grace_period_to_drain(
     standin: KubernetesStandIn, kubeconfig: Path
 ) -> None:
     g = group(kubeconfig)
-    with provider(g) as p:
+    async with provider(g) as p:
         ids = await p.start(g, 3)
         await eventually(lambda: running(p, g, 3), timeout=5)
         await p.stop(g, ids[0])
         pod = standin.pod(NS, ids[0])
         assert pod is not None and pod["metadata"]["deletionGracePeriodSeconds"] == TERMINATION_GRACE
         assert standin.signals == [("SIGTERM", NS, ids[0])]
-        statuses = {w.id: w.status for w in await p.list(g)}
+        statuses = {w.id: w.status for w in await p.workers(g)}
         assert statuses == {ids[0]: "stopping", ids[1]: "running", ids[2]: "running"}
         standin.exit_pod(NS, ids[0])  # the worker drained and exited: the pod goes
-        assert {w.id for w in await p.list(g)} == {ids[1], ids[2]}
+        assert {w.id for w in await p.workers(g)} == {ids[1], ids[2]}
         await p.stop(g, ids[1], force=True)  # grace 0: gone at once
-        assert [w.id for w in await p.list(g)] == [ids[2]]
+        assert [w.id for w in await p.workers(g)] == [ids[2]]
         assert standin.signals[-1] == ("SIGKILL", NS, ids[1])
         await p.stop(g, "t-cpu-gone00")  # already gone: nothing to do, no error
         await p.stop(group(kubeconfig, name="gpu"), ids[2])  # not of that group: left alone
-        assert [w.status for w in await p.list(g)] == ["running"]
+        assert [w.status for w in await p.workers(g)] == ["running"]
 
 
 async def test_exited_pods_are_deleted_and_failures_logged(
     standin: KubernetesStandIn, kubeconfig: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     g = group(kubeconfig)
-    with provider(g) as p:
+    async with provider(g) as p:
         ok, oom = await p.start(g, 2)
         await eventually(lambda: running(p, g, 2), timeout=5)
         standin.exit_pod(NS, ok, 0, log="drained\n")
         standin.exit_pod(NS, oom, 137, log="line 1\nlast words\n", reason="OOMKilled")
         with caplog.at_level(logging.WARNING, logger="scaleq.providers.kubernetes"):
-            assert await p.list(g) == []
+            assert await p.workers(g) == []
         assert standin.pods(NS) == []
     (record,) = [r for r in caplog.records if "failed" in r.getMessage()]
     assert oom in record.getMessage() and "OOMKilled" in record.getMessage() and "last words" in record.getMessage()
@@ -279,16 +281,17 @@ async def test_an_unpullable_image_shows_in_the_worker_detail(
 ) -> None:
     g = group(kubeconfig, image="registry.example/missing:1")
     standin.unpullable("registry.example/missing:1")
-    with provider(g) as p, caplog.at_level(logging.WARNING, logger="scaleq.providers.kubernetes"):
-        (worker_id,) = await p.start(g, 1)
-        (w,) = await eventually(lambda: _with_detail(p, g, "ErrImagePull"), timeout=5)
-        assert w.status == "starting" and "pull access denied" in w.detail
-        await p.list(g)
+    async with provider(g) as p:
+        with caplog.at_level(logging.WARNING, logger="scaleq.providers.kubernetes"):
+            (worker_id,) = await p.start(g, 1)
+            (w,) = await eventually(lambda: _with_detail(p, g, "ErrImagePull"), timeout=5)
+            assert w.status == "starting" and "pull access denied" in w.detail
+            await p.workers(g)
     assert len([r for r in caplog.records if worker_id in r.getMessage()]) == 1  # warned once
 
 
 async def _with_detail(p: KubernetesProvider, g: Group, text: str) -> list:
-    workers = await p.list(g)
+    workers = await p.workers(g)
     return workers if workers and text in workers[0].detail else []
 
 
@@ -307,15 +310,15 @@ async def test_a_changed_image_rolls_out_by_draining_the_old_pods(
         await Deployer(Grid(name="t", groups=[old]), tmp_path, admin, ctx).apply()
         (first,) = standin.pods(NS)
         assert first["metadata"]["labels"][VERSION_LABEL] == old.version()
-        with provider(old) as p:
+        async with provider(old) as p:
             await eventually(lambda: running(p, old, 1), timeout=5)
         changed = Deployer(Grid(name="t", groups=[new]), tmp_path, admin, ctx)
         (plan,) = await changed.plan()
         assert (plan.action, plan.out_of_date) == ("update", 1)
         (applied,) = await changed.apply()
         assert any("draining out-of-date worker" in line for line in applied.done)
-        with provider(new, token=server.tokens["worker"]) as p:
-            workers = {w.id: w for w in await p.list(new)}
+        async with provider(new, token=server.tokens["worker"]) as p:
+            workers = {w.id: w for w in await p.workers(new)}
             old_id = first["metadata"]["name"]
             assert workers[old_id].status == "stopping" and workers[old_id].version == old.version()
             (new_id,) = set(workers) - {old_id}
@@ -323,7 +326,7 @@ async def test_a_changed_image_rolls_out_by_draining_the_old_pods(
             assert standin.pod(NS, new_id)["spec"]["containers"][0]["image"] == "registry.example/scaleq/worker:2"
             assert ("SIGTERM", NS, old_id) in standin.signals
             standin.exit_pod(NS, old_id)  # the old worker finished draining
-            assert [w.id for w in await p.list(new)] == [new_id]
+            assert [w.id for w in await p.workers(new)] == [new_id]
             await p.destroy(new, grace=0.2)
     finally:
         await admin.close()
@@ -331,7 +334,7 @@ async def test_a_changed_image_rolls_out_by_draining_the_old_pods(
 
 async def test_destroy_removes_the_pods_and_then_the_secret(standin: KubernetesStandIn, kubeconfig: Path) -> None:
     a, b = group(kubeconfig, name="a"), group(kubeconfig, name="b")
-    with provider(a) as p:
+    async with provider(a) as p:
         ids = await p.start(a, 2)
         (kept,) = await p.start(b, 1)
         await eventually(lambda: running(p, a, 2), timeout=5)
@@ -347,7 +350,7 @@ async def test_destroy_removes_the_pods_and_then_the_secret(standin: KubernetesS
 async def test_destroy_drains_workers_that_exit_on_sigterm(tmp_path: Path) -> None:
     with KubernetesStandIn(exit_on_sigterm=0.2) as standin:
         g = group(standin.kubeconfig(tmp_path / "kubeconfig"))
-        with provider(g) as p:
+        async with provider(g) as p:
             ids = await p.start(g, 2)
             await eventually(lambda: running(p, g, 2), timeout=5)
             assert sorted(await p.destroy(g, grace=10)) == sorted(ids)
@@ -361,12 +364,12 @@ async def test_no_credentials_is_a_clear_error_from_list_health_plan_and_doctor(
     no_credentials: None, tmp_path: Path
 ) -> None:
     g = group(None)
-    with provider(g) as p:
+    async with provider(g) as p:
         health = await p.health()
         assert not health.ok and "no Kubernetes credentials found" in health.message
         assert "KUBECONFIG" in health.message and "~/.kube/config" in health.message
         with pytest.raises(ProviderError, match="no Kubernetes credentials found"):
-            await p.list(g)
+            await p.workers(g)
         with pytest.raises(ProviderError, match="no Kubernetes credentials found"):
             await p.start(g, 1)
     grid = Grid(name="t", groups=[g])
@@ -408,55 +411,55 @@ async def test_bad_kubeconfigs_are_clear_errors(
     no_credentials: None, standin: KubernetesStandIn, kubeconfig: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     missing = group(None, kubernetes=KubernetesSettings(kubeconfig=str(tmp_path / "nope"), namespace=NS))
-    with provider(missing) as p:
+    async with provider(missing) as p:
         with pytest.raises(ProviderError, match=r"kubeconfig .*nope named by \[groups.kubernetes\] kubeconfig"):
-            await p.list(missing)
+            await p.workers(missing)
     wrong_context = group(None, kubernetes=KubernetesSettings(kubeconfig=str(kubeconfig), context="prod"))
-    with provider(wrong_context) as p:
+    async with provider(wrong_context) as p:
         health = await p.health()
         assert not health.ok and "context prod" in health.message and "get-contexts" in health.message
     garbage = tmp_path / "garbage"
     garbage.write_text("clusters: [")
     monkeypatch.setenv("KUBECONFIG", str(garbage))
     g = group(None)
-    with provider(g) as p:
+    async with provider(g) as p:
         with pytest.raises(ProviderError, match=r"cannot use the kubeconfig .*garbage .*from \$KUBECONFIG"):
-            await p.list(g)
+            await p.workers(g)
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "absent"))
-    with provider(g) as p:
+    async with provider(g) as p:
         with pytest.raises(ProviderError, match=r"KUBECONFIG=.*absent names no existing file"):
-            await p.list(g)
+            await p.workers(g)
     monkeypatch.setenv("KUBECONFIG", str(kubeconfig))  # the usual place works
-    with provider(g) as p:
+    async with provider(g) as p:
         assert (await p.health()).ok
     monkeypatch.delenv("KUBECONFIG")
     monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")  # "in a cluster", without a service account token
-    with provider(g) as p:
+    async with provider(g) as p:
         health = await p.health()
         assert not health.ok and "service account cannot be used" in health.message
 
 
 async def test_api_refusals_say_what_to_fix(standin: KubernetesStandIn, kubeconfig: Path, tmp_path: Path) -> None:
     g = group(kubeconfig)
-    with provider(g) as p:
+    async with provider(g) as p:
         health = await p.health()
         assert health.ok and "v1.32" in health.message and "namespace scaleq" in health.message
     # wrong token: 401
     stale = group(standin.kubeconfig(tmp_path / "stale", token="expired"))
-    with provider(stale) as p:
+    async with provider(stale) as p:
         with pytest.raises(ProviderError, match=r"refused the credentials .401"):
-            await p.list(stale)
+            await p.workers(stale)
         assert "refused the credentials" in (await p.health()).message
     # a namespace that does not exist
     nowhere = group(kubeconfig, kubernetes=KubernetesSettings(kubeconfig=str(kubeconfig), namespace="missing"))
-    with provider(nowhere) as p:
+    async with provider(nowhere) as p:
         with pytest.raises(ProviderError, match=r"namespace missing does not exist.*kubectl create namespace missing"):
             await p.start(nowhere, 1)
         health = await p.health()
         assert not health.ok and "namespace missing does not exist" in health.message
     # RBAC: may not create pods
     standin.deny("create", "pods")
-    with provider(g) as p:
+    async with provider(g) as p:
         health = await p.health()
         assert not health.ok and "may not create pods in namespace scaleq" in health.message
         assert "docs/providers.md" in health.message
@@ -469,9 +472,9 @@ async def test_api_refusals_say_what_to_fix(standin: KubernetesStandIn, kubeconf
     down = tmp_path / "down"
     down.write_text(kubeconfig.read_text().replace(standin.url, f"http://127.0.0.1:{port}"))
     unreachable = group(down)
-    with provider(unreachable) as p:
+    async with provider(unreachable) as p:
         with pytest.raises(ProviderError, match=r"cannot reach the Kubernetes API server at http://127.0.0.1"):
-            await p.list(unreachable)
+            await p.workers(unreachable)
 
 
 # -- the controller, end to end -----------------------------------------------------------------------------------
@@ -512,13 +515,13 @@ async def test_the_controller_scales_pods_with_the_queue_and_scale_in_drains_onl
         assert not [e for e in events if e["kind"] == "error"], events
         assert len([v for v in standin.validated if v[0] == "Pod"]) == 1 and standin.rejected == []
     finally:
-        p.close()
+        await p.close()
         await admin.close()
         await worker.close()
 
 
 async def _running_workers(p: KubernetesProvider, g: Group, n: int) -> list:
-    workers = await p.list(g)
+    workers = await p.workers(g)
     return workers if [w.status for w in workers] == ["running"] * n else []
 
 
@@ -528,4 +531,4 @@ async def _heartbeat_says(worker_client: object, worker_id: str, state: str) -> 
 
 
 async def _none_left(p: KubernetesProvider, g: Group, standin: KubernetesStandIn) -> bool:
-    return await p.list(g) == [] and standin.pods(NS) == []
+    return await p.workers(g) == [] and standin.pods(NS) == []

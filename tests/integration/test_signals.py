@@ -289,7 +289,7 @@ async def test_controller_scales_a_group_on_a_prometheus_text_signal(live: LiveS
 
         async def running(n: int) -> bool:
             nonlocal most
-            count = len([w for w in await provider.list(g) if w.status == "running"])
+            count = len([w for w in await provider.workers(g) if w.status == "running"])
             most = max(most, count)
             return count == n
 

@@ -275,12 +275,9 @@ async def _provider(g: Group, ctx: ProviderContext | None) -> Check:
     except Exception as exc:
         return Check(hop, "provider", False, f"{g.provider}: {_err(exc)}", fix)
     finally:
-        close = getattr(provider, "close", None)
-        if callable(close):
+        if provider is not None:
             try:
-                result = close()
-                if asyncio.iscoroutine(result):
-                    await result
+                await provider.close()
             except Exception:  # closing a client must not turn a verdict into an error
                 pass
     if not health.ok:

@@ -1,22 +1,45 @@
-"""The provider interface, shared by local processes, Docker, Kubernetes, GCP and Fly.
+"""The provider interface, and the one skeleton local processes, Docker, Kubernetes, GCP and Fly are built on.
 
-A provider labels everything it creates with the grid, the group and the worker id, and ``list`` finds workers
+A provider labels everything it creates with the grid, the group and the worker id, and ``workers`` finds workers
 from those labels on the provider itself — so ``destroy``, ``doctor`` and a restarted controller (adoption) see the
 same truth, not only local state. ``stop`` asks a worker to drain (SIGTERM, or the provider's equivalent); a
-worker that was told to drain by the server exits on its own, and ``list`` stops showing it.
+worker that was told to drain by the server exits on its own, and ``workers`` stops showing it.
+
+The skeleton (:class:`ProviderBase`) writes the lifecycle once, over four primitives each provider implements —
+``workers``, ``start``, ``stop`` and ``health``:
+
+- ``destroy`` drains, then forces (:meth:`ProviderBase.drain_then_force`): every worker not already stopping is asked
+  to drain; what is still there after ``grace`` seconds is stopped again (:meth:`ProviderBase.stop_after_grace`:
+  with force by default — a provider whose second signal hands the worker's jobs back says so), and waited for
+  ``force_grace`` more; then the provider removes what it keeps besides its workers (:meth:`ProviderBase.clean_up`).
+- ``wait_gone`` polls ``workers`` every ``poll_every`` seconds until none is left.
+- ``reap``: the controller, not the provider, knows which workers left the server (deregistered, or marked gone
+  when their heartbeats stopped). It tells the provider, which frees what still holds them. Most providers have
+  nothing to do — a worker's process, container, pod or machine ends with it — and keep the default.
+- ``close`` releases the provider's API clients; the default has none.
+
+:func:`start_each` starts several workers at once and keeps those that started when others fail. Blocking calls that
+may hang run on daemon threads (:func:`scaleq.loop.in_daemon_thread`, shared with the worker's docker runtime).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 import time
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from scaleq.grid import Group
 
+log = logging.getLogger(__name__)
+
 Status = Literal["starting", "running", "stopping"]
+#: How long ``destroy`` lets workers drain before it forces them, unless told otherwise.
+DESTROY_GRACE = 15.0
 
 
 @dataclass(frozen=True)
@@ -56,28 +79,111 @@ def worker_args(group: Group, server: str, worker_id: str, server_grace: float) 
     return argv
 
 
-async def wait_gone(provider: Provider, group: Group, timeout: float, every: float = 0.1) -> bool:
-    """Wait until the provider lists no worker of the group; False on timeout."""
-    deadline = time.monotonic() + timeout
-    while await provider.list(group):
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(every)
-    return True
-
-
 def new_worker_id(grid: str, group: str) -> str:
     return f"{grid}-{group}-{secrets.token_hex(3)}"
 
 
 class Provider(Protocol):
+    """What callers (the controller, ``plan``/``apply``/``destroy``, ``doctor``, ``scaleq up``) use of a provider."""
+
     name: str
 
-    async def list(self, group: Group) -> list[ProviderWorker]: ...
+    async def workers(self, group: Group) -> list[ProviderWorker]:
+        """The group's workers, found by label on the provider itself."""
+        ...
+
     async def start(self, group: Group, count: int) -> list[str]: ...
     async def stop(self, group: Group, worker_id: str, *, force: bool = False) -> None: ...
-    async def destroy(self, group: Group) -> list[str]:
-        """Remove everything this provider created for the group; return what was removed."""
+    async def reap(self, group: Group, worker_ids: Collection[str]) -> set[str]:
+        """These listed workers left the server: free what still holds them; return those now being removed."""
+        ...
+
+    async def wait_gone(self, group: Group, timeout: float) -> bool:
+        """Wait until no worker of the group is listed; False on timeout."""
+        ...
+
+    async def destroy(self, group: Group, grace: float = DESTROY_GRACE) -> list[str]:
+        """Remove everything this provider created for the group; return the workers removed."""
         ...
 
     async def health(self) -> Health: ...
+    async def close(self) -> None: ...
+
+
+class ProviderBase(ABC):
+    """The shared lifecycle, written once over the provider's primitives (see the module's docstring)."""
+
+    name: str
+    #: How often ``wait_gone`` looks.
+    poll_every: float = 0.25
+    #: How long ``destroy`` waits for the workers it stopped again after the grace.
+    force_grace: float = 5.0
+
+    # -- the primitives -----------------------------------------------------------------------------------------------
+
+    @abstractmethod
+    async def workers(self, group: Group) -> list[ProviderWorker]: ...
+
+    @abstractmethod
+    async def start(self, group: Group, count: int) -> list[str]: ...
+
+    @abstractmethod
+    async def stop(self, group: Group, worker_id: str, *, force: bool = False) -> None: ...
+
+    @abstractmethod
+    async def health(self) -> Health: ...
+
+    # -- the lifecycle ------------------------------------------------------------------------------------------------
+
+    async def reap(self, group: Group, worker_ids: Collection[str]) -> set[str]:
+        return set()  # the worker's process, container, pod or machine ends with it
+
+    async def close(self) -> None:
+        return None
+
+    async def wait_gone(self, group: Group, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while await self.workers(group):
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(self.poll_every)
+        return True
+
+    async def destroy(self, group: Group, grace: float = DESTROY_GRACE) -> list[str]:
+        drained = await self.drain_then_force(group, grace, self.force_grace)
+        await self.clean_up(group, drained)
+        return [w.id for w in drained]
+
+    async def drain_then_force(self, group: Group, grace: float, force_grace: float) -> list[ProviderWorker]:
+        """Ask every worker to drain; after ``grace`` s stop what is left again (:meth:`stop_after_grace`) and wait
+        ``force_grace`` s more. Returns the workers found at first."""
+        workers = await self.workers(group)
+        for w in workers:
+            if w.status != "stopping":  # already draining: another SIGTERM would make it hand its jobs back
+                await self.stop(group, w.id)
+        if workers and not await self.wait_gone(group, grace):
+            for w in await self.workers(group):
+                await self.stop_after_grace(group, w.id)
+            await self.wait_gone(group, force_grace)
+        return workers
+
+    async def stop_after_grace(self, group: Group, worker_id: str) -> None:
+        """What ``destroy`` does to a worker still there after the grace: force it."""
+        await self.stop(group, worker_id, force=True)
+
+    async def clean_up(self, group: Group, drained: list[ProviderWorker]) -> None:
+        """What ``destroy`` removes after the workers: whatever the provider keeps besides them."""
+        return None
+
+
+async def start_each(group: Group, ids: list[str], start_one: Callable[[str], Awaitable[str]]) -> list[str]:
+    """Start the workers ``ids`` at once. When some fail, those that started run on (they carry labels: the next
+    ``workers`` finds them), and the first failure is raised."""
+    results = await asyncio.gather(*(start_one(i) for i in ids), return_exceptions=True)
+    started = [r for r in results if isinstance(r, str)]
+    failures = [r for r in results if isinstance(r, BaseException)]
+    if failures:
+        if started:
+            log.warning("group %s: started %s, but %d failed", group.name, ", ".join(started), len(failures))
+        raise failures[0]
+    return started

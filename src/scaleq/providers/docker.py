@@ -8,9 +8,9 @@ Design:
   worker removes it from the environment its jobs inherit; anyone who can ``docker inspect`` can read it, but they
   control the engine anyway), next to ``group.env``.
 - **Labels are the state**: ``scaleq.managed=true``, ``scaleq.grid``, ``scaleq.group``, ``scaleq.worker-id`` and
-  ``scaleq.version`` (``Group.version()``). ``list`` finds workers by label only, so a restarted controller,
-  another provider instance, ``destroy`` and ``doctor`` all see what the engine runs. ``list`` also keeps house: a
-  worker that drained exits 0 and an exited container has no use, so ``list`` removes exited containers (and
+  ``scaleq.version`` (``Group.version()``). ``workers`` finds workers by label only, so a restarted controller,
+  another provider instance, ``destroy`` and ``doctor`` all see what the engine runs. ``workers`` also keeps house: a
+  worker that drained exits 0 and an exited container has no use, so ``workers`` removes exited containers (and
   anything the dead worker's jobs left labelled with its id), logging the output of those that failed. The worker
   id is ``scaleq.worker-id``, not ``scaleq.worker``: the docker runtime labels a worker's *job* containers and
   volumes ``scaleq.managed=true, scaleq.worker=<id>``, and a starting worker removes everything so labelled as the
@@ -58,7 +58,15 @@ from docker.types import DeviceRequest, Mount
 
 from scaleq.grid import Group
 from scaleq.jobs import RuntimeKind
-from scaleq.providers.base import Health, ProviderError, ProviderWorker, new_worker_id, wait_gone, worker_args
+from scaleq.providers.base import (
+    Health,
+    ProviderBase,
+    ProviderError,
+    ProviderWorker,
+    new_worker_id,
+    start_each,
+    worker_args,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -74,8 +82,10 @@ HANDBACK_GRACE = 5.0
 _EXITED = re.compile(r"Exited \((-?\d+)\)")
 
 
-class DockerProvider:
+class DockerProvider(ProviderBase):
     name = "docker"
+    poll_every = 0.2
+    force_grace = HANDBACK_GRACE
 
     def __init__(
         self,
@@ -133,7 +143,7 @@ class DockerProvider:
         except (DockerException, OSError) as exc:
             raise self._unreachable(exc) from exc
 
-    def close(self) -> None:
+    async def close(self) -> None:
         with self._lock:
             if self._client is not None:
                 self._client.close()
@@ -200,7 +210,7 @@ class DockerProvider:
 
     # -- the provider interface -------------------------------------------------------------------------------------
 
-    async def list(self, group: Group) -> list[ProviderWorker]:
+    async def workers(self, group: Group) -> list[ProviderWorker]:
         def scan(client: docker.DockerClient) -> tuple[list[ProviderWorker], list[str]]:
             found, gone = [], []
             for c in client.containers.list(all=True, filters=self._filters(group), sparse=True):
@@ -266,22 +276,13 @@ class DockerProvider:
 
         await self._call(f"look up image {image}", check_image)
         ids = [new_worker_id(self.grid, group.name) for _ in range(count)]
-        results = await asyncio.gather(
-            *(
-                self._call(
-                    f"start worker {i} of group {group.name}", lambda _, i=i: self._create_and_start(group, image, i)
-                )
-                for i in ids
+        return await start_each(
+            group,
+            ids,
+            lambda i: self._call(
+                f"start worker {i} of group {group.name}", lambda _: self._create_and_start(group, image, i)
             ),
-            return_exceptions=True,
         )
-        started = [r for r in results if isinstance(r, str)]
-        failures = [r for r in results if isinstance(r, BaseException)]
-        if failures:
-            if started:  # they run and carry labels: the next list() finds them
-                log.warning("group %s: started %s, but %d failed", group.name, ", ".join(started), len(failures))
-            raise failures[0]
-        return started
 
     async def stop(self, group: Group, worker_id: str, *, force: bool = False) -> None:
         def signal(client: docker.DockerClient) -> bool:
@@ -297,36 +298,28 @@ class DockerProvider:
                 return False
             try:
                 c.kill(signal="SIGKILL" if force else "SIGTERM")
-            except (NotFound, APIError) as exc:  # 409: not running any more; list() removes it
+            except (NotFound, APIError) as exc:  # 409: not running any more; workers() removes it
                 log.debug("signal to %s: %s", c.name, _explain(exc))
             return True
 
-        self._stopping.add(worker_id)  # before the signal: a list() meanwhile must not call it running
+        self._stopping.add(worker_id)  # before the signal: a workers() call meanwhile must not call it running
         if not await self._call(f"stop worker {worker_id}", signal):
             self._stopping.discard(worker_id)
 
-    async def wait_gone(self, group: Group, timeout: float) -> bool:
-        return await wait_gone(self, group, timeout, every=0.2)
+    async def stop_after_grace(self, group: Group, worker_id: str) -> None:
+        await self.stop(group, worker_id)  # the second SIGTERM: the worker hands its jobs back and exits
 
-    async def destroy(self, group: Group, grace: float = 15.0) -> list[str]:
-        """Drain every worker of the group; after ``grace`` s hand their jobs back; then remove everything."""
-        workers = await self.list(group)
-        for w in workers:
-            await self.stop(group, w.id)
-        if workers and not await self.wait_gone(group, grace):
-            for w in await self.list(group):
-                await self.stop(group, w.id)  # the second SIGTERM: the worker hands its jobs back and exits
-            await self.wait_gone(group, HANDBACK_GRACE)
+    async def clean_up(self, group: Group, drained: list[ProviderWorker]) -> None:
+        """Remove every container of the group with force, and what the drained workers' jobs left behind."""
 
         def remove_all(client: docker.DockerClient) -> None:
             for c in client.containers.list(all=True, filters=self._filters(group), sparse=True):
                 _remove(c)
-            for w in workers:
+            for w in drained:
                 _sweep_jobs(client, w.id)
 
         await self._call(f"remove the containers of group {group.name}", remove_all)
-        self._stopping.difference_update(w.id for w in workers)
-        return [w.id for w in workers]
+        self._stopping.difference_update(w.id for w in drained)
 
     async def health(self) -> Health:
         try:

@@ -15,11 +15,11 @@ Design:
   written and tested against) has no secrets endpoint, so ``env`` is what it offers. Anyone whose Fly token can read
   the app's machines can read the worker token in their config.
 - **Metadata is the state**: ``scaleq_managed=true``, ``scaleq_grid``, ``scaleq_group``, ``scaleq_worker_id`` and
-  ``scaleq_version`` (``Group.version()``) in ``config.metadata``. ``list`` asks for the app's machines (with
+  ``scaleq_version`` (``Group.version()``) in ``config.metadata``. ``workers`` asks for the app's machines (with
   ``metadata.<key>=<value>`` filters, which the current API honours and the 2024 one ignores) and keeps only those
   whose metadata match, so a restarted controller, another provider instance, ``destroy`` and ``doctor`` see what
   Fly runs. States: ``created``/``starting`` → starting, ``started`` → running, ``stopping``/``destroying`` →
-  stopping; ``stopped`` (and ``failed``, ``suspended``) machines are housekeeping: ``list`` destroys them, logging
+  stopping; ``stopped`` (and ``failed``, ``suspended``) machines are housekeeping: ``workers`` destroys them, logging
   the exit code of those that failed; ``destroyed`` ones are gone.
 - **Stopping**: ``stop`` sends ``SIGTERM`` (``POST …/signal``): the worker drains, exits 0 and its machine is
   destroyed; ``stop`` returns at once. A machine not started yet has nothing to drain and is destroyed at once.
@@ -29,7 +29,7 @@ Design:
 - **Credentials** from the usual places: ``FLY_API_TOKEN``, then ``FLY_ACCESS_TOKEN``, then flyctl's
   ``~/.fly/config.yml`` (``access_token``), sent as ``Authorization: Bearer <token>`` (a ``FlyV1 …`` macaroon token is
   sent as it is, as flyctl does). A missing or refused token, or a missing app, is a :class:`ProviderError` (from
-  ``list``/``start``, so from ``plan``/``apply``) and an unhealthy :class:`Health` (``doctor``) that says what to do.
+  ``workers``/``start``, so from ``plan``/``apply``) and an unhealthy :class:`Health` (``doctor``) that says what to do.
 - **Retries**: 429 and 5xx answers and transport errors are retried with bounded exponential backoff (honouring a
   ``Retry-After`` of a few seconds). A create that may have happened (a 5xx, a lost answer) is looked up by name
   before it is sent again, so a retry never makes a second machine for one worker.
@@ -49,7 +49,16 @@ from urllib.parse import quote, urlparse
 import httpx
 
 from scaleq.grid import FlySettings, Group
-from scaleq.providers.base import Health, ProviderError, ProviderWorker, new_worker_id, wait_gone, worker_args
+from scaleq.providers.base import (
+    DESTROY_GRACE,
+    Health,
+    ProviderBase,
+    ProviderError,
+    ProviderWorker,
+    new_worker_id,
+    start_each,
+    worker_args,
+)
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +112,9 @@ def check_size(fly: FlySettings) -> str | None:
     return None
 
 
-class FlyProvider:
+class FlyProvider(ProviderBase):
     name = "fly"
+    poll_every = 0.5
 
     def __init__(
         self,
@@ -304,7 +314,7 @@ class FlyProvider:
 
     # -- the provider interface -------------------------------------------------------------------------------------
 
-    async def list(self, group: Group) -> list[ProviderWorker]:
+    async def workers(self, group: Group) -> list[ProviderWorker]:
         fly = self._settings(group)
         found, live = [], set()
         for m in await self._machines(fly, group):
@@ -343,14 +353,7 @@ class FlyProvider:
         fly = self._settings(group)
         self._check_group(group, fly)
         ids = [new_worker_id(self.grid, group.name) for _ in range(count)]
-        results = await asyncio.gather(*(self._create(fly, group, i) for i in ids), return_exceptions=True)
-        started = [r for r in results if isinstance(r, str)]
-        failures = [r for r in results if isinstance(r, BaseException)]
-        if failures:
-            if started:  # they run and carry metadata: the next list() finds them
-                log.warning("group %s: started %s, but %d failed", group.name, ", ".join(started), len(failures))
-            raise failures[0]
-        return started
+        return await start_each(group, ids, lambda i: self._create(fly, group, i))
 
     async def _create(self, fly: FlySettings, group: Group, worker_id: str) -> str:
         body = {"name": worker_id, "region": fly.region, "config": self.machine_config(group, worker_id)}
@@ -409,7 +412,7 @@ class FlyProvider:
             return
         if not force and (worker_id in self._stopping or state in _STOPPING):
             return  # already asked: a second SIGTERM would make the worker hand its jobs back
-        self._stopping.add(worker_id)  # before the signal: a list() meanwhile must not call it running
+        self._stopping.add(worker_id)  # before the signal: a workers() call meanwhile must not call it running
         r = await self._send(fly, "POST", f"{path}/signal", what="signal a machine", json={"signal": "SIGTERM"})
         if force:
             r = await self._send(
@@ -421,24 +424,15 @@ class FlyProvider:
             )
         if r.status_code in (401, 403) or r.status_code >= 500:
             raise self._refusal(r, fly, f"stop machine {m['id']} of worker {worker_id}")
-        if r.status_code >= 300:  # 404, 409, 412: it is not running any more; list() cleans up
+        if r.status_code >= 300:  # 404, 409, 412: it is not running any more; workers() cleans up
             log.debug("fly: stop %s: %s %s", worker_id, r.status_code, _error_text(r))
 
-    async def wait_gone(self, group: Group, timeout: float) -> bool:
-        return await wait_gone(self, group, timeout, every=0.5)
-
-    async def destroy(self, group: Group, grace: float = 15.0) -> list[str]:
+    async def destroy(self, group: Group, grace: float = DESTROY_GRACE) -> list[str]:
         """Drain every worker of the group; after ``grace`` s force the rest; then delete every machine."""
         fly = self._settings(group)
         machines = await self._machines(fly, group)
-        removed = [_worker_id(m) for m in machines]
-        workers = await self.list(group)
-        for w in workers:
-            await self.stop(group, w.id)
-        if workers and not await self.wait_gone(group, grace):
-            for w in await self.list(group):
-                await self.stop(group, w.id, force=True)
-            await self.wait_gone(group, HANDBACK_GRACE)
+        removed = [_worker_id(m) for m in machines]  # ended machines too: workers() destroys those
+        await self.drain_then_force(group, grace, HANDBACK_GRACE)
         for m in await self._machines(fly, group):
             r = await self._send(
                 fly, "DELETE", f"/apps/{_q(fly.app)}/machines/{_q(m['id'])}", what="destroy", params={"force": "true"}

@@ -4,6 +4,8 @@ Each worker is a child process in its own session (a Ctrl-C of ``scaleq up`` doe
 drains it). Its label is a small JSON record in ``<state_dir>/<grid>/<group>/<worker id>.json`` with the pid and
 start time; the process's command line carries the worker id too, so a reused pid is never mistaken for a worker.
 After a restart the records let the controller adopt the workers still running instead of starting duplicates.
+``destroy`` is the skeleton's (:class:`~scaleq.providers.base.ProviderBase`): drain, then SIGKILL what is still
+there after the grace.
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ import time
 from pathlib import Path
 
 from scaleq.grid import Group
-from scaleq.providers.base import Health, ProviderWorker, new_worker_id, wait_gone, worker_args
+from scaleq.providers.base import Health, ProviderBase, ProviderWorker, new_worker_id, worker_args
 
 
-class LocalProvider:
+class LocalProvider(ProviderBase):
     name = "local"
+    poll_every = 0.1
 
     def __init__(self, *, grid: str, server: str, token: str, state_dir: Path, log_dir: Path) -> None:
         self.grid = grid
@@ -47,7 +50,7 @@ class LocalProvider:
             return False
         return record["id"].encode() in cmdline
 
-    async def list(self, group: Group) -> list[ProviderWorker]:
+    async def workers(self, group: Group) -> list[ProviderWorker]:
         found = []
         directory = self._dir(group)
         for path in sorted(directory.glob("*.json")) if directory.exists() else []:
@@ -120,21 +123,9 @@ class LocalProvider:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(record["pid"], signal.SIGKILL if force else signal.SIGTERM)
 
-    async def wait_gone(self, group: Group, timeout: float) -> bool:
-        return await wait_gone(self, group, timeout)
-
-    async def destroy(self, group: Group, grace: float = 15.0) -> list[str]:
-        """Drain every worker of the group; kill what is still there after ``grace`` seconds."""
-        workers = await self.list(group)
-        for w in workers:
-            await self.stop(group, w.id)
-        if not await self.wait_gone(group, grace):
-            for w in await self.list(group):
-                await self.stop(group, w.id, force=True)
-            await self.wait_gone(group, 5.0)
+    async def clean_up(self, group: Group, drained: list[ProviderWorker]) -> None:
         with contextlib.suppress(OSError):
             self._dir(group).rmdir()
-        return [w.id for w in workers]
 
     async def health(self) -> Health:
         return Health(True, f"local processes via {sys.executable}")

@@ -21,7 +21,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from scaleq.grid import Group
@@ -40,7 +40,10 @@ class Observer(Protocol):
     """Where the controller reads signals and writes what it did (the store in-process, the API remotely)."""
 
     async def demand(self, group: Group) -> Demand: ...
-    async def registered(self, group: Group) -> list[Worker]: ...
+    async def registered(self, group: Group) -> list[Worker]:
+        """The group's workers as the server knows them, gone ones included (it keeps them a while)."""
+        ...
+
     async def drain(self, worker_id: str) -> None: ...
     async def record(
         self, group: str, kind: str, from_count: int | None, to_count: int | None, reason: str
@@ -60,6 +63,7 @@ class GroupLoop:
     last: Decision | None = None
     pending: dict[str, float] = field(default_factory=dict)  # started, not registered yet
     early_exits: int = 0  # started workers that vanished without ever registering, in a row
+    known: set[str] = field(default_factory=set)  # listed workers seen registered (not gone) with the server
     crash_backoff: float = 5.0
     recorded: tuple[int, int] | None = None  # (current, desired) last written as the group's status
     recorded_at: float = float("-inf")
@@ -84,7 +88,7 @@ class Controller:
     async def run(self) -> None:
         for loop in self.loops:
             with contextlib.suppress(Exception):
-                adopted = await loop.provider.list(loop.group)
+                adopted = await loop.provider.workers(loop.group)
                 if adopted:
                     await self.observer.record(
                         loop.group.name,
@@ -108,8 +112,11 @@ class Controller:
             return None
         try:
             demand = await self.observer.demand(g) if g.signal.kind == "server" else await read_external(g.signal)
-            provider_workers = await loop.provider.list(g)
+            provider_workers = await loop.provider.workers(g)
             registered = await self.observer.registered(g)
+            if left := self._left(loop, provider_workers, registered):
+                reaped = await loop.provider.reap(g, left)
+                provider_workers = [replace(w, status="stopping") if w.id in reaped else w for w in provider_workers]
             if await self._crash_looping(loop, provider_workers, registered, now):
                 return None
             views = worker_views(provider_workers, registered)
@@ -171,12 +178,21 @@ class Controller:
         loop.early_exits = 2  # one more early exit after the pause trips this again
         await self.observer.record(g.name, "error", None, None, reason)
 
+    @staticmethod
+    def _left(loop: GroupLoop, provider_workers: list[ProviderWorker], registered: list[Worker]) -> set[str]:
+        """The listed workers that have left the server: marked gone, or seen registered and forgotten since. The
+        provider is told (``reap``): where a machine outlives its worker, only the controller knows it is empty."""
+        listed = {w.id for w in provider_workers}
+        states = {w.id: w.state for w in registered}
+        loop.known = (loop.known | {i for i, state in states.items() if state != "gone"}) & listed
+        return {i for i in listed if states.get(i) == "gone" or (i in loop.known and i not in states)}
+
     async def _crash_looping(
         self, loop: GroupLoop, provider_workers: list[ProviderWorker], registered: list[Worker], now: float
     ) -> bool:
         """Track started workers until they register; True (and pause the group) when they keep dying first."""
         listed = {w.id for w in provider_workers}
-        known = {w.id for w in registered}
+        known = {w.id for w in registered if w.state != "gone"}
         for worker_id in list(loop.pending):
             if worker_id in known:
                 del loop.pending[worker_id]

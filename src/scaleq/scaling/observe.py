@@ -32,7 +32,9 @@ class StoreObserver:
         return Demand(self.clock(), queued, running, capped=queued >= limit)
 
     async def registered(self, group: Group) -> list[Worker]:
-        return [w for w in await self.store.list_workers(queue=group.queue) if w.group == group.name]
+        # gone ones too: the controller tells the provider which workers left
+        workers = await self.store.list_workers(queue=group.queue, include_gone=True)
+        return [w for w in workers if w.group == group.name]
 
     async def drain(self, worker_id: str) -> None:
         await self.store.set_worker_state(worker_id, "draining")
@@ -63,7 +65,8 @@ class RemoteObserver:
         return Demand(d["at"], d["queued"], d["running"], capped=d["queued"] >= limit)
 
     async def registered(self, group: Group) -> list[Worker]:
-        return [w for w in await self.client.workers() if w.group == group.name and w.queue == group.queue]
+        workers = await self.client.workers(include_gone=True)
+        return [w for w in workers if w.group == group.name and w.queue == group.queue]
 
     async def drain(self, worker_id: str) -> None:
         await self.client.drain_worker(worker_id)

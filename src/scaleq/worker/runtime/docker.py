@@ -76,6 +76,7 @@ from docker.models.containers import Container
 from docker.models.volumes import Volume
 from docker.types import CancellableStream, DeviceRequest, Mount
 
+from scaleq.loop import spawn_daemon
 from scaleq.worker.runtime.base import LogSink, RunResult, RunSpec, RuntimeUnavailable, result_for_exit, uncancellable
 
 log = logging.getLogger(__name__)
@@ -379,7 +380,8 @@ class DockerRuntime:
                 container.start()
             except APIError as e:
                 return e
-            _spawn(container.wait, loop, exited)  # no timeout: the SDK waits as long as the job runs
+            # no timeout: the SDK waits as long as the job runs
+            spawn_daemon(container.wait, loop, exited, "scaleq-docker")
             return None
 
         since = int(time.time()) - 1  # for the engine's events (see _oom_killed)
@@ -487,25 +489,6 @@ def _remove(obj: Container | Volume) -> None:
 
 def _explain(e: DockerException) -> str:
     return str(getattr(e, "explanation", None) or e)
-
-
-def _spawn(fn: Callable[[], T], loop: asyncio.AbstractEventLoop, fut: asyncio.Future[T]) -> None:
-    """Run a call that blocks for the job's whole duration on a daemon thread of its own; its outcome settles ``fut``
-    (made beforehand in ``loop``). Callable from any thread."""
-
-    def settle(ok: bool, value: Any) -> None:
-        if not fut.done():
-            fut.set_result(value) if ok else fut.set_exception(value)
-
-    def target() -> None:
-        try:
-            ok, value = True, fn()
-        except BaseException as e:
-            ok, value = False, e
-        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
-            loop.call_soon_threadsafe(settle, ok, value)
-
-    threading.Thread(target=target, daemon=True, name="scaleq-docker").start()
 
 
 def _pump_logs(stream: Any, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[Any]) -> None:

@@ -1,0 +1,412 @@
+"""The gcp provider: reconciliation — a group's template and MIG made to match it — and the primitives on top.
+
+``start`` makes sure the group's template and MIG exist with the MIG on the current version's template, then creates
+named instances; ``stop`` deletes one named instance; ``reap`` deletes the instances of workers the controller says
+left; ``destroy`` deletes the MIG and every template of the group. See the package's docstring for the design.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Collection
+from typing import TypeVar
+
+from google.api_core import exceptions as gexc
+from google.auth.credentials import Credentials
+from google.cloud import compute_v1
+
+from scaleq.grid import GcpSettings, Group
+from scaleq.providers.base import DESTROY_GRACE, Health, ProviderBase, ProviderError, ProviderWorker, Status
+from scaleq.providers.gcp.api import Api, Apis
+from scaleq.providers.gcp.credentials import describe
+from scaleq.providers.gcp.resources import (
+    label_value,
+    mig_name,
+    mig_resource,
+    template_name,
+    template_path,
+    template_resource,
+    version_of,
+    worker_name,
+)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_STOPPING_ACTIONS = {"DELETING", "ABANDONING", "STOPPING", "SUSPENDING"}
+_STOPPING_STATUS = {"STOPPING", "PENDING_STOP", "SUSPENDING", "DEPROVISIONING"}
+
+
+class GcpProvider(ProviderBase):
+    name = "gcp"
+
+    def __init__(
+        self,
+        *,
+        grid: str,
+        server: str,
+        token: str,
+        settings: GcpSettings | None = None,
+        credentials: Credentials | None = None,
+        api_timeout: float = 60.0,
+        operation_timeout: float = 600.0,
+        credentials_timeout: float = 10.0,
+        metadata_probe_timeout: float = 1.0,
+        server_grace: float = 300.0,
+        poll_interval: float = 1.0,
+    ) -> None:
+        self.grid = grid
+        self.server = server
+        self.token = token
+        self.settings = settings  # for health(); the other calls use their group's own settings
+        self.api_timeout = api_timeout
+        self.operation_timeout = operation_timeout
+        self.server_grace = server_grace
+        self.poll_interval = poll_interval
+        self.poll_every = poll_interval
+        self._apis = Apis(
+            credentials,
+            api_timeout=api_timeout,
+            operation_timeout=operation_timeout,
+            credentials_timeout=credentials_timeout,
+            metadata_probe_timeout=metadata_probe_timeout,
+        )
+        self._seen: dict[str, float] = {}  # instance name → when this provider started or first saw it
+        self._listed: dict[str, compute_v1.ManagedInstance] = {}  # the instances of the latest workers(), by name
+        self._deleting: set[str] = set()  # instances this provider asked the MIG to delete, until they are gone
+
+    # -- the API ----------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _settings(group: Group) -> GcpSettings:
+        if group.gcp is None:
+            raise ProviderError(f"group {group.name}: a gcp group needs a [groups.gcp] table with project and region")
+        return group.gcp
+
+    async def _run(self, settings: GcpSettings, what: str, fn: Callable[[Api], T]) -> T:
+        return await self._apis.run(settings, what, fn)
+
+    def _wait(self, api: Api, s: GcpSettings, op: compute_v1.Operation, what: str) -> None:
+        self._apis.wait(api, s, op, what)
+
+    async def close(self) -> None:
+        self._apis.close()
+
+    # -- what a group is on GCP -------------------------------------------------------------------------------------
+
+    def _mig(self, group: Group) -> str:
+        return mig_name(self.grid, group.name)
+
+    def _template(self, group: Group) -> str:
+        return template_name(self.grid, group.name, group.version())
+
+    # -- synchronous steps (in a thread) ----------------------------------------------------------------------------
+
+    def _managed(self, api: Api, group: Group) -> list[compute_v1.ManagedInstance] | None:
+        """The MIG's instances (every page), or None when there is no MIG."""
+        s = self._settings(group)
+        try:
+            pager = api.migs.list_managed_instances(
+                project=s.project, region=s.region, instance_group_manager=self._mig(group), timeout=self.api_timeout
+            )
+            return list(pager)
+        except gexc.NotFound:
+            return None
+
+    def _ensure_template(self, api: Api, group: Group) -> None:
+        s = self._settings(group)
+        name = self._template(group)
+        try:
+            api.templates.get(project=s.project, region=s.region, instance_template=name, timeout=self.api_timeout)
+            return
+        except gexc.NotFound:
+            pass
+        try:
+            op = api.templates.insert_unary(
+                project=s.project,
+                region=s.region,
+                instance_template_resource=template_resource(
+                    self.grid, group, s, self.server, self.token, self.server_grace
+                ),
+                timeout=self.api_timeout,
+            )
+        except gexc.Conflict:  # made meanwhile (another controller or apply)
+            return
+        self._wait(api, s, op, f"create instance template {name}")
+        log.info("group %s: created instance template %s", group.name, name)
+
+    def _ensure(self, api: Api, group: Group) -> None:
+        """Make the group's template and MIG exist, with the MIG on the template of the group's current version."""
+        s = self._settings(group)
+        if group.resources.gpus:
+            raise ProviderError(
+                f"group {group.name}: the gcp provider cannot attach GPUs yet (it would need an accelerator type in "
+                "[groups.gcp]); use a machine type with GPUs built in through another provider, or set gpus = 0"
+            )
+        wanted = self._template(group)
+        try:
+            mig = api.migs.get(
+                project=s.project, region=s.region, instance_group_manager=self._mig(group), timeout=self.api_timeout
+            )
+        except gexc.NotFound:
+            mig = None
+        if mig is not None and mig.instance_template.rsplit("/", 1)[-1] == wanted:
+            return
+        self._ensure_template(api, group)
+        if mig is None:
+            try:
+                op = api.migs.insert_unary(
+                    project=s.project,
+                    region=s.region,
+                    instance_group_manager_resource=mig_resource(self.grid, group, s),
+                    timeout=self.api_timeout,
+                )
+                self._wait(api, s, op, f"create managed instance group {self._mig(group)}")
+                log.info("group %s: created managed instance group %s", group.name, self._mig(group))
+                return
+            except gexc.Conflict:
+                pass  # made meanwhile: point it at our template below
+        op = api.migs.set_instance_template_unary(
+            project=s.project,
+            region=s.region,
+            instance_group_manager=self._mig(group),
+            region_instance_group_managers_set_template_request_resource=(
+                compute_v1.RegionInstanceGroupManagersSetTemplateRequest(instance_template=template_path(s, wanted))
+            ),
+            timeout=self.api_timeout,
+        )
+        self._wait(api, s, op, f"set instance template {wanted} on {self._mig(group)}")
+        log.info("group %s: new workers get instance template %s", group.name, wanted)
+        self._prune_templates(api, group)
+
+    def _group_templates(self, api: Api, group: Group) -> list[str]:
+        """Names of the templates labelled as this group's (every page)."""
+        s = self._settings(group)
+        found = []
+        for t in api.templates.list(project=s.project, region=s.region, timeout=self.api_timeout):
+            tags = t.properties.labels
+            if (
+                tags.get("scaleq-managed") == "true"
+                and tags.get("scaleq-grid") == label_value(self.grid)
+                and tags.get("scaleq-group") == label_value(group.name)
+            ):
+                found.append(t.name)
+        return found
+
+    def _delete_template(self, api: Api, group: Group, name: str) -> bool:
+        s = self._settings(group)
+        try:
+            op = api.templates.delete_unary(
+                project=s.project, region=s.region, instance_template=name, timeout=self.api_timeout
+            )
+        except gexc.NotFound:
+            return False
+        self._wait(api, s, op, f"delete instance template {name}")
+        return True
+
+    def _prune_templates(self, api: Api, group: Group) -> None:
+        """Delete the group's templates that neither the MIG nor any of its instances uses."""
+        used = {self._template(group)}
+        for mi in self._managed(api, group) or []:
+            if mi.version.instance_template:
+                used.add(mi.version.instance_template.rsplit("/", 1)[-1])
+        for name in self._group_templates(api, group):
+            if name in used:
+                continue
+            try:
+                if self._delete_template(api, group, name):
+                    log.info("group %s: deleted unused instance template %s", group.name, name)
+            except (gexc.BadRequest, ProviderError) as exc:  # in use after all: the next switch tries again
+                log.debug("group %s: template %s kept: %s", group.name, name, exc)
+
+    def _delete_instances(self, api: Api, group: Group, urls: list[str]) -> None:
+        s = self._settings(group)
+        op = api.migs.delete_instances_unary(
+            project=s.project,
+            region=s.region,
+            instance_group_manager=self._mig(group),
+            region_instance_group_managers_delete_instances_request_resource=(
+                compute_v1.RegionInstanceGroupManagersDeleteInstancesRequest(
+                    instances=urls, skip_instances_on_validation_error=True
+                )
+            ),
+            timeout=self.api_timeout,
+        )
+        names = ", ".join(u.rsplit("/", 1)[-1] for u in urls)
+        self._wait(api, s, op, f"delete instance(s) {names} of {self._mig(group)}")
+
+    # -- the provider interface -------------------------------------------------------------------------------------
+
+    async def workers(self, group: Group) -> list[ProviderWorker]:
+        s = self._settings(group)
+        managed = await self._run(s, f"list the instances of group {group.name}", lambda api: self._managed(api, group))
+        if not managed:
+            self._forget(set())
+            return []
+        now = time.time()
+        found = []
+        for mi in managed:
+            started = self._seen.setdefault(mi.name, now)
+            action, status = mi.current_action, mi.instance_status
+            state: Status
+            if mi.name in self._deleting or action in _STOPPING_ACTIONS or status in _STOPPING_STATUS:
+                state = "stopping"
+            elif action == "NONE" and status == "RUNNING":
+                state = "running"
+            else:
+                state = "starting"
+            template = mi.version.instance_template
+            zone = mi.instance.split("/zones/", 1)[-1].split("/", 1)[0] if "/zones/" in mi.instance else "?"
+            detail = f"instance {mi.name} in {zone}: {action.lower() or 'none'}, {status or 'no status yet'}"
+            found.append(
+                ProviderWorker(
+                    mi.name,
+                    group.name,
+                    started,
+                    state,
+                    detail + (f", template {template.rsplit('/', 1)[-1]}" if template else ""),
+                    version_of(self.grid, group.name, template) if template else "",
+                )
+            )
+        self._forget({mi.name for mi in managed})
+        self._listed = {mi.name: mi for mi in managed}
+        return sorted(found, key=lambda w: (w.started_at, w.id))
+
+    def _forget(self, present: set[str]) -> None:
+        for name in set(self._seen) - present:
+            del self._seen[name]
+        self._deleting &= present
+        self._listed = {}
+
+    async def reap(self, group: Group, worker_ids: Collection[str]) -> set[str]:
+        """Delete the instances of these workers, which left the server: a VM outlives its worker (a drained worker
+        exits 0, and the container is not restarted). Only instances the latest ``workers`` saw settled (no action
+        under way) and not being deleted already are asked for, each once."""
+        reap = [
+            mi
+            for name in worker_ids
+            if (mi := self._listed.get(name)) is not None and mi.current_action == "NONE" and name not in self._deleting
+        ]
+        if not reap:
+            return set()
+        s = self._settings(group)
+        names = {mi.name for mi in reap}
+        self._deleting |= names
+        try:
+            await self._run(
+                s,
+                f"delete the instances of group {group.name} whose workers left",
+                lambda api: self._delete_instances(api, group, [mi.instance for mi in reap]),
+            )
+        except BaseException:
+            self._deleting -= names
+            raise
+        log.info("group %s: deleted instance(s) %s, whose workers left", group.name, ", ".join(mi.name for mi in reap))
+        return names
+
+    async def start(self, group: Group, count: int) -> list[str]:
+        if count <= 0:
+            return []
+        s = self._settings(group)
+        names = [worker_name(self.grid, group.name) for _ in range(count)]
+
+        def create(api: Api) -> None:
+            self._ensure(api, group)
+            op = api.migs.create_instances_unary(
+                project=s.project,
+                region=s.region,
+                instance_group_manager=self._mig(group),
+                region_instance_group_managers_create_instances_request_resource=(
+                    compute_v1.RegionInstanceGroupManagersCreateInstancesRequest(
+                        instances=[compute_v1.PerInstanceConfig(name=n) for n in names]
+                    )
+                ),
+                timeout=self.api_timeout,
+            )
+            self._wait(api, s, op, f"create instance(s) {', '.join(names)} in {self._mig(group)}")
+
+        await self._run(s, f"start {count} worker(s) of group {group.name}", create)
+        now = time.time()
+        for n in names:
+            self._seen[n] = now
+        return names
+
+    async def stop(self, group: Group, worker_id: str, *, force: bool = False) -> None:
+        """Delete the worker's instance — that one and no other. The VM shuts down: the worker gets SIGTERM."""
+        s = self._settings(group)
+
+        def delete(api: Api) -> None:
+            for mi in self._managed(api, group) or []:
+                if mi.name == worker_id:
+                    if mi.current_action not in ("DELETING", "ABANDONING"):
+                        self._delete_instances(api, group, [mi.instance])
+                    return
+
+        self._deleting.add(worker_id)  # before the call: a list() meanwhile must not delete it again
+        try:
+            await self._run(s, f"stop worker {worker_id} of group {group.name}", delete)
+        except BaseException:
+            self._deleting.discard(worker_id)
+            raise
+
+    async def destroy(self, group: Group, grace: float = DESTROY_GRACE) -> list[str]:
+        """Delete the MIG (with its instances), wait until it is gone, then every template labelled as the group's.
+        (No drain first: each VM's shutdown gives its worker a SIGTERM, whatever ``grace`` says.)"""
+        s = self._settings(group)
+        mig = self._mig(group)
+
+        def remove(api: Api) -> list[str]:
+            workers = [mi.name for mi in self._managed(api, group) or []]
+            try:
+                op = api.migs.delete_unary(
+                    project=s.project, region=s.region, instance_group_manager=mig, timeout=self.api_timeout
+                )
+                self._wait(api, s, op, f"delete managed instance group {mig}")
+                deadline = time.monotonic() + self.operation_timeout
+                while True:  # its templates stay in use until the group is gone
+                    api.migs.get(
+                        project=s.project, region=s.region, instance_group_manager=mig, timeout=self.api_timeout
+                    )
+                    if time.monotonic() > deadline:
+                        raise ProviderError(
+                            f"managed instance group {mig} still there {self.operation_timeout:g} s after its deletion"
+                        )
+                    time.sleep(self.poll_interval)
+            except gexc.NotFound:
+                pass
+            for name in self._group_templates(api, group):
+                self._delete_template(api, group, name)
+                log.info("group %s: deleted instance template %s", group.name, name)
+            return workers
+
+        removed = await self._run(s, f"destroy group {group.name}", remove)
+        self._forget(set())
+        return removed
+
+    async def health(self) -> Health:
+        s = self.settings
+        if s is None:
+            return Health(False, "no [groups.gcp] settings: give project and region")
+        try:
+            region = await self._run(
+                s,
+                f"read region {s.region} of project {s.project}",
+                lambda api: api.regions.get(project=s.project, region=s.region, timeout=self.api_timeout),
+            )
+        except ProviderError as exc:
+            return Health(False, str(exc))
+        zones = [z.rsplit("/", 1)[-1] for z in region.zones]
+        unknown = [z for z in s.zones if z not in zones]
+        if unknown:
+            return Health(
+                False,
+                f"zone(s) {', '.join(unknown)} are not in region {s.region} (its zones: {', '.join(zones)}): fix "
+                "[groups.gcp] zones",
+            )
+        who = describe(self._apis.credentials, s)
+        return Health(
+            True,
+            f"Compute Engine API{f' at {s.api_endpoint}' if s.api_endpoint else ''}: project {s.project}, region "
+            f"{s.region} ({region.status or 'status unknown'}), zones {', '.join(s.zones or zones)}; {who}",
+        )
