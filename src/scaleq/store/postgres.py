@@ -38,7 +38,7 @@ from scaleq.store.base import FinishResult, NotFound, SchemaTooNew, Submission, 
 from scaleq.store.queries import load
 from scaleq.store.sql import SQLStore
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: worker_tokens
 CHANNEL = "scaleq"
 #: Keys whose NOTIFY goes out at once: they wake workers parked in a claim (and the autoscaler, with "any").
 URGENT = ("queue:", "worker:")

@@ -4,11 +4,17 @@ One connection, owned by one thread (a single writer is SQLite's nature, and WAL
 fast). WAL mode with ``synchronous=NORMAL`` survives ``kill -9`` of the server — a committed transaction is in the
 WAL before the call returns; ``durability="strict"`` uses ``synchronous=FULL`` for power-loss safety too. The schema
 version is ``PRAGMA user_version``.
+
+The database holds job env values and token hashes: its file is made 0600 before SQLite opens it (SQLite gives its
+``-wal`` and ``-shm`` files the database file's mode), and files left looser by an older version are tightened.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sqlite3
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,7 +23,7 @@ from scaleq.store.base import SchemaTooNew
 from scaleq.store.queries import load
 from scaleq.store.sql import SQLStore
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: worker_tokens
 
 
 class SQLiteStore(SQLStore):
@@ -46,7 +52,12 @@ class SQLiteStore(SQLStore):
 
     def _open_sync(self) -> None:
         if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            Path(self.path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+            for name in (self.path, f"{self.path}-wal", f"{self.path}-shm"):
+                with contextlib.suppress(FileNotFoundError, PermissionError):
+                    if stat.S_IMODE(os.stat(name).st_mode) & 0o077:
+                        os.chmod(name, 0o600)
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         conn.row_factory = sqlite3.Row
         conn.execute("PRAGMA journal_mode=WAL")

@@ -77,7 +77,7 @@ class DemandQuery(BaseModel):
     limit: int | None = Field(default=None, ge=0)
 
 
-@router.get("/groups", response_model=list[GroupOut], dependencies=[require("view")])
+@router.get("/groups", response_model=list[GroupOut], dependencies=[require("grid:read")])
 async def groups(ctx: C) -> list[GroupOut]:
     return [
         GroupOut(
@@ -106,7 +106,7 @@ async def delete_group(name: str, ctx: C) -> None:
     await ctx.store.delete_group(name)
 
 
-@router.get("/events", response_model=list[EventOut], response_model_by_alias=True, dependencies=[require("view")])
+@router.get("/events", response_model=list[EventOut], response_model_by_alias=True, dependencies=[require("grid:read")])
 async def events(
     ctx: C,
     group: str | None = None,
@@ -125,7 +125,7 @@ async def record_event(body: EventIn, ctx: C) -> None:
     await ctx.store.record_event(body.group, body.kind, body.from_, body.to, body.reason, ctx.now())
 
 
-@router.post("/demand", response_model=DemandOut, dependencies=[require("view")])
+@router.post("/demand", response_model=DemandOut, dependencies=[require("grid:read")])
 async def demand(body: DemandQuery, ctx: C) -> DemandOut:
     """Jobs of ``queue`` that workers with ``capabilities`` could run: queued and running.
 
