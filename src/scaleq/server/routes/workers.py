@@ -13,6 +13,7 @@ by several workers (one per group is the default) owns all of them. An admin tok
 from __future__ import annotations
 
 import base64
+import binascii
 import io
 import tarfile
 import time
@@ -21,7 +22,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Header, HTTPException, Request, Response, status
 from pydantic import BaseModel, Field
 
-from scaleq.jobs import Claim, Job, RuntimeKind, Worker
+from scaleq.jobs import MAX_SIZE, Claim, Job, RuntimeKind, Worker
 from scaleq.server import metrics
 from scaleq.server.auth import Caller, WorkerCaller, require
 from scaleq.server.notify import wait_any
@@ -38,12 +39,12 @@ class Registration(BaseModel):
     group: str | None = None
     slots: int = Field(ge=1, le=1024)
     runtimes: list[RuntimeKind]
-    cpus: float = Field(gt=0)
-    memory: int | None = None
-    gpus: int = Field(default=0, ge=0)
-    tags: list[str] = Field(default_factory=list)
+    cpus: float = Field(gt=0, le=1_000_000)
+    memory: int | None = Field(default=None, ge=0, le=MAX_SIZE)
+    gpus: int = Field(default=0, ge=0, le=1_000_000)
+    tags: list[str] = Field(default_factory=list, max_length=1000)
     host_network: bool = False
-    hostname: str = ""
+    hostname: str = Field(default="", max_length=255)
 
 
 class Registered(BaseModel):
@@ -55,7 +56,7 @@ class Registered(BaseModel):
 class FinishBody(BaseModel):
     lease: str
     reason: Literal["success", "failed", "timed_out", "cancelled"]
-    exit_code: int | None = None
+    exit_code: int | None = Field(default=None, ge=-(2**31), le=2**32 - 1, description="a process's exit status")
     error: str | None = Field(default=None, max_length=10_000)
 
 
@@ -267,7 +268,15 @@ async def release(body: LeaseBody, ctx: C, who: WorkerCaller) -> Job | None:
 @router.post("/leases/logs", status_code=204)
 async def append_logs(body: LogsBody, ctx: C, who: WorkerCaller) -> Response:
     await _own_lease(ctx, who, body.lease)
-    chunks = [(c.stream, base64.b64decode(c.data)) for c in body.chunks]
+    chunks = []
+    for n, c in enumerate(body.chunks):
+        try:
+            chunks.append((c.stream, base64.b64decode(c.data, validate=True)))
+        except (binascii.Error, ValueError) as exc:
+            raise HTTPException(
+                status.HTTP_422_UNPROCESSABLE_CONTENT,
+                [{"loc": ["body", "chunks", n, "data"], "msg": "is not base64", "type": "value_error"}],
+            ) from exc
     job_id = await ctx.store.append_logs(body.lease, chunks, ctx.now())
     ctx.notifier.notify(f"logs:{job_id}")
     return Response(status_code=204)
