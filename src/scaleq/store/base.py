@@ -291,3 +291,14 @@ def unavailable_errors() -> tuple[type[Exception], ...]:
     except ImportError:
         return ()
     return (psycopg.OperationalError, PoolTimeout, PoolClosed)
+
+
+def invalid_value_errors() -> tuple[type[Exception], ...]:
+    """Exceptions that mean "the database cannot hold a value the request carried" (a NUL in a text, a number out
+    of range): a bad request, answered 422. The API bounds what it can at the edge; this is the net under it."""
+    errors: list[type[Exception]] = [OverflowError]  # sqlite3: an integer past 64 bits
+    try:
+        import psycopg
+    except ImportError:
+        return tuple(errors)
+    return (*errors, psycopg.DataError)
