@@ -22,7 +22,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Header, HTTPException, Request, Response, status
 from pydantic import BaseModel, Field, field_validator
 
-from scaleq.jobs import MAX_SIZE, TAG, Claim, Job, RuntimeKind, Worker, validate_queue_name
+from scaleq.jobs import MAX_SIZE, Claim, Job, RuntimeKind, Worker, validate_queue_name
 from scaleq.server import metrics
 from scaleq.server.auth import Caller, WorkerCaller, require
 from scaleq.server.notify import wait_any
@@ -51,19 +51,12 @@ class Registration(BaseModel):
     def _queue(cls, v: str) -> str:
         return validate_queue_name(v)
 
-    @field_validator("group", "hostname")
+    @field_validator("group", "hostname", "tags")
     @classmethod
-    def _text(cls, v: str | None) -> str | None:
-        if v is not None and (len(v) > 255 or any(ord(ch) < 32 for ch in v)):
-            raise ValueError("must be at most 255 characters, without control characters")
-        return v
-
-    @field_validator("tags")
-    @classmethod
-    def _tags(cls, v: list[str]) -> list[str]:
-        for tag in v:
-            if not TAG.match(tag):
-                raise ValueError(f"{tag!r} is not a tag (letters, digits and ._:/=- up to 63 characters)")
+    def _text(cls, v: str | list[str] | None) -> str | list[str] | None:
+        for text in [v] if isinstance(v, str) else v or []:
+            if len(text) > 255 or any(ord(ch) < 32 for ch in text):
+                raise ValueError("must be at most 255 characters, without control characters")
         return v
 
 
