@@ -6,12 +6,18 @@ job's id, so submitting the same definition to the same queue twice is the same 
 
 Input files are part of the definition by content: the definition records each input's path and sha256, and the
 bytes travel separately as blobs. Two submits of the same command over different input bytes are different jobs.
+
+Every field is bounded here, so nothing a client sends can overflow a database column or a process table later:
+numbers have ranges, sizes a ceiling (:data:`MAX_SIZE`), and a job's argv and environment the limits of an
+``exec`` on Linux (:data:`MAX_ARG_BYTES` per string, :data:`MAX_EXEC_BYTES` in all). A definition past them is
+refused at submit with a 422 naming the field, not stored and returned by every listing.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from enum import StrEnum
 from typing import Any, Literal
@@ -27,6 +33,15 @@ _UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 #: Upper bound on max_duration (30 days): anything longer is a typo, not a job.
 MAX_DURATION_LIMIT = 30 * 24 * 3600
 DEFAULT_MAX_DURATION = 3600
+#: Largest size (memory, a file) anything may name: 1 EiB, far past any machine, well inside a signed 64-bit column.
+MAX_SIZE = 2**60
+#: Longest single argument or env entry (``NAME=value``): Linux's MAX_ARG_STRLEN; exec refuses longer ones.
+MAX_ARG_BYTES = 128 * 1024
+#: Most bytes of command, entrypoint and env together (each string + 1): half of Linux's usual 2 MiB ARG_MAX.
+MAX_EXEC_BYTES = 1024 * 1024
+#: Longest input path (PATH_MAX) and path component (NAME_MAX), in bytes.
+MAX_PATH_BYTES = 4096
+MAX_NAME_BYTES = 255
 
 
 class State(StrEnum):
@@ -62,18 +77,25 @@ def parse_duration(value: str) -> float:
 
 def parse_size(value: int | float | str) -> int:
     """Bytes from ``512m``, ``2GiB``, ``1.5g`` or a plain number of bytes (binary units, as Docker reads them)."""
-    if isinstance(value, bool):
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
         raise ValueError("expected a size such as 512m or 2GiB")
     if isinstance(value, int | float):
-        size = int(value)
+        number = float(value)
     else:
         m = _SIZE.match(value)
         if not m:
             raise ValueError(f"{value!r} is not a size; use bytes or a number with k, m, g or t (e.g. 512m, 2GiB)")
-        size = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+        number = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    if not math.isfinite(number) or number > MAX_SIZE:
+        raise ValueError(f"{value!r} is too large: at most {MAX_SIZE // _UNITS['t']}t (1 EiB)")
+    size = int(value) if isinstance(value, int) else int(number)
     if size <= 0:
         raise ValueError("must be positive")
     return size
+
+
+def _utf8_len(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))
 
 
 def parse_env_pair(pair: str) -> tuple[str, str]:
@@ -93,7 +115,9 @@ class Requirements(BaseModel):
 
     cpus: float = Field(default=1.0, gt=0, le=1024, description="CPU cores (a limit in the docker runtime)")
     gpus: int = Field(default=0, ge=0, le=64, description="GPUs, passed to the engine as a device request")
-    memory: int | None = Field(default=None, description="bytes; accepts 512m, 2GiB (a hard limit in docker)")
+    memory: int | None = Field(
+        default=None, ge=1, le=MAX_SIZE, description="bytes; accepts 512m, 2GiB (a hard limit in docker)"
+    )
 
     @field_validator("memory", mode="before")
     @classmethod
@@ -108,7 +132,7 @@ class InputFile(BaseModel):
 
     path: str = Field(description="relative path under /inputs")
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    size: int = Field(ge=0)
+    size: int = Field(ge=0, le=MAX_SIZE)
     mode: int = Field(default=0o444, ge=0, le=0o777)
 
     @field_validator("path")
@@ -117,6 +141,12 @@ class InputFile(BaseModel):
         parts = v.split("/")
         if not v or v.startswith("/") or any(p in ("", ".", "..") for p in parts):
             raise ValueError(f"{v!r} must be a relative path without '.', '..' or empty parts")
+        if "\0" in v:
+            raise ValueError("must not contain a NUL character")
+        if _utf8_len(v) > MAX_PATH_BYTES or any(_utf8_len(p) > MAX_NAME_BYTES for p in parts):
+            raise ValueError(
+                f"is too long: at most {MAX_PATH_BYTES} bytes, and {MAX_NAME_BYTES} per directory or file name"
+            )
         return v
 
 
@@ -125,14 +155,18 @@ class JobDefinition(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    image: str | None = Field(default=None, description="container image; none means the process runtime")
+    image: str | None = Field(
+        default=None, max_length=1024, description="container image; none means the process runtime"
+    )
     command: list[str] = Field(min_length=1, description="argv of the job")
     entrypoint: list[str] | None = None
     env: dict[str, str] = Field(default_factory=dict)
-    workdir: str | None = None
-    inputs: list[InputFile] = Field(default_factory=list)
+    workdir: str | None = Field(default=None, max_length=MAX_PATH_BYTES)
+    inputs: list[InputFile] = Field(default_factory=list, max_length=100_000)
     max_duration: int = Field(default=DEFAULT_MAX_DURATION, gt=0, le=MAX_DURATION_LIMIT, description="seconds")
-    tags: list[str] = Field(default_factory=list, description="a worker must carry all of them to run the job")
+    tags: list[str] = Field(
+        default_factory=list, max_length=64, description="a worker must carry all of them to run the job"
+    )
     requirements: Requirements = Field(default_factory=Requirements)
     network: Literal["none", "host"] = Field(
         default="none", description="'host' runs only on workers started with --allow-host-network"
@@ -143,6 +177,11 @@ class JobDefinition(BaseModel):
     def _argv(cls, v: list[str] | None) -> list[str] | None:
         if v is not None and (not v or any(not isinstance(a, str) for a in v) or v[0] == ""):
             raise ValueError("must be a non-empty list of strings whose first item is not empty")
+        for n, arg in enumerate(v or ()):
+            if "\0" in arg:
+                raise ValueError(f"item {n} contains a NUL character, which no argv can carry")
+            if _utf8_len(arg) > MAX_ARG_BYTES:
+                raise ValueError(f"item {n} is {_utf8_len(arg)} bytes; an argument may be at most {MAX_ARG_BYTES}")
         return v
 
     @field_validator("image")
@@ -155,9 +194,13 @@ class JobDefinition(BaseModel):
     @field_validator("env")
     @classmethod
     def _env(cls, v: dict[str, str]) -> dict[str, str]:
-        for key in v:
+        for key, value in v.items():
             if not ENV_NAME.match(key):
                 raise ValueError(f"{key!r} is not a valid variable name")
+            if "\0" in value:
+                raise ValueError(f"{key}: the value contains a NUL character, which no environment can carry")
+            if _utf8_len(key) + 1 + _utf8_len(value) > MAX_ARG_BYTES:
+                raise ValueError(f"{key}: NAME=value is over {MAX_ARG_BYTES} bytes, more than exec accepts")
         return v
 
     @field_validator("workdir")
@@ -180,6 +223,17 @@ class JobDefinition(BaseModel):
         paths = [i.path for i in self.inputs]
         if len(paths) != len(set(paths)):
             raise ValueError("inputs: two input files have the same path")
+        return self
+
+    @model_validator(mode="after")
+    def _exec_size(self) -> JobDefinition:
+        strings = [*self.command, *(self.entrypoint or ()), *(f"{k}={v}" for k, v in self.env.items())]
+        total = sum(_utf8_len(s) + 1 for s in strings)
+        if total > MAX_EXEC_BYTES:
+            raise ValueError(
+                f"command, entrypoint and env: {total} bytes together, over the limit of {MAX_EXEC_BYTES} "
+                "(pass large data as an input file instead)"
+            )
         return self
 
     @property
@@ -258,9 +312,9 @@ class Capabilities(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     runtimes: list[RuntimeKind] = Field(default_factory=lambda: [RuntimeKind.docker])
-    cpus: float = Field(default=1.0, gt=0)
-    memory: int | None = None
-    gpus: int = Field(default=0, ge=0)
+    cpus: float = Field(default=1.0, gt=0, le=1_000_000)
+    memory: int | None = Field(default=None, ge=0, le=MAX_SIZE)
+    gpus: int = Field(default=0, ge=0, le=1_000_000)
     tags: list[str] = Field(default_factory=list)
     host_network: bool = False
 

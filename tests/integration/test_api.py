@@ -115,7 +115,13 @@ async def test_inputs_must_come_with_their_bytes(live: LiveServer) -> None:
         # once the server has the bytes, a resubmit may omit them
         again, created = await c.submit(SubmitRequest(queue="q", definition=d))
         assert again.id == job.id and not created
+    await register(live)
     async with live.client("worker") as w:
+        with pytest.raises(ApiError) as e:  # a worker token reads the inputs of the jobs its workers hold only
+            await w.blob(sha)
+        assert e.value.status == 403
+        claims, _, _ = await w.claim("w1", 1, wait=0)
+        assert [cl.job.id for cl in claims] == [job.id]
         assert await w.blob(sha) == data
 
 
@@ -150,7 +156,10 @@ async def test_batch_submit_answers_in_order_and_is_all_or_nothing(live: LiveSer
         assert [created for _, created in done] == [True] * 5 and done[4][0].queue == "q2"
         again = await c.submit_many(reqs[:2])
         assert [(job.id, created) for job, created in again] == [(done[0][0].id, False), (done[1][0].id, False)]
+    await register(live, queue="q2")
     async with live.client("worker") as w:
+        claims, _, _ = await w.claim("w1", 1, wait=0)  # the job of q2, which reads the input
+        assert [cl.job.id for cl in claims] == [done[4][0].id]
         assert await w.blob(sha) == data
 
 

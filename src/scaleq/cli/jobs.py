@@ -26,6 +26,7 @@ from scaleq.cli.common import (
     err,
     fail,
     out,
+    sanitize,
     size,
     table,
     with_client,
@@ -365,6 +366,14 @@ def logs(
     job_id: Annotated[str, typer.Argument(help="Job id or a unique prefix.")],
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing until the job finishes.")] = False,
     attempt: Annotated[int | None, typer.Option(help="Attempt number \\[default: the latest].")] = None,
+    raw: Annotated[
+        bool,
+        typer.Option(
+            "--raw",
+            help="Write the output as the job wrote it, escape sequences included, also to a terminal "
+            "(by default a terminal gets control characters as \\xNN).",
+        ),
+    ] = False,
     output: OutputOpt = Output.table,
     server: ServerOpt = None,
     token: TokenOpt = None,
@@ -381,7 +390,8 @@ def logs(
                     collected.append(c)
                 else:
                     stream = sys.stderr if c["stream"] != "stdout" else sys.stdout
-                    stream.write(c["data"])
+                    # a terminal gets no escape sequence a job wrote; a pipe or a file gets the output as it was
+                    stream.write(c["data"] if raw or not stream.isatty() else sanitize(c["data"]))
                     stream.flush()
             after = page["next"]
             if not page["chunks"] and (not follow or page["state"] == "finished"):

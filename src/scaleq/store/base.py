@@ -266,7 +266,23 @@ class Store(Protocol):
     async def create_token(self, token_id: str, name: str, role: str, token_hash: str, now: float) -> None: ...
     async def find_token(self, token_hash: str) -> TokenRecord | None: ...
     async def list_tokens(self) -> list[TokenRecord]: ...
-    async def revoke_token(self, token_id: str, now: float) -> bool: ...
+    async def revoke_token(self, token_id: str, now: float) -> bool:
+        """False when no live token has that id, or it is the last live admin token (never revoked)."""
+        ...
+
+    # what a worker token owns: the workers registered with it, their leases, their running jobs' inputs
+    async def bind_worker(self, worker_id: str, token_id: str) -> bool:
+        """Bind a worker id to the token registering it; False when the id is a live worker of another token."""
+        ...
+
+    async def worker_token(self, worker_id: str) -> str | None: ...
+    async def lease_tokens(self, leases: list[str]) -> dict[str, str | None]:
+        """For each known lease, the token its worker is bound to (None: unbound); unknown leases are left out."""
+        ...
+
+    async def holds_input(self, token_id: str, sha256: str) -> bool:
+        """Whether a running job of a worker bound to the token has this blob among its inputs."""
+        ...
 
     # scaling records
     async def record_event(
@@ -286,3 +302,14 @@ def unavailable_errors() -> tuple[type[Exception], ...]:
     except ImportError:
         return ()
     return (psycopg.OperationalError, PoolTimeout, PoolClosed)
+
+
+def invalid_value_errors() -> tuple[type[Exception], ...]:
+    """Exceptions that mean "the database cannot hold a value the request carried" (a NUL in a text, a number out
+    of range): a bad request, answered 422. The API bounds what it can at the edge; this is the net under it."""
+    errors: list[type[Exception]] = [OverflowError]  # sqlite3: an integer past 64 bits
+    try:
+        import psycopg
+    except ImportError:
+        return tuple(errors)
+    return (*errors, psycopg.DataError)

@@ -466,7 +466,8 @@ class SQLStore:
     async def mark_gone_workers(self, cutoff: float, forget_before: float) -> list[str]:
         def op() -> list[str]:
             gone = [r["id"] for r in self._all("mark_gone_workers", cutoff=cutoff)]
-            self.db.execute(self.Q["forget_workers"], {"cutoff": forget_before})
+            if self.db.execute(self.Q["forget_workers"], {"cutoff": forget_before}).rowcount:
+                self.db.execute(self.Q["forget_worker_tokens"])
             return gone
 
         return await self.tx(op)
@@ -509,6 +510,23 @@ class SQLStore:
 
     async def revoke_token(self, token_id: str, now: float) -> bool:
         return await self._run(lambda: self._one("revoke_token", id=token_id, now=now) is not None)
+
+    async def bind_worker(self, worker_id: str, token_id: str) -> bool:
+        return await self._run(lambda: self._one("bind_worker", worker_id=worker_id, token_id=token_id) is not None)
+
+    async def worker_token(self, worker_id: str) -> str | None:
+        row = await self._run(self._one, "worker_token", worker_id=worker_id)
+        return row["token_id"] if row else None
+
+    async def lease_tokens(self, leases: list[str]) -> dict[str, str | None]:
+        def op() -> dict[str, str | None]:
+            found = {lease: self._one("lease_token", lease=lease) for lease in leases}
+            return {lease: row["token_id"] for lease, row in found.items() if row is not None}
+
+        return await self._run(op)
+
+    async def holds_input(self, token_id: str, sha256: str) -> bool:
+        return await self._run(lambda: self._one("holds_input", token_id=token_id, sha256=sha256) is not None)
 
     # -- scaling records --------------------------------------------------------------------------------------
 

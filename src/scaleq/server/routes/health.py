@@ -67,7 +67,7 @@ async def whoami(ctx: C, role: Annotated[str, Depends(_role)]) -> WhoAmI:
     return WhoAmI(role=role, server_time=ctx.now())
 
 
-@router.get("/health", response_model=HealthOut, dependencies=[require("view")])
+@router.get("/health", response_model=HealthOut, dependencies=[require("grid:read")])
 async def health(ctx: C, group: GroupsQuery = None) -> HealthOut:
     """The hops the server can see, each with what is wrong and how to fix it."""
     now = ctx.now()
@@ -85,7 +85,7 @@ async def health(ctx: C, group: GroupsQuery = None) -> HealthOut:
     )
 
 
-@router.get("/health/checks", response_model=list[CheckOut], dependencies=[require("view")])
+@router.get("/health/checks", response_model=list[CheckOut], dependencies=[require("grid:read")])
 async def health_checks(ctx: C, group: GroupsQuery = None) -> list[CheckOut]:
     """The server-side checks alone (the dashboard's health panel)."""
     checks = await server_side_checks(ctx.store, ctx.settings, ctx.now(), group or ())

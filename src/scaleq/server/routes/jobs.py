@@ -20,6 +20,8 @@ from scaleq.store.base import NotFound, Submission
 router = APIRouter(tags=["jobs"])
 #: Most jobs one batch submit may carry.
 MAX_BATCH = 1000
+#: Largest number a query may name (a signed 64-bit column).
+MAX_ID = 2**63 - 1
 
 
 class Submitted(BaseModel):
@@ -205,8 +207,8 @@ async def cancel(job_id: str, ctx: C) -> Job:
 async def logs(
     job_id: str,
     ctx: C,
-    attempt: Annotated[int | None, Query(ge=1, description="default: the latest attempt")] = None,
-    after: Annotated[int, Query(ge=0, description="return chunks after this seq")] = 0,
+    attempt: Annotated[int | None, Query(ge=1, le=MAX_ID, description="default: the latest attempt")] = None,
+    after: Annotated[int, Query(ge=0, le=MAX_ID, description="return chunks after this seq")] = 0,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
     wait_seconds: Annotated[float, Query(alias="wait", ge=0, description="long-poll for new output")] = 0,
 ) -> Logs:

@@ -32,14 +32,20 @@ class GroupOut(BaseModel):
     updated_at: float
 
 
+#: Most workers a count (of a group, in an event) may name: far past any grid, well inside a database integer.
+MAX_COUNT = 1_000_000
+#: Largest id a query may name (a signed 64-bit column).
+MAX_ID = 2**63 - 1
+
+
 class GroupIn(BaseModel):
     name: str
     queue: str
     provider: str
-    min: int = Field(ge=0)
-    max: int = Field(ge=0)
-    current: int = Field(ge=0)
-    desired: int = Field(ge=0)
+    min: int = Field(ge=0, le=MAX_COUNT)
+    max: int = Field(ge=0, le=MAX_COUNT)
+    current: int = Field(ge=0, le=MAX_COUNT)
+    desired: int = Field(ge=0, le=MAX_COUNT)
 
 
 class EventOut(BaseModel):
@@ -57,8 +63,8 @@ class EventOut(BaseModel):
 class EventIn(BaseModel):
     group: str
     kind: str = Field(max_length=40)
-    from_: int | None = Field(default=None, alias="from")
-    to: int | None = None
+    from_: int | None = Field(default=None, alias="from", ge=0, le=MAX_COUNT)
+    to: int | None = Field(default=None, ge=0, le=MAX_COUNT)
     reason: str = Field(max_length=4000)
 
 
@@ -74,10 +80,10 @@ class DemandQuery(BaseModel):
     capabilities: Capabilities
     wait: float = Field(default=0, ge=0)
     #: Count queued jobs only up to this many (an autoscaler needs no more than its group can run at once).
-    limit: int | None = Field(default=None, ge=0)
+    limit: int | None = Field(default=None, ge=0, le=MAX_ID)
 
 
-@router.get("/groups", response_model=list[GroupOut], dependencies=[require("view")])
+@router.get("/groups", response_model=list[GroupOut], dependencies=[require("grid:read")])
 async def groups(ctx: C) -> list[GroupOut]:
     return [
         GroupOut(
@@ -106,11 +112,11 @@ async def delete_group(name: str, ctx: C) -> None:
     await ctx.store.delete_group(name)
 
 
-@router.get("/events", response_model=list[EventOut], response_model_by_alias=True, dependencies=[require("view")])
+@router.get("/events", response_model=list[EventOut], response_model_by_alias=True, dependencies=[require("grid:read")])
 async def events(
     ctx: C,
     group: str | None = None,
-    after: Annotated[int, Query(ge=0)] = 0,
+    after: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
 ) -> list[EventOut]:
     """Scaling decisions and provider trouble, newest first."""
@@ -125,7 +131,7 @@ async def record_event(body: EventIn, ctx: C) -> None:
     await ctx.store.record_event(body.group, body.kind, body.from_, body.to, body.reason, ctx.now())
 
 
-@router.post("/demand", response_model=DemandOut, dependencies=[require("view")])
+@router.post("/demand", response_model=DemandOut, dependencies=[require("grid:read")])
 async def demand(body: DemandQuery, ctx: C) -> DemandOut:
     """Jobs of ``queue`` that workers with ``capabilities`` could run: queued and running.
 

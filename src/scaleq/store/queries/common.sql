@@ -116,6 +116,26 @@ UPDATE workers SET state = 'gone' WHERE state != 'gone' AND last_heartbeat < :cu
 -- name: forget_workers
 DELETE FROM workers WHERE state = 'gone' AND last_heartbeat < :cutoff;
 
+-- name: forget_worker_tokens
+DELETE FROM worker_tokens WHERE worker_id NOT IN (SELECT id FROM workers);
+
+-- name: bind_worker
+-- A worker id belongs to the token that registered it; it passes to another token only once the worker is gone
+-- (or forgotten). A row comes back when the id is (now) bound to :token_id.
+INSERT INTO worker_tokens (worker_id, token_id) VALUES (:worker_id, :token_id)
+ON CONFLICT (worker_id) DO UPDATE SET token_id = EXCLUDED.token_id
+ WHERE worker_tokens.token_id = EXCLUDED.token_id
+    OR NOT EXISTS (SELECT 1 FROM workers WHERE id = :worker_id AND state != 'gone')
+RETURNING token_id;
+
+-- name: worker_token
+SELECT token_id FROM worker_tokens WHERE worker_id = :worker_id;
+
+-- name: lease_token
+-- The worker an attempt's lease was handed to, and the token that worker is bound to (NULL: none).
+SELECT a.worker_id, w.token_id FROM attempts a LEFT JOIN worker_tokens w ON w.worker_id = a.worker_id
+ WHERE a.lease = :lease;
+
 -- name: insert_token
 INSERT INTO tokens (id, name, role, hash, created_at) VALUES (:id, :name, :role, :hash, :now);
 
@@ -126,7 +146,10 @@ SELECT * FROM tokens WHERE hash = :hash AND revoked_at IS NULL;
 SELECT id, name, role, created_at, revoked_at FROM tokens ORDER BY created_at;
 
 -- name: revoke_token
-UPDATE tokens SET revoked_at = :now WHERE id = :id AND revoked_at IS NULL RETURNING id;
+-- Never the last live admin token: nobody could make tokens any more.
+UPDATE tokens SET revoked_at = :now WHERE id = :id AND revoked_at IS NULL
+   AND (role != 'admin' OR (SELECT COUNT(*) FROM tokens WHERE role = 'admin' AND revoked_at IS NULL) > 1)
+RETURNING id;
 
 -- name: insert_event
 INSERT INTO events (at, grp, kind, from_count, to_count, reason) VALUES (:at, :grp, :kind, :from_count, :to_count, :reason);

@@ -199,3 +199,11 @@ DELETE FROM blobs
  WHERE CAST(:candidates AS JSONB) ? sha256
    AND sha256 NOT IN (SELECT sha256 FROM outputs)
    AND sha256 NOT IN (SELECT i ->> 'sha256' AS sha256 FROM jobs j, jsonb_array_elements(CAST(j.definition AS JSONB) -> 'inputs') i);
+
+-- name: holds_input
+-- Whether a running job of a worker bound to :token_id has the blob :sha256 among its inputs.
+SELECT 1 AS held FROM jobs j JOIN worker_tokens w ON w.worker_id = j.worker_id
+ WHERE w.token_id = :token_id AND j.state = 'running'
+   AND EXISTS (SELECT 1 FROM jsonb_array_elements(CAST(j.definition AS JSONB) -> 'inputs') i
+               WHERE i ->> 'sha256' = :sha256)
+ LIMIT 1;

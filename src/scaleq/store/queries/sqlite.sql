@@ -102,3 +102,11 @@ DELETE FROM blobs
  WHERE sha256 IN (SELECT value FROM json_each(:candidates))
    AND sha256 NOT IN (SELECT sha256 FROM outputs)
    AND sha256 NOT IN (SELECT json_extract(i.value, '$.sha256') AS sha256 FROM jobs j, json_each(j.definition, '$.inputs') i);
+
+-- name: holds_input
+-- Whether a running job of a worker bound to :token_id has the blob :sha256 among its inputs.
+SELECT 1 AS held FROM jobs j JOIN worker_tokens w ON w.worker_id = j.worker_id
+ WHERE w.token_id = :token_id AND j.state = 'running'
+   AND EXISTS (SELECT 1 FROM json_each(j.definition, '$.inputs') i
+               WHERE json_extract(i.value, '$.sha256') = :sha256)
+ LIMIT 1;
