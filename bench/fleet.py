@@ -26,9 +26,9 @@ per worker (the parked claim's and the one heartbeats take, as httpx's pool hold
 The HTTP client is a minimal HTTP/1.1 one on asyncio streams (uvloop, as the agent runs): httpx costs ~0.2-0.3 ms of
 CPU per request, and 10,000 workers beating every 2 s (``heartbeat_seconds`` is lease/3 capped at 2 s) make
 5,000+ requests/s — httpx alone would need more than the machine's two cores. The workers are spread over
-``--generators`` processes (default: one per 2,500 workers), each with its own event loop; each reports its CPU over
-the measured window and its event-loop lag, and a row where one exceeded 70 % of a core is flagged: its latencies
-may be the generator's, not the server's.
+``--generators`` processes (default: one per 2,500 workers), each with its own event loop; each reports its CPU
+over the measured window and its event-loop lag (the submitter its CPU), and a row where one exceeded 70 % of a core
+is flagged: its latencies may be the generator's, not the server's.
 
 **Modes.** ``idle``: no jobs (heartbeats and re-polled long-polls only). ``flow``: a submitter process (the project's
 ``Client.submit_many``, a batch every 0.2 s) submits ``N / 10`` one-second jobs per second, which keeps a tenth of
@@ -379,14 +379,15 @@ class SimWorker:
                 self.running[c["lease"]] = time.monotonic()
                 self.free.clear()
                 self.job = asyncio.create_task(self.run_job(c["lease"]))
-                if self.w.inside(sent):
-                    submitted = c["job"]["submitted_at"]
+                # a claim counts when the moment it could be answered falls in the window
+                submitted = c["job"]["submitted_at"]
+                if self.w.inside(max(sent, submitted)):
                     self.stats.jobs += 1
                     self.stats.submit_to_claimed.append(answered - submitted)
                     late = answered - max(sent, submitted)
                     self.stats.claim_answer.append(late)
                     self.stats.claim_answer_job.append(late)
-            if not data["claims"] and self.w.inside(sent) and data["state"] == "active":
+            if not data["claims"] and self.w.inside(sent + self.long_poll) and data["state"] == "active":
                 late = max(0.0, answered - (sent + self.long_poll))
                 self.stats.claim_answer.append(late)
                 self.stats.claim_late_empty.append(late)
@@ -488,6 +489,7 @@ async def submit_flow(servers: list[str], token: str, queue: str, rate: float, w
     tick = 0.2
     await asyncio.sleep(max(0.0, w.start + w.ramp - time.time()))
     t0 = time.monotonic()
+    first, cpu0 = t0, time.process_time()
     owed = 0.0
     try:
         while time.time() < w.measure_to:
@@ -517,7 +519,8 @@ async def submit_flow(servers: list[str], token: str, queue: str, rate: float, w
     finally:
         for c in clients:
             await c.close()
-    return {"submitted": sent, "failed": errors, "batch_p99": pct(latencies, 99)}
+    cpu = 100 * (time.process_time() - cpu0) / max(time.monotonic() - first, 1e-9)
+    return {"submitted": sent, "failed": errors, "batch_p99": pct(latencies, 99), "cpu_pct": round(cpu, 1)}
 
 
 def _submitter_proc(servers: list[str], token: str, queue: str, rate: float, plan: Any, out: Any) -> None:
@@ -816,6 +819,7 @@ def summarise(n: int, setup: str, mode: str, a: Args, m: Measured, lost: dict[st
         "jobs_claimed": sum(s["jobs"] for s in stats),
         "jobs_submitted": submitter.get("submitted"),
         "submit_failed": submitter.get("failed"),
+        "submitter_cpu_pct": submitter.get("cpu_pct"),
         "spurious": spurious,
         "spurious_detail": {
             **lost,
@@ -829,7 +833,7 @@ def summarise(n: int, setup: str, mode: str, a: Args, m: Measured, lost: dict[st
         "errors": dict(errors),
         "generator_cpu_pct": gen_cpu,
         "generator_loop_lag_p99_ms": [_ms(pct(s["loop_lag"], 99)) for s in stats],
-        "generator_saturated": any(c > GEN_CPU_LIMIT for c in gen_cpu),
+        "generator_saturated": any(c > GEN_CPU_LIMIT for c in [*gen_cpu, submitter.get("cpu_pct") or 0.0]),
     }
     misses = []
     if spurious:
@@ -959,8 +963,15 @@ def main() -> int:
     if args.generators is not None and args.generators < 1:
         ap.error("--generators must be at least 1")
     a = Args(args.duration, args.ramp, args.generators)
-    raise_fd_limit(4 * max(args.workers) + 4096)
-    console.print(f"[bold]machine[/bold]: {_pg.machine()}; fd limit {resource.getrlimit(resource.RLIMIT_NOFILE)[0]}")
+    fds = raise_fd_limit(4 * max(args.workers) + 4096)
+    most = max(args.workers)
+    if 2 * most + 512 > fds:  # two connections per worker, all on one server in the sqlite and postgres setups
+        console.print(
+            f"[yellow]warning: the open-file limit is {fds} (hard limit; raising it needs root/CAP_SYS_RESOURCE): "
+            f"a server holding {most:,} workers needs ~{2 * most + 512:,}; above ~{(fds - 512) // 2:,} workers per "
+            "server the rows measure this limit (ulimit -Hn), not scaleq[/yellow]"
+        )
+    console.print(f"[bold]machine[/bold]: {_pg.machine()}; open-file limit {fds}")
     rows: list[dict[str, Any]] = []
     started = time.monotonic()
     needs_pg = any(s != "sqlite" for s in args.setups)
