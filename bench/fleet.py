@@ -627,6 +627,7 @@ class Args:
     duration: float
     ramp: float
     generators: int | None
+    profile: Path | None = None  # py-spy the server(s) during the window, into this directory
 
 
 @dataclass
@@ -714,7 +715,10 @@ def drive(
             f"[dim]{setup} {mode} N={n:,}: {k_gen} generator(s), servers {', '.join(s.url for s in servers)}; "
             f"measuring {a.duration:.0f} s after a {a.ramp:.0f} s ramp[/dim]"
         )
+        spies = profile(a, w, servers, f"{setup}-{mode}-{n}")
         m = sample(w, [s.proc.pid for s in servers], pg, db)
+        for spy in spies:
+            spy.wait()
         m.gone, m.active = workers_by_state(servers[0], queue)
         for _ in procs:
             got = out.get(timeout=a.duration + 600)
@@ -731,6 +735,23 @@ def drive(
         for p, _ in procs:
             if p.is_alive():
                 p.kill()
+
+
+def profile(a: Args, w: Window, servers: list[Server], name: str) -> list[subprocess.Popen[bytes]]:
+    """``py-spy record`` of each server over the window (collapsed stacks of the threads on CPU)."""
+    if a.profile is None:
+        return []
+    a.profile.mkdir(parents=True, exist_ok=True)
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    time.sleep(max(0.0, w.measure_from - time.time()))
+    spies = []
+    for i, s in enumerate(servers):
+        seconds = str(max(1, int(w.measure_to - time.time())))
+        out = str(a.profile / f"{name}-{i}.txt")
+        cmd = [py_spy, "record", "--pid", str(s.proc.pid), "--rate", "100", "--format", "raw", "--nonblocking"]
+        cmd += ["--duration", seconds, "--output", out]
+        spies.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    return spies
 
 
 def sample(w: Window, pids: list[int], pg: Any, db: str | None) -> Measured:
@@ -957,12 +978,15 @@ def main() -> int:
     ap.add_argument("--ramp", type=float, default=20.0, help="seconds over which the workers register (default 20)")
     ap.add_argument("--generators", type=int, default=None, help="generator processes (default: one per 2,500)")
     ap.add_argument("--output", choices=("table", "json"), default="table")
+    ap.add_argument(
+        "--profile", type=Path, default=None, help="py-spy record the server(s) during the window, into DIR"
+    )
     args = ap.parse_args()
     if args.duration <= 0 or args.ramp < 0:
         ap.error("--duration must be > 0 and --ramp >= 0")
     if args.generators is not None and args.generators < 1:
         ap.error("--generators must be at least 1")
-    a = Args(args.duration, args.ramp, args.generators)
+    a = Args(args.duration, args.ramp, args.generators, args.profile)
     fds = raise_fd_limit(4 * max(args.workers) + 4096)
     most = max(args.workers)
     if 2 * most + 512 > fds:  # two connections per worker, all on one server in the sqlite and postgres setups
