@@ -191,7 +191,8 @@ async def run_store(name: str, url: str | None, levels: list[int], claims: int) 
                     f"  {name} {level:>7,} queued: claim1 p50 {r['claim1'][0] * 1000:.1f} ms, "
                     f"claim16 p50 {r['claim16'][0] * 1000:.1f} ms, queues {r['queues'][0] * 1000:.1f} ms, "
                     f"metrics {r['metrics'][0] * 1000:.1f} ms, jobs list {r['jobs'][0] * 1000:.1f} ms, "
-                    f"batch {r['batch_rate']:,.0f} jobs/s, RSS {r['rss'] / 2**20:.0f} MiB"
+                    f"batch {r['batch_rate']:,.0f} jobs/s, RSS {r['rss'] / 2**20:.0f} MiB "
+                    f"(filled at {r['fill_rate']:,.0f} jobs/s)"
                 )
         finally:
             await store.close()
