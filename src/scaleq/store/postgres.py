@@ -38,7 +38,7 @@ from scaleq.store.base import FinishResult, NotFound, SchemaTooNew, Submission, 
 from scaleq.store.queries import load
 from scaleq.store.sql import SQLStore
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 CHANNEL = "scaleq"
 #: Keys whose NOTIFY goes out at once: they wake workers parked in a claim (and the autoscaler, with "any").
 URGENT = ("queue:", "worker:")
@@ -112,6 +112,8 @@ class PostgresStore(SQLStore):
                     "upgrade scaleq"
                 )
             if version < SCHEMA_VERSION:
+                for step in range(version + 1, SCHEMA_VERSION + 1) if version else ():  # new: the schema whole
+                    conn.execute(self.Q[f"migrate_{step}"])
                 conn.execute(self.Q["schema"])
                 conn.execute(self.Q["set_schema_version"], {"version": SCHEMA_VERSION})
 

@@ -17,7 +17,7 @@ from scaleq.store.base import SchemaTooNew
 from scaleq.store.queries import load
 from scaleq.store.sql import SQLStore
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 class SQLiteStore(SQLStore):
@@ -58,6 +58,8 @@ class SQLiteStore(SQLStore):
             raise SchemaTooNew(
                 f"{self.path} has schema version {version}, newer than this scaleq ({SCHEMA_VERSION}): upgrade scaleq"
             )
+        for step in range(version + 1, SCHEMA_VERSION + 1) if version else ():  # new: the schema whole
+            conn.executescript(self.Q[f"migrate_{step}"])
         conn.executescript(self.Q["schema"])
         conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         self._conn = conn

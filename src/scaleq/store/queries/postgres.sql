@@ -27,6 +27,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     worker_id        TEXT,
     lease            TEXT UNIQUE,
     lease_expires_at DOUBLE PRECISION,
+    lease_graced_at  DOUBLE PRECISION,
     submitted_at     DOUBLE PRECISION NOT NULL,
     started_at       DOUBLE PRECISION,
     finished_at      DOUBLE PRECISION
@@ -119,6 +120,10 @@ SELECT max(version) AS version FROM scaleq_schema;
 
 -- name: set_schema_version
 INSERT INTO scaleq_schema (version) SELECT :version WHERE NOT EXISTS (SELECT 1 FROM scaleq_schema WHERE version >= :version);
+
+-- name: migrate_2
+-- Schema 1 → 2: when a lease last got the start-up grace (see extend_leases).
+ALTER TABLE jobs ADD COLUMN lease_graced_at DOUBLE PRECISION;
 
 -- name: get_job
 SELECT * FROM jobs WHERE id = :id;
@@ -314,7 +319,14 @@ UPDATE attempts SET ended_at = :now, outcome = 'lost'
  WHERE ended_at IS NULL AND lease NOT IN (SELECT lease FROM jobs WHERE lease IS NOT NULL);
 
 -- name: extend_leases
-UPDATE jobs SET lease_expires_at = greatest(lease_expires_at, :expires) WHERE state = 'running';
+-- The start-up grace: a fresh lease period for the running jobs of workers not marked gone, once per lease until
+-- its worker is heard from again (a heartbeat, or the claim itself): restarting servers cannot keep a dead worker's
+-- job, whose lease ends at the latest one lease period after the first server start since its worker's last word.
+UPDATE jobs SET lease_expires_at = greatest(lease_expires_at, :expires), lease_graced_at = :now
+ WHERE state = 'running'
+   AND EXISTS (SELECT 1 FROM workers w
+                WHERE w.id = jobs.worker_id AND w.state != 'gone'
+                  AND (jobs.lease_graced_at IS NULL OR jobs.lease_graced_at < greatest(jobs.started_at, w.last_heartbeat)));
 
 -- name: append_log
 INSERT INTO logs (job_id, attempt, stream, data, at) VALUES (:job_id, :attempt, :stream, :data, :now);
