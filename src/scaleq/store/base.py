@@ -238,9 +238,8 @@ class Store(Protocol):
 
     # housekeeping
     async def expire_leases(self, now: float) -> list[Expired]: ...
-    async def extend_leases(self, now: float, lease_seconds: float) -> None:
-        """The start-up grace: running leases of workers not gone get ``now + lease_seconds``, once per lease until
-        its worker is heard from again."""
+    # the start-up grace: running leases of workers not gone get now + lease_seconds, once until the worker speaks
+    async def extend_leases(self, now: float, lease_seconds: float) -> None: ...
     async def mark_gone_workers(self, cutoff: float, forget_before: float) -> list[str]: ...
 
     # views
