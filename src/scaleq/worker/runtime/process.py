@@ -60,6 +60,13 @@ class ProcessRuntime:
         """Nothing outlives a process group but its temp dir, removed at the end of each run."""
         return 0
 
+    async def others_attempts(self, worker_id: str) -> set[tuple[str, int]]:
+        """Other workers' jobs are theirs to stop (their watchdogs do it when they die)."""
+        return set()
+
+    async def reap_attempt(self, job_id: str, attempt: int) -> int:
+        return 0
+
     async def run(self, spec: RunSpec, on_log: LogSink) -> RunResult:
         d = spec.definition
         argv = [*(d.entrypoint or []), *d.command]
