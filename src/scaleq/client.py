@@ -203,6 +203,12 @@ class Client:
     async def drain_worker(self, worker_id: str) -> Worker:
         return Worker.model_validate(await self._json("POST", f"/workers/{worker_id}/drain"))
 
+    async def ended_attempts(self, worker_id: str, attempts: list[tuple[str, int]]) -> set[tuple[str, int]]:
+        """Of these (job id, attempt) pairs, those the server knows and has ended."""
+        body = {"attempts": [{"job_id": j, "attempt": a} for j, a in attempts]}
+        data = await self._json("POST", f"/workers/{worker_id}/ended-attempts", json=body)
+        return {(e["job_id"], e["attempt"]) for e in data["ended"]}
+
     async def deregister(self, worker_id: str) -> None:
         await self.request("DELETE", f"/workers/{worker_id}")
 

@@ -246,3 +246,19 @@ async def test_openapi_document_is_served(live: LiveServer) -> None:
     async with httpx.AsyncClient(base_url=live.url) as raw:
         doc = (await raw.get("/api/v1/openapi.json")).json()
     assert "/api/v1/jobs" in doc["paths"] and "/api/v1/workers/{worker_id}/claim" in doc["paths"]
+
+
+async def test_ended_attempts_names_only_attempts_the_server_knows_and_ended(live: LiveServer) -> None:
+    await register(live, "dead")
+    await register(live, "alive")
+    async with live.client("submit") as s, live.client("worker") as w, live.client("read") as r:
+        lost, _ = await s.submit(req("echo", "lost"))
+        (claim,), _, _ = await w.claim("dead", 1, wait=0)
+        await live.store.expire_leases(time.time() + 3600)  # the dead worker's lease ran out
+        (running,), _, _ = await w.claim("alive", 1, wait=0)  # its second attempt
+        asked = [(lost.id, 1), (running.job.id, running.attempt), ("f" * 64, 1)]  # the last: another grid's, say
+        assert await w.ended_attempts("alive", asked) == {(lost.id, 1)}
+        assert claim.job.id == running.job.id == lost.id and running.attempt == 2
+        with pytest.raises(ApiError) as refused:
+            await r.ended_attempts("alive", asked)
+        assert refused.value.status == 403

@@ -266,3 +266,51 @@ async def test_observers_count_the_queue_only_as_far_as_the_group_can_run(live: 
     assert decide(local, [], g.policy(), PolicyState(), local.at).reason.startswith("≥6 jobs waiting")
     roomy = await StoreObserver(live.store, Notifier(), time.time).demand(group(max_workers=20, slots=1))
     assert (roomy.queued, roomy.capped) == (10, False)
+
+
+class CountingProvider(LocalProvider):
+    """The local provider, noting the most workers it ever ran for the group right after each start."""
+
+    most = 0
+
+    async def start(self, group: Group, n: int) -> list[str]:
+        started = await super().start(group, n)
+        self.most = max(self.most, len(await self.list(group)))
+        return started
+
+
+async def test_draining_workers_count_toward_max_until_they_are_gone(live: LiveServer, tmp_path: Path) -> None:
+    g = group(max_workers=3)
+    provider = CountingProvider(
+        grid="t", server=live.url, token=live.tokens["worker"], state_dir=tmp_path / "w", log_dir=tmp_path / "l"
+    )
+    gate = tmp_path / "gate"
+    admin = live.client("admin")
+    controller = Controller([(g, provider)], RemoteObserver(admin), tick=0.2)
+    try:
+        async with controlling(controller):
+            wait = f"while [ ! -e {gate} ]; do sleep 0.05; done"
+            ids = [await submit(admin, "sh", "-c", f"{wait}; echo {i}") for i in range(5)]
+            await eventually(lambda: _count(provider, g, 3), timeout=15)
+            busy = await eventually(lambda: _busy_workers(admin, 3), timeout=15)
+            await admin.drain_worker(busy[0])
+            # the controller sees the drain and wants a replacement, but holds it while the drained worker runs
+            await eventually(lambda: _decided(controller, "1 draining count toward max 3 until they are gone"))
+            assert len(await provider.list(g)) == 3
+            gate.touch()
+            for job_id in ids:
+                await eventually(lambda j=job_id: _finished(admin, j), timeout=30)
+        assert provider.most <= 3
+    finally:
+        await provider.destroy(g, grace=5)
+        await admin.close()
+
+
+async def _busy_workers(c: Client, n: int) -> list[str] | None:
+    busy = [w.id for w in await c.workers() if w.busy]
+    return busy if len(busy) == n else None
+
+
+async def _decided(controller: Controller, words: str) -> bool:
+    last = controller.loops[0].last
+    return last is not None and words in last.reason

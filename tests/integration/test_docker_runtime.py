@@ -9,6 +9,7 @@ and copied out of a volume (what a remote engine gets).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
 import os
@@ -26,10 +27,14 @@ from typing import Any
 import docker
 import pytest
 
-from scaleq.jobs import InputFile, JobDefinition
+from scaleq.jobs import InputFile, JobDefinition, SubmitRequest
+from scaleq.server.settings import ServerSettings
+from scaleq.store.sqlite import SQLiteStore
 from scaleq.worker import transfer
+from scaleq.worker.agent import WorkerAgent, WorkerConfig
 from scaleq.worker.runtime.base import RunSpec, RuntimeUnavailable
 from scaleq.worker.runtime.docker import DockerRuntime, OutputsMode, _adopt_outputs, _extract_outputs
+from tests.helpers import eventually, serve
 
 pytestmark = pytest.mark.docker
 IMAGE = "scaleq-test/busybox:latest"
@@ -516,3 +521,66 @@ def test_an_engine_that_does_not_see_the_outputs_dir_gets_the_archive(tmp_path: 
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == '["success", false, "hi\\n"]'
+
+
+async def test_a_killed_workers_container_is_removed_by_a_worker_on_the_same_engine(
+    sqlite_store: SQLiteStore, client: docker.DockerClient, tmp_path: Path, worker_id: str
+) -> None:
+    """kill -9 of a ``scaleq worker`` mid-job leaves its container running on the engine: once the server has ended
+    that attempt (its lease ran out), a worker on the same engine stops and removes it."""
+    settings = ServerSettings(lease_seconds=3.0, sweep_interval=0.2, long_poll_max=2.0)
+    doomed_labels = {"label": ["scaleq.managed=true", f"scaleq.worker={worker_id}"]}
+    async with serve(sqlite_store, settings) as live:
+        doomed = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "scaleq", "worker", "--queue", "q", "--runtime", "docker", "--slots", "1"),
+            *("--worker-id", worker_id, "--server", live.url, "--token", live.tokens["worker"]),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        rescuer = WorkerAgent(
+            WorkerConfig(
+                server=live.url,
+                token=live.tokens["worker"],
+                queue="q",
+                runtimes={"docker": DockerRuntime(pull=False, kill_grace=1)},
+                slots=1,
+                worker_id=f"{worker_id}-rescuer",
+                cpus=1.0,
+                work_dir=tmp_path,
+            )
+        )
+        rescue: asyncio.Task[int] | None = None
+        job_ids: list[str] = []
+        try:
+            async with live.client("submit") as c:
+                definition = JobDefinition(image=IMAGE, command=["sleep", "1000"], max_duration=600)
+                job, _ = await c.submit(SubmitRequest(queue="q", definition=definition))
+                job_ids.append(job.id)
+
+            async def running() -> list[Any]:
+                return client.containers.list(filters={**doomed_labels, "status": "running"})
+
+            (first,) = await eventually(running, timeout=30, what="the first run's container")
+            doomed.kill()
+            await doomed.wait()
+            rescue = asyncio.create_task(rescuer.run())
+
+            async def removed() -> bool:
+                return client.containers.list(all=True, filters=doomed_labels) == []
+
+            # the lease runs out (3 s), then the rescuer's next look (once per lease) removes the container
+            await eventually(removed, timeout=3 * settings.lease_seconds + 5, what="the dead worker's container")
+            attempts = await live.store.list_attempts(job.id)
+            assert attempts[0].worker_id == worker_id and attempts[0].outcome == "lost"
+        finally:
+            if rescue is not None:
+                rescuer.request_drain()
+                rescuer.request_drain()
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(rescue, 15)
+            if doomed.returncode is None:
+                doomed.kill()
+                await doomed.wait()
+            for job_id in job_ids:
+                for leftover in client.containers.list(all=True, filters={"label": [f"scaleq.job={job_id}"]}):
+                    leftover.remove(force=True, v=True)

@@ -36,6 +36,7 @@ ALLOWED: dict[tuple[str, str], set[str]] = {
     ("POST", "/api/v1/workers"): WORKER,
     ("POST", "/api/v1/workers/{worker_id}/claim"): WORKER,
     ("POST", "/api/v1/workers/{worker_id}/heartbeat"): WORKER,
+    ("POST", "/api/v1/workers/{worker_id}/ended-attempts"): WORKER,
     ("POST", "/api/v1/workers/{worker_id}/drain"): ADMIN,
     ("DELETE", "/api/v1/workers/{worker_id}"): WORKER,
     ("POST", "/api/v1/leases/finish"): WORKER,

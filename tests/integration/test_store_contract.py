@@ -243,6 +243,41 @@ async def test_heartbeat_renews_only_the_leases_the_worker_holds(store: Store) -
     assert live == set()
 
 
+async def test_restarts_grant_a_dead_workers_lease_one_grace_only(store: Store) -> None:
+    """Every server start calls extend_leases: a dead worker's job must still come back after one lease + one grace,
+    however often servers restart; a live worker's job gets a grace at each restart that follows its heartbeat."""
+    await submit(store, definition("dead"))
+    await submit(store, definition("live"))
+    await worker(store, "dead")
+    await worker(store, "live")
+    (dead,) = await store.claim("dead", 1, T0, 5)
+    (live,) = await store.claim("live", 1, T0, 5)
+    await store.heartbeat("dead", T0 + 1, 5)  # its last word: the lease ends at T0 + 6
+    await store.heartbeat("live", T0 + 1, 5)
+    for restart in (T0 + 2, T0 + 4, T0 + 5.5):
+        await store.extend_leases(restart, 5)  # a server (re)starts
+        await store.heartbeat("live", restart + 0.1, 5)
+    # the dead worker's lease got one grace (T0 + 2 + 5) and no more; one lease + one grace after its last word
+    assert await store.expire_leases(T0 + 6.9) == []
+    expired = await store.expire_leases(T0 + 7.1)
+    assert [(e.job_id, e.state) for e in expired] == [(dead.job.id, "queued")]
+    assert (await store.get_job(live.job.id)).state == "running"
+    # a restart while the live worker cannot reach it: one grace past the lease its last heartbeat gave
+    await store.extend_leases(T0 + 10, 5)
+    assert await store.expire_leases(T0 + 14.9) == []
+    await store.extend_leases(T0 + 12, 5)  # not heard from since the last grace: no second one
+    assert [e.job_id for e in await store.expire_leases(T0 + 15.1)] == [live.job.id]
+
+
+async def test_no_start_up_grace_for_a_worker_marked_gone(store: Store) -> None:
+    await submit(store, definition("a"))
+    await worker(store)
+    (claim,) = await store.claim("w1", 1, T0, 5)
+    assert await store.mark_gone_workers(T0 + 1, T0 - 1) == ["w1"]
+    await store.extend_leases(T0 + 2, 5)
+    assert [e.job_id for e in await store.expire_leases(T0 + 5.1)] == [claim.job.id]
+
+
 async def test_cancel_queued_running_and_finished(store: Store) -> None:
     queued, _ = await submit(store, definition("q"))
     cancelled = await store.cancel(queued.id, T0)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -13,10 +16,11 @@ import pytest
 from scaleq.client import Unreachable
 from scaleq.jobs import Job, JobDefinition, SubmitRequest
 from scaleq.server.settings import ServerSettings
+from scaleq.store.base import Store
 from scaleq.store.sqlite import SQLiteStore
 from scaleq.worker.agent import WorkerAgent, WorkerConfig
 from scaleq.worker.runtime.process import ProcessRuntime
-from tests.helpers import LiveServer, serve
+from tests.helpers import LiveServer, eventually, serve
 
 
 def agent(live: LiveServer, wid: str = "w1", slots: int = 2, **kw: object) -> WorkerAgent:
@@ -250,3 +254,54 @@ async def test_a_claim_whose_answer_is_lost_goes_back_to_the_queue(live: LiveSer
     assert dropped and done.reason == "success" and done.attempts == 2
     attempts = await live.store.list_attempts(job.id)
     assert [x.outcome for x in attempts] == ["lost", "success"]
+
+
+def _running(pid: int) -> bool:
+    """Running (a zombie nobody reaped yet counts as stopped)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except FileNotFoundError:
+        return False
+    return stat[stat.rfind(b")") + 2 :].split()[0] != b"Z"
+
+
+async def test_a_killed_workers_process_job_stops_within_the_lease(any_store: Store, tmp_path: Path) -> None:
+    """kill -9 of a ``scaleq worker`` mid-job: the job (its session: the shell and its background child) is stopped
+    while its lease still holds, so before the job can run again elsewhere."""
+    settings = ServerSettings(lease_seconds=10.0, sweep_interval=0.2, long_poll_max=5.0)
+    main, child = tmp_path / "main.pid", tmp_path / "child.pid"
+    pids: list[int] = []
+    async with serve(any_store, settings) as live:
+        worker = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "scaleq", "worker", "--queue", "q", "--runtime", "process", "--slots", "1"),
+            *("--worker-id", "doomed", "--server", live.url, "--token", live.tokens["worker"]),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        try:
+            note = "echo {pid} > {f}.tmp; mv {f}.tmp {f}"  # whole or not at all
+            script = f"sleep 1000 & {note.format(pid='$!', f=child)}; {note.format(pid='$$', f=main)}; wait"
+            job = await submit(live, "sh", "-c", script)
+            await eventually(lambda: _exists(main, child), timeout=20, what="the job to start")
+            pids += [int(main.read_text()), int(child.read_text())]
+            assert all(_running(p) for p in pids)
+            worker.kill()
+            await worker.wait()
+
+            async def stopped() -> bool:
+                return not any(_running(p) for p in pids)
+
+            await eventually(stopped, timeout=settings.lease_seconds, what="the dead worker's job to stop")
+            still = await live.store.get_job(job.id)
+            assert (still.state, still.attempts) == ("running", 1)  # stopped within the lease, not after it
+        finally:
+            if worker.returncode is None:
+                worker.kill()
+                await worker.wait()
+            for pid in pids:  # leave nothing behind, even when the test failed
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+
+async def _exists(*paths: Path) -> bool:
+    return all(p.exists() for p in paths)

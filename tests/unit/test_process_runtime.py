@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -11,6 +15,7 @@ import pytest
 from scaleq.jobs import JobDefinition
 from scaleq.worker.runtime.base import RunSpec
 from scaleq.worker.runtime.process import ProcessRuntime
+from scaleq.worker.runtime.watchdog import Watchdog
 
 
 class Sink:
@@ -216,3 +221,32 @@ async def test_check_and_cleanup_orphans(runtime: ProcessRuntime) -> None:
     await runtime.check()
     assert await runtime.cleanup_orphans("w-test") == 0
     assert runtime.name == "process"
+
+
+def test_the_watchdog_stops_listed_groups_when_its_worker_goes_and_is_replaced_if_killed() -> None:
+    def group() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(["sh", "-c", "sleep 1000 & wait"], start_new_session=True)
+
+    first, second, done = group(), group(), group()
+    dog = Watchdog(grace=0.5)
+    try:
+        dog.watch(first.pid)
+        dog.watch(done.pid)
+        dog.unwatch(done.pid)  # a job that ended is forgotten
+        killed = dog.pid
+        assert killed is not None
+        os.kill(killed, signal.SIGKILL)  # the watchdog itself dies: the next call starts another, told of all
+        deadline = time.monotonic() + 5
+        while alive(killed) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        dog.watch(second.pid)
+        assert dog.pid not in (None, killed)
+        dog.close()  # as when the worker dies: every listed group is stopped
+        for p in (first, second):
+            assert p.wait(timeout=5) == -signal.SIGTERM
+        assert group_alive(done.pid)
+    finally:
+        for p in (first, second, done):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait()

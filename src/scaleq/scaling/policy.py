@@ -29,9 +29,11 @@ How a decision is made:
   (warm image layers and caches).
 * **Above max** (max lowered): idle workers are drained at once, without waiting for the idle timeout. Busy ones
   are left to finish and go on a later decision, once idle.
-* **Capacity** is starting + idle + busy workers. Draining workers do not count (they are leaving). A starting
-  worker counts for ``startup_grace`` seconds, so a worker that is still booting is not started twice; after that it
-  is presumed lost and a replacement may be started.
+* **Capacity** is starting + idle + busy workers. Draining workers do not count (they are leaving), but they
+  still run until they are gone, so they count toward ``max_workers``: a busy worker told to drain is replaced only
+  once it has left, never while the group would hold more than ``max_workers`` workers. A starting worker counts
+  for ``startup_grace`` seconds, so a worker that is still booting is not started twice; after that it is presumed
+  lost and a replacement may be started.
 
 The ``reason`` of every decision -- "no change" too -- says in words what was seen and why that follows.
 """
@@ -170,15 +172,19 @@ def decide(
     start, drain, action = 0, (), "no change"
     if desired > capacity:
         wanted = start = desired - capacity
-        if s.max_step_up is not None:
-            start = min(wanted, max(0, s.max_step_up - sum(n for _, n in starts)))
-        limit = f"max_step_up {s.max_step_up} per {_secs(s.step_period)}"
+        # draining workers still run until they are gone: with them the group never holds more than max_workers
+        room = max(0, s.max_workers - capacity - n_draining)
+        start = min(wanted, room)
+        limit, used_up = f"{n_draining} draining count toward max {s.max_workers} until they are gone", ""
+        if s.max_step_up is not None and s.max_step_up - sum(n for _, n in starts) < start:
+            start = max(0, s.max_step_up - sum(n for _, n in starts))
+            limit, used_up = f"max_step_up {s.max_step_up} per {_secs(s.step_period)}", " is used up"
         if start == wanted:
             action = f"starting {start}"
         elif start:
             action = f"starting {start} of {wanted} ({limit})"
         else:
-            action = f"no change: {wanted} more wanted, but {limit} is used up"
+            action = f"no change: {wanted} more wanted, but {limit}{used_up}"
         if start:
             starts += ((now, start),)
     elif capacity > desired:

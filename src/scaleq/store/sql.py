@@ -461,7 +461,8 @@ class SQLStore:
         return await self.tx(op)
 
     async def extend_leases(self, now: float, lease_seconds: float) -> None:
-        await self._run(lambda: self.db.execute(self.Q["extend_leases"], {"expires": now + lease_seconds}))
+        params = {"expires": now + lease_seconds, "now": now}
+        await self._run(lambda: self.db.execute(self.Q["extend_leases"], params))
 
     async def mark_gone_workers(self, cutoff: float, forget_before: float) -> list[str]:
         def op() -> list[str]:

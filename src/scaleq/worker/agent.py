@@ -14,6 +14,11 @@ Design:
   and the worker stops it without reporting.
 - **Server outages** are waited out: jobs keep running, results are retried, and only after ``server_grace`` seconds
   without any answer does the worker stop its jobs and exit.
+- **Dead neighbours' runs.** A worker killed mid-job (``kill -9``) leaves its containers running on the engine: at
+  start and then once per lease period, the worker lists the runs other workers left on its engines, asks the server
+  which of those attempts it has ended (lease lost, cancelled, …) and removes them, so a requeued job does not run
+  twice at once on that engine for longer than about a lease. (Process jobs die with their worker by themselves:
+  see :mod:`scaleq.worker.runtime.watchdog`.)
 - **Drain.** The first SIGTERM (or the server saying ``draining``) stops claiming; running jobs finish; then the
   worker deregisters and exits 0. A second signal stops the jobs and hands them back to the queue.
 """
@@ -93,6 +98,8 @@ class WorkerAgent:
         #: Leases whose result is reported but not yet delivered: still held, so still renewed by heartbeats.
         self._finishing: set[str] = set()
         self.heartbeat_seconds = 5.0
+        self.lease_seconds = 15.0
+        self._reaping: asyncio.Task[None] | None = None
         self.long_poll = 20.0
         self.draining = False
         self.forced = False
@@ -125,6 +132,7 @@ class WorkerAgent:
                 if removed:
                     log.info("removed %d leftovers of an earlier run of %s", removed, self.id)
             await self._register()
+            self._reap_soon()
             heart = asyncio.create_task(self._heartbeat_loop())
             try:
                 code = await self._claim_loop()
@@ -132,6 +140,10 @@ class WorkerAgent:
                 heart.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await heart
+                if self._reaping is not None:
+                    self._reaping.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await self._reaping
             await self._flush_finishes()
             with contextlib.suppress(ApiError, Unreachable):
                 await self.client.deregister(self.id)
@@ -179,6 +191,7 @@ class WorkerAgent:
         }
         answer = await self._retrying(lambda: self.client.register(body))
         self.heartbeat_seconds = answer["heartbeat_seconds"]
+        self.lease_seconds = answer["lease_seconds"]
         self.long_poll = answer["long_poll_max"]
         log.info("worker %s registered on queue %s with %d slots", self.id, cfg.queue, cfg.slots)
 
@@ -254,9 +267,13 @@ class WorkerAgent:
     # -- heartbeats -------------------------------------------------------------------------------------------
 
     async def _heartbeat_loop(self) -> None:
+        reaped = time.monotonic()
         while True:
             await asyncio.sleep(self.heartbeat_seconds)
             sent = time.monotonic()
+            if sent - reaped >= self.lease_seconds:
+                reaped = sent
+                self._reap_soon()
             try:
                 state, live = await self.client.heartbeat(self.id, leases=self._held())
                 self._last_contact = time.monotonic()
@@ -278,6 +295,27 @@ class WorkerAgent:
                 self.request_drain()
             if self.metrics is not None:
                 await self.metrics.refresh_queue(self.client, self.cfg.queue)
+
+    def _reap_soon(self) -> None:
+        """Look for dead workers' runs in the background (an engine's listing must not delay a heartbeat)."""
+        if self._reaping is None or self._reaping.done():
+            self._reaping = asyncio.create_task(self._reap_ended_attempts())
+
+    async def _reap_ended_attempts(self) -> None:
+        for runtime in self.cfg.runtimes.values():
+            try:
+                found = await runtime.others_attempts(self.id)
+                ended = await self.client.ended_attempts(self.id, sorted(found)[:1000]) if found else set()
+                for job_id, attempt in sorted(ended):
+                    removed = await runtime.reap_attempt(job_id, attempt)
+                    log.warning(
+                        "removed the run of job %s attempt %d that its dead worker left (%d objects)",
+                        job_id[:12],
+                        attempt,
+                        removed,
+                    )
+            except Exception as exc:  # the engine or the server: try again next time
+                log.warning("could not look for dead workers' runs on runtime %s: %s", runtime.name, exc)
 
     def _held(self) -> list[str]:
         """The leases to renew: jobs running, and results not yet delivered. Nothing else — a claim whose answer

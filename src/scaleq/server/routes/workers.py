@@ -119,6 +119,19 @@ class LeaseBody(BaseModel):
     lease: str
 
 
+class AttemptRef(BaseModel):
+    job_id: str = Field(max_length=64)
+    attempt: int = Field(ge=1, le=2**31 - 1)
+
+
+class AttemptRefs(BaseModel):
+    attempts: list[AttemptRef] = Field(max_length=1000)
+
+
+class EndedAttempts(BaseModel):
+    ended: list[AttemptRef]
+
+
 async def _own_worker(ctx: Ctx, who: Caller, worker_id: str) -> None:
     """A worker token acts only on the workers registered with it; an admin token on any."""
     if who.role == "admin":
@@ -249,6 +262,19 @@ async def drain(worker_id: str, ctx: C) -> Worker:
     await ctx.store.set_worker_state(worker_id, "draining")
     ctx.notifier.notify(f"worker:{worker_id}", "any")
     return await ctx.store.get_worker(worker_id)
+
+
+@router.post("/workers/{worker_id}/ended-attempts", response_model=EndedAttempts)
+async def ended_attempts(worker_id: str, body: AttemptRefs, ctx: C, who: WorkerCaller) -> EndedAttempts:
+    """Of the attempts a worker found on its engine, left there by other workers, those this server knows and has
+    ended (lease lost, cancelled, released, finished): their runs are garbage, and the worker removes them. An attempt
+    this server does not know is not answered (it may belong to another grid sharing the engine)."""
+    await _own_worker(ctx, who, worker_id)
+    ended = []
+    for job_id in sorted({a.job_id for a in body.attempts}):
+        over = {a.attempt for a in await ctx.store.list_attempts(job_id) if a.ended_at is not None}
+        ended += [a for a in body.attempts if a.job_id == job_id and a.attempt in over]
+    return EndedAttempts(ended=ended)
 
 
 @router.delete("/workers/{worker_id}", status_code=204)

@@ -51,7 +51,14 @@ UPDATE jobs SET lease_expires_at = :expires
 RETURNING lease;
 
 -- name: extend_leases
-UPDATE jobs SET lease_expires_at = max(lease_expires_at, :expires) WHERE state = 'running';
+-- The start-up grace: a fresh lease period for the running jobs of workers not marked gone, once per lease until
+-- its worker is heard from again (a heartbeat, or the claim itself): restarting servers cannot keep a dead worker's
+-- job, whose lease ends at the latest one lease period after the first server start since its worker's last word.
+UPDATE jobs SET lease_expires_at = max(lease_expires_at, :expires), lease_graced_at = :now
+ WHERE state = 'running'
+   AND EXISTS (SELECT 1 FROM workers w
+                WHERE w.id = jobs.worker_id AND w.state != 'gone'
+                  AND (jobs.lease_graced_at IS NULL OR jobs.lease_graced_at < max(jobs.started_at, w.last_heartbeat)));
 
 -- name: upsert_worker
 INSERT INTO workers (id, queue, grp, slots, state, runtimes, cpus, memory, gpus, tags, host_network, hostname,
