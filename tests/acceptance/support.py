@@ -15,14 +15,14 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
+
+from tests.helpers.waiting import wait_for
 
 MARKER_VAR = "SCALEQ_ACCEPTANCE_GRID"
 HEX64 = r"^[0-9a-f]{64}$"
@@ -56,19 +56,6 @@ def cli(
         text=True,
         timeout=timeout,
     )
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.2, what: str = "condition") -> Any:
-    """Poll ``predicate`` until it returns something truthy; that value, or fail naming ``what``."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while True:
-        last = predicate()
-        if last:
-            return last
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}; last: {last!r}")
-        time.sleep(interval)
 
 
 def pid_alive(pid: int) -> bool:

@@ -7,7 +7,8 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
-from tests.acceptance.support import Grid, wait_for
+from tests.acceptance.support import Grid
+from tests.helpers import wait_for
 
 
 def test_embedded_group_scales_from_zero_to_the_core_count(grid: Grid) -> None:

@@ -23,7 +23,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.acceptance.support import MARKER_VAR, Grid, base_env, cli, wait_for
+from tests.acceptance.support import MARKER_VAR, Grid, base_env, cli
+from tests.helpers import wait_for
 
 CHROMIUM = Path("/usr/bin/chromium")
 FLAGS = [

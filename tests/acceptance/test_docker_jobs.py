@@ -26,7 +26,8 @@ from typing import Any
 import docker
 import pytest
 
-from tests.acceptance.support import HEX64, MARKER_VAR, Grid, wait_for
+from tests.acceptance.support import HEX64, MARKER_VAR, Grid
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.docker
 BUSYBOX = "scaleq-test/busybox:latest"

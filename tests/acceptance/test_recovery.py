@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from tests.acceptance.support import Grid, pid_alive, wait_for
+from tests.acceptance.support import Grid, pid_alive
+from tests.helpers import wait_for
 
 
 def unique() -> str:
