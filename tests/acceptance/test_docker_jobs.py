@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import signal
 import subprocess
@@ -28,26 +27,9 @@ import pytest
 
 from tests.acceptance.support import HEX64, MARKER_VAR, Grid
 from tests.helpers import wait_for
+from tests.helpers.engine import BUSYBOX
 
 pytestmark = pytest.mark.docker
-BUSYBOX = "scaleq-test/busybox:latest"
-
-
-@pytest.fixture(scope="module")
-def engine() -> Iterator[docker.DockerClient]:
-    if not os.environ.get("DOCKER_HOST"):
-        pytest.fail(
-            'DOCKER_HOST is not set: start a Docker Engine with eval "$(scripts/docker-engine.sh | tail -n1)" '
-            "and run these tests again (they need a real engine and never skip).",
-            pytrace=False,
-        )
-    client = docker.DockerClient.from_env()
-    try:
-        client.images.get(BUSYBOX)
-    except docker.errors.ImageNotFound:
-        pytest.fail(f"{BUSYBOX} is missing: run scripts/docker-engine.sh to build it", pytrace=False)
-    yield client
-    client.close()
 
 
 @pytest.fixture(scope="module")

@@ -31,29 +31,13 @@ from scaleq.providers.docker import DEFAULT_IMAGE, DockerProvider
 from scaleq.scaling.controller import Controller
 from scaleq.scaling.observe import RemoteObserver
 from tests.helpers import LiveServer, controlling, eventually
+from tests.helpers.engine import BUSYBOX
+from tests.helpers.groups import fast_group
 
 # a cold build of the worker image (debootstrap, wheels) takes about 2 minutes, inside the first test's time
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(400)]
 ROOT = Path(__file__).resolve().parents[2]
-BUSYBOX = "scaleq-test/busybox:latest"
 BAD_HOST = "DOCKER_HOST=unix:///nonexistent/scaleq/docker.sock"
-
-
-@pytest.fixture(scope="session")
-def engine() -> Iterator[docker.DockerClient]:
-    if not os.environ.get("DOCKER_HOST"):
-        pytest.fail(
-            'DOCKER_HOST is not set: start a Docker Engine with eval "$(scripts/docker-engine.sh | tail -n1)" '
-            "and run these tests again (they need a real engine and never skip).",
-            pytrace=False,
-        )
-    client = docker.DockerClient.from_env()
-    try:
-        client.images.get(BUSYBOX)
-    except docker.errors.ImageNotFound:
-        pytest.fail(f"{BUSYBOX} is missing: run scripts/docker-engine.sh to build it", pytrace=False)
-    yield client
-    client.close()
 
 
 @pytest.fixture(scope="session")
@@ -99,18 +83,7 @@ def cleanup(engine: docker.DockerClient, grid_name: str) -> Iterator[set[str]]:
 
 
 def group(name: str = "box", **kw: Any) -> Group:
-    fields: dict[str, Any] = {
-        "queue": "q",
-        "provider": "docker",
-        "min_workers": 0,
-        "max_workers": 3,
-        "slots": 1,
-        "runtimes": [RuntimeKind.process],
-        "idle_timeout": 1.0,
-        "scale_down_window": 1.0,
-    }
-    fields.update(kw)
-    return Group(name=name, **fields)
+    return fast_group(name, **{"provider": "docker", **kw})
 
 
 def provider_for(live: LiveServer, grid_name: str, **kw: Any) -> DockerProvider:
