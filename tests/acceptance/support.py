@@ -94,6 +94,7 @@ class Grid:
 
     data_dir: Path
     lease_seconds: float | None = None
+    grid_file: Path | None = None  # ``scaleq up --grid``; without it the embedded default grid
     marker: str = field(default_factory=lambda: uuid.uuid4().hex)
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
@@ -111,6 +112,8 @@ class Grid:
         args = [sys.executable, "-m", "scaleq", "up", "--port", "0", "--data-dir", str(self.data_dir)]
         if self.lease_seconds is not None:
             args += ["--lease-seconds", str(self.lease_seconds)]
+        if self.grid_file is not None:
+            args += ["--grid", str(self.grid_file)]
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 args,
