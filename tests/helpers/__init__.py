@@ -4,6 +4,7 @@
   alongside it for a block.
 - :mod:`~tests.helpers.waiting`: waiting for a condition with a bound (``eventually`` async, ``wait_for`` sync).
 - :mod:`~tests.helpers.ports`: a free port on 127.0.0.1.
+- :mod:`~tests.helpers.processes`: a service run as a subprocess for a block, its output in a log.
 - :mod:`~tests.helpers.prometheus`: a real Prometheus, and a metrics endpoint for it to scrape.
 - :mod:`~tests.helpers.engine`: the Docker Engine of the docker tests (the ``engine`` fixture in tests/conftest.py).
 - :mod:`~tests.helpers.groups`: a group that scales fast enough for a test.

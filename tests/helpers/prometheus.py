@@ -21,6 +21,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
 from tests.helpers.ports import free_port
+from tests.helpers.processes import background
 
 
 @dataclass
@@ -61,27 +62,14 @@ def prometheus(config_text: str, work: Path) -> Iterator[Prometheus]:
     config, log = work / "prometheus.yml", work / "prometheus.log"
     config.write_text(config_text)
     port = free_port()
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [
-                binary,
-                f"--config.file={config}",
-                f"--storage.tsdb.path={work / 'data'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    try:
+    argv = [
+        binary,
+        f"--config.file={config}",
+        f"--storage.tsdb.path={work / 'data'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+    ]
+    with background(argv, log) as proc:
         yield Prometheus(f"http://127.0.0.1:{port}", proc, log)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @dataclass

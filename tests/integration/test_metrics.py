@@ -29,7 +29,8 @@ from scaleq.server.settings import ServerSettings
 from scaleq.store.sqlite import SQLiteStore
 from scaleq.worker.agent import WorkerAgent, WorkerConfig
 from scaleq.worker.runtime.process import ProcessRuntime
-from tests.helpers import LiveServer, eventually, free_port, serve
+from tests.helpers import LiveServer, eventually, free_port, serve, wait_for
+from tests.helpers.processes import background
 from tests.helpers.prometheus import prometheus
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -431,39 +432,28 @@ def otlp_receiver(work: Path) -> Iterator[tuple[str, Path, subprocess.Popen[byte
     binary = rotel_agent()
     http_port, grpc_port = free_port(), free_port()
     log = work / "rotel.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [
-                str(binary),
-                "start",
-                f"--otlp-http-endpoint=127.0.0.1:{http_port}",
-                f"--otlp-grpc-endpoint=127.0.0.1:{grpc_port}",
-                "--exporter=blackhole",
-                "--debug-log=metrics",
-                "--debug-log-verbosity=detailed",
-                f"--pid-file={work / 'rotel.pid'}",
-                f"--log-file={work / 'rotel-agent.log'}",
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        deadline = time.monotonic() + 15
-        while True:
+    argv = [
+        str(binary),
+        "start",
+        f"--otlp-http-endpoint=127.0.0.1:{http_port}",
+        f"--otlp-grpc-endpoint=127.0.0.1:{grpc_port}",
+        "--exporter=blackhole",
+        "--debug-log=metrics",
+        "--debug-log-verbosity=detailed",
+        f"--pid-file={work / 'rotel.pid'}",
+        f"--log-file={work / 'rotel-agent.log'}",
+    ]
+    with background(argv, log) as proc:
+
+        def listening() -> bool:
+            if proc.poll() is not None:
+                pytest.fail(f"rotel-agent exited with {proc.returncode}:\n{log.read_text()[-2000:]}")
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", http_port), timeout=1):
-                break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"rotel-agent did not listen on {http_port}:\n{log.read_text()[-2000:]}")
-            time.sleep(0.1)
+                return True
+            return False
+
+        wait_for(listening, 15, 0.1, f"rotel-agent to listen on {http_port} (log: {log})")
         yield f"http://127.0.0.1:{http_port}", log, proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def received(log: Path, metric: str) -> list[str]:
