@@ -8,6 +8,7 @@
 - :mod:`~tests.helpers.prometheus`: a real Prometheus, and a metrics endpoint for it to scrape.
 - :mod:`~tests.helpers.engine`: the Docker Engine of the docker tests (the ``engine`` fixture in tests/conftest.py).
 - :mod:`~tests.helpers.groups`: a group that scales fast enough for a test.
+- :mod:`~tests.helpers.workers`: worker agents for process jobs, run for a block.
 
 Fixtures live in the conftest.py at the level that uses them: stores, servers, PostgreSQL and the engine in
 tests/conftest.py, ``scaleq up`` grids in tests/acceptance/conftest.py.

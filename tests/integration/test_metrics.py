@@ -27,9 +27,8 @@ from scaleq.server import otlp
 from scaleq.server.metrics import ServerMetrics
 from scaleq.server.settings import ServerSettings
 from scaleq.store.sqlite import SQLiteStore
-from scaleq.worker.agent import WorkerAgent, WorkerConfig
-from scaleq.worker.runtime.process import ProcessRuntime
-from tests.helpers import LiveServer, eventually, free_port, serve, wait_for
+from scaleq.worker.agent import WorkerAgent
+from tests.helpers import LiveServer, eventually, free_port, serve, wait_for, workers
 from tests.helpers.processes import background
 from tests.helpers.prometheus import prometheus
 
@@ -81,26 +80,13 @@ async def submit(live: LiveServer, queue: str, *cmd: str) -> Job:
 
 
 def worker_agent(live: LiveServer, queue: str, slots: int, wid: str) -> WorkerAgent:
-    return WorkerAgent(
-        WorkerConfig(
-            server=live.url,
-            token=live.tokens["worker"],
-            queue=queue,
-            runtimes={"process": ProcessRuntime(kill_grace=1.0)},
-            slots=slots,
-            worker_id=wid,
-            cpus=2.0,
-            metrics_port=0,
-            metrics_host="127.0.0.1",
-        )
-    )
+    return workers.agent(live, wid, slots, queue=queue, metrics_port=0, metrics_host="127.0.0.1")
 
 
 @contextlib.asynccontextmanager
 async def running(agent: WorkerAgent) -> AsyncIterator[str]:
     """Run the agent; yield its metrics URL once it serves."""
-    task = asyncio.create_task(agent.run())
-    try:
+    async with workers.running(agent, stop_within=15) as task:
 
         async def serving() -> bool:
             if task.done():
@@ -110,12 +96,6 @@ async def running(agent: WorkerAgent) -> AsyncIterator[str]:
         await eventually(serving, 10, what="the worker serves /metrics", every=0.02)
         assert agent.metrics is not None
         yield f"http://127.0.0.1:{agent.metrics.port}/metrics"
-    finally:
-        if not task.done():
-            agent.request_drain()
-            agent.request_drain()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(task, 15)
 
 
 # -- the server's /metrics --------------------------------------------------------------------------------------------

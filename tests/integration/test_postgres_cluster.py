@@ -13,9 +13,10 @@ from scaleq.client import Client
 from scaleq.jobs import JobDefinition, SubmitRequest
 from scaleq.server.settings import ServerSettings
 from scaleq.store.postgres import PostgresStore
-from scaleq.worker.agent import WorkerAgent, WorkerConfig
+from scaleq.worker.agent import WorkerAgent
 from scaleq.worker.runtime.process import ProcessRuntime
 from tests.helpers import LiveServer, serve
+from tests.helpers.workers import agent
 from tests.pg import Cluster
 
 SETTINGS = ServerSettings(lease_seconds=10.0, sweep_interval=0.5, long_poll_max=5.0)
@@ -34,21 +35,8 @@ async def server(url: str, tokens: dict[str, str] | None = None) -> AsyncIterato
 
 @contextlib.asynccontextmanager
 async def workers(live: LiveServer, prefix: str, n: int, slots: int) -> AsyncIterator[list[WorkerAgent]]:
-    agents = [
-        WorkerAgent(
-            WorkerConfig(
-                server=live.url,
-                token=live.tokens["worker"],
-                queue="q",
-                runtimes={"process": ProcessRuntime()},
-                slots=slots,
-                worker_id=f"{prefix}{i}",
-                cpus=4.0,
-                server_grace=120,
-            )
-        )
-        for i in range(n)
-    ]
+    runtimes = {"process": ProcessRuntime()}
+    agents = [agent(live, f"{prefix}{i}", slots, runtimes=runtimes, cpus=4.0, server_grace=120) for i in range(n)]
     tasks = [asyncio.create_task(a.run()) for a in agents]
     try:
         yield agents

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -14,36 +13,8 @@ from scaleq.client import Unreachable
 from scaleq.jobs import Job, JobDefinition, SubmitRequest
 from scaleq.server.settings import ServerSettings
 from scaleq.store.sqlite import SQLiteStore
-from scaleq.worker.agent import WorkerAgent, WorkerConfig
-from scaleq.worker.runtime.process import ProcessRuntime
 from tests.helpers import LiveServer, eventually, serve
-
-
-def agent(live: LiveServer, wid: str = "w1", slots: int = 2, **kw: object) -> WorkerAgent:
-    cfg = WorkerConfig(
-        server=live.url,
-        token=live.tokens["worker"],
-        queue="q",
-        runtimes={"process": ProcessRuntime(kill_grace=1.0)},
-        slots=slots,
-        worker_id=wid,
-        cpus=2.0,
-        **kw,
-    )
-    return WorkerAgent(cfg)
-
-
-@contextlib.asynccontextmanager
-async def running(a: WorkerAgent) -> AsyncIterator[asyncio.Task[int]]:
-    task = asyncio.create_task(a.run())
-    try:
-        yield task
-    finally:
-        if not task.done():
-            a.request_drain()
-            a.request_drain()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(task, 10)
+from tests.helpers.workers import agent, running
 
 
 async def submit(live: LiveServer, *cmd: str, max_attempts: int = 3, **kw: object) -> Job:
