@@ -22,6 +22,7 @@ from typing import Any
 
 import httpx
 
+from tests.helpers.processes import stop
 from tests.helpers.waiting import wait_for
 
 MARKER_VAR = "SCALEQ_ACCEPTANCE_GRID"
@@ -252,13 +253,8 @@ class Grid:
 
     def stop(self) -> None:
         self.worker_records()
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        if self.proc is not None:
+            stop(self.proc, grace=5)
         self.worker_records()
         for pid in self.worker_pids:
             _kill(pid)

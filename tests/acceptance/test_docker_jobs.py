@@ -27,6 +27,7 @@ import pytest
 from tests.acceptance.support import HEX64, MARKER_VAR, Grid
 from tests.helpers import wait_for
 from tests.helpers.engine import BUSYBOX
+from tests.helpers.processes import stop
 
 pytestmark = pytest.mark.docker
 
@@ -92,13 +93,7 @@ def start_worker(docker_grid: Grid, engine: docker.DockerClient, tmp_path: Path)
 
     yield start
     for w in started:
-        if w.proc.poll() is None:
-            w.proc.send_signal(signal.SIGTERM)
-            try:
-                w.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                w.proc.kill()
-                w.proc.wait(timeout=10)
+        stop(w.proc, grace=10)  # drains, then kills
         containers, volumes = job_objects(engine, f"scaleq.worker={w.id}")
         for obj in [*containers, *volumes]:
             with contextlib.suppress(docker.errors.NotFound):

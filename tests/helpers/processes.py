@@ -7,19 +7,27 @@ import contextlib
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 
 @contextlib.contextmanager
 def background(argv: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """Run ``argv`` with stdout and stderr in ``log``; SIGTERM after the block, SIGKILL if it lingers 10 s."""
+    """Run ``argv`` with stdout and stderr in ``log``; stopped after the block (see :func:`stop`)."""
     with open(log, "wb") as out:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
     try:
         yield proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc, grace=10)
+
+
+def stop(proc: subprocess.Popen[Any], grace: float) -> None:
+    """SIGTERM a process that still runs, and SIGKILL it if it has not exited ``grace`` seconds later."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
