@@ -11,7 +11,7 @@ from pathlib import Path
 from scaleq.client import Client
 from scaleq.deploy import Deployer, state_path
 from scaleq.grid import Grid, Group
-from scaleq.jobs import JobDefinition, RuntimeKind, SubmitRequest
+from scaleq.jobs import JobDefinition, SubmitRequest
 from scaleq.notify import Notifier
 from scaleq.providers.base import DESTROY_GRACE, Health, ProviderWorker
 from scaleq.providers.local import LocalProvider
@@ -20,22 +20,11 @@ from scaleq.scaling.controller import Controller
 from scaleq.scaling.observe import RemoteObserver, StoreObserver
 from scaleq.scaling.policy import PolicyState, decide
 from tests.helpers import LiveServer, controlling, eventually
+from tests.helpers.groups import fast_group
 
 
 def group(name: str = "cpu", **kw: object) -> Group:
-    fields = {
-        "queue": "q",
-        "provider": "local",
-        "min_workers": 0,
-        "max_workers": 3,
-        "slots": 1,
-        "runtimes": [RuntimeKind.process],
-        "idle_timeout": 1.0,
-        "scale_down_window": 1.0,
-        "lookahead": 1.0,  # a local worker registers in well under a second
-    }
-    fields.update(kw)
-    return Group(name=name, **fields)
+    return fast_group(name, **{"lookahead": 1.0, **kw})  # a local worker registers in well under a second
 
 
 def local(live: LiveServer, tmp_path: Path) -> LocalProvider:
@@ -59,10 +48,13 @@ async def test_scales_from_zero_to_max_and_back_to_zero(live: LiveServer, tmp_pa
     controller = Controller([(g, provider)], RemoteObserver(admin), tick=0.2)
     try:
         async with controlling(controller):
-            ids = [await submit(admin, "sh", "-c", f"sleep 2; echo {i}") for i in range(6)]
-            first = time.monotonic()
+            gate = tmp_path / "gate"  # the jobs hold until the group is at its max
+            ids = [
+                await submit(admin, "sh", "-c", f"while [ ! -e {gate} ]; do sleep 0.05; done; echo {i}")
+                for i in range(6)
+            ]
             await eventually(lambda: _count(provider, g, 3), timeout=10)
-            assert time.monotonic() - first < 10
+            gate.touch()
             for job_id in ids:
                 await eventually(lambda j=job_id: _finished(admin, j), timeout=30)
             await eventually(lambda: _count(provider, g, 0), timeout=20)
@@ -98,13 +90,15 @@ async def test_scale_in_never_stops_a_busy_worker(live: LiveServer, tmp_path: Pa
     controller = Controller([(g, provider)], RemoteObserver(admin), tick=0.2)
     try:
         async with controlling(controller):
-            long_job = await submit(admin, "sh", "-c", "sleep 6; echo long")
+            gate = tmp_path / "gate"  # the long job holds until the test has seen the idle worker go
+            long_job = await submit(admin, "sh", "-c", f"while [ ! -e {gate} ]; do sleep 0.05; done; echo long")
             short_job = await submit(admin, "sh", "-c", "echo short")
             await eventually(lambda: _finished(admin, short_job), timeout=15)
             # the idle worker goes after its 1 s idle timeout; the busy one must stay until its job is done
             await eventually(lambda: _count(provider, g, 1), timeout=15)
             job = await admin.get_job(long_job)
             assert job.state == "running"
+            gate.touch()
             await eventually(lambda: _finished(admin, long_job), timeout=15)
             (attempt,) = await admin.attempts(long_job)
             assert attempt["outcome"] == "success"

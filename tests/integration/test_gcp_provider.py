@@ -8,7 +8,6 @@ from __future__ import annotations
 import socket
 import stat
 import subprocess
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -27,7 +26,8 @@ from scaleq.scaling.controller import Controller
 from scaleq.scaling.observe import RemoteObserver
 from scaleq.server.settings import ServerSettings
 from scaleq.store.sqlite import SQLiteStore
-from tests.helpers import LiveServer, controlling, eventually, serve
+from tests.helpers import LiveServer, controlling, eventually, free_port, serve
+from tests.helpers.groups import fast_group
 from tests.standins.gcp_compute import ComputeStandIn
 from tests.standins.gcp_compute import serve as serve_compute
 
@@ -87,19 +87,9 @@ def check_konlet(value: object, shape: object, where: str = "") -> None:
 
 
 def gcp_group(compute: ComputeStandIn, name: str = "cpu", image: str = IMAGE, **kw: object) -> Group:
-    fields: dict[str, object] = {
-        "queue": "q",
-        "provider": "gcp",
-        "max_workers": 4,
-        "runtimes": [RuntimeKind.process],
-        "resources": {"cpus": 2},
-        "idle_timeout": 1.0,
-        "scale_down_window": 1.0,
-        "image": image,
-        "gcp": GcpSettings(project=PROJECT, region=REGION, zones=ZONES, api_endpoint=compute.url),
-    }
-    fields.update(kw)
-    return Group.model_validate({"name": name, **fields})
+    settings = GcpSettings(project=PROJECT, region=REGION, zones=ZONES, api_endpoint=compute.url)
+    fields = {"provider": "gcp", "max_workers": 4, "resources": {"cpus": 2}, "image": image, "gcp": settings}
+    return fast_group(name, **{**fields, **kw})
 
 
 def gcp(server: str = "http://127.0.0.1:9", token: str = "worker-token", **kw: object) -> GcpProvider:
@@ -320,6 +310,7 @@ def real_settings() -> GcpSettings:
     return GcpSettings(project=PROJECT, region=REGION)  # no endpoint override: the real API and real ADC lookup
 
 
+@pytest.mark.timeout(30)
 async def test_no_credentials_is_a_clear_not_ok_health_and_a_clear_error(
     no_credentials: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -327,9 +318,7 @@ async def test_no_credentials_is_a_clear_not_ok_health_and_a_clear_error(
         refused.bind(("127.0.0.1", 0))
         monkeypatch.setenv("GCE_METADATA_IP", f"127.0.0.1:{refused.getsockname()[1]}")
     provider = gcp(settings=real_settings())
-    t0 = time.monotonic()
-    health = await provider.health()
-    assert time.monotonic() - t0 < 3
+    health = await provider.health()  # refused at once (the test's timeout bounds it)
     assert not health.ok
     assert "no Google Cloud credentials found" in health.message
     assert (
@@ -340,6 +329,7 @@ async def test_no_credentials_is_a_clear_not_ok_health_and_a_clear_error(
         await provider.workers(group)  # what plan and apply call: a clear error, not a traceback
 
 
+@pytest.mark.timeout(30)
 async def test_a_metadata_server_that_never_answers_does_not_hang_the_lookup(
     no_credentials: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -348,9 +338,7 @@ async def test_a_metadata_server_that_never_answers_does_not_hang_the_lookup(
         silent.listen(16)
         monkeypatch.setenv("GCE_METADATA_IP", f"127.0.0.1:{silent.getsockname()[1]}")
         provider = gcp(settings=real_settings(), credentials_timeout=1.5, metadata_probe_timeout=0.3)
-        t0 = time.monotonic()
-        health = await provider.health()
-        assert time.monotonic() - t0 < 3
+        health = await provider.health()  # not a hang (the test's timeout); the message names the 0.3 s probe
     assert not health.ok
     assert "no GCE metadata server answered" in health.message
     assert "gcloud auth application-default login" in health.message
@@ -387,9 +375,7 @@ async def test_an_operation_that_fails_is_a_provider_error_with_its_errors(compu
 
 
 async def test_an_unreachable_endpoint_is_a_provider_error() -> None:
-    with socket.socket() as closed:
-        closed.bind(("127.0.0.1", 0))
-        port = closed.getsockname()[1]
+    port = free_port()
     settings = GcpSettings(project=PROJECT, region=REGION, api_endpoint=f"http://127.0.0.1:{port}")
     group = Group(name="cpu", provider="gcp", image=IMAGE, gcp=settings)
     with pytest.raises(ProviderError, match=f"cannot reach the Compute Engine API at http://127.0.0.1:{port}"):

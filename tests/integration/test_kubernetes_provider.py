@@ -12,7 +12,6 @@ import contextlib
 import json
 import logging
 import os
-import socket
 import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -25,7 +24,7 @@ from kubernetes import config as k8s_config
 from scaleq.deploy import Deployer
 from scaleq.doctor.remote import run_checks
 from scaleq.grid import Grid, Group, KubernetesSettings
-from scaleq.jobs import JobDefinition, Requirements, RuntimeKind, SubmitRequest
+from scaleq.jobs import JobDefinition, Requirements, SubmitRequest
 from scaleq.providers.base import ProviderError
 from scaleq.providers.kubernetes import (
     GRID_LABEL,
@@ -42,7 +41,8 @@ from scaleq.scaling.controller import Controller
 from scaleq.scaling.observe import RemoteObserver
 from scaleq.server.settings import ServerSettings
 from scaleq.store.sqlite import SQLiteStore
-from tests.helpers import LiveServer, controlling, eventually, serve
+from tests.helpers import LiveServer, controlling, eventually, free_port, serve
+from tests.helpers.groups import fast_group
 from tests.standins.kubernetes_api import KubernetesStandIn
 
 NS = "scaleq"
@@ -75,20 +75,9 @@ async def server(sqlite_store: SQLiteStore, settings: ServerSettings) -> AsyncIt
 
 
 def group(kubeconfig: Path | None, name: str = "cpu", **kw: object) -> Group:
-    fields: dict[str, object] = {
-        "queue": "q",
-        "provider": "kubernetes",
-        "image": IMAGE,
-        "min_workers": 0,
-        "max_workers": 3,
-        "runtimes": [RuntimeKind.process],
-        "resources": Requirements(cpus=1),
-        "idle_timeout": 1.0,
-        "scale_down_window": 1.0,
-        "kubernetes": KubernetesSettings(kubeconfig=str(kubeconfig) if kubeconfig else None, namespace=NS),
-    }
-    fields.update(kw)
-    return Group(name=name, **fields)
+    settings = KubernetesSettings(kubeconfig=str(kubeconfig) if kubeconfig else None, namespace=NS)
+    fields = {"provider": "kubernetes", "image": IMAGE, "resources": Requirements(cpus=1), "kubernetes": settings}
+    return fast_group(name, **{**fields, **kw})
 
 
 @contextlib.asynccontextmanager
@@ -466,9 +455,7 @@ async def test_api_refusals_say_what_to_fix(standin: KubernetesStandIn, kubeconf
         with pytest.raises(ProviderError, match=r"forbids this: cannot create pod .*pods \(get, list, create, delete"):
             await p.start(g, 1)
     # an API server that does not answer
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     down = tmp_path / "down"
     down.write_text(kubeconfig.read_text().replace(standin.url, f"http://127.0.0.1:{port}"))
     unreachable = group(down)

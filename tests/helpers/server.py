@@ -1,4 +1,4 @@
-"""Test helpers: a live server on a free port with tokens of each role."""
+"""A live server on a free port with tokens of each role, and a controller running alongside it for a block."""
 
 from __future__ import annotations
 
@@ -6,9 +6,8 @@ import asyncio
 import contextlib
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
 
 import uvicorn
 
@@ -72,16 +71,3 @@ async def controlling(controller: Controller) -> AsyncIterator[None]:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-
-
-async def eventually(
-    check: Callable[[], Awaitable[Any]], timeout: float = 15.0, *, what: str = "condition", every: float = 0.1
-) -> Any:
-    """Poll ``check`` until it returns something truthy (returned), failing after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = await check()
-        if result:
-            return result
-        assert time.monotonic() < deadline, f"{what}: not reached in {timeout:g} s (last: {result!r})"
-        await asyncio.sleep(every)
