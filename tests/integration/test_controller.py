@@ -269,7 +269,7 @@ class CountingProvider(LocalProvider):
 
     async def start(self, group: Group, n: int) -> list[str]:
         started = await super().start(group, n)
-        self.most = max(self.most, len(await self.list(group)))
+        self.most = max(self.most, len(await self.workers(group)))
         return started
 
 
@@ -290,7 +290,7 @@ async def test_draining_workers_count_toward_max_until_they_are_gone(live: LiveS
             await admin.drain_worker(busy[0])
             # the controller sees the drain and wants a replacement, but holds it while the drained worker runs
             await eventually(lambda: _decided(controller, "1 draining count toward max 3 until they are gone"))
-            assert len(await provider.list(g)) == 3
+            assert len(await provider.workers(g)) == 3
             gate.touch()
             for job_id in ids:
                 await eventually(lambda j=job_id: _finished(admin, j), timeout=30)

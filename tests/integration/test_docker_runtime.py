@@ -510,7 +510,7 @@ def test_an_engine_that_does_not_see_the_outputs_dir_gets_the_archive(tmp_path: 
 
 
 async def test_a_killed_workers_container_is_removed_by_a_worker_on_the_same_engine(
-    sqlite_store: SQLiteStore, client: docker.DockerClient, tmp_path: Path, worker_id: str
+    sqlite_store: SQLiteStore, engine: docker.DockerClient, tmp_path: Path, worker_id: str
 ) -> None:
     """kill -9 of a ``scaleq worker`` mid-job leaves its container running on the engine: once the server has ended
     that attempt (its lease ran out), a worker on the same engine stops and removes it."""
@@ -544,7 +544,7 @@ async def test_a_killed_workers_container_is_removed_by_a_worker_on_the_same_eng
                 job_ids.append(job.id)
 
             async def running() -> list[Any]:
-                return client.containers.list(filters={**doomed_labels, "status": "running"})
+                return engine.containers.list(filters={**doomed_labels, "status": "running"})
 
             (first,) = await eventually(running, timeout=30, what="the first run's container")
             doomed.kill()
@@ -552,7 +552,7 @@ async def test_a_killed_workers_container_is_removed_by_a_worker_on_the_same_eng
             rescue = asyncio.create_task(rescuer.run())
 
             async def removed() -> bool:
-                return client.containers.list(all=True, filters=doomed_labels) == []
+                return engine.containers.list(all=True, filters=doomed_labels) == []
 
             # the lease runs out (3 s), then the rescuer's next look (once per lease) removes the container
             await eventually(removed, timeout=3 * settings.lease_seconds + 5, what="the dead worker's container")
@@ -568,5 +568,5 @@ async def test_a_killed_workers_container_is_removed_by_a_worker_on_the_same_eng
                 doomed.kill()
                 await doomed.wait()
             for job_id in job_ids:
-                for leftover in client.containers.list(all=True, filters={"label": [f"scaleq.job={job_id}"]}):
+                for leftover in engine.containers.list(all=True, filters={"label": [f"scaleq.job={job_id}"]}):
                     leftover.remove(force=True, v=True)
