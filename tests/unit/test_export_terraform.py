@@ -229,6 +229,24 @@ EXTRA_SCHEMAS: dict[str, dict[str, Any]] = {
         service_directory_registrations=("list", 0, 1, _blk("namespace service")),
         timeouts=_TIMEOUTS,
     ),
+    # hashicorp/terraform-provider-google google/services/compute/resource_compute_router.go @ 07fc8657
+    "google_compute_router": _blk(
+        "creation_timestamp~ description encrypted_interconnect_router id name! network! project region self_link~",
+        bgp=("list", 0, 1, None),
+        md5_authentication_keys=("list", 0, 1, _blk("key! name!")),
+        timeouts=_TIMEOUTS,
+    ),
+    # hashicorp/terraform-provider-google google/services/compute/resource_compute_router_nat.go @ 054ced1c
+    "google_compute_router_nat": _blk(
+        "auto_network_tier drain_nat_ips enable_dynamic_port_allocation enable_endpoint_independent_mapping "
+        "endpoint_types icmp_idle_timeout_sec id max_ports_per_vm min_ports_per_vm name! nat_ip_allocate_option "
+        "nat_ips project region router! source_subnetwork_ip_ranges_to_nat! tcp_established_idle_timeout_sec "
+        "tcp_time_wait_timeout_sec tcp_transitory_idle_timeout_sec udp_idle_timeout_sec",
+        log_config=("list", 0, 1, _blk("enable! filter!")),
+        rules=("set", 0, 0, None),
+        subnetwork=("set", 0, 0, _blk("name! secondary_ip_range_names source_ip_ranges_to_nat!")),
+        timeouts=_TIMEOUTS,
+    ),
     # Terraform's built-in terraform_data (provider terraform.io/builtin/terraform)
     "terraform_data": _blk("id~ input output~ triggers_replace"),
 }
@@ -393,6 +411,9 @@ def evaluated(module: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[st
         output "group_labels" {{
           value = local.group_labels
         }}
+        output "cloud_nat" {{
+          value = local.cloud_nat
+        }}
         """)
     )
     (work / "terraform.tfvars").write_text('worker_token = "wt"\nmetrics_token = "mt"\nscrape_workers = true\n')
@@ -543,7 +564,7 @@ def test_labels_on_everything_that_takes_labels(module: Path, schemas: dict[str,
             assert "labels" in body, f"{rtype}.{name} takes labels but has none"
             assert "local.labels" in body["labels"] or "local.group_labels" in body["labels"], body["labels"]
             labelled += 1
-        elif rtype.startswith("google_compute"):
+        elif rtype.startswith("google_compute") and "description" in schema["attributes"]:  # a NAT takes none
             assert "description" in body, f"{rtype}.{name} takes no labels: it should say what it is"
     assert labelled >= 3
     (template,) = [b for t, _, b in resources(module) if t == "google_compute_region_instance_template"]
@@ -654,7 +675,11 @@ def test_groups_are_regional_spread_rolling_and_self_healing(module: Path) -> No
     assert "each.value.zones" in mig["distribution_policy_zones"]
     (update,) = mig["update_policy"]
     assert (update["type"], update["minimal_action"], update["max_unavailable_fixed"]) == ("PROACTIVE", "REPLACE", 0)
-    assert update["instance_redistribution_type"] == "NONE"  # never rebalance zones by deleting busy VMs
+    # the API keeps NONE for groups without an autoscaler (InstanceGroupManagerUpdatePolicy's enum text), and every
+    # exported group has one
+    autoscaled = {b["target"] for t, _, b in resources(module) if t == "google_compute_region_autoscaler"}
+    assert autoscaled == {"${google_compute_region_instance_group_manager.workers[each.key].id}"}
+    assert update["instance_redistribution_type"] == "PROACTIVE"
     (healing,) = mig["auto_healing_policies"]
     assert healing["health_check"] == "${google_compute_health_check.workers.id}"
     (template,) = [b for t, _, b in resources(module) if t == "google_compute_region_instance_template"]
@@ -662,6 +687,19 @@ def test_groups_are_regional_spread_rolling_and_self_healing(module: Path) -> No
     (backend_service,) = [b for t, _, b in resources(module) if t == "google_compute_region_backend_service"]
     assert backend_service["load_balancing_scheme"] == "INTERNAL"
     assert "google_compute_health_check.workers.id" in backend_service["health_checks"][0]
+
+
+def test_without_external_ips_a_cloud_nat_lets_vms_pull_images(module: Path, evaluated: dict) -> None:
+    assert evaluated["cloud_nat"] is True  # the default: external_ips = false, cloud_nat = null
+    found = {t: b for t, _, b in resources(module) if t in ("google_compute_router", "google_compute_router_nat")}
+    router, nat = found["google_compute_router"], found["google_compute_router_nat"]
+    assert router["count"] == nat["count"] == "${local.cloud_nat ? 1 : 0}"  # cloud_nat = false: neither
+    assert router["network"] == "${var.network}" and router["region"] == nat["region"] == "${var.region}"
+    assert nat["router"] == "${google_compute_router.nat[0].name}"
+    assert nat["nat_ip_allocate_option"] == "AUTO_ONLY"
+    assert "LIST_OF_SUBNETWORKS" in nat["source_subnetwork_ip_ranges_to_nat"]  # only the module's subnetwork, if named
+    locals_tf = (module / "locals.tf").read_text()
+    assert "cloud_nat = var.cloud_nat == null ? !var.external_ips : var.cloud_nat" in locals_tf
 
 
 # -- the worker on the VM -----------------------------------------------------------------------------------------

@@ -10,6 +10,9 @@ locals {
   })
   group_labels = { for name, g in var.worker_groups : name => merge(local.labels, { "scaleq-group" = name }) }
 
+  # Cloud NAT: on by default when VMs have no external IP; cloud_nat = false when the network has a NAT already
+  cloud_nat = var.cloud_nat == null ? !var.external_ips : var.cloud_nat
+
   worker_tag    = "${local.prefix}-worker"
   collector_tag = "${local.prefix}-collector"
 
