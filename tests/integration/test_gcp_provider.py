@@ -241,6 +241,50 @@ async def test_health_reads_the_region_and_checks_the_zones(compute: ComputeStan
     assert not missing.ok and "'projects/nope' was not found" in missing.message and "project (nope)" in missing.message
 
 
+QUOTA = "Quota 'CPUS' exceeded.  Limit: 8.0 in region us-central1."
+
+
+async def test_instances_gcp_cannot_create_are_reported_with_gcps_reason(compute: ComputeStandIn) -> None:
+    """As the API does: createInstances ends DONE, the instances stay CREATING while the MIG retries, and the reason
+    is per instance (lastAttempt, listErrors) — in the workers' detail, last_errors and health."""
+    compute.refuse_creation("QUOTA_EXCEEDED", QUOTA)
+    g = gcp_group(compute)
+    provider = gcp(settings=g.gcp, group_name="cpu")
+    started = await provider.start(g, 2)  # no error: the operation succeeded, the instances did not
+
+    async def failing() -> list:
+        found = await provider.workers(g)
+        return found if found and all("QUOTA_EXCEEDED" in w.detail for w in found) else []
+
+    workers = await eventually(failing, what="creation attempts failed")
+    assert sorted(w.id for w in workers) == sorted(started)
+    assert {w.status for w in workers} == {"starting"}
+    assert all(f"creating it failed, the MIG retries: QUOTA_EXCEEDED: {QUOTA}" in w.detail for w in workers)
+    assert await provider.last_errors(g) == dict.fromkeys(started, f"QUOTA_EXCEEDED: {QUOTA}")
+    assert compute.called("listErrors")
+    health = await provider.health()
+    assert not health.ok and f"GCP cannot create 2 instance(s) of {mig_name('t', 'cpu')}" in health.message
+    assert f"{started[0]}: QUOTA_EXCEEDED: {QUOTA}" in health.message
+
+    # the MIG keeps retrying: more errors in its log; capacity back, the same instances come up
+    mig = compute.migs[(PROJECT, REGION, mig_name("t", "cpu"))]
+
+    async def retried() -> bool:
+        compute.instances(PROJECT, REGION, mig_name("t", "cpu"))  # time passes for the stand-in's MIG
+        return len(mig.errors) > 2
+
+    await eventually(retried, what="retries")
+    compute.allow_creation()
+    compute.settle()
+    assert {(w.id, w.status) for w in await provider.workers(g)} == {(i, "running") for i in started}
+    assert all("failed" not in w.detail for w in await provider.workers(g))
+    assert (await provider.health()).ok
+    # the log keeps the past: the last error each instance had
+    assert await provider.last_errors(g) == dict.fromkeys(started, f"QUOTA_EXCEEDED: {QUOTA}")
+    assert await gcp().last_errors(gcp_group(compute, name="other")) == {}  # no MIG: nothing failed
+    await provider.close()
+
+
 @pytest.fixture
 def no_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """No key file, no gcloud configuration: application default credentials can only come from a metadata server."""
