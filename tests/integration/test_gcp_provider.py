@@ -6,8 +6,6 @@ credentials and API errors — and the real controller and deployer driving a gc
 from __future__ import annotations
 
 import socket
-import stat
-import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -20,7 +18,7 @@ from scaleq.deploy import Deployer
 from scaleq.grid import GcpSettings, Grid, Group
 from scaleq.jobs import JobDefinition, RuntimeKind, SubmitRequest
 from scaleq.providers.base import ProviderError
-from scaleq.providers.gcp import WORKER_ID_SCRIPT, GcpProvider, gce_name, mig_name, template_name
+from scaleq.providers.gcp import GcpProvider, boot, gce_name, mig_name, template_name
 from scaleq.providers.registry import ProviderContext, make_provider
 from scaleq.scaling.controller import Controller
 from scaleq.scaling.observe import RemoteObserver
@@ -39,51 +37,6 @@ IMAGE = "us-docker.pkg.dev/scaleq-test/workers/scaleq-worker:1"
 def compute() -> Iterator[ComputeStandIn]:
     with serve_compute(create_delay=0.2, delete_delay=0.2, page_size=2) as standin:
         yield standin
-
-
-#: The fields Container-Optimized OS's agent (konlet) reads from gce-container-declaration, as its Go types declare them
-#: (github.com/GoogleCloudPlatform/konlet, gce-containers-startup/types/api.go; yaml.v2 lowercases untagged names).
-#: It unmarshals without strict checking, so a misspelt field would be dropped silently on the VM: check it here.
-KONLET = {
-    "spec": {
-        "containers": [
-            {
-                "name": str,
-                "image": str,
-                "command": [str],
-                "args": [str],
-                "volumeMounts": [{"name": str, "mountPath": str, "readOnly": bool}],
-                "env": [{"name": str, "value": str}],
-                "securityContext": {"privileged": bool},
-                "stdin": bool,
-                "tty": bool,
-            }
-        ],
-        "volumes": [
-            {
-                "name": str,
-                "emptyDir": {"medium": str},
-                "hostPath": {"path": str},
-                "gcePersistentDisk": {"pdName": str, "fsType": str, "partition": int},
-            }
-        ],
-        "restartPolicy": str,
-    }
-}
-
-
-def check_konlet(value: object, shape: object, where: str = "") -> None:
-    if isinstance(shape, dict):
-        assert isinstance(value, dict), where
-        for key, item in value.items():
-            assert key in shape, f"{where}.{key}: konlet does not know this field"
-            check_konlet(item, shape[key], f"{where}.{key}")
-    elif isinstance(shape, list):
-        assert isinstance(value, list), where
-        for i, item in enumerate(value):
-            check_konlet(item, shape[0], f"{where}[{i}]")
-    else:
-        assert isinstance(value, shape), f"{where}: {value!r} is not {shape}"  # type: ignore[arg-type]
 
 
 def gcp_group(compute: ComputeStandIn, name: str = "cpu", image: str = IMAGE, **kw: object) -> Group:
@@ -147,39 +100,19 @@ async def test_start_creates_a_labelled_template_and_a_regional_mig_of_named_ins
     assert sorted(vms) == sorted(started)
     assert {vm.zone for vm in vms.values()} == set(ZONES)  # spread over the zones
 
-    # the worker container, declared the way Container-Optimized OS reads it
+    # the worker VM boots with the cloud-init of scaleq.providers.gcp.boot (the export's, byte for byte); the token
+    # is a metadata key of its own, which the start script reads
     items = {i["key"]: i["value"] for i in props["metadata"]["items"]}
-    declaration = yaml.safe_load(items["gce-container-declaration"])
-    check_konlet(declaration, KONLET)
-    spec = declaration["spec"]
-    assert spec["restartPolicy"] == "OnFailure"  # konlet: docker's on-failure; a drained worker exits 0 and stays down
-    (container,) = spec["containers"]
-    assert container["image"] == IMAGE
-    assert container["command"] == ["/bin/sh", "-c", WORKER_ID_SCRIPT, "scaleq-worker"]
-    args = container["args"]
+    assert "gce-container-declaration" not in items
+    assert items == boot.metadata(boot.user_data(g, "http://127.0.0.1:9", server_grace=300), "worker-token")
+    files = {f["path"]: f["content"] for f in yaml.safe_load(items["user-data"])["write_files"]}
+    assert files["/etc/scaleq/image"] == IMAGE
+    args = files["/etc/scaleq/worker.args"].split("\n")
     assert args[:7] == ["worker", "--server", "http://127.0.0.1:9", "--queue", "q", "--slots", "1"]
     assert "--worker-id" not in args and ["--runtime", "docker"] == args[args.index("--runtime") :][:2]
-    env = {e["name"]: e["value"] for e in container["env"]}
-    assert env["SCALEQ_TOKEN"] == "worker-token" and env["DOCKER_HOST"] == "unix:///var/run/docker.sock"
-    assert container["volumeMounts"][0]["mountPath"] == "/var/run/docker.sock"
-    assert spec["volumes"] == [{"name": "docker-socket", "hostPath": {"path": "/var/run/docker.sock"}}]
+    assert "/var/run/docker.sock:/var/run/docker.sock" in files["/etc/scaleq/docker.opts"].split("\n")
+    assert "Restart=on-failure" in files["/etc/systemd/system/scaleq-worker.service"]  # a drained worker stays down
     await provider.close()
-
-
-def test_the_container_command_gives_the_worker_its_instance_name(tmp_path: Path) -> None:
-    """The shell line of the declaration, run here with a fake ``scaleq``: the id appended is the host's name."""
-    fake = tmp_path / "scaleq"
-    fake.write_text('#!/bin/sh\nfor a in "$@"; do echo "$a"; done\n')
-    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
-    out = subprocess.run(
-        ["/bin/sh", "-c", WORKER_ID_SCRIPT, "scaleq-worker", "worker", "--queue", "q"],
-        env={"PATH": f"{tmp_path}:/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split("\n")
-    hostname = Path("/proc/sys/kernel/hostname").read_text().strip().split(".")[0]
-    assert out[:5] == ["worker", "--queue", "q", "--worker-id", hostname]
 
 
 def test_names_fit_gce_rules_however_long_the_grid_and_group() -> None:
@@ -251,8 +184,9 @@ async def test_a_changed_image_makes_a_new_template_and_old_instances_are_out_of
     assert versions == {**dict.fromkeys(old_ids, old.version()), **dict.fromkeys(new_ids, new.version())}
     assert {w.status for w in await provider.workers(new)} == {"running"}  # the MIG replaced nothing by itself
     spec = compute.templates[(PROJECT, REGION, template_name("t", "cpu", new.version()))]["properties"]
-    declaration = next(i["value"] for i in spec["metadata"]["items"] if i["key"] == "gce-container-declaration")
-    assert yaml.safe_load(declaration)["spec"]["containers"][0]["image"] == IMAGE.replace(":1", ":2")
+    user_data = next(i["value"] for i in spec["metadata"]["items"] if i["key"] == "user-data")
+    files = {f["path"]: f["content"] for f in yaml.safe_load(user_data)["write_files"]}
+    assert files["/etc/scaleq/image"] == IMAGE.replace(":1", ":2")
 
     # once the old workers are gone, the next switch deletes their template (the one still in use stays)
     for worker_id in old_ids:
@@ -295,6 +229,50 @@ async def test_health_reads_the_region_and_checks_the_zones(compute: ComputeStan
     assert not bad.ok and "europe-west1-b" in bad.message and "us-central1-a" in bad.message
     missing = await gcp(settings=g.gcp.model_copy(update={"project": "nope"})).health()
     assert not missing.ok and "'projects/nope' was not found" in missing.message and "project (nope)" in missing.message
+
+
+QUOTA = "Quota 'CPUS' exceeded.  Limit: 8.0 in region us-central1."
+
+
+async def test_instances_gcp_cannot_create_are_reported_with_gcps_reason(compute: ComputeStandIn) -> None:
+    """As the API does: createInstances ends DONE, the instances stay CREATING while the MIG retries, and the reason
+    is per instance (lastAttempt, listErrors) — in the workers' detail, last_errors and health."""
+    compute.refuse_creation("QUOTA_EXCEEDED", QUOTA)
+    g = gcp_group(compute)
+    provider = gcp(settings=g.gcp, group_name="cpu")
+    started = await provider.start(g, 2)  # no error: the operation succeeded, the instances did not
+
+    async def failing() -> list:
+        found = await provider.workers(g)
+        return found if found and all("QUOTA_EXCEEDED" in w.detail for w in found) else []
+
+    workers = await eventually(failing, what="creation attempts failed")
+    assert sorted(w.id for w in workers) == sorted(started)
+    assert {w.status for w in workers} == {"starting"}
+    assert all(f"creating it failed, the MIG retries: QUOTA_EXCEEDED: {QUOTA}" in w.detail for w in workers)
+    assert await provider.last_errors(g) == dict.fromkeys(started, f"QUOTA_EXCEEDED: {QUOTA}")
+    assert compute.called("listErrors")
+    health = await provider.health()
+    assert not health.ok and f"GCP cannot create 2 instance(s) of {mig_name('t', 'cpu')}" in health.message
+    assert f"{started[0]}: QUOTA_EXCEEDED: {QUOTA}" in health.message
+
+    # the MIG keeps retrying: more errors in its log; capacity back, the same instances come up
+    mig = compute.migs[(PROJECT, REGION, mig_name("t", "cpu"))]
+
+    async def retried() -> bool:
+        compute.instances(PROJECT, REGION, mig_name("t", "cpu"))  # time passes for the stand-in's MIG
+        return len(mig.errors) > 2
+
+    await eventually(retried, what="retries")
+    compute.allow_creation()
+    compute.settle()
+    assert {(w.id, w.status) for w in await provider.workers(g)} == {(i, "running") for i in started}
+    assert all("failed" not in w.detail for w in await provider.workers(g))
+    assert (await provider.health()).ok
+    # the log keeps the past: the last error each instance had
+    assert await provider.last_errors(g) == dict.fromkeys(started, f"QUOTA_EXCEEDED: {QUOTA}")
+    assert await gcp().last_errors(gcp_group(compute, name="other")) == {}  # no MIG: nothing failed
+    await provider.close()
 
 
 @pytest.fixture
