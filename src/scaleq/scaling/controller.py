@@ -24,11 +24,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from scaleq.doctor.checks import Check
 from scaleq.grid import Group
 from scaleq.jobs import Worker
 from scaleq.providers.base import Provider, ProviderWorker
 from scaleq.scaling.policy import Decision, Demand, PolicyState, decide, worker_views
-from scaleq.scaling.signals import SignalError, describe, read_external
+from scaleq.scaling.signal_checks import (
+    DISAGREE_AFTER,
+    agreement_check,
+    agrees,
+    reading_check,
+    signal_fix,
+    targets_check,
+)
+from scaleq.scaling.signals import SignalError, combine, describe, read_external
 from scaleq.store.base import GroupStatus
 
 log = logging.getLogger("scaleq.controller")
@@ -61,8 +70,12 @@ class GroupLoop:
     pending: dict[str, float] = field(default_factory=dict)  # started, not registered yet
     early_exits: int = 0  # started workers that vanished without ever registering, in a row
     crash_backoff: float = 5.0
-    recorded: tuple[int, int] | None = None  # (current, desired) last written as the group's status
+    recorded: tuple[int, int, str] | None = None  # (current, desired, note) last written as the group's status
     recorded_at: float = float("-inf")
+    signal_error: str | None = None  # the external signal's error while the server's own count stands in for it
+    disagree_since: float | None = None  # the external signal has read other than the server's count since then
+    own: Demand | None = None  # the server's own count at the last external reading
+    targets: tuple[float, Check] | None = None  # the last scrape-targets check of a promql signal, and when
 
 
 class Controller:
@@ -107,7 +120,7 @@ class Controller:
         if now < loop.retry_at:
             return None
         try:
-            demand = await self.observer.demand(g) if g.signal.kind == "server" else await read_external(g.signal)
+            demand, reading, signal_error = await self._demand(loop)
             provider_workers = await loop.provider.list(g)
             registered = await self.observer.registered(g)
             if await self._crash_looping(loop, provider_workers, registered, now):
@@ -125,17 +138,33 @@ class Controller:
             if decision.start or decision.drain or decision.desired != loop.last_desired:
                 kind = "scale_up" if decision.start else "scale_down" if decision.drain else "desired"
                 reason = decision.reason
-                if g.signal.kind != "server":
-                    reason = f"{describe(g.signal)} reads {demand.queued}: {reason}"
+                if signal_error is not None:
+                    reason = f"{describe(g.signal)} failed, sized on the server's own count: {reason}"
+                elif reading is not None:
+                    added = f" (+ {demand.running} running, the server's count)" if g.signal.counts == "queued" else ""
+                    reason = f"{describe(g.signal)} reads {reading.queued}{added}: {reason}"
                 await self.observer.record(g.name, kind, current, decision.desired, reason)
                 loop.last_desired = decision.desired
-            counts = (current + decision.start - len(decision.drain), decision.desired)
+            note = self._note(loop, demand)
+            counts = (current + decision.start - len(decision.drain), decision.desired, note)
             # Under a stream of jobs the controller steps up to 20 times a second: the status is a store write, so
             # it is written when it changes, and otherwise refreshed every STATUS_REFRESH seconds (its age is how
             # the dashboard and doctor tell a live controller from a stopped one).
             if counts != loop.recorded or now - loop.recorded_at >= STATUS_REFRESH:
+                checks = await self._signal_checks(loop, reading, demand, now)
                 await self.observer.status(
-                    GroupStatus(g.name, g.queue, g.provider, g.min_workers, g.max_workers, *counts, now)
+                    GroupStatus(
+                        g.name,
+                        g.queue,
+                        g.provider,
+                        g.min_workers,
+                        g.max_workers,
+                        counts[0],
+                        counts[1],
+                        now,
+                        note,
+                        checks,
+                    )
                 )
                 loop.recorded, loop.recorded_at = counts, now
             if loop.failures:
@@ -157,6 +186,71 @@ class Controller:
                     f"{what} failed ({type(exc).__name__}: {exc}); retry {loop.failures} in {backoff:.0f} s",
                 )
             return None
+
+    async def _demand(self, loop: GroupLoop) -> tuple[Demand, Demand | None, str | None]:
+        """The group's demand, the external signal's reading (None for the server signal or when it failed) and
+        its error. A failing external signal is never read as 0: the server's own count stands in, and the change
+        either way is recorded as an event (``fallback`` / ``recovered``)."""
+        g = loop.group
+        own = await self.observer.demand(g)
+        if g.signal.kind == "server":
+            return own, None, None
+        try:
+            reading = await read_external(g.signal)
+        except SignalError as exc:
+            if loop.signal_error is None:
+                log.warning("group %s: signal failed, using the server's own count: %s", g.name, exc)
+                await self.observer.record(
+                    g.name,
+                    "fallback",
+                    None,
+                    None,
+                    f"{describe(g.signal)} failed ({exc}); sizing the group on the server's own count "
+                    f"({own.queued} queued, {own.running} running) until it answers again",
+                )
+            loop.signal_error, loop.disagree_since = str(exc), None
+            return own, None, str(exc)
+        if loop.signal_error is not None:
+            await self.observer.record(
+                g.name, "recovered", None, None, f"{describe(g.signal)} answers again: reads {reading.queued}"
+            )
+            loop.signal_error = None
+        if agrees(g.signal, reading, own):
+            loop.disagree_since = None
+        elif loop.disagree_since is None:
+            loop.disagree_since = self.clock()
+        loop.own = own
+        return combine(g.signal, reading, own), reading, None
+
+    def _note(self, loop: GroupLoop, demand: Demand) -> str:
+        """What the group's status says in words: at max_workers with more wanted, a signal fallen back from."""
+        g, parts = loop.group, []
+        need = -(-(demand.queued + demand.running) // g.slots)
+        if need > g.max_workers or (demand.capped and need >= g.max_workers):
+            wanted = f"{'≥' if demand.capped else ''}{need}"
+            parts.append(f"capped at max_workers {g.max_workers} ({wanted} wanted)")
+        if loop.signal_error is not None:
+            parts.append(f"{describe(g.signal)} failing: sized on the server's own count")
+        return "; ".join(parts)
+
+    async def _signal_checks(
+        self, loop: GroupLoop, reading: Demand | None, demand: Demand, now: float
+    ) -> tuple[Check, ...]:
+        """The controller's checks of an external signal, written with the group's status."""
+        g = loop.group
+        if g.signal.kind == "server":
+            return ()
+        checks = [reading_check(g, reading, loop.signal_error, signal_fix(g), fallback=True)]
+        if g.signal.kind == "promql":
+            # a status is written on every change under a stream of jobs: ask Prometheus every STATUS_REFRESH only
+            if loop.targets is None or now - loop.targets[0] >= STATUS_REFRESH:
+                loop.targets = (now, await targets_check(g))
+            checks.append(loop.targets[1])
+        if reading is not None and loop.own is not None:
+            checks.append(
+                agreement_check(g, reading, loop.own, since=loop.disagree_since, now=now, tolerate=DISAGREE_AFTER)
+            )
+        return tuple(checks)
 
     async def _note_crash_loop(self, loop: GroupLoop, now: float) -> None:
         g = loop.group

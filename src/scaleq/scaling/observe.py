@@ -83,6 +83,9 @@ class RemoteObserver:
                 "max": status.max_workers,
                 "current": status.current,
                 "desired": status.desired,
+                "note": status.note,
+                "reporter": status.reporter,
+                "checks": [c.as_dict() for c in status.checks],
             }
         )
 

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from scaleq.doctor.checks import Check
 from scaleq.jobs import Capabilities, Claim, Job, JobDefinition, Worker
 
 
@@ -109,6 +110,15 @@ class GroupStatus:
     current: int
     desired: int
     updated_at: float
+    #: What the controller wants said of the group now, in words ("capped at max_workers 4 (7 wanted)", a signal
+    #: it fell back from); empty: nothing to say.
+    note: str = ""
+    #: The controller's checks of the group's signal (readable, scrape targets up, agrees with the server's count),
+    #: served with the server's health checks.
+    checks: tuple[Check, ...] = ()
+    #: Who wrote this status: ``controller`` (a running controller refreshes it), ``apply``, or ``stopped`` (a
+    #: controller that shut down).
+    reporter: str = "controller"
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ from scaleq.store.base import FinishResult, NotFound, SchemaTooNew, Submission, 
 from scaleq.store.queries import load
 from scaleq.store.sql import SQLStore
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 CHANNEL = "scaleq"
 #: Keys whose NOTIFY goes out at once: they wake workers parked in a claim (and the autoscaler, with "any").
 URGENT = ("queue:", "worker:")
@@ -113,6 +113,7 @@ class PostgresStore(SQLStore):
                 )
             if version < SCHEMA_VERSION:
                 conn.execute(self.Q["schema"])
+                conn.execute(self.Q["migrate_2"])  # ADD COLUMN IF NOT EXISTS: a no-op on a fresh schema
                 conn.execute(self.Q["set_schema_version"], {"version": SCHEMA_VERSION})
 
     # -- the hot paths: one statement each ---------------------------------------------------------------------

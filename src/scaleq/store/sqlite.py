@@ -17,7 +17,7 @@ from scaleq.store.base import SchemaTooNew
 from scaleq.store.queries import load
 from scaleq.store.sql import SQLStore
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 class SQLiteStore(SQLStore):
@@ -59,6 +59,8 @@ class SQLiteStore(SQLStore):
                 f"{self.path} has schema version {version}, newer than this scaleq ({SCHEMA_VERSION}): upgrade scaleq"
             )
         conn.executescript(self.Q["schema"])
+        if 0 < version < 2:  # a version-1 file: its groups table predates the columns the schema now creates
+            conn.executescript(self.Q["migrate_2"])
         conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         self._conn = conn
 

@@ -111,7 +111,10 @@ CREATE TABLE IF NOT EXISTS groups (
     max_workers INTEGER NOT NULL,
     current     INTEGER NOT NULL,
     desired     INTEGER NOT NULL,
-    updated_at  DOUBLE PRECISION NOT NULL
+    updated_at  DOUBLE PRECISION NOT NULL,
+    note        TEXT NOT NULL DEFAULT '',
+    checks      TEXT NOT NULL DEFAULT '[]',
+    reporter    TEXT NOT NULL DEFAULT 'controller'
 );
 
 -- name: schema_version
@@ -119,6 +122,12 @@ SELECT max(version) AS version FROM scaleq_schema;
 
 -- name: set_schema_version
 INSERT INTO scaleq_schema (version) SELECT :version WHERE NOT EXISTS (SELECT 1 FROM scaleq_schema WHERE version >= :version);
+
+-- name: migrate_2
+-- Version 2: the group status says what the controller wants said (note), its signal checks, and who wrote it.
+ALTER TABLE groups ADD COLUMN IF NOT EXISTS note TEXT NOT NULL DEFAULT '';
+ALTER TABLE groups ADD COLUMN IF NOT EXISTS checks TEXT NOT NULL DEFAULT '[]';
+ALTER TABLE groups ADD COLUMN IF NOT EXISTS reporter TEXT NOT NULL DEFAULT 'controller';
 
 -- name: get_job
 SELECT * FROM jobs WHERE id = :id;
@@ -403,11 +412,13 @@ INSERT INTO events (at, grp, kind, from_count, to_count, reason) VALUES (:at, :g
 SELECT * FROM events WHERE (CAST(:grp AS TEXT) IS NULL OR grp = :grp) AND id > :after ORDER BY id DESC LIMIT :limit;
 
 -- name: upsert_group
-INSERT INTO groups (name, queue, provider, min_workers, max_workers, current, desired, updated_at)
-VALUES (:name, :queue, :provider, :min_workers, :max_workers, :current, :desired, :now)
+INSERT INTO groups (name, queue, provider, min_workers, max_workers, current, desired, updated_at, note, checks,
+                    reporter)
+VALUES (:name, :queue, :provider, :min_workers, :max_workers, :current, :desired, :now, :note, :checks, :reporter)
 ON CONFLICT (name) DO UPDATE SET queue = excluded.queue, provider = excluded.provider,
        min_workers = excluded.min_workers, max_workers = excluded.max_workers, current = excluded.current,
-       desired = excluded.desired, updated_at = excluded.updated_at;
+       desired = excluded.desired, updated_at = excluded.updated_at, note = excluded.note, checks = excluded.checks,
+       reporter = excluded.reporter;
 
 -- name: list_groups
 SELECT * FROM groups ORDER BY name;
