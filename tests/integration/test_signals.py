@@ -329,7 +329,9 @@ async def test_controller_scales_a_group_on_a_prometheus_text_signal(live: LiveS
             events = await admin.events(group="ext", limit=100)
             ups = [e for e in events if e["kind"] == "scale_up"]
             assert len(ups) == 1 and ups[0]["to"] == 2
-            assert "5 jobs waiting" in ups[0]["reason"] and "capped at max 2" in ups[0]["reason"], ups[0]["reason"]
+            assert "5 jobs waiting" in ups[0]["reason"] and "capped at max_workers 2" in ups[0]["reason"], ups[0][
+                "reason"
+            ]
             downs = [e for e in events if e["kind"] == "scale_down"]
             assert downs and downs[-1]["to"] == 0, downs
             assert not [e for e in events if e["kind"] == "error"]

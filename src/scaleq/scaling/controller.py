@@ -227,7 +227,7 @@ class Controller:
         g, parts = loop.group, []
         need = -(-(demand.queued + demand.running) // g.slots)
         if need > g.max_workers or (demand.capped and need >= g.max_workers):
-            wanted = f"{'≥' if demand.capped else ''}{need}"
+            wanted = "more" if demand.capped else str(need)
             parts.append(f"capped at max_workers {g.max_workers} ({wanted} wanted)")
         if loop.signal_error is not None:
             parts.append(f"{describe(g.signal)} failing: sized on the server's own count")
