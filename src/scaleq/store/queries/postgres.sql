@@ -163,6 +163,7 @@ UPDATE jobs SET state = 'queued', reason = NULL, exit_code = NULL, error = NULL,
 -- name: list_jobs
 SELECT * FROM jobs
  WHERE (CAST(:queue AS TEXT) IS NULL OR queue = :queue) AND (CAST(:state AS TEXT) IS NULL OR state = :state)
+   AND (CAST(:reason AS TEXT) IS NULL OR reason = :reason)
  ORDER BY seq DESC LIMIT :limit;
 
 -- name: claim

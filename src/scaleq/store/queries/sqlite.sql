@@ -143,6 +143,7 @@ UPDATE jobs SET state = 'queued', reason = NULL, exit_code = NULL, error = NULL,
 -- name: list_jobs
 SELECT * FROM jobs
  WHERE (:queue IS NULL OR queue = :queue) AND (:state IS NULL OR state = :state)
+   AND (:reason IS NULL OR reason = :reason)
  ORDER BY seq DESC LIMIT :limit;
 
 -- name: claim
