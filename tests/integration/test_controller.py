@@ -7,8 +7,10 @@ import asyncio
 import time
 from pathlib import Path
 
+import pytest
+
 from scaleq.client import Client
-from scaleq.deploy import Deployer, state_path
+from scaleq.deploy import Deployer, Refused, state_path
 from scaleq.grid import Grid, Group
 from scaleq.jobs import JobDefinition, RuntimeKind, SubmitRequest
 from scaleq.notify import Notifier
@@ -211,6 +213,36 @@ async def test_apply_then_destroy_leaves_nothing(live: LiveServer, tmp_path: Pat
             assert not Path(f"/proc/{pid}").exists() or b"zombie" in Path(f"/proc/{pid}/status").read_bytes().lower()
         assert await admin.groups() == []
     finally:
+        await admin.close()
+
+
+async def test_plan_apply_and_destroy_beside_a_running_controller(live: LiveServer, tmp_path: Path) -> None:
+    g = group()
+    grid = Grid(name="t", groups=[g])
+    admin = live.client("admin")
+    ctx = ProviderContext("t", live.url, live.tokens["worker"], tmp_path)
+    deployer = Deployer(grid, tmp_path, admin, ctx)
+    provider = local(live, tmp_path)
+    try:
+        async with controlling(Controller([(g, provider)], RemoteObserver(admin), tick=0.2)):
+            await eventually(admin.groups, what="the controller's first status")
+            (p,) = await deployer.plan()
+            assert p.action == "running" and "live controller" in p.reason, p  # not "create"
+            (p,) = await deployer.apply()
+            assert p.action == "running" and p.done == [
+                "left to the controller that runs it (stop it to apply a change)"
+            ]
+            assert not state_path(tmp_path, "t").exists()
+            with pytest.raises(Refused) as refused:
+                await deployer.destroy()
+            assert "group cpu" in str(refused.value) and "Stop it first" in str(refused.value)
+        # a controller that stops says so: destroy goes ahead at once
+        (status,) = await admin.groups()
+        assert status["reporter"] == "stopped"
+        assert [p.action for p in await deployer.plan()] == ["create"]
+        assert await deployer.destroy() == []
+    finally:
+        await provider.destroy(g, grace=5)
         await admin.close()
 
 

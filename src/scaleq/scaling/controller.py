@@ -106,11 +106,35 @@ class Controller:
                         len(adopted),
                         f"adopted {len(adopted)} running worker(s) found by the provider's labels",
                     )
-        while True:
-            await self.step()
-            # react at once to the first event, but at most every min_interval under a storm of them
-            await asyncio.sleep(self.min_interval)
-            await self.observer.wait_for_change(self.tick)
+        try:
+            while True:
+                await self.step()
+                # react at once to the first event, but at most every min_interval under a storm of them
+                await asyncio.sleep(self.min_interval)
+                await self.observer.wait_for_change(self.tick)
+        finally:
+            # say so, or plan/destroy and doctor would take the last status for a live controller for a while
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._stopped(), 2.0)
+
+    async def _stopped(self) -> None:
+        for loop in self.loops:
+            if loop.recorded is not None:
+                g, (current, desired, note) = loop.group, loop.recorded
+                await self.observer.status(
+                    GroupStatus(
+                        g.name,
+                        g.queue,
+                        g.provider,
+                        g.min_workers,
+                        g.max_workers,
+                        current,
+                        desired,
+                        self.clock(),
+                        note,
+                        reporter="stopped",
+                    )
+                )
 
     async def step(self) -> None:
         await asyncio.gather(*(self.step_group(loop) for loop in self.loops))
