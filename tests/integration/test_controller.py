@@ -288,3 +288,22 @@ async def test_observers_count_the_queue_only_as_far_as_the_group_can_run(live: 
     assert decide(local, [], g.policy(), PolicyState(), local.at).reason.startswith("≥6 jobs waiting")
     roomy = await StoreObserver(live.store, Notifier(), time.time).demand(group(max_workers=20, slots=1))
     assert (roomy.queued, roomy.capped) == (10, False)
+
+
+async def test_jobs_no_worker_of_the_group_can_run_are_said(live: LiveServer, tmp_path: Path) -> None:
+    g = group(max_workers=2)
+    admin = live.client("admin")
+    provider = local(live, tmp_path)
+    try:
+        for i in range(3):  # the group's workers run process jobs only: docker jobs are not theirs
+            await admin.submit(SubmitRequest(queue="q", definition=JobDefinition(image="alpine", command=[str(i)])))
+        controller = Controller([(g, provider)], RemoteObserver(admin))
+        decision = await controller.step_group(controller.loops[0])
+        assert decision is not None and decision.desired == 0 and decision.reason.startswith("0 jobs waiting")
+        (said,) = [e for e in await admin.events(group="cpu") if e["kind"] == "unrunnable"]
+        assert "3 job(s) queued on queue q that this group cannot run" in said["reason"]
+        (status,) = await admin.groups()
+        assert "3 queued job(s) on queue q it cannot run" in status["note"]
+    finally:
+        await provider.destroy(g, grace=5)
+        await admin.close()

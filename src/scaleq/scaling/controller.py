@@ -50,6 +50,7 @@ class Observer(Protocol):
 
     async def demand(self, group: Group) -> Demand: ...
     async def registered(self, group: Group) -> list[Worker]: ...
+    async def queued(self, queue: str) -> int: ...  # every queued job of the queue, runnable by the group or not
     async def drain(self, worker_id: str) -> None: ...
     async def record(
         self, group: str, kind: str, from_count: int | None, to_count: int | None, reason: str
@@ -76,6 +77,7 @@ class GroupLoop:
     disagree_since: float | None = None  # the external signal has read other than the server's count since then
     own: Demand | None = None  # the server's own count at the last external reading
     targets: tuple[float, Check] | None = None  # the last scrape-targets check of a promql signal, and when
+    unrunnable: int = 0  # queued jobs of the group's queue that it cannot run, at the last status refresh
 
 
 class Controller:
@@ -169,6 +171,8 @@ class Controller:
                     reason = f"{describe(g.signal)} reads {reading.queued}{added}: {reason}"
                 await self.observer.record(g.name, kind, current, decision.desired, reason)
                 loop.last_desired = decision.desired
+            if now - loop.recorded_at >= STATUS_REFRESH:
+                await self._unrunnable(loop, demand, own_queued=demand.queued if reading is None else None)
             note = self._note(loop, demand)
             counts = (current + decision.start - len(decision.drain), decision.desired, note)
             # Under a stream of jobs the controller steps up to 20 times a second: the status is a store write, so
@@ -246,6 +250,27 @@ class Controller:
         loop.own = own
         return combine(g.signal, reading, own), reading, None
 
+    async def _unrunnable(self, loop: GroupLoop, demand: Demand, own_queued: int | None) -> None:
+        """Count the queue's jobs the group cannot run (a runtime, resources or tags its workers lack), and record
+        an event when some appear: otherwise its decisions say "0 jobs waiting" while 'scaleq queues' shows them."""
+        g = loop.group
+        if own_queued is None:  # an external signal: the server's own count of what the group can run
+            own_queued = loop.own.queued if loop.own is not None else 0
+        if demand.capped or (loop.own is not None and loop.own.capped):
+            return  # counted only up to what the group can run at once: the rest is unknown, and needs no words
+        unrunnable = max(0, await self.observer.queued(g.queue) - own_queued)
+        if unrunnable and not loop.unrunnable:
+            await self.observer.record(
+                g.name,
+                "unrunnable",
+                None,
+                None,
+                f"{unrunnable} job(s) queued on queue {g.queue} that this group cannot run (they ask for a runtime, "
+                f"resources or tags its workers lack), so it does not count them; 'scaleq jobs --queue {g.queue} "
+                "--state queued' lists them",
+            )
+        loop.unrunnable = unrunnable
+
     def _note(self, loop: GroupLoop, demand: Demand) -> str:
         """What the group's status says in words: at max_workers with more wanted, a signal fallen back from."""
         g, parts = loop.group, []
@@ -255,6 +280,8 @@ class Controller:
             parts.append(f"capped at max_workers {g.max_workers} ({wanted} wanted)")
         if loop.signal_error is not None:
             parts.append(f"{describe(g.signal)} failing: sized on the server's own count")
+        if loop.unrunnable:
+            parts.append(f"{loop.unrunnable} queued job(s) on queue {g.queue} it cannot run")
         return "; ".join(parts)
 
     async def _signal_checks(

@@ -34,6 +34,9 @@ class StoreObserver:
     async def registered(self, group: Group) -> list[Worker]:
         return [w for w in await self.store.list_workers(queue=group.queue) if w.group == group.name]
 
+    async def queued(self, queue: str) -> int:
+        return next((q.queued for q in await self.store.queue_stats() if q.queue == queue), 0)
+
     async def drain(self, worker_id: str) -> None:
         await self.store.set_worker_state(worker_id, "draining")
         self.notifier.notify(f"worker:{worker_id}")
@@ -64,6 +67,9 @@ class RemoteObserver:
 
     async def registered(self, group: Group) -> list[Worker]:
         return [w for w in await self.client.workers() if w.group == group.name and w.queue == group.queue]
+
+    async def queued(self, queue: str) -> int:
+        return next((int(q["queued"]) for q in await self.client.queues() if q.get("name") == queue), 0)
 
     async def drain(self, worker_id: str) -> None:
         await self.client.drain_worker(worker_id)
