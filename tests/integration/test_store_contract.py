@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
+from scaleq.doctor.checks import Check
 from scaleq.jobs import Capabilities, JobDefinition, RuntimeKind, Worker, job_id
-from scaleq.store.base import FinishResult, NotFound, StaleLease, Store, Submission
+from scaleq.store.base import FinishResult, GroupStatus, NotFound, StaleLease, Store, Submission
 from scaleq.store.postgres import PostgresStore
 from scaleq.store.sqlite import SQLiteStore
 
@@ -406,3 +408,47 @@ async def test_durable_across_reopen(tmp_path: Path) -> None:
     await s2.open()
     assert (await s2.get_job(job.id)).state == "queued"
     await s2.close()
+
+
+async def test_jobs_are_listed_by_finished_reason(store: Store) -> None:
+    cancelled, _ = await submit(store, definition("c"))
+    await store.cancel(cancelled.id, T0)
+    queued, _ = await submit(store, definition("q"))
+    found = await store.list_jobs(queue=None, state="finished", reason="cancelled", limit=10)
+    assert [j.id for j in found] == [cancelled.id]
+    assert await store.list_jobs(queue=None, state="finished", reason="failed", limit=10) == []
+    assert {j.id for j in await store.list_jobs(queue=None, state=None, limit=10)} == {cancelled.id, queued.id}
+
+
+async def test_group_status_keeps_its_note_checks_and_reporter(store: Store) -> None:
+    check = Check("group g", "signal", False, "no series", "fix it")
+    await store.put_group(
+        GroupStatus("g", "q", "local", 0, 2, 1, 2, T0, "capped at max_workers 2", (check,), "stopped")
+    )
+    (status,) = await store.list_groups()
+    assert (status.note, status.checks, status.reporter) == ("capped at max_workers 2", (check,), "stopped")
+
+
+async def test_a_version_1_sqlite_file_is_migrated(tmp_path: Path) -> None:
+    path = tmp_path / "v1.db"
+    with sqlite3.connect(path) as conn:  # the groups table as version 1 made it, with a row
+        conn.execute(
+            "CREATE TABLE groups (name TEXT PRIMARY KEY, queue TEXT NOT NULL, provider TEXT NOT NULL, min_workers "
+            "INTEGER NOT NULL, max_workers INTEGER NOT NULL, current INTEGER NOT NULL, desired INTEGER NOT NULL, "
+            "updated_at REAL NOT NULL)"
+        )
+        conn.execute("INSERT INTO groups VALUES ('old', 'q', 'local', 0, 1, 0, 0, 1.0)")
+        conn.execute("PRAGMA user_version=1")
+    conn.close()
+    store = SQLiteStore(path)
+    await store.open()
+    try:
+        (old,) = await store.list_groups()
+        assert (old.name, old.note, old.checks, old.reporter) == ("old", "", (), "controller")
+        await store.put_group(GroupStatus("new", "q", "local", 0, 1, 0, 0, T0, "a note"))
+        assert [g.note for g in await store.list_groups()] == ["a note", ""]
+    finally:
+        await store.close()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    conn.close()
