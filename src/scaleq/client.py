@@ -112,8 +112,11 @@ class Client:
             params["state"] = state
         return Job.model_validate(await self._json("GET", f"/jobs/{job_id}", params=params, timeout=wait + 30))
 
-    async def list_jobs(self, *, queue: str | None = None, state: str | None = None, limit: int = 100) -> list[Job]:
-        params = {k: v for k, v in {"queue": queue, "state": state, "limit": limit}.items() if v is not None}
+    async def list_jobs(
+        self, *, queue: str | None = None, state: str | None = None, limit: int = 100, reason: str | None = None
+    ) -> list[Job]:
+        wanted = {"queue": queue, "state": state, "limit": limit, "reason": reason}
+        params = {k: v for k, v in wanted.items() if v is not None}
         return [Job.model_validate(j) for j in await self._json("GET", "/jobs", params=params)]
 
     async def attempts(self, job_id: str) -> list[dict[str, Any]]:

@@ -8,8 +8,10 @@ import time
 from collections.abc import Collection
 from pathlib import Path
 
+import pytest
+
 from scaleq.client import Client
-from scaleq.deploy import Deployer, state_path
+from scaleq.deploy import Deployer, Refused, state_path
 from scaleq.grid import Grid, Group
 from scaleq.jobs import JobDefinition, SubmitRequest
 from scaleq.notify import Notifier
@@ -218,6 +220,36 @@ async def test_apply_then_destroy_leaves_nothing(live: LiveServer, tmp_path: Pat
         await admin.close()
 
 
+async def test_plan_apply_and_destroy_beside_a_running_controller(live: LiveServer, tmp_path: Path) -> None:
+    g = group()
+    grid = Grid(name="t", groups=[g])
+    admin = live.client("admin")
+    ctx = ProviderContext("t", live.url, live.tokens["worker"], tmp_path)
+    deployer = Deployer(grid, tmp_path, admin, ctx)
+    provider = local(live, tmp_path)
+    try:
+        async with controlling(Controller([(g, provider)], RemoteObserver(admin), tick=0.2)):
+            await eventually(admin.groups, what="the controller's first status")
+            (p,) = await deployer.plan()
+            assert p.action == "running" and "live controller" in p.reason, p  # not "create"
+            (p,) = await deployer.apply()
+            assert p.action == "running" and p.done == [
+                "left to the controller that runs it (stop it to apply a change)"
+            ]
+            assert not state_path(tmp_path, "t").exists()
+            with pytest.raises(Refused) as refused:
+                await deployer.destroy()
+            assert "group cpu" in str(refused.value) and "Stop it first" in str(refused.value)
+        # a controller that stops says so: destroy goes ahead at once
+        (status,) = await admin.groups()
+        assert status["reporter"] == "stopped"
+        assert [p.action for p in await deployer.plan()] == ["create"]
+        assert await deployer.destroy() == []
+    finally:
+        await provider.destroy(g, grace=5)
+        await admin.close()
+
+
 async def test_workers_that_die_before_registering_pause_the_group(live: LiveServer, tmp_path: Path) -> None:
     """A refused worker token (or a broken image) must not become a restart loop: the group pauses and says why."""
     g = group(max_workers=1)
@@ -308,3 +340,22 @@ async def _busy_workers(c: Client, n: int) -> list[str] | None:
 async def _decided(controller: Controller, words: str) -> bool:
     last = controller.loops[0].last
     return last is not None and words in last.reason
+
+
+async def test_jobs_no_worker_of_the_group_can_run_are_said(live: LiveServer, tmp_path: Path) -> None:
+    g = group(max_workers=2)
+    admin = live.client("admin")
+    provider = local(live, tmp_path)
+    try:
+        for i in range(3):  # the group's workers run process jobs only: docker jobs are not theirs
+            await admin.submit(SubmitRequest(queue="q", definition=JobDefinition(image="alpine", command=[str(i)])))
+        controller = Controller([(g, provider)], RemoteObserver(admin))
+        decision = await controller.step_group(controller.loops[0])
+        assert decision is not None and decision.desired == 0 and decision.reason.startswith("0 jobs waiting")
+        (said,) = [e for e in await admin.events(group="cpu") if e["kind"] == "unrunnable"]
+        assert "3 job(s) queued on queue q that this group cannot run" in said["reason"]
+        (status,) = await admin.groups()
+        assert "3 queued job(s) on queue q it cannot run" in status["note"]
+    finally:
+        await provider.destroy(g, grace=5)
+        await admin.close()

@@ -218,7 +218,15 @@ async def test_a_signal_endpoint_that_is_down_is_named(sqlite_live: LiveServer, 
     prometheus = find(checks, "group prom", "prometheus")
     assert not prometheus.ok and prom_url in prometheus.detail and "start Prometheus" in prometheus.fix
     assert [c for c in checks if c.name == "prometheus"] == [prometheus]  # only promql signals use Prometheus
-    assert set(failed(checks)) == {("group text", "signal"), ("group prom", "signal"), ("group prom", "prometheus")}
+    # a Prometheus that does not answer cannot say how its scrape targets are doing either
+    targets = find(checks, "group prom", "scrape targets")
+    assert not targets.ok and f"{prom_url}/api/v1/targets" in targets.detail
+    assert set(failed(checks)) == {
+        ("group text", "signal"),
+        ("group prom", "signal"),
+        ("group prom", "prometheus"),
+        ("group prom", "scrape targets"),
+    }
 
 
 async def test_a_promql_url_that_is_not_prometheus_is_named(sqlite_live: LiveServer, tmp_path: Path) -> None:
@@ -246,10 +254,14 @@ async def test_healthy_external_signals_and_prometheus_pass(
         endpoint.gauge.labels(queue="q").set(4)
         text_url = endpoint.url
         text = group("text", signal=SignalSpec(kind="prometheus_text", url=text_url, metric="queue_length"))
-        prom = group("prom", signal=SignalSpec(kind="promql", url=prometheus, query="vector(3)"))
+        prom = group("prom", queue="q3", signal=SignalSpec(kind="promql", url=prometheus, query="vector(3)"))
         async with sqlite_live.client("admin") as admin:
             for g in (text, prom):
                 await fresh_status(admin, g)
+            # the server's own counts agree with both signals (doctor compares them)
+            for queue, n in (("q", 4), ("q3", 3)):
+                for i in range(n):
+                    await admin.submit(SubmitRequest(queue=queue, definition=JobDefinition(command=["echo", str(i)])))
             checks = await run_checks(admin, Grid(name="t", groups=[text, prom]), ctx(sqlite_live, tmp_path))
     assert all_ok(checks), [c for c in checks if not c.ok]
     assert find(checks, "group text", "signal").detail == f"queue_length at {text_url} reads 4"

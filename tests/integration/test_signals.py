@@ -117,12 +117,30 @@ def promql(url: str, query: str) -> SignalSpec:
         ("queue_length", 7),  # several series: summed
         ("scalar(sum(queue_length))", 7),  # a scalar result
         ("sum(queue_length) / 2", 4),  # 3.5 jobs: rounded up, never down
-        ('queue_length{queue="nobody"}', 0),  # no series: no demand
     ],
 )
 async def test_promql_signal(prometheus: str, query: str, jobs: int) -> None:
     demand = await read_external(promql(prometheus, query))
     assert (demand.queued, demand.running) == (jobs, 0)
+
+
+@pytest.mark.parametrize("query", ['queue_length{queue="nobody"}', "sum(queue_length) - sum(queue_length) / 0 * 0"])
+async def test_promql_signal_with_no_series_or_nan_is_an_error_not_zero(prometheus: str, query: str) -> None:
+    # an empty vector is what a worker whose /metrics fails or a scrape of a closed port leaves: never read as 0
+    with pytest.raises(SignalError) as empty:
+        await read_external(promql(prometheus, query))
+    message = str(empty.value)
+    assert query in message and prometheus in message and 'empty = "zero"' in message
+    # unless the grid says so explicitly
+    zero = SignalSpec(kind="promql", url=prometheus, query=query, empty="zero")
+    assert (await read_external(zero)).queued == 0
+
+
+async def test_text_signal_without_the_series_reads_zero_only_when_the_grid_says_so(endpoint: Endpoint) -> None:
+    spec = SignalSpec(kind="prometheus_text", url=endpoint.url, metric="queue_length", labels={"queue": "zzz"})
+    with pytest.raises(SignalError):
+        await read_external(spec)
+    assert (await read_external(spec.model_copy(update={"empty": "zero"}))).queued == 0
 
 
 async def test_promql_signal_with_a_bad_query_carries_prometheus_error(prometheus: str) -> None:
@@ -229,7 +247,9 @@ async def test_controller_scales_a_group_on_a_prometheus_text_signal(live: LiveS
             events = await admin.events(group="ext", limit=100)
             ups = [e for e in events if e["kind"] == "scale_up"]
             assert len(ups) == 1 and ups[0]["to"] == 2
-            assert "5 jobs waiting" in ups[0]["reason"] and "capped at max 2" in ups[0]["reason"], ups[0]["reason"]
+            assert "5 jobs waiting" in ups[0]["reason"] and "capped at max_workers 2" in ups[0]["reason"], ups[0][
+                "reason"
+            ]
             downs = [e for e in events if e["kind"] == "scale_down"]
             assert downs and downs[-1]["to"] == 0, downs
             assert not [e for e in events if e["kind"] == "error"]

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from scaleq.doctor.checks import Check
 from scaleq.jobs import Capabilities, JobDefinition, RuntimeKind, Worker, job_id
-from scaleq.store.base import FinishResult, NotFound, StaleLease, Store, Submission
+from scaleq.store.base import FinishResult, GroupStatus, NotFound, StaleLease, Store, Submission
 from scaleq.store.postgres import PostgresStore
 from scaleq.store.sqlite import SQLiteStore
 
@@ -441,3 +442,22 @@ async def test_durable_across_reopen(tmp_path: Path) -> None:
     await s2.open()
     assert (await s2.get_job(job.id)).state == "queued"
     await s2.close()
+
+
+async def test_jobs_are_listed_by_finished_reason(store: Store) -> None:
+    cancelled, _ = await submit(store, definition("c"))
+    await store.cancel(cancelled.id, T0)
+    queued, _ = await submit(store, definition("q"))
+    found = await store.list_jobs(queue=None, state="finished", reason="cancelled", limit=10)
+    assert [j.id for j in found] == [cancelled.id]
+    assert await store.list_jobs(queue=None, state="finished", reason="failed", limit=10) == []
+    assert {j.id for j in await store.list_jobs(queue=None, state=None, limit=10)} == {cancelled.id, queued.id}
+
+
+async def test_group_status_keeps_its_note_checks_and_reporter(store: Store) -> None:
+    check = Check("group g", "signal", False, "no series", "fix it")
+    await store.put_group(
+        GroupStatus("g", "q", "local", 0, 2, 1, 2, T0, "capped at max_workers 2", (check,), "stopped")
+    )
+    (status,) = await store.list_groups()
+    assert (status.note, status.checks, status.reporter) == ("capped at max_workers 2", (check,), "stopped")

@@ -50,7 +50,9 @@ def test_sizes_by_slots():
 def test_clamped_to_max_and_min():
     d = run(6, 0, [], max_workers=3)
     assert (d.desired, d.start) == (3, 3)
-    assert d.reason == "6 jobs waiting, 0 running, 1 slot per worker → 6 workers (capped at max 3); have 0; starting 3"
+    assert d.reason == (
+        "6 jobs waiting, 0 running, 1 slot per worker → 6 workers (capped at max_workers 3); have 0; starting 3"
+    )
     d = run(0, 0, [], min_workers=2, max_workers=3)
     assert (d.desired, d.start) == (2, 2)
     assert "raised to min 2" in d.reason

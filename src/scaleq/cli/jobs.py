@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import sys
 import time
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -33,7 +35,20 @@ from scaleq.cli.common import (
 )
 from scaleq.client import ApiError, Client, Unreachable
 from scaleq.jobfile import JobInputError, build, encode_blobs, load_lines
-from scaleq.jobs import Job, JobDefinition, State, SubmitRequest, validate_queue_name
+from scaleq.jobs import Job, JobDefinition, Reason, State, SubmitRequest, validate_queue_name
+
+#: ``--state``: a job state, or a finished job's reason (``failed`` = finished with reason failed).
+StateFilter = StrEnum("StateFilter", {v: v for v in [*State, *Reason]})  # type: ignore[misc]
+
+
+def _job_id(value: str) -> str:
+    """A job id or a prefix of one: 6 to 64 hex digits, checked here so a typo is bad input (exit 2)."""
+    if not re.fullmatch(r"[0-9a-f]{6,64}", value):
+        raise typer.BadParameter(f"{value!r} is not a job id: give the id or a prefix of at least 6 hex digits")
+    return value
+
+
+JobIdArg = Annotated[str, typer.Argument(help="Job id or a unique prefix (6+ hex digits).", callback=_job_id)]
 
 PriorityOpt = Annotated[int, typer.Option(min=-1000, max=1000, help="Higher runs first; FIFO within a priority.")]
 MaxAttemptsOpt = Annotated[
@@ -282,7 +297,10 @@ def _batches(
 
 def jobs(
     queue: Annotated[str | None, typer.Option(help="Only this queue.")] = None,
-    state: Annotated[State | None, typer.Option(help="Only jobs in this state.")] = None,
+    state: Annotated[
+        StateFilter | None,
+        typer.Option(help="Only jobs in this state, or finished with this reason (failed, success, …)."),
+    ] = None,
     limit: Annotated[int, typer.Option(help="At most this many, newest first.")] = 50,
     output: OutputOpt = Output.table,
     server: ServerOpt = None,
@@ -290,8 +308,13 @@ def jobs(
     data_dir: DataDirOpt = None,
 ) -> None:
     """List jobs, newest first."""
+    wanted = state.value if state else None
+    reason = wanted if wanted in set(Reason) else None
     found = with_client(
-        server, token, data_dir, lambda c: c.list_jobs(queue=queue, state=state.value if state else None, limit=limit)
+        server,
+        token,
+        data_dir,
+        lambda c: c.list_jobs(queue=queue, state=None if reason else wanted, reason=reason, limit=limit),
     )
     if output == Output.json:
         emit_json([_summary(j) for j in found])
@@ -316,7 +339,7 @@ def jobs(
 
 
 def job(
-    job_id: Annotated[str, typer.Argument(help="Job id or a unique prefix (6+ characters).")],
+    job_id: JobIdArg,
     output: OutputOpt = Output.table,
     server: ServerOpt = None,
     token: TokenOpt = None,
@@ -363,7 +386,7 @@ def job(
 
 
 def logs(
-    job_id: Annotated[str, typer.Argument(help="Job id or a unique prefix.")],
+    job_id: JobIdArg,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing until the job finishes.")] = False,
     attempt: Annotated[int | None, typer.Option(help="Attempt number \\[default: the latest].")] = None,
     raw: Annotated[
@@ -382,9 +405,13 @@ def logs(
     """Print a job's output (stdout and stderr, in order)."""
 
     async def go(client: Client) -> list[dict]:
-        after, collected = 0, []
+        after, collected, said = 0, [], ""
         while True:
             page = await client.logs(job_id, attempt=attempt, after=after, wait=20 if follow else 0)
+            if follow and page["state"] == "queued" and not page["chunks"] and said != "queued":
+                # nothing to print yet: say so rather than sit silent ('scaleq events' / 'queues' say why it waits)
+                err.print(f"job {job_id} is queued: waiting for a worker to start it (Ctrl-C to stop following)")
+                said = "queued"
             for c in page["chunks"]:
                 if output == Output.json:
                     collected.append(c)
@@ -403,7 +430,7 @@ def logs(
 
 
 def outputs(
-    job_id: Annotated[str, typer.Argument(help="Job id or a unique prefix.")],
+    job_id: JobIdArg,
     directory: Annotated[Path, typer.Argument(help="Where to write the job's /outputs files.")],
     output: OutputOpt = Output.table,
     server: ServerOpt = None,
@@ -431,7 +458,7 @@ def outputs(
 
 
 def cancel(
-    job_id: Annotated[str, typer.Argument(help="Job id or a unique prefix.")],
+    job_id: JobIdArg,
     output: OutputOpt = Output.table,
     server: ServerOpt = None,
     token: TokenOpt = None,

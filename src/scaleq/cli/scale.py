@@ -17,6 +17,7 @@ from scaleq.cli.common import (
     TokenOpt,
     emit_json,
     err,
+    fail,
     load_grid,
     out,
     setup_logging,
@@ -120,8 +121,16 @@ def destroy(
     token: TokenOpt = None,
     data_dir: DataDirOpt = None,
 ) -> None:
-    """Remove everything apply created for this grid (from recorded state and the providers' labels)."""
-    plans = _with_deployer(grid_file, server, token, data_dir, lambda d: d.destroy())
+    """Remove everything apply created for this grid (from recorded state and the providers' labels).
+
+    Refused (exit 1) while a live controller ('scaleq up --grid', 'scaleq autoscale') runs one of its groups: it
+    would start the workers again. Stop it first."""
+    from scaleq.deploy import Refused
+
+    try:
+        plans = _with_deployer(grid_file, server, token, data_dir, lambda d: d.destroy())
+    except Refused as exc:
+        fail(str(exc))
     _print_plans(plans, output, "destroyed")
     if output == Output.table and not plans:
         out.print("nothing recorded or running for this grid")
@@ -136,8 +145,11 @@ def groups(
         emit_json(found)
         return
     table(
-        ["name", "queue", "provider", "current", "desired", "min", "max"],
-        [(g["name"], g["queue"], g["provider"], g["current"], g["desired"], g["min"], g["max"]) for g in found],
+        ["name", "queue", "provider", "current", "desired", "min", "max", "note"],
+        [
+            (g["name"], g["queue"], g["provider"], g["current"], g["desired"], g["min"], g["max"], g.get("note", ""))
+            for g in found
+        ],
     )
 
 

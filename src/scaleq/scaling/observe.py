@@ -36,6 +36,9 @@ class StoreObserver:
         workers = await self.store.list_workers(queue=group.queue, include_gone=True)
         return [w for w in workers if w.group == group.name]
 
+    async def queued(self, queue: str) -> int:
+        return next((q.queued for q in await self.store.queue_stats() if q.queue == queue), 0)
+
     async def drain(self, worker_id: str) -> None:
         await self.store.set_worker_state(worker_id, "draining")
         self.notifier.notify(f"worker:{worker_id}")
@@ -68,6 +71,9 @@ class RemoteObserver:
         workers = await self.client.workers(include_gone=True)
         return [w for w in workers if w.group == group.name and w.queue == group.queue]
 
+    async def queued(self, queue: str) -> int:
+        return next((int(q["queued"]) for q in await self.client.queues() if q.get("name") == queue), 0)
+
     async def drain(self, worker_id: str) -> None:
         await self.client.drain_worker(worker_id)
 
@@ -86,6 +92,9 @@ class RemoteObserver:
                 "max": status.max_workers,
                 "current": status.current,
                 "desired": status.desired,
+                "note": status.note,
+                "reporter": status.reporter,
+                "checks": [c.as_dict() for c in status.checks],
             }
         )
 

@@ -128,8 +128,8 @@ def decide(
     target = min(max(need, s.min_workers), s.max_workers)
     waiting = ("≥" if demand.capped else "") + _n(queued, "job")
     words = f"{waiting} waiting, {running} running, {_n(s.slots, 'slot')} per worker → {_n(need, 'worker')}"
-    if need > s.max_workers:
-        words += f" (capped at max {s.max_workers})"
+    if need > s.max_workers or (demand.capped and need >= s.max_workers):  # capped demand: there may be more
+        words += f" (capped at max_workers {s.max_workers})"
     elif need < s.min_workers:
         words += f" (raised to min {s.min_workers})"
 

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from scaleq.doctor.checks import Check
 from scaleq.jobs import Capabilities, Claim, Job, JobDefinition, Worker
 
 
@@ -118,6 +119,15 @@ class GroupStatus:
     current: int
     desired: int
     updated_at: float
+    #: What the controller wants said of the group now, in words ("capped at max_workers 4 (7 wanted)", a signal
+    #: it fell back from); empty: nothing to say.
+    note: str = ""
+    #: The controller's checks of the group's signal (readable, scrape targets up, agrees with the server's count),
+    #: served with the server's health checks.
+    checks: tuple[Check, ...] = ()
+    #: Who wrote this status: ``controller`` (a running controller refreshes it), ``apply``, or ``stopped`` (a
+    #: controller that shut down).
+    reporter: str = "controller"
 
 
 @dataclass(frozen=True)
@@ -196,7 +206,9 @@ class Store(Protocol):
         """By full id or a unique prefix of at least 6 characters; NotFound / AmbiguousId otherwise."""
         ...
 
-    async def list_jobs(self, *, queue: str | None, state: str | None, limit: int) -> list[Job]: ...
+    async def list_jobs(
+        self, *, queue: str | None, state: str | None, limit: int, reason: str | None = None
+    ) -> list[Job]: ...
     async def list_attempts(self, job_id: str) -> list[Attempt]: ...
     async def cancel(self, job_id: str, now: float) -> Job: ...
 

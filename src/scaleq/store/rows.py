@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import asdict
 from typing import Any
 
+from scaleq.doctor.checks import Check
 from scaleq.jobs import Capabilities, Job, JobDefinition, Worker, job_id
 from scaleq.store.base import Attempt, Event, GroupStatus, QueueStats, TokenRecord
 
@@ -147,6 +148,7 @@ def event(row: Row) -> Event:
 def group_params(status: GroupStatus) -> dict[str, Any]:
     data = asdict(status)
     data["now"] = data.pop("updated_at")
+    data["checks"] = _json([c.as_dict() for c in status.checks])
     return data
 
 
@@ -160,4 +162,7 @@ def group(row: Row) -> GroupStatus:
         row["current"],
         row["desired"],
         row["updated_at"],
+        row["note"],
+        tuple(Check.from_dict(c) for c in _loads(row["checks"]) or []),
+        row["reporter"],
     )

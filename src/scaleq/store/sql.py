@@ -258,8 +258,11 @@ class SQLStore:
     async def get_job(self, job_id: str) -> Job:
         return await self._run(self._get_job, job_id)
 
-    async def list_jobs(self, *, queue: str | None, state: str | None, limit: int) -> list[Job]:
-        return [rows.job(r) for r in await self._run(self._all, "list_jobs", queue=queue, state=state, limit=limit)]
+    async def list_jobs(
+        self, *, queue: str | None, state: str | None, limit: int, reason: str | None = None
+    ) -> list[Job]:
+        found = await self._run(self._all, "list_jobs", queue=queue, state=state, reason=reason, limit=limit)
+        return [rows.job(r) for r in found]
 
     async def list_attempts(self, job_id: str) -> list[Attempt]:
         return [rows.attempt(r) for r in await self._run(self._all, "list_attempts", job_id=job_id)]

@@ -11,7 +11,7 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Query, Response, status
 from pydantic import BaseModel, Field
 
-from scaleq.jobs import Job, State, SubmitRequest
+from scaleq.jobs import Job, Reason, State, SubmitRequest
 from scaleq.notify import wait, wait_any
 from scaleq.server.auth import require
 from scaleq.server.routes.common import C, Ctx
@@ -160,9 +160,15 @@ async def list_jobs(
     queue: str | None = None,
     state: State | None = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
+    reason: Annotated[Reason | None, Query(description="only finished jobs with this reason")] = None,
 ) -> list[Job]:
     """Newest first."""
-    return await ctx.store.list_jobs(queue=queue, state=state.value if state else None, limit=limit)
+    if reason is not None and state not in (None, State.finished):
+        raise HTTPException(422, f"reason={reason.value} is a finished job's reason; state={state} has none")
+    state = State.finished if reason is not None else state
+    return await ctx.store.list_jobs(
+        queue=queue, state=state.value if state else None, limit=limit, reason=reason.value if reason else None
+    )
 
 
 @router.get("/jobs/{job_id}", response_model=Job, dependencies=[require("jobs:read")])

@@ -7,11 +7,12 @@ remote controller as fast as an embedded one. Groups and events are written by w
 from __future__ import annotations
 
 import time
-from typing import Annotated
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 
+from scaleq.doctor.checks import Check
 from scaleq.jobs import Capabilities
 from scaleq.notify import wait
 from scaleq.server.auth import require
@@ -30,6 +31,18 @@ class GroupOut(BaseModel):
     current: int
     desired: int
     updated_at: float
+    note: str  # what the controller says of the group now ("capped at max_workers 4 (7 wanted)"); empty: nothing
+    reporter: str  # controller | apply | stopped
+    checks: list[dict[str, Any]]  # the controller's signal checks, as in /health
+
+
+class CheckIn(BaseModel):
+    hop: str = Field(max_length=200)
+    name: str = Field(max_length=100)
+    ok: bool
+    detail: str = Field(default="", max_length=4000)
+    fix: str = Field(default="", max_length=2000)
+    checked: bool = True
 
 
 #: Most workers a count (of a group, in an event) may name: far past any grid, well inside a database integer.
@@ -46,6 +59,9 @@ class GroupIn(BaseModel):
     max: int = Field(ge=0, le=MAX_COUNT)
     current: int = Field(ge=0, le=MAX_COUNT)
     desired: int = Field(ge=0, le=MAX_COUNT)
+    note: str = Field(default="", max_length=2000)
+    reporter: Literal["controller", "apply", "stopped"] = "controller"
+    checks: list[CheckIn] = Field(default_factory=list, max_length=20)
 
 
 class EventOut(BaseModel):
@@ -95,6 +111,9 @@ async def groups(ctx: C) -> list[GroupOut]:
             current=g.current,
             desired=g.desired,
             updated_at=g.updated_at,
+            note=g.note,
+            reporter=g.reporter,
+            checks=[c.as_dict() for c in g.checks],
         )
         for g in await ctx.store.list_groups()
     ]
@@ -103,7 +122,19 @@ async def groups(ctx: C) -> list[GroupOut]:
 @router.put("/groups/{name}", status_code=204, dependencies=[require("admin")])
 async def put_group(name: str, body: GroupIn, ctx: C) -> None:
     await ctx.store.put_group(
-        GroupStatus(name, body.queue, body.provider, body.min, body.max, body.current, body.desired, ctx.now())
+        GroupStatus(
+            name,
+            body.queue,
+            body.provider,
+            body.min,
+            body.max,
+            body.current,
+            body.desired,
+            ctx.now(),
+            body.note,
+            tuple(Check.from_dict(c.model_dump()) for c in body.checks),
+            body.reporter,
+        )
     )
 
 

@@ -13,6 +13,7 @@ UPDATE jobs SET state = 'queued', reason = NULL, exit_code = NULL, error = NULL,
 -- name: list_jobs
 SELECT * FROM jobs
  WHERE (CAST(:queue AS TEXT) IS NULL OR queue = :queue) AND (CAST(:state AS TEXT) IS NULL OR state = :state)
+   AND (CAST(:reason AS TEXT) IS NULL OR reason = :reason)
  ORDER BY seq DESC LIMIT :limit;
 
 -- name: insert_attempt
@@ -158,11 +159,13 @@ INSERT INTO events (at, grp, kind, from_count, to_count, reason) VALUES (:at, :g
 SELECT * FROM events WHERE (CAST(:grp AS TEXT) IS NULL OR grp = :grp) AND id > :after ORDER BY id DESC LIMIT :limit;
 
 -- name: upsert_group
-INSERT INTO groups (name, queue, provider, min_workers, max_workers, current, desired, updated_at)
-VALUES (:name, :queue, :provider, :min_workers, :max_workers, :current, :desired, :now)
+INSERT INTO groups (name, queue, provider, min_workers, max_workers, current, desired, updated_at, note, checks,
+                    reporter)
+VALUES (:name, :queue, :provider, :min_workers, :max_workers, :current, :desired, :now, :note, :checks, :reporter)
 ON CONFLICT (name) DO UPDATE SET queue = excluded.queue, provider = excluded.provider,
        min_workers = excluded.min_workers, max_workers = excluded.max_workers, current = excluded.current,
-       desired = excluded.desired, updated_at = excluded.updated_at;
+       desired = excluded.desired, updated_at = excluded.updated_at, note = excluded.note, checks = excluded.checks,
+       reporter = excluded.reporter;
 
 -- name: list_groups
 SELECT * FROM groups ORDER BY name;
