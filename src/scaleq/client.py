@@ -218,8 +218,14 @@ class Client:
     async def finish(self, finish: dict[str, Any]) -> Job:
         return Job.model_validate(await self._json("POST", "/leases/finish", json=finish))
 
-    async def release(self, lease: str) -> None:
-        await self.request("POST", "/leases/release", json={"lease": lease})
+    async def release(self, lease: str, reason: str = "released") -> None:
+        """Hand the lease's job back unspent; ``reason`` (released, preempted) becomes the attempt's outcome."""
+        await self.request("POST", "/leases/release", json={"lease": lease, "reason": reason})
+
+    async def release_worker(self, worker_id: str, reason: str = "preempted") -> list[str]:
+        """Hand back every running job of a worker its provider reports preempted (admin); the jobs' ids."""
+        data = await self._json("POST", f"/workers/{worker_id}/release", json={"reason": reason})
+        return data["jobs"]
 
     async def append_logs(self, lease: str, chunks: list[tuple[str, bytes]]) -> None:
         body = {"lease": lease, "chunks": [{"stream": s, "data": base64.b64encode(d).decode()} for s, d in chunks]}

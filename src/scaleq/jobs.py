@@ -11,6 +11,11 @@ Every field is bounded here, so nothing a client sends can overflow a database c
 numbers have ranges, sizes a ceiling (:data:`MAX_SIZE`), and a job's argv and environment the limits of an
 ``exec`` on Linux (:data:`MAX_ARG_BYTES` per string, :data:`MAX_EXEC_BYTES` in all). A definition past them is
 refused at submit with a 422 naming the field, not stored and returned by every listing.
+
+How a job is retried is not part of its definition (:class:`Retries`, given with the submit, like ``priority``): it
+changes how the job runs, not what it computes, so it is not hashed into the id. Two budgets, by cause: attempts lost
+to the infrastructure (``max_attempts``: a worker lost, a node gone; a preempted attempt is handed back and not
+counted) and the program's own failures (``retries``: a non-zero exit or a timeout, optionally only some exit codes).
 """
 
 from __future__ import annotations
@@ -56,6 +61,12 @@ class Reason(StrEnum):
     timed_out = "timed_out"
     cancelled = "cancelled"
     worker_lost = "worker_lost"
+
+
+#: Reasons of an attempt that are the program's own failure: retried while the job's ``retries`` last.
+PROGRAM_FAILURES = (Reason.failed, Reason.timed_out)
+#: Most retries (and attempts) a job may ask for.
+MAX_RETRIES = 100
 
 
 class RuntimeKind(StrEnum):
@@ -258,8 +269,63 @@ def validate_queue_name(name: str) -> str:
     return name
 
 
-class SubmitRequest(BaseModel):
-    """The body of ``POST /api/v1/jobs``: a definition, where to queue it, and the input bytes it names."""
+class Retries(BaseModel):
+    """How a job is retried, by cause (see the module's docstring). Not part of the definition: the same definition
+    with other retries is the same job, as with ``priority``; ``--rerun`` takes the new settings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_attempts: int = Field(
+        default=3,
+        ge=1,
+        le=MAX_RETRIES,
+        description="infrastructure budget: attempts before a job lost with its worker (lease expired, node gone) "
+        "finishes worker_lost; a preempted or handed-back attempt is not counted",
+    )
+    retries: int = Field(
+        default=0,
+        ge=0,
+        le=MAX_RETRIES,
+        description="program budget: times a failed (non-zero exit) or timed_out attempt is queued again",
+    )
+    retry_on_exit_codes: list[int] | None = Field(
+        default=None,
+        max_length=256,
+        description="retry only a failure with one of these exit codes (a timeout is then not retried); "
+        "default: every failure and timeout",
+    )
+
+    @field_validator("retry_on_exit_codes")
+    @classmethod
+    def _exit_codes(cls, v: list[int] | None) -> list[int] | None:
+        if v is None:
+            return None
+        if not v:
+            raise ValueError("give at least one exit code, or leave it out to retry every failure")
+        for code in v:
+            if code == 0 or not -(2**31) <= code <= 2**32 - 1:
+                raise ValueError(f"{code} is not a failing exit code (non-zero, as a process's exit status)")
+        return sorted(set(v))
+
+    @model_validator(mode="after")
+    def _codes_need_retries(self) -> Retries:
+        if self.retry_on_exit_codes is not None and self.retries == 0:
+            raise ValueError("retry_on_exit_codes: needs retries of at least 1 (retries is 0: nothing is retried)")
+        return self
+
+
+def retried(job: Job, reason: str, exit_code: int | None) -> bool:
+    """Whether an attempt of ``job`` that ended so goes back to the queue: a program failure of a kind the job
+    retries, with retries left. (PostgreSQL's finish statements say the same in SQL.)"""
+    if reason not in PROGRAM_FAILURES or job.failures >= job.retries:
+        return False
+    codes = job.retry_on_exit_codes
+    return codes is None or (reason == Reason.failed and exit_code in codes)
+
+
+class SubmitRequest(Retries):
+    """The body of ``POST /api/v1/jobs``: a definition, where to queue it, how to retry it, and the input bytes it
+    names."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -267,7 +333,6 @@ class SubmitRequest(BaseModel):
     definition: JobDefinition
     priority: int = Field(default=0, ge=-1000, le=1000, description="higher runs first; FIFO within a priority")
     rerun: bool = Field(default=False, description="run a finished job again instead of returning its result")
-    max_attempts: int = Field(default=3, ge=1, le=100, description="attempts before a lost job is worker_lost")
     blobs: dict[str, str] = Field(
         default_factory=dict, description="base64 bytes of the inputs the server lacks, by sha256"
     )
@@ -288,9 +353,14 @@ class Job(BaseModel):
     exit_code: int | None = None
     error: str | None = None
     priority: int = 0
-    attempts: int = Field(default=0, description="attempts in the current run (the retry budget)")
+    attempts: int = Field(
+        default=0, description="attempts of the current run counted toward max_attempts (lost, or running)"
+    )
     attempt: int = Field(default=0, description="number of the latest attempt (logs are kept per attempt)")
     max_attempts: int = 3
+    failures: int = Field(default=0, description="program failures of the current run retried so far")
+    retries: int = 0
+    retry_on_exit_codes: list[int] | None = None
     worker_id: str | None = None
     submitted_at: float
     started_at: float | None = None

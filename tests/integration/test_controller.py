@@ -15,7 +15,7 @@ from scaleq.deploy import Deployer, Refused, state_path
 from scaleq.grid import Grid, Group
 from scaleq.jobs import JobDefinition, SubmitRequest
 from scaleq.notify import Notifier
-from scaleq.providers.base import DESTROY_GRACE, Health, ProviderWorker
+from scaleq.providers.base import DESTROY_GRACE, Health, ProviderBase, ProviderWorker
 from scaleq.providers.local import LocalProvider
 from scaleq.providers.registry import ProviderContext
 from scaleq.scaling.controller import Controller
@@ -153,6 +153,9 @@ class FlakyProvider:
 
     async def reap(self, g: Group, worker_ids: Collection[str]) -> set[str]:
         return await self.inner.reap(g, worker_ids)
+
+    async def preempted(self, g: Group, worker_ids: Collection[str]) -> dict[str, str]:
+        return await self.inner.preempted(g, worker_ids)
 
     async def wait_gone(self, g: Group, timeout: float) -> bool:
         return await self.inner.wait_gone(g, timeout)
@@ -359,3 +362,75 @@ async def test_jobs_no_worker_of_the_group_can_run_are_said(live: LiveServer, tm
     finally:
         await provider.destroy(g, grace=5)
         await admin.close()
+
+
+class SpotProvider(ProviderBase):
+    """A stand-in for a cloud whose machines are taken back: it lists the given workers and reports those in
+    ``taken`` preempted, in its own words, recording what it was asked."""
+
+    name = "spot"
+
+    def __init__(self, listed: list[str], taken: set[str]) -> None:
+        self.listed, self.taken = listed, taken
+        self.asked: list[list[str]] = []
+
+    async def workers(self, g: Group) -> list[ProviderWorker]:
+        return [ProviderWorker(i, g.name, 0.0, "running") for i in self.listed]
+
+    async def start(self, g: Group, count: int) -> list[str]:
+        return []
+
+    async def stop(self, g: Group, worker_id: str, *, force: bool = False) -> None:
+        return None
+
+    async def health(self) -> Health:
+        return Health(True, "spot")
+
+    async def preempted(self, g: Group, worker_ids: Collection[str]) -> dict[str, str]:
+        self.asked.append(sorted(worker_ids))
+        return {i: f"instance {i}: compute.instances.preempted" for i in worker_ids if i in self.taken}
+
+
+@pytest.mark.parametrize("remote", [True, False], ids=["remote", "in-process"])
+async def test_jobs_of_a_worker_the_provider_reports_preempted_come_back_unspent(
+    live: LiveServer, remote: bool
+) -> None:
+    g = group(max_workers=3)
+    provider = SpotProvider(["spot-1", "spot-2", "alive"], taken={"spot-1"})
+    admin, worker = live.client("admin"), live.client("worker")
+    try:
+        jobs = {}
+        for wid in ("spot-1", "spot-2", "alive"):  # each claims one job, then (but for "alive") falls silent
+            await worker.register(
+                {"id": wid, "queue": "q", "group": g.name, "slots": 1, "runtimes": ["process"], "cpus": 1}
+            )
+            job, _ = await admin.submit(
+                SubmitRequest(queue="q", definition=JobDefinition(command=["x", wid]), max_attempts=1)
+            )
+            (claim,), _, _ = await worker.claim(wid, 1, wait=0)
+            jobs[wid] = claim.job.id
+        # the controller's clock runs ahead: the workers' heartbeats look older than SILENT_AFTER
+        ahead = lambda: time.time() + 10  # noqa: E731
+        observer = RemoteObserver(admin) if remote else StoreObserver(live.store, Notifier(), ahead)
+        async with controlling(Controller([(g, provider)], observer, tick=0.2, clock=ahead)):
+
+            async def preempted() -> list[dict]:
+                return [e for e in await admin.events(group=g.name) if e["kind"] == "preempted"]
+
+            (event,) = await eventually(preempted, what="a preempted event")
+            while True:  # keep "alive" alive: it is asked about (silent by the clock ahead) but not taken
+                await worker.heartbeat("alive", leases=None)
+                if len(provider.asked) >= 2:
+                    break
+                await asyncio.sleep(0.1)
+        assert "spot-1 was preempted (instance spot-1: compute.instances.preempted)" in event["reason"]
+        assert "1 job(s) back in the queue" in event["reason"]
+        back = await admin.get_job(jobs["spot-1"])
+        assert (back.state, back.attempts) == ("queued", 0)  # max_attempts 1, and not spent
+        assert [a["outcome"] for a in await admin.attempts(back.id)] == ["preempted"]
+        for wid in ("spot-2", "alive"):  # not taken: their jobs are left to their leases (running, or lost)
+            assert [a["outcome"] for a in await admin.attempts(jobs[wid])] in ([None], ["lost"])
+        assert provider.asked[0] == ["alive", "spot-1", "spot-2"]
+    finally:
+        await admin.close()
+        await worker.close()

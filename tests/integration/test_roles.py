@@ -38,6 +38,7 @@ ALLOWED: dict[tuple[str, str], set[str]] = {
     ("POST", "/api/v1/workers/{worker_id}/heartbeat"): WORKER,
     ("POST", "/api/v1/workers/{worker_id}/ended-attempts"): WORKER,
     ("POST", "/api/v1/workers/{worker_id}/drain"): ADMIN,
+    ("POST", "/api/v1/workers/{worker_id}/release"): ADMIN,
     ("DELETE", "/api/v1/workers/{worker_id}"): WORKER,
     ("POST", "/api/v1/leases/finish"): WORKER,
     ("POST", "/api/v1/leases/release"): WORKER,

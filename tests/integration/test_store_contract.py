@@ -320,6 +320,97 @@ async def test_release_hands_back_without_spending_an_attempt(store: Store) -> N
     assert again.job.id == job.id
 
 
+async def test_program_failures_are_retried_within_their_own_budget(store: Store) -> None:
+    job, _ = await submit(store, definition("flaky"), retries=2)
+    assert (job.retries, job.failures, job.retry_on_exit_codes) == (2, 0, None)
+    await worker(store)
+    (c1,) = await store.claim("w1", 1, T0, 5)
+    again = await store.finish(c1.lease, FinishResult("failed", 1, "exit 1"), T0 + 1)
+    assert (again.state, again.reason, again.failures, again.attempts) == ("queued", None, 1, 0)
+    assert again.exit_code == 1 and again.worker_id is None and again.finished_at is None
+    # a repeated finish of the retried attempt is harmless; its lease owns nothing any more
+    assert (await store.finish_many([(c1.lease, FinishResult("failed", 1, "exit 1"))], T0 + 2))[0] is not None
+    with pytest.raises(StaleLease):
+        await store.append_logs(c1.lease, [("stdout", b"x")], T0 + 2)
+    # the second failure (a timeout) rides along with a claim, which takes the job again in the next call
+    got = await store.worker_claim("w1", 0, T0 + 3, 5)
+    (c2,) = await store.claim("w1", 1, T0 + 3, 5)
+    assert c2.attempt == 2
+    got = await store.worker_claim("w1", 0, T0 + 4, 5, finishes=[(c2.lease, FinishResult("timed_out"))])
+    (retried,) = got.finished
+    assert retried is not None and (retried.state, retried.failures) == ("queued", 2)
+    (c3,) = await store.claim("w1", 1, T0 + 5, 5)
+    spent = await store.finish(c3.lease, FinishResult("failed", 1, "exit 1"), T0 + 6)
+    assert (spent.state, spent.reason, spent.failures) == ("finished", "failed", 2)
+    assert [a.outcome for a in await store.list_attempts(job.id)] == ["failed", "timed_out", "failed"]
+    # a rerun starts a fresh budget, with the settings it is given
+    rerun, created = await submit(store, definition("flaky"), rerun=True, retries=1, retry_on_exit_codes=[7])
+    assert created and (rerun.failures, rerun.retries, rerun.retry_on_exit_codes) == (0, 1, [7])
+
+
+async def test_retry_on_exit_codes_retries_only_those_exits(store: Store) -> None:
+    await worker(store)
+    codes = {"retries": 3, "retry_on_exit_codes": [3, 75]}
+    cases = [
+        ("failed", 3, "queued"),
+        ("failed", 75, "queued"),
+        ("failed", 4, "finished"),
+        ("timed_out", None, "finished"),
+    ]
+    for n, (reason, code, state) in enumerate(cases):
+        job, _ = await submit(store, definition("exit", str(n)), **codes)
+        (claim,) = await store.claim("w1", 1, T0, 5)
+        assert claim.job.id == job.id
+        (done,) = await store.finish_many([(claim.lease, FinishResult(reason, code))], T0 + 1)
+        assert done is not None and done.state == state, (reason, code)
+        if state == "queued":
+            await store.cancel(job.id, T0 + 2)
+    success, _ = await submit(store, definition("fine"), **codes)
+    (claim,) = await store.claim("w1", 1, T0, 5)
+    assert (await store.finish(claim.lease, FinishResult("success", 0), T0 + 1)).reason == "success"
+
+
+async def test_program_failures_do_not_spend_the_infrastructure_budget(store: Store) -> None:
+    job, _ = await submit(store, definition("both"), max_attempts=2, retries=2)
+    await worker(store)
+    now = T0
+    for _ in range(2):  # two failures, retried
+        (claim,) = await store.claim("w1", 1, now, 5)
+        await store.finish(claim.lease, FinishResult("failed", 1), now + 1)
+        now += 2
+    assert await store.claim("w1", 1, now, 1)  # then lost once: one of two attempts spent, so queued again
+    now += 2
+    assert [(e.job_id, e.state) for e in await store.expire_leases(now)] == [(job.id, "queued")]
+    assert (await store.get_job(job.id)).attempts == 1
+    (claim,) = await store.claim("w1", 1, now, 5)
+    assert claim.attempt == 4
+    done = await store.finish(claim.lease, FinishResult("success", 0), now + 1)
+    assert (done.reason, done.failures, done.attempts) == ("success", 2, 2)
+    assert [a.outcome for a in await store.list_attempts(job.id)] == ["failed", "failed", "lost", "success"]
+
+
+async def test_release_and_release_worker_record_preempted_without_spending_an_attempt(store: Store) -> None:
+    for name in ("a", "b", "c"):
+        await submit(store, definition(name), max_attempts=1)
+    await worker(store, "w1")
+    await worker(store, "w2")
+    first, second = await store.claim("w1", 2, T0, 5)
+    (other,) = await store.claim("w2", 1, T0, 5)
+    released = await store.release(first.lease, T0 + 1, "preempted")
+    assert released is not None and released.state == "queued" and released.attempts == 0
+    back = await store.release_worker("w1", T0 + 2)
+    assert [(e.job_id, e.queue, e.state) for e in back] == [(second.job.id, "q", "queued")]
+    assert await store.release_worker("w1", T0 + 3) == []
+    for claim in (first, second):
+        job = await store.get_job(claim.job.id)
+        assert (job.state, job.attempts, job.worker_id) == ("queued", 0, None)
+        assert [a.outcome for a in await store.list_attempts(claim.job.id)] == ["preempted"]
+    assert (await store.get_job(other.job.id)).state == "running"  # another worker's job is untouched
+    with pytest.raises(StaleLease):
+        await store.finish(second.lease, FinishResult("success", 0), T0 + 4)
+    assert len(await store.claim("w2", 2, T0 + 5, 5)) == 2  # max_attempts 1, and yet claimed again
+
+
 async def test_logs_outputs_and_blobs(store: Store) -> None:
     job, _ = await submit(store, definition("x"))
     await worker(store)

@@ -294,3 +294,41 @@ async def test_a_killed_workers_process_job_stops_within_the_lease(any_store: St
 
 async def _exists(*paths: Path) -> bool:
     return all(p.exists() for p in paths)
+
+
+async def test_a_preemptible_worker_hands_its_jobs_back_at_once_on_sigterm(
+    live: LiveServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    a = agent(live, group="g", on_notice="handback")
+    task = asyncio.create_task(a.run())
+    jobs = [await submit(live, "sh", "-c", f"echo $$ > {tmp_path / str(n)}; sleep 30", max_attempts=1) for n in (1, 2)]
+    for j in jobs:
+        await wait_state(live, j.id, "running")
+    while not all((tmp_path / str(n)).exists() and (tmp_path / str(n)).read_text().strip() for n in (1, 2)):
+        await asyncio.sleep(0.05)
+    os.kill(os.getpid(), signal.SIGTERM)  # the provider's notice: the handler the worker installed takes it
+    assert await asyncio.wait_for(task, 10) == 0
+    assert "preemption notice" in caplog.text
+    async with live.client("admin") as c:
+        for j in jobs:
+            back = await c.get_job(j.id)
+            assert (back.state, back.attempts) == ("queued", 0)  # max_attempts 1, and not spent
+            assert [at["outcome"] for at in await c.attempts(j.id)] == ["preempted"]
+        assert [e["kind"] for e in await c.events(group="g")] == ["preempted", "preempted"]
+        (w,) = await c.workers(include_gone=True)
+        assert w.state == "gone"
+    for n in (1, 2):  # the jobs were stopped, not left running
+        assert not Path(f"/proc/{int((tmp_path / str(n)).read_text())}").exists()
+
+
+async def test_a_failed_job_with_retries_left_runs_again(live: LiveServer, tmp_path: Path) -> None:
+    marker = tmp_path / "tried"
+    a = agent(live)
+    async with running(a):
+        async with live.client("submit") as c:
+            d = JobDefinition(command=["sh", "-c", f"test -e {marker} && exit 0; touch {marker}; exit 3"])
+            job, _ = await c.submit(SubmitRequest(queue="q", definition=d, retries=1, retry_on_exit_codes=[3]))
+        done = await wait_state(live, job.id)
+        assert (done.reason, done.failures) == ("success", 1)
+        async with live.client("read") as c:
+            assert [at["outcome"] for at in await c.attempts(job.id)] == ["failed", "success"]

@@ -16,6 +16,9 @@ The skeleton (:class:`ProviderBase`) writes the lifecycle once, over four primit
 - ``reap``: the controller, not the provider, knows which workers left the server (deregistered, or marked gone
   when their heartbeats stopped). It tells the provider, which frees what still holds them. Most providers have
   nothing to do — a worker's process, container, pod or machine ends with it — and keep the default.
+- ``preempted``: of the workers the controller finds silent while holding jobs, those the provider took back (a spot
+  VM preempted, a pod evicted), in the provider's words. The controller then hands their jobs back without spending
+  an attempt. The default knows of none: their jobs come back when their leases expire, each a lost attempt.
 - ``close`` releases the provider's API clients; the default has none.
 
 :func:`start_each` starts several workers at once and keeps those that started when others fail. Blocking calls that
@@ -102,6 +105,10 @@ class Provider(Protocol):
         """Wait until no worker of the group is listed; False on timeout."""
         ...
 
+    async def preempted(self, group: Group, worker_ids: Collection[str]) -> dict[str, str]:
+        """Of these workers, those the provider took back (preempted, evicted), each with the provider's words."""
+        ...
+
     async def destroy(self, group: Group, grace: float = DESTROY_GRACE) -> list[str]:
         """Remove everything this provider created for the group; return the workers removed."""
         ...
@@ -137,6 +144,9 @@ class ProviderBase(ABC):
 
     async def reap(self, group: Group, worker_ids: Collection[str]) -> set[str]:
         return set()  # the worker's process, container, pod or machine ends with it
+
+    async def preempted(self, group: Group, worker_ids: Collection[str]) -> dict[str, str]:
+        return {}  # the provider cannot tell: the jobs come back through lease expiry
 
     async def close(self) -> None:
         return None

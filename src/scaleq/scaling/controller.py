@@ -8,6 +8,11 @@ Design:
 - **Act**: ask the provider for new workers; drain idle ones through the server (the worker stops claiming and exits
   by itself, so scale-in never interrupts a job).
 - **Record** every change as an event with the policy's reason, and the group's current/desired counts.
+- **Hand back what preemption took.** A registered worker that holds jobs and has been silent for
+  ``SILENT_AFTER`` seconds is a suspect; the provider is asked whether it took the machine back (``preempted``), and
+  the jobs of those it did go back to their queues at once, attempts ending ``preempted`` and not counted — before
+  their leases would expire and count each as a lost attempt. Each is an event (``preempted``) with the provider's
+  words.
 
 It wakes on job events (a submit to an empty queue reaches the provider in milliseconds, not a poll interval) and on a
 timer (idle timeouts, missed events). A provider error is recorded, retried with backoff, and never stops the other
@@ -43,6 +48,11 @@ from scaleq.store.base import GroupStatus
 log = logging.getLogger("scaleq.controller")
 #: Seconds between rewrites of an unchanged group status.
 STATUS_REFRESH = 5.0
+#: A worker holding jobs that has not heartbeated for this long is asked about (provider.preempted): well inside a
+#: lease (15 s by default), so that its jobs come back before the leases expire and count as lost.
+SILENT_AFTER = 3.0
+#: The same silent worker is asked about again after this long (the provider may not know yet).
+ASK_AGAIN = 3.0
 
 
 class Observer(Protocol):
@@ -55,6 +65,10 @@ class Observer(Protocol):
 
     async def queued(self, queue: str) -> int: ...  # every queued job of the queue, runnable by the group or not
     async def drain(self, worker_id: str) -> None: ...
+    async def release_worker(self, worker_id: str) -> list[str]:
+        """Hand the worker's running jobs back (its provider reports it preempted); their ids."""
+        ...
+
     async def record(
         self, group: str, kind: str, from_count: int | None, to_count: int | None, reason: str
     ) -> None: ...
@@ -82,6 +96,7 @@ class GroupLoop:
     own: Demand | None = None  # the server's own count at the last external reading
     targets: tuple[float, Check] | None = None  # the last scrape-targets check of a promql signal, and when
     unrunnable: int = 0  # queued jobs of the group's queue that it cannot run, at the last status refresh
+    asked: dict[str, float] = field(default_factory=dict)  # silent workers asked about (provider.preempted), when
 
 
 class Controller:
@@ -156,6 +171,7 @@ class Controller:
             if left := self._left(loop, provider_workers, registered):
                 reaped = await loop.provider.reap(g, left)
                 provider_workers = [replace(w, status="stopping") if w.id in reaped else w for w in provider_workers]
+            await self._hand_back_preempted(loop, registered, now)
             if await self._crash_looping(loop, provider_workers, registered, now):
                 return None
             views = worker_views(provider_workers, registered)
@@ -309,6 +325,23 @@ class Controller:
                 agreement_check(g, reading, loop.own, since=loop.disagree_since, now=now, tolerate=DISAGREE_AFTER)
             )
         return tuple(checks)
+
+    async def _hand_back_preempted(self, loop: GroupLoop, registered: list[Worker], now: float) -> None:
+        """Ask the provider about the silent workers that hold jobs; hand back the jobs of those it took back."""
+        silent = {w.id for w in registered if w.busy and now - w.last_heartbeat >= SILENT_AFTER}
+        loop.asked = {i: at for i, at in loop.asked.items() if i in silent}
+        ask = sorted(i for i in silent if now - loop.asked.get(i, float("-inf")) >= ASK_AGAIN)
+        if not ask:
+            return
+        loop.asked.update(dict.fromkeys(ask, now))
+        for worker_id, why in sorted((await loop.provider.preempted(loop.group, ask)).items()):
+            jobs = await self.observer.release_worker(worker_id)
+            reason = (
+                f"worker {worker_id} was preempted ({why}): {len(jobs)} job(s) back in the queue without spending "
+                "an attempt"
+            )
+            log.warning("group %s: %s", loop.group.name, reason)
+            await self.observer.record(loop.group.name, "preempted", None, None, reason)
 
     async def _note_crash_loop(self, loop: GroupLoop, now: float) -> None:
         g = loop.group

@@ -43,6 +43,12 @@ class StoreObserver:
         await self.store.set_worker_state(worker_id, "draining")
         self.notifier.notify(f"worker:{worker_id}")
 
+    async def release_worker(self, worker_id: str) -> list[str]:
+        released = await self.store.release_worker(worker_id, self.clock())
+        for r in released:
+            self.notifier.submitted(r.queue, r.job_id)
+        return [r.job_id for r in released]
+
     async def record(self, group: str, kind: str, from_count: int | None, to_count: int | None, reason: str) -> None:
         await self.store.record_event(group, kind, from_count, to_count, reason, self.clock())
 
@@ -76,6 +82,9 @@ class RemoteObserver:
 
     async def drain(self, worker_id: str) -> None:
         await self.client.drain_worker(worker_id)
+
+    async def release_worker(self, worker_id: str) -> list[str]:
+        return await self.client.release_worker(worker_id)
 
     async def record(self, group: str, kind: str, from_count: int | None, to_count: int | None, reason: str) -> None:
         await self.client.record_event(

@@ -150,6 +150,8 @@ class Submission:
     priority: int = 0
     max_attempts: int = 3
     rerun: bool = False
+    retries: int = 0
+    retry_on_exit_codes: list[int] | None = None
 
 
 @dataclass(frozen=True)
@@ -189,8 +191,11 @@ class Store(Protocol):
         max_attempts: int,
         rerun: bool,
         now: float,
+        retries: int = 0,
+        retry_on_exit_codes: list[int] | None = None,
     ) -> tuple[Job, bool]:
-        """Store the job if new (or requeue a finished one on ``rerun``); return it and whether it is now queued."""
+        """Store the job if new (or requeue a finished one on ``rerun``, with these retry settings); return it and
+        whether it is now queued."""
         ...
 
     async def submit_many(self, submissions: list[Submission], now: float) -> list[tuple[Job, bool]]:
@@ -235,13 +240,27 @@ class Store(Protocol):
         for an unknown worker (its finishes may or may not have been recorded: the worker sends them again)."""
         ...
 
-    async def finish(self, lease: str, result: FinishResult, now: float) -> Job: ...
+    async def finish(self, lease: str, result: FinishResult, now: float) -> Job:
+        """End the lease's attempt with ``result``: the job finishes, or — a program failure the job retries, with
+        retries left — goes back to its queue (``state`` queued, ``failures`` one more). StaleLease when the lease
+        no longer owns its job (a repeated finish of the attempt that ended it answers with the job)."""
+        ...
+
     async def finish_many(self, finishes: list[tuple[str, FinishResult]], now: float) -> list[Job | None]:
         """Several finishes in one transaction: per item, the job as :meth:`finish` answers it, or None where
         :meth:`finish` would raise StaleLease."""
         ...
 
-    async def release(self, lease: str, now: float) -> Job | None: ...
+    async def release(self, lease: str, now: float, outcome: str = "released") -> Job | None:
+        """Hand the lease's job back to its queue without spending an attempt; the attempt ends with ``outcome``
+        (``released``, or ``preempted`` on the provider's notice). None when the lease no longer owns its job."""
+        ...
+
+    async def release_worker(self, worker_id: str, now: float, outcome: str = "preempted") -> list[Expired]:
+        """:meth:`release` for every running job of the worker (its provider reports it preempted): the jobs
+        requeued, as :meth:`expire_leases` reports them."""
+        ...
+
     async def check_lease(self, lease: str) -> tuple[str, int]:
         """(job_id, attempt) of a live lease; StaleLease otherwise."""
         ...

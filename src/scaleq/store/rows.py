@@ -27,7 +27,14 @@ def _loads(value: Any) -> Any:
     return json.loads(value) if isinstance(value, str | bytes) else value
 
 
-def job_params(queue: str, definition: JobDefinition, priority: int, max_attempts: int) -> dict[str, Any]:
+def job_params(
+    queue: str,
+    definition: JobDefinition,
+    priority: int,
+    max_attempts: int,
+    retries: int = 0,
+    retry_on_exit_codes: list[int] | None = None,
+) -> dict[str, Any]:
     req = definition.requirements
     return {
         "id": job_id(queue, definition),
@@ -41,6 +48,8 @@ def job_params(queue: str, definition: JobDefinition, priority: int, max_attempt
         "host_network": int(definition.network == "host"),
         "priority": priority,
         "max_attempts": max_attempts,
+        "retries": retries,
+        "retry_on_exit_codes": None if retry_on_exit_codes is None else _json(retry_on_exit_codes),
     }
 
 
@@ -57,6 +66,9 @@ def job(row: Row | None) -> Job:
         attempts=row["attempts"],
         attempt=row["attempt_seq"],
         max_attempts=row["max_attempts"],
+        failures=row["failures"],
+        retries=row["retries"],
+        retry_on_exit_codes=_loads(row["retry_on_exit_codes"]),
         worker_id=row["worker_id"],
         submitted_at=row["submitted_at"],
         started_at=row["started_at"],

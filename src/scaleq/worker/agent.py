@@ -21,6 +21,10 @@ Design:
   see :mod:`scaleq.worker.runtime.watchdog`.)
 - **Drain.** The first SIGTERM (or the server saying ``draining``) stops claiming; running jobs finish; then the
   worker deregisters and exits 0. A second signal stops the jobs and hands them back to the queue.
+- **Preemption.** On a machine the provider may take back (a spot VM, an evictable pod: ``--on-notice handback``,
+  which the providers set for such machines) SIGTERM is that notice, and there is no time to finish anything: the
+  worker stops claiming, hands every running job back at once (``release`` with reason ``preempted``: no attempt
+  spent, the attempt's outcome says why), stops them, deregisters and exits 0.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from scaleq.client import ApiError, Client, Unreachable
 from scaleq.jobs import Claim
@@ -77,6 +81,8 @@ class WorkerConfig:
     server_grace: float = 600.0
     metrics_port: int | None = None  # serve /metrics here (0: any free port); None: no endpoint
     metrics_host: str = "0.0.0.0"
+    #: What SIGTERM means: ``drain`` (finish what runs), or ``handback`` (a preemption notice: hand the jobs back now).
+    on_notice: Literal["drain", "handback"] = "drain"
 
 
 @dataclass
@@ -84,6 +90,7 @@ class Running:
     claim: Claim
     task: asyncio.Task[None]
     abandoned: bool = False
+    handed_back: bool = False  # released on a preemption notice: stopped without reporting
     #: When the claim's answer arrived: a heartbeat sent before then may have read the leases before it committed.
     claimed_at: float = field(default_factory=time.monotonic)
 
@@ -103,6 +110,8 @@ class WorkerAgent:
         self.long_poll = 20.0
         self.draining = False
         self.forced = False
+        #: The outcome recorded for the jobs this worker hands back: released, or preempted on a provider's notice.
+        self.release_reason = "released"
         self._polling = False
         self._wake = asyncio.Event()
         self._stopped = asyncio.Event()
@@ -117,9 +126,9 @@ class WorkerAgent:
         """Run until drained; the exit code for the process."""
         self._tmp = Path(tempfile.mkdtemp(prefix=f"scaleq-{self.id}-", dir=self.cfg.work_dir))
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig, handler in ((signal.SIGTERM, self.notice), (signal.SIGINT, self.request_drain)):
             with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, self.request_drain)
+                loop.add_signal_handler(sig, handler)
         try:
             if self.cfg.metrics_port is not None:
                 self.metrics = WorkerMetrics(self.cfg.slots, lambda: len(self.running), lambda: self.draining)
@@ -154,6 +163,45 @@ class WorkerAgent:
                 self.metrics.stop()
             await self.client.close()
             transfer.remove_tree(self._tmp)
+
+    def notice(self) -> None:
+        """SIGTERM: drain, or — on a preemptible machine — hand the jobs back at once."""
+        if self.cfg.on_notice == "handback":
+            self.hand_back("preemption notice (SIGTERM on a preemptible worker)")
+        else:
+            self.request_drain()
+
+    def hand_back(self, why: str) -> None:
+        """Stop claiming, release every running job with reason ``preempted`` (no attempt spent), stop them, exit."""
+        if self.release_reason == "preempted":
+            return
+        self.release_reason = "preempted"
+        log.warning(
+            "%s: handing back %d running job(s) without spending an attempt, then exiting", why, len(self.running)
+        )
+        self.draining = self.forced = True
+        handed = [r for r in self.running.values() if not r.abandoned and not r.task.done()]
+        for r in handed:
+            r.handed_back = True
+        task = asyncio.create_task(self._hand_back(handed))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+        self._wake.set()
+
+    async def _hand_back(self, handed: list[Running]) -> None:
+        """Release first (the server may requeue at once), stopping the jobs meanwhile; then tell the server."""
+        for r in handed:
+            r.task.cancel()
+
+        async def release(r: Running) -> None:
+            try:
+                await self.client.release(r.claim.lease, "preempted")
+                log.info("job %s attempt %d handed back (preempted)", r.claim.job.id[:12], r.claim.attempt)
+            except (ApiError, Unreachable) as exc:  # its lease expires instead: the attempt then counts as lost
+                log.warning("could not hand back job %s: %s", r.claim.job.id[:12], exc)
+
+        await asyncio.gather(*(release(r) for r in handed))
+        await self._announce_drain()
 
     def request_drain(self) -> None:
         if self.draining:
@@ -253,7 +301,7 @@ class WorkerAgent:
             for claim in claims:
                 if self.draining:  # claimed while the drain began: hand it straight back, unrun and unspent
                     with contextlib.suppress(ApiError, Unreachable):
-                        await self.client.release(claim.lease)
+                        await self.client.release(claim.lease, self.release_reason)
                 else:
                     self._start(claim)
             if state == "draining" and not self.draining:
@@ -362,6 +410,9 @@ class WorkerAgent:
                     if tar is not None:
                         await self._retrying(lambda: self.client.put_outputs(lease, tar))
         except asyncio.CancelledError:
+            if r.handed_back:  # released already (hand_back)
+                self._count("handed_back")
+                return
             if self.forced and not r.abandoned:
                 with contextlib.suppress(ApiError, Unreachable):
                     await self.client.release(lease)

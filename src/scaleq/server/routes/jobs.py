@@ -117,6 +117,8 @@ async def submit(body: SubmitRequest, ctx: C, response: Response) -> Submitted:
         max_attempts=body.max_attempts,
         rerun=body.rerun,
         now=ctx.now(),
+        retries=body.retries,
+        retry_on_exit_codes=body.retry_on_exit_codes,
     )
     if created:
         ctx.notifier.submitted(job.queue, job.id)
@@ -137,7 +139,10 @@ async def submit_batch(body: SubmitBatch, ctx: C) -> SubmittedBatch:
     """Queue up to 1,000 jobs at once, each as ``POST /jobs`` would, in one transaction: all are queued (or found
     already there) or, on any error, none. The answers come back in the order of the jobs."""
     await _store_inputs(ctx, [(["jobs", n], req) for n, req in enumerate(body.jobs)])
-    subs = [Submission(r.queue, r.definition, r.priority, r.max_attempts, r.rerun) for r in body.jobs]
+    subs = [
+        Submission(r.queue, r.definition, r.priority, r.max_attempts, r.rerun, r.retries, r.retry_on_exit_codes)
+        for r in body.jobs
+    ]
     done = await ctx.store.submit_many(subs, ctx.now())
     for job, created in done:
         if created:

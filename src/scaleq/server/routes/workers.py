@@ -22,12 +22,12 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Header, HTTPException, Request, Response, status
 from pydantic import BaseModel, Field, field_validator
 
-from scaleq.jobs import MAX_SIZE, Claim, Job, RuntimeKind, Worker, validate_queue_name
+from scaleq.jobs import MAX_SIZE, Claim, Job, RuntimeKind, State, Worker, validate_queue_name
 from scaleq.notify import wait_any
 from scaleq.server import metrics
 from scaleq.server.auth import Caller, WorkerCaller, require
 from scaleq.server.routes.common import C, Ctx
-from scaleq.store.base import FinishResult, NotFound
+from scaleq.store.base import FinishResult, NotFound, StaleLease
 
 router = APIRouter(tags=["workers"])
 MAX_OUTPUT_BYTES = 256 * 1024 * 1024
@@ -132,6 +132,24 @@ class EndedAttempts(BaseModel):
     ended: list[AttemptRef]
 
 
+class ReleaseBody(LeaseBody):
+    reason: Literal["released", "preempted"] = Field(
+        default="released",
+        description="why the job is handed back, recorded as the attempt's outcome: the worker stopped by force "
+        "(released), or its machine is being preempted or evicted (preempted)",
+    )
+
+
+class ReleaseWorkerBody(BaseModel):
+    reason: Literal["preempted"] = Field(
+        default="preempted", description="the worker's provider reports it preempted (spot VM, evicted pod)"
+    )
+
+
+class Released(BaseModel):
+    jobs: list[str] = Field(description="ids of the jobs handed back to their queues")
+
+
 async def _own_worker(ctx: Ctx, who: Caller, worker_id: str) -> None:
     """A worker token acts only on the workers registered with it; an admin token on any."""
     if who.role == "admin":
@@ -190,11 +208,20 @@ async def list_workers(ctx: C, queue: str | None = None, all: bool = False) -> l
     return await ctx.store.list_workers(queue=queue, include_gone=all)
 
 
+def _finished(ctx: Ctx, job: Job, now: float) -> None:
+    """After a finish: count it, and wake those waiting on the job — and on its queue when it was queued again for
+    a retry."""
+    metrics.observe_finished(ctx.request.app, job, now)
+    if job.state == State.queued:
+        ctx.notifier.submitted(job.queue, job.id)
+    else:
+        ctx.notifier.changed(job.id)
+
+
 async def _finish(ctx: Ctx, body: FinishBody) -> Job:
     now = ctx.now()
     job = await ctx.store.finish(body.lease, FinishResult(body.reason, body.exit_code, body.error), now)
-    metrics.observe_finished(ctx.request.app, job, now)
-    ctx.notifier.changed(job.id)
+    _finished(ctx, job, now)
     return job
 
 
@@ -223,8 +250,7 @@ async def claim(worker_id: str, body: ClaimBody, ctx: C, request: Request, who: 
         if job is None:
             finished.append(FinishOutcome(lease=f.lease, ok=False, detail="this attempt no longer owns its job"))
             continue
-        metrics.observe_finished(request.app, job, now)
-        ctx.notifier.changed(job.id)
+        _finished(ctx, job, now)
         finished.append(FinishOutcome(lease=f.lease, ok=True))
     while not got.claims and got.state == "active" and body.max > 0 and time.monotonic() < deadline:
         ev = ctx.notifier.event(f"queue:{got.queue}")
@@ -295,13 +321,44 @@ async def finish(body: FinishBody, ctx: C, who: WorkerCaller) -> Job:
 
 
 @router.post("/leases/release", response_model=Job | None)
-async def release(body: LeaseBody, ctx: C, who: WorkerCaller) -> Job | None:
-    """Hand a job back to its queue without counting the attempt (a worker draining by force)."""
+async def release(body: ReleaseBody, ctx: C, who: WorkerCaller) -> Job | None:
+    """Hand a job back to its queue without counting the attempt: a worker stopped by force, or on its provider's
+    preemption notice (``reason`` preempted, recorded as the attempt's outcome and as an event of its group)."""
     await _own_lease(ctx, who, body.lease)
-    job = await ctx.store.release(body.lease, ctx.now())
+    worker = await _lease_worker(ctx, body.lease) if body.reason == "preempted" else None
+    now = ctx.now()
+    job = await ctx.store.release(body.lease, now, body.reason)
     if job is not None:
         ctx.notifier.submitted(job.queue, job.id)
+        if worker is not None and worker.group:
+            reason = f"worker {worker.id} is being preempted: job {job.id[:12]} handed back, no attempt spent"
+            await ctx.store.record_event(worker.group, "preempted", None, None, reason, now)
     return job
+
+
+async def _lease_worker(ctx: Ctx, lease: str) -> Worker | None:
+    """The worker a live lease was handed to (None once it is not live, or the worker is forgotten)."""
+    try:
+        job_id, attempt = await ctx.store.check_lease(lease)
+        worker_id = next(a.worker_id for a in await ctx.store.list_attempts(job_id) if a.attempt == attempt)
+        return await ctx.store.get_worker(worker_id)
+    except (StaleLease, NotFound, StopIteration):
+        return None
+
+
+@router.post("/workers/{worker_id}/release", response_model=Released, dependencies=[require("admin")])
+async def release_worker(worker_id: str, ctx: C, body: ReleaseWorkerBody | None = None) -> Released:
+    """Hand every running job of a worker back to its queue without spending an attempt, the attempts ending
+    ``preempted``: the controller's call when the worker's provider reports it preempted or evicted (its jobs would
+    otherwise wait for their leases to expire, and each count as lost)."""
+    reason = (body or ReleaseWorkerBody()).reason
+    await ctx.store.get_worker(worker_id)
+    released = await ctx.store.release_worker(worker_id, ctx.now(), reason)
+    for r in released:
+        ctx.notifier.submitted(r.queue, r.job_id)
+    if released:
+        ctx.notifier.notify("any")
+    return Released(jobs=[r.job_id for r in released])
 
 
 @router.post("/leases/logs", status_code=204)

@@ -6,8 +6,9 @@
 SELECT * FROM jobs WHERE id = :id;
 
 -- name: requeue_finished
-UPDATE jobs SET state = 'queued', reason = NULL, exit_code = NULL, error = NULL, attempts = 0, worker_id = NULL,
-       started_at = NULL, finished_at = NULL, seq = :seq, priority = :priority, max_attempts = :max_attempts
+UPDATE jobs SET state = 'queued', reason = NULL, exit_code = NULL, error = NULL, attempts = 0, failures = 0,
+       worker_id = NULL, started_at = NULL, finished_at = NULL, seq = :seq, priority = :priority,
+       max_attempts = :max_attempts, retries = :retries, retry_on_exit_codes = :retry_on_exit_codes
  WHERE id = :id AND state = 'finished';
 
 -- name: list_jobs
@@ -24,6 +25,18 @@ UPDATE jobs SET state = 'finished', reason = :reason, exit_code = :exit_code, er
        lease = NULL, lease_expires_at = NULL
  WHERE lease = :lease AND state = 'running'
 RETURNING *;
+
+-- name: retry_failed
+-- A program failure the job retries (scaleq.jobs.retried): back to the queue at its place, counted in failures and
+-- not in attempts (that budget is the infrastructure's). PostgreSQL decides and does it in finish_batch/worker_claim.
+UPDATE jobs SET state = 'queued', reason = NULL, exit_code = :exit_code, error = :error, finished_at = NULL,
+       attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END, failures = failures + 1, worker_id = NULL,
+       started_at = NULL, lease = NULL, lease_expires_at = NULL
+ WHERE lease = :lease AND state = 'running'
+RETURNING *;
+
+-- name: running_by_lease
+SELECT * FROM jobs WHERE lease = :lease AND state = 'running';
 
 -- name: end_attempt
 UPDATE attempts SET ended_at = :now, outcome = :outcome WHERE lease = :lease AND ended_at IS NULL;
@@ -58,6 +71,20 @@ UPDATE jobs
        worker_id = CASE WHEN attempts >= max_attempts THEN worker_id ELSE NULL END,
        lease = NULL, lease_expires_at = NULL
  WHERE state = 'running' AND lease_expires_at < :now
+RETURNING id, queue, state;
+
+-- name: end_worker_attempts
+-- A worker's running attempts ended with :outcome (preempted: its provider says so), before release_worker_jobs
+-- forgets their leases; both in one transaction.
+UPDATE attempts SET ended_at = :now, outcome = :outcome
+ WHERE worker_id = :worker_id AND ended_at IS NULL
+   AND lease IN (SELECT lease FROM jobs WHERE worker_id = :worker_id AND state = 'running' AND lease IS NOT NULL);
+
+-- name: release_worker_jobs
+-- A worker's running jobs back to their queues, at their places, without spending an attempt (as release does).
+UPDATE jobs SET state = 'queued', attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END, worker_id = NULL,
+       lease = NULL, lease_expires_at = NULL, started_at = NULL
+ WHERE worker_id = :worker_id AND state = 'running'
 RETURNING id, queue, state;
 
 -- name: end_lost_attempts

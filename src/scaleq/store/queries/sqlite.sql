@@ -14,9 +14,9 @@ SELECT coalesce(max(seq), 0) + 1 AS seq FROM jobs;
 
 -- name: insert_job
 INSERT INTO jobs (id, queue, definition, runtime, cpus, memory, gpus, tags, host_network, priority, seq, state,
-                  max_attempts, submitted_at)
+                  max_attempts, retries, retry_on_exit_codes, submitted_at)
 VALUES (:id, :queue, :definition, :runtime, :cpus, :memory, :gpus, :tags, :host_network, :priority, :seq, 'queued',
-        :max_attempts, :now)
+        :max_attempts, :retries, :retry_on_exit_codes, :now)
 ON CONFLICT (id) DO NOTHING;
 
 -- name: claim
