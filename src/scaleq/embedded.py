@@ -16,6 +16,7 @@ import signal
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 
@@ -105,7 +106,7 @@ async def serve(
             pusher = otlp.pusher(app, otlp_endpoint)  # fails here, at start, if the packages are missing
         server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
         # our handlers, not uvicorn's: on SIGINT/SIGTERM the API must keep serving while local workers drain
-        server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]
+        server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign, assignment]
         pctx = ProviderContext(grid.name, url, worker_token, data_dir, grid.server.public_url)
         groups = [(g, make_provider(g, pctx)) for g in grid.groups]
         controller = Controller(groups, StoreObserver(store, notifier, time.time))
@@ -164,7 +165,8 @@ async def _drain_local(groups: list[tuple[Group, Provider]], force: asyncio.Even
         await p.stop(g, w.id)
     gone = asyncio.ensure_future(asyncio.gather(*(p.wait_gone(g, 1e9) for g, p in local)))
     forced = asyncio.ensure_future(force.wait())
-    await asyncio.wait([gone, forced], return_when=asyncio.FIRST_COMPLETED)
+    either: set[asyncio.Future[Any]] = {gone, forced}
+    await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
     if not gone.done():
         log.warning("stopping now: workers hand their jobs back to the queue")
         for g, p in local:

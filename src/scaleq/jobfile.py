@@ -132,10 +132,10 @@ def build(
                 raise JobInputError(f"--env: {exc}") from exc
             merged[key] = value
         data["env"] = merged
-    req = dict(data.get("requirements") or {})
-    for key, value in (("cpus", cpus), ("memory", memory), ("gpus", gpus)):
-        if value is not None:
-            req[key] = value
+    req: dict[str, object] = dict(data.get("requirements") or {})
+    for name, given in (("cpus", cpus), ("memory", memory), ("gpus", gpus)):
+        if given is not None:
+            req[name] = given
     if req:
         data["requirements"] = req
     if "command" not in data:

@@ -36,6 +36,7 @@ from scaleq.config import data_dir as resolve_data_dir
 from scaleq.grid import Grid
 from scaleq.jobs import RuntimeKind, parse_duration, parse_size, validate_queue_name
 from scaleq.server.roles import ROLES
+from scaleq.worker.runtime.base import Runtime
 
 tokens_app = typer.Typer(help="Create, list and revoke API tokens (admin only).", no_args_is_help=True)
 
@@ -223,7 +224,7 @@ def worker(
     # the token is ours, not the jobs': keep it out of the environment process jobs inherit
     os.environ.pop("SCALEQ_TOKEN", None)
     kinds = runtime or [RuntimeKind.docker]
-    runtimes = {}
+    runtimes: dict[str, Runtime] = {}
     for kind in dict.fromkeys(kinds):
         if kind == RuntimeKind.docker:
             from scaleq.worker.runtime.docker import DockerRuntime
@@ -421,7 +422,7 @@ def migrate(
         version, head, pending, applied = asyncio.run(go())
     except SchemaTooNew as exc:
         fail(str(exc))
-    except (sqlite3.Error, *unavailable_errors()) as exc:
+    except (sqlite3.Error, *unavailable_errors()) as exc:  # type: ignore[misc]  # (a tuple built at run time)
         fail(f"cannot reach the store at {where}: {exc}")
     if output == Output.json:
         emit_json(

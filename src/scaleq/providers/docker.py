@@ -63,6 +63,7 @@ from scaleq.providers.base import (
     ProviderBase,
     ProviderError,
     ProviderWorker,
+    Status,
     new_worker_id,
     start_each,
     worker_args,
@@ -194,7 +195,6 @@ class DockerProvider(ProviderBase):
             environment={"PYTHONUNBUFFERED": "1", **engine_env, **group.env, "SCALEQ_TOKEN": self.token},
             network_mode=self.network_mode,
             init=True,
-            restart_policy={"Name": "no"},
             nano_cpus=int(res.cpus * 1e9),
             mem_limit=res.memory,
             memswap_limit=res.memory,
@@ -220,6 +220,7 @@ class DockerProvider(ProviderBase):
                     self._housekeep(client, c, worker_id)
                     gone.append(worker_id)
                     continue
+                status: Status
                 if state == "created":
                     status = "starting"
                 elif state == "removing" or worker_id in self._stopping:
@@ -233,7 +234,7 @@ class DockerProvider(ProviderBase):
                         group.name,
                         float(started) if started else float(c.attrs.get("Created", 0)),
                         status,
-                        f"container {c.id[:12]} ({c.attrs.get('Image', '')}): {c.attrs.get('Status', state)}",
+                        f"container {(c.id or '')[:12]} ({c.attrs.get('Image', '')}): {c.attrs.get('Status', state)}",
                         labels.get("scaleq.version", ""),
                     )
                 )
@@ -335,7 +336,7 @@ class DockerProvider(ProviderBase):
 
 def _sweep_jobs(client: docker.DockerClient, worker_id: str) -> None:
     """Remove what a worker's container jobs left behind (labelled with its id by the docker runtime)."""
-    labels = {"label": [f"{MANAGED}=true", f"scaleq.worker={worker_id}"]}
+    labels: dict[str, str | list[str] | bool] = {"label": [f"{MANAGED}=true", f"scaleq.worker={worker_id}"]}
     for c in client.containers.list(all=True, filters=labels, sparse=True):
         _remove(c)
     for v in client.volumes.list(filters=labels):

@@ -55,6 +55,7 @@ from scaleq.providers.base import (
     ProviderBase,
     ProviderError,
     ProviderWorker,
+    Status,
     new_worker_id,
     start_each,
     worker_args,
@@ -289,6 +290,7 @@ class FlyProvider(ProviderBase):
         config = m.get("config") or {}
         metadata = config.get("metadata") or {}
         worker_id = _worker_id(m)
+        status: Status
         if state in _STARTING:
             status = "starting"
         elif state in _STOPPING or worker_id in self._stopping:

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from scaleq.grid import Group
-from scaleq.providers.base import Health, ProviderBase, ProviderWorker, new_worker_id, worker_args
+from scaleq.providers.base import Health, ProviderBase, ProviderWorker, Status, new_worker_id, worker_args
 
 
 class LocalProvider(ProviderBase):
@@ -67,7 +67,7 @@ class LocalProvider(ProviderBase):
             if record.get("server", self.server) != self.server and record["id"] not in self._stopping:
                 # left by an earlier server at another address: it can never reach us, so let it go
                 await self.stop(group, record["id"])
-            status = "stopping" if record["id"] in self._stopping else "running"
+            status: Status = "stopping" if record["id"] in self._stopping else "running"
             found.append(
                 ProviderWorker(
                     record["id"],

@@ -133,8 +133,9 @@ def to_metrics_data(families: Iterable[Family], *, start_ns: int, now_ns: int | 
                         sum=h.get("sum", 0.0),
                         bucket_counts=counts,
                         explicit_bounds=bounds,
-                        min=None,
-                        max=None,
+                        # unknown from a Prometheus histogram: None leaves the optional fields out of the message
+                        min=None,  # type: ignore[arg-type]
+                        max=None,  # type: ignore[arg-type]
                     )
                 )
             data = Histogram(data_points=hist_points, aggregation_temporality=cumulative)

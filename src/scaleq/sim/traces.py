@@ -49,7 +49,8 @@ class Trace:
 
 
 def _poisson(rng: random.Random, rate: float, start: float, end: float) -> list[float]:
-    out, t = [], start
+    out: list[float] = []
+    t = start
     while True:
         t += rng.expovariate(rate)
         if t >= end:

@@ -110,9 +110,11 @@ class PostgresStore(SQLStore):
         return "the database"
 
     def _schema_version(self, conn: psycopg.Connection) -> int:
-        if not conn.execute(self.Q["schema_table"]).fetchone()["present"]:
+        present: dict[str, Any] | None = conn.execute(self.Q["schema_table"]).fetchone()  # type: ignore[assignment]
+        if present is None or not present["present"]:
             return 0
-        return int(conn.execute(self.Q["schema_version"]).fetchone()["version"])
+        row: dict[str, Any] | None = conn.execute(self.Q["schema_version"]).fetchone()  # type: ignore[assignment]
+        return int(row["version"]) if row is not None and row["version"] is not None else 0
 
     def _lock_schema(self, conn: psycopg.Connection) -> None:
         conn.execute(self.Q["schema_lock"])
@@ -135,14 +137,21 @@ class PostgresStore(SQLStore):
         retries: int = 0,
         retry_on_exit_codes: list[int] | None = None,
     ) -> tuple[Job, bool]:
-        retry = {"retries": retries, "retry_on_exit_codes": retry_on_exit_codes}
-        params = {**rows.job_params(queue, definition, priority, max_attempts, **retry), "now": now}
+        job = rows.job_params(queue, definition, priority, max_attempts, retries, retry_on_exit_codes)
+        params = {**job, "now": now}
         found = await self._hot_all("insert_new_job", params)
         if found:
             return rows.job(found[0]), True
         # it exists: answer with it, or queue it again on rerun (a transaction of several statements)
         return await super().submit(
-            queue, definition, priority=priority, max_attempts=max_attempts, rerun=rerun, now=now, **retry
+            queue,
+            definition,
+            priority=priority,
+            max_attempts=max_attempts,
+            rerun=rerun,
+            now=now,
+            retries=retries,
+            retry_on_exit_codes=retry_on_exit_codes,
         )
 
     async def submit_many(self, submissions: list[Submission], now: float) -> list[tuple[Job, bool]]:
@@ -227,7 +236,8 @@ class PostgresStore(SQLStore):
         # loop: no thread hop. Their planner settings keep the claim an ordered scan of jobs_claim that stops after
         # n rows, however long the queue (see claim_plan in queries/postgres.sql); set per connection, they cost
         # no statement.
-        options = " ".join(filter(None, [conninfo_to_dict(self.url).get("options"), CLAIM_OPTIONS]))
+        given = conninfo_to_dict(self.url).get("options")
+        options = " ".join(filter(None, [str(given) if given else None, CLAIM_OPTIONS]))
         self._hot = AsyncConnectionPool(
             self.url,
             min_size=1,

@@ -109,7 +109,7 @@ class SQLStore:
         """Apply what is pending (up to version ``to``; all of it when None), one migration per transaction under
         the schema lock, reading the version again in each (another server may be migrating too); refuse a database
         newer than this code."""
-        applied = []
+        applied: list[str] = []
         with self._connection() as conn:
             while True:
                 with self._transaction(conn):

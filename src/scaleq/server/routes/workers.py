@@ -364,7 +364,7 @@ async def release_worker(worker_id: str, ctx: C, body: ReleaseWorkerBody | None 
 @router.post("/leases/logs", status_code=204)
 async def append_logs(body: LogsBody, ctx: C, who: WorkerCaller) -> Response:
     await _own_lease(ctx, who, body.lease)
-    chunks = []
+    chunks: list[tuple[str, bytes]] = []
     for n, c in enumerate(body.chunks):
         try:
             chunks.append((c.stream, base64.b64decode(c.data, validate=True)))

@@ -167,8 +167,11 @@ class DockerRuntime:
 
     async def cleanup_orphans(self, worker_id: str) -> int:
         def sweep() -> int:
-            labels = {"label": [f"{MANAGED}=true", f"scaleq.worker={worker_id}"]}
-            found = [*self.client.containers.list(all=True, filters=labels), *self.client.volumes.list(filters=labels)]
+            labels: dict[str, Any] = {"label": [f"{MANAGED}=true", f"scaleq.worker={worker_id}"]}
+            found: list[Container | Volume] = [
+                *self.client.containers.list(all=True, filters=labels),
+                *self.client.volumes.list(filters=labels),
+            ]
             for obj in found:  # containers first: a volume in use cannot be removed
                 _remove(obj)
             return len(found)
@@ -193,8 +196,11 @@ class DockerRuntime:
         else would); how many objects."""
 
         def sweep() -> int:
-            labels = {"label": [f"{MANAGED}=true", f"scaleq.job={job_id}", f"scaleq.attempt={attempt}"]}
-            found = [*self.client.containers.list(all=True, filters=labels), *self.client.volumes.list(filters=labels)]
+            labels: dict[str, Any] = {"label": [f"{MANAGED}=true", f"scaleq.job={job_id}", f"scaleq.attempt={attempt}"]}
+            found: list[Container | Volume] = [
+                *self.client.containers.list(all=True, filters=labels),
+                *self.client.volumes.list(filters=labels),
+            ]
             for obj in found:  # containers first: a volume in use cannot be removed
                 _remove(obj)
             return len(found)
@@ -258,7 +264,7 @@ class DockerRuntime:
             helper: Container | None = None
             try:
                 helper = self._create_raw(
-                    spec.definition.image,
+                    _image(spec),
                     ["true"],
                     labels=_labels(spec),
                     host_config=self.client.api.create_host_config(
@@ -293,7 +299,7 @@ class DockerRuntime:
     def _attach(self, container: Container) -> CancellableStream:
         """``container.attach(stdout, stderr, stream, demux)`` without the inspect the SDK makes first to learn
         whether the container has a TTY: this runtime never gives one."""
-        api = self.client.api
+        api: Any = self.client.api  # the SDK's internal request methods (docker < 8, pinned), not in its stubs
         response = api._post(
             api._url("/containers/{0}/attach", container.id),
             headers={"Connection": "Upgrade", "Upgrade": "tcp"},
@@ -338,7 +344,7 @@ class DockerRuntime:
         name = f"scaleq-in-{spec.job_id[:12]}-{spec.attempt}-{secrets.token_hex(3)}"
         att.created.append(self.client.volumes.create(name=name, labels=_labels(spec)))
         helper = self.client.containers.create(
-            spec.definition.image,
+            _image(spec),
             ["true"],  # never started; the engine only needs *a* command to create it
             mounts=[Mount(INPUTS, name, type="volume", no_copy=True)],  # no_copy: not the image's /inputs
             labels=_labels(spec),
@@ -376,7 +382,7 @@ class DockerRuntime:
             mounts=mounts,
         )
         container = self._create_raw(
-            d.image,
+            _image(spec),
             d.command,
             entrypoint=d.entrypoint,
             environment=env,
@@ -410,7 +416,7 @@ class DockerRuntime:
             except APIError as e:
                 return e
             # no timeout: the SDK waits as long as the job runs
-            spawn_daemon(container.wait, loop, exited, "scaleq-docker")
+            spawn_daemon(lambda: dict(container.wait()), loop, exited, "scaleq-docker")
             return None
 
         since = int(time.time()) - 1  # for the engine's events (see _oom_killed)
@@ -461,7 +467,8 @@ class DockerRuntime:
             return False
         # The engine may take the kernel's OOM event after the exit, and then never sets OOMKilled (seen with Docker
         # 20.10, a few times in a hundred); its event log still says so.
-        events = self.client.api.events(
+        # the Engine takes fractional seconds as a string ("until"), which the SDK's stubs do not know
+        events = self.client.api.events(  # type: ignore[call-overload]
             since=since, until=f"{time.time():.9f}", filters={"container": container.id, "event": "oom"}, decode=True
         )
         try:
@@ -504,6 +511,13 @@ def _release(att: _Attempt) -> None:
     for obj in att.created:
         _remove(obj)
     att.created.clear()
+
+
+def _image(spec: RunSpec) -> str:
+    """The job's image: ``run`` refuses a job without one before anything that needs it is called."""
+    if spec.definition.image is None:
+        raise ValueError("the docker runtime needs an image")
+    return spec.definition.image
 
 
 def _remove(obj: Container | Volume) -> None:

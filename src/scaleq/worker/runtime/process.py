@@ -136,7 +136,7 @@ class ProcessRuntime:
                 )
             await _kill_group(pgid)  # stragglers (background children) die with the main process
             await self._drain(readers)
-            return result_for_exit(_exit_code(proc.returncode))
+            return result_for_exit(_exit_code(await proc.wait()))  # it has exited: wait() answers at once
         except asyncio.CancelledError:
             await uncancellable(self._terminate(proc, pgid))
             raise
@@ -187,7 +187,12 @@ async def _main_exit(proc: asyncio.subprocess.Process) -> int:
             fd = os.pidfd_open(proc.pid)
     if fd is not None:
         exited = loop.create_future()
-        loop.add_reader(fd, lambda: exited.done() or exited.set_result(None))
+
+        def readable() -> None:
+            if not exited.done():
+                exited.set_result(None)
+
+        loop.add_reader(fd, readable)
         try:
             await exited
         finally:
