@@ -36,7 +36,7 @@ from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 from scaleq.jobs import Claim, Job, JobDefinition
 from scaleq.store import rows
-from scaleq.store.base import FinishResult, NotFound, Submission, WorkerClaim
+from scaleq.store.base import ArrayRecord, FinishResult, NotFound, Submission, WorkerClaim
 from scaleq.store.migrations import Migration
 from scaleq.store.queries import load
 from scaleq.store.sql import SQLStore
@@ -133,7 +133,7 @@ class PostgresStore(SQLStore):
         rerun: bool,
         now: float,
     ) -> tuple[Job, bool]:
-        params = {**rows.job_params(queue, definition, priority, max_attempts), "now": now}
+        params = {**rows.job_params(queue, definition, priority, max_attempts), "now": now}  # (not in an array)
         found = await self._hot_all("insert_new_job", params)
         if found:
             return rows.job(found[0]), True
@@ -142,14 +142,23 @@ class PostgresStore(SQLStore):
             queue, definition, priority=priority, max_attempts=max_attempts, rerun=rerun, now=now
         )
 
-    async def submit_many(self, submissions: list[Submission], now: float) -> list[tuple[Job, bool]]:
+    async def submit_many(
+        self, submissions: list[Submission], now: float, array: ArrayRecord | None = None
+    ) -> list[tuple[Job, bool]]:
         """One transaction; the new jobs are inserted with one pipelined ``executemany`` (no round trip per job),
         those that exist already take the general path (found, or requeued on rerun)."""
-        return await self.tx(lambda: self._submit_batch(submissions, now))
+        return await self.tx(lambda: self._submit_batch(submissions, now, array))
 
-    def _submit_batch(self, submissions: list[Submission], now: float) -> list[tuple[Job, bool]]:
+    def _submit_batch(
+        self, submissions: list[Submission], now: float, array: ArrayRecord | None
+    ) -> list[tuple[Job, bool]]:
+        self._insert_array(array, now)
         params = [
-            {**rows.job_params(s.queue, s.definition, s.priority, s.max_attempts), "now": now} for s in submissions
+            {
+                **rows.job_params(s.queue, s.definition, s.priority, s.max_attempts, s.array_id, s.array_index),
+                "now": now,
+            }
+            for s in submissions
         ]
         inserted: dict[str, Any] = {}
         with self.db.cursor() as cur:

@@ -9,7 +9,7 @@ from dataclasses import asdict
 from typing import Any
 
 from scaleq.jobs import Capabilities, Job, JobDefinition, Worker, job_id
-from scaleq.store.base import Attempt, Event, GroupStatus, QueueStats, TokenRecord
+from scaleq.store.base import ArrayRecord, Attempt, Event, GroupStatus, QueueStats, TokenRecord
 
 Row = Mapping[str, Any]
 
@@ -26,10 +26,19 @@ def _loads(value: Any) -> Any:
     return json.loads(value) if isinstance(value, str | bytes) else value
 
 
-def job_params(queue: str, definition: JobDefinition, priority: int, max_attempts: int) -> dict[str, Any]:
+def job_params(
+    queue: str,
+    definition: JobDefinition,
+    priority: int,
+    max_attempts: int,
+    array_id: str | None = None,
+    array_index: int | None = None,
+) -> dict[str, Any]:
     req = definition.requirements
     return {
-        "id": job_id(queue, definition),
+        "id": job_id(queue, definition, array_id, array_index),
+        "array_id": array_id,
+        "array_index": array_index,
         "queue": queue,
         "definition": definition.canonical(),
         "runtime": definition.runtime.value,
@@ -60,6 +69,8 @@ def job(row: Row | None) -> Job:
         submitted_at=row["submitted_at"],
         started_at=row["started_at"],
         finished_at=row["finished_at"],
+        array_id=row["array_id"],
+        array_index=row["array_index"],
         definition=JobDefinition.model_validate(_loads(row["definition"])),
     )
 
@@ -160,4 +171,9 @@ def group(row: Row) -> GroupStatus:
         row["current"],
         row["desired"],
         row["updated_at"],
+        row["price_per_hour"],
     )
+
+
+def array(row: Row) -> ArrayRecord:
+    return ArrayRecord(row["id"], row["queue"], row["name"], row["size"], row["created_at"])
