@@ -184,6 +184,7 @@ class Deployer:
                     "max": group.max_workers,
                     "current": current,
                     "desired": desired,
+                    "price_per_hour": group.price_per_hour,
                 }
             )
         except Unreachable:

@@ -247,9 +247,7 @@ class JobDefinition(BaseModel):
         return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
-def job_id(
-    queue: str, definition: JobDefinition, array_id: str | None = None, array_index: int | None = None
-) -> str:
+def job_id(queue: str, definition: JobDefinition, array_id: str | None = None, array_index: int | None = None) -> str:
     """The job's id: sha256 over the queue and the canonical definition — and, for a member of an array, the
     array's id and the job's index in it (the job sees both in its environment, so they are part of what runs:
     the same definition twice in one array, or in two arrays, is two jobs)."""

@@ -142,7 +142,9 @@ class Controller:
             # the dashboard and doctor tell a live controller from a stopped one).
             if counts != loop.recorded or now - loop.recorded_at >= STATUS_REFRESH:
                 await self.observer.status(
-                    GroupStatus(g.name, g.queue, g.provider, g.min_workers, g.max_workers, *counts, now)
+                    GroupStatus(
+                        g.name, g.queue, g.provider, g.min_workers, g.max_workers, *counts, now, g.price_per_hour
+                    )
                 )
                 loop.recorded, loop.recorded_at = counts, now
             if loop.failures:

@@ -86,6 +86,7 @@ class RemoteObserver:
                 "max": status.max_workers,
                 "current": status.current,
                 "desired": status.desired,
+                "price_per_hour": status.price_per_hour,
             }
         )
 

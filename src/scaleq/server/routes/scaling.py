@@ -30,6 +30,7 @@ class GroupOut(BaseModel):
     current: int
     desired: int
     updated_at: float
+    price_per_hour: float | None = None
 
 
 #: Most workers a count (of a group, in an event) may name: far past any grid, well inside a database integer.
@@ -46,6 +47,7 @@ class GroupIn(BaseModel):
     max: int = Field(ge=0, le=MAX_COUNT)
     current: int = Field(ge=0, le=MAX_COUNT)
     desired: int = Field(ge=0, le=MAX_COUNT)
+    price_per_hour: float | None = Field(default=None, ge=0, le=1e9, allow_inf_nan=False)
 
 
 class EventOut(BaseModel):
@@ -95,6 +97,7 @@ async def groups(ctx: C) -> list[GroupOut]:
             current=g.current,
             desired=g.desired,
             updated_at=g.updated_at,
+            price_per_hour=g.price_per_hour,
         )
         for g in await ctx.store.list_groups()
     ]
@@ -103,7 +106,17 @@ async def groups(ctx: C) -> list[GroupOut]:
 @router.put("/groups/{name}", status_code=204, dependencies=[require("admin")])
 async def put_group(name: str, body: GroupIn, ctx: C) -> None:
     await ctx.store.put_group(
-        GroupStatus(name, body.queue, body.provider, body.min, body.max, body.current, body.desired, ctx.now())
+        GroupStatus(
+            name,
+            body.queue,
+            body.provider,
+            body.min,
+            body.max,
+            body.current,
+            body.desired,
+            ctx.now(),
+            body.price_per_hour,
+        )
     )
 
 
