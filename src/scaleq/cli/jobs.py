@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
 from rich.live import Live
 from rich.progress import Progress
 from rich.spinner import Spinner
@@ -29,11 +30,12 @@ from scaleq.cli.common import (
     sanitize,
     size,
     table,
+    validation_message,
     with_client,
 )
 from scaleq.client import ApiError, Client, Unreachable
 from scaleq.jobfile import JobInputError, build, encode_blobs, load_lines
-from scaleq.jobs import Job, JobDefinition, State, SubmitRequest, validate_queue_name
+from scaleq.jobs import ArraySpec, Job, JobDefinition, State, SubmitRequest, array_id, validate_queue_name
 
 PriorityOpt = Annotated[int, typer.Option(min=-1000, max=1000, help="Higher runs first; FIFO within a priority.")]
 MaxAttemptsOpt = Annotated[
@@ -53,6 +55,8 @@ def _summary(job: Job) -> dict:
         "submitted_at": job.submitted_at,
         "started_at": job.started_at,
         "finished_at": job.finished_at,
+        "array_id": job.array_id,
+        "array_index": job.array_index,
     }
 
 
@@ -187,18 +191,24 @@ def submit_many(
     priority: PriorityOpt = 0,
     max_attempts: MaxAttemptsOpt = 3,
     rerun: Annotated[bool, typer.Option("--rerun", help="Run again those of the jobs that already finished.")] = False,
+    name: Annotated[
+        str | None, typer.Option("--name", help="A name for the array, shown beside its id.", show_default=False)
+    ] = None,
     output: OutputOpt = Output.table,
     server: ServerOpt = None,
     token: TokenOpt = None,
     data_dir: DataDirOpt = None,
 ) -> None:
-    """Submit many jobs from a file, 500 per request; print their ids, one per line, in the file's order.
+    """Submit many jobs from a file as one array, 500 per request; print their ids, one per line, in the file's
+    order, and the array's id (on stderr; 'scaleq array ID' shows its progress).
 
     Each line holds a job file's fields as JSON; inputs are relative to the file (for '-', to this directory).
+    Each job sees its line's index (from 0) in $SCALEQ_ARRAY_INDEX and the array's id in $SCALEQ_ARRAY_ID.
 
     Blank lines and lines starting with '#' are skipped. Every line is checked before anything is sent.
 
-    Idempotent (the same definition on the same queue is the same job): after an interruption, run it again.
+    Idempotent (the same lines on the same queue are the same array and the same jobs): after an interruption,
+    run it again.
 
     Example line: {"command": ["python3", "sweep.py", "--alpha", "0.3"], "image": "python:3.12-slim"}
     """
@@ -211,6 +221,11 @@ def submit_many(
         bad_input(f"queue: {exc}")
     batches = _batches(queue, found, priority=priority, max_attempts=max_attempts, rerun=rerun)
     total = sum(len(b) for b in batches)
+    aid = array_id(queue, [d for d, _ in found])  # from every line: the same file again is the same array
+    try:
+        spec = ArraySpec(id=aid, name=name, size=max(total, 1))
+    except ValidationError as exc:
+        bad_input(validation_message(exc, "--"))
 
     async def go(client: Client) -> list[tuple[Job, bool, str | None]]:
         done: list[tuple[Job, bool, str | None]] = []
@@ -218,7 +233,7 @@ def submit_many(
             task = bar.add_task("submitting", total=total)
             for batch in batches:
                 try:
-                    done += await client.submit_many_checked(batch)
+                    done += await client.submit_many_checked(batch, spec.model_copy(update={"start": len(done)}))
                 except (ApiError, Unreachable):
                     if done:
                         err.print(
@@ -242,6 +257,9 @@ def submit_many(
         + (f", {again} submitted before (--rerun runs finished ones again)" if again else ""),
         markup=False,
     )
+    if done:
+        label = aid[:12] + (f" ({name})" if name else "")
+        err.print(f"array {label}: 'scaleq array {aid[:12]}' shows its progress", markup=False)
     warned = [w for _, _, w in done if w]
     if warned:
         err.print(f"warning: {len(warned)} of them: {warned[0]}", markup=False)
@@ -431,13 +449,31 @@ def outputs(
 
 
 def cancel(
-    job_id: Annotated[str, typer.Argument(help="Job id or a unique prefix.")],
+    job_id: Annotated[str | None, typer.Argument(help="Job id or a unique prefix.", show_default=False)] = None,
+    array: Annotated[
+        str | None,
+        typer.Option("--array", help="Cancel every unfinished job of this array instead.", show_default=False),
+    ] = None,
     output: OutputOpt = Output.table,
     server: ServerOpt = None,
     token: TokenOpt = None,
     data_dir: DataDirOpt = None,
 ) -> None:
-    """Cancel a queued or running job (a running one is stopped by its worker)."""
+    """Cancel a queued or running job, or with --array ID all that an array has left (a running job is stopped
+    by its worker)."""
+    if (job_id is None) == (array is None):
+        bad_input("give a job id, or --array ID (not both)")
+    if array is not None:
+        a = with_client(server, token, data_dir, lambda c: c.cancel_array(array))
+        if output == Output.json:
+            emit_json(a)
+        else:
+            out.print(
+                f"array {a['id'][:12]}: {a['done']}/{a['size']} finished, {a['other'].get('cancelled', 0)} cancelled",
+                markup=False,
+            )
+        return
+    assert job_id is not None
     j = with_client(server, token, data_dir, lambda c: c.cancel(job_id))
     if output == Output.json:
         emit_json(_summary(j))
