@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 
-from scaleq.jobs import Claim, Job, SubmitRequest, Worker
+from scaleq.jobs import ArraySpec, Claim, Job, SubmitRequest, Worker
 
 
 class ApiError(Exception):
@@ -100,11 +100,35 @@ class Client:
         """Up to 1,000 jobs in one request and one transaction (all or none)."""
         return [(job, created) for job, created, _ in await self.submit_many_checked(reqs)]
 
-    async def submit_many_checked(self, reqs: list[SubmitRequest]) -> list[tuple[Job, bool, str | None]]:
-        """:meth:`submit_many`, with the server's warning per job when nothing it knows of can run it."""
-        body = {"jobs": [r.model_dump(mode="json") for r in reqs]}
+    async def submit_many_checked(
+        self, reqs: list[SubmitRequest], array: ArraySpec | None = None
+    ) -> list[tuple[Job, bool, str | None]]:
+        """:meth:`submit_many`, with the server's warning per job when nothing it knows of can run it; with
+        ``array``, the jobs are members of that array (see ``POST /jobs/batch``)."""
+        body: dict[str, Any] = {"jobs": [r.model_dump(mode="json") for r in reqs]}
+        if array is not None:
+            body["array"] = array.model_dump(mode="json", exclude_none=True)
         data = await self._json("POST", "/jobs/batch", json=body, timeout=300)
         return [(Job.model_validate(s["job"]), s["created"], s.get("warning")) for s in data["submitted"]]
+
+    # -- arrays and cost ----------------------------------------------------------------------------------------
+
+    async def arrays(self, *, queue: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        params = {k: v for k, v in {"queue": queue, "limit": limit}.items() if v is not None}
+        return await self._json("GET", "/arrays", params=params)
+
+    async def array(self, array_id: str, *, wait: float = 0, seen: str | None = None) -> dict[str, Any]:
+        params: dict[str, Any] = {"wait": wait, "seen": seen} if wait and seen else {}
+        return await self._json("GET", f"/arrays/{array_id}", params=params, timeout=wait + 30)
+
+    async def cancel_array(self, array_id: str) -> dict[str, Any]:
+        return await self._json("POST", f"/arrays/{array_id}/cancel", timeout=300)
+
+    async def rerun_array(self, array_id: str, *, failed: bool = False) -> dict[str, Any]:
+        return await self._json("POST", f"/arrays/{array_id}/rerun", params={"failed": failed}, timeout=300)
+
+    async def cost(self, *, by: str = "group", since: float = 0.0) -> list[dict[str, Any]]:
+        return await self._json("GET", "/cost", params={"by": by, "since": since})
 
     async def get_job(self, job_id: str, *, wait: float = 0, state: str | None = None) -> Job:
         params: dict[str, Any] = {"wait": wait} if wait else {}

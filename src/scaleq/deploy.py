@@ -227,6 +227,7 @@ class Deployer:
                     "current": current,
                     "desired": desired,
                     "reporter": "apply",  # not a controller: doctor and destroy must not take it for one
+                    "price_per_hour": group.price_per_hour,
                 }
             )
         except Unreachable:

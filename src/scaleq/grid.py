@@ -223,6 +223,14 @@ class Group(_Strict):
     image: str | None = Field(default=None, description="worker image, for container providers")
     allow_host_network: bool = False
     env: dict[str, str] = Field(default_factory=dict, description="extra environment of the worker processes")
+    price_per_hour: float | None = Field(
+        default=None,
+        ge=0,
+        le=1e9,
+        strict=True,  # a number in the file, not a string that looks like one
+        allow_inf_nan=False,
+        description="what one worker costs per hour, in your currency: cost shows money beside worker-seconds",
+    )
     signal: SignalSpec = Field(default_factory=SignalSpec, description="what the controller reads as demand")
     gcp: GcpSettings | None = None
     kubernetes: KubernetesSettings | None = None
@@ -261,8 +269,9 @@ class Group(_Strict):
         )
 
     def version(self) -> str:
-        """A short hash of the group's settings: workers started under other settings are out of date."""
-        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:12]
+        """A short hash of the group's settings: workers started under other settings are out of date (a new
+        price changes no worker: it is left out)."""
+        return hashlib.sha256(self.model_dump_json(exclude={"price_per_hour"}).encode()).hexdigest()[:12]
 
     def capabilities(self) -> Capabilities:
         return Capabilities(

@@ -258,9 +258,24 @@ class JobDefinition(BaseModel):
         return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
-def job_id(queue: str, definition: JobDefinition) -> str:
-    """The job's id: sha256 over the queue and the canonical definition."""
-    return hashlib.sha256(f"{queue}\n{definition.canonical()}".encode()).hexdigest()
+def job_id(queue: str, definition: JobDefinition, array_id: str | None = None, array_index: int | None = None) -> str:
+    """The job's id: sha256 over the queue and the canonical definition — and, for a member of an array, the
+    array's id and the job's index in it (the job sees both in its environment, so they are part of what runs:
+    the same definition twice in one array, or in two arrays, is two jobs)."""
+    text = f"{queue}\n{definition.canonical()}"
+    if array_id is not None:
+        text += f"\n{array_id}\n{array_index}"
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def array_id(queue: str, definitions: list[JobDefinition]) -> str:
+    """An array's id: sha256 over the queue and its definitions, in order. Submitting the same lines again is the
+    same array, and so the same jobs (idempotent submit, as for one job); the array's name is a label, not part
+    of it."""
+    digest = hashlib.sha256(f"array\n{queue}".encode())
+    for d in definitions:
+        digest.update(b"\n" + job_id(queue, d).encode())
+    return digest.hexdigest()
 
 
 def validate_queue_name(name: str) -> str:
@@ -343,6 +358,31 @@ class SubmitRequest(Retries):
         return validate_queue_name(v)
 
 
+#: Most jobs one array may hold.
+MAX_ARRAY_SIZE = 10_000_000
+
+
+class ArraySpec(BaseModel):
+    """What makes a batch submit (``POST /jobs/batch``) part of an array: its jobs are members, numbered from
+    ``start`` in the batch's order. A batch that is a whole array may leave ``id`` and ``size`` out (the server
+    computes them); an array sent in several batches (``scaleq submit-many``) gives them in each, ``id`` as
+    :func:`array_id` computes it over all of its definitions."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$", description="default: computed from this batch")
+    name: str | None = Field(default=None, min_length=1, max_length=200, description="a label, shown beside the id")
+    size: int | None = Field(default=None, ge=1, le=MAX_ARRAY_SIZE, description="jobs in the whole array")
+    start: int = Field(default=0, ge=0, lt=MAX_ARRAY_SIZE, description="index of this batch's first job")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        if v is not None and any(ord(c) < 32 or ord(c) == 127 for c in v):
+            raise ValueError("must not contain control characters")
+        return v
+
+
 class Job(BaseModel):
     """A job as the API returns it."""
 
@@ -365,6 +405,8 @@ class Job(BaseModel):
     submitted_at: float
     started_at: float | None = None
     finished_at: float | None = None
+    array_id: str | None = Field(default=None, description="the array the job belongs to (submit-many)")
+    array_index: int | None = Field(default=None, description="its index in the array, from 0")
     definition: JobDefinition
 
 

@@ -8,6 +8,7 @@ ones ``docs/operations.md`` shows.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -168,6 +169,29 @@ def test_health_says_so_when_the_server_has_no_checks(grid: Grid, page: Any) -> 
     page.get_by_role("link", name="Health").click()
     expect(page.get_by_text("Health checks not available")).to_be_visible()
     expect(page.locator("table.health")).to_be_hidden()
+
+
+def test_arrays_show_their_progress_and_cost(grid: Grid, page: Any, shots: Path, tmp_path: Path) -> None:
+    from playwright.sync_api import expect
+
+    sweep = tmp_path / "sweep.jsonl"
+    lines = [json.dumps({"command": ["sh", "-c", "exit $(( SCALEQ_ARRAY_INDEX == 2 ))"]}) for _ in range(4)]
+    sweep.write_text("\n".join(lines) + "\n")
+    r = cli("submit-many", "default", str(sweep), "--name", "dash-sweep", "--data-dir", str(grid.data_dir))
+    assert r.returncode == 0, r.stderr
+    array_id = json.loads(cli("arrays", "--output", "json", "--data-dir", str(grid.data_dir)).stdout)[0]["id"]
+    log_in(page, grid)
+    expect(page.get_by_role("heading", name="Queues")).to_be_visible()
+    page.get_by_role("link", name="Arrays").click()
+    expect(page.get_by_role("heading", name="Arrays")).to_be_visible()
+    row = page.locator(f'tr[data-array-id="{array_id}"]')
+    expect(row).to_contain_text("dash-sweep")
+    # the four jobs run (the same line each: index 2 fails) and the bar fills, without a reload
+    expect(row.locator("progress")).to_have_attribute("value", "4", timeout=60_000)
+    expect(row.locator("td").nth(1)).to_contain_text("100%")
+    expect(row.locator("td").nth(2)).to_have_text("3")  # succeeded
+    expect(row.locator("td").nth(3)).to_have_text("1")  # unsuccessful: index 2
+    screenshot(page, shots, "arrays")
 
 
 def test_a_job_and_a_scaling_decision_in_the_dashboard(grid: Grid, page: Any, shots: Path, tmp_path: Path) -> None:

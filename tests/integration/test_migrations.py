@@ -437,6 +437,14 @@ async def assert_the_store_works(store: Store) -> None:
     (claim,) = await store.claim("w-new", 1, T0 + 105, 60)
     again = await store.finish(claim.lease, FinishResult("failed", 3, "exit 3"), T0 + 106)
     assert (again.id, again.state, again.failures, again.attempts) == (flaky.id, "queued", 1, 0)
+    # 0005: jobs from before arrays belong to none; the old attempts got their worker's group and share (w-old: 2
+    # slots of 2 cpus, jobs of 1 cpu: half), the workers' lives a row each in the ledger; groups have no price
+    assert (await store.get_job("c" * 64)).array_id is None and await store.list_arrays(queue=None, limit=5) == []
+    (ran,) = await store.usage("job", 0, T0 + 200, key="c" * 64)
+    assert (ran.group, ran.worker_seconds) == ("g", 5.0)
+    by_group = {u.key: u.worker_seconds for u in await store.usage("group", 0, T0 + 200)}
+    assert by_group["g"] == 100.0  # w-old: T0 to its heartbeat above
+    assert [g.price_per_hour for g in await store.list_groups()] == [None]
 
 
 # -- upgrades ---------------------------------------------------------------------------------------------------------

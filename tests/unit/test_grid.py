@@ -44,6 +44,12 @@ def test_spare_settings_reach_the_policy(tmp_path: Path) -> None:
         ('[[groups]]\nname = "a"\nheadroom = 1e308\n', "groups[0].headroom"),
         ('[[groups]]\nname = "a"\nlookahead = 86400\n', "groups[0].lookahead"),
         ('[[groups]]\nname = "a"\ndemand_halflife = 0\n', "groups[0].demand_halflife"),
+        (
+            '[[groups]]\nname = "a"\nprice_per_hour = "0.10"\n',
+            "groups[0].price_per_hour: Input should be a valid number",
+        ),
+        ('[[groups]]\nname = "a"\nprice_per_hour = -1\n', "groups[0].price_per_hour"),
+        ('[[groups]]\nname = "a"\nprice_per_hour = nan\n', "groups[0].price_per_hour"),
         ("[server\n", "line 1"),
     ],
 )
@@ -53,6 +59,16 @@ def test_bad_grid_files(tmp_path: Path, text: str, expected: str) -> None:
     with pytest.raises(grid.GridFileError) as e:
         grid.load(f)
     assert str(f) in str(e.value) and expected in str(e.value)
+
+
+def test_a_price_is_a_number_and_changes_no_worker(tmp_path: Path) -> None:
+    f = tmp_path / "grid.toml"
+    f.write_text('[[groups]]\nname = "a"\nprice_per_hour = 2\n[[groups]]\nname = "b"\nprice_per_hour = 0.35\n')
+    a, b = grid.load(f).groups
+    assert (a.price_per_hour, b.price_per_hour) == (2.0, 0.35)
+    # a new price is not new settings for the workers: no rolling update for it
+    assert a.version() == a.model_copy(update={"price_per_hour": None}).version()
+    assert a.version() != a.model_copy(update={"slots": 2}).version()
 
 
 def test_embedded_default() -> None:

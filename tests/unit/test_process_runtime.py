@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import signal
 import subprocess
@@ -111,6 +112,18 @@ async def test_env_and_scaleq_variables(
         "f" * 64,  # the runtime's own variables win over the definition's
         "2",
     ]
+
+
+async def test_an_array_member_sees_its_array_and_index(runtime: ProcessRuntime, tmp_path: Path) -> None:
+    script = 'echo "${SCALEQ_ARRAY_ID-unset} ${SCALEQ_ARRAY_INDEX-unset}"'
+    member = dataclasses.replace(make_spec(tmp_path, ["sh", "-c", script]), array_id="a" * 64, array_index=41)
+    alone = make_spec(tmp_path, ["sh", "-c", script], env={"SCALEQ_ARRAY_INDEX": "7"})
+    seen = []
+    for spec in (member, alone):
+        sink = Sink()
+        assert (await runtime.run(spec, sink)).reason == "success"
+        seen.append(sink.text("stdout").split())
+    assert seen == [["a" * 64, "41"], ["unset", "7"]]  # a job alone has none (its own env is its own)
 
 
 async def test_workdir_given_or_fresh_temp_dir(runtime: ProcessRuntime, tmp_path: Path) -> None:

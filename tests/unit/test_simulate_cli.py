@@ -134,6 +134,26 @@ def test_settings_come_from_the_grid_group(tmp_path: Path):
     assert "group wide of" in result.stdout and "1..2 workers, 3 slot(s)" in result.stdout
 
 
+def test_a_price_adds_the_cost_of_each_policy(tmp_path: Path):
+    csv = burst_csv(tmp_path)
+    data = run_json("--csv", str(csv), "--price-per-hour", "0.36")
+    assert {d["policy"] for d in data} == {"scaleq", "keda", "mig"}
+    for d in data:
+        assert d["cost"] == round(d["worker_seconds"] * 0.36 / 3600, 3) and d["cost"] > 0
+    assert "cost" not in run_json("--csv", str(csv))[0]  # no price, no cost
+    # the group's price_per_hour, from the grid file; the option wins over it
+    grid = tmp_path / "grid.toml"
+    grid.write_text(GRID.replace('name = "wide"', 'name = "wide"\nprice_per_hour = 3.6'))
+    from_grid = run_json("--csv", str(csv), "--grid", str(grid), "--group", "wide", "-p", "scaleq")
+    assert from_grid[0]["cost"] == round(from_grid[0]["worker_seconds"] / 1000, 3)
+    given = run_json("--csv", str(csv), "--grid", str(grid), "--group", "wide", "-p", "scaleq", "--price-per-hour", "0")
+    assert given[0]["cost"] == 0
+    shown = runner.invoke(app, ["simulate", "--csv", str(csv), "--price-per-hour", "0.36", "-p", "scaleq"])
+    assert shown.exit_code == 0 and "cost" in shown.stdout and "0.36 per worker-hour" in shown.stdout
+    refused = runner.invoke(app, ["simulate", "--csv", str(csv), "--price-per-hour", "-1"])
+    assert refused.exit_code == 2 and "--price-per-hour" in refused.output
+
+
 def test_grid_group_must_be_named_and_exist(tmp_path: Path):
     grid = tmp_path / "grid.toml"
     grid.write_text(GRID)

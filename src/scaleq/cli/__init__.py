@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from scaleq import __version__
-from scaleq.cli import doctor, export, grid, jobs, scale, simulate
+from scaleq.cli import arrays, doctor, export, grid, jobs, scale, simulate
 
 app = typer.Typer(
     name="scaleq",
@@ -40,10 +40,13 @@ app.command(rich_help_panel="Jobs")(jobs.job)
 app.command(rich_help_panel="Jobs")(jobs.logs)
 app.command(rich_help_panel="Jobs")(jobs.outputs)
 app.command(rich_help_panel="Jobs")(jobs.cancel)
+app.command(rich_help_panel="Jobs")(arrays.array)
+app.command(rich_help_panel="Jobs")(arrays.arrays)
 app.command(rich_help_panel="Inspect")(jobs.queues)
 app.command(rich_help_panel="Inspect")(grid.workers)
 app.command(rich_help_panel="Inspect")(scale.groups)
 app.command(rich_help_panel="Inspect")(scale.events)
+app.command(rich_help_panel="Inspect")(arrays.cost)
 app.command(rich_help_panel="Inspect")(doctor.doctor)
 app.command(rich_help_panel="Groups")(scale.plan)
 app.command(rich_help_panel="Groups")(scale.apply)

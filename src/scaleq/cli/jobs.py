@@ -32,19 +32,20 @@ from scaleq.cli.common import (
     sanitize,
     size,
     table,
+    validation_message,
     with_client,
 )
 from scaleq.client import ApiError, Client, Unreachable
 from scaleq.jobfile import JobInputError, JobSpec, build, encode_blobs, load_lines, problems
-from scaleq.jobs import Job, Reason, State, SubmitRequest, validate_queue_name
+from scaleq.jobs import ArraySpec, Job, Reason, State, SubmitRequest, array_id, validate_queue_name
 
 #: ``--state``: a job state, or a finished job's reason (``failed`` = finished with reason failed).
 StateFilter = StrEnum("StateFilter", {v: v for v in [*State, *Reason]})  # type: ignore[misc]
 
 
-def _job_id(value: str) -> str:
+def _job_id(value: str | None) -> str | None:
     """A job id or a prefix of one: 6 to 64 hex digits, checked here so a typo is bad input (exit 2)."""
-    if not re.fullmatch(r"[0-9a-f]{6,64}", value):
+    if value is not None and not re.fullmatch(r"[0-9a-f]{6,64}", value):
         raise typer.BadParameter(f"{value!r} is not a job id: give the id or a prefix of at least 6 hex digits")
     return value
 
@@ -108,6 +109,8 @@ def _summary(job: Job) -> dict:
         "submitted_at": job.submitted_at,
         "started_at": job.started_at,
         "finished_at": job.finished_at,
+        "array_id": job.array_id,
+        "array_index": job.array_index,
     }
 
 
@@ -250,18 +253,24 @@ def submit_many(
     retries: RetriesOpt = None,
     retry_on_exit_code: RetryCodesOpt = None,
     rerun: Annotated[bool, typer.Option("--rerun", help="Run again those of the jobs that already finished.")] = False,
+    name: Annotated[
+        str | None, typer.Option("--name", help="A name for the array, shown beside its id.", show_default=False)
+    ] = None,
     output: OutputOpt = Output.table,
     server: ServerOpt = None,
     token: TokenOpt = None,
     data_dir: DataDirOpt = None,
 ) -> None:
-    """Submit many jobs from a file, 500 per request; print their ids, one per line, in the file's order.
+    """Submit many jobs from a file as one array, 500 per request; print their ids, one per line, in the file's
+    order, and the array's id (on stderr; 'scaleq array ID' shows its progress).
 
     Each line holds a job file's fields as JSON; inputs are relative to the file (for '-', to this directory).
+    Each job sees its line's index (from 0) in $SCALEQ_ARRAY_INDEX and the array's id in $SCALEQ_ARRAY_ID.
 
     Blank lines and lines starting with '#' are skipped. Every line is checked before anything is sent.
 
-    Idempotent (the same definition on the same queue is the same job): after an interruption, run it again.
+    Idempotent (the same lines on the same queue are the same array and the same jobs): after an interruption,
+    run it again.
 
     Example line: {"command": ["python3", "sweep.py", "--alpha", "0.3"], "image": "python:3.12-slim"}
 
@@ -285,6 +294,11 @@ def submit_many(
         where=file,
     )
     total = sum(len(b) for b in batches)
+    aid = array_id(queue, [d for d, _ in found])  # from every line: the same file again is the same array
+    try:
+        spec = ArraySpec(id=aid, name=name, size=max(total, 1))
+    except ValidationError as exc:
+        bad_input(validation_message(exc, "--"))
 
     async def go(client: Client) -> list[tuple[Job, bool, str | None]]:
         done: list[tuple[Job, bool, str | None]] = []
@@ -292,7 +306,7 @@ def submit_many(
             task = bar.add_task("submitting", total=total)
             for batch in batches:
                 try:
-                    done += await client.submit_many_checked(batch)
+                    done += await client.submit_many_checked(batch, spec.model_copy(update={"start": len(done)}))
                 except (ApiError, Unreachable):
                     if done:
                         err.print(
@@ -316,6 +330,9 @@ def submit_many(
         + (f", {again} submitted before (--rerun runs finished ones again)" if again else ""),
         markup=False,
     )
+    if done:
+        label = aid[:12] + (f" ({name})" if name else "")
+        err.print(f"array {label}: 'scaleq array {aid[:12]}' shows its progress", markup=False)
     warned = [w for _, _, w in done if w]
     if warned:
         err.print(f"warning: {len(warned)} of them: {warned[0]}", markup=False)
@@ -537,13 +554,34 @@ def outputs(
 
 
 def cancel(
-    job_id: JobIdArg,
+    job_id: Annotated[
+        str | None,
+        typer.Argument(help="Job id or a unique prefix (6+ hex digits).", callback=_job_id, show_default=False),
+    ] = None,
+    array: Annotated[
+        str | None,
+        typer.Option("--array", help="Cancel every unfinished job of this array instead.", show_default=False),
+    ] = None,
     output: OutputOpt = Output.table,
     server: ServerOpt = None,
     token: TokenOpt = None,
     data_dir: DataDirOpt = None,
 ) -> None:
-    """Cancel a queued or running job (a running one is stopped by its worker)."""
+    """Cancel a queued or running job, or with --array ID all that an array has left (a running job is stopped
+    by its worker)."""
+    if (job_id is None) == (array is None):
+        bad_input("give a job id, or --array ID (not both)")
+    if array is not None:
+        a = with_client(server, token, data_dir, lambda c: c.cancel_array(array))
+        if output == Output.json:
+            emit_json(a)
+        else:
+            out.print(
+                f"array {a['id'][:12]}: {a['done']}/{a['size']} finished, {a['other'].get('cancelled', 0)} cancelled",
+                markup=False,
+            )
+        return
+    assert job_id is not None
     j = with_client(server, token, data_dir, lambda c: c.cancel(job_id))
     if output == Output.json:
         emit_json(_summary(j))

@@ -116,9 +116,24 @@ def _settings(
         bad_input(message)
 
 
-def result_dict(r: Result) -> dict[str, Any]:
+def result_dict(r: Result, price_per_hour: float | None = None) -> dict[str, Any]:
     data = {f: getattr(r, f) for f in JSON_FIELDS}
+    if price_per_hour is not None:
+        data["cost"] = r.worker_seconds * price_per_hour / 3600
     return {k: round(v, 3) if isinstance(v, float) else v for k, v in data.items()}
+
+
+def _price(given: float | None, grid_file: Path | None, group: str | None) -> float | None:
+    """--price-per-hour, else the simulated group's price_per_hour in the grid file (None: no cost column)."""
+    if given is not None:
+        if not math.isfinite(given) or given < 0:
+            bad_input(f"--price-per-hour: expected a number >= 0, got {given:g}")
+        return given
+    if grid_file is None:
+        return None
+    grid = gridmod.load(grid_file)  # (read and checked by _settings already)
+    chosen = next((g for g in grid.groups if g.name == group), grid.groups[0] if len(grid.groups) == 1 else None)
+    return chosen.price_per_hour if chosen else None
 
 
 def simulate(
@@ -201,6 +216,14 @@ def simulate(
     boot_time: Annotated[
         float, typer.Option("--boot-time", help="Seconds from a start call to a worker claiming (30: VMs).")
     ] = 30.0,
+    price_per_hour: Annotated[
+        float | None,
+        typer.Option(
+            "--price-per-hour",
+            help="What a worker costs per hour: adds the cost of each run (worker-seconds times the price).",
+            show_default="the group's price_per_hour, or none",
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Shift the built-in traces' seeds (0: as documented).")] = 0,
     plot_dir: Annotated[
         Path | None, typer.Option("--plot-dir", help="Write a PNG per trace here (needs matplotlib).", file_okay=False)
@@ -208,7 +231,7 @@ def simulate(
     output: OutputOpt = Output.table,
 ) -> None:
     """Simulate traces of job arrivals under scaleq's scaling policy and KEDA-/MIG-like autoscalers, and compare
-    waits, worker-seconds, idle worker-seconds and killed jobs."""
+    waits, worker-seconds (and their cost, given a price per worker-hour), idle worker-seconds and killed jobs."""
     policies = list(dict.fromkeys(policy or DEFAULT_POLICIES))
     unknown = [p for p in policies if p not in POLICIES]
     if unknown:
@@ -229,6 +252,7 @@ def simulate(
             "demand_halflife": demand_halflife,
         },
     )
+    price = _price(price_per_hour, grid_file, group)
     traces = _traces(trace or [], csv_file or [], seed)
     results = run_simulation(traces, policies, settings, boot_time, seed=seed)
 
@@ -240,15 +264,16 @@ def simulate(
             fail(f"--plot-dir: {exc}")
 
     if output == Output.json:
-        emit_json([result_dict(r) for r in results])
+        emit_json([result_dict(r, price) for r in results])
         return
     out.print(
         f"settings from {source}: {settings.min_workers}..{settings.max_workers} workers, "
         f"{settings.slots} slot(s), idle_timeout {settings.idle_timeout:g} s, "
         f"scale_down_window {settings.scale_down_window:g} s, headroom {settings.headroom:g}, "
         f"lookahead {settings.lookahead:g} s; boot time {boot_time:g} s"
+        + (f"; {price:g} per worker-hour" if price is not None else "")
     )
-    out.print(render_table(results))
+    out.print(render_table(results, price))
     checks = check_targets(results)
     if checks:
         out.print(render_targets(checks))

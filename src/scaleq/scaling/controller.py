@@ -215,6 +215,7 @@ class Controller:
                         now,
                         note,
                         checks,
+                        price_per_hour=g.price_per_hour,
                     )
                 )
                 loop.recorded, loop.recorded_at = counts, now

@@ -104,6 +104,7 @@ class RemoteObserver:
                 "note": status.note,
                 "reporter": status.reporter,
                 "checks": [c.as_dict() for c in status.checks],
+                "price_per_hour": status.price_per_hour,
             }
         )
 

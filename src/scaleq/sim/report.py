@@ -21,7 +21,8 @@ def _dur(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def render_table(results: Sequence[Result]) -> Table:
+def render_table(results: Sequence[Result], price_per_hour: float | None = None) -> Table:
+    """The results, a row per trace and policy; with a price per worker-hour, a cost column beside worker·s."""
     table = Table(title="scaling policies, simulated", title_justify="left")
     for name, justify in (
         ("trace", "left"),
@@ -30,6 +31,7 @@ def render_table(results: Sequence[Result]) -> Table:
         ("wait p50", "right"),
         ("wait p95", "right"),
         ("worker·s", "right"),
+        *((("cost", "right"),) if price_per_hour is not None else ()),
         ("idle worker·s", "right"),
         ("peak", "right"),
         ("scale events", "right"),
@@ -51,6 +53,7 @@ def render_table(results: Sequence[Result]) -> Table:
             _dur(r.wait_p50),
             _dur(r.wait_p95),
             f"{r.worker_seconds:,.0f}",
+            *((f"{r.worker_seconds * price_per_hour / 3600:,.2f}",) if price_per_hour is not None else ()),
             f"{r.idle_worker_seconds:,.0f}",
             str(r.peak_workers),
             str(r.scale_events),

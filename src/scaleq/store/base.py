@@ -128,6 +128,7 @@ class GroupStatus:
     #: Who wrote this status: ``controller`` (a running controller refreshes it), ``apply``, or ``stopped`` (a
     #: controller that shut down).
     reporter: str = "controller"
+    price_per_hour: float | None = None  # the grid file's, for money beside worker-seconds
 
 
 @dataclass(frozen=True)
@@ -152,6 +153,42 @@ class Submission:
     rerun: bool = False
     retries: int = 0
     retry_on_exit_codes: list[int] | None = None
+    array_id: str | None = None  # a member of this array (created with the batch: see Store.submit_many)
+    array_index: int | None = None
+
+
+@dataclass(frozen=True)
+class ArrayRecord:
+    """An array: the jobs of one ``submit-many``, as one thing (see :func:`scaleq.jobs.array_id`)."""
+
+    id: str
+    queue: str
+    name: str | None
+    size: int
+    created_at: float
+
+
+@dataclass(frozen=True)
+class ArrayStatus:
+    """An array with its progress: jobs queued, running, and finished by reason (``success``, ``failed``, …)."""
+
+    array: ArrayRecord
+    queued: int
+    running: int
+    finished: dict[str, int]
+
+    @property
+    def done(self) -> int:
+        return sum(self.finished.values())
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Worker-seconds of one key (a group, a queue, an array or a job) on one group's workers."""
+
+    key: str | None
+    group: str | None
+    worker_seconds: float
 
 
 @dataclass(frozen=True)
@@ -198,8 +235,42 @@ class Store(Protocol):
         whether it is now queued."""
         ...
 
-    async def submit_many(self, submissions: list[Submission], now: float) -> list[tuple[Job, bool]]:
-        """:meth:`submit` for each, in order, in one transaction (all or none)."""
+    async def submit_many(
+        self, submissions: list[Submission], now: float, array: ArrayRecord | None = None
+    ) -> list[tuple[Job, bool]]:
+        """:meth:`submit` for each, in order, in one transaction (all or none); with ``array``, the array is
+        recorded too (found if it exists), and the submissions name it and their indexes."""
+        ...
+
+    # arrays
+    async def get_array(self, array_id: str) -> ArrayStatus:
+        """By full id or a unique prefix of at least 6 characters, with its progress (one grouped count)."""
+        ...
+
+    async def list_arrays(self, *, queue: str | None, limit: int) -> list[ArrayStatus]:
+        """Newest first, each with its progress."""
+        ...
+
+    async def cancel_array(self, array_id: str, now: float) -> tuple[ArrayStatus, list[tuple[str, str]]]:
+        """Cancel the array's unfinished jobs; the array after, and the (job id, queue) of those cancelled."""
+        ...
+
+    async def rerun_array(
+        self, array_id: str, failed_only: bool, now: float
+    ) -> tuple[ArrayStatus, list[tuple[str, str]]]:
+        """Queue the array's finished jobs again (only the unsuccessful ones with ``failed_only``), in its order;
+        the array after, and the (job id, queue) of those queued."""
+        ...
+
+    # cost
+    async def account_usage(self) -> None:
+        """Extend the ledger of worker lives to each worker's last heartbeat."""
+        ...
+
+    async def usage(self, by: str, since: float, now: float, key: str | None = None) -> list[Usage]:
+        """Worker-seconds since ``since`` per ``by`` (``group``, ``queue``: worker lives from the ledger;
+        ``array``, ``job``: the attempts' run time times their share of the worker) and per group; ``key``
+        restricts ``array`` and ``job`` to one (a full id)."""
         ...
 
     async def purge(self, before: float, queue: str | None = None) -> Purged:

@@ -36,7 +36,7 @@ from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 from scaleq.jobs import Claim, Job, JobDefinition
 from scaleq.store import rows
-from scaleq.store.base import FinishResult, NotFound, Submission, WorkerClaim
+from scaleq.store.base import ArrayRecord, FinishResult, NotFound, Submission, WorkerClaim
 from scaleq.store.migrations import Migration
 from scaleq.store.queries import load
 from scaleq.store.sql import SQLStore
@@ -154,15 +154,29 @@ class PostgresStore(SQLStore):
             retry_on_exit_codes=retry_on_exit_codes,
         )
 
-    async def submit_many(self, submissions: list[Submission], now: float) -> list[tuple[Job, bool]]:
+    async def submit_many(
+        self, submissions: list[Submission], now: float, array: ArrayRecord | None = None
+    ) -> list[tuple[Job, bool]]:
         """One transaction; the new jobs are inserted with one pipelined ``executemany`` (no round trip per job),
         those that exist already take the general path (found, or requeued on rerun)."""
-        return await self.tx(lambda: self._submit_batch(submissions, now))
+        return await self.tx(lambda: self._submit_batch(submissions, now, array))
 
-    def _submit_batch(self, submissions: list[Submission], now: float) -> list[tuple[Job, bool]]:
+    def _submit_batch(
+        self, submissions: list[Submission], now: float, array: ArrayRecord | None
+    ) -> list[tuple[Job, bool]]:
+        self._insert_array(array, now)
         params = [
             {
-                **rows.job_params(s.queue, s.definition, s.priority, s.max_attempts, s.retries, s.retry_on_exit_codes),
+                **rows.job_params(
+                    s.queue,
+                    s.definition,
+                    s.priority,
+                    s.max_attempts,
+                    s.retries,
+                    s.retry_on_exit_codes,
+                    s.array_id,
+                    s.array_index,
+                ),
                 "now": now,
             }
             for s in submissions

@@ -10,7 +10,7 @@ from typing import Any
 
 from scaleq.doctor.checks import Check
 from scaleq.jobs import Capabilities, Job, JobDefinition, Worker, job_id
-from scaleq.store.base import Attempt, Event, GroupStatus, QueueStats, TokenRecord
+from scaleq.store.base import ArrayRecord, Attempt, Event, GroupStatus, QueueStats, TokenRecord
 
 Row = Mapping[str, Any]
 
@@ -34,10 +34,14 @@ def job_params(
     max_attempts: int,
     retries: int = 0,
     retry_on_exit_codes: list[int] | None = None,
+    array_id: str | None = None,
+    array_index: int | None = None,
 ) -> dict[str, Any]:
     req = definition.requirements
     return {
-        "id": job_id(queue, definition),
+        "id": job_id(queue, definition, array_id, array_index),
+        "array_id": array_id,
+        "array_index": array_index,
         "queue": queue,
         "definition": definition.canonical(),
         "runtime": definition.runtime.value,
@@ -73,6 +77,8 @@ def job(row: Row | None) -> Job:
         submitted_at=row["submitted_at"],
         started_at=row["started_at"],
         finished_at=row["finished_at"],
+        array_id=row["array_id"],
+        array_index=row["array_index"],
         definition=JobDefinition.model_validate(_loads(row["definition"])),
     )
 
@@ -177,4 +183,9 @@ def group(row: Row) -> GroupStatus:
         row["note"],
         tuple(Check.from_dict(c) for c in _loads(row["checks"]) or []),
         row["reporter"],
+        price_per_hour=row["price_per_hour"],
     )
+
+
+def array(row: Row) -> ArrayRecord:
+    return ArrayRecord(row["id"], row["queue"], row["name"], row["size"], row["created_at"])

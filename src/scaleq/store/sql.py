@@ -24,6 +24,8 @@ from scaleq.jobs import PROGRAM_FAILURES, Capabilities, Claim, Job, JobDefinitio
 from scaleq.store import migrations, rows
 from scaleq.store.base import (
     AmbiguousId,
+    ArrayRecord,
+    ArrayStatus,
     Attempt,
     Event,
     Expired,
@@ -38,6 +40,7 @@ from scaleq.store.base import (
     StaleLease,
     Submission,
     TokenRecord,
+    Usage,
     WorkerClaim,
 )
 
@@ -195,7 +198,16 @@ class SQLStore:
     # -- jobs -------------------------------------------------------------------------------------------------
 
     def _submit(self, s: Submission, now: float) -> tuple[Job, bool]:
-        params = rows.job_params(s.queue, s.definition, s.priority, s.max_attempts, s.retries, s.retry_on_exit_codes)
+        params = rows.job_params(
+            s.queue,
+            s.definition,
+            s.priority,
+            s.max_attempts,
+            s.retries,
+            s.retry_on_exit_codes,
+            s.array_id,
+            s.array_index,
+        )
         seq = self._one("next_seq")["seq"]  # type: ignore[index]
         created = self.db.execute(self.Q["insert_job"], {**params, "seq": seq, "now": now}).rowcount == 1
         if not created and s.rerun:
@@ -229,8 +241,19 @@ class SQLStore:
         s = Submission(queue, definition, priority, max_attempts, rerun, retries, retry_on_exit_codes)
         return await self.tx(lambda: self._submit(s, now))
 
-    async def submit_many(self, submissions: list[Submission], now: float) -> list[tuple[Job, bool]]:
-        return await self.tx(lambda: [self._submit(s, now) for s in submissions])
+    async def submit_many(
+        self, submissions: list[Submission], now: float, array: ArrayRecord | None = None
+    ) -> list[tuple[Job, bool]]:
+        def op() -> list[tuple[Job, bool]]:
+            self._insert_array(array, now)
+            return [self._submit(s, now) for s in submissions]
+
+        return await self.tx(op)
+
+    def _insert_array(self, array: ArrayRecord | None, now: float) -> None:
+        if array is not None:
+            params = {"id": array.id, "queue": array.queue, "name": array.name, "size": array.size, "now": now}
+            self.db.execute(self.Q["insert_array"], params)
 
     async def purge(self, before: float, queue: str | None = None) -> Purged:
         params = {"before": before, "queue": queue}
@@ -282,6 +305,93 @@ class SQLStore:
                 return job
             self.db.execute(self.Q["end_attempts_of_job"], {"job_id": job.id, "now": now, "outcome": "cancelled"})
             return rows.job(row)
+
+        return await self.tx(op)
+
+    # -- arrays -----------------------------------------------------------------------------------------------
+
+    def _find_array(self, array_id: str) -> ArrayRecord:
+        if len(array_id) == 64:
+            row = self._one("get_array", id=array_id)
+            if row is None:
+                raise NotFound(f"no array {array_id}")
+            return rows.array(row)
+        if len(array_id) < 6 or any(c not in "0123456789abcdef" for c in array_id):
+            raise NotFound(f"no array {array_id} (give the full id or a prefix of at least 6 hex digits)")
+        found = self._all("find_arrays_by_prefix", prefix=array_id)
+        if not found:
+            raise NotFound(f"no array {array_id}")
+        if len(found) > 1:
+            raise AmbiguousId(f"{array_id} matches more than one array; give more of the id")
+        return rows.array(found[0])
+
+    def _array_status(self, array: ArrayRecord, counts: list[Row]) -> ArrayStatus:
+        by = {"queued": 0, "running": 0}
+        finished: dict[str, int] = {}
+        for r in counts:
+            if r["state"] == "finished":
+                finished[r["reason"] or "?"] = finished.get(r["reason"] or "?", 0) + r["n"]
+            else:
+                by[r["state"]] = by.get(r["state"], 0) + r["n"]
+        return ArrayStatus(array, by["queued"], by["running"], finished)
+
+    def _get_array(self, array_id: str) -> ArrayStatus:
+        array = self._find_array(array_id)
+        return self._array_status(array, self._all("array_counts", id=array.id))
+
+    async def get_array(self, array_id: str) -> ArrayStatus:
+        return await self._run(self._get_array, array_id)
+
+    async def list_arrays(self, *, queue: str | None, limit: int) -> list[ArrayStatus]:
+        def op() -> list[ArrayStatus]:
+            found = [rows.array(r) for r in self._all("list_arrays", queue=queue, limit=limit)]
+            counts: dict[str, list[Row]] = {}
+            for r in self._all("arrays_counts", queue=queue, limit=limit):
+                counts.setdefault(r["array_id"], []).append(r)
+            return [self._array_status(a, counts.get(a.id, [])) for a in found]
+
+        return await self.tx(op)  # one snapshot for the arrays and their counts
+
+    async def cancel_array(self, array_id: str, now: float) -> tuple[ArrayStatus, list[tuple[str, str]]]:
+        def op() -> tuple[ArrayStatus, list[tuple[str, str]]]:
+            array = self._find_array(array_id)
+            cancelled = self._all("cancel_array", id=array.id, now=now, error="cancelled by request (its array)")
+            if cancelled:
+                self.db.execute(self.Q["end_attempts_of_array"], {"id": array.id, "now": now})
+            return self._get_array(array.id), [(r["id"], r["queue"]) for r in cancelled]
+
+        return await self.tx(op)
+
+    async def rerun_array(
+        self, array_id: str, failed_only: bool, now: float
+    ) -> tuple[ArrayStatus, list[tuple[str, str]]]:
+        def op() -> tuple[ArrayStatus, list[tuple[str, str]]]:
+            array = self._find_array(array_id)
+            params = {"id": array.id, "failed_only": int(failed_only)}
+            self.db.execute(self.Q["clear_outputs_of_array"], params)
+            seq = self._one("next_seq")["seq"]  # type: ignore[index]  # (PostgreSQL draws its own per job)
+            queued = self._all("rerun_array", seq=seq, **params)
+            return self._get_array(array.id), [(r["id"], r["queue"]) for r in queued]
+
+        return await self.tx(op)
+
+    # -- cost -------------------------------------------------------------------------------------------------
+
+    async def account_usage(self) -> None:
+        await self._run(lambda: self.db.execute(self.Q["account_usage"]))
+
+    async def usage(self, by: str, since: float, now: float, key: str | None = None) -> list[Usage]:
+        query = {"group": "cost_by_group", "queue": "cost_by_queue", "array": "cost_by_array"}.get(by)
+        if key is not None and by in ("array", "job"):
+            query = f"cost_of_{by}"
+        if query is None:
+            raise ValueError(f"usage by {by!r}: expected group, queue, array, or job with a key")
+
+        def op() -> list[Usage]:
+            if by in ("group", "queue"):
+                self.db.execute(self.Q["account_usage"])
+            found = self._all(query, since=since, now=now, id=key)
+            return [Usage(r["key"], r["grp"], float(r["seconds"] or 0.0)) for r in found]
 
         return await self.tx(op)
 
@@ -492,6 +602,7 @@ class SQLStore:
     async def mark_gone_workers(self, cutoff: float, forget_before: float) -> list[str]:
         def op() -> list[str]:
             gone = [r["id"] for r in self._all("mark_gone_workers", cutoff=cutoff)]
+            self.db.execute(self.Q["account_usage"])  # a worker's life is in the ledger before it is forgotten
             if self.db.execute(self.Q["forget_workers"], {"cutoff": forget_before}).rowcount:
                 self.db.execute(self.Q["forget_worker_tokens"])
             return gone

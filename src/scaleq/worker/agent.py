@@ -388,7 +388,16 @@ class WorkerAgent:
         r = self.running[lease]
         assert self._tmp is not None
         base = self._tmp / f"{job.id[:16]}-{claim.attempt}"
-        spec = RunSpec(job.id, claim.attempt, self.id, job.definition, base / "inputs", base / "outputs")
+        spec = RunSpec(
+            job.id,
+            claim.attempt,
+            self.id,
+            job.definition,
+            base / "inputs",
+            base / "outputs",
+            job.array_id,
+            job.array_index,
+        )
         shipper = LogShipper(
             self.client,
             lease,

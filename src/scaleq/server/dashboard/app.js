@@ -1,8 +1,9 @@
-// The dashboard's shell: login by token, hash routing (#/queues, #/jobs, #/jobs/ID, #/workers, #/groups,
+// The dashboard's shell: login by token, hash routing (#/queues, #/jobs, #/jobs/ID, #/arrays, #/workers, #/groups,
 // #/health), and the "live" indicator. Plain ES modules, no build step.
 
 import { api, onReachability, onUnauthorized, token, Unauthorized } from "./api.js";
 import { fmt } from "./dom.js";
+import { arraysView } from "./views/arrays.js";
 import { groupsView } from "./views/groups.js";
 import { healthView } from "./views/health.js";
 import { jobView } from "./views/job.js";
@@ -14,6 +15,7 @@ const $ = (id) => document.getElementById(id);
 const ROUTES = {
   queues: { view: queuesView, title: "Queues" },
   jobs: { view: jobsView, title: "Jobs" },
+  arrays: { view: arraysView, title: "Arrays" },
   workers: { view: workersView, title: "Workers" },
   groups: { view: groupsView, title: "Groups" },
   health: { view: healthView, title: "Health" },

@@ -11,11 +11,11 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Query, Response, status
 from pydantic import BaseModel, Field
 
-from scaleq.jobs import Job, Reason, State, SubmitRequest
+from scaleq.jobs import ArraySpec, Job, Reason, State, SubmitRequest, array_id
 from scaleq.notify import wait, wait_any
 from scaleq.server.auth import require
 from scaleq.server.routes.common import C, Ctx
-from scaleq.store.base import NotFound, Submission
+from scaleq.store.base import ArrayRecord, NotFound, Submission
 
 router = APIRouter(tags=["jobs"])
 #: Most jobs one batch submit may carry.
@@ -128,27 +128,85 @@ async def submit(body: SubmitRequest, ctx: C, response: Response) -> Submitted:
 
 class SubmitBatch(BaseModel):
     jobs: list[SubmitRequest] = Field(min_length=1, max_length=MAX_BATCH)
+    array: ArraySpec | None = Field(
+        default=None, description="make the jobs members of an array (one submit-many is one array)"
+    )
+
+
+class ArrayRef(BaseModel):
+    id: str
+    queue: str
+    name: str | None
+    size: int
+    created_at: float
 
 
 class SubmittedBatch(BaseModel):
     submitted: list[Submitted]
+    array: ArrayRef | None = None
+
+
+async def _array(ctx: Ctx, body: SubmitBatch) -> ArrayRecord | None:
+    """The array the batch's jobs join, checked against the batch and against the array if it exists."""
+    spec = body.array
+    if spec is None:
+        return None
+    queue = body.jobs[0].queue
+    for n, req in enumerate(body.jobs):
+        if req.queue != queue:
+            raise _unprocessable(["jobs", n, "queue"], f"an array's jobs are on one queue ({queue!r}, as the first)")
+    whole = array_id(queue, [r.definition for r in body.jobs])
+    if spec.id is None:
+        if spec.start != 0 or spec.size not in (None, len(body.jobs)):
+            raise _unprocessable(["array", "id"], "is needed when the batch is part of an array (start or size)")
+        return ArrayRecord(whole, queue, spec.name, len(body.jobs), ctx.now())
+    if spec.size is None:
+        raise _unprocessable(["array", "size"], "is needed with id (the number of jobs in the whole array)")
+    if spec.start + len(body.jobs) > spec.size:
+        raise _unprocessable(["array", "start"], f"start {spec.start} + {len(body.jobs)} jobs is past size {spec.size}")
+    if spec.start == 0 and spec.size == len(body.jobs) and spec.id != whole:
+        raise _unprocessable(["array", "id"], "is not the id of these jobs (see scaleq.jobs.array_id)")
+    try:
+        found = (await ctx.store.get_array(spec.id)).array
+    except NotFound:
+        return ArrayRecord(spec.id, queue, spec.name, spec.size, ctx.now())
+    if (found.queue, found.size) != (queue, spec.size):
+        raise _unprocessable(["array", "id"], f"names an array of {found.size} jobs on queue {found.queue!r}")
+    return found
 
 
 @router.post("/jobs/batch", response_model=SubmittedBatch, dependencies=[require("jobs:write")])
 async def submit_batch(body: SubmitBatch, ctx: C) -> SubmittedBatch:
     """Queue up to 1,000 jobs at once, each as ``POST /jobs`` would, in one transaction: all are queued (or found
-    already there) or, on any error, none. The answers come back in the order of the jobs."""
+    already there) or, on any error, none. The answers come back in the order of the jobs.
+
+    With ``array``, the jobs are members of an array, numbered from ``array.start``: ``{}`` makes the batch an
+    array of its own (its id computed from its jobs); an array of more than one batch names its ``id`` and
+    ``size`` in each. A member's id includes the array and its index (it sees both in its environment)."""
+    array = await _array(ctx, body)
     await _store_inputs(ctx, [(["jobs", n], req) for n, req in enumerate(body.jobs)])
+    start = body.array.start if body.array else 0
     subs = [
-        Submission(r.queue, r.definition, r.priority, r.max_attempts, r.rerun, r.retries, r.retry_on_exit_codes)
-        for r in body.jobs
+        Submission(
+            r.queue,
+            r.definition,
+            r.priority,
+            r.max_attempts,
+            r.rerun,
+            r.retries,
+            r.retry_on_exit_codes,
+            array.id if array else None,
+            start + n if array else None,
+        )
+        for n, r in enumerate(body.jobs)
     ]
-    done = await ctx.store.submit_many(subs, ctx.now())
+    done = await ctx.store.submit_many(subs, ctx.now(), array)
     for job, created in done:
         if created:
             ctx.notifier.submitted(job.queue, job.id)
     return SubmittedBatch(
-        submitted=[Submitted(job=job, created=created, warning=await _warning(ctx, job)) for job, created in done]
+        submitted=[Submitted(job=job, created=created, warning=await _warning(ctx, job)) for job, created in done],
+        array=ArrayRef(**vars(array)) if array else None,
     )
 
 

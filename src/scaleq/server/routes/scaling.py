@@ -34,6 +34,7 @@ class GroupOut(BaseModel):
     note: str  # what the controller says of the group now ("capped at max_workers 4 (7 wanted)"); empty: nothing
     reporter: str  # controller | apply | stopped
     checks: list[dict[str, Any]]  # the controller's signal checks, as in /health
+    price_per_hour: float | None = None
 
 
 class CheckIn(BaseModel):
@@ -62,6 +63,7 @@ class GroupIn(BaseModel):
     note: str = Field(default="", max_length=2000)
     reporter: Literal["controller", "apply", "stopped"] = "controller"
     checks: list[CheckIn] = Field(default_factory=list, max_length=20)
+    price_per_hour: float | None = Field(default=None, ge=0, le=1e9, allow_inf_nan=False)
 
 
 class EventOut(BaseModel):
@@ -114,6 +116,7 @@ async def groups(ctx: C) -> list[GroupOut]:
             note=g.note,
             reporter=g.reporter,
             checks=[c.as_dict() for c in g.checks],
+            price_per_hour=g.price_per_hour,
         )
         for g in await ctx.store.list_groups()
     ]
@@ -134,6 +137,7 @@ async def put_group(name: str, body: GroupIn, ctx: C) -> None:
             body.note,
             tuple(Check.from_dict(c.model_dump()) for c in body.checks),
             body.reporter,
+            body.price_per_hour,
         )
     )
 

@@ -18,7 +18,12 @@ SELECT * FROM jobs
  ORDER BY seq DESC LIMIT :limit;
 
 -- name: insert_attempt
-INSERT INTO attempts (job_id, attempt, worker_id, lease, started_at) VALUES (:job_id, :attempt, :worker_id, :lease, :now);
+-- With the worker's group and the attempt's share of the worker (see cost_of_job), fixed now: the worker may be
+-- forgotten before the cost is asked for.
+INSERT INTO attempts (job_id, attempt, worker_id, lease, started_at, grp, share)
+SELECT :job_id, :attempt, :worker_id, :lease, :now, w.grp,
+       CASE WHEN j.cpus >= w.cpus THEN 1.0 WHEN j.cpus * w.slots > w.cpus THEN j.cpus / w.cpus ELSE 1.0 / w.slots END
+  FROM workers w, jobs j WHERE w.id = :worker_id AND j.id = :job_id;
 
 -- name: finish
 UPDATE jobs SET state = 'finished', reason = :reason, exit_code = :exit_code, error = :error, finished_at = :now,
@@ -187,12 +192,13 @@ SELECT * FROM events WHERE (CAST(:grp AS TEXT) IS NULL OR grp = :grp) AND id > :
 
 -- name: upsert_group
 INSERT INTO groups (name, queue, provider, min_workers, max_workers, current, desired, updated_at, note, checks,
-                    reporter)
-VALUES (:name, :queue, :provider, :min_workers, :max_workers, :current, :desired, :now, :note, :checks, :reporter)
+                    reporter, price_per_hour)
+VALUES (:name, :queue, :provider, :min_workers, :max_workers, :current, :desired, :now, :note, :checks, :reporter,
+        :price_per_hour)
 ON CONFLICT (name) DO UPDATE SET queue = excluded.queue, provider = excluded.provider,
        min_workers = excluded.min_workers, max_workers = excluded.max_workers, current = excluded.current,
        desired = excluded.desired, updated_at = excluded.updated_at, note = excluded.note, checks = excluded.checks,
-       reporter = excluded.reporter;
+       reporter = excluded.reporter, price_per_hour = excluded.price_per_hour;
 
 -- name: list_groups
 SELECT * FROM groups ORDER BY name;
@@ -216,3 +222,92 @@ DELETE FROM jobs WHERE state = 'finished' AND finished_at < :before AND (CAST(:q
 
 -- name: purge_events
 DELETE FROM events WHERE at < :before;
+
+-- name: insert_array
+-- The same array again (the same lines on the same queue) is found, not made twice: its first name stays.
+INSERT INTO arrays (id, queue, name, size, created_at) VALUES (:id, :queue, :name, :size, :now)
+ON CONFLICT (id) DO NOTHING;
+
+-- name: get_array
+SELECT * FROM arrays WHERE id = :id;
+
+-- name: list_arrays
+SELECT * FROM arrays WHERE (CAST(:queue AS TEXT) IS NULL OR queue = :queue) ORDER BY created_at DESC, id LIMIT :limit;
+
+-- name: array_counts
+-- An array's progress: one grouped count from jobs_array (no row is visited), whatever the array's size.
+SELECT state, reason, count(*) AS n FROM jobs WHERE array_id = :id GROUP BY state, reason;
+
+-- name: arrays_counts
+-- The progress of the arrays list_arrays returns, in one grouped count.
+SELECT array_id, state, reason, count(*) AS n FROM jobs
+ WHERE array_id IN (SELECT id FROM arrays WHERE (CAST(:queue AS TEXT) IS NULL OR queue = :queue)
+                     ORDER BY created_at DESC, id LIMIT :limit)
+ GROUP BY array_id, state, reason;
+
+-- name: cancel_array
+UPDATE jobs SET state = 'finished', reason = 'cancelled', error = :error, finished_at = :now, lease = NULL,
+       lease_expires_at = NULL
+ WHERE array_id = :id AND state != 'finished'
+RETURNING id, queue;
+
+-- name: end_attempts_of_array
+UPDATE attempts SET ended_at = :now, outcome = 'cancelled'
+ WHERE ended_at IS NULL AND job_id IN (SELECT id FROM jobs WHERE array_id = :id AND state = 'finished');
+
+-- name: clear_outputs_of_array
+-- Before a rerun of the array's finished jobs (all, or with :failed_only those that did not succeed).
+DELETE FROM outputs WHERE job_id IN (SELECT id FROM jobs WHERE array_id = :id AND state = 'finished'
+                                        AND (:failed_only = 0 OR reason != 'success'));
+
+-- name: account_usage
+-- Extend the ledger of worker lives to each worker's last heartbeat (a new registration starts a row).
+INSERT INTO worker_usage (worker_id, started_at, grp, queue, last_seen)
+SELECT id, started_at, grp, queue, last_heartbeat FROM workers WHERE true
+ON CONFLICT (worker_id, started_at) DO UPDATE SET grp = excluded.grp, queue = excluded.queue,
+       last_seen = excluded.last_seen;
+
+-- name: cost_by_group
+-- Worker-seconds since :since: each life from the later of its start and :since to its last heartbeat.
+SELECT grp AS key, grp,
+       sum(CASE WHEN last_seen > (CASE WHEN started_at > :since THEN started_at ELSE :since END)
+                THEN last_seen - (CASE WHEN started_at > :since THEN started_at ELSE :since END) ELSE 0 END) AS seconds
+  FROM worker_usage GROUP BY grp ORDER BY grp;
+
+-- name: cost_by_queue
+SELECT queue AS key, grp,
+       sum(CASE WHEN last_seen > (CASE WHEN started_at > :since THEN started_at ELSE :since END)
+                THEN last_seen - (CASE WHEN started_at > :since THEN started_at ELSE :since END) ELSE 0 END) AS seconds
+  FROM worker_usage GROUP BY queue, grp ORDER BY queue, grp;
+
+-- name: cost_by_array
+-- A job's worker-seconds: per attempt, its run time since :since (a running one up to :now) times its share of
+-- the worker (1 for attempts from before shares were recorded without a known worker).
+SELECT j.array_id AS key, a.grp,
+       sum(coalesce(a.share, 1.0) *
+           CASE WHEN coalesce(a.ended_at, :now) > (CASE WHEN a.started_at > :since THEN a.started_at ELSE :since END)
+                THEN coalesce(a.ended_at, :now) - (CASE WHEN a.started_at > :since THEN a.started_at ELSE :since END)
+                ELSE 0 END) AS seconds
+  FROM attempts a JOIN jobs j ON j.id = a.job_id
+ WHERE j.array_id IS NOT NULL
+ GROUP BY j.array_id, a.grp ORDER BY j.array_id, a.grp;
+
+-- name: cost_of_array
+SELECT j.array_id AS key, a.grp,
+       sum(coalesce(a.share, 1.0) *
+           CASE WHEN coalesce(a.ended_at, :now) > (CASE WHEN a.started_at > :since THEN a.started_at ELSE :since END)
+                THEN coalesce(a.ended_at, :now) - (CASE WHEN a.started_at > :since THEN a.started_at ELSE :since END)
+                ELSE 0 END) AS seconds
+  FROM attempts a JOIN jobs j ON j.id = a.job_id
+ WHERE j.array_id = :id
+ GROUP BY j.array_id, a.grp ORDER BY a.grp;
+
+-- name: cost_of_job
+SELECT a.job_id AS key, a.grp,
+       sum(coalesce(a.share, 1.0) *
+           CASE WHEN coalesce(a.ended_at, :now) > (CASE WHEN a.started_at > :since THEN a.started_at ELSE :since END)
+                THEN coalesce(a.ended_at, :now) - (CASE WHEN a.started_at > :since THEN a.started_at ELSE :since END)
+                ELSE 0 END) AS seconds
+  FROM attempts a
+ WHERE a.job_id = :id
+ GROUP BY a.job_id, a.grp ORDER BY a.grp;

@@ -19,23 +19,37 @@ INSERT INTO scaleq_schema (version) VALUES (:version);
 -- name: find_jobs_by_prefix
 SELECT * FROM jobs WHERE starts_with(id, :prefix) LIMIT 2;
 
+-- name: find_arrays_by_prefix
+SELECT * FROM arrays WHERE starts_with(id, :prefix) LIMIT 2;
+
+-- name: rerun_array
+-- Queue the array's finished jobs again (all, or with :failed_only those that did not succeed), behind what is
+-- queued, in the array's order (seq drawn by index).
+UPDATE jobs SET state = 'queued', reason = NULL, exit_code = NULL, error = NULL, attempts = 0, worker_id = NULL,
+       started_at = NULL, finished_at = NULL, seq = n.seq
+  FROM (SELECT o.id, nextval('job_seq') AS seq
+          FROM (SELECT id FROM jobs WHERE array_id = :id AND state = 'finished'
+                   AND (:failed_only = 0 OR reason != 'success') ORDER BY array_index) o) n
+ WHERE jobs.id = n.id
+RETURNING jobs.id, jobs.queue;
+
 -- name: next_seq
 SELECT nextval('job_seq') AS seq;
 
 -- name: insert_job
 INSERT INTO jobs (id, queue, definition, runtime, cpus, memory, gpus, tags, host_network, priority, seq, state,
-                  max_attempts, retries, retry_on_exit_codes, submitted_at)
+                  max_attempts, retries, retry_on_exit_codes, submitted_at, array_id, array_index)
 VALUES (:id, :queue, :definition, :runtime, :cpus, :memory, :gpus, CAST(:tags AS JSONB), :host_network, :priority, :seq, 'queued',
-        :max_attempts, :retries, :retry_on_exit_codes, :now)
+        :max_attempts, :retries, :retry_on_exit_codes, :now, :array_id, :array_index)
 ON CONFLICT (id) DO NOTHING;
 
 -- name: insert_new_job
 -- A submit in one statement (no transaction around next_seq, insert and read back): the new job, or no row when it
 -- already exists (then the store takes the general path, which handles rerun).
 INSERT INTO jobs (id, queue, definition, runtime, cpus, memory, gpus, tags, host_network, priority, seq, state,
-                  max_attempts, retries, retry_on_exit_codes, submitted_at)
+                  max_attempts, retries, retry_on_exit_codes, submitted_at, array_id, array_index)
 VALUES (:id, :queue, :definition, :runtime, :cpus, :memory, :gpus, CAST(:tags AS JSONB), :host_network, :priority,
-        nextval('job_seq'), 'queued', :max_attempts, :retries, :retry_on_exit_codes, :now)
+        nextval('job_seq'), 'queued', :max_attempts, :retries, :retry_on_exit_codes, :now, :array_id, :array_index)
 ON CONFLICT (id) DO NOTHING
 RETURNING *;
 
@@ -123,8 +137,12 @@ claimed AS (
         WHERE id IN (SELECT id FROM picked)
        RETURNING *),
 opened AS (
-       INSERT INTO attempts (job_id, attempt, worker_id, lease, started_at)
-       SELECT id, attempt_seq, :worker_id, lease, :now FROM claimed)
+       INSERT INTO attempts (job_id, attempt, worker_id, lease, started_at, grp, share)
+       SELECT id, attempt_seq, :worker_id, lease, :now, (SELECT grp FROM w),
+              CASE WHEN cpus >= (SELECT cpus FROM w) THEN 1.0
+                   WHEN cpus * (SELECT slots FROM w) > (SELECT cpus FROM w) THEN cpus / (SELECT cpus FROM w)
+                   ELSE 1.0 / (SELECT slots FROM w) END  -- the attempt's share of the worker: see insert_attempt
+         FROM claimed)
 SELECT w.queue AS worker_queue, w.state AS worker_state, NULL AS finished_lease, NULL AS finished_reason, c.*
   FROM w LEFT JOIN claimed c ON true
 UNION ALL

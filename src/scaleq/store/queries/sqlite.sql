@@ -9,14 +9,25 @@ PRAGMA user_version;
 -- name: find_jobs_by_prefix
 SELECT * FROM jobs WHERE id >= :prefix AND id < :prefix || 'g' LIMIT 2;
 
+-- name: find_arrays_by_prefix
+SELECT * FROM arrays WHERE id >= :prefix AND id < :prefix || 'g' LIMIT 2;
+
+-- name: rerun_array
+-- Queue the array's finished jobs again (all, or with :failed_only those that did not succeed), behind what is
+-- queued, in the array's order: seq from :seq on, by index.
+UPDATE jobs SET state = 'queued', reason = NULL, exit_code = NULL, error = NULL, attempts = 0, worker_id = NULL,
+       started_at = NULL, finished_at = NULL, seq = :seq + array_index
+ WHERE array_id = :id AND state = 'finished' AND (:failed_only = 0 OR reason != 'success')
+RETURNING id, queue;
+
 -- name: next_seq
 SELECT coalesce(max(seq), 0) + 1 AS seq FROM jobs;
 
 -- name: insert_job
 INSERT INTO jobs (id, queue, definition, runtime, cpus, memory, gpus, tags, host_network, priority, seq, state,
-                  max_attempts, retries, retry_on_exit_codes, submitted_at)
+                  max_attempts, retries, retry_on_exit_codes, submitted_at, array_id, array_index)
 VALUES (:id, :queue, :definition, :runtime, :cpus, :memory, :gpus, :tags, :host_network, :priority, :seq, 'queued',
-        :max_attempts, :retries, :retry_on_exit_codes, :now)
+        :max_attempts, :retries, :retry_on_exit_codes, :now, :array_id, :array_index)
 ON CONFLICT (id) DO NOTHING;
 
 -- name: claim

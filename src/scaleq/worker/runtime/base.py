@@ -31,6 +31,17 @@ class RunSpec:
     definition: JobDefinition
     inputs_dir: Path
     outputs_dir: Path
+    array_id: str | None = None  # for a member of an array (submit-many): the array and the job's index in it
+    array_index: int | None = None
+
+
+def scaleq_env(spec: RunSpec) -> dict[str, str]:
+    """What every runtime adds to a job's environment about the run itself (besides where inputs and outputs
+    are): the job id, the attempt, and for an array's member the array's id and the job's index (from 0)."""
+    env = {"SCALEQ_JOB_ID": spec.job_id, "SCALEQ_ATTEMPT": str(spec.attempt)}
+    if spec.array_id is not None:
+        env |= {"SCALEQ_ARRAY_ID": spec.array_id, "SCALEQ_ARRAY_INDEX": str(spec.array_index)}
+    return env
 
 
 @dataclass(frozen=True)

@@ -80,7 +80,15 @@ from docker.models.volumes import Volume
 from docker.types import CancellableStream, DeviceRequest, Mount
 
 from scaleq.loop import spawn_daemon
-from scaleq.worker.runtime.base import LogSink, RunResult, RunSpec, RuntimeUnavailable, result_for_exit, uncancellable
+from scaleq.worker.runtime.base import (
+    LogSink,
+    RunResult,
+    RunSpec,
+    RuntimeUnavailable,
+    result_for_exit,
+    scaleq_env,
+    uncancellable,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -372,7 +380,7 @@ class DockerRuntime:
         if inputs_volume:
             mounts.append(Mount(INPUTS, inputs_volume, type="volume", read_only=True))
         env = {**d.env, "SCALEQ_INPUTS": INPUTS, "SCALEQ_OUTPUTS": OUTPUTS}
-        env |= {"SCALEQ_JOB_ID": spec.job_id, "SCALEQ_ATTEMPT": str(spec.attempt)}
+        env |= scaleq_env(spec)
         host_config = self.client.api.create_host_config(
             network_mode="host" if host_network else "none",
             nano_cpus=int(req.cpus * 1e9),

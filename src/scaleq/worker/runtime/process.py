@@ -30,7 +30,7 @@ import signal
 import tempfile
 import time
 
-from scaleq.worker.runtime.base import LogSink, RunResult, RunSpec, result_for_exit, uncancellable
+from scaleq.worker.runtime.base import LogSink, RunResult, RunSpec, result_for_exit, scaleq_env, uncancellable
 from scaleq.worker.runtime.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
@@ -79,8 +79,7 @@ class ProcessRuntime:
             **d.env,
             "SCALEQ_INPUTS": str(spec.inputs_dir),
             "SCALEQ_OUTPUTS": str(spec.outputs_dir),
-            "SCALEQ_JOB_ID": spec.job_id,
-            "SCALEQ_ATTEMPT": str(spec.attempt),
+            **scaleq_env(spec),
         }
         try:
             spawn = asyncio.ensure_future(
