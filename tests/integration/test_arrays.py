@@ -187,7 +187,7 @@ async def test_worker_seconds_per_job_array_group_and_queue(any_store: Store) ->
 
 
 async def test_a_group_keeps_its_price(any_store: Store) -> None:
-    await any_store.put_group(GroupStatus("g", "q", "local", 0, 2, 1, 1, T0, 0.25))
+    await any_store.put_group(GroupStatus("g", "q", "local", 0, 2, 1, 1, T0, price_per_hour=0.25))
     await any_store.put_group(GroupStatus("h", "q", "local", 0, 2, 1, 1, T0))
     assert [(g.name, g.price_per_hour) for g in await any_store.list_groups()] == [("g", 0.25), ("h", None)]
 

@@ -294,7 +294,7 @@ def submit_many(
         where=file,
     )
     total = sum(len(b) for b in batches)
-    aid = array_id(queue, [d for d, _ in found])  # from every line: the same file again is the same array
+    aid = array_id(queue, [s.definition for s in found])  # from every line: the same file again is the same array
     try:
         spec = ArraySpec(id=aid, name=name, size=max(total, 1))
     except ValidationError as exc:
