@@ -161,6 +161,9 @@ class FlakyProvider:
     async def wait_gone(self, g: Group, timeout: float) -> bool:
         return await self.inner.wait_gone(g, timeout)
 
+    async def why_not_up(self, g: Group, worker_ids: Collection[str]) -> dict[str, str]:
+        return await self.inner.why_not_up(g, worker_ids)
+
     async def destroy(self, g: Group, grace: float = DESTROY_GRACE) -> list[str]:
         return await self.inner.destroy(g, grace)
 

@@ -16,6 +16,9 @@ The skeleton (:class:`ProviderBase`) writes the lifecycle once, over four primit
 - ``reap``: the controller, not the provider, knows which workers left the server (deregistered, or marked gone
   when their heartbeats stopped). It tells the provider, which frees what still holds them. Most providers have
   nothing to do — a worker's process, container, pod or machine ends with it — and keep the default.
+- ``why_not_up``: the controller stops a worker that has not registered within ``startup_grace`` (its machine costs
+  and may never come up) and asks the provider first why, from what the provider itself can see -- a pod's
+  ``ImagePullBackOff``, a machine's exit, an instance's last creation error. The default knows nothing (``{}``).
 - ``close`` releases the provider's API clients; the default has none.
 
 :func:`start_each` starts several workers at once and keeps those that started when others fail. Blocking calls that
@@ -102,6 +105,10 @@ class Provider(Protocol):
         """Wait until no worker of the group is listed; False on timeout."""
         ...
 
+    async def why_not_up(self, group: Group, worker_ids: Collection[str]) -> dict[str, str]:
+        """Why these workers have not registered, in the provider's words, for those it can tell ({} if none)."""
+        ...
+
     async def destroy(self, group: Group, grace: float = DESTROY_GRACE) -> list[str]:
         """Remove everything this provider created for the group; return the workers removed."""
         ...
@@ -140,6 +147,9 @@ class ProviderBase(ABC):
 
     async def close(self) -> None:
         return None
+
+    async def why_not_up(self, group: Group, worker_ids: Collection[str]) -> dict[str, str]:
+        return {}  # the provider cannot tell
 
     async def wait_gone(self, group: Group, timeout: float) -> bool:
         deadline = time.monotonic() + timeout

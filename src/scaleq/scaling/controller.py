@@ -6,7 +6,10 @@ Design:
   workers the provider has (by label) and what each registered worker is doing (idle, busy, draining).
 - **Decide** with :func:`scaleq.scaling.policy.decide` — the same pure function ``plan`` and the simulator use.
 - **Act**: ask the provider for new workers; drain idle ones through the server (the worker stops claiming and exits
-  by itself, so scale-in never interrupts a job).
+  by itself, so scale-in never interrupts a job); stop the workers that did not register within ``startup_grace``
+  (the policy names them ``lapsed``) and delete their machines, recording why in the provider's words
+  (``why_not_up``: an image that cannot be pulled, a quota, a machine that exited). The policy counts every
+  machine toward ``max_workers``, so workers that never come up are replaced as their machines go, never piled up.
 - **Record** every change as an event with the policy's reason, and the group's current/desired counts.
 
 It wakes on job events (a submit to an empty queue reaches the provider in milliseconds, not a poll interval) and on a
@@ -67,6 +70,7 @@ class GroupLoop:
     crash_backoff: float = 5.0
     recorded: tuple[int, int] | None = None  # (current, desired) last written as the group's status
     recorded_at: float = float("-inf")
+    lapsed: set[str] = field(default_factory=set)  # workers stopped for not registering in time, while listed
 
 
 class Controller:
@@ -123,6 +127,9 @@ class Controller:
             decision = decide(demand, views, g.policy(), loop.state, now)
             loop.state, loop.last = decision.state, decision
             current = sum(1 for v in views if v.state != "draining")
+            loop.lapsed &= {w.id for w in provider_workers}
+            if fresh := [i for i in decision.lapsed if i not in loop.lapsed]:
+                await self._stop_lapsed(loop, fresh)
             if decision.start:
                 started = await loop.provider.start(g, decision.start)
                 loop.pending.update(dict.fromkeys(started, now))
@@ -164,6 +171,26 @@ class Controller:
                     f"{what} failed ({type(exc).__name__}: {exc}); retry {loop.failures} in {backoff:.0f} s",
                 )
             return None
+
+    async def _stop_lapsed(self, loop: GroupLoop, worker_ids: list[str]) -> None:
+        """Stop workers that did not register within startup_grace, deleting their machines, and say why."""
+        g = loop.group
+        try:
+            why = await loop.provider.why_not_up(g, worker_ids)
+        except Exception as exc:  # the reason is a courtesy: the machine goes regardless
+            log.warning("group %s: could not ask provider %s why workers did not start: %s", g.name, g.provider, exc)
+            why = {}
+        for worker_id in worker_ids:
+            await loop.provider.stop(g, worker_id, force=True)
+            loop.pending.pop(worker_id, None)  # stopped here: its vanishing is no early exit
+            loop.lapsed.add(worker_id)
+            said = why.get(worker_id) or f"provider {g.provider} says nothing more (see the worker's log)"
+            reason = (
+                f"worker {worker_id} did not register within startup_grace ({g.startup_grace:g} s): {said}; "
+                "stopped it and deleting its machine"
+            )
+            log.warning("group %s: %s", g.name, reason)
+            await self.observer.record(g.name, "not_registered", None, None, reason)
 
     async def _note_crash_loop(self, loop: GroupLoop, now: float) -> None:
         g = loop.group
