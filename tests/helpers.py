@@ -13,11 +13,16 @@ from typing import Any
 import uvicorn
 
 from scaleq.client import Client
+from scaleq.grid import Group
+from scaleq.jobs import JobDefinition
+from scaleq.notify import Notifier
+from scaleq.providers.base import Provider
 from scaleq.scaling.controller import Controller
+from scaleq.scaling.observe import StoreObserver
 from scaleq.server.app import create_app
 from scaleq.server.auth import new_token
 from scaleq.server.settings import ServerSettings
-from scaleq.store.base import Store
+from scaleq.store.base import Event, Store
 
 
 @dataclass
@@ -85,3 +90,55 @@ async def eventually(
             return result
         assert time.monotonic() < deadline, f"{what}: not reached in {timeout:g} s (last: {result!r})"
         await asyncio.sleep(every)
+
+
+class FakeClock:
+    """A clock the test moves: the controller and the policy read it, so startup_grace passes at once."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+async def never_registering(
+    provider: Provider,
+    group: Group,
+    store: Store,
+    machines: Callable[[], Awaitable[int]],
+    *,
+    rounds: int = 3,
+    timeout: float = 30.0,
+) -> list[Event]:
+    """Drive the real controller over ``provider`` for a group whose workers never register: more jobs than
+    ``max_workers`` can run, and a clock that jumps past ``startup_grace``. Each round: a step starts workers up to
+    max; the clock jumps; a step stops them all (lapsed) and starts none while their machines are listed; then
+    their machines go. After every step the provider's own count of machines (``machines``: from the
+    stand-in or the engine, not from the provider) must not exceed ``max_workers``. Returns the group's events."""
+    for i in range(3 * group.max_workers):
+        definition = JobDefinition(command=["echo", str(i)])
+        await store.submit(group.queue, definition, priority=0, max_attempts=3, rerun=False, now=time.time())
+    clock = FakeClock(time.time())
+    controller = Controller([(group, provider)], StoreObserver(store, Notifier(), clock), clock=clock)
+
+    async def step() -> int:
+        await controller.step()
+        count = await machines()
+        assert count <= group.max_workers, f"{count} machines for max_workers {group.max_workers}"
+        return count
+
+    for _ in range(rounds):
+        assert await step() == group.max_workers  # started up to max, no further
+        # past startup_grace for every machine started so far (their start times come from the provider: real time)
+        clock.now = max(clock.now, time.time()) + group.startup_grace + 1
+        await step()  # all lapsed: stopped, and no replacement while their machines are listed
+        await eventually(lambda: _none(machines), timeout, what="the lapsed workers' machines gone")
+    return await store.list_events(group.name, 0, 1000)
+
+
+async def _none(machines: Callable[[], Awaitable[int]]) -> bool:
+    return await machines() == 0

@@ -42,7 +42,7 @@ from scaleq.scaling.controller import Controller
 from scaleq.scaling.observe import RemoteObserver
 from scaleq.server.settings import ServerSettings
 from scaleq.store.sqlite import SQLiteStore
-from tests.helpers import LiveServer, controlling, eventually, serve
+from tests.helpers import LiveServer, controlling, eventually, never_registering, serve
 from tests.standins.kubernetes_api import KubernetesStandIn
 
 NS = "scaleq"
@@ -532,3 +532,22 @@ async def _heartbeat_says(worker_client: object, worker_id: str, state: str) -> 
 
 async def _none_left(p: KubernetesProvider, g: Group, standin: KubernetesStandIn) -> bool:
     return await p.workers(g) == [] and standin.pods(NS) == []
+
+
+async def test_pods_that_never_pull_their_image_are_replaced_never_piled_up(
+    standin: KubernetesStandIn, kubeconfig: Path, sqlite_store: SQLiteStore
+) -> None:
+    """Pods stuck in ErrImagePull never register: after startup_grace each is deleted, with the kubelet's reason in
+    an event, and the namespace never holds more than max_workers of the group's pods."""
+    broken = "registry.example/scaleq/worker:missing"
+    standin.unpullable(broken)
+    g = group(kubeconfig, max_workers=2, startup_grace=120, image=broken)
+
+    async def pods() -> int:
+        return len(standin.pods(NS))
+
+    async with provider(g) as p:
+        events = await never_registering(p, g, sqlite_store, pods)
+    lapsed = [e for e in events if e.kind == "not_registered"]
+    assert len(lapsed) == 3 * g.max_workers
+    assert all("ErrImagePull" in e.reason and "startup_grace (120 s)" in e.reason for e in lapsed), lapsed[0]
