@@ -27,7 +27,7 @@ from scaleq.scaling.controller import Controller
 from scaleq.scaling.observe import RemoteObserver
 from scaleq.server.settings import ServerSettings
 from scaleq.store.sqlite import SQLiteStore
-from tests.helpers import LiveServer, controlling, eventually, serve
+from tests.helpers import LiveServer, controlling, eventually, never_registering, serve
 from tests.standins.gcp_compute import ComputeStandIn
 from tests.standins.gcp_compute import serve as serve_compute
 
@@ -594,3 +594,24 @@ async def test_apply_rolls_a_changed_gcp_group_and_destroy_removes_it(
         assert not compute.migs and not compute.templates
     finally:
         await admin.close()
+
+
+async def test_instances_whose_workers_never_register_are_replaced_never_piled_up(
+    compute: ComputeStandIn, sqlite_store: SQLiteStore
+) -> None:
+    """Instances come up but their workers never reach the server: after startup_grace each is deleted, said in an
+    event, and the MIG never holds more than max_workers instances (those being deleted included)."""
+    g = gcp_group(compute, max_workers=2, startup_grace=60)
+
+    async def instances() -> int:
+        return len(compute.instances(PROJECT, REGION, mig_name("t", "cpu")))
+
+    p = gcp()
+    try:
+        events = await never_registering(p, g, sqlite_store, instances)
+    finally:
+        await p.close()
+    lapsed = [e for e in events if e.kind == "not_registered"]
+    assert len(lapsed) == 3 * g.max_workers
+    assert all("did not register within startup_grace (60 s)" in e.reason for e in lapsed)
+    assert len(compute.called("deleteInstances")) == 3 * g.max_workers  # each lapsed instance, and nothing else

@@ -130,14 +130,26 @@ def destroy(
 def groups(
     output: OutputOpt = Output.table, server: ServerOpt = None, token: TokenOpt = None, data_dir: DataDirOpt = None
 ) -> None:
-    """Worker groups: current, desired, min and max workers."""
+    """Worker groups: current, desired, min and max workers, and their state: ok, or why the controller cannot act
+    (quota, rate_limited: the provider refused; error), since when and in the provider's words."""
     found = with_client(server, token, data_dir, lambda c: c.groups())
     if output == Output.json:
         emit_json(found)
         return
+    now = time.time()
+
+    def state(g: dict) -> str:
+        if g.get("state", "ok") == "ok":
+            return "ok"
+        since = f" for {now - g['state_since']:.0f} s" if g.get("state_since") is not None else ""
+        return f"{g['state']}{since}: {g['message']}"
+
     table(
-        ["name", "queue", "provider", "current", "desired", "min", "max"],
-        [(g["name"], g["queue"], g["provider"], g["current"], g["desired"], g["min"], g["max"]) for g in found],
+        ["name", "queue", "provider", "current", "desired", "min", "max", "state"],
+        [
+            (g["name"], g["queue"], g["provider"], g["current"], g["desired"], g["min"], g["max"], state(g))
+            for g in found
+        ],
     )
 
 

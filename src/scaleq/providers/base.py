@@ -65,6 +65,20 @@ class ProviderError(Exception):
     """The provider refused or failed; the message says what and, where it can, how to fix it."""
 
 
+#: What a provider's refusal to make more machines is called in the group's status (``scaleq groups``, doctor).
+Refusal = Literal["quota", "rate_limited"]
+
+
+class CapacityRefused(ProviderError):
+    """The provider refused for a quota (``quota``: more machines, CPUs, addresses than the project or namespace may
+    have) or a rate limit (``rate_limited``: too many calls). Nothing to fix in scaleq: the group shows the state
+    with the provider's words, and the controller backs off and retries."""
+
+    def __init__(self, message: str, state: Refusal) -> None:
+        super().__init__(message)
+        self.state: Refusal = state
+
+
 def worker_args(group: Group, server: str, worker_id: str, server_grace: float) -> list[str]:
     """``scaleq worker …`` arguments (after the program) for a worker of ``group``: every provider starts the same."""
     argv = ["worker", "--server", server, "--queue", group.queue, "--slots", str(group.slots)]

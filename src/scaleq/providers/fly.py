@@ -52,6 +52,7 @@ import httpx
 from scaleq.grid import FlySettings, Group
 from scaleq.providers.base import (
     DESTROY_GRACE,
+    CapacityRefused,
     Health,
     ProviderBase,
     ProviderError,
@@ -230,6 +231,11 @@ class FlyProvider(ProviderBase):
             return ProviderError(
                 f"Fly app {fly.app} does not exist (or this token cannot see it): create it with "
                 f"`fly apps create {fly.app}`, or set groups.fly.app to an existing app ({r.status_code}: {error})"
+            )
+        if r.status_code == 429:  # still, after the retries
+            return CapacityRefused(
+                f"the Fly Machines API at {fly.api_url} is rate-limiting: cannot {what}: {r.status_code} {error}",
+                "rate_limited",
             )
         return ProviderError(f"the Fly Machines API at {fly.api_url} refused to {what}: {r.status_code} {error}")
 

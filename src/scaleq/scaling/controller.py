@@ -14,7 +14,10 @@ Design:
 
 It wakes on job events (a submit to an empty queue reaches the provider in milliseconds, not a poll interval) and on a
 timer (idle timeouts, missed events). A provider error is recorded, retried with backoff, and never stops the other
-groups or the server. At start it adopts what the provider already runs for the group.
+groups or the server; it is also the group's *state* in its status (``quota`` or ``rate_limited`` when the provider
+refused for a quota or a rate limit -- :class:`~scaleq.providers.base.CapacityRefused` -- else ``error``), with the
+provider's message and since when, until a step succeeds. At start it adopts what the provider already runs for the
+group.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from typing import Protocol
 
 from scaleq.grid import Group
 from scaleq.jobs import Worker
-from scaleq.providers.base import Provider, ProviderWorker
+from scaleq.providers.base import CapacityRefused, Provider, ProviderWorker
 from scaleq.scaling.policy import Decision, Demand, PolicyState, decide, worker_views
 from scaleq.scaling.signals import SignalError, describe, read_external
 from scaleq.store.base import GroupStatus
@@ -68,7 +71,8 @@ class GroupLoop:
     early_exits: int = 0  # started workers that vanished without ever registering, in a row
     known: set[str] = field(default_factory=set)  # listed workers seen registered (not gone) with the server
     crash_backoff: float = 5.0
-    recorded: tuple[int, int] | None = None  # (current, desired) last written as the group's status
+    recorded: tuple[int, int, str] | None = None  # (current, desired, state) last written as the group's status
+    trouble: tuple[str, str, float] | None = None  # (state, message, since) while steps fail
     recorded_at: float = float("-inf")
     lapsed: set[str] = field(default_factory=set)  # workers stopped for not registering in time, while listed
 
@@ -113,6 +117,9 @@ class Controller:
     async def step_group(self, loop: GroupLoop) -> Decision | None:
         g, now = loop.group, self.clock()
         if now < loop.retry_at:
+            if loop.trouble is not None and loop.recorded is not None:  # backing off: the state stays fresh
+                with contextlib.suppress(Exception):
+                    await self._status(loop, *loop.recorded[:2], now)
             return None
         try:
             demand = await self.observer.demand(g) if g.signal.kind == "server" else await read_external(g.signal)
@@ -143,15 +150,8 @@ class Controller:
                     reason = f"{describe(g.signal)} reads {demand.queued}: {reason}"
                 await self.observer.record(g.name, kind, current, decision.desired, reason)
                 loop.last_desired = decision.desired
-            counts = (current + decision.start - len(decision.drain), decision.desired)
-            # Under a stream of jobs the controller steps up to 20 times a second: the status is a store write, so
-            # it is written when it changes, and otherwise refreshed every STATUS_REFRESH seconds (its age is how
-            # the dashboard and doctor tell a live controller from a stopped one).
-            if counts != loop.recorded or now - loop.recorded_at >= STATUS_REFRESH:
-                await self.observer.status(
-                    GroupStatus(g.name, g.queue, g.provider, g.min_workers, g.max_workers, *counts, now)
-                )
-                loop.recorded, loop.recorded_at = counts, now
+            loop.trouble = None
+            await self._status(loop, current + decision.start - len(decision.drain), decision.desired, now)
             if loop.failures:
                 await self.observer.record(g.name, "recovered", None, None, "signal and provider answer again")
             loop.failures = 0
@@ -162,15 +162,37 @@ class Controller:
             loop.retry_at = now + backoff
             what = f"signal {g.signal.kind}" if isinstance(exc, SignalError) else f"provider {g.provider}"
             log.warning("group %s: %s failed: %s; retrying in %.0f s", g.name, what, exc, backoff)
+            state = exc.state if isinstance(exc, CapacityRefused) else "error"
+            verb = "refused" if isinstance(exc, CapacityRefused) else "failed"
+            if loop.trouble is None or loop.trouble[0] != state:
+                loop.trouble = (state, "", now)
+            loop.trouble = (state, f"{what} {verb}: {exc}", loop.trouble[2])
             with contextlib.suppress(Exception):
                 await self.observer.record(
                     g.name,
                     "error",
                     None,
                     None,
-                    f"{what} failed ({type(exc).__name__}: {exc}); retry {loop.failures} in {backoff:.0f} s",
+                    f"{what} {verb} ({type(exc).__name__}: {exc}); retry {loop.failures} in {backoff:.0f} s",
                 )
+            with contextlib.suppress(Exception):
+                current, desired = loop.recorded[:2] if loop.recorded else (0, loop.last_desired or 0)
+                await self._status(loop, current, desired, now)
             return None
+
+    async def _status(self, loop: GroupLoop, current: int, desired: int, now: float) -> None:
+        """Write the group's status when it changes. Under a stream of jobs the controller steps up to 20 times a
+        second: the status is a store write, so it is otherwise refreshed every STATUS_REFRESH seconds (its age is
+        how the dashboard and doctor tell a live controller from a stopped one)."""
+        g = loop.group
+        state, message, since = loop.trouble or ("ok", "", None)
+        key = (current, desired, state)
+        if key != loop.recorded or now - loop.recorded_at >= STATUS_REFRESH:
+            bounds = (g.min_workers, g.max_workers)
+            await self.observer.status(
+                GroupStatus(g.name, g.queue, g.provider, *bounds, current, desired, now, state, message, since)
+            )
+            loop.recorded, loop.recorded_at = key, now
 
     async def _stop_lapsed(self, loop: GroupLoop, worker_ids: list[str]) -> None:
         """Stop workers that did not register within startup_grace, deleting their machines, and say why."""

@@ -86,6 +86,9 @@ class RemoteObserver:
                 "max": status.max_workers,
                 "current": status.current,
                 "desired": status.desired,
+                "state": status.state,
+                "message": status.message[:4000],
+                "state_since": status.state_since,
             }
         )
 

@@ -56,6 +56,17 @@ FIX_SWEEPER = (
 FIX_NO_CONTROLLER = (
     "no controller is running for this group: run 'scaleq up --grid FILE' or 'scaleq autoscale --grid FILE'"
 )
+FIX_REFUSED = {
+    "quota": (
+        "the provider refuses more machines for a quota: raise it (GCP: IAM & Admin > Quotas; Kubernetes: the "
+        "namespace's ResourceQuota; Fly: your organisation's limits) or lower max_workers; the controller retries "
+        "with backoff"
+    ),
+    "rate_limited": (
+        "the provider is rate-limiting the controller's calls: it backs off and retries; if this lasts, look for "
+        "other clients of the same project, namespace or token"
+    ),
+}
 FIX_CONTROLLER_ERROR = (
     "see this group's signal and provider checks ('scaleq doctor --grid FILE') and 'scaleq events --group {name}'; "
     "the controller retries with backoff"
@@ -254,6 +265,11 @@ def _leases(
 
 def _controller(name: str, status: GroupStatus | None, last: Event | None, now: float, stale_after: float) -> Check:
     hop = group_hop(name)
+    if status is not None and status.state in FIX_REFUSED and now - status.updated_at <= stale_after:
+        since = f" for {secs(now - status.state_since)}" if status.state_since is not None else ""
+        what = "a quota" if status.state == "quota" else "a rate limit"
+        detail = f"the provider refuses for {what} ({status.state}{since}): {status.message}"
+        return Check(hop, "controller", False, detail, FIX_REFUSED[status.state])
     if last is not None and last.kind == "error" and now - last.at <= stale_after + CONTROLLER_BACKOFF_MAX:
         # the controller runs (it recorded this), but its steps fail: the signal or the provider is the cause
         detail = f"the controller runs, but its last step failed {secs(now - last.at)} ago: {last.reason}"

@@ -118,6 +118,12 @@ class GroupStatus:
     current: int
     desired: int
     updated_at: float
+    #: "ok", or why the controller cannot act: "quota" / "rate_limited" (the provider refused more machines or
+    #: calls: it backs off and retries), "error" (another provider or signal failure); ``message`` says it in the
+    #: provider's words, ``state_since`` since when (None for ok)
+    state: str = "ok"
+    message: str = ""
+    state_since: float | None = None
 
 
 @dataclass(frozen=True)

@@ -160,4 +160,7 @@ def group(row: Row) -> GroupStatus:
         row["current"],
         row["desired"],
         row["updated_at"],
+        row["state"],
+        row["message"],
+        row["state_since"],
     )

@@ -7,7 +7,7 @@ remote controller as fast as an embedded one. Groups and events are written by w
 from __future__ import annotations
 
 import time
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
@@ -30,6 +30,9 @@ class GroupOut(BaseModel):
     current: int
     desired: int
     updated_at: float
+    state: str = Field(description="ok, quota, rate_limited or error: whether the controller can act")
+    message: str = Field(description="the provider's words for a state other than ok")
+    state_since: float | None
 
 
 class GroupIn(BaseModel):
@@ -40,6 +43,9 @@ class GroupIn(BaseModel):
     max: int = Field(ge=0)
     current: int = Field(ge=0)
     desired: int = Field(ge=0)
+    state: Literal["ok", "quota", "rate_limited", "error"] = "ok"
+    message: str = Field(default="", max_length=4000)
+    state_since: float | None = None
 
 
 class EventOut(BaseModel):
@@ -89,6 +95,9 @@ async def groups(ctx: C) -> list[GroupOut]:
             current=g.current,
             desired=g.desired,
             updated_at=g.updated_at,
+            state=g.state,
+            message=g.message,
+            state_since=g.state_since,
         )
         for g in await ctx.store.list_groups()
     ]
@@ -97,7 +106,19 @@ async def groups(ctx: C) -> list[GroupOut]:
 @router.put("/groups/{name}", status_code=204, dependencies=[require("admin")])
 async def put_group(name: str, body: GroupIn, ctx: C) -> None:
     await ctx.store.put_group(
-        GroupStatus(name, body.queue, body.provider, body.min, body.max, body.current, body.desired, ctx.now())
+        GroupStatus(
+            name,
+            body.queue,
+            body.provider,
+            body.min,
+            body.max,
+            body.current,
+            body.desired,
+            ctx.now(),
+            body.state,
+            body.message,
+            body.state_since,
+        )
     )
 
 

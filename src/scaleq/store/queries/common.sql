@@ -135,11 +135,13 @@ INSERT INTO events (at, grp, kind, from_count, to_count, reason) VALUES (:at, :g
 SELECT * FROM events WHERE (CAST(:grp AS TEXT) IS NULL OR grp = :grp) AND id > :after ORDER BY id DESC LIMIT :limit;
 
 -- name: upsert_group
-INSERT INTO groups (name, queue, provider, min_workers, max_workers, current, desired, updated_at)
-VALUES (:name, :queue, :provider, :min_workers, :max_workers, :current, :desired, :now)
+INSERT INTO groups (name, queue, provider, min_workers, max_workers, current, desired, updated_at, state, message,
+                    state_since)
+VALUES (:name, :queue, :provider, :min_workers, :max_workers, :current, :desired, :now, :state, :message, :state_since)
 ON CONFLICT (name) DO UPDATE SET queue = excluded.queue, provider = excluded.provider,
        min_workers = excluded.min_workers, max_workers = excluded.max_workers, current = excluded.current,
-       desired = excluded.desired, updated_at = excluded.updated_at;
+       desired = excluded.desired, updated_at = excluded.updated_at, state = excluded.state,
+       message = excluded.message, state_since = excluded.state_since;
 
 -- name: list_groups
 SELECT * FROM groups ORDER BY name;
