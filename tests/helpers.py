@@ -22,7 +22,7 @@ from scaleq.scaling.observe import StoreObserver
 from scaleq.server.app import create_app
 from scaleq.server.auth import new_token
 from scaleq.server.settings import ServerSettings
-from scaleq.store.base import Event, Store
+from scaleq.store.base import Event, GroupStatus, Store
 
 
 @dataclass
@@ -142,3 +142,26 @@ async def never_registering(
 
 async def _none(machines: Callable[[], Awaitable[int]]) -> bool:
     return await machines() == 0
+
+
+async def refused_then_retried(
+    provider: Provider, group: Group, store: Store, refuse: Callable[[], object], lift: Callable[[], object]
+) -> tuple[GroupStatus, GroupStatus]:
+    """Drive the real controller while the provider refuses to start workers (``refuse``: the stand-in's knob), then
+    after ``lift`` and the controller's backoff. Returns the group's status while refused and once it recovered."""
+    definition = JobDefinition(command=["echo", "refused"])
+    await store.submit(group.queue, definition, priority=0, max_attempts=3, rerun=False, now=time.time())
+    clock = FakeClock(time.time())
+    controller = Controller([(group, provider)], StoreObserver(store, Notifier(), clock), clock=clock)
+    refuse()
+    await controller.step()
+    (refused,) = await store.list_groups()
+    clock.advance(1.0)
+    await controller.step()  # backing off: no call, the state stays
+    (still,) = await store.list_groups()
+    assert (still.state, still.state_since) == (refused.state, refused.state_since)
+    lift()
+    clock.advance(60.0)  # past the longest backoff
+    await controller.step()
+    (recovered,) = await store.list_groups()
+    return refused, recovered

@@ -23,7 +23,7 @@ from scaleq.providers.registry import ProviderContext, make_provider
 from scaleq.scaling.controller import Controller
 from scaleq.scaling.observe import RemoteObserver
 from scaleq.store.sqlite import SQLiteStore
-from tests.helpers import LiveServer, controlling, eventually, never_registering
+from tests.helpers import LiveServer, controlling, eventually, never_registering, refused_then_retried
 from tests.standins.fly_machines import FlyMachines, serve_fly
 
 APP = "scaleq-test"
@@ -405,3 +405,18 @@ async def test_machines_whose_workers_never_register_are_replaced_never_piled_up
     lapsed = [e for e in events if e.kind == "not_registered"]
     assert len(lapsed) == 2 * g.max_workers
     assert all("startup_grace (60 s): machine" in e.reason and "latest event: launch" in e.reason for e in lapsed)
+
+
+async def test_a_rate_limit_that_outlasts_the_retries_is_the_groups_state(
+    fly: FlyMachines, sqlite_store: SQLiteStore
+) -> None:
+    g = group(fly, max_workers=2)
+    p = provider(g, retries=2)
+    try:
+        refused, recovered = await refused_then_retried(
+            p, g, sqlite_store, lambda: fly.rate_limit(50, method="POST"), fly.heal
+        )
+    finally:
+        await p.close()
+    assert refused.state == "rate_limited" and "429 rate limit exceeded" in refused.message
+    assert (recovered.state, recovered.current) == ("ok", 1)

@@ -27,7 +27,7 @@ from scaleq.scaling.controller import Controller
 from scaleq.scaling.observe import RemoteObserver
 from scaleq.server.settings import ServerSettings
 from scaleq.store.sqlite import SQLiteStore
-from tests.helpers import LiveServer, controlling, eventually, never_registering, serve
+from tests.helpers import LiveServer, controlling, eventually, never_registering, refused_then_retried, serve
 from tests.standins.gcp_compute import ComputeStandIn
 from tests.standins.gcp_compute import serve as serve_compute
 
@@ -615,3 +615,30 @@ async def test_instances_whose_workers_never_register_are_replaced_never_piled_u
     assert len(lapsed) == 3 * g.max_workers
     assert all("did not register within startup_grace (60 s)" in e.reason for e in lapsed)
     assert len(compute.called("deleteInstances")) == 3 * g.max_workers  # each lapsed instance, and nothing else
+
+
+@pytest.mark.parametrize(
+    "refusal, state",
+    [
+        (
+            ("fail_operation", "createInstances", "QUOTA_EXCEEDED", "Quota 'CPUS' exceeded.  Limit: 8.0 in region"),
+            "quota",
+        ),
+        (("inject", 429, "Rate Limit Exceeded", "rateLimitExceeded"), "rate_limited"),
+        (("inject", 403, "Quota exceeded for quota metric 'Queries'", "quotaExceeded"), "quota"),
+    ],
+)
+async def test_quota_and_rate_limit_refusals_are_the_groups_state(
+    compute: ComputeStandIn, sqlite_store: SQLiteStore, refusal: tuple, state: str
+) -> None:
+    g = gcp_group(compute, max_workers=2)
+    knob, *args = refusal
+    p = gcp()
+    try:
+        refused, recovered = await refused_then_retried(
+            p, g, sqlite_store, lambda: getattr(compute, knob)(*args, times=1), lambda: None
+        )
+    finally:
+        await p.close()
+    assert refused.state == state and args[-2 if knob == "inject" else -1].split(".")[0] in refused.message
+    assert (recovered.state, recovered.message, recovered.current) == ("ok", "", 1)

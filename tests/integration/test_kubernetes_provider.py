@@ -42,7 +42,7 @@ from scaleq.scaling.controller import Controller
 from scaleq.scaling.observe import RemoteObserver
 from scaleq.server.settings import ServerSettings
 from scaleq.store.sqlite import SQLiteStore
-from tests.helpers import LiveServer, controlling, eventually, never_registering, serve
+from tests.helpers import LiveServer, controlling, eventually, never_registering, refused_then_retried, serve
 from tests.standins.kubernetes_api import KubernetesStandIn
 
 NS = "scaleq"
@@ -551,3 +551,17 @@ async def test_pods_that_never_pull_their_image_are_replaced_never_piled_up(
     lapsed = [e for e in events if e.kind == "not_registered"]
     assert len(lapsed) == 3 * g.max_workers
     assert all("ErrImagePull" in e.reason and "startup_grace (120 s)" in e.reason for e in lapsed), lapsed[0]
+
+
+async def test_an_exceeded_resource_quota_is_the_groups_state_until_it_is_lifted(
+    standin: KubernetesStandIn, kubeconfig: Path, sqlite_store: SQLiteStore
+) -> None:
+    g = group(kubeconfig, max_workers=2)
+    async with provider(g) as p:
+        refused, recovered = await refused_then_retried(
+            p, g, sqlite_store, lambda: standin.exceed_quota("pods"), lambda: standin.exceed_quota("pods", None)
+        )
+    assert refused.state == "quota" and refused.state_since is not None
+    assert "exceeded quota: compute-resources" in refused.message and "resourcequota" in refused.message
+    assert (recovered.state, recovered.message, recovered.current) == ("ok", "", 1)
+    assert len(standin.pods(NS)) == 1
