@@ -35,8 +35,9 @@ validates nothing. Here:
 What it does not model: watches of the modified pods (kmock's watch stream sees creations only; the provider does not
 watch), scheduling (resources and node capacity are never checked: every pod fits), image pulls (apart from
 :meth:`unpullable`), container restarts, probes, evictions and node loss, ``Unknown`` phase, admission webhooks and
-quotas (apart from :meth:`exceed_quota`), defaulting of fields beyond the server-set ones above, strategic-merge-patch list semantics (patches merge as
-JSON merge patches — enough for the labels and data the provider patches), ``continue`` tokens, field selectors,
+quotas (apart from :meth:`exceed_quota`: creating a resource answers 403 ``exceeded quota``), defaulting of fields
+beyond the server-set ones above, strategic-merge-patch list semantics (patches merge as JSON merge patches — enough
+for the labels and data the provider patches), ``continue`` tokens, field selectors,
 ``deletecollection``, Deployments/ReplicaSets (no controllers run), and any resource other than namespaces, pods,
 pods/log, secrets and selfsubjectaccessreviews (answered 404, so a provider that starts using one is caught).
 """
