@@ -3,8 +3,9 @@
     PYTHONPATH=src python bench/policy_comparison.py [--boot-time 30] [--seeds 10] [--no-plots]
 
 Prints the results table and the target check -- at equal or better p95 wait, at least 30 % fewer idle
-worker-seconds than each peer, per trace -- and writes ``docs/img/sim-<trace>.png``. ``--seeds N`` repeats the run
-on N seeds of every trace and says how often each target is met (one seed can be lucky or unlucky).
+worker-seconds than each peer, per trace -- with how long the simulation took (its speed is measured here, not
+asserted in the tests), and writes ``docs/img/sim-<trace>.png``. ``--seeds N`` repeats the run on N seeds of every
+trace and says how often each target is met (one seed can be lucky or unlucky).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
-"""Scale: claim latency and server memory with 1k, 10k and 100k jobs queued, on SQLite and PostgreSQL.
+"""Scale: claim latency, reads and server memory with 1k to 1M jobs queued, on SQLite and PostgreSQL.
 
     python bench/scale.py                         # ~2 min: both stores, levels 1,000 / 10,000 / 100,000
+    python bench/scale.py --levels 10000,100000,1000000    # issue 11's rows, up to a million queued
     python bench/scale.py --stores sqlite --levels 1000,10000 --claims 100
 
 The server is ``scaleq up`` in its own process (grid file without groups), as in ``bench/dispatch.py``. The queue is
@@ -11,7 +12,12 @@ transaction; filling is not what is measured). Everything measured goes through 
   worker protocol's fast path), one after the other: round trip p50 / p95;
 * **claim 16** — the same with ``n=16`` and 16 finishes riding along;
 * **submit** — one new job, round trip;
+* **batch** — submit rate of ``POST /jobs/batch`` (``scaleq submit-many``), 1,000 jobs per request, a few requests
+  one after another into a queue of their own, in jobs/s;
 * **queues** — ``GET /queues`` (what the dashboard and ``scaleq jobs`` read), round trip;
+* **metrics** — ``GET /metrics`` (a Prometheus scrape: the queue gauges count the jobs too), round trip;
+* **jobs list** — the dashboard's Jobs page: ``GET /jobs?limit=100`` (newest first, all queues), and
+  **queued list** the same filtered to the big queue's queued jobs; **workers list** — ``GET /workers``;
 * **demand** — ``POST /demand`` as the autoscaler asks it (queued counted up to what a group of 10 workers x 4 slots
   could run), round trip;
 * **RSS** — the server process's resident memory after the level's measurements.
@@ -30,6 +36,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _pg
+import httpx
 from rich.console import Console
 from rich.table import Table
 
@@ -40,9 +47,11 @@ from scaleq.store.base import Store
 from scaleq.store.postgres import PostgresStore
 from scaleq.store.sqlite import SQLiteStore
 
-console = Console(width=160)
+console = Console(width=220)
 QUEUE = "scale"
 CHUNK = 10_000
+BATCH = 1000  # jobs per batch submit (the server's limit per request)
+BATCHES = 5
 
 
 def pct(values: list[float], p: float) -> float:
@@ -86,8 +95,17 @@ async def fill(store: Store, count: int, start: int, nonce: str) -> float:
 
 
 async def measure(server: _pg.Server, worker_id: str, claims: int) -> dict[str, list[float]]:
-    out: dict[str, list[float]] = {"claim1": [], "claim16": [], "submit": [], "queues": [], "demand": []}
-    async with Client(server.url, server.worker_token) as w, Client(server.url, server.admin_token) as admin:
+    nonce = secrets.token_hex(4)
+    out: dict[str, list[float]] = {
+        k: []
+        for k in ("claim1", "claim16", "submit", "batch", "queues", "demand", "metrics", "jobs", "queued", "workers")
+    }
+    headers = {"Authorization": f"Bearer {server.admin_token}"}
+    async with (
+        Client(server.url, server.worker_token) as w,
+        Client(server.url, server.admin_token) as admin,
+        httpx.AsyncClient(base_url=server.url, headers=headers, timeout=120) as metrics,
+    ):
         pending: list[dict[str, Any]] = []
         for _ in range(claims):
             t0 = time.perf_counter()
@@ -100,13 +118,22 @@ async def measure(server: _pg.Server, worker_id: str, claims: int) -> dict[str, 
             out["claim16"].append(time.perf_counter() - t0)
             pending = [{"lease": c.lease, "reason": "success", "exit_code": 0} for c in got]
         await w.claim(worker_id, 0, wait=0, finishes=pending)
-        nonce = secrets.token_hex(4)
         for i in range(max(claims // 4, 10)):
             definition = JobDefinition(command=["true"], env={"S": f"{nonce}{i}"})
             req = SubmitRequest(queue=f"{QUEUE}-submit", definition=definition)
             t0 = time.perf_counter()
             await admin.submit(req)
             out["submit"].append(time.perf_counter() - t0)
+        for b in range(BATCHES):
+            batch = [
+                SubmitRequest(
+                    queue=f"{QUEUE}-batch", definition=JobDefinition(command=["true"], env={"B": f"{nonce}{b}-{i}"})
+                )
+                for i in range(BATCH)
+            ]
+            t0 = time.perf_counter()
+            await admin.submit_many(batch)
+            out["batch"].append(time.perf_counter() - t0)
         for _ in range(10):
             t0 = time.perf_counter()
             await admin.queues()
@@ -115,6 +142,18 @@ async def measure(server: _pg.Server, worker_id: str, claims: int) -> dict[str, 
             # as the autoscaler asks: counted only as far as a group of 10 workers x 4 slots could run
             await admin.demand(QUEUE, {"runtimes": ["process"], "cpus": 2.0}, limit=40)
             out["demand"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            (await metrics.get("/metrics")).raise_for_status()
+            out["metrics"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            await admin.list_jobs(limit=100)
+            out["jobs"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            await admin.list_jobs(queue=QUEUE, state="queued", limit=100)
+            out["queued"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            await admin.workers()
+            out["workers"].append(time.perf_counter() - t0)
     return out
 
 
@@ -144,13 +183,16 @@ async def run_store(name: str, url: str | None, levels: list[int], claims: int) 
                         "rss_before": rss_before,
                         "rss": _pg.rss_bytes(server.pid),
                         **{k: (pct(v, 50), pct(v, 95)) for k, v in timings.items()},
+                        "batch_rate": BATCH * len(timings["batch"]) / sum(timings["batch"]),
                     }
                 )
                 r = results[-1]
                 console.print(
                     f"  {name} {level:>7,} queued: claim1 p50 {r['claim1'][0] * 1000:.1f} ms, "
                     f"claim16 p50 {r['claim16'][0] * 1000:.1f} ms, queues {r['queues'][0] * 1000:.1f} ms, "
-                    f"RSS {r['rss'] / 2**20:.0f} MiB"
+                    f"metrics {r['metrics'][0] * 1000:.1f} ms, jobs list {r['jobs'][0] * 1000:.1f} ms, "
+                    f"batch {r['batch_rate']:,.0f} jobs/s, RSS {r['rss'] / 2**20:.0f} MiB "
+                    f"(filled at {r['fill_rate']:,.0f} jobs/s)"
                 )
         finally:
             await store.close()
@@ -167,7 +209,12 @@ def report(results: list[dict[str, Any]]) -> None:
         "claim 16 p50",
         "p95",
         "submit p50",
+        "batch jobs/s",
         "queues p50",
+        "metrics p50",
+        "jobs list p50",
+        "queued list p50",
+        "workers list p50",
         "demand p50",
         "server RSS",
     ):
@@ -181,7 +228,12 @@ def report(results: list[dict[str, Any]]) -> None:
             f"{r['claim16'][0] * 1000:.1f}",
             f"{r['claim16'][1] * 1000:.1f}",
             f"{r['submit'][0] * 1000:.1f}",
+            f"{r['batch_rate']:,.0f}",
             f"{r['queues'][0] * 1000:.1f}",
+            f"{r['metrics'][0] * 1000:.1f}",
+            f"{r['jobs'][0] * 1000:.1f}",
+            f"{r['queued'][0] * 1000:.1f}",
+            f"{r['workers'][0] * 1000:.1f}",
             f"{r['demand'][0] * 1000:.1f}",
             f"{r['rss'] / 2**20:.0f} MiB",
         )
@@ -195,6 +247,9 @@ def report(results: list[dict[str, Any]]) -> None:
             f"claim 16 p50 x{last['claim16'][0] / first['claim16'][0]:.2f}, "
             f"RSS {first['rss'] / 2**20:.0f} → {last['rss'] / 2**20:.0f} MiB, "
             f"GET /queues x{last['queues'][0] / first['queues'][0]:.1f}, "
+            f"GET /metrics x{last['metrics'][0] / first['metrics'][0]:.1f}, "
+            f"GET /jobs x{last['jobs'][0] / first['jobs'][0]:.1f}, "
+            f"batch submit x{last['batch_rate'] / first['batch_rate']:.2f}, "
             f"POST /demand x{last['demand'][0] / first['demand'][0]:.1f}"
         )
 

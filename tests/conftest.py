@@ -1,4 +1,4 @@
-"""Shared fixtures: a store, a live server on a free port, clients with tokens of each role."""
+"""Shared fixtures: a store, a live server on a free port, clients with tokens of each role, the Docker Engine."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import shutil
 from collections.abc import AsyncIterator, Generator, Iterator
 from pathlib import Path
 
+import docker
 import pytest
 
 from scaleq.server.settings import ServerSettings
@@ -14,6 +15,7 @@ from scaleq.store.base import Store
 from scaleq.store.postgres import PostgresStore
 from scaleq.store.sqlite import SQLiteStore
 from tests.helpers import LiveServer, serve
+from tests.helpers.engine import connect
 from tests.pg import Cluster, reset, start_cluster
 
 
@@ -73,3 +75,18 @@ async def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIter
 async def live(any_store: Store, settings: ServerSettings) -> AsyncIterator[LiveServer]:
     async with serve(any_store, settings) as server:
         yield server
+
+
+@pytest.fixture
+async def sqlite_live(sqlite_store: SQLiteStore, settings: ServerSettings) -> AsyncIterator[LiveServer]:
+    """For tests where the store's dialect does not matter."""
+    async with serve(sqlite_store, settings) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def engine() -> Iterator[docker.DockerClient]:
+    """The Docker Engine at ``$DOCKER_HOST`` with the test image (see :mod:`tests.helpers.engine`)."""
+    client = connect()
+    yield client
+    client.close()

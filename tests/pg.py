@@ -5,11 +5,12 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from tests.helpers.ports import free_port
 
 
 def pg_bin() -> Path:
@@ -17,12 +18,6 @@ def pg_bin() -> Path:
     if not found or not (Path(found) / "initdb").exists():
         raise RuntimeError("PostgreSQL server binaries not found: run scripts/postgres.sh (scripts/test does)")
     return Path(found)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

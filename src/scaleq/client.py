@@ -112,8 +112,11 @@ class Client:
             params["state"] = state
         return Job.model_validate(await self._json("GET", f"/jobs/{job_id}", params=params, timeout=wait + 30))
 
-    async def list_jobs(self, *, queue: str | None = None, state: str | None = None, limit: int = 100) -> list[Job]:
-        params = {k: v for k, v in {"queue": queue, "state": state, "limit": limit}.items() if v is not None}
+    async def list_jobs(
+        self, *, queue: str | None = None, state: str | None = None, limit: int = 100, reason: str | None = None
+    ) -> list[Job]:
+        wanted = {"queue": queue, "state": state, "limit": limit, "reason": reason}
+        params = {k: v for k, v in wanted.items() if v is not None}
         return [Job.model_validate(j) for j in await self._json("GET", "/jobs", params=params)]
 
     async def attempts(self, job_id: str) -> list[dict[str, Any]]:
@@ -203,14 +206,26 @@ class Client:
     async def drain_worker(self, worker_id: str) -> Worker:
         return Worker.model_validate(await self._json("POST", f"/workers/{worker_id}/drain"))
 
+    async def ended_attempts(self, worker_id: str, attempts: list[tuple[str, int]]) -> set[tuple[str, int]]:
+        """Of these (job id, attempt) pairs, those the server knows and has ended."""
+        body = {"attempts": [{"job_id": j, "attempt": a} for j, a in attempts]}
+        data = await self._json("POST", f"/workers/{worker_id}/ended-attempts", json=body)
+        return {(e["job_id"], e["attempt"]) for e in data["ended"]}
+
     async def deregister(self, worker_id: str) -> None:
         await self.request("DELETE", f"/workers/{worker_id}")
 
     async def finish(self, finish: dict[str, Any]) -> Job:
         return Job.model_validate(await self._json("POST", "/leases/finish", json=finish))
 
-    async def release(self, lease: str) -> None:
-        await self.request("POST", "/leases/release", json={"lease": lease})
+    async def release(self, lease: str, reason: str = "released") -> None:
+        """Hand the lease's job back unspent; ``reason`` (released, preempted) becomes the attempt's outcome."""
+        await self.request("POST", "/leases/release", json={"lease": lease, "reason": reason})
+
+    async def release_worker(self, worker_id: str, reason: str = "preempted") -> list[str]:
+        """Hand back every running job of a worker its provider reports preempted (admin); the jobs' ids."""
+        data = await self._json("POST", f"/workers/{worker_id}/release", json={"reason": reason})
+        return data["jobs"]
 
     async def append_logs(self, lease: str, chunks: list[tuple[str, bytes]]) -> None:
         body = {"lease": lease, "chunks": [{"stream": s, "data": base64.b64encode(d).decode()} for s, d in chunks]}

@@ -3,16 +3,22 @@
 ``scaleq up`` writes ``server.json`` (the URL) and ``admin.token`` (mode 0600) into its data dir, so any other
 command given the same data dir (``--data-dir`` / ``SCALEQ_DATA_DIR``, default ``./.scaleq``) talks to it with no
 set-up; ``--server``/``SCALEQ_SERVER`` and ``--token``/``SCALEQ_TOKEN`` override.
+
+The data dir holds the tokens and the database (job env values among them), so ``scaleq up`` keeps it private:
+mode 0700, also when it existed with looser permissions (:func:`private_dir`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_DATA_DIR = ".scaleq"
+log = logging.getLogger("scaleq.config")
 
 
 class ConfigError(Exception):
@@ -21,6 +27,18 @@ class ConfigError(Exception):
 
 def data_dir(value: str | Path | None) -> Path:
     return Path(value or os.environ.get("SCALEQ_DATA_DIR") or DEFAULT_DATA_DIR).expanduser().resolve()
+
+
+def private_dir(directory: Path) -> Path:
+    """Make ``directory`` (and missing parents) and keep it to its owner: 0700, tightened if it was looser."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    mode = stat.S_IMODE(directory.stat().st_mode)
+    if mode & 0o077:
+        os.chmod(directory, 0o700)
+        log.warning(
+            "data dir %s was mode %o, readable by others: now 0700 (it holds tokens and job env)", directory, mode
+        )
+    return directory
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,11 @@
 the record. ``plan`` compares the grid file with the record and the providers, and shows the decision the policy
 would take now for each group, with its reason.
 
+A group that a live controller runs (``scaleq up --grid`` or ``scaleq autoscale``: its status is refreshed by a
+controller within the last ``LIVE_AFTER`` seconds) is the controller's: ``plan`` shows it as ``running`` (not
+``create``), ``apply`` leaves it alone, and ``destroy`` refuses, saying which controller to stop first — destroying
+beside it would only see the controller start the workers again.
+
 A changed group is updated by draining: its out-of-date workers (started with another ``Group.version()``, which
 covers only what a running worker carries) take no new jobs, finish what they run and exit, and new workers start
 with the new settings (at least ``min_workers`` now, more as the controller sees demand). A change to the bounds,
@@ -24,12 +29,19 @@ from scaleq.providers.base import ProviderWorker
 from scaleq.providers.registry import ProviderContext, make_provider
 from scaleq.scaling.policy import Demand, PolicyState, decide, worker_views
 
+#: A group status a controller refreshed this recently means a controller runs the group (it refreshes every 5 s).
+LIVE_AFTER = 30.0
+
+
+class Refused(Exception):
+    """The operation would fight a running controller; the message says which and what to do."""
+
 
 @dataclass
 class GroupPlan:
     name: str
     provider: str
-    action: str  # create | update | remove | none
+    action: str  # create | update | remove | none | running (a live controller runs it)
     changes: list[str] = field(default_factory=list)
     workers: int = 0
     out_of_date: int = 0
@@ -77,8 +89,23 @@ class Deployer:
                 out.append((Group.model_validate(rec["spec"]), "recorded"))
         return out
 
+    async def controlled(self) -> dict[str, str]:
+        """Groups a live controller runs, each with how it is known (empty if the server does not answer)."""
+        try:
+            statuses = await self.client.groups()
+        except (ApiError, Unreachable):
+            return {}
+        now = time.time()
+        return {
+            g["name"]: f"a controller reported it {now - g['updated_at']:.0f} s ago ('scaleq up --grid' or "
+            "'scaleq autoscale')"
+            for g in statuses
+            if g.get("reporter", "controller") == "controller" and now - g["updated_at"] <= LIVE_AFTER
+        }
+
     async def plan(self) -> list[GroupPlan]:
         state = read_state(self.data_dir, self.grid.name)
+        controlled = await self.controlled()
         plans = []
         for group, origin in self._groups(state):
             rec = state["groups"].get(group.name)
@@ -95,6 +122,9 @@ class Deployer:
                     # only a new version (what a running worker carries) replaces workers: see out_of_date
                     p.action, p.changes = "update", _changes(rec["spec"], spec)
                 p.desired, p.reason = await self._decision(group, workers)
+                if group.name in controlled:
+                    p.action = "running"
+                    p.reason = f"run by a live controller: {controlled[group.name]}; apply leaves it to it. {p.reason}"
             plans.append(p)
         return plans
 
@@ -121,6 +151,9 @@ class Deployer:
         for p in plans:
             group = by_name[p.name]
             provider = make_provider(group, self.ctx)
+            if p.action == "running":
+                p.done = ["left to the controller that runs it (stop it to apply a change)"]
+                continue
             if p.action == "remove":
                 p.done = [f"removed worker {w}" for w in await provider.destroy(group)]
                 await self._forget_group(group.name)
@@ -148,6 +181,15 @@ class Deployer:
 
     async def destroy(self) -> list[GroupPlan]:
         state = read_state(self.data_dir, self.grid.name)
+        controlled = await self.controlled()
+        running = [(g.name, controlled[g.name]) for g, _ in self._groups(state) if g.name in controlled]
+        if running:
+            named = "; ".join(f"group {name}: {how}" for name, how in running)
+            raise Refused(
+                f"not destroying: a live controller runs this grid ({named}) and would start the workers again. "
+                "Stop it first (Ctrl-C on 'scaleq up --grid' / 'scaleq autoscale'; 'scaleq up' removes its "
+                "workers as it stops), then run destroy"
+            )
         plans = []
         for group, _ in self._groups(state):
             if group.name not in state["groups"] and not await make_provider(group, self.ctx).workers(group):
@@ -187,6 +229,7 @@ class Deployer:
                     "max": group.max_workers,
                     "current": current,
                     "desired": desired,
+                    "reporter": "apply",  # not a controller: doctor and destroy must not take it for one
                 }
             )
         except Unreachable:

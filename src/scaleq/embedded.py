@@ -19,7 +19,7 @@ from pathlib import Path
 
 import uvicorn
 
-from scaleq.config import write_server_info
+from scaleq.config import private_dir, write_server_info
 from scaleq.grid import Grid, Group
 from scaleq.notify import Notifier
 from scaleq.providers.base import Provider
@@ -87,7 +87,7 @@ async def serve(
     otlp_endpoint: str | None = None,
     ready: asyncio.Event | None = None,
 ) -> None:
-    data_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(data_dir)
     store = open_store(store_url or grid.store.url or str(data_dir / "scaleq.db"), durability=grid.store.durability)
     await store.open()
     try:

@@ -181,6 +181,15 @@ class SignalSpec(BaseModel):
     query: str | None = Field(default=None, description="PromQL, for promql")
     bearer_token: str | None = Field(default=None, description="sent as Authorization: Bearer …")
     timeout: float = Field(default=5.0, gt=0)
+    empty: Literal["error", "zero"] = Field(
+        default="error",
+        description="an empty result (no series): an error (the controller falls back to the server's count), or 0",
+    )
+    counts: Literal["queued", "queued_and_running"] = Field(
+        default="queued",
+        description="what the value counts: queued jobs (the controller adds the server's running count, as for "
+        "queue_length) or queued and running jobs together",
+    )
 
     def model_post_init(self, _: object) -> None:
         need = {"prometheus_text": ("url", "metric"), "promql": ("url", "query")}.get(self.kind, ())

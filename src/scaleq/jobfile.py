@@ -1,7 +1,10 @@
 """Build a job definition from a job file (TOML or JSON) and command-line flags, with the local input bytes.
 
 A job file holds the fields of :class:`scaleq.jobs.JobDefinition`, except that ``inputs`` lists local paths
-(relative to the file); flags override the file. Every problem is reported as ``where: field: problem``.
+(relative to the file), and may hold how the job is retried (:class:`scaleq.jobs.Retries`: ``max_attempts``,
+``retries``, ``retry_on_exit_codes``), which is not part of the definition (nor of the job's id); flags override the
+file. A line of ``submit-many`` is a job file's fields, so each job of an array carries its own retry settings. Every
+problem is reported as ``where: field: problem``.
 """
 
 from __future__ import annotations
@@ -15,15 +18,41 @@ import sys
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import ValidationError
 
-from scaleq.jobs import InputFile, JobDefinition, parse_env_pair
+from scaleq.jobs import InputFile, JobDefinition, Retries, parse_env_pair
 
 
 class JobInputError(ValueError):
     """Bad job input; the message names the file or flag, the field and the problem."""
+
+
+class JobSpec(NamedTuple):
+    """What a job file (or a line of one) gives: the validated definition, its input bytes by sha256, and the retry
+    settings it names (only those: flags and defaults fill in the rest)."""
+
+    definition: JobDefinition
+    blobs: dict[str, bytes]
+    retries: dict[str, Any]
+
+
+def problems(exc: ValidationError) -> str:
+    """A validation error as ``field: problem; …``."""
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}" for e in exc.errors())
+
+
+def retry_fields(data: dict[str, Any], where: str) -> dict[str, Any]:
+    """Take the retry settings out of a job file's fields (they are not the definition's) and check each; how they
+    go together is checked with the flags, when the submit request is made."""
+    fields = {k: data.pop(k) for k in list(data) if k in Retries.model_fields}
+    try:
+        Retries.model_validate(fields)
+    except ValidationError as exc:
+        if any(e["loc"] for e in exc.errors()):
+            raise JobInputError(f"{where}: {problems(exc)}") from exc
+    return fields
 
 
 def load_file(path: Path) -> dict[str, Any]:
@@ -79,8 +108,8 @@ def build(
     inputs: list[str] | None = None,
     tags: list[str] | None = None,
     workdir: str | None = None,
-) -> tuple[JobDefinition, dict[str, bytes]]:
-    """The definition (validated) and the bytes of its inputs."""
+) -> JobSpec:
+    """The definition (validated), the bytes of its inputs and the file's retry settings."""
     data: dict[str, Any] = load_file(file) if file else {}
     where = str(file) if file else "job"
     base = file.parent if file else Path.cwd()
@@ -120,10 +149,11 @@ def definition_from(
     base: Path,
     extra_inputs: list[str] | None = None,
     read: Callable[[Path], bytes] = Path.read_bytes,
-) -> tuple[JobDefinition, dict[str, bytes]]:
-    """A job file's fields (``inputs`` as local paths, relative to ``base``) → the validated definition and the
-    bytes of its inputs; problems are reported as ``where: field: problem``."""
+) -> JobSpec:
+    """A job file's fields (``inputs`` as local paths, relative to ``base``) → the validated definition, the bytes
+    of its inputs and its retry settings; problems are reported as ``where: field: problem``."""
     data = dict(data)
+    retries = retry_fields(data, where)
     local_inputs = data.pop("inputs", []) or []
     if not isinstance(local_inputs, list) or not all(isinstance(i, str) for i in local_inputs):
         raise JobInputError(f"{where}: inputs: must be a list of local paths")
@@ -135,12 +165,11 @@ def definition_from(
     try:
         definition = JobDefinition.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}" for e in exc.errors())
-        raise JobInputError(f"{where}: {problems}") from exc
-    return definition, blobs
+        raise JobInputError(f"{where}: {problems(exc)}") from exc
+    return JobSpec(definition, blobs, retries)
 
 
-def load_lines(path: Path) -> list[tuple[JobDefinition, dict[str, bytes]]]:
+def load_lines(path: Path) -> list[JobSpec]:
     """A JSON Lines file of job definitions (one job file's fields per line, ``inputs`` relative to the file; blank
     lines and lines starting with ``#`` skipped); every line is checked before any is returned."""
     try:

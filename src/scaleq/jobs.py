@@ -6,12 +6,23 @@ job's id, so submitting the same definition to the same queue twice is the same 
 
 Input files are part of the definition by content: the definition records each input's path and sha256, and the
 bytes travel separately as blobs. Two submits of the same command over different input bytes are different jobs.
+
+Every field is bounded here, so nothing a client sends can overflow a database column or a process table later:
+numbers have ranges, sizes a ceiling (:data:`MAX_SIZE`), and a job's argv and environment the limits of an
+``exec`` on Linux (:data:`MAX_ARG_BYTES` per string, :data:`MAX_EXEC_BYTES` in all). A definition past them is
+refused at submit with a 422 naming the field, not stored and returned by every listing.
+
+How a job is retried is not part of its definition (:class:`Retries`, given with the submit, like ``priority``): it
+changes how the job runs, not what it computes, so it is not hashed into the id. Two budgets, by cause: attempts lost
+to the infrastructure (``max_attempts``: a worker lost, a node gone; a preempted attempt is handed back and not
+counted) and the program's own failures (``retries``: a non-zero exit or a timeout, optionally only some exit codes).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from enum import StrEnum
 from typing import Any, Literal
@@ -27,6 +38,15 @@ _UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 #: Upper bound on max_duration (30 days): anything longer is a typo, not a job.
 MAX_DURATION_LIMIT = 30 * 24 * 3600
 DEFAULT_MAX_DURATION = 3600
+#: Largest size (memory, a file) anything may name: 1 EiB, far past any machine, well inside a signed 64-bit column.
+MAX_SIZE = 2**60
+#: Longest single argument or env entry (``NAME=value``): Linux's MAX_ARG_STRLEN; exec refuses longer ones.
+MAX_ARG_BYTES = 128 * 1024
+#: Most bytes of command, entrypoint and env together (each string + 1): half of Linux's usual 2 MiB ARG_MAX.
+MAX_EXEC_BYTES = 1024 * 1024
+#: Longest input path (PATH_MAX) and path component (NAME_MAX), in bytes.
+MAX_PATH_BYTES = 4096
+MAX_NAME_BYTES = 255
 
 
 class State(StrEnum):
@@ -41,6 +61,12 @@ class Reason(StrEnum):
     timed_out = "timed_out"
     cancelled = "cancelled"
     worker_lost = "worker_lost"
+
+
+#: Reasons of an attempt that are the program's own failure: retried while the job's ``retries`` last.
+PROGRAM_FAILURES = (Reason.failed, Reason.timed_out)
+#: Most retries (and attempts) a job may ask for.
+MAX_RETRIES = 100
 
 
 class RuntimeKind(StrEnum):
@@ -62,18 +88,25 @@ def parse_duration(value: str) -> float:
 
 def parse_size(value: int | float | str) -> int:
     """Bytes from ``512m``, ``2GiB``, ``1.5g`` or a plain number of bytes (binary units, as Docker reads them)."""
-    if isinstance(value, bool):
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
         raise ValueError("expected a size such as 512m or 2GiB")
     if isinstance(value, int | float):
-        size = int(value)
+        number = float(value)
     else:
         m = _SIZE.match(value)
         if not m:
             raise ValueError(f"{value!r} is not a size; use bytes or a number with k, m, g or t (e.g. 512m, 2GiB)")
-        size = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+        number = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    if not math.isfinite(number) or number > MAX_SIZE:
+        raise ValueError(f"{value!r} is too large: at most {MAX_SIZE // _UNITS['t']}t (1 EiB)")
+    size = int(value) if isinstance(value, int) else int(number)
     if size <= 0:
         raise ValueError("must be positive")
     return size
+
+
+def _utf8_len(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))
 
 
 def parse_env_pair(pair: str) -> tuple[str, str]:
@@ -93,7 +126,9 @@ class Requirements(BaseModel):
 
     cpus: float = Field(default=1.0, gt=0, le=1024, description="CPU cores (a limit in the docker runtime)")
     gpus: int = Field(default=0, ge=0, le=64, description="GPUs, passed to the engine as a device request")
-    memory: int | None = Field(default=None, description="bytes; accepts 512m, 2GiB (a hard limit in docker)")
+    memory: int | None = Field(
+        default=None, ge=1, le=MAX_SIZE, description="bytes; accepts 512m, 2GiB (a hard limit in docker)"
+    )
 
     @field_validator("memory", mode="before")
     @classmethod
@@ -108,7 +143,7 @@ class InputFile(BaseModel):
 
     path: str = Field(description="relative path under /inputs")
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    size: int = Field(ge=0)
+    size: int = Field(ge=0, le=MAX_SIZE)
     mode: int = Field(default=0o444, ge=0, le=0o777)
 
     @field_validator("path")
@@ -117,6 +152,12 @@ class InputFile(BaseModel):
         parts = v.split("/")
         if not v or v.startswith("/") or any(p in ("", ".", "..") for p in parts):
             raise ValueError(f"{v!r} must be a relative path without '.', '..' or empty parts")
+        if "\0" in v:
+            raise ValueError("must not contain a NUL character")
+        if _utf8_len(v) > MAX_PATH_BYTES or any(_utf8_len(p) > MAX_NAME_BYTES for p in parts):
+            raise ValueError(
+                f"is too long: at most {MAX_PATH_BYTES} bytes, and {MAX_NAME_BYTES} per directory or file name"
+            )
         return v
 
 
@@ -125,14 +166,18 @@ class JobDefinition(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    image: str | None = Field(default=None, description="container image; none means the process runtime")
+    image: str | None = Field(
+        default=None, max_length=1024, description="container image; none means the process runtime"
+    )
     command: list[str] = Field(min_length=1, description="argv of the job")
     entrypoint: list[str] | None = None
     env: dict[str, str] = Field(default_factory=dict)
-    workdir: str | None = None
-    inputs: list[InputFile] = Field(default_factory=list)
+    workdir: str | None = Field(default=None, max_length=MAX_PATH_BYTES)
+    inputs: list[InputFile] = Field(default_factory=list, max_length=100_000)
     max_duration: int = Field(default=DEFAULT_MAX_DURATION, gt=0, le=MAX_DURATION_LIMIT, description="seconds")
-    tags: list[str] = Field(default_factory=list, description="a worker must carry all of them to run the job")
+    tags: list[str] = Field(
+        default_factory=list, max_length=64, description="a worker must carry all of them to run the job"
+    )
     requirements: Requirements = Field(default_factory=Requirements)
     network: Literal["none", "host"] = Field(
         default="none", description="'host' runs only on workers started with --allow-host-network"
@@ -143,6 +188,11 @@ class JobDefinition(BaseModel):
     def _argv(cls, v: list[str] | None) -> list[str] | None:
         if v is not None and (not v or any(not isinstance(a, str) for a in v) or v[0] == ""):
             raise ValueError("must be a non-empty list of strings whose first item is not empty")
+        for n, arg in enumerate(v or ()):
+            if "\0" in arg:
+                raise ValueError(f"item {n} contains a NUL character, which no argv can carry")
+            if _utf8_len(arg) > MAX_ARG_BYTES:
+                raise ValueError(f"item {n} is {_utf8_len(arg)} bytes; an argument may be at most {MAX_ARG_BYTES}")
         return v
 
     @field_validator("image")
@@ -155,9 +205,13 @@ class JobDefinition(BaseModel):
     @field_validator("env")
     @classmethod
     def _env(cls, v: dict[str, str]) -> dict[str, str]:
-        for key in v:
+        for key, value in v.items():
             if not ENV_NAME.match(key):
                 raise ValueError(f"{key!r} is not a valid variable name")
+            if "\0" in value:
+                raise ValueError(f"{key}: the value contains a NUL character, which no environment can carry")
+            if _utf8_len(key) + 1 + _utf8_len(value) > MAX_ARG_BYTES:
+                raise ValueError(f"{key}: NAME=value is over {MAX_ARG_BYTES} bytes, more than exec accepts")
         return v
 
     @field_validator("workdir")
@@ -182,6 +236,17 @@ class JobDefinition(BaseModel):
             raise ValueError("inputs: two input files have the same path")
         return self
 
+    @model_validator(mode="after")
+    def _exec_size(self) -> JobDefinition:
+        strings = [*self.command, *(self.entrypoint or ()), *(f"{k}={v}" for k, v in self.env.items())]
+        total = sum(_utf8_len(s) + 1 for s in strings)
+        if total > MAX_EXEC_BYTES:
+            raise ValueError(
+                f"command, entrypoint and env: {total} bytes together, over the limit of {MAX_EXEC_BYTES} "
+                "(pass large data as an input file instead)"
+            )
+        return self
+
     @property
     def runtime(self) -> RuntimeKind:
         return RuntimeKind.docker if self.image else RuntimeKind.process
@@ -204,8 +269,63 @@ def validate_queue_name(name: str) -> str:
     return name
 
 
-class SubmitRequest(BaseModel):
-    """The body of ``POST /api/v1/jobs``: a definition, where to queue it, and the input bytes it names."""
+class Retries(BaseModel):
+    """How a job is retried, by cause (see the module's docstring). Not part of the definition: the same definition
+    with other retries is the same job, as with ``priority``; ``--rerun`` takes the new settings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_attempts: int = Field(
+        default=3,
+        ge=1,
+        le=MAX_RETRIES,
+        description="infrastructure budget: attempts before a job lost with its worker (lease expired, node gone) "
+        "finishes worker_lost; a preempted or handed-back attempt is not counted",
+    )
+    retries: int = Field(
+        default=0,
+        ge=0,
+        le=MAX_RETRIES,
+        description="program budget: times a failed (non-zero exit) or timed_out attempt is queued again",
+    )
+    retry_on_exit_codes: list[int] | None = Field(
+        default=None,
+        max_length=256,
+        description="retry only a failure with one of these exit codes (a timeout is then not retried); "
+        "default: every failure and timeout",
+    )
+
+    @field_validator("retry_on_exit_codes")
+    @classmethod
+    def _exit_codes(cls, v: list[int] | None) -> list[int] | None:
+        if v is None:
+            return None
+        if not v:
+            raise ValueError("give at least one exit code, or leave it out to retry every failure")
+        for code in v:
+            if code == 0 or not -(2**31) <= code <= 2**32 - 1:
+                raise ValueError(f"{code} is not a failing exit code (non-zero, as a process's exit status)")
+        return sorted(set(v))
+
+    @model_validator(mode="after")
+    def _codes_need_retries(self) -> Retries:
+        if self.retry_on_exit_codes is not None and self.retries == 0:
+            raise ValueError("retry_on_exit_codes: needs retries of at least 1 (retries is 0: nothing is retried)")
+        return self
+
+
+def retried(job: Job, reason: str, exit_code: int | None) -> bool:
+    """Whether an attempt of ``job`` that ended so goes back to the queue: a program failure of a kind the job
+    retries, with retries left. (PostgreSQL's finish statements say the same in SQL.)"""
+    if reason not in PROGRAM_FAILURES or job.failures >= job.retries:
+        return False
+    codes = job.retry_on_exit_codes
+    return codes is None or (reason == Reason.failed and exit_code in codes)
+
+
+class SubmitRequest(Retries):
+    """The body of ``POST /api/v1/jobs``: a definition, where to queue it, how to retry it, and the input bytes it
+    names."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -213,7 +333,6 @@ class SubmitRequest(BaseModel):
     definition: JobDefinition
     priority: int = Field(default=0, ge=-1000, le=1000, description="higher runs first; FIFO within a priority")
     rerun: bool = Field(default=False, description="run a finished job again instead of returning its result")
-    max_attempts: int = Field(default=3, ge=1, le=100, description="attempts before a lost job is worker_lost")
     blobs: dict[str, str] = Field(
         default_factory=dict, description="base64 bytes of the inputs the server lacks, by sha256"
     )
@@ -234,9 +353,14 @@ class Job(BaseModel):
     exit_code: int | None = None
     error: str | None = None
     priority: int = 0
-    attempts: int = Field(default=0, description="attempts in the current run (the retry budget)")
+    attempts: int = Field(
+        default=0, description="attempts of the current run counted toward max_attempts (lost, or running)"
+    )
     attempt: int = Field(default=0, description="number of the latest attempt (logs are kept per attempt)")
     max_attempts: int = 3
+    failures: int = Field(default=0, description="program failures of the current run retried so far")
+    retries: int = 0
+    retry_on_exit_codes: list[int] | None = None
     worker_id: str | None = None
     submitted_at: float
     started_at: float | None = None
@@ -258,9 +382,9 @@ class Capabilities(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     runtimes: list[RuntimeKind] = Field(default_factory=lambda: [RuntimeKind.docker])
-    cpus: float = Field(default=1.0, gt=0)
-    memory: int | None = None
-    gpus: int = Field(default=0, ge=0)
+    cpus: float = Field(default=1.0, gt=0, le=1_000_000)
+    memory: int | None = Field(default=None, ge=0, le=MAX_SIZE)
+    gpus: int = Field(default=0, ge=0, le=1_000_000)
     tags: list[str] = Field(default_factory=list)
     host_network: bool = False
 

@@ -15,14 +15,15 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
+
+from tests.helpers.processes import stop
+from tests.helpers.waiting import wait_for
 
 MARKER_VAR = "SCALEQ_ACCEPTANCE_GRID"
 HEX64 = r"^[0-9a-f]{64}$"
@@ -56,19 +57,6 @@ def cli(
         text=True,
         timeout=timeout,
     )
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.2, what: str = "condition") -> Any:
-    """Poll ``predicate`` until it returns something truthy; that value, or fail naming ``what``."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while True:
-        last = predicate()
-        if last:
-            return last
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}; last: {last!r}")
-        time.sleep(interval)
 
 
 def pid_alive(pid: int) -> bool:
@@ -107,6 +95,7 @@ class Grid:
 
     data_dir: Path
     lease_seconds: float | None = None
+    grid_file: Path | None = None  # ``scaleq up --grid``; without it the embedded default grid
     marker: str = field(default_factory=lambda: uuid.uuid4().hex)
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
@@ -124,6 +113,8 @@ class Grid:
         args = [sys.executable, "-m", "scaleq", "up", "--port", "0", "--data-dir", str(self.data_dir)]
         if self.lease_seconds is not None:
             args += ["--lease-seconds", str(self.lease_seconds)]
+        if self.grid_file is not None:
+            args += ["--grid", str(self.grid_file)]
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 args,
@@ -262,13 +253,8 @@ class Grid:
 
     def stop(self) -> None:
         self.worker_records()
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        if self.proc is not None:
+            stop(self.proc, grace=5)
         self.worker_records()
         for pid in self.worker_pids:
             _kill(pid)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,3 +99,21 @@ def test_unknown_state_filter_is_bad_usage(shared_grid: Grid) -> None:
     r = shared_grid.cli("jobs", "--state", "exploded")
     assert r.returncode == 2
     assert "--state" in r.stderr
+
+
+@pytest.mark.parametrize("command", ["job", "logs", "cancel"])
+def test_a_job_id_that_is_not_hex_is_bad_input(shared_grid: Grid, command: str) -> None:
+    r = shared_grid.cli(command, "abc")
+    assert r.returncode == 2, r
+    assert "'abc' is not a job id" in r.stderr and "6 hex digits" in r.stderr
+
+
+def test_a_finished_reason_is_a_state_filter(shared_grid: Grid) -> None:
+    r = shared_grid.cli("submit", "default", "--wait", "--output", "json", "--", "sh", "-c", f"exit 3 # {time.time()}")
+    job_id = json.loads(r.stdout)["id"]
+    failed = shared_grid.json("jobs", "--state", "failed", "--limit", "10000")
+    assert job_id in [j["id"] for j in failed]
+    assert all(j["state"] == "finished" and j["reason"] == "failed" for j in failed), failed
+    assert job_id not in [j["id"] for j in shared_grid.json("jobs", "--state", "success", "--limit", "10000")]
+    r = shared_grid.cli("jobs", "--state", "exploded")
+    assert r.returncode == 2 and "failed" in r.stderr  # the refusal lists the reasons too

@@ -8,22 +8,18 @@ ones ``docs/operations.md`` shows.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.acceptance.support import MARKER_VAR, Grid, base_env, cli, wait_for
+from tests.acceptance.support import Grid, cli
 
 CHROMIUM = Path("/usr/bin/chromium")
 FLAGS = [
@@ -55,43 +51,11 @@ HELLO = 'echo hello-dashboard; echo 42 > "$SCALEQ_OUTPUTS/answer.txt"; sleep 1'
 pytestmark = pytest.mark.timeout(240)
 
 
-@dataclass
-class FileGrid(Grid):
-    """A grid started from a grid file (``scaleq up --grid``); teardown as for every acceptance grid."""
-
-    grid_file: Path | None = None
-
-    def start(self, timeout: float = 20) -> None:
-        self.starts += 1
-        args = [sys.executable, "-m", "scaleq", "up", "--port", "0", "--data-dir", str(self.data_dir)]
-        args += ["--grid", str(self.grid_file)]
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                args,
-                env=base_env(**{MARKER_VAR: self.marker}),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-
-        def ready() -> bool:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise AssertionError(f"scaleq up exited with {self.proc.returncode}:\n{self.log_path.read_text()}")
-            try:
-                info = json.loads((self.data_dir / "server.json").read_text())
-                return info.get("pid") == self.proc.pid and httpx.get(info["url"] + "/healthz", timeout=2).is_success
-            except (OSError, ValueError, httpx.TransportError):
-                return False
-
-        wait_for(ready, timeout, 0.1, "scaleq up --grid to write server.json and answer")
-
-
 @pytest.fixture(scope="module")
-def grid(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FileGrid]:
+def grid(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Grid]:
     root = tmp_path_factory.mktemp("dashboard")
     (root / "grid.toml").write_text(GRID_FILE)
-    g = FileGrid(root / "data", grid_file=root / "grid.toml")
+    g = Grid(root / "data", grid_file=root / "grid.toml")
     try:
         g.start()
         yield g
@@ -166,7 +130,7 @@ def log_in(page: Any, grid: Grid, token: str | None = None) -> None:
     page.get_by_role("button", name="Log in").click()
 
 
-def test_the_server_serves_the_dashboard(grid: FileGrid) -> None:
+def test_the_server_serves_the_dashboard(grid: Grid) -> None:
     root = httpx.get(grid.url + "/", follow_redirects=False)
     assert root.status_code == 307 and root.headers["location"] == "/dashboard/"
     index = httpx.get(grid.url + "/dashboard/")
@@ -178,7 +142,7 @@ def test_the_server_serves_the_dashboard(grid: FileGrid) -> None:
     assert "http://" not in index.text and "https://" not in index.text, "nothing from outside the server"
 
 
-def test_a_wrong_token_shows_the_login_error(grid: FileGrid, page: Any) -> None:
+def test_a_wrong_token_shows_the_login_error(grid: Grid, page: Any) -> None:
     from playwright.sync_api import expect
 
     log_in(page, grid, "sq_00000000_not-a-real-token")
@@ -194,7 +158,7 @@ def test_a_wrong_token_shows_the_login_error(grid: FileGrid, page: Any) -> None:
     expect(page.locator("#login-error")).to_contain_text("log in again")
 
 
-def test_health_says_so_when_the_server_has_no_checks(grid: FileGrid, page: Any) -> None:
+def test_health_says_so_when_the_server_has_no_checks(grid: Grid, page: Any) -> None:
     """An older server without GET /api/v1/health/checks: the Health view says so instead of failing."""
     from playwright.sync_api import expect
 
@@ -206,7 +170,7 @@ def test_health_says_so_when_the_server_has_no_checks(grid: FileGrid, page: Any)
     expect(page.locator("table.health")).to_be_hidden()
 
 
-def test_a_job_and_a_scaling_decision_in_the_dashboard(grid: FileGrid, page: Any, shots: Path) -> None:
+def test_a_job_and_a_scaling_decision_in_the_dashboard(grid: Grid, page: Any, shots: Path, tmp_path: Path) -> None:
     from playwright.sync_api import expect
 
     log_in(page, grid)
@@ -219,7 +183,8 @@ def test_a_job_and_a_scaling_decision_in_the_dashboard(grid: FileGrid, page: Any
     job_id = submit(grid, "sh", "-c", HELLO)
     failing = submit(grid, "sh", "-c", "echo 'input.csv: no such file' >&2; exit 3")
     submit(grid, "sh", "-c", "for i in 1 2 3; do echo step $i; sleep 1; done")
-    long_job = submit(grid, "sh", "-c", "echo working; sleep 6")
+    gate = tmp_path / "gate"  # the long job holds until the test has seen its worker busy
+    long_job = submit(grid, "sh", "-c", f"echo working; while [ ! -e {gate} ]; do sleep 0.05; done")
     row = page.locator(f'tr[data-job-id="{job_id}"]')
     expect(row).to_be_visible()
     expect(row.locator(".badge")).to_have_attribute("data-state", "success", timeout=30_000)
@@ -266,6 +231,7 @@ def test_a_job_and_a_scaling_decision_in_the_dashboard(grid: FileGrid, page: Any
     expect(card.locator(f'tr[data-event-id="{up["id"]}"]')).to_contain_text("scale up")
     marker = card.locator(f'.marker[data-event-id="{up["id"]}"]')
     expect(marker.locator("title")).to_contain_text(up["reason"])
+    gate.touch()
     grid.wait_state(long_job, "finished", 30)
     expect(card.locator('tr[data-kind="scale_down"]').first).to_be_visible(timeout=30_000)
     expect(card.locator(".fig-current .v")).to_have_text("0", timeout=30_000)

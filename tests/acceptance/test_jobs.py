@@ -17,7 +17,8 @@ import time
 import uuid
 from pathlib import Path
 
-from tests.acceptance.support import HEX64, Grid, pid_alive, wait_for
+from tests.acceptance.support import HEX64, Grid, pid_alive
+from tests.helpers import wait_for
 
 SUMMARY_KEYS = {
     "id",

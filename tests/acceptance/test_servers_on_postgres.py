@@ -14,7 +14,8 @@ from pathlib import Path
 import httpx
 import psycopg
 
-from tests.acceptance.support import base_env, cli, wait_for
+from tests.acceptance.support import base_env, cli
+from tests.helpers import wait_for
 
 
 @contextlib.contextmanager

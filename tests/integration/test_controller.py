@@ -8,35 +8,27 @@ import time
 from collections.abc import Collection
 from pathlib import Path
 
+import pytest
+
 from scaleq.client import Client
-from scaleq.deploy import Deployer, state_path
+from scaleq.deploy import Deployer, Refused, state_path
 from scaleq.grid import Grid, Group
-from scaleq.jobs import JobDefinition, RuntimeKind, SubmitRequest
+from scaleq.jobs import JobDefinition, SubmitRequest
 from scaleq.notify import Notifier
-from scaleq.providers.base import DESTROY_GRACE, Health, ProviderWorker
+from scaleq.providers.base import DESTROY_GRACE, Health, ProviderBase, ProviderWorker
 from scaleq.providers.local import LocalProvider
 from scaleq.providers.registry import ProviderContext
 from scaleq.scaling.controller import Controller
 from scaleq.scaling.observe import RemoteObserver, StoreObserver
 from scaleq.scaling.policy import PolicyState, decide
 from scaleq.store.sqlite import SQLiteStore
-from tests.helpers import LiveServer, controlling, eventually, never_registering
+from tests.helpers import LiveServer, controlling, eventually
+from tests.helpers.drivers import never_registering
+from tests.helpers.groups import fast_group
 
 
 def group(name: str = "cpu", **kw: object) -> Group:
-    fields = {
-        "queue": "q",
-        "provider": "local",
-        "min_workers": 0,
-        "max_workers": 3,
-        "slots": 1,
-        "runtimes": [RuntimeKind.process],
-        "idle_timeout": 1.0,
-        "scale_down_window": 1.0,
-        "lookahead": 1.0,  # a local worker registers in well under a second
-    }
-    fields.update(kw)
-    return Group(name=name, **fields)
+    return fast_group(name, **{"lookahead": 1.0, **kw})  # a local worker registers in well under a second
 
 
 def local(live: LiveServer, tmp_path: Path) -> LocalProvider:
@@ -60,10 +52,13 @@ async def test_scales_from_zero_to_max_and_back_to_zero(live: LiveServer, tmp_pa
     controller = Controller([(g, provider)], RemoteObserver(admin), tick=0.2)
     try:
         async with controlling(controller):
-            ids = [await submit(admin, "sh", "-c", f"sleep 2; echo {i}") for i in range(6)]
-            first = time.monotonic()
+            gate = tmp_path / "gate"  # the jobs hold until the group is at its max
+            ids = [
+                await submit(admin, "sh", "-c", f"while [ ! -e {gate} ]; do sleep 0.05; done; echo {i}")
+                for i in range(6)
+            ]
             await eventually(lambda: _count(provider, g, 3), timeout=10)
-            assert time.monotonic() - first < 10
+            gate.touch()
             for job_id in ids:
                 await eventually(lambda j=job_id: _finished(admin, j), timeout=30)
             await eventually(lambda: _count(provider, g, 0), timeout=20)
@@ -99,13 +94,15 @@ async def test_scale_in_never_stops_a_busy_worker(live: LiveServer, tmp_path: Pa
     controller = Controller([(g, provider)], RemoteObserver(admin), tick=0.2)
     try:
         async with controlling(controller):
-            long_job = await submit(admin, "sh", "-c", "sleep 6; echo long")
+            gate = tmp_path / "gate"  # the long job holds until the test has seen the idle worker go
+            long_job = await submit(admin, "sh", "-c", f"while [ ! -e {gate} ]; do sleep 0.05; done; echo long")
             short_job = await submit(admin, "sh", "-c", "echo short")
             await eventually(lambda: _finished(admin, short_job), timeout=15)
             # the idle worker goes after its 1 s idle timeout; the busy one must stay until its job is done
             await eventually(lambda: _count(provider, g, 1), timeout=15)
             job = await admin.get_job(long_job)
             assert job.state == "running"
+            gate.touch()
             await eventually(lambda: _finished(admin, long_job), timeout=15)
             (attempt,) = await admin.attempts(long_job)
             assert attempt["outcome"] == "success"
@@ -158,6 +155,9 @@ class FlakyProvider:
 
     async def reap(self, g: Group, worker_ids: Collection[str]) -> set[str]:
         return await self.inner.reap(g, worker_ids)
+
+    async def preempted(self, g: Group, worker_ids: Collection[str]) -> dict[str, str]:
+        return await self.inner.preempted(g, worker_ids)
 
     async def wait_gone(self, g: Group, timeout: float) -> bool:
         return await self.inner.wait_gone(g, timeout)
@@ -225,6 +225,36 @@ async def test_apply_then_destroy_leaves_nothing(live: LiveServer, tmp_path: Pat
             assert not Path(f"/proc/{pid}").exists() or b"zombie" in Path(f"/proc/{pid}/status").read_bytes().lower()
         assert await admin.groups() == []
     finally:
+        await admin.close()
+
+
+async def test_plan_apply_and_destroy_beside_a_running_controller(live: LiveServer, tmp_path: Path) -> None:
+    g = group()
+    grid = Grid(name="t", groups=[g])
+    admin = live.client("admin")
+    ctx = ProviderContext("t", live.url, live.tokens["worker"], tmp_path)
+    deployer = Deployer(grid, tmp_path, admin, ctx)
+    provider = local(live, tmp_path)
+    try:
+        async with controlling(Controller([(g, provider)], RemoteObserver(admin), tick=0.2)):
+            await eventually(admin.groups, what="the controller's first status")
+            (p,) = await deployer.plan()
+            assert p.action == "running" and "live controller" in p.reason, p  # not "create"
+            (p,) = await deployer.apply()
+            assert p.action == "running" and p.done == [
+                "left to the controller that runs it (stop it to apply a change)"
+            ]
+            assert not state_path(tmp_path, "t").exists()
+            with pytest.raises(Refused) as refused:
+                await deployer.destroy()
+            assert "group cpu" in str(refused.value) and "Stop it first" in str(refused.value)
+        # a controller that stops says so: destroy goes ahead at once
+        (status,) = await admin.groups()
+        assert status["reporter"] == "stopped"
+        assert [p.action for p in await deployer.plan()] == ["create"]
+        assert await deployer.destroy() == []
+    finally:
+        await provider.destroy(g, grace=5)
         await admin.close()
 
 
@@ -296,3 +326,142 @@ async def test_local_workers_that_never_register_are_replaced_never_piled_up(
 
 def _alive(w: ProviderWorker) -> bool:
     return Path(f"/proc/{w.detail.split()[1]}").exists()
+
+
+class CountingProvider(LocalProvider):
+    """The local provider, noting the most workers it ever ran for the group right after each start."""
+
+    most = 0
+
+    async def start(self, group: Group, n: int) -> list[str]:
+        started = await super().start(group, n)
+        self.most = max(self.most, len(await self.workers(group)))
+        return started
+
+
+async def test_draining_workers_count_toward_max_until_they_are_gone(live: LiveServer, tmp_path: Path) -> None:
+    g = group(max_workers=3)
+    provider = CountingProvider(
+        grid="t", server=live.url, token=live.tokens["worker"], state_dir=tmp_path / "w", log_dir=tmp_path / "l"
+    )
+    gate = tmp_path / "gate"
+    admin = live.client("admin")
+    controller = Controller([(g, provider)], RemoteObserver(admin), tick=0.2)
+    try:
+        async with controlling(controller):
+            wait = f"while [ ! -e {gate} ]; do sleep 0.05; done"
+            ids = [await submit(admin, "sh", "-c", f"{wait}; echo {i}") for i in range(5)]
+            await eventually(lambda: _count(provider, g, 3), timeout=15)
+            busy = await eventually(lambda: _busy_workers(admin, 3), timeout=15)
+            await admin.drain_worker(busy[0])
+            # the controller sees the drain and wants a replacement, but holds it while the drained worker runs
+            await eventually(lambda: _decided(controller, "1 draining count toward max 3 until they are gone"))
+            assert len(await provider.workers(g)) == 3
+            gate.touch()
+            for job_id in ids:
+                await eventually(lambda j=job_id: _finished(admin, j), timeout=30)
+        assert provider.most <= 3
+    finally:
+        await provider.destroy(g, grace=5)
+        await admin.close()
+
+
+async def _busy_workers(c: Client, n: int) -> list[str] | None:
+    busy = [w.id for w in await c.workers() if w.busy]
+    return busy if len(busy) == n else None
+
+
+async def _decided(controller: Controller, words: str) -> bool:
+    last = controller.loops[0].last
+    return last is not None and words in last.reason
+
+
+async def test_jobs_no_worker_of_the_group_can_run_are_said(live: LiveServer, tmp_path: Path) -> None:
+    g = group(max_workers=2)
+    admin = live.client("admin")
+    provider = local(live, tmp_path)
+    try:
+        for i in range(3):  # the group's workers run process jobs only: docker jobs are not theirs
+            await admin.submit(SubmitRequest(queue="q", definition=JobDefinition(image="alpine", command=[str(i)])))
+        controller = Controller([(g, provider)], RemoteObserver(admin))
+        decision = await controller.step_group(controller.loops[0])
+        assert decision is not None and decision.desired == 0 and decision.reason.startswith("0 jobs waiting")
+        (said,) = [e for e in await admin.events(group="cpu") if e["kind"] == "unrunnable"]
+        assert "3 job(s) queued on queue q that this group cannot run" in said["reason"]
+        (status,) = await admin.groups()
+        assert "3 queued job(s) on queue q it cannot run" in status["note"]
+    finally:
+        await provider.destroy(g, grace=5)
+        await admin.close()
+
+
+class SpotProvider(ProviderBase):
+    """A stand-in for a cloud whose machines are taken back: it lists the given workers and reports those in
+    ``taken`` preempted, in its own words, recording what it was asked."""
+
+    name = "spot"
+
+    def __init__(self, listed: list[str], taken: set[str]) -> None:
+        self.listed, self.taken = listed, taken
+        self.asked: list[list[str]] = []
+
+    async def workers(self, g: Group) -> list[ProviderWorker]:
+        return [ProviderWorker(i, g.name, 0.0, "running") for i in self.listed]
+
+    async def start(self, g: Group, count: int) -> list[str]:
+        return []
+
+    async def stop(self, g: Group, worker_id: str, *, force: bool = False) -> None:
+        return None
+
+    async def health(self) -> Health:
+        return Health(True, "spot")
+
+    async def preempted(self, g: Group, worker_ids: Collection[str]) -> dict[str, str]:
+        self.asked.append(sorted(worker_ids))
+        return {i: f"instance {i}: compute.instances.preempted" for i in worker_ids if i in self.taken}
+
+
+@pytest.mark.parametrize("remote", [True, False], ids=["remote", "in-process"])
+async def test_jobs_of_a_worker_the_provider_reports_preempted_come_back_unspent(
+    live: LiveServer, remote: bool
+) -> None:
+    g = group(max_workers=3)
+    provider = SpotProvider(["spot-1", "spot-2", "alive"], taken={"spot-1"})
+    admin, worker = live.client("admin"), live.client("worker")
+    try:
+        jobs = {}
+        for wid in ("spot-1", "spot-2", "alive"):  # each claims one job, then (but for "alive") falls silent
+            await worker.register(
+                {"id": wid, "queue": "q", "group": g.name, "slots": 1, "runtimes": ["process"], "cpus": 1}
+            )
+            job, _ = await admin.submit(
+                SubmitRequest(queue="q", definition=JobDefinition(command=["x", wid]), max_attempts=1)
+            )
+            (claim,), _, _ = await worker.claim(wid, 1, wait=0)
+            jobs[wid] = claim.job.id
+        # the controller's clock runs ahead: the workers' heartbeats look older than SILENT_AFTER
+        ahead = lambda: time.time() + 10  # noqa: E731
+        observer = RemoteObserver(admin) if remote else StoreObserver(live.store, Notifier(), ahead)
+        async with controlling(Controller([(g, provider)], observer, tick=0.2, clock=ahead)):
+
+            async def preempted() -> list[dict]:
+                return [e for e in await admin.events(group=g.name) if e["kind"] == "preempted"]
+
+            (event,) = await eventually(preempted, what="a preempted event")
+            while True:  # keep "alive" alive: it is asked about (silent by the clock ahead) but not taken
+                await worker.heartbeat("alive", leases=None)
+                if len(provider.asked) >= 2:
+                    break
+                await asyncio.sleep(0.1)
+        assert "spot-1 was preempted (instance spot-1: compute.instances.preempted)" in event["reason"]
+        assert "1 job(s) back in the queue" in event["reason"]
+        back = await admin.get_job(jobs["spot-1"])
+        assert (back.state, back.attempts) == ("queued", 0)  # max_attempts 1, and not spent
+        assert [a["outcome"] for a in await admin.attempts(back.id)] == ["preempted"]
+        for wid in ("spot-2", "alive"):  # not taken: their jobs are left to their leases (running, or lost)
+            assert [a["outcome"] for a in await admin.attempts(jobs[wid])] in ([None], ["lost"])
+        assert provider.asked[0] == ["alive", "spot-1", "spot-2"]
+    finally:
+        await admin.close()
+        await worker.close()

@@ -31,30 +31,16 @@ from scaleq.providers.docker import DEFAULT_IMAGE, DockerProvider
 from scaleq.scaling.controller import Controller
 from scaleq.scaling.observe import RemoteObserver
 from scaleq.store.sqlite import SQLiteStore
-from tests.helpers import LiveServer, controlling, eventually, never_registering
+from tests.helpers import LiveServer, controlling, eventually
+from tests.helpers.drivers import never_registering
+from tests.helpers.engine import BUSYBOX
+from tests.helpers.groups import fast_group
 
 # a cold build of the worker image (debootstrap, wheels) takes about 2 minutes, inside the first test's time
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(400)]
 ROOT = Path(__file__).resolve().parents[2]
-BUSYBOX = "scaleq-test/busybox:latest"
 BAD_HOST = "DOCKER_HOST=unix:///nonexistent/scaleq/docker.sock"
-
-
-@pytest.fixture(scope="session")
-def engine() -> Iterator[docker.DockerClient]:
-    if not os.environ.get("DOCKER_HOST"):
-        pytest.fail(
-            'DOCKER_HOST is not set: start a Docker Engine with eval "$(scripts/docker-engine.sh | tail -n1)" '
-            "and run these tests again (they need a real engine and never skip).",
-            pytrace=False,
-        )
-    client = docker.DockerClient.from_env()
-    try:
-        client.images.get(BUSYBOX)
-    except docker.errors.ImageNotFound:
-        pytest.fail(f"{BUSYBOX} is missing: run scripts/docker-engine.sh to build it", pytrace=False)
-    yield client
-    client.close()
+GATE = "/tmp/scaleq-test-gate"  # in a worker container, where its process jobs run
 
 
 @pytest.fixture(scope="session")
@@ -100,18 +86,7 @@ def cleanup(engine: docker.DockerClient, grid_name: str) -> Iterator[set[str]]:
 
 
 def group(name: str = "box", **kw: Any) -> Group:
-    fields: dict[str, Any] = {
-        "queue": "q",
-        "provider": "docker",
-        "min_workers": 0,
-        "max_workers": 3,
-        "slots": 1,
-        "runtimes": [RuntimeKind.process],
-        "idle_timeout": 1.0,
-        "scale_down_window": 1.0,
-    }
-    fields.update(kw)
-    return Group(name=name, **fields)
+    return fast_group(name, **{"provider": "docker", **kw})
 
 
 def provider_for(live: LiveServer, grid_name: str, **kw: Any) -> DockerProvider:
@@ -126,6 +101,10 @@ async def finished(c: Client, job_id: str, reason: str = "success") -> bool:
     job = await c.get_job(job_id)
     assert job.state != "finished" or job.reason == reason, f"job {job_id[:12]} finished {job.reason}: {job.error}"
     return job.state == "finished"
+
+
+async def jobs_running(c: Client, ids: list[str], n: int) -> bool:
+    return sum([(await c.get_job(i)).state == "running" for i in ids]) == n
 
 
 async def registered(c: Client, ids: set[str]) -> bool:
@@ -148,14 +127,19 @@ async def test_controller_scales_worker_containers_from_zero_to_three_and_back(
             submitted = time.monotonic()
             ids = []
             for i in range(6):
+                # each job holds until the test opens the gate in its worker's container, once all three run one
+                script = f"while [ ! -e {GATE} ]; do sleep 0.05; done; echo {i}"
                 job, _ = await admin.submit(
-                    SubmitRequest(queue="q", definition=JobDefinition(command=["sh", "-c", f"sleep 2; echo {i}"]))
+                    SubmitRequest(queue="q", definition=JobDefinition(command=["sh", "-c", script]))
                 )
                 ids.append(job.id)
             await eventually(lambda: running(provider, g, 3), timeout=15, what="3 worker containers running")
             up = time.monotonic() - submitted
             containers, _ = labelled(engine, f"scaleq.grid={grid_name}", "scaleq.group=box")
             assert len(containers) == 3 and all(c.status == "running" for c in containers)
+            await eventually(lambda: jobs_running(admin, ids, 3), timeout=40, what="a job on each worker container")
+            for c in containers:
+                assert c.exec_run(["touch", GATE]).exit_code == 0
             for job_id in ids:
                 await eventually(lambda j=job_id: finished(admin, j), timeout=40, what=f"job {job_id[:12]}")
             for i, job_id in enumerate(ids):
@@ -272,7 +256,7 @@ async def test_a_second_provider_adopts_by_label_and_destroy_leaves_nothing(
         # a long container job with an input: a job container and an inputs volume exist while destroy runs
         (tmp_path / "data.txt").write_text("x")
         entries, blobs = collect_inputs([str(tmp_path / "data.txt")], tmp_path)
-        definition = JobDefinition(image=BUSYBOX, command=["sleep", "30"], inputs=entries)
+        definition = JobDefinition(image=BUSYBOX, command=["sleep", "300"], inputs=entries)
         job, _ = await admin.submit(SubmitRequest(queue="q", definition=definition, blobs=encode_blobs(blobs)))
 
         async def job_container_running() -> bool:
@@ -280,9 +264,8 @@ async def test_a_second_provider_adopts_by_label_and_destroy_leaves_nothing(
             return any(c.status == "running" for c in cs) and bool(vs)
 
         await eventually(job_container_running, timeout=20, what="the job's container and inputs volume")
-        started = time.monotonic()
-        removed = await second.destroy(g, grace=2)
-        took = time.monotonic() - started
+        async with asyncio.timeout(60):  # the job sleeps for 300 s: destroy must not wait for it
+            removed = await second.destroy(g, grace=2)
         assert set(removed) == ids
         assert labelled(engine, f"scaleq.grid={grid_name}") == ([], [])
         for w in ids:
@@ -291,7 +274,6 @@ async def test_a_second_provider_adopts_by_label_and_destroy_leaves_nothing(
         assert await first.workers(g) == [] and await second.workers(g) == []
         # the draining workers handed the job back (second SIGTERM) rather than losing it
         assert (await admin.get_job(job.id)).state == "queued"
-        assert took < 15, f"destroy took {took:.1f} s"
     finally:
         await first.destroy(g, grace=2)
         await first.close()

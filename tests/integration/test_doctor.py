@@ -6,19 +6,14 @@ JSON, and the health routes the dashboard reads, too."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import shutil
-import socket
 import sqlite3
-import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from prometheus_client import CollectorRegistry, Gauge, start_http_server
 from typer.testing import CliRunner
 
 from scaleq.cli import app
@@ -26,34 +21,25 @@ from scaleq.client import Client
 from scaleq.doctor.checks import Check, all_ok
 from scaleq.doctor.remote import run_checks
 from scaleq.grid import Grid, Group, SignalSpec
-from scaleq.jobs import JobDefinition, RuntimeKind, SubmitRequest
+from scaleq.jobs import JobDefinition, SubmitRequest
 from scaleq.providers.registry import ProviderContext
 from scaleq.server.checks import server_side_checks
 from scaleq.server.settings import ServerSettings
 from scaleq.store.base import GroupStatus
 from scaleq.store.sqlite import SQLiteStore
-from tests.helpers import LiveServer, eventually, serve
+from tests.helpers import LiveServer, eventually, free_port
+from tests.helpers.groups import fast_group
+from tests.helpers.prometheus import metrics_endpoint
+from tests.helpers.prometheus import prometheus as run_prometheus
 
 runner = CliRunner()
 
 
-@pytest.fixture
-async def sqlite_live(sqlite_store: SQLiteStore, settings: ServerSettings) -> AsyncIterator[LiveServer]:
-    """For checks where the store's dialect does not matter (signals, providers, the CLI)."""
-    async with serve(sqlite_store, settings) as server:
-        yield server
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# sqlite_live (tests/conftest.py): for checks where the store's dialect does not matter (signals, providers, the CLI)
 
 
 def group(name: str = "cpu", **kw: object) -> Group:
-    fields: dict[str, object] = {"queue": "q", "provider": "local", "max_workers": 2, "runtimes": [RuntimeKind.process]}
-    fields.update(kw)
-    return Group(name=name, **fields)
+    return fast_group(name, **{"max_workers": 2, **kw})
 
 
 def ctx(live: LiveServer, tmp_path: Path) -> ProviderContext:
@@ -232,7 +218,15 @@ async def test_a_signal_endpoint_that_is_down_is_named(sqlite_live: LiveServer, 
     prometheus = find(checks, "group prom", "prometheus")
     assert not prometheus.ok and prom_url in prometheus.detail and "start Prometheus" in prometheus.fix
     assert [c for c in checks if c.name == "prometheus"] == [prometheus]  # only promql signals use Prometheus
-    assert set(failed(checks)) == {("group text", "signal"), ("group prom", "signal"), ("group prom", "prometheus")}
+    # a Prometheus that does not answer cannot say how its scrape targets are doing either
+    targets = find(checks, "group prom", "scrape targets")
+    assert not targets.ok and f"{prom_url}/api/v1/targets" in targets.detail
+    assert set(failed(checks)) == {
+        ("group text", "signal"),
+        ("group prom", "signal"),
+        ("group prom", "prometheus"),
+        ("group prom", "scrape targets"),
+    }
 
 
 async def test_a_promql_url_that_is_not_prometheus_is_named(sqlite_live: LiveServer, tmp_path: Path) -> None:
@@ -248,58 +242,27 @@ async def test_a_promql_url_that_is_not_prometheus_is_named(sqlite_live: LiveSer
 @pytest.fixture(scope="module")
 def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real Prometheus (Debian's, from scripts/prometheus.sh) with nothing to scrape: PromQL still answers."""
-    binary = shutil.which("prometheus")
-    if binary is None:
-        pytest.fail("the prometheus binary is not on PATH: run scripts/prometheus.sh (Debian's prometheus package)")
-    work = tmp_path_factory.mktemp("prometheus")
-    (work / "prometheus.yml").write_text("global:\n  scrape_interval: 15s\n")
-    port = free_port()
-    with open(work / "prometheus.log", "wb") as log:
-        proc = subprocess.Popen(
-            [
-                binary,
-                f"--config.file={work / 'prometheus.yml'}",
-                f"--storage.tsdb.path={work / 'data'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/-/ready", timeout=1).status_code == 200:
-                    break
-            assert proc.poll() is None, (work / "prometheus.log").read_text()[-2000:]
-            assert time.monotonic() < deadline, "prometheus not ready in 30 s"
-            time.sleep(0.2)
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    with run_prometheus("global:\n  scrape_interval: 15s\n", tmp_path_factory.mktemp("prometheus")) as prom:
+        prom.wait("/-/ready", prom.ready, timeout=30)
+        yield prom.url
 
 
 async def test_healthy_external_signals_and_prometheus_pass(
     sqlite_live: LiveServer, tmp_path: Path, prometheus: str
 ) -> None:
-    registry = CollectorRegistry()
-    Gauge("queue_length", "jobs waiting", ["queue"], registry=registry).labels(queue="q").set(4)
-    httpd, thread = start_http_server(0, addr="127.0.0.1", registry=registry)
-    text_url = f"http://127.0.0.1:{httpd.server_port}/metrics"
-    text = group("text", signal=SignalSpec(kind="prometheus_text", url=text_url, metric="queue_length"))
-    prom = group("prom", signal=SignalSpec(kind="promql", url=prometheus, query="vector(3)"))
-    try:
+    with metrics_endpoint() as endpoint:
+        endpoint.gauge.labels(queue="q").set(4)
+        text_url = endpoint.url
+        text = group("text", signal=SignalSpec(kind="prometheus_text", url=text_url, metric="queue_length"))
+        prom = group("prom", queue="q3", signal=SignalSpec(kind="promql", url=prometheus, query="vector(3)"))
         async with sqlite_live.client("admin") as admin:
             for g in (text, prom):
                 await fresh_status(admin, g)
+            # the server's own counts agree with both signals (doctor compares them)
+            for queue, n in (("q", 4), ("q3", 3)):
+                for i in range(n):
+                    await admin.submit(SubmitRequest(queue=queue, definition=JobDefinition(command=["echo", str(i)])))
             checks = await run_checks(admin, Grid(name="t", groups=[text, prom]), ctx(sqlite_live, tmp_path))
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(5)
     assert all_ok(checks), [c for c in checks if not c.ok]
     assert find(checks, "group text", "signal").detail == f"queue_length at {text_url} reads 4"
     assert find(checks, "group prom", "signal").detail == f"PromQL 'vector(3)' at {prometheus} reads 3"

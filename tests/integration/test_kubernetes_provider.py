@@ -12,7 +12,6 @@ import contextlib
 import json
 import logging
 import os
-import socket
 import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -22,10 +21,11 @@ import pytest
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 
+from scaleq.client import Client
 from scaleq.deploy import Deployer
 from scaleq.doctor.remote import run_checks
 from scaleq.grid import Grid, Group, KubernetesSettings
-from scaleq.jobs import JobDefinition, Requirements, RuntimeKind, SubmitRequest
+from scaleq.jobs import JobDefinition, Requirements, SubmitRequest
 from scaleq.providers.base import ProviderError
 from scaleq.providers.kubernetes import (
     GRID_LABEL,
@@ -42,7 +42,9 @@ from scaleq.scaling.controller import Controller
 from scaleq.scaling.observe import RemoteObserver
 from scaleq.server.settings import ServerSettings
 from scaleq.store.sqlite import SQLiteStore
-from tests.helpers import LiveServer, controlling, eventually, never_registering, refused_then_retried, serve
+from tests.helpers import LiveServer, controlling, eventually, free_port, serve
+from tests.helpers.drivers import never_registering, refused_then_retried
+from tests.helpers.groups import fast_group
 from tests.standins.kubernetes_api import KubernetesStandIn
 
 NS = "scaleq"
@@ -75,20 +77,9 @@ async def server(sqlite_store: SQLiteStore, settings: ServerSettings) -> AsyncIt
 
 
 def group(kubeconfig: Path | None, name: str = "cpu", **kw: object) -> Group:
-    fields: dict[str, object] = {
-        "queue": "q",
-        "provider": "kubernetes",
-        "image": IMAGE,
-        "min_workers": 0,
-        "max_workers": 3,
-        "runtimes": [RuntimeKind.process],
-        "resources": Requirements(cpus=1),
-        "idle_timeout": 1.0,
-        "scale_down_window": 1.0,
-        "kubernetes": KubernetesSettings(kubeconfig=str(kubeconfig) if kubeconfig else None, namespace=NS),
-    }
-    fields.update(kw)
-    return Group(name=name, **fields)
+    settings = KubernetesSettings(kubeconfig=str(kubeconfig) if kubeconfig else None, namespace=NS)
+    fields = {"provider": "kubernetes", "image": IMAGE, "resources": Requirements(cpus=1), "kubernetes": settings}
+    return fast_group(name, **{**fields, **kw})
 
 
 @contextlib.asynccontextmanager
@@ -377,8 +368,12 @@ async def test_no_credentials_is_a_clear_error_from_list_health_plan_and_doctor(
     checks = await run_checks(None, grid, ctx, unconfigured="no server for this test")
     (check,) = [c for c in checks if c.name == "provider"]
     assert not check.ok and "no Kubernetes credentials found" in check.detail
-    with pytest.raises(ProviderError, match="no Kubernetes credentials found"):
-        await Deployer(grid, tmp_path, None, ctx).plan()  # type: ignore[arg-type]
+    nobody = Client("http://127.0.0.1:9", "token")  # no server: plan finds no live controller, then asks kubernetes
+    try:
+        with pytest.raises(ProviderError, match="no Kubernetes credentials found"):
+            await Deployer(grid, tmp_path, nobody, ctx).plan()
+    finally:
+        await nobody.close()
 
 
 async def test_plan_and_doctor_say_it_in_one_line_without_a_traceback(server: LiveServer, tmp_path: Path) -> None:
@@ -466,9 +461,7 @@ async def test_api_refusals_say_what_to_fix(standin: KubernetesStandIn, kubeconf
         with pytest.raises(ProviderError, match=r"forbids this: cannot create pod .*pods \(get, list, create, delete"):
             await p.start(g, 1)
     # an API server that does not answer
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     down = tmp_path / "down"
     down.write_text(kubeconfig.read_text().replace(standin.url, f"http://127.0.0.1:{port}"))
     unreachable = group(down)

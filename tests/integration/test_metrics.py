@@ -16,7 +16,6 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -28,9 +27,10 @@ from scaleq.server import otlp
 from scaleq.server.metrics import ServerMetrics
 from scaleq.server.settings import ServerSettings
 from scaleq.store.sqlite import SQLiteStore
-from scaleq.worker.agent import WorkerAgent, WorkerConfig
-from scaleq.worker.runtime.process import ProcessRuntime
-from tests.helpers import LiveServer, serve
+from scaleq.worker.agent import WorkerAgent
+from tests.helpers import LiveServer, eventually, free_port, serve, wait_for, workers
+from tests.helpers.processes import background
+from tests.helpers.prometheus import prometheus
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -73,22 +73,6 @@ def promtool_check(text: str) -> None:
     assert done.returncode == 0 and not report.strip(), f"promtool check metrics:\n{report}\n--- exposition:\n{text}"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-async def eventually(check: Callable[[], Awaitable[Any]], what: str, timeout: float, every: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = await check()
-        if result:
-            return result
-        assert time.monotonic() < deadline, f"not within {timeout:.0f} s: {what}"
-        await asyncio.sleep(every)
-
-
 async def submit(live: LiveServer, queue: str, *cmd: str) -> Job:
     async with live.client("submit") as c:
         job, _ = await c.submit(SubmitRequest(queue=queue, definition=JobDefinition(command=list(cmd))))
@@ -96,41 +80,22 @@ async def submit(live: LiveServer, queue: str, *cmd: str) -> Job:
 
 
 def worker_agent(live: LiveServer, queue: str, slots: int, wid: str) -> WorkerAgent:
-    return WorkerAgent(
-        WorkerConfig(
-            server=live.url,
-            token=live.tokens["worker"],
-            queue=queue,
-            runtimes={"process": ProcessRuntime(kill_grace=1.0)},
-            slots=slots,
-            worker_id=wid,
-            cpus=2.0,
-            metrics_port=0,
-            metrics_host="127.0.0.1",
-        )
-    )
+    return workers.agent(live, wid, slots, queue=queue, metrics_port=0, metrics_host="127.0.0.1")
 
 
 @contextlib.asynccontextmanager
 async def running(agent: WorkerAgent) -> AsyncIterator[str]:
     """Run the agent; yield its metrics URL once it serves."""
-    task = asyncio.create_task(agent.run())
-    try:
+    async with workers.running(agent, stop_within=15) as task:
 
         async def serving() -> bool:
             if task.done():
                 task.result()  # raise what stopped it
             return agent.metrics is not None and agent.metrics.port is not None
 
-        await eventually(serving, "the worker serves /metrics", 10, every=0.02)
+        await eventually(serving, 10, what="the worker serves /metrics", every=0.02)
         assert agent.metrics is not None
         yield f"http://127.0.0.1:{agent.metrics.port}/metrics"
-    finally:
-        if not task.done():
-            agent.request_drain()
-            agent.request_drain()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(task, 15)
 
 
 # -- the server's /metrics --------------------------------------------------------------------------------------------
@@ -267,39 +232,6 @@ scrape_configs:
 """
 
 
-@contextlib.contextmanager
-def prometheus(config_text: str, work: Path) -> Iterator[tuple[str, subprocess.Popen[bytes], Path]]:
-    """A real Prometheus with this configuration; yields (base URL, process, log file). Readiness is the caller's
-    to await (asynchronously, since the targets it scrapes may live on the test's own event loop)."""
-    binary = shutil.which("prometheus")
-    if binary is None:
-        pytest.fail("the prometheus binary is not on PATH: run scripts/prometheus.sh (Debian's prometheus package)")
-    config, log = work / "prometheus.yml", work / "prometheus.log"
-    config.write_text(config_text)
-    port = free_port()
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [
-                binary,
-                f"--config.file={config}",
-                f"--storage.tsdb.path={work / 'data'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        yield f"http://127.0.0.1:{port}", proc, log
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 async def test_a_real_prometheus_scrapes_the_server_with_a_read_token_and_a_worker(
     sqlite_store: SQLiteStore, settings: ServerSettings, tmp_path: Path
 ) -> None:
@@ -313,12 +245,11 @@ async def test_a_real_prometheus_scrapes_the_server_with_a_read_token_and_a_work
                 server=live.url.removeprefix("http://"),
                 worker=worker_url.removeprefix("http://").removesuffix("/metrics"),
             )
-            with prometheus(config, tmp_path) as (url, proc, log):
-                async with httpx.AsyncClient(base_url=url, timeout=5) as http:
+            with prometheus(config, tmp_path) as prom:
+                async with httpx.AsyncClient(base_url=prom.url, timeout=5) as http:
 
                     async def query(q: str) -> list[float] | None:
-                        if proc.poll() is not None:
-                            pytest.fail(f"prometheus exited with {proc.returncode}:\n{log.read_text()[-2000:]}")
+                        prom.check_alive()
                         # Until its TSDB is ready Prometheus answers 503 with a plain-text body.
                         with contextlib.suppress(httpx.HTTPError, ValueError):
                             body = (await http.get("/api/v1/query", params={"query": q})).json()
@@ -331,16 +262,23 @@ async def test_a_real_prometheus_scrapes_the_server_with_a_read_token_and_a_work
 
                     server_series = 'queue_length{job="scaleq-server",queue="prom"}'
                     try:
-                        await eventually(lambda: equals(server_series, [2.0]), f"{server_series} == 2", 30, 0.25)
                         await eventually(
-                            lambda: equals('scaleq_worker_slots{job="scaleq-worker"}', [3.0]), "worker slots", 15, 0.25
+                            lambda: equals(server_series, [2.0]), 30, what=f"{server_series} == 2", every=0.25
+                        )
+                        await eventually(
+                            lambda: equals('scaleq_worker_slots{job="scaleq-worker"}', [3.0]),
+                            15,
+                            what="worker slots",
+                            every=0.25,
                         )
                         # the plain query the original autoscaling used sees the new value within a scrape or two
                         await submit(live, "prom", "echo", "third")
-                        await eventually(lambda: equals(server_series, [3.0]), f"{server_series} == 3", 15, 0.25)
+                        await eventually(
+                            lambda: equals(server_series, [3.0]), 15, what=f"{server_series} == 3", every=0.25
+                        )
                     except AssertionError:
                         targets = (await http.get("/api/v1/targets")).json()
-                        raise AssertionError(f"targets: {targets}\nlog:\n{log.read_text()[-2000:]}") from None
+                        raise AssertionError(f"targets: {targets}\nlog:\n{prom.log_tail()}") from None
                     health = (await http.get("/api/v1/targets")).json()["data"]["activeTargets"]
                     assert {t["labels"]["job"]: t["health"] for t in health} == {
                         "scaleq-server": "up",
@@ -352,7 +290,7 @@ async def test_a_real_prometheus_scrapes_the_server_with_a_read_token_and_a_work
 
 
 async def test_worker_metrics_serve_slots_busy_queue_length_and_jobs(
-    sqlite_store: SQLiteStore, settings: ServerSettings
+    sqlite_store: SQLiteStore, settings: ServerSettings, tmp_path: Path
 ) -> None:
     async with serve(sqlite_store, settings) as live:
         agent = worker_agent(live, "q", slots=1, wid="wm")
@@ -369,23 +307,25 @@ async def test_worker_metrics_serve_slots_busy_queue_length_and_jobs(
             assert value(idle, "scaleq_worker_draining") == 0
             assert value(idle, "scaleq_worker_jobs_total", reason="success") == 0
 
-            # one slot: the first job runs, the second waits in the queue
-            await submit(live, "q", "sleep", "2")
-            await submit(live, "q", "sleep", "0.1")
+            # one slot: the first job runs until the test opens its gate, the second waits in the queue
+            gate = tmp_path / "gate"
+            await submit(live, "q", "sh", "-c", f"while [ ! -e {gate} ]; do sleep 0.05; done")
+            await submit(live, "q", "true")
 
             async def busy_with_one_waiting() -> Samples | None:
                 s = await worker()
                 return s if value(s, "scaleq_worker_busy") == 1 and value(s, "queue_length") == 1 else None
 
-            seen = await eventually(busy_with_one_waiting, "busy 1 and queue_length 1 (read on a heartbeat)", 10)
+            seen = await eventually(busy_with_one_waiting, 10, what="busy 1 and queue_length 1 (read on a heartbeat)")
             assert abs(value(seen, "scaleq_worker_queue_length_timestamp_seconds") - time.time()) < 30  # type: ignore[operator]
             promtool_check((await scrape(url)).text)
+            gate.touch()
 
             async def both_done() -> bool:
                 s = await worker()
                 return value(s, "scaleq_worker_jobs_total", reason="success") == 2 and value(s, "queue_length") == 0
 
-            await eventually(both_done, "2 jobs counted and queue_length back to 0", 15)
+            await eventually(both_done, 15, what="2 jobs counted and queue_length back to 0")
             assert value(await worker(), "scaleq_worker_busy") == 0
         # the endpoint goes away with the worker
         with pytest.raises(httpx.TransportError):
@@ -472,39 +412,28 @@ def otlp_receiver(work: Path) -> Iterator[tuple[str, Path, subprocess.Popen[byte
     binary = rotel_agent()
     http_port, grpc_port = free_port(), free_port()
     log = work / "rotel.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [
-                str(binary),
-                "start",
-                f"--otlp-http-endpoint=127.0.0.1:{http_port}",
-                f"--otlp-grpc-endpoint=127.0.0.1:{grpc_port}",
-                "--exporter=blackhole",
-                "--debug-log=metrics",
-                "--debug-log-verbosity=detailed",
-                f"--pid-file={work / 'rotel.pid'}",
-                f"--log-file={work / 'rotel-agent.log'}",
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        deadline = time.monotonic() + 15
-        while True:
+    argv = [
+        str(binary),
+        "start",
+        f"--otlp-http-endpoint=127.0.0.1:{http_port}",
+        f"--otlp-grpc-endpoint=127.0.0.1:{grpc_port}",
+        "--exporter=blackhole",
+        "--debug-log=metrics",
+        "--debug-log-verbosity=detailed",
+        f"--pid-file={work / 'rotel.pid'}",
+        f"--log-file={work / 'rotel-agent.log'}",
+    ]
+    with background(argv, log) as proc:
+
+        def listening() -> bool:
+            if proc.poll() is not None:
+                pytest.fail(f"rotel-agent exited with {proc.returncode}:\n{log.read_text()[-2000:]}")
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", http_port), timeout=1):
-                break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"rotel-agent did not listen on {http_port}:\n{log.read_text()[-2000:]}")
-            time.sleep(0.1)
+                return True
+            return False
+
+        wait_for(listening, 15, 0.1, f"rotel-agent to listen on {http_port} (log: {log})")
         yield f"http://127.0.0.1:{http_port}", log, proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def received(log: Path, metric: str) -> list[str]:
@@ -538,7 +467,7 @@ async def test_otlp_push_reaches_a_real_receiver(
             async def check() -> bool:
                 return queue_length_arrived()
 
-            await eventually(check, f"queue_length{{queue=otq}} = 1 in rotel's log {log}", 10)
+            await eventually(check, 10, what=f"queue_length{{queue=otq}} = 1 in rotel's log {log}")
             (hist,) = [p for p in received(log, "scaleq_claim_wait_seconds") if "Str(otq)" in p]
             assert re.search(r"^Count: 1$", hist, re.M), hist
             assert received(log, "scaleq_http_requests_total"), "the request counter (a Sum) arrived"
@@ -547,7 +476,7 @@ async def test_otlp_push_reaches_a_real_receiver(
             # run() keeps pushing until cancelled
             task = asyncio.create_task(pusher.run())
             try:
-                await eventually(lambda: asyncio.sleep(0, pusher.pushed >= 3), "3 pushes", 10)
+                await eventually(lambda: asyncio.sleep(0, pusher.pushed >= 3), 10, what="3 pushes")
             finally:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

@@ -28,7 +28,7 @@ import scaleq.store.postgres
 import scaleq.store.sql
 import scaleq.store.sqlite
 from scaleq.cli import app
-from scaleq.jobs import Capabilities, RuntimeKind, Worker
+from scaleq.jobs import Capabilities, JobDefinition, RuntimeKind, Worker
 from scaleq.store import migrations, queries
 from scaleq.store.base import FinishResult, SchemaStatus, SchemaTooNew, Store
 from scaleq.store.postgres import PostgresStore
@@ -421,6 +421,22 @@ async def assert_the_store_works(store: Store) -> None:
     assert (done.state, done.reason, done.exit_code) == ("finished", "failed", 1)
     (stats,) = await store.queue_stats()
     assert (stats.queued, stats.running, stats.finished, stats.succeeded, stats.unsuccessful) == (0, 0, 5, 2, 3)
+    # retries by cause (0004): the jobs from before keep their behaviour (no failure retried); a new one retries
+    seeded = await store.list_jobs(queue="q", state=None, limit=10)
+    assert {(j.retries, j.failures, j.retry_on_exit_codes) for j in seeded} == {(0, 0, None)}
+    flaky, _ = await store.submit(
+        "q",
+        JobDefinition(command=["flaky"]),
+        priority=0,
+        max_attempts=3,
+        rerun=False,
+        now=T0 + 104,
+        retries=1,
+        retry_on_exit_codes=[3],
+    )
+    (claim,) = await store.claim("w-new", 1, T0 + 105, 60)
+    again = await store.finish(claim.lease, FinishResult("failed", 3, "exit 3"), T0 + 106)
+    assert (again.id, again.state, again.failures, again.attempts) == (flaky.id, "queued", 1, 0)
 
 
 # -- upgrades ---------------------------------------------------------------------------------------------------------

@@ -13,9 +13,10 @@ from scaleq.client import Client
 from scaleq.jobs import JobDefinition, SubmitRequest
 from scaleq.server.settings import ServerSettings
 from scaleq.store.postgres import PostgresStore
-from scaleq.worker.agent import WorkerAgent, WorkerConfig
+from scaleq.worker.agent import WorkerAgent
 from scaleq.worker.runtime.process import ProcessRuntime
 from tests.helpers import LiveServer, serve
+from tests.helpers.workers import agent
 from tests.pg import Cluster
 
 SETTINGS = ServerSettings(lease_seconds=10.0, sweep_interval=0.5, long_poll_max=5.0)
@@ -34,21 +35,8 @@ async def server(url: str, tokens: dict[str, str] | None = None) -> AsyncIterato
 
 @contextlib.asynccontextmanager
 async def workers(live: LiveServer, prefix: str, n: int, slots: int) -> AsyncIterator[list[WorkerAgent]]:
-    agents = [
-        WorkerAgent(
-            WorkerConfig(
-                server=live.url,
-                token=live.tokens["worker"],
-                queue="q",
-                runtimes={"process": ProcessRuntime()},
-                slots=slots,
-                worker_id=f"{prefix}{i}",
-                cpus=4.0,
-                server_grace=120,
-            )
-        )
-        for i in range(n)
-    ]
+    runtimes = {"process": ProcessRuntime()}
+    agents = [agent(live, f"{prefix}{i}", slots, runtimes=runtimes, cpus=4.0, server_grace=120) for i in range(n)]
     tasks = [asyncio.create_task(a.run()) for a in agents]
     try:
         yield agents
@@ -106,14 +94,12 @@ async def test_a_submit_on_one_server_wakes_a_claim_parked_on_another(pg_url: st
     async with server(pg_url) as a, server(pg_url, tokens=a.tokens) as b:
         wb = b.client("worker")
         await wb.register({"id": "w", "queue": "q", "slots": 1, "runtimes": ["process"], "cpus": 1})
-        start = time.monotonic()
         parked = asyncio.create_task(wb.claim("w", 1, wait=5))
         await asyncio.sleep(0.3)
         async with a.client("submit") as ca:
             job, _ = await ca.submit(SubmitRequest(queue="q", definition=JobDefinition(command=["true"])))
         claims, _, _ = await parked
-        assert [c.job.id for c in claims] == [job.id]
-        assert time.monotonic() - start < 2.0  # NOTIFY woke it, not the 5 s long-poll timeout
+        assert [c.job.id for c in claims] == [job.id]  # NOTIFY woke it: a claim whose wait runs out returns nothing
         await wb.close()
 
 
@@ -127,11 +113,10 @@ async def test_a_job_finished_through_one_server_wakes_its_follower_on_another(p
             # a follower on b waits for the job to leave "running"; the finish goes through a
             following = asyncio.create_task(cb.get_job(job.id, wait=5, state="running"))
             await asyncio.sleep(0.3)
-            start = time.monotonic()
             await wa.claim("w", 0, wait=0, finishes=[{"lease": claim.lease, "reason": "success", "exit_code": 0}])
             done = await following
+            # the lazily published change woke it: a wait that runs out answers the job as it is, running
             assert done.state == "finished" and done.reason == "success"
-            assert time.monotonic() - start < 2.0  # the lazily published change, not the 5 s long-poll timeout
         await wa.close()
 
 

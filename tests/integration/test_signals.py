@@ -5,54 +5,24 @@ workers on such a signal while the queue server's own queue stays empty."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import shutil
-import socket
-import subprocess
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
-from scaleq.grid import GridFileError, Group, SignalSpec, load
-from scaleq.jobs import RuntimeKind
+from scaleq.grid import GridFileError, SignalSpec, load
 from scaleq.providers.local import LocalProvider
 from scaleq.scaling.controller import Controller
 from scaleq.scaling.observe import RemoteObserver
 from scaleq.scaling.signals import SignalError, read_external
-from tests.helpers import LiveServer, controlling, eventually
+from tests.helpers import LiveServer, controlling, eventually, free_port
+from tests.helpers.groups import fast_group
+from tests.helpers.prometheus import Endpoint, metrics_endpoint
+from tests.helpers.prometheus import prometheus as run_prometheus
 
 # -- a real metrics endpoint ------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Endpoint:
-    url: str
-    gauge: Gauge
-
-
-@contextlib.contextmanager
-def metrics_endpoint() -> Iterator[Endpoint]:
-    """A `queue_length{queue=…}` gauge in its own registry, served over HTTP on 127.0.0.1 by prometheus_client."""
-    registry = CollectorRegistry()
-    gauge = Gauge("queue_length", "jobs waiting in a queue", ["queue"], registry=registry)
-    httpd, thread = start_http_server(0, addr="127.0.0.1", registry=registry)
-    try:
-        yield Endpoint(f"http://127.0.0.1:{httpd.server_port}/metrics", gauge)
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(5)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -120,61 +90,19 @@ scrape_configs:
 """
 
 
-def _wait(what: str, check: Callable[[], bool], proc: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if proc.poll() is not None:
-            pytest.fail(f"prometheus exited with {proc.returncode} before {what}:\n{log.read_text()[-2000:]}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"prometheus: no {what} within {timeout:.0f} s:\n{log.read_text()[-2000:]}")
-        time.sleep(0.25)
-
-
 @pytest.fixture(scope="module")
 def prometheus(endpoint: Endpoint, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real Prometheus scraping `endpoint` every second; yields its base URL once it has the endpoint's series."""
-    binary = shutil.which("prometheus")
-    if binary is None:
-        pytest.fail("the prometheus binary is not on PATH: run scripts/prometheus.sh (Debian's prometheus package)")
-    work = tmp_path_factory.mktemp("prometheus")
-    config, log = work / "prometheus.yml", work / "prometheus.log"
-    config.write_text(PROMETHEUS_CONFIG.format(target=endpoint.url.removeprefix("http://").removesuffix("/metrics")))
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [
-                binary,
-                f"--config.file={config}",
-                f"--storage.tsdb.path={work / 'data'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        with httpx.Client(base_url=url, timeout=2) as http:
+    target = endpoint.url.removeprefix("http://").removesuffix("/metrics")
+    with run_prometheus(PROMETHEUS_CONFIG.format(target=target), tmp_path_factory.mktemp("prometheus")) as prom:
 
-            def ready() -> bool:
-                with contextlib.suppress(httpx.HTTPError):
-                    return http.get("/-/ready").status_code == 200
-                return False
+        def scraped() -> bool:  # both series of the endpoint are in (targets appear ~5-7 s after start)
+            body = httpx.get(f"{prom.url}/api/v1/query", params={"query": "count(queue_length)"}, timeout=2).json()
+            return [float(s["value"][1]) for s in body["data"]["result"]] == [2.0]
 
-            def scraped() -> bool:  # both series of the endpoint are in (targets appear ~5-7 s after start)
-                body = http.get("/api/v1/query", params={"query": "count(queue_length)"}).json()
-                return [float(s["value"][1]) for s in body["data"]["result"]] == [2.0]
-
-            _wait("/-/ready", ready, proc, log, timeout=30)
-            _wait("queue_length series from the endpoint", scraped, proc, log, timeout=30)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        prom.wait("/-/ready", prom.ready, timeout=30)
+        prom.wait("queue_length series from the endpoint", scraped, timeout=30)
+        yield prom.url
 
 
 def promql(url: str, query: str) -> SignalSpec:
@@ -189,12 +117,30 @@ def promql(url: str, query: str) -> SignalSpec:
         ("queue_length", 7),  # several series: summed
         ("scalar(sum(queue_length))", 7),  # a scalar result
         ("sum(queue_length) / 2", 4),  # 3.5 jobs: rounded up, never down
-        ('queue_length{queue="nobody"}', 0),  # no series: no demand
     ],
 )
 async def test_promql_signal(prometheus: str, query: str, jobs: int) -> None:
     demand = await read_external(promql(prometheus, query))
     assert (demand.queued, demand.running) == (jobs, 0)
+
+
+@pytest.mark.parametrize("query", ['queue_length{queue="nobody"}', "sum(queue_length) - sum(queue_length) / 0 * 0"])
+async def test_promql_signal_with_no_series_or_nan_is_an_error_not_zero(prometheus: str, query: str) -> None:
+    # an empty vector is what a worker whose /metrics fails or a scrape of a closed port leaves: never read as 0
+    with pytest.raises(SignalError) as empty:
+        await read_external(promql(prometheus, query))
+    message = str(empty.value)
+    assert query in message and prometheus in message and 'empty = "zero"' in message
+    # unless the grid says so explicitly
+    zero = SignalSpec(kind="promql", url=prometheus, query=query, empty="zero")
+    assert (await read_external(zero)).queued == 0
+
+
+async def test_text_signal_without_the_series_reads_zero_only_when_the_grid_says_so(endpoint: Endpoint) -> None:
+    spec = SignalSpec(kind="prometheus_text", url=endpoint.url, metric="queue_length", labels={"queue": "zzz"})
+    with pytest.raises(SignalError):
+        await read_external(spec)
+    assert (await read_external(spec.model_copy(update={"empty": "zero"}))).queued == 0
 
 
 async def test_promql_signal_with_a_bad_query_carries_prometheus_error(prometheus: str) -> None:
@@ -266,17 +212,7 @@ async def test_controller_scales_a_group_on_a_prometheus_text_signal(live: LiveS
     with metrics_endpoint() as ep:
         ep.gauge.labels(queue="a").set(5)
         ep.gauge.labels(queue="b").set(100)  # another queue's series: must not count
-        g = Group(
-            name="ext",
-            queue="q",
-            provider="local",
-            min_workers=0,
-            max_workers=2,
-            runtimes=[RuntimeKind.process],
-            idle_timeout=1.0,
-            scale_down_window=1.0,
-            signal=text_signal(ep.url, queue="a"),
-        )
+        g = fast_group("ext", max_workers=2, signal=text_signal(ep.url, queue="a"))
         provider = LocalProvider(
             grid="t",
             server=live.url,
@@ -311,7 +247,9 @@ async def test_controller_scales_a_group_on_a_prometheus_text_signal(live: LiveS
             events = await admin.events(group="ext", limit=100)
             ups = [e for e in events if e["kind"] == "scale_up"]
             assert len(ups) == 1 and ups[0]["to"] == 2
-            assert "5 jobs waiting" in ups[0]["reason"] and "capped at max 2" in ups[0]["reason"], ups[0]["reason"]
+            assert "5 jobs waiting" in ups[0]["reason"] and "capped at max_workers 2" in ups[0]["reason"], ups[0][
+                "reason"
+            ]
             downs = [e for e in events if e["kind"] == "scale_down"]
             assert downs and downs[-1]["to"] == 0, downs
             assert not [e for e in events if e["kind"] == "error"]

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from scaleq.doctor.checks import Check
 from scaleq.jobs import Capabilities, JobDefinition, RuntimeKind, Worker, job_id
-from scaleq.store.base import FinishResult, NotFound, StaleLease, Store, Submission
+from scaleq.store.base import FinishResult, GroupStatus, NotFound, StaleLease, Store, Submission
 from scaleq.store.postgres import PostgresStore
 from scaleq.store.sqlite import SQLiteStore
 
@@ -243,6 +244,41 @@ async def test_heartbeat_renews_only_the_leases_the_worker_holds(store: Store) -
     assert live == set()
 
 
+async def test_restarts_grant_a_dead_workers_lease_one_grace_only(store: Store) -> None:
+    """Every server start calls extend_leases: a dead worker's job must still come back after one lease + one grace,
+    however often servers restart; a live worker's job gets a grace at each restart that follows its heartbeat."""
+    await submit(store, definition("dead"))
+    await submit(store, definition("live"))
+    await worker(store, "dead")
+    await worker(store, "live")
+    (dead,) = await store.claim("dead", 1, T0, 5)
+    (live,) = await store.claim("live", 1, T0, 5)
+    await store.heartbeat("dead", T0 + 1, 5)  # its last word: the lease ends at T0 + 6
+    await store.heartbeat("live", T0 + 1, 5)
+    for restart in (T0 + 2, T0 + 4, T0 + 5.5):
+        await store.extend_leases(restart, 5)  # a server (re)starts
+        await store.heartbeat("live", restart + 0.1, 5)
+    # the dead worker's lease got one grace (T0 + 2 + 5) and no more; one lease + one grace after its last word
+    assert await store.expire_leases(T0 + 6.9) == []
+    expired = await store.expire_leases(T0 + 7.1)
+    assert [(e.job_id, e.state) for e in expired] == [(dead.job.id, "queued")]
+    assert (await store.get_job(live.job.id)).state == "running"
+    # a restart while the live worker cannot reach it: one grace past the lease its last heartbeat gave
+    await store.extend_leases(T0 + 10, 5)
+    assert await store.expire_leases(T0 + 14.9) == []
+    await store.extend_leases(T0 + 12, 5)  # not heard from since the last grace: no second one
+    assert [e.job_id for e in await store.expire_leases(T0 + 15.1)] == [live.job.id]
+
+
+async def test_no_start_up_grace_for_a_worker_marked_gone(store: Store) -> None:
+    await submit(store, definition("a"))
+    await worker(store)
+    (claim,) = await store.claim("w1", 1, T0, 5)
+    assert await store.mark_gone_workers(T0 + 1, T0 - 1) == ["w1"]
+    await store.extend_leases(T0 + 2, 5)
+    assert [e.job_id for e in await store.expire_leases(T0 + 5.1)] == [claim.job.id]
+
+
 async def test_cancel_queued_running_and_finished(store: Store) -> None:
     queued, _ = await submit(store, definition("q"))
     cancelled = await store.cancel(queued.id, T0)
@@ -282,6 +318,97 @@ async def test_release_hands_back_without_spending_an_attempt(store: Store) -> N
     assert await store.release(claim.lease, T0 + 2) is None
     (again,) = await store.claim("w1", 1, T0, 5)
     assert again.job.id == job.id
+
+
+async def test_program_failures_are_retried_within_their_own_budget(store: Store) -> None:
+    job, _ = await submit(store, definition("flaky"), retries=2)
+    assert (job.retries, job.failures, job.retry_on_exit_codes) == (2, 0, None)
+    await worker(store)
+    (c1,) = await store.claim("w1", 1, T0, 5)
+    again = await store.finish(c1.lease, FinishResult("failed", 1, "exit 1"), T0 + 1)
+    assert (again.state, again.reason, again.failures, again.attempts) == ("queued", None, 1, 0)
+    assert again.exit_code == 1 and again.worker_id is None and again.finished_at is None
+    # a repeated finish of the retried attempt is harmless; its lease owns nothing any more
+    assert (await store.finish_many([(c1.lease, FinishResult("failed", 1, "exit 1"))], T0 + 2))[0] is not None
+    with pytest.raises(StaleLease):
+        await store.append_logs(c1.lease, [("stdout", b"x")], T0 + 2)
+    # the second failure (a timeout) rides along with a claim, which takes the job again in the next call
+    got = await store.worker_claim("w1", 0, T0 + 3, 5)
+    (c2,) = await store.claim("w1", 1, T0 + 3, 5)
+    assert c2.attempt == 2
+    got = await store.worker_claim("w1", 0, T0 + 4, 5, finishes=[(c2.lease, FinishResult("timed_out"))])
+    (retried,) = got.finished
+    assert retried is not None and (retried.state, retried.failures) == ("queued", 2)
+    (c3,) = await store.claim("w1", 1, T0 + 5, 5)
+    spent = await store.finish(c3.lease, FinishResult("failed", 1, "exit 1"), T0 + 6)
+    assert (spent.state, spent.reason, spent.failures) == ("finished", "failed", 2)
+    assert [a.outcome for a in await store.list_attempts(job.id)] == ["failed", "timed_out", "failed"]
+    # a rerun starts a fresh budget, with the settings it is given
+    rerun, created = await submit(store, definition("flaky"), rerun=True, retries=1, retry_on_exit_codes=[7])
+    assert created and (rerun.failures, rerun.retries, rerun.retry_on_exit_codes) == (0, 1, [7])
+
+
+async def test_retry_on_exit_codes_retries_only_those_exits(store: Store) -> None:
+    await worker(store)
+    codes = {"retries": 3, "retry_on_exit_codes": [3, 75]}
+    cases = [
+        ("failed", 3, "queued"),
+        ("failed", 75, "queued"),
+        ("failed", 4, "finished"),
+        ("timed_out", None, "finished"),
+    ]
+    for n, (reason, code, state) in enumerate(cases):
+        job, _ = await submit(store, definition("exit", str(n)), **codes)
+        (claim,) = await store.claim("w1", 1, T0, 5)
+        assert claim.job.id == job.id
+        (done,) = await store.finish_many([(claim.lease, FinishResult(reason, code))], T0 + 1)
+        assert done is not None and done.state == state, (reason, code)
+        if state == "queued":
+            await store.cancel(job.id, T0 + 2)
+    success, _ = await submit(store, definition("fine"), **codes)
+    (claim,) = await store.claim("w1", 1, T0, 5)
+    assert (await store.finish(claim.lease, FinishResult("success", 0), T0 + 1)).reason == "success"
+
+
+async def test_program_failures_do_not_spend_the_infrastructure_budget(store: Store) -> None:
+    job, _ = await submit(store, definition("both"), max_attempts=2, retries=2)
+    await worker(store)
+    now = T0
+    for _ in range(2):  # two failures, retried
+        (claim,) = await store.claim("w1", 1, now, 5)
+        await store.finish(claim.lease, FinishResult("failed", 1), now + 1)
+        now += 2
+    assert await store.claim("w1", 1, now, 1)  # then lost once: one of two attempts spent, so queued again
+    now += 2
+    assert [(e.job_id, e.state) for e in await store.expire_leases(now)] == [(job.id, "queued")]
+    assert (await store.get_job(job.id)).attempts == 1
+    (claim,) = await store.claim("w1", 1, now, 5)
+    assert claim.attempt == 4
+    done = await store.finish(claim.lease, FinishResult("success", 0), now + 1)
+    assert (done.reason, done.failures, done.attempts) == ("success", 2, 2)
+    assert [a.outcome for a in await store.list_attempts(job.id)] == ["failed", "failed", "lost", "success"]
+
+
+async def test_release_and_release_worker_record_preempted_without_spending_an_attempt(store: Store) -> None:
+    for name in ("a", "b", "c"):
+        await submit(store, definition(name), max_attempts=1)
+    await worker(store, "w1")
+    await worker(store, "w2")
+    first, second = await store.claim("w1", 2, T0, 5)
+    (other,) = await store.claim("w2", 1, T0, 5)
+    released = await store.release(first.lease, T0 + 1, "preempted")
+    assert released is not None and released.state == "queued" and released.attempts == 0
+    back = await store.release_worker("w1", T0 + 2)
+    assert [(e.job_id, e.queue, e.state) for e in back] == [(second.job.id, "q", "queued")]
+    assert await store.release_worker("w1", T0 + 3) == []
+    for claim in (first, second):
+        job = await store.get_job(claim.job.id)
+        assert (job.state, job.attempts, job.worker_id) == ("queued", 0, None)
+        assert [a.outcome for a in await store.list_attempts(claim.job.id)] == ["preempted"]
+    assert (await store.get_job(other.job.id)).state == "running"  # another worker's job is untouched
+    with pytest.raises(StaleLease):
+        await store.finish(second.lease, FinishResult("success", 0), T0 + 4)
+    assert len(await store.claim("w2", 2, T0 + 5, 5)) == 2  # max_attempts 1, and yet claimed again
 
 
 async def test_logs_outputs_and_blobs(store: Store) -> None:
@@ -406,3 +533,45 @@ async def test_durable_across_reopen(tmp_path: Path) -> None:
     await s2.open()
     assert (await s2.get_job(job.id)).state == "queued"
     await s2.close()
+
+
+async def test_jobs_are_listed_by_finished_reason(store: Store) -> None:
+    cancelled, _ = await submit(store, definition("c"))
+    await store.cancel(cancelled.id, T0)
+    queued, _ = await submit(store, definition("q"))
+    found = await store.list_jobs(queue=None, state="finished", reason="cancelled", limit=10)
+    assert [j.id for j in found] == [cancelled.id]
+    assert await store.list_jobs(queue=None, state="finished", reason="failed", limit=10) == []
+    assert {j.id for j in await store.list_jobs(queue=None, state=None, limit=10)} == {cancelled.id, queued.id}
+
+
+async def test_group_status_keeps_its_note_checks_and_reporter(store: Store) -> None:
+    check = Check("group g", "signal", False, "no series", "fix it")
+    await store.put_group(
+        GroupStatus("g", "q", "local", 0, 2, 1, 2, T0, "capped at max_workers 2", (check,), "stopped")
+    )
+    (status,) = await store.list_groups()
+    assert (status.note, status.checks, status.reporter) == ("capped at max_workers 2", (check,), "stopped")
+
+
+async def test_group_status_keeps_its_state_beside_its_note(store: Store) -> None:
+    refused = GroupStatus(
+        "g",
+        "q",
+        "gcp",
+        0,
+        2,
+        0,
+        2,
+        T0,
+        "capped at max_workers 2",
+        state="quota",
+        message="QUOTA_EXCEEDED: CPUS",
+        state_since=T0 - 5,
+    )
+    await store.put_group(refused)
+    (status,) = await store.list_groups()
+    assert status == refused
+    await store.put_group(GroupStatus("g", "q", "gcp", 0, 2, 1, 2, T0 + 60))  # it recovered: ok, nothing to say
+    (status,) = await store.list_groups()
+    assert (status.state, status.message, status.state_since, status.note) == ("ok", "", None, "")

@@ -40,12 +40,18 @@ What it models (the behaviour scaleq depends on):
   with ``updatePolicy.instanceRedistributionType`` other than ``NONE`` (PROACTIVE is the default), a
   ``deleteInstances`` that leaves the zones uneven makes the MIG delete instances of its own choosing in the fuller
   zones and create randomly named ones in the emptier ones; ``resize`` down deletes instances of its own choosing;
+- **creation failures**, as the API reports them (:meth:`ComputeStandIn.refuse_creation`): ``createInstances`` ends
+  ``DONE`` without error, and each instance that cannot be made (a quota, a zone out of capacity, an org policy)
+  stays ``CREATING`` with no ``instanceStatus`` while the MIG retries it every ``retry_delay`` seconds; each failed
+  attempt sets the instance's ``lastAttempt.errors`` and adds an entry to ``listErrors`` (newest first: code,
+  message, the instance and action, a timestamp). A later attempt that succeeds clears ``lastAttempt``;
 - **errors**: unknown project, region, template, MIG or operation → 404 ``notFound`` with GCP's message
   (``The resource 'projects/…' was not found``); faults can be injected: :meth:`ComputeStandIn.inject` answers
   e.g. 403 or 500 to the next matching calls, :meth:`ComputeStandIn.fail_operation` makes the next operation of a
   method end ``DONE`` with an error (e.g. ``QUOTA_EXCEEDED``), as the API reports what fails while it works.
 
-What it does not model: IAM (requests are unauthenticated; inject a 403 to test refusal), quotas, real VMs (no
+What it does not model: IAM (requests are unauthenticated; inject a 403 to test refusal), quotas themselves (inject a
+refusal, above), real VMs (no
 container runs: an instance is a record), health checks and autohealing, stateful policy, filters on list calls
 (answered 400), ``versions`` with several templates (canary updates), global templates, zonal MIGs.
 
@@ -102,6 +108,7 @@ SERVED: dict[str, tuple[str, ...]] = {
         "createInstances",
         "deleteInstances",
         "listManagedInstances",
+        "listErrors",
         "setInstanceTemplate",
         "resize",
     ),
@@ -303,6 +310,7 @@ class Vm:
     action: str = "CREATING"
     status: str | None = "PROVISIONING"
     until: float = 0.0  # when the current action ends
+    errors: list[dict[str, str]] = field(default_factory=list)  # lastAttempt.errors.errors of a failed creation
 
 
 @dataclass
@@ -312,6 +320,7 @@ class Mig:
     resource: dict[str, Any]  # what insert was given, plus output fields
     vms: dict[str, Vm] = field(default_factory=dict)
     deleting: bool = False
+    errors: list[dict[str, Any]] = field(default_factory=list)  # what listErrors answers, oldest first
 
 
 @dataclass
@@ -329,6 +338,13 @@ class Fault:
     reason: str
     method: str | None  # a method id (or its last part, e.g. "createInstances"); None: any
     times: int
+
+
+@dataclass
+class CreationFault:
+    code: str  # e.g. QUOTA_EXCEEDED, ZONE_RESOURCE_POOL_EXHAUSTED, CONDITION_NOT_MET
+    message: str
+    attempts: int | None  # how many creation attempts fail; None: until cleared
 
 
 @dataclass
@@ -352,12 +368,15 @@ class ComputeStandIn:
         delete_delay: float = 0.3,
         page_size: int = 500,
         wait_max: float = 120.0,
+        retry_delay: float | None = None,
     ) -> None:
         self.projects = set(projects)
         self.regions = dict(regions or DEFAULT_REGIONS)
         self.op_delay, self.create_delay, self.delete_delay = op_delay, create_delay, delete_delay
         self.page_size = page_size
         self.wait_max = wait_max
+        self.retry_delay = create_delay if retry_delay is None else retry_delay  # a MIG retrying a failed creation
+        self.creation_faults: list[CreationFault] = []
         self.templates: dict[tuple[str, str, str], dict[str, Any]] = {}  # (project, region, name) → resource
         self.migs: dict[tuple[str, str, str], Mig] = {}
         self.ops: dict[tuple[str, str, str], _Op] = {}
@@ -383,6 +402,19 @@ class ComputeStandIn:
         reports what goes wrong while an operation runs (e.g. ``QUOTA_EXCEEDED``)."""
         with self._lock:
             self.op_faults.append(Fault(400, message, code, method, times))
+
+    def refuse_creation(self, code: str, message: str, *, attempts: int | None = None) -> None:
+        """Make instance creation fail as the API reports it: ``createInstances`` still ends DONE, the instance stays
+        ``CREATING`` with no status while the MIG retries it every ``retry_delay`` seconds, each failed attempt is in
+        the instance's ``lastAttempt.errors`` and in the group's ``listErrors``. ``attempts`` failed attempts (in
+        all), or until :meth:`allow_creation`."""
+        with self._lock:
+            self.creation_faults.append(CreationFault(code, message, attempts))
+
+    def allow_creation(self) -> None:
+        """Let creation succeed again (a quota raised, capacity back): the next retries create the instances."""
+        with self._lock:
+            self.creation_faults.clear()
 
     def called(self, name: str) -> list[Call]:
         """The recorded calls of a method, by its id or last part (``createInstances``)."""
@@ -540,8 +572,10 @@ class ComputeStandIn:
                     continue
                 if vm.action == "DELETING":
                     del mig.vms[vm.name]
+                elif fault := self._creation_fault():  # the attempt fails; the MIG tries again later
+                    self._creation_failed(mig, vm, fault)
                 else:  # CREATING, RECREATING
-                    vm.action, vm.status = "NONE", "RUNNING"
+                    vm.action, vm.status, vm.errors = "NONE", "RUNNING", []
             if mig.deleting and not mig.vms:
                 del self.migs[key]
         for op in sorted((o for o in self.ops.values() if o.resource["status"] != "DONE"), key=lambda o: o.due):
@@ -559,6 +593,29 @@ class ComputeStandIn:
                 if op.done_when is not None and not op.done_when():
                     continue
             op.resource.update(status="DONE", progress=100, endTime=_now())
+
+    def _creation_fault(self) -> CreationFault | None:
+        for fault in self.creation_faults:
+            if fault.attempts is None or fault.attempts > 0:
+                if fault.attempts is not None:
+                    fault.attempts -= 1
+                return fault
+        return None
+
+    def _creation_failed(self, mig: Mig, vm: Vm, fault: CreationFault) -> None:
+        error = {"code": fault.code, "message": fault.message}
+        vm.status, vm.errors, vm.until = None, [error], time.monotonic() + self.retry_delay
+        mig.errors.append(
+            {
+                "error": dict(error),
+                "instanceActionDetails": {
+                    "action": vm.action,
+                    "instance": f"{BASE}projects/{mig.project}/zones/{vm.zone}/instances/{vm.name}",
+                    "version": {"instanceTemplate": vm.template},
+                },
+                "timestamp": _now(),
+            }
+        )
 
     def _wait(self, params: dict[str, str]) -> dict:
         key = (params["project"], params["region"], params["operation"])
@@ -938,9 +995,22 @@ class ComputeStandIn:
                 item["instanceStatus"] = vm.status
             if vm.action != "DELETING":  # the API leaves the version out for instances being deleted
                 item["version"] = {"instanceTemplate": vm.template}
+            if vm.errors:
+                item["lastAttempt"] = {"errors": {"errors": [dict(e) for e in vm.errors]}}
             items.append(item)
         page, token = self._page(items, query)
         out: dict[str, Any] = {"managedInstances": page}
+        if token:
+            out["nextPageToken"] = token
+        return out
+
+    def _regionInstanceGroupManagers_listErrors(self, params: dict[str, str], query: dict[str, Any], body: Any) -> dict:
+        """The group's errors, newest first (the API's documented order)."""
+        if query.get("filter") or query.get("orderBy"):
+            raise invalid("the stand-in does not implement list filters or orderBy")
+        mig = self._mig(params, changing=False)
+        page, token = self._page(list(reversed(mig.errors)), query)
+        out: dict[str, Any] = {"items": page}
         if token:
             out["nextPageToken"] = token
         return out

@@ -26,4 +26,5 @@ def test_a_missing_or_unused_value_is_an_error() -> None:
 
 def test_fixed_files_are_read_as_they_are() -> None:
     text = render.text("terraform/locals.tf")
-    assert '"$${allow[@]}"' in text  # Terraform's own escapes and the shell's arrays, untouched
+    assert '"${k}=${v}\\n"' in text  # Terraform's own interpolations and escapes, untouched
+    # (the worker's start script, with the shell's arrays, is scaleq.providers.gcp.boot's, copied as it is)

@@ -32,6 +32,7 @@ from scaleq.export import hcl
 from scaleq.export import terraform as tf
 from scaleq.grid import Grid, load
 from scaleq.providers.base import worker_args
+from scaleq.providers.gcp import boot
 
 try:
     import hcl2
@@ -228,6 +229,24 @@ EXTRA_SCHEMAS: dict[str, dict[str, Any]] = {
         service_directory_registrations=("list", 0, 1, _blk("namespace service")),
         timeouts=_TIMEOUTS,
     ),
+    # hashicorp/terraform-provider-google google/services/compute/resource_compute_router.go @ 07fc8657
+    "google_compute_router": _blk(
+        "creation_timestamp~ description encrypted_interconnect_router id name! network! project region self_link~",
+        bgp=("list", 0, 1, None),
+        md5_authentication_keys=("list", 0, 1, _blk("key! name!")),
+        timeouts=_TIMEOUTS,
+    ),
+    # hashicorp/terraform-provider-google google/services/compute/resource_compute_router_nat.go @ 054ced1c
+    "google_compute_router_nat": _blk(
+        "auto_network_tier drain_nat_ips enable_dynamic_port_allocation enable_endpoint_independent_mapping "
+        "endpoint_types icmp_idle_timeout_sec id max_ports_per_vm min_ports_per_vm name! nat_ip_allocate_option "
+        "nat_ips project region router! source_subnetwork_ip_ranges_to_nat! tcp_established_idle_timeout_sec "
+        "tcp_time_wait_timeout_sec tcp_transitory_idle_timeout_sec udp_idle_timeout_sec",
+        log_config=("list", 0, 1, _blk("enable! filter!")),
+        rules=("set", 0, 0, None),
+        subnetwork=("set", 0, 0, _blk("name! secondary_ip_range_names source_ip_ranges_to_nat!")),
+        timeouts=_TIMEOUTS,
+    ),
     # Terraform's built-in terraform_data (provider terraform.io/builtin/terraform)
     "terraform_data": _blk("id~ input output~ triggers_replace"),
 }
@@ -364,7 +383,7 @@ def evaluated(module: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[st
     applied by a real Terraform; its locals as outputs."""
     terraform = need_terraform()
     work = tmp_path_factory.mktemp("eval")
-    for name in ("variables.tf", "locals.tf", "collector.yaml"):
+    for name in ("variables.tf", "locals.tf", "collector.yaml", *boot.FILES):
         shutil.copy(module / name, work / name)
     (work / "eval.tf").write_text(
         textwrap.dedent(f"""\
@@ -391,6 +410,9 @@ def evaluated(module: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[st
         }}
         output "group_labels" {{
           value = local.group_labels
+        }}
+        output "cloud_nat" {{
+          value = local.cloud_nat
         }}
         """)
     )
@@ -425,7 +447,10 @@ def write_files(user_data: str) -> dict[str, dict[str, str]]:
 def test_writes_the_module_files_deterministically(grid: Grid, module: Path, tmp_path: Path) -> None:
     again = tf.export_terraform(grid, tmp_path / "again")
     names = [p.name for p in again]
-    assert names == ["versions.tf", "variables.tf", "locals.tf", "main.tf", "outputs.tf", "collector.yaml", "README.md"]
+    assert names == [
+        *["versions.tf", "variables.tf", "locals.tf", "main.tf", "outputs.tf", "collector.yaml"],
+        *["worker-user-data.yaml.tftpl", "scaleq-worker.service.tftpl", "run-worker.sh", "README.md"],
+    ]
     for p in again:
         assert p.read_bytes() == (module / p.name).read_bytes(), p.name
 
@@ -539,7 +564,7 @@ def test_labels_on_everything_that_takes_labels(module: Path, schemas: dict[str,
             assert "labels" in body, f"{rtype}.{name} takes labels but has none"
             assert "local.labels" in body["labels"] or "local.group_labels" in body["labels"], body["labels"]
             labelled += 1
-        elif rtype.startswith("google_compute"):
+        elif rtype.startswith("google_compute") and "description" in schema["attributes"]:  # a NAT takes none
             assert "description" in body, f"{rtype}.{name} takes no labels: it should say what it is"
     assert labelled >= 3
     (template,) = [b for t, _, b in resources(module) if t == "google_compute_region_instance_template"]
@@ -581,7 +606,7 @@ def test_variables_mirror_the_grid_gcp_groups(grid: Grid, module: Path) -> None:
 
 def test_env_values_are_not_interpolated(evaluated: dict) -> None:
     env = write_files(evaluated["user_data"]["cpu"])["/etc/scaleq/worker.env"]
-    assert env["content"] == 'FOO=bar ${x} %{y}\nQUOTE=say "hi"\n'
+    assert env["content"] == 'FOO=bar ${x} %{y}\nPYTHONUNBUFFERED=1\nQUOTE=say "hi"\n'
     assert env["permissions"] == "0600"
 
 
@@ -650,7 +675,11 @@ def test_groups_are_regional_spread_rolling_and_self_healing(module: Path) -> No
     assert "each.value.zones" in mig["distribution_policy_zones"]
     (update,) = mig["update_policy"]
     assert (update["type"], update["minimal_action"], update["max_unavailable_fixed"]) == ("PROACTIVE", "REPLACE", 0)
-    assert update["instance_redistribution_type"] == "NONE"  # never rebalance zones by deleting busy VMs
+    # the API keeps NONE for groups without an autoscaler (InstanceGroupManagerUpdatePolicy's enum text), and every
+    # exported group has one
+    autoscaled = {b["target"] for t, _, b in resources(module) if t == "google_compute_region_autoscaler"}
+    assert autoscaled == {"${google_compute_region_instance_group_manager.workers[each.key].id}"}
+    assert update["instance_redistribution_type"] == "PROACTIVE"
     (healing,) = mig["auto_healing_policies"]
     assert healing["health_check"] == "${google_compute_health_check.workers.id}"
     (template,) = [b for t, _, b in resources(module) if t == "google_compute_region_instance_template"]
@@ -658,6 +687,19 @@ def test_groups_are_regional_spread_rolling_and_self_healing(module: Path) -> No
     (backend_service,) = [b for t, _, b in resources(module) if t == "google_compute_region_backend_service"]
     assert backend_service["load_balancing_scheme"] == "INTERNAL"
     assert "google_compute_health_check.workers.id" in backend_service["health_checks"][0]
+
+
+def test_without_external_ips_a_cloud_nat_lets_vms_pull_images(module: Path, evaluated: dict) -> None:
+    assert evaluated["cloud_nat"] is True  # the default: external_ips = false, cloud_nat = null
+    found = {t: b for t, _, b in resources(module) if t in ("google_compute_router", "google_compute_router_nat")}
+    router, nat = found["google_compute_router"], found["google_compute_router_nat"]
+    assert router["count"] == nat["count"] == "${local.cloud_nat ? 1 : 0}"  # cloud_nat = false: neither
+    assert router["network"] == "${var.network}" and router["region"] == nat["region"] == "${var.region}"
+    assert nat["router"] == "${google_compute_router.nat[0].name}"
+    assert nat["nat_ip_allocate_option"] == "AUTO_ONLY"
+    assert "LIST_OF_SUBNETWORKS" in nat["source_subnetwork_ip_ranges_to_nat"]  # only the module's subnetwork, if named
+    locals_tf = (module / "locals.tf").read_text()
+    assert "cloud_nat = var.cloud_nat == null ? !var.external_ips : var.cloud_nat" in locals_tf
 
 
 # -- the worker on the VM -----------------------------------------------------------------------------------------
@@ -683,6 +725,28 @@ def test_worker_command_line_is_worker_args(grid: Grid, evaluated: dict) -> None
         assert files["/etc/scaleq/worker.args"]["content"].split("\n") == evaluated["argv"][g.name]
 
 
+def test_user_data_is_the_gcp_providers_byte_for_byte(grid: Grid, module: Path, evaluated: dict) -> None:
+    """One worker-VM definition: Terraform's rendering of the module's boot files and the instance template the gcp
+    provider creates carry the same user-data for the same group, and the same other metadata."""
+    from scaleq.providers.gcp.resources import template_resource
+
+    server = grid.server.public_url
+    assert server
+    for g in grid.groups[:2]:
+        assert g.gcp is not None
+        template = template_resource(grid.name, g, g.gcp, server, "the-token", tf.SERVER_GRACE)
+        metadata = {item.key: item.value for item in template.properties.metadata.items}
+        assert metadata == boot.metadata(evaluated["user_data"][g.name], "the-token"), g.name
+    for name in boot.FILES:
+        assert (module / name).read_text() == boot.template(name)
+    (vm,) = [b for t, _, b in resources(module) if t == "google_compute_region_instance_template"]
+    assert vm["metadata"] == {
+        boot.USER_DATA_KEY: "${local.worker_user_data[each.key]}",
+        boot.TOKEN_KEY: "${var.worker_token}",
+        **boot.METADATA,
+    }
+
+
 def test_worker_command_line_is_accepted_by_scaleq_worker(evaluated: dict) -> None:
     from scaleq.cli import app
 
@@ -695,9 +759,10 @@ def test_worker_command_line_is_accepted_by_scaleq_worker(evaluated: dict) -> No
 
 def test_worker_unit_drains_on_shutdown(evaluated: dict) -> None:
     unit = write_files(evaluated["user_data"]["cpu"])["/etc/systemd/system/scaleq-worker.service"]["content"]
-    assert f"ExecStop=/usr/bin/docker stop --time {tf.DRAIN_SECONDS} scaleq-worker" in unit
+    assert f"ExecStop=-/usr/bin/docker stop --time {tf.DRAIN_SECONDS} scaleq-worker" in unit
     assert f"TimeoutStopSec={tf.DRAIN_SECONDS + 15}" in unit
-    assert "Restart=always" in unit and "Requires=docker.service" in unit
+    # a crash restarts the worker; a drained one (exit 0) stays down, so its VM can go
+    assert "Restart=on-failure" in unit and "Requires=docker.service" in unit
 
 
 def _stub(bindir: Path, name: str, body: str) -> None:
@@ -708,8 +773,8 @@ def _stub(bindir: Path, name: str, body: str) -> None:
 
 @pytest.mark.parametrize("group", ["cpu", "small"])
 def test_worker_script_runs_the_container_as_expected(group: str, evaluated: dict, tmp_path: Path) -> None:
-    """The rendered start script, run with stand-ins for docker, curl, iptables, hostname: the container it
-    starts, the token file, the firewall rules."""
+    """The rendered start script, run with stand-ins for docker, curl (the metadata server: the instance name and
+    the token), iptables: the container it starts, the token file, the firewall rules."""
     files = write_files(evaluated["user_data"][group])
     conf, run, bindir, log = tmp_path / "etc", tmp_path / "run", tmp_path / "bin", tmp_path / "log"
     for d in (conf, bindir, log):
@@ -720,9 +785,12 @@ def test_worker_script_runs_the_container_as_expected(group: str, evaluated: dic
     script = files["/etc/scaleq/run-worker.sh"]["content"]
     script = script.replace("/etc/scaleq", str(conf)).replace("/run/scaleq", str(run))
     _stub(bindir, "docker", f'[ "$1" = run ] && printf "%s\\0" "$@" > {log}/docker-run; exit 0\n')
-    _stub(bindir, "curl", f'echo "$@" >> {log}/curl; echo tok-from-metadata\n')
+    _stub(
+        bindir,
+        "curl",
+        f'echo "$@" >> {log}/curl; case "$*" in */instance/name) echo vm-1;; *) echo tok-from-metadata;; esac\n',
+    )
     _stub(bindir, "iptables", f'echo "$@" >> {log}/iptables; [ "$2" = -C ] && exit 1; exit 0\n')
-    _stub(bindir, "hostname", "echo vm-1\n")
     _stub(bindir, "docker-credential-gcr", f'echo "$@" >> {log}/gcr\n')
     env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"}
     subprocess.run(["bash", "-c", script], env=env, check=True, timeout=30)

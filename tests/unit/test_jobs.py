@@ -5,7 +5,18 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from scaleq.jobs import Capabilities, JobDefinition, RuntimeKind, job_id, parse_duration, parse_env_pair, parse_size
+from scaleq.jobs import (
+    Capabilities,
+    Job,
+    JobDefinition,
+    RuntimeKind,
+    SubmitRequest,
+    job_id,
+    parse_duration,
+    parse_env_pair,
+    parse_size,
+    retried,
+)
 
 
 def fields_of(exc: ValidationError) -> set[str]:
@@ -110,3 +121,33 @@ def test_misfit_says_the_first_unmet_need():
         caps.misfit(JobDefinition(**image, network="host")) == "does not allow the host network, which the job asks for"
     )
     assert caps.misfit(JobDefinition(**image, tags=["ssd", "a100"])) == "lacks the tag a100"
+
+
+def test_retries_are_checked_at_the_edge_and_are_not_part_of_the_id() -> None:
+    d = JobDefinition(command=["x"])
+    plain = SubmitRequest(queue="q", definition=d)
+    assert (plain.max_attempts, plain.retries, plain.retry_on_exit_codes) == (3, 0, None)  # today's behaviour
+    flaky = SubmitRequest(queue="q", definition=d, retries=2, retry_on_exit_codes=[75, 3, 3])
+    assert flaky.retry_on_exit_codes == [3, 75]
+    assert job_id(plain.queue, plain.definition) == job_id(flaky.queue, flaky.definition)
+    for bad, field in [
+        ({"retries": -1}, "retries"),
+        ({"retries": 101}, "retries"),
+        ({"retries": 1, "retry_on_exit_codes": [0]}, "retry_on_exit_codes"),
+        ({"retries": 1, "retry_on_exit_codes": []}, "retry_on_exit_codes"),
+        ({"retry_on_exit_codes": [3]}, "needs retries of at least 1"),
+    ]:
+        with pytest.raises(ValidationError, match=field):
+            SubmitRequest(queue="q", definition=d, **bad)
+
+
+def test_which_failures_are_retried() -> None:
+    def job(**kw: object) -> Job:
+        return Job(id="x", queue="q", state="running", submitted_at=0, definition=JobDefinition(command=["x"]), **kw)
+
+    assert not retried(job(), "failed", 1)  # no retries: today's behaviour
+    assert retried(job(retries=1), "failed", 1) and retried(job(retries=1), "timed_out", None)
+    assert not retried(job(retries=1, failures=1), "failed", 1)  # spent
+    assert not retried(job(retries=5), "success", 0) and not retried(job(retries=5), "cancelled", None)
+    codes = job(retries=1, retry_on_exit_codes=[3])
+    assert retried(codes, "failed", 3) and not retried(codes, "failed", 4) and not retried(codes, "timed_out", None)

@@ -50,7 +50,9 @@ def test_sizes_by_slots():
 def test_clamped_to_max_and_min():
     d = run(6, 0, [], max_workers=3)
     assert (d.desired, d.start) == (3, 3)
-    assert d.reason == "6 jobs waiting, 0 running, 1 slot per worker → 6 workers (capped at max 3); have 0; starting 3"
+    assert d.reason == (
+        "6 jobs waiting, 0 running, 1 slot per worker → 6 workers (capped at max_workers 3); have 0; starting 3"
+    )
     d = run(0, 0, [], min_workers=2, max_workers=3)
     assert (d.desired, d.start) == (2, 2)
     assert "raised to min 2" in d.reason
@@ -218,6 +220,22 @@ def test_draining_workers_do_not_count():
     assert "2 draining (not counted)" in d.reason
 
 
+def test_draining_workers_count_toward_max_until_they_are_gone():
+    # max 3: a busy worker told to drain leaves 2 running ones; no replacement until it is gone
+    workers = [busy("a"), busy("b"), WorkerView("d", 0.0, "draining", 1)]
+    d = run(5, 3, workers, max_workers=3)
+    assert (d.desired, d.start, d.drain) == (3, 0, ())
+    assert "have 2 (2 busy); 1 draining (not counted)" in d.reason
+    assert d.reason.endswith("no change: 1 more wanted, but 1 draining count toward max 3 until they are gone")
+    # it left: its replacement starts
+    gone = run(5, 2, workers[:2], max_workers=3)
+    assert gone.start == 1
+    # below max, a draining worker leaves room for its replacement up to max only
+    d = run(9, 1, [busy("a"), WorkerView("d", 0.0, "draining", 1)], max_workers=4)
+    assert (d.desired, d.start) == (4, 2)
+    assert "starting 2 of 3 (1 draining count toward max 4 until they are gone)" in d.reason
+
+
 def test_reason_has_the_numbers_in_a_no_change_case():
     d = run(0, 3, [busy("a"), busy("b"), busy("c")], slots=1)
     assert d.reason == "0 jobs waiting, 3 running, 1 slot per worker → 3 workers; have 3 (3 busy); no change"
@@ -297,6 +315,8 @@ def test_property_random_inputs_never_drain_busy_and_keep_bounds():
         assert set(d.lapsed) == {
             w.id for w in workers if w.state == "starting" and now - w.started_at >= s.startup_grace
         }
+        draining = sum(1 for w in workers if w.state == "draining")
+        assert d.start == 0 or capacity + draining + d.start <= s.max_workers  # draining count until gone
         if s.max_step_up is not None:
             assert d.start <= s.max_step_up
         if capacity <= s.max_workers:  # drains below max only for workers idle long enough

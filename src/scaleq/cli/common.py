@@ -2,6 +2,10 @@
 exit codes scripts can trust.
 
 Exit codes: 0 ok, 1 failure (the server said no, a job failed, nothing answered), 2 bad usage or bad input.
+
+Text a job or a client chose (logs, commands, env, errors) never reaches a terminal raw: :func:`sanitize` shows its
+control characters (escape sequences that would move the cursor, retitle the window or rewrite the screen) as
+``\\x1b``-style escapes. Tables always; logs when written to a terminal, unless ``--raw`` asks for the bytes.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -34,6 +39,15 @@ out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty()
 err = Console(stderr=True, highlight=False, soft_wrap=True, width=None if sys.stderr.isatty() else 200)
 
 
+# C0 controls but tab and newline, DEL, and the C1 controls (a terminal reads 0x9b as ESC [)
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def sanitize(text: str) -> str:
+    """``text`` with its control characters (but tab and newline) written as visible ``\\xNN`` escapes."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
 class Output(StrEnum):
     table = "table"
     json = "json"
@@ -55,7 +69,7 @@ OutputOpt = Annotated[Output, typer.Option("--output", "-o", help="table for peo
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
-    err.print(f"[red]error:[/red] {escape(message)}", markup=True, highlight=False)
+    err.print(f"[red]error:[/red] {escape(sanitize(message))}", markup=True, highlight=False)
     raise typer.Exit(code)
 
 
@@ -130,7 +144,7 @@ def table(columns: Sequence[str], rows: Iterable[Sequence[Any]], title: str | No
         last = n == len(columns) - 1
         t.add_column(name, no_wrap=not last, overflow="fold" if last else "ellipsis")
     for row in rows:
-        t.add_row(*(Text("" if v is None else str(v)) for v in row))  # user text is never markup
+        t.add_row(*(Text("" if v is None else sanitize(str(v))) for v in row))  # user text: no markup, no escapes
     out.print(t)
 
 

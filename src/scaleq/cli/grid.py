@@ -155,6 +155,13 @@ class DockerOutputs(StrEnum):
     archive = "archive"
 
 
+class OnNotice(StrEnum):
+    """What SIGTERM means to a worker (see scaleq.worker.agent)."""
+
+    drain = "drain"
+    handback = "handback"
+
+
 def worker(
     queue: Annotated[str, typer.Option("--queue", "-q", help="Queue to take jobs from.")],
     runtime: Annotated[
@@ -182,12 +189,23 @@ def worker(
         int | None, typer.Option(help="Serve Prometheus /metrics on this port (0: any free port) \\[default: off].")
     ] = None,
     metrics_host: Annotated[str, typer.Option(help="Address for --metrics-port.")] = "0.0.0.0",
+    on_notice: Annotated[
+        OnNotice,
+        typer.Option(
+            envvar="SCALEQ_ON_NOTICE",
+            help="What SIGTERM means: drain (finish running jobs, then exit), or handback (a preemption notice: hand "
+            "running jobs back at once, no attempt spent, then exit). Providers set handback on spot/preemptible "
+            "machines.",
+        ),
+    ] = OnNotice.drain,
+    preemptible: Annotated[bool, typer.Option("--preemptible", help="Short for --on-notice handback.")] = False,
     server: ServerOpt = None,
     token: TokenOpt = None,
     data_dir: DataDirOpt = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ) -> None:
-    """Run a worker: claim jobs from a queue and run them. SIGTERM drains it; a second SIGTERM hands jobs back."""
+    """Run a worker: claim jobs from a queue and run them. SIGTERM drains it (a second SIGTERM hands jobs back);
+    with --preemptible, SIGTERM hands them back at once."""
     from scaleq.config import ConfigError, resolve
     from scaleq.worker.agent import WorkerAgent, WorkerConfig, default_worker_id, total_memory
     from scaleq.worker.runtime.base import RuntimeUnavailable
@@ -238,6 +256,7 @@ def worker(
             server_grace=server_grace,
             metrics_port=metrics_port,
             metrics_host=metrics_host,
+            on_notice="handback" if preemptible else on_notice.value,
         )
         return await WorkerAgent(config).run()
 

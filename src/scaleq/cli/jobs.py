@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import sys
 import time
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
 from rich.live import Live
 from rich.progress import Progress
 from rich.spinner import Spinner
@@ -26,18 +29,67 @@ from scaleq.cli.common import (
     err,
     fail,
     out,
+    sanitize,
     size,
     table,
     with_client,
 )
 from scaleq.client import ApiError, Client, Unreachable
-from scaleq.jobfile import JobInputError, build, encode_blobs, load_lines
-from scaleq.jobs import Job, JobDefinition, State, SubmitRequest, validate_queue_name
+from scaleq.jobfile import JobInputError, JobSpec, build, encode_blobs, load_lines, problems
+from scaleq.jobs import Job, Reason, State, SubmitRequest, validate_queue_name
+
+#: ``--state``: a job state, or a finished job's reason (``failed`` = finished with reason failed).
+StateFilter = StrEnum("StateFilter", {v: v for v in [*State, *Reason]})  # type: ignore[misc]
+
+
+def _job_id(value: str) -> str:
+    """A job id or a prefix of one: 6 to 64 hex digits, checked here so a typo is bad input (exit 2)."""
+    if not re.fullmatch(r"[0-9a-f]{6,64}", value):
+        raise typer.BadParameter(f"{value!r} is not a job id: give the id or a prefix of at least 6 hex digits")
+    return value
+
+
+JobIdArg = Annotated[str, typer.Argument(help="Job id or a unique prefix (6+ hex digits).", callback=_job_id)]
 
 PriorityOpt = Annotated[int, typer.Option(min=-1000, max=1000, help="Higher runs first; FIFO within a priority.")]
 MaxAttemptsOpt = Annotated[
-    int, typer.Option(min=1, max=100, help="Attempts before a lost job finishes as worker_lost.")
+    int | None,
+    typer.Option(
+        min=1,
+        max=100,
+        help="Infrastructure budget: attempts before a job lost with its worker finishes as worker_lost (a "
+        "preempted attempt is not counted) \\[default: 3].",
+    ),
 ]
+RetriesOpt = Annotated[
+    int | None,
+    typer.Option(
+        min=0, max=100, help="Program budget: times a failed or timed-out attempt is queued again \\[default: 0]."
+    ),
+]
+RetryCodesOpt = Annotated[
+    list[int] | None,
+    typer.Option(
+        "--retry-on-exit-code",
+        help="Retry only a failure with this exit code (then a timeout is not retried); repeatable. Needs --retries.",
+    ),
+]
+
+
+def _retries(
+    spec: dict[str, object], max_attempts: int | None, retries: int | None, codes: list[int] | None
+) -> dict[str, object]:
+    """A job's retry settings: the flags over the job file's (a line's, for submit-many) over the defaults."""
+    flags = {"max_attempts": max_attempts, "retries": retries, "retry_on_exit_codes": codes or None}
+    return {**spec, **{k: v for k, v in flags.items() if v is not None}}
+
+
+def _request(where: str, **fields: object) -> SubmitRequest:
+    """The submit request, checked as the server checks it; bad input exits 2 naming the field."""
+    try:
+        return SubmitRequest.model_validate(fields)
+    except ValidationError as exc:
+        bad_input(f"{where}: {problems(exc)}")
 
 
 def _summary(job: Job) -> dict:
@@ -49,6 +101,10 @@ def _summary(job: Job) -> dict:
         "exit_code": job.exit_code,
         "error": job.error,
         "attempts": job.attempts,
+        "max_attempts": job.max_attempts,
+        "failures": job.failures,
+        "retries": job.retries,
+        "retry_on_exit_codes": job.retry_on_exit_codes,
         "submitted_at": job.submitted_at,
         "started_at": job.started_at,
         "finished_at": job.finished_at,
@@ -110,7 +166,9 @@ def submit(
         Path | None, typer.Option("--file", "-f", help="Job file (TOML or JSON) with the definition's fields.")
     ] = None,
     priority: PriorityOpt = 0,
-    max_attempts: MaxAttemptsOpt = 3,
+    max_attempts: MaxAttemptsOpt = None,
+    retries: RetriesOpt = None,
+    retry_on_exit_code: RetryCodesOpt = None,
     rerun: Annotated[bool, typer.Option("--rerun", help="Run again if this exact job already finished.")] = False,
     wait: Annotated[bool, typer.Option("--wait", "-w", help="Follow the job; exit 0 only on success.")] = False,
     output: OutputOpt = Output.table,
@@ -121,10 +179,13 @@ def submit(
     """Submit a job and print its id (the same definition on the same queue is the same job).
 
     Example: scaleq submit default --wait -- python3 -c "print('hello')"
+
+    Retries by cause: --max-attempts for infrastructure losses, --retries (and --retry-on-exit-code) for the
+    program's own failures; a job file may hold max_attempts, retries and retry_on_exit_codes too.
     """
     try:
         validate_queue_name(queue)
-        definition, blobs = build(
+        definition, blobs, file_retries = build(
             file=file,
             command=command,
             image=image,
@@ -137,18 +198,19 @@ def submit(
             tags=tag,
             workdir=workdir,
         )
-        request = SubmitRequest(
-            queue=queue,
-            definition=definition,
-            priority=priority,
-            rerun=rerun,
-            max_attempts=max_attempts,
-            blobs=encode_blobs(blobs),
-        )
     except JobInputError as exc:
         bad_input(str(exc))
     except ValueError as exc:
         bad_input(f"queue: {exc}" if "queue" in str(exc) else str(exc))
+    request = _request(
+        str(file) if file else "job",
+        queue=queue,
+        definition=definition,
+        priority=priority,
+        rerun=rerun,
+        blobs=encode_blobs(blobs),
+        **_retries(file_retries, max_attempts, retries, retry_on_exit_code),
+    )
 
     async def go(client: Client) -> tuple[Job, bool, str | None]:
         job, created, warning = await client.submit_checked(request)
@@ -184,7 +246,9 @@ def submit_many(
         ),
     ],
     priority: PriorityOpt = 0,
-    max_attempts: MaxAttemptsOpt = 3,
+    max_attempts: MaxAttemptsOpt = None,
+    retries: RetriesOpt = None,
+    retry_on_exit_code: RetryCodesOpt = None,
     rerun: Annotated[bool, typer.Option("--rerun", help="Run again those of the jobs that already finished.")] = False,
     output: OutputOpt = Output.table,
     server: ServerOpt = None,
@@ -200,6 +264,8 @@ def submit_many(
     Idempotent (the same definition on the same queue is the same job): after an interruption, run it again.
 
     Example line: {"command": ["python3", "sweep.py", "--alpha", "0.3"], "image": "python:3.12-slim"}
+
+    A line may carry its own max_attempts, retries and retry_on_exit_codes; the flags set them for every line.
     """
     try:
         validate_queue_name(queue)
@@ -208,7 +274,16 @@ def submit_many(
         bad_input(str(exc))
     except ValueError as exc:
         bad_input(f"queue: {exc}")
-    batches = _batches(queue, found, priority=priority, max_attempts=max_attempts, rerun=rerun)
+    batches = _batches(
+        queue,
+        found,
+        priority=priority,
+        rerun=rerun,
+        max_attempts=max_attempts,
+        retries=retries,
+        retry_on_exit_codes=retry_on_exit_code,
+        where=file,
+    )
     total = sum(len(b) for b in batches)
 
     async def go(client: Client) -> list[tuple[Job, bool, str | None]]:
@@ -247,7 +322,15 @@ def submit_many(
 
 
 def _batches(
-    queue: str, found: list[tuple[JobDefinition, dict[str, bytes]]], *, priority: int, max_attempts: int, rerun: bool
+    queue: str,
+    found: list[JobSpec],
+    *,
+    priority: int,
+    rerun: bool,
+    max_attempts: int | None = None,
+    retries: int | None = None,
+    retry_on_exit_codes: list[int] | None = None,
+    where: Path | None = None,
 ) -> list[list[SubmitRequest]]:
     """The requests of ``submit-many``: at most BATCH jobs and about BATCH_BYTES of input bytes each, every input's
     bytes sent once per request (the server takes them for any job of the request that names them)."""
@@ -255,7 +338,7 @@ def _batches(
     batch: list[SubmitRequest] = []
     sent: set[str] = set()
     size = 0
-    for definition, blobs in found:
+    for n, (definition, blobs, line_retries) in enumerate(found, start=1):
         fresh = {sha: data for sha, data in blobs.items() if sha not in sent}
         more = sum(len(d) for d in fresh.values())
         if batch and (len(batch) == BATCH or size + more > BATCH_BYTES):
@@ -263,13 +346,14 @@ def _batches(
             batch, sent, size = [], set(), 0
             fresh, more = blobs, sum(len(d) for d in blobs.values())
         batch.append(
-            SubmitRequest(
+            _request(
+                f"{where}: job {n}" if where else f"job {n}",
                 queue=queue,
                 definition=definition,
                 priority=priority,
-                max_attempts=max_attempts,
                 rerun=rerun,
                 blobs=encode_blobs(fresh),
+                **_retries(line_retries, max_attempts, retries, retry_on_exit_codes),
             )
         )
         sent |= fresh.keys()
@@ -281,7 +365,10 @@ def _batches(
 
 def jobs(
     queue: Annotated[str | None, typer.Option(help="Only this queue.")] = None,
-    state: Annotated[State | None, typer.Option(help="Only jobs in this state.")] = None,
+    state: Annotated[
+        StateFilter | None,
+        typer.Option(help="Only jobs in this state, or finished with this reason (failed, success, …)."),
+    ] = None,
     limit: Annotated[int, typer.Option(help="At most this many, newest first.")] = 50,
     output: OutputOpt = Output.table,
     server: ServerOpt = None,
@@ -289,8 +376,13 @@ def jobs(
     data_dir: DataDirOpt = None,
 ) -> None:
     """List jobs, newest first."""
+    wanted = state.value if state else None
+    reason = wanted if wanted in set(Reason) else None
     found = with_client(
-        server, token, data_dir, lambda c: c.list_jobs(queue=queue, state=state.value if state else None, limit=limit)
+        server,
+        token,
+        data_dir,
+        lambda c: c.list_jobs(queue=queue, state=None if reason else wanted, reason=reason, limit=limit),
     )
     if output == Output.json:
         emit_json([_summary(j) for j in found])
@@ -315,7 +407,7 @@ def jobs(
 
 
 def job(
-    job_id: Annotated[str, typer.Argument(help="Job id or a unique prefix (6+ characters).")],
+    job_id: JobIdArg,
     output: OutputOpt = Output.table,
     server: ServerOpt = None,
     token: TokenOpt = None,
@@ -348,6 +440,8 @@ def job(
         ("max duration", duration(d.max_duration)),
         ("tags", ", ".join(d.tags)),
         ("submitted", ago(j.submitted_at)),
+        ("lost attempts", f"{j.attempts} of {j.max_attempts} counted (preempted and handed-back ones are not)"),
+        ("retries", _retry_text(j)),
     ]
     table(["field", "value"], rows)
     if attempts:
@@ -361,10 +455,27 @@ def job(
         )
 
 
+def _retry_text(j: Job) -> str:
+    """The program-failure budget in words."""
+    if not j.retries:
+        return "none (a failure or timeout ends the job)"
+    codes = j.retry_on_exit_codes
+    kinds = f"failures with exit code {', '.join(map(str, codes))}" if codes else "failures and timeouts"
+    return f"{j.failures} of {j.retries} used ({kinds})"
+
+
 def logs(
-    job_id: Annotated[str, typer.Argument(help="Job id or a unique prefix.")],
+    job_id: JobIdArg,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing until the job finishes.")] = False,
     attempt: Annotated[int | None, typer.Option(help="Attempt number \\[default: the latest].")] = None,
+    raw: Annotated[
+        bool,
+        typer.Option(
+            "--raw",
+            help="Write the output as the job wrote it, escape sequences included, also to a terminal "
+            "(by default a terminal gets control characters as \\xNN).",
+        ),
+    ] = False,
     output: OutputOpt = Output.table,
     server: ServerOpt = None,
     token: TokenOpt = None,
@@ -373,15 +484,20 @@ def logs(
     """Print a job's output (stdout and stderr, in order)."""
 
     async def go(client: Client) -> list[dict]:
-        after, collected = 0, []
+        after, collected, said = 0, [], ""
         while True:
             page = await client.logs(job_id, attempt=attempt, after=after, wait=20 if follow else 0)
+            if follow and page["state"] == "queued" and not page["chunks"] and said != "queued":
+                # nothing to print yet: say so rather than sit silent ('scaleq events' / 'queues' say why it waits)
+                err.print(f"job {job_id} is queued: waiting for a worker to start it (Ctrl-C to stop following)")
+                said = "queued"
             for c in page["chunks"]:
                 if output == Output.json:
                     collected.append(c)
                 else:
                     stream = sys.stderr if c["stream"] != "stdout" else sys.stdout
-                    stream.write(c["data"])
+                    # a terminal gets no escape sequence a job wrote; a pipe or a file gets the output as it was
+                    stream.write(c["data"] if raw or not stream.isatty() else sanitize(c["data"]))
                     stream.flush()
             after = page["next"]
             if not page["chunks"] and (not follow or page["state"] == "finished"):
@@ -393,7 +509,7 @@ def logs(
 
 
 def outputs(
-    job_id: Annotated[str, typer.Argument(help="Job id or a unique prefix.")],
+    job_id: JobIdArg,
     directory: Annotated[Path, typer.Argument(help="Where to write the job's /outputs files.")],
     output: OutputOpt = Output.table,
     server: ServerOpt = None,
@@ -421,7 +537,7 @@ def outputs(
 
 
 def cancel(
-    job_id: Annotated[str, typer.Argument(help="Job id or a unique prefix.")],
+    job_id: JobIdArg,
     output: OutputOpt = Output.table,
     server: ServerOpt = None,
     token: TokenOpt = None,

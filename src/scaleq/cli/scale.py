@@ -17,6 +17,7 @@ from scaleq.cli.common import (
     TokenOpt,
     emit_json,
     err,
+    fail,
     load_grid,
     out,
     setup_logging,
@@ -120,8 +121,16 @@ def destroy(
     token: TokenOpt = None,
     data_dir: DataDirOpt = None,
 ) -> None:
-    """Remove everything apply created for this grid (from recorded state and the providers' labels)."""
-    plans = _with_deployer(grid_file, server, token, data_dir, lambda d: d.destroy())
+    """Remove everything apply created for this grid (from recorded state and the providers' labels).
+
+    Refused (exit 1) while a live controller ('scaleq up --grid', 'scaleq autoscale') runs one of its groups: it
+    would start the workers again. Stop it first."""
+    from scaleq.deploy import Refused
+
+    try:
+        plans = _with_deployer(grid_file, server, token, data_dir, lambda d: d.destroy())
+    except Refused as exc:
+        fail(str(exc))
     _print_plans(plans, output, "destroyed")
     if output == Output.table and not plans:
         out.print("nothing recorded or running for this grid")
@@ -131,7 +140,8 @@ def groups(
     output: OutputOpt = Output.table, server: ServerOpt = None, token: TokenOpt = None, data_dir: DataDirOpt = None
 ) -> None:
     """Worker groups: current, desired, min and max workers, and their state: ok, or why the controller cannot act
-    (quota, rate_limited: the provider refused; error), since when and in the provider's words."""
+    (quota, rate_limited: the provider refused; error), since when and in the provider's words; and the controller's
+    note (capped at max_workers, jobs no worker can run)."""
     found = with_client(server, token, data_dir, lambda c: c.groups())
     if output == Output.json:
         emit_json(found)
@@ -145,9 +155,19 @@ def groups(
         return f"{g['state']}{since}: {g['message']}"
 
     table(
-        ["name", "queue", "provider", "current", "desired", "min", "max", "state"],
+        ["name", "queue", "provider", "current", "desired", "min", "max", "state", "note"],
         [
-            (g["name"], g["queue"], g["provider"], g["current"], g["desired"], g["min"], g["max"], state(g))
+            (
+                g["name"],
+                g["queue"],
+                g["provider"],
+                g["current"],
+                g["desired"],
+                g["min"],
+                g["max"],
+                state(g),
+                g.get("note", ""),
+            )
             for g in found
         ],
     )

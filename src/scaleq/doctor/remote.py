@@ -2,7 +2,9 @@
 
 The server answers (``/healthz``) and runs the same version, the token is accepted (``/api/v1/whoami``), the clocks
 agree, the server's own checks (:mod:`scaleq.server.checks`, read from ``/api/v1/health``), and — given a grid file —
-each group's signal, its Prometheus and its provider, read from where the controller reads them.
+each group's signal, its Prometheus and its provider, read from where the controller reads them. An external signal
+also gets its scrape targets' ``up`` and a comparison with the server's own count
+(:mod:`scaleq.scaling.signal_checks`, the same judges the controller uses).
 
 It never raises (see :mod:`scaleq.doctor.checks`). When the server does not answer, the checks that need it are
 reported as *not checked* with the reason, and the ones that do not (external signals, Prometheus, providers) still
@@ -13,6 +15,7 @@ house; no token is made.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -194,37 +197,51 @@ def _blocked_remote(reason: str, groups: Sequence[str]) -> list[Check]:
     return checks
 
 
-async def _signal(client: Client | None, g: Group, index: int, blocked: str | None) -> Check:
-    from scaleq.scaling.signals import SignalError, describe, read_external
+async def _signal(client: Client | None, g: Group, index: int, blocked: str | None) -> list[Check]:
+    """signal; for an external one also signal agrees (with the server's count) and, for promql, scrape targets."""
+    from scaleq.scaling.policy import Demand
+    from scaleq.scaling.signal_checks import agreement_check, reading_check, signal_fix, targets_check
+    from scaleq.scaling.signals import SignalError, read_external
 
     hop, spec = group_hop(g.name), g.signal
-    if spec.kind == "server":
-        if client is None or blocked:
-            return not_checked(hop, "signal", blocked or "no server to ask")
+    own: Demand | None = None
+    own_error = blocked or ("no server to ask" if client is None else None)
+    if client is not None and not blocked:
         try:
             d = await client.demand(g.queue, g.capabilities().model_dump(mode="json"))
+            own = Demand(d["at"], d["queued"], d["running"])
         except (ApiError, Unreachable) as exc:
-            return Check(
-                hop, "signal", False, f"the server's demand for queue {g.queue} failed: {_err(exc)}", FIX_SERVER
+            own_error = f"the server's demand for queue {g.queue} failed: {_err(exc)}"
+    if spec.kind == "server":
+        if own is None:
+            if blocked or client is None:
+                return [not_checked(hop, "signal", own_error or "no server")]
+            return [Check(hop, "signal", False, own_error or "", FIX_SERVER)]
+        return [
+            Check(
+                hop,
+                "signal",
+                True,
+                f"the server counts {own.queued} queued and {own.running} running job(s) this group can run "
+                f"on queue {g.queue}",
             )
-        return Check(
-            hop,
-            "signal",
-            True,
-            f"the server counts {d['queued']} queued and {d['running']} running job(s) this group can run "
-            f"on queue {g.queue}",
-        )
-    fix = (
-        f"make {spec.url} answer from where the controller runs (is the exporter / Prometheus up?) and check "
-        f"groups[{index}].signal in the grid file (url, "
-        + ("metric, labels" if spec.kind == "prometheus_text" else "query")
-        + ", bearer_token)"
-    )
+        ]
+    checks = []
+    reading = None
     try:
-        d = await read_external(spec)
+        reading = await read_external(spec)
+        checks.append(reading_check(g, reading, None, "", fallback=False))
     except SignalError as exc:
-        return Check(hop, "signal", False, str(exc), fix)
-    return Check(hop, "signal", True, f"{describe(spec)} reads {d.queued}")
+        checks.append(reading_check(g, None, str(exc), signal_fix(g, index), fallback=False))
+    if spec.kind == "promql":
+        checks.append(await targets_check(g))
+    if reading is None:
+        pass  # nothing to compare: the signal check says why
+    elif own is None:
+        checks.append(not_checked(hop, "signal agrees", own_error or "no server"))
+    else:
+        checks.append(agreement_check(g, reading, own))
+    return checks
 
 
 async def _prometheus(g: Group) -> Check:
@@ -289,13 +306,39 @@ async def _group_checks(
     client: Client | None, g: Group, index: int, ctx: ProviderContext | None, blocked: str | None
 ) -> list[Check]:
     hop = group_hop(g.name)
-    jobs = [
-        _guard(hop, "signal", "see the grid file's signal section", lambda: _signal(client, g, index, blocked)),
-    ]
+
+    async def signal() -> list[Check]:
+        try:
+            return await _signal(client, g, index, blocked)
+        except Exception as exc:
+            return [Check(hop, "signal", False, f"the check itself failed: {_err(exc)}", "see the signal section")]
+
+    jobs = [signal()]
     if g.signal.kind == "promql":
-        jobs.append(_guard(hop, "prometheus", "check the signal's url", lambda: _prometheus(g)))
-    jobs.append(_guard(hop, "provider", PROVIDER_FIX_DEFAULT, lambda: _provider(g, ctx)))
-    return list(await asyncio.gather(*jobs))
+        jobs.append(_listed(_guard(hop, "prometheus", "check the signal's url", lambda: _prometheus(g))))
+    jobs.append(_listed(_guard(hop, "provider", PROVIDER_FIX_DEFAULT, lambda: _provider(g, ctx))))
+    found = await asyncio.gather(*jobs)
+    # signal, prometheus, scrape targets, signal agrees, provider: the order of the chain
+    ordered = [*found[0][:1], *(c for part in found[1:-1] for c in part), *found[0][1:], *found[-1]]
+    return ordered
+
+
+async def _listed(check: Awaitable[Check]) -> list[Check]:
+    return [await check]
+
+
+def _theirs(own: list[Check], remote: list[Check]) -> list[Check]:
+    """The server's checks of a group beside doctor's own: the controller's signal checks repeat doctor's (same
+    names) and are left out when they agree; when they differ (the controller reads from elsewhere) both are shown."""
+    mine = {c.name: c for c in own}
+    out = []
+    for c in remote:
+        twin = mine.get(c.name)
+        if twin is None:
+            out.append(c)
+        elif (twin.ok, twin.checked) != (c.ok, c.checked):
+            out.append(dataclasses.replace(c, name=f"{c.name}, as the controller reads it"))
+    return out
 
 
 async def run_checks(
@@ -337,7 +380,7 @@ async def _run_checks(
     for name, own in zip(names, per_group, strict=True):
         hop = group_hop(name)
         ordered += own
-        ordered += [c for c in remote if c.hop == hop]
+        ordered += _theirs(own, [c for c in remote if c.hop == hop])
     ordered += [
         c
         for c in remote

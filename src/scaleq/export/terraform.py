@@ -18,9 +18,11 @@ Design: the module is files of the package (``templates/terraform/``, see :mod:`
 are — everything that depends on the grid lives in the *defaults* of ``variables.tf``, filled into its template as
 HCL by :func:`scaleq.export.hcl.hcl_value` (whose output ``terraform fmt`` leaves alone), so the module is ordinary
 Terraform that people can read, diff and override with ``-var``/``.tfvars``. This module says what the grid gives:
-the checks that it fits one module, the variables' defaults and the README's tables. The worker command line is
-built in HCL (``locals.tf``) from the same fields as :func:`scaleq.providers.base.worker_args`; the tests evaluate
-it with a real Terraform and compare.
+the checks that it fits one module, the variables' defaults and the README's tables. The worker VM boots as the gcp
+provider's do: the module holds the template files of :mod:`scaleq.providers.gcp.boot` (cloud-init user-data, the
+systemd unit, the start script), which ``locals.tf`` renders with ``templatefile()`` from the variables — the worker
+command line built in HCL from the same fields as :func:`~scaleq.providers.gcp.boot.worker_argv`. The tests render
+them with a real Terraform and compare the bytes with the provider's.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from typing import Any
 from scaleq.export import render
 from scaleq.export.hcl import hcl_value
 from scaleq.grid import Grid, Group
+from scaleq.providers.gcp import boot
 
 #: Default OpenTelemetry Collector image (the contrib distribution: it has the Prometheus receiver, the
 #: metricstransform processor and the googlecloud exporter). Pin it; review before upgrading.
@@ -40,9 +43,9 @@ OS_IMAGE = "projects/cos-cloud/global/images/family/cos-stable"
 #: The Cloud Monitoring metric the autoscalers read (written by the collector's googlecloud exporter).
 DEMAND_METRIC = "workload.googleapis.com/scaleq_demand"
 #: Where workers serve ``/metrics`` (health checks, the internal load balancer, optional scrapes).
-METRICS_PORT = 9100
+METRICS_PORT = boot.METRICS_PORT
 #: Seconds the MIG's shutdown leaves a worker to drain: GCE gives a deleted VM about 90 s (spot VMs: 30 s).
-DRAIN_SECONDS = 80
+DRAIN_SECONDS = boot.DRAIN_SECONDS
 #: ``--server-grace`` of exported workers (as the Docker provider's).
 SERVER_GRACE = 300.0
 
@@ -178,6 +181,10 @@ def _check(grid: Grid) -> tuple[list[Group], list[Group]]:
             )
         if g.max_workers < 1:
             raise ExportError(f"group {g.name!r}: a GCP autoscaler needs max_workers >= 1")
+        try:
+            boot.check(g)
+        except boot.BootError as exc:
+            raise ExportError(str(exc)) from exc
     return groups, skipped
 
 
@@ -191,6 +198,8 @@ def export_terraform(grid: Grid, out: Path) -> list[Path]:
         "main.tf": render.text("terraform/main.tf"),
         "outputs.tf": render.text("terraform/outputs.tf"),
         "collector.yaml": render.text("terraform/collector.yaml"),
+        # the worker VM's boot, as the gcp provider's (scaleq.providers.gcp.boot): locals.tf renders it
+        **{name: boot.template(name) for name in boot.FILES},
         "README.md": readme(grid, groups, skipped),
     }
     return render.write(out, files)

@@ -19,6 +19,9 @@ The skeleton (:class:`ProviderBase`) writes the lifecycle once, over four primit
 - ``why_not_up``: the controller stops a worker that has not registered within ``startup_grace`` (its machine costs
   and may never come up) and asks the provider first why, from what the provider itself can see -- a pod's
   ``ImagePullBackOff``, a machine's exit, an instance's last creation error. The default knows nothing (``{}``).
+- ``preempted``: of the workers the controller finds silent while holding jobs, those the provider took back (a spot
+  VM preempted, a pod evicted), in the provider's words. The controller then hands their jobs back without spending
+  an attempt. The default knows of none: their jobs come back when their leases expire, each a lost attempt.
 - ``close`` releases the provider's API clients; the default has none.
 
 :func:`start_each` starts several workers at once and keeps those that started when others fail. Blocking calls that
@@ -123,6 +126,10 @@ class Provider(Protocol):
         """Why these workers have not registered, in the provider's words, for those it can tell ({} if none)."""
         ...
 
+    async def preempted(self, group: Group, worker_ids: Collection[str]) -> dict[str, str]:
+        """Of these workers, those the provider took back (preempted, evicted), each with the provider's words."""
+        ...
+
     async def destroy(self, group: Group, grace: float = DESTROY_GRACE) -> list[str]:
         """Remove everything this provider created for the group; return the workers removed."""
         ...
@@ -158,6 +165,9 @@ class ProviderBase(ABC):
 
     async def reap(self, group: Group, worker_ids: Collection[str]) -> set[str]:
         return set()  # the worker's process, container, pod or machine ends with it
+
+    async def preempted(self, group: Group, worker_ids: Collection[str]) -> dict[str, str]:
+        return {}  # the provider cannot tell: the jobs come back through lease expiry
 
     async def close(self) -> None:
         return None

@@ -40,7 +40,9 @@ def make_provider(group: Group, ctx: ProviderContext) -> Provider:
     if group.provider == "gcp":
         from scaleq.providers.gcp import GcpProvider
 
-        return GcpProvider(grid=ctx.grid, server=ctx.public_server, token=ctx.worker_token, settings=group.gcp)
+        return GcpProvider(
+            grid=ctx.grid, server=ctx.public_server, token=ctx.worker_token, settings=group.gcp, group_name=group.name
+        )
     if group.provider == "kubernetes":
         from scaleq.providers.kubernetes import KubernetesProvider
 

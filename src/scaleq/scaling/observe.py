@@ -36,9 +36,18 @@ class StoreObserver:
         workers = await self.store.list_workers(queue=group.queue, include_gone=True)
         return [w for w in workers if w.group == group.name]
 
+    async def queued(self, queue: str) -> int:
+        return next((q.queued for q in await self.store.queue_stats() if q.queue == queue), 0)
+
     async def drain(self, worker_id: str) -> None:
         await self.store.set_worker_state(worker_id, "draining")
         self.notifier.notify(f"worker:{worker_id}")
+
+    async def release_worker(self, worker_id: str) -> list[str]:
+        released = await self.store.release_worker(worker_id, self.clock())
+        for r in released:
+            self.notifier.submitted(r.queue, r.job_id)
+        return [r.job_id for r in released]
 
     async def record(self, group: str, kind: str, from_count: int | None, to_count: int | None, reason: str) -> None:
         await self.store.record_event(group, kind, from_count, to_count, reason, self.clock())
@@ -68,8 +77,14 @@ class RemoteObserver:
         workers = await self.client.workers(include_gone=True)
         return [w for w in workers if w.group == group.name and w.queue == group.queue]
 
+    async def queued(self, queue: str) -> int:
+        return next((int(q["queued"]) for q in await self.client.queues() if q.get("name") == queue), 0)
+
     async def drain(self, worker_id: str) -> None:
         await self.client.drain_worker(worker_id)
+
+    async def release_worker(self, worker_id: str) -> list[str]:
+        return await self.client.release_worker(worker_id)
 
     async def record(self, group: str, kind: str, from_count: int | None, to_count: int | None, reason: str) -> None:
         await self.client.record_event(
@@ -86,6 +101,9 @@ class RemoteObserver:
                 "max": status.max_workers,
                 "current": status.current,
                 "desired": status.desired,
+                "note": status.note,
+                "reporter": status.reporter,
+                "checks": [c.as_dict() for c in status.checks],
                 "state": status.state,
                 "message": status.message[:4000],
                 "state_since": status.state_since,

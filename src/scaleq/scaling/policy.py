@@ -32,9 +32,10 @@ How a decision is made:
 * **Capacity** is starting + idle + busy workers. Draining workers do not count (they are leaving). A starting
   worker counts for ``startup_grace`` seconds, so a worker that is still booting is not started twice; after that it
   has *lapsed*: the decision names it (``lapsed``) and the caller stops it and deletes its machine, saying why.
-* **Never more machines than max.** Every machine the provider lists -- starting, lapsed, idle, busy or draining --
-  counts toward ``max_workers`` when starting: a machine costs whether or not its worker registered, so workers that
-  never come up (a broken image, a quota, a stock-out) are replaced only as their machines go, never piled up.
+* **Never more machines than max.** Every machine the provider lists -- starting, lapsed, idle, busy, draining or
+  stopping -- counts toward ``max_workers`` until it is gone: a machine costs whether or not its worker registered,
+  and a draining worker still runs. So a busy worker told to drain is replaced only once it has left, and workers
+  that never come up (a broken image, a quota, a stock-out) are replaced only as their machines go, never piled up.
 
 The ``reason`` of every decision -- "no change" too -- says in words what was seen and why that follows.
 """
@@ -121,6 +122,14 @@ def _secs(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds >= 1 or seconds == 0 else f"{seconds:.1f} s"
 
 
+def _held_by_machines(listed: int, lapsed: int, draining: int, max_workers: int) -> str:
+    """Why the machines beyond capacity hold a start back: they count toward max_workers until they are gone."""
+    if lapsed or not draining:
+        held = f"{listed} of max {max_workers} machines exist (registered or not)"
+        return held + (f"; {draining} draining count toward it until they are gone" if draining else "")
+    return f"{draining} draining count toward max {max_workers} until they are gone"
+
+
 def decide(
     demand: Demand, workers: Sequence[WorkerView], settings: PolicySettings, state: PolicyState, now: float
 ) -> Decision:
@@ -130,8 +139,8 @@ def decide(
     target = min(max(need, s.min_workers), s.max_workers)
     waiting = ("≥" if demand.capped else "") + _n(queued, "job")
     words = f"{waiting} waiting, {running} running, {_n(s.slots, 'slot')} per worker → {_n(need, 'worker')}"
-    if need > s.max_workers:
-        words += f" (capped at max {s.max_workers})"
+    if need > s.max_workers or (demand.capped and need >= s.max_workers):  # capped demand: there may be more
+        words += f" (capped at max_workers {s.max_workers})"
     elif need < s.min_workers:
         words += f" (raised to min {s.min_workers})"
 
@@ -175,7 +184,7 @@ def decide(
     start, drain, action = 0, (), "no change"
     if desired > capacity:
         wanted = start = desired - capacity
-        room = max(0, s.max_workers - len(workers))  # every listed machine counts, registered or not
+        room = max(0, s.max_workers - len(workers))  # every listed machine counts until it is gone
         limits = []
         if s.max_step_up is not None and wanted > (step_room := max(0, s.max_step_up - sum(n for _, n in starts))):
             start = step_room
@@ -183,7 +192,7 @@ def decide(
             limits.append(f"max_step_up {s.max_step_up} per {_secs(s.step_period)}{used_up}")
         if start > room:
             start = room
-            limits.append(f"{len(workers)} of max {s.max_workers} machines exist (registered or not)")
+            limits.append(_held_by_machines(len(workers), len(lapsed), n_draining, s.max_workers))
         limit = "; ".join(limits)
         if start == wanted:
             action = f"starting {start}"

@@ -22,7 +22,15 @@ from scaleq.server.auth import TokenCache
 from scaleq.server.routes import admin, health, jobs, scaling, workers
 from scaleq.server.runnable import RunnableCheck
 from scaleq.server.settings import ServerSettings
-from scaleq.store.base import AmbiguousId, NotFound, SchemaTooNew, StaleLease, Store, unavailable_errors
+from scaleq.store.base import (
+    AmbiguousId,
+    NotFound,
+    SchemaTooNew,
+    StaleLease,
+    Store,
+    invalid_value_errors,
+    unavailable_errors,
+)
 
 
 def create_app(
@@ -97,6 +105,13 @@ def create_app(
 
     for exc_type in unavailable_errors():
         app.add_exception_handler(exc_type, _unavailable)
+
+    async def _invalid(_: Request, exc: Exception) -> JSONResponse:
+        msg = f"a value in the request cannot be stored: {exc}"
+        return JSONResponse({"detail": [{"loc": ["request"], "msg": msg, "type": "value_error"}]}, status_code=422)
+
+    for exc_type in invalid_value_errors():
+        app.add_exception_handler(exc_type, _invalid)
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:

@@ -1,9 +1,11 @@
 """The checks the server runs over its own store: the hops the server itself can see.
 
 The store takes writes, the lease sweeper keeps up, registered workers heartbeat, running jobs' leases are renewed,
-and each group's controller keeps its status fresh. ``GET /api/v1/health`` and ``GET /api/v1/health/checks``
-(:mod:`scaleq.server.routes.health`) serve them, and ``scaleq doctor`` (:mod:`scaleq.doctor.remote`) reads them from
-there. :func:`server_side_checks` never raises (see :mod:`scaleq.doctor.checks`).
+each group's controller keeps its status fresh (with the controller's checks of an external signal: read, its
+scrape targets up, agreeing with the server's count), and the OTLP push, when the server pushes, reaches its
+collector. ``GET /api/v1/health`` and ``GET /api/v1/health/checks`` (:mod:`scaleq.server.routes.health`) serve
+them, and ``scaleq doctor`` (:mod:`scaleq.doctor.remote`) reads them from there. :func:`server_side_checks` never
+raises (see :mod:`scaleq.doctor.checks`).
 
 Leases are renewed by heartbeats, so a lease's expiry is ``max(claimed at, worker's last heartbeat) + lease_seconds``
 (the store keeps the exact value; this is the same up to the grace a server restart adds). Side effects: none anyone
@@ -19,6 +21,7 @@ from dataclasses import dataclass, field
 
 from scaleq.doctor.checks import FIX_STORE_DOWN, Check, error_text, group_hop, not_checked, queue_hop, secs
 from scaleq.jobs import Job, Worker
+from scaleq.server.otlp import ExportStatus
 from scaleq.server.settings import ServerSettings
 from scaleq.store.base import Attempt, Event, GroupStatus, Store
 
@@ -67,6 +70,10 @@ FIX_REFUSED = {
         "other clients of the same project, namespace or token"
     ),
 }
+FIX_OTLP = (
+    "start the OpenTelemetry collector or fix --otlp-endpoint (host, port 4318 for OTLP/HTTP, path /v1/metrics); "
+    "the server keeps pushing every {interval} and this check passes after the next push it takes"
+)
 FIX_CONTROLLER_ERROR = (
     "see this group's signal and provider checks ('scaleq doctor --grid FILE') and 'scaleq events --group {name}'; "
     "the controller retries with backoff"
@@ -174,10 +181,21 @@ def judge(
         checks.append(_leases(hop, running.get(hop, []), lost.get(hop, []), lease, stale_after, now))
         if hop.startswith("group "):
             name = hop.removeprefix("group ")
-            checks.append(
-                _controller(name, seen.statuses.get(name), seen.last_events.get(name), now, status_stale_after)
-            )
+            status = seen.statuses.get(name)
+            checks.append(_controller(name, status, seen.last_events.get(name), now, status_stale_after))
+            if status is not None:
+                checks += _signal_checks(status, now, status_stale_after)
     return checks
+
+
+def _signal_checks(status: GroupStatus, now: float, stale_after: float) -> list[Check]:
+    """The controller's checks of the group's external signal, as it wrote them with the status (none for the
+    server's own signal); only as fresh as the status, so a stale one is reported as not checked."""
+    age = now - status.updated_at
+    if status.reporter != "controller" or age > stale_after:
+        why = f"no controller has reported this group for {secs(age)}"
+        return [not_checked(c.hop, c.name, why) for c in status.checks]
+    return list(status.checks)
 
 
 def _renewed_at(job: Job, worker: Worker | None) -> float:
@@ -265,7 +283,8 @@ def _leases(
 
 def _controller(name: str, status: GroupStatus | None, last: Event | None, now: float, stale_after: float) -> Check:
     hop = group_hop(name)
-    if status is not None and status.state in FIX_REFUSED and now - status.updated_at <= stale_after:
+    fresh = status is not None and status.reporter == "controller" and now - status.updated_at <= stale_after
+    if status is not None and fresh and status.state in FIX_REFUSED:
         since = f" for {secs(now - status.state_since)}" if status.state_since is not None else ""
         what = "a quota" if status.state == "quota" else "a rate limit"
         detail = f"the provider refuses for {what} ({status.state}{since}): {status.message}"
@@ -277,6 +296,10 @@ def _controller(name: str, status: GroupStatus | None, last: Event | None, now: 
     if status is None:
         return Check(hop, "controller", False, "no controller has reported this group's status", FIX_NO_CONTROLLER)
     age = now - status.updated_at
+    if status.reporter != "controller":
+        by = "its controller stopped" if status.reporter == "stopped" else f"'scaleq {status.reporter}' wrote it"
+        detail = f"no controller runs this group: {by} {secs(age)} ago"
+        return Check(hop, "controller", False, detail, FIX_NO_CONTROLLER)
     if age > stale_after:
         detail = f"the group's status was last updated {secs(age)} ago"
         return Check(hop, "controller", False, detail, FIX_NO_CONTROLLER)
@@ -289,6 +312,27 @@ def _controller(name: str, status: GroupStatus | None, last: Event | None, now: 
     )
 
 
+def exporter_check(status: ExportStatus, now: float) -> Check:
+    """The OTLP push (``scaleq up --otlp-endpoint``): failing while the last push failed, with why and since when."""
+    s = status
+    if s.failing_since is not None:
+        last_ok = f"; last push taken {secs(now - s.last_ok_at)} ago" if s.last_ok_at is not None else "; none taken"
+        detail = (
+            f"pushing metrics to {s.url} fails since {secs(now - s.failing_since)} ago ({s.failed} failed, "
+            f"{s.pushed} taken{last_ok}): {s.last_error}"
+        )
+        return Check("server", "otlp exporter", False, detail, FIX_OTLP.format(interval=secs(s.interval)))
+    if s.last_ok_at is None:
+        return Check("server", "otlp exporter", True, f"pushing metrics to {s.url} every {secs(s.interval)}: none yet")
+    return Check(
+        "server",
+        "otlp exporter",
+        True,
+        f"pushing metrics to {s.url} every {secs(s.interval)}: {s.pushed} taken, "
+        f"the last {secs(now - s.last_ok_at)} ago",
+    )
+
+
 async def server_side_checks(
     store: Store,
     settings: ServerSettings,
@@ -296,18 +340,22 @@ async def server_side_checks(
     groups: Sequence[str] = (),
     *,
     status_stale_after: float = STATUS_STALE_AFTER,
+    exporter: ExportStatus | None = None,
 ) -> list[Check]:
     """The hops the server can see, for ``/api/v1/health`` and the dashboard. ``groups`` are group names that must
-    be reported even when the store knows nothing of them (the groups of a grid file). Never raises."""
+    be reported even when the store knows nothing of them (the groups of a grid file); ``exporter``: the OTLP push,
+    when the server pushes. Never raises."""
     store_check = await check_store(store, now)
+    pushing = [exporter_check(exporter, now)] if exporter is not None else []
     if not store_check.ok:
-        return [store_check, not_checked("server", "lease sweeper", "the store does not work")]
+        return [store_check, not_checked("server", "lease sweeper", "the store does not work"), *pushing]
     try:
         seen = await read_seen(store, now, groups)
-        return [store_check, *judge(seen, settings, now, groups, status_stale_after=status_stale_after)]
+        return [store_check, *pushing, *judge(seen, settings, now, groups, status_stale_after=status_stale_after)]
     except Exception as exc:
         return [
             store_check,
+            *pushing,
             Check(
                 "store",
                 "readable",

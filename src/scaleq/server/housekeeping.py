@@ -1,8 +1,10 @@
 """The server's timer: put expired leases back in their queues and mark silent workers gone.
 
 Leases expire on the store's clock, checked once per ``sweep_interval``; a requeued job wakes the claims waiting on
-its queue at once. At start-up every running lease gets a fresh ``lease_seconds`` of grace, so a server restart
-(or ``kill -9``) does not expire the jobs of workers that were merely unable to reach it.
+its queue at once. At start-up the running leases of workers not marked gone get a fresh ``lease_seconds`` of
+grace, so a server restart (or ``kill -9``) does not expire the jobs of workers that were merely unable to reach it.
+A lease gets that grace once until its worker is heard from again: servers restarting in a loop (or, on PostgreSQL,
+any of several servers restarting) cannot keep a dead worker's job from going back to its queue.
 """
 
 from __future__ import annotations

@@ -12,7 +12,9 @@ The same registry that serves ``/metrics`` is pushed, so both paths carry the sa
   the SDK's export data directly, rather than re-observing each series through observable instruments, keeps the
   histograms as histograms and needs no list of series known in advance.
 - The export call blocks (``requests``), so it runs in a thread; a collector that is down costs a logged warning per
-  interval, never the server.
+  interval, never the server — and it is not silent: the pusher keeps an :class:`ExportStatus` (last success, failing
+  since, why), which the server's health checks (``otlp exporter``, :mod:`scaleq.server.checks`) report to ``scaleq
+  doctor`` and the dashboard.
 
 Needs the ``opentelemetry-sdk`` and ``opentelemetry-exporter-otlp-proto-http`` packages (the ``otlp`` extra).
 """
@@ -23,8 +25,10 @@ import asyncio
 import contextlib
 import logging
 import math
+import socket
 import time
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -163,6 +167,33 @@ def _ns(seconds: float | None) -> int:
     return int(seconds * 1e9) if seconds else 0
 
 
+@dataclass
+class ExportStatus:
+    """How the pushes have gone: what the ``otlp exporter`` health check judges."""
+
+    url: str  # where the pushes go, in words
+    interval: float
+    pushed: int = 0
+    failed: int = 0
+    last_ok_at: float | None = None
+    failing_since: float | None = None  # the first failure of the current run of failures; None: the last one worked
+    last_error: str = ""
+
+
+def _why(url: str | None) -> str:
+    """Why an export failed, as far as a TCP connect tells (the SDK logs its own error but returns only FAILURE)."""
+    if url is None:
+        return "the configured endpoint did not take the push"
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parts.hostname or "", port), timeout=2):
+            pass
+    except OSError as exc:
+        return f"cannot connect to {parts.hostname}:{port}: {exc.strerror or exc}"
+    return f"{url} accepts connections but did not take the push (wrong path, TLS or headers?)"
+
+
 class OtlpPusher:
     """Refresh the app's metrics and push them to an OTLP/HTTP endpoint every ``interval`` seconds."""
 
@@ -187,8 +218,7 @@ class OtlpPusher:
         self.url = metrics_url(endpoint) if endpoint else None
         self.exporter = OTLPMetricExporter(endpoint=self.url, headers=dict(headers or {}) or None, timeout=timeout)
         self.start_ns = time.time_ns()
-        self.pushed = 0
-        self.failed = 0
+        self.status = ExportStatus(self.url or "the endpoint in OTEL_EXPORTER_OTLP_*", interval)
 
     async def push_once(self) -> bool:
         """One refresh and export; True if the endpoint took it."""
@@ -199,12 +229,27 @@ class OtlpPusher:
         result = await asyncio.to_thread(self.exporter.export, data)
         ok = result == MetricExportResult.SUCCESS
         if ok:
-            self.pushed += 1
+            self.status.pushed += 1
+            self.status.last_ok_at, self.status.failing_since = time.time(), None
         else:
-            self.failed += 1
-            where = self.url or "the configured endpoint"
-            log.warning("OTLP export to %s failed; next try in %.0f s", where, self.interval)
+            self.failed_with(await asyncio.to_thread(_why, self.url))
         return ok
+
+    def failed_with(self, why: str) -> None:
+        s = self.status
+        s.failed += 1
+        s.last_error = why
+        if s.failing_since is None:
+            s.failing_since = time.time()
+        log.warning("OTLP export to %s failed (%s); next try in %.0f s", s.url, why, self.interval)
+
+    @property
+    def pushed(self) -> int:
+        return self.status.pushed
+
+    @property
+    def failed(self) -> int:
+        return self.status.failed
 
     async def run(self) -> None:
         """Push until cancelled."""
@@ -214,8 +259,9 @@ class OtlpPusher:
             while True:
                 try:
                     await self.push_once()
-                except Exception:  # never let the exporter take the server down
+                except Exception as exc:  # never let the exporter take the server down
                     log.exception("OTLP export failed")
+                    self.failed_with(f"{type(exc).__name__}: {exc}")
                 await asyncio.sleep(self.interval)
         finally:
             with contextlib.suppress(Exception):
@@ -226,4 +272,6 @@ def pusher(app: FastAPI, endpoint: str | None = None, **kw: Any) -> OtlpPusher:
     """An :class:`OtlpPusher` for an app built by :func:`scaleq.server.app.create_app`."""
     from scaleq.server.metrics import of
 
-    return OtlpPusher(of(app), endpoint, **kw)
+    made = OtlpPusher(of(app), endpoint, **kw)
+    app.state.otlp = made.status  # the health checks report it
+    return made

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from scaleq.doctor.checks import Check
 from scaleq.jobs import Capabilities, Claim, Job, JobDefinition, Worker
 
 
@@ -118,6 +119,15 @@ class GroupStatus:
     current: int
     desired: int
     updated_at: float
+    #: What the controller wants said of the group now, in words ("capped at max_workers 4 (7 wanted)", a signal
+    #: it fell back from); empty: nothing to say.
+    note: str = ""
+    #: The controller's checks of the group's signal (readable, scrape targets up, agrees with the server's count),
+    #: served with the server's health checks.
+    checks: tuple[Check, ...] = ()
+    #: Who wrote this status: ``controller`` (a running controller refreshes it), ``apply``, or ``stopped`` (a
+    #: controller that shut down).
+    reporter: str = "controller"
     #: "ok", or why the controller cannot act: "quota" / "rate_limited" (the provider refused more machines or
     #: calls: it backs off and retries), "error" (another provider or signal failure); ``message`` says it in the
     #: provider's words, ``state_since`` since when (None for ok)
@@ -146,6 +156,8 @@ class Submission:
     priority: int = 0
     max_attempts: int = 3
     rerun: bool = False
+    retries: int = 0
+    retry_on_exit_codes: list[int] | None = None
 
 
 @dataclass(frozen=True)
@@ -185,8 +197,11 @@ class Store(Protocol):
         max_attempts: int,
         rerun: bool,
         now: float,
+        retries: int = 0,
+        retry_on_exit_codes: list[int] | None = None,
     ) -> tuple[Job, bool]:
-        """Store the job if new (or requeue a finished one on ``rerun``); return it and whether it is now queued."""
+        """Store the job if new (or requeue a finished one on ``rerun``, with these retry settings); return it and
+        whether it is now queued."""
         ...
 
     async def submit_many(self, submissions: list[Submission], now: float) -> list[tuple[Job, bool]]:
@@ -202,7 +217,9 @@ class Store(Protocol):
         """By full id or a unique prefix of at least 6 characters; NotFound / AmbiguousId otherwise."""
         ...
 
-    async def list_jobs(self, *, queue: str | None, state: str | None, limit: int) -> list[Job]: ...
+    async def list_jobs(
+        self, *, queue: str | None, state: str | None, limit: int, reason: str | None = None
+    ) -> list[Job]: ...
     async def list_attempts(self, job_id: str) -> list[Attempt]: ...
     async def cancel(self, job_id: str, now: float) -> Job: ...
 
@@ -229,13 +246,27 @@ class Store(Protocol):
         for an unknown worker (its finishes may or may not have been recorded: the worker sends them again)."""
         ...
 
-    async def finish(self, lease: str, result: FinishResult, now: float) -> Job: ...
+    async def finish(self, lease: str, result: FinishResult, now: float) -> Job:
+        """End the lease's attempt with ``result``: the job finishes, or — a program failure the job retries, with
+        retries left — goes back to its queue (``state`` queued, ``failures`` one more). StaleLease when the lease
+        no longer owns its job (a repeated finish of the attempt that ended it answers with the job)."""
+        ...
+
     async def finish_many(self, finishes: list[tuple[str, FinishResult]], now: float) -> list[Job | None]:
         """Several finishes in one transaction: per item, the job as :meth:`finish` answers it, or None where
         :meth:`finish` would raise StaleLease."""
         ...
 
-    async def release(self, lease: str, now: float) -> Job | None: ...
+    async def release(self, lease: str, now: float, outcome: str = "released") -> Job | None:
+        """Hand the lease's job back to its queue without spending an attempt; the attempt ends with ``outcome``
+        (``released``, or ``preempted`` on the provider's notice). None when the lease no longer owns its job."""
+        ...
+
+    async def release_worker(self, worker_id: str, now: float, outcome: str = "preempted") -> list[Expired]:
+        """:meth:`release` for every running job of the worker (its provider reports it preempted): the jobs
+        requeued, as :meth:`expire_leases` reports them."""
+        ...
+
     async def check_lease(self, lease: str) -> tuple[str, int]:
         """(job_id, attempt) of a live lease; StaleLease otherwise."""
         ...
@@ -255,6 +286,7 @@ class Store(Protocol):
 
     # housekeeping
     async def expire_leases(self, now: float) -> list[Expired]: ...
+    # the start-up grace: running leases of workers not gone get now + lease_seconds, once until the worker speaks
     async def extend_leases(self, now: float, lease_seconds: float) -> None: ...
     async def mark_gone_workers(self, cutoff: float, forget_before: float) -> list[str]: ...
 
@@ -272,7 +304,23 @@ class Store(Protocol):
     async def create_token(self, token_id: str, name: str, role: str, token_hash: str, now: float) -> None: ...
     async def find_token(self, token_hash: str) -> TokenRecord | None: ...
     async def list_tokens(self) -> list[TokenRecord]: ...
-    async def revoke_token(self, token_id: str, now: float) -> bool: ...
+    async def revoke_token(self, token_id: str, now: float) -> bool:
+        """False when no live token has that id, or it is the last live admin token (never revoked)."""
+        ...
+
+    # what a worker token owns: the workers registered with it, their leases, their running jobs' inputs
+    async def bind_worker(self, worker_id: str, token_id: str) -> bool:
+        """Bind a worker id to the token registering it; False when the id is a live worker of another token."""
+        ...
+
+    async def worker_token(self, worker_id: str) -> str | None: ...
+    async def lease_tokens(self, leases: list[str]) -> dict[str, str | None]:
+        """For each known lease, the token its worker is bound to (None: unbound); unknown leases are left out."""
+        ...
+
+    async def holds_input(self, token_id: str, sha256: str) -> bool:
+        """Whether a running job of a worker bound to the token has this blob among its inputs."""
+        ...
 
     # scaling records
     async def record_event(
@@ -292,3 +340,14 @@ def unavailable_errors() -> tuple[type[Exception], ...]:
     except ImportError:
         return ()
     return (psycopg.OperationalError, PoolTimeout, PoolClosed)
+
+
+def invalid_value_errors() -> tuple[type[Exception], ...]:
+    """Exceptions that mean "the database cannot hold a value the request carried" (a NUL in a text, a number out
+    of range): a bad request, answered 422. The API bounds what it can at the edge; this is the net under it."""
+    errors: list[type[Exception]] = [OverflowError]  # sqlite3: an integer past 64 bits
+    try:
+        import psycopg
+    except ImportError:
+        return tuple(errors)
+    return (*errors, psycopg.DataError)

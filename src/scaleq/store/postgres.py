@@ -132,14 +132,17 @@ class PostgresStore(SQLStore):
         max_attempts: int,
         rerun: bool,
         now: float,
+        retries: int = 0,
+        retry_on_exit_codes: list[int] | None = None,
     ) -> tuple[Job, bool]:
-        params = {**rows.job_params(queue, definition, priority, max_attempts), "now": now}
+        retry = {"retries": retries, "retry_on_exit_codes": retry_on_exit_codes}
+        params = {**rows.job_params(queue, definition, priority, max_attempts, **retry), "now": now}
         found = await self._hot_all("insert_new_job", params)
         if found:
             return rows.job(found[0]), True
         # it exists: answer with it, or queue it again on rerun (a transaction of several statements)
         return await super().submit(
-            queue, definition, priority=priority, max_attempts=max_attempts, rerun=rerun, now=now
+            queue, definition, priority=priority, max_attempts=max_attempts, rerun=rerun, now=now, **retry
         )
 
     async def submit_many(self, submissions: list[Submission], now: float) -> list[tuple[Job, bool]]:
@@ -149,7 +152,11 @@ class PostgresStore(SQLStore):
 
     def _submit_batch(self, submissions: list[Submission], now: float) -> list[tuple[Job, bool]]:
         params = [
-            {**rows.job_params(s.queue, s.definition, s.priority, s.max_attempts), "now": now} for s in submissions
+            {
+                **rows.job_params(s.queue, s.definition, s.priority, s.max_attempts, s.retries, s.retry_on_exit_codes),
+                "now": now,
+            }
+            for s in submissions
         ]
         inserted: dict[str, Any] = {}
         with self.db.cursor() as cur:

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import asdict
 from typing import Any
 
+from scaleq.doctor.checks import Check
 from scaleq.jobs import Capabilities, Job, JobDefinition, Worker, job_id
 from scaleq.store.base import Attempt, Event, GroupStatus, QueueStats, TokenRecord
 
@@ -26,7 +27,14 @@ def _loads(value: Any) -> Any:
     return json.loads(value) if isinstance(value, str | bytes) else value
 
 
-def job_params(queue: str, definition: JobDefinition, priority: int, max_attempts: int) -> dict[str, Any]:
+def job_params(
+    queue: str,
+    definition: JobDefinition,
+    priority: int,
+    max_attempts: int,
+    retries: int = 0,
+    retry_on_exit_codes: list[int] | None = None,
+) -> dict[str, Any]:
     req = definition.requirements
     return {
         "id": job_id(queue, definition),
@@ -40,6 +48,8 @@ def job_params(queue: str, definition: JobDefinition, priority: int, max_attempt
         "host_network": int(definition.network == "host"),
         "priority": priority,
         "max_attempts": max_attempts,
+        "retries": retries,
+        "retry_on_exit_codes": None if retry_on_exit_codes is None else _json(retry_on_exit_codes),
     }
 
 
@@ -56,6 +66,9 @@ def job(row: Row | None) -> Job:
         attempts=row["attempts"],
         attempt=row["attempt_seq"],
         max_attempts=row["max_attempts"],
+        failures=row["failures"],
+        retries=row["retries"],
+        retry_on_exit_codes=_loads(row["retry_on_exit_codes"]),
         worker_id=row["worker_id"],
         submitted_at=row["submitted_at"],
         started_at=row["started_at"],
@@ -147,6 +160,7 @@ def event(row: Row) -> Event:
 def group_params(status: GroupStatus) -> dict[str, Any]:
     data = asdict(status)
     data["now"] = data.pop("updated_at")
+    data["checks"] = _json([c.as_dict() for c in status.checks])
     return data
 
 
@@ -160,7 +174,10 @@ def group(row: Row) -> GroupStatus:
         row["current"],
         row["desired"],
         row["updated_at"],
-        row["state"],
-        row["message"],
-        row["state_since"],
+        row["note"],
+        tuple(Check.from_dict(c) for c in _loads(row["checks"]) or []),
+        row["reporter"],
+        state=row["state"],
+        message=row["message"],
+        state_since=row["state_since"],
     )

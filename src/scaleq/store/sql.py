@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
-from scaleq.jobs import Capabilities, Claim, Job, JobDefinition, Worker
+from scaleq.jobs import PROGRAM_FAILURES, Capabilities, Claim, Job, JobDefinition, Worker, retried
 from scaleq.store import migrations, rows
 from scaleq.store.base import (
     AmbiguousId,
@@ -195,14 +195,18 @@ class SQLStore:
     # -- jobs -------------------------------------------------------------------------------------------------
 
     def _submit(self, s: Submission, now: float) -> tuple[Job, bool]:
-        params = rows.job_params(s.queue, s.definition, s.priority, s.max_attempts)
+        params = rows.job_params(s.queue, s.definition, s.priority, s.max_attempts, s.retries, s.retry_on_exit_codes)
         seq = self._one("next_seq")["seq"]  # type: ignore[index]
         created = self.db.execute(self.Q["insert_job"], {**params, "seq": seq, "now": now}).rowcount == 1
         if not created and s.rerun:
             created = (
                 self.db.execute(
                     self.Q["requeue_finished"],
-                    {"id": params["id"], "seq": seq, "priority": s.priority, "max_attempts": s.max_attempts},
+                    {
+                        "id": params["id"],
+                        "seq": seq,
+                        **{k: params[k] for k in ("priority", "max_attempts", "retries", "retry_on_exit_codes")},
+                    },
                 ).rowcount
                 == 1
             )
@@ -219,8 +223,11 @@ class SQLStore:
         max_attempts: int,
         rerun: bool,
         now: float,
+        retries: int = 0,
+        retry_on_exit_codes: list[int] | None = None,
     ) -> tuple[Job, bool]:
-        return await self.tx(lambda: self._submit(Submission(queue, definition, priority, max_attempts, rerun), now))
+        s = Submission(queue, definition, priority, max_attempts, rerun, retries, retry_on_exit_codes)
+        return await self.tx(lambda: self._submit(s, now))
 
     async def submit_many(self, submissions: list[Submission], now: float) -> list[tuple[Job, bool]]:
         return await self.tx(lambda: [self._submit(s, now) for s in submissions])
@@ -258,8 +265,11 @@ class SQLStore:
     async def get_job(self, job_id: str) -> Job:
         return await self._run(self._get_job, job_id)
 
-    async def list_jobs(self, *, queue: str | None, state: str | None, limit: int) -> list[Job]:
-        return [rows.job(r) for r in await self._run(self._all, "list_jobs", queue=queue, state=state, limit=limit)]
+    async def list_jobs(
+        self, *, queue: str | None, state: str | None, limit: int, reason: str | None = None
+    ) -> list[Job]:
+        found = await self._run(self._all, "list_jobs", queue=queue, state=state, reason=reason, limit=limit)
+        return [rows.job(r) for r in found]
 
     async def list_attempts(self, job_id: str) -> list[Attempt]:
         return [rows.attempt(r) for r in await self._run(self._all, "list_attempts", job_id=job_id)]
@@ -340,24 +350,31 @@ class SQLStore:
         return await self.tx(op)
 
     def _finish_rows(self, finishes: list[tuple[str, FinishResult]], now: float) -> dict[str, Row]:
-        """Finish the attempts whose leases still own their jobs; their job rows by lease. One statement per
-        finish here (SQLite runs in-process); PostgreSQL overrides it with one statement for the whole batch."""
+        """Finish the attempts whose leases still own their jobs (or queue them again for a retry:
+        :func:`scaleq.jobs.retried`); their job rows by lease. Two statements per finish here (SQLite runs
+        in-process); PostgreSQL overrides it with one statement for the whole batch."""
         done = {}
         for lease, result in finishes:
-            row = self._one(
-                "finish", lease=lease, reason=result.reason, exit_code=result.exit_code, error=result.error, now=now
-            )
+            running = self._one("running_by_lease", lease=lease)
+            if running is None:
+                continue
+            fields = {"lease": lease, "reason": result.reason, "exit_code": result.exit_code, "error": result.error}
+            if retried(rows.job(running), result.reason, result.exit_code):
+                row = self._one("retry_failed", **fields)
+            else:
+                row = self._one("finish", now=now, **fields)
             if row is not None:
                 self.db.execute(self.Q["end_attempt"], {"lease": lease, "now": now, "outcome": result.reason})
                 done[lease] = row
         return done
 
     def _repeated_finish(self, lease: str, result: FinishResult) -> Job | None:
-        """A repeated finish of the attempt that did finish the job is harmless: the job; None for a stale lease."""
+        """A repeated finish of the attempt that did finish the job (or queue it again for a retry) is harmless:
+        the job; None for a stale lease."""
         attempt = self._one("get_attempt", lease=lease)
         if attempt is not None and attempt["outcome"] == result.reason:
             job = self._get_job(attempt["job_id"])
-            if job.state == "finished" and job.reason == result.reason:
+            if (job.state == "finished" and job.reason == result.reason) or result.reason in PROGRAM_FAILURES:
                 return job
         return None
 
@@ -383,13 +400,21 @@ class SQLStore:
         run = self._run if self.single_statement_batches else self.tx
         return await run(self._finish_many, finishes, now)
 
-    async def release(self, lease: str, now: float) -> Job | None:
+    async def release(self, lease: str, now: float, outcome: str = "released") -> Job | None:
         def op() -> Job | None:
             row = self._one("release", lease=lease)
             if row is None:
                 return None
-            self.db.execute(self.Q["end_attempt"], {"lease": lease, "now": now, "outcome": "released"})
+            self.db.execute(self.Q["end_attempt"], {"lease": lease, "now": now, "outcome": outcome})
             return rows.job(row)
+
+        return await self.tx(op)
+
+    async def release_worker(self, worker_id: str, now: float, outcome: str = "preempted") -> list[Expired]:
+        def op() -> list[Expired]:
+            params = {"worker_id": worker_id, "now": now, "outcome": outcome}
+            self.db.execute(self.Q["end_worker_attempts"], params)
+            return [Expired(r["id"], r["queue"], r["state"]) for r in self._all("release_worker_jobs", **params)]
 
         return await self.tx(op)
 
@@ -461,12 +486,14 @@ class SQLStore:
         return await self.tx(op)
 
     async def extend_leases(self, now: float, lease_seconds: float) -> None:
-        await self._run(lambda: self.db.execute(self.Q["extend_leases"], {"expires": now + lease_seconds}))
+        params = {"expires": now + lease_seconds, "now": now}
+        await self._run(lambda: self.db.execute(self.Q["extend_leases"], params))
 
     async def mark_gone_workers(self, cutoff: float, forget_before: float) -> list[str]:
         def op() -> list[str]:
             gone = [r["id"] for r in self._all("mark_gone_workers", cutoff=cutoff)]
-            self.db.execute(self.Q["forget_workers"], {"cutoff": forget_before})
+            if self.db.execute(self.Q["forget_workers"], {"cutoff": forget_before}).rowcount:
+                self.db.execute(self.Q["forget_worker_tokens"])
             return gone
 
         return await self.tx(op)
@@ -509,6 +536,23 @@ class SQLStore:
 
     async def revoke_token(self, token_id: str, now: float) -> bool:
         return await self._run(lambda: self._one("revoke_token", id=token_id, now=now) is not None)
+
+    async def bind_worker(self, worker_id: str, token_id: str) -> bool:
+        return await self._run(lambda: self._one("bind_worker", worker_id=worker_id, token_id=token_id) is not None)
+
+    async def worker_token(self, worker_id: str) -> str | None:
+        row = await self._run(self._one, "worker_token", worker_id=worker_id)
+        return row["token_id"] if row else None
+
+    async def lease_tokens(self, leases: list[str]) -> dict[str, str | None]:
+        def op() -> dict[str, str | None]:
+            found = {lease: self._one("lease_token", lease=lease) for lease in leases}
+            return {lease: row["token_id"] for lease, row in found.items() if row is not None}
+
+        return await self._run(op)
+
+    async def holds_input(self, token_id: str, sha256: str) -> bool:
+        return await self._run(lambda: self._one("holds_input", token_id=token_id, sha256=sha256) is not None)
 
     # -- scaling records --------------------------------------------------------------------------------------
 

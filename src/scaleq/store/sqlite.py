@@ -5,11 +5,17 @@ fast). WAL mode with ``synchronous=NORMAL`` survives ``kill -9`` of the server â
 WAL before the call returns; ``durability="strict"`` uses ``synchronous=FULL`` for power-loss safety too. The schema
 version is ``PRAGMA user_version``, set in the transaction of the migration it records; ``BEGIN IMMEDIATE`` takes
 the database's one write lock, which is the schema lock too.
+
+The database holds job env values and token hashes: its file is made 0600 before SQLite opens it (SQLite gives its
+``-wal`` and ``-shm`` files the database file's mode), and files left looser by an older version are tightened.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sqlite3
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -46,7 +52,12 @@ class SQLiteStore(SQLStore):
 
     def _connect_sync(self) -> None:
         if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            Path(self.path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+            for name in (self.path, f"{self.path}-wal", f"{self.path}-shm"):
+                with contextlib.suppress(FileNotFoundError, PermissionError):
+                    if stat.S_IMODE(os.stat(name).st_mode) & 0o077:
+                        os.chmod(name, 0o600)
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         conn.row_factory = sqlite3.Row
         conn.execute("PRAGMA journal_mode=WAL")

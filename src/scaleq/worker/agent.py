@@ -14,8 +14,17 @@ Design:
   and the worker stops it without reporting.
 - **Server outages** are waited out: jobs keep running, results are retried, and only after ``server_grace`` seconds
   without any answer does the worker stop its jobs and exit.
+- **Dead neighbours' runs.** A worker killed mid-job (``kill -9``) leaves its containers running on the engine: at
+  start and then once per lease period, the worker lists the runs other workers left on its engines, asks the server
+  which of those attempts it has ended (lease lost, cancelled, …) and removes them, so a requeued job does not run
+  twice at once on that engine for longer than about a lease. (Process jobs die with their worker by themselves:
+  see :mod:`scaleq.worker.runtime.watchdog`.)
 - **Drain.** The first SIGTERM (or the server saying ``draining``) stops claiming; running jobs finish; then the
   worker deregisters and exits 0. A second signal stops the jobs and hands them back to the queue.
+- **Preemption.** On a machine the provider may take back (a spot VM, an evictable pod: ``--on-notice handback``,
+  which the providers set for such machines) SIGTERM is that notice, and there is no time to finish anything: the
+  worker stops claiming, hands every running job back at once (``release`` with reason ``preempted``: no attempt
+  spent, the attempt's outcome says why), stops them, deregisters and exits 0.
 """
 
 from __future__ import annotations
@@ -31,7 +40,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from scaleq.client import ApiError, Client, Unreachable
 from scaleq.jobs import Claim
@@ -72,6 +81,8 @@ class WorkerConfig:
     server_grace: float = 600.0
     metrics_port: int | None = None  # serve /metrics here (0: any free port); None: no endpoint
     metrics_host: str = "0.0.0.0"
+    #: What SIGTERM means: ``drain`` (finish what runs), or ``handback`` (a preemption notice: hand the jobs back now).
+    on_notice: Literal["drain", "handback"] = "drain"
 
 
 @dataclass
@@ -79,6 +90,7 @@ class Running:
     claim: Claim
     task: asyncio.Task[None]
     abandoned: bool = False
+    handed_back: bool = False  # released on a preemption notice: stopped without reporting
     #: When the claim's answer arrived: a heartbeat sent before then may have read the leases before it committed.
     claimed_at: float = field(default_factory=time.monotonic)
 
@@ -93,9 +105,13 @@ class WorkerAgent:
         #: Leases whose result is reported but not yet delivered: still held, so still renewed by heartbeats.
         self._finishing: set[str] = set()
         self.heartbeat_seconds = 5.0
+        self.lease_seconds = 15.0
+        self._reaping: asyncio.Task[None] | None = None
         self.long_poll = 20.0
         self.draining = False
         self.forced = False
+        #: The outcome recorded for the jobs this worker hands back: released, or preempted on a provider's notice.
+        self.release_reason = "released"
         self._polling = False
         self._wake = asyncio.Event()
         self._stopped = asyncio.Event()
@@ -110,9 +126,9 @@ class WorkerAgent:
         """Run until drained; the exit code for the process."""
         self._tmp = Path(tempfile.mkdtemp(prefix=f"scaleq-{self.id}-", dir=self.cfg.work_dir))
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig, handler in ((signal.SIGTERM, self.notice), (signal.SIGINT, self.request_drain)):
             with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, self.request_drain)
+                loop.add_signal_handler(sig, handler)
         try:
             if self.cfg.metrics_port is not None:
                 self.metrics = WorkerMetrics(self.cfg.slots, lambda: len(self.running), lambda: self.draining)
@@ -125,6 +141,7 @@ class WorkerAgent:
                 if removed:
                     log.info("removed %d leftovers of an earlier run of %s", removed, self.id)
             await self._register()
+            self._reap_soon()
             heart = asyncio.create_task(self._heartbeat_loop())
             try:
                 code = await self._claim_loop()
@@ -132,6 +149,10 @@ class WorkerAgent:
                 heart.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await heart
+                if self._reaping is not None:
+                    self._reaping.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await self._reaping
             await self._flush_finishes()
             with contextlib.suppress(ApiError, Unreachable):
                 await self.client.deregister(self.id)
@@ -142,6 +163,45 @@ class WorkerAgent:
                 self.metrics.stop()
             await self.client.close()
             transfer.remove_tree(self._tmp)
+
+    def notice(self) -> None:
+        """SIGTERM: drain, or — on a preemptible machine — hand the jobs back at once."""
+        if self.cfg.on_notice == "handback":
+            self.hand_back("preemption notice (SIGTERM on a preemptible worker)")
+        else:
+            self.request_drain()
+
+    def hand_back(self, why: str) -> None:
+        """Stop claiming, release every running job with reason ``preempted`` (no attempt spent), stop them, exit."""
+        if self.release_reason == "preempted":
+            return
+        self.release_reason = "preempted"
+        log.warning(
+            "%s: handing back %d running job(s) without spending an attempt, then exiting", why, len(self.running)
+        )
+        self.draining = self.forced = True
+        handed = [r for r in self.running.values() if not r.abandoned and not r.task.done()]
+        for r in handed:
+            r.handed_back = True
+        task = asyncio.create_task(self._hand_back(handed))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+        self._wake.set()
+
+    async def _hand_back(self, handed: list[Running]) -> None:
+        """Release first (the server may requeue at once), stopping the jobs meanwhile; then tell the server."""
+        for r in handed:
+            r.task.cancel()
+
+        async def release(r: Running) -> None:
+            try:
+                await self.client.release(r.claim.lease, "preempted")
+                log.info("job %s attempt %d handed back (preempted)", r.claim.job.id[:12], r.claim.attempt)
+            except (ApiError, Unreachable) as exc:  # its lease expires instead: the attempt then counts as lost
+                log.warning("could not hand back job %s: %s", r.claim.job.id[:12], exc)
+
+        await asyncio.gather(*(release(r) for r in handed))
+        await self._announce_drain()
 
     def request_drain(self) -> None:
         if self.draining:
@@ -179,6 +239,7 @@ class WorkerAgent:
         }
         answer = await self._retrying(lambda: self.client.register(body))
         self.heartbeat_seconds = answer["heartbeat_seconds"]
+        self.lease_seconds = answer["lease_seconds"]
         self.long_poll = answer["long_poll_max"]
         log.info("worker %s registered on queue %s with %d slots", self.id, cfg.queue, cfg.slots)
 
@@ -240,7 +301,7 @@ class WorkerAgent:
             for claim in claims:
                 if self.draining:  # claimed while the drain began: hand it straight back, unrun and unspent
                     with contextlib.suppress(ApiError, Unreachable):
-                        await self.client.release(claim.lease)
+                        await self.client.release(claim.lease, self.release_reason)
                 else:
                     self._start(claim)
             if state == "draining" and not self.draining:
@@ -254,9 +315,13 @@ class WorkerAgent:
     # -- heartbeats -------------------------------------------------------------------------------------------
 
     async def _heartbeat_loop(self) -> None:
+        reaped = time.monotonic()
         while True:
             await asyncio.sleep(self.heartbeat_seconds)
             sent = time.monotonic()
+            if sent - reaped >= self.lease_seconds:
+                reaped = sent
+                self._reap_soon()
             try:
                 state, live = await self.client.heartbeat(self.id, leases=self._held())
                 self._last_contact = time.monotonic()
@@ -278,6 +343,27 @@ class WorkerAgent:
                 self.request_drain()
             if self.metrics is not None:
                 await self.metrics.refresh_queue(self.client, self.cfg.queue)
+
+    def _reap_soon(self) -> None:
+        """Look for dead workers' runs in the background (an engine's listing must not delay a heartbeat)."""
+        if self._reaping is None or self._reaping.done():
+            self._reaping = asyncio.create_task(self._reap_ended_attempts())
+
+    async def _reap_ended_attempts(self) -> None:
+        for runtime in self.cfg.runtimes.values():
+            try:
+                found = await runtime.others_attempts(self.id)
+                ended = await self.client.ended_attempts(self.id, sorted(found)[:1000]) if found else set()
+                for job_id, attempt in sorted(ended):
+                    removed = await runtime.reap_attempt(job_id, attempt)
+                    log.warning(
+                        "removed the run of job %s attempt %d that its dead worker left (%d objects)",
+                        job_id[:12],
+                        attempt,
+                        removed,
+                    )
+            except Exception as exc:  # the engine or the server: try again next time
+                log.warning("could not look for dead workers' runs on runtime %s: %s", runtime.name, exc)
 
     def _held(self) -> list[str]:
         """The leases to renew: jobs running, and results not yet delivered. Nothing else — a claim whose answer
@@ -324,6 +410,9 @@ class WorkerAgent:
                     if tar is not None:
                         await self._retrying(lambda: self.client.put_outputs(lease, tar))
         except asyncio.CancelledError:
+            if r.handed_back:  # released already (hand_back)
+                self._count("handed_back")
+                return
             if self.forced and not r.abandoned:
                 with contextlib.suppress(ApiError, Unreachable):
                     await self.client.release(lease)

@@ -4,10 +4,10 @@ Design:
 
 - **One regional MIG per group**, ``scaleq-<grid>-<group>``, spread over the group's zones (``distributionPolicy``;
   the region's zones when none are given). Its **instance template** (regional, in the same region),
-  ``scaleq-<grid>-<group>-<version>`` with ``version = Group.version()``, boots Container-Optimized OS and declares
-  the worker as a container the way COS does (metadata ``gce-container-declaration``): ``group.image`` running
-  ``scaleq worker …`` (:func:`~scaleq.providers.base.worker_args`) with ``SCALEQ_TOKEN`` and ``group.env`` in its
-  environment, restart policy ``OnFailure`` (a crash restarts the worker; a drained worker exits 0 and stays down).
+  ``scaleq-<grid>-<group>-<version>`` with ``version = Group.version()``, boots Container-Optimized OS with the
+  cloud-init user-data of :mod:`~scaleq.providers.gcp.boot` — the same bytes ``scaleq export terraform`` puts in its
+  templates: a systemd unit runs ``group.image`` as ``scaleq worker …`` with ``docker run``, the worker token read
+  from the metadata key ``scaleq-token``. A crash restarts the worker; a drained worker exits 0 and stays down.
   Names longer than GCE's 63 characters are shortened with a hash, so they stay unique and stable.
 - **Labels are the state**: the template labels every VM and boot disk ``scaleq-managed=true``, ``scaleq-grid``,
   ``scaleq-group`` and ``scaleq-version``. The MIG's name is derived from grid and group, so ``workers`` (and a
@@ -15,8 +15,7 @@ Design:
   of the group by its labels.
 - **The worker id is the instance name**, chosen by scaleq: ``start`` calls ``createInstances`` with explicit names
   (``<grid>-<group>-<random>``), so the id is known before the VM exists. All instances share one template, so the
-  container learns its id on the VM: its command is ``/bin/sh -c`` reading the hostname (COS names the host after the
-  instance) and ``exec scaleq worker … --worker-id <hostname>``.
+  worker learns its id on the VM: the start script reads the instance name from the metadata server.
 - **The MIG never acts on its own**: no autoscaler, ``updatePolicy.type=OPPORTUNISTIC`` (a new template does not
   make it replace VMs) and ``instanceRedistributionType=NONE`` (it does not delete VMs to even out zones). scaleq's
   controller sizes it: ``start`` = ``createInstances`` (``targetSize`` grows by those), and instances are removed
@@ -42,10 +41,12 @@ Design:
   and credentials (the client's own extended operations poll through a client that ignores ``api_endpoint``).
   API errors become :class:`ProviderError` saying what failed and how to fix it.
 
-The package, one idea a module: ``resources.py`` (names, labels, the container declaration, the template and the MIG:
-pure), ``credentials.py`` (application default credentials, bounded), ``api.py`` (the clients, calls in a thread,
-operations, errors in words), ``provider.py`` (reconciliation and the primitives, on the skeleton of
-:mod:`scaleq.providers.base`). The names other code uses are exported here.
+The package, one idea a module: ``boot.py`` (how a worker VM boots, shared with the Terraform export; its template
+files are in ``templates/``), ``resources.py`` (names, labels, the template and the MIG: pure), ``credentials.py``
+(application default credentials, bounded), ``api.py`` (the clients, calls in a thread, operations, errors in
+words), ``provider.py`` (reconciliation and the primitives, on the skeleton of :mod:`scaleq.providers.base`). The
+names other code uses are exported here, imported on first use: ``boot`` needs no Google library, so the export can
+use it without ``scaleq[gcp]`` installed.
 
 Caveat: the worker token is in the template's metadata, readable by anyone who may ``compute.instances.get`` or
 ``compute.instanceTemplates.get`` in the project (and by every process on the VM, through the metadata server).
@@ -54,30 +55,41 @@ Keeping it in Secret Manager, fetched by the VM's service account at boot, is fu
 
 from __future__ import annotations
 
-from scaleq.providers.gcp.api import FIX_PERMISSION
-from scaleq.providers.gcp.credentials import FIX_CREDENTIALS
-from scaleq.providers.gcp.provider import GcpProvider
-from scaleq.providers.gcp.resources import (
-    CONTAINER_DECLARATION,
-    COS_IMAGE,
-    WORKER_ID_SCRIPT,
-    container_declaration,
-    gce_name,
-    label_value,
-    labels,
-    mig_name,
-    template_name,
-    worker_name,
-)
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # what type checkers see; at run time __getattr__ imports these on first use
+    from scaleq.providers.gcp.api import FIX_PERMISSION
+    from scaleq.providers.gcp.credentials import FIX_CREDENTIALS
+    from scaleq.providers.gcp.provider import GcpProvider
+    from scaleq.providers.gcp.resources import (
+        COS_IMAGE,
+        gce_name,
+        label_value,
+        labels,
+        mig_name,
+        template_name,
+        worker_name,
+    )
+
+_WHERE = {
+    "FIX_PERMISSION": "api",
+    "FIX_CREDENTIALS": "credentials",
+    "GcpProvider": "provider",
+    "COS_IMAGE": "resources",
+    "gce_name": "resources",
+    "label_value": "resources",
+    "labels": "resources",
+    "mig_name": "resources",
+    "template_name": "resources",
+    "worker_name": "resources",
+}
 
 __all__ = [
-    "CONTAINER_DECLARATION",
     "COS_IMAGE",
     "FIX_CREDENTIALS",
     "FIX_PERMISSION",
-    "WORKER_ID_SCRIPT",
     "GcpProvider",
-    "container_declaration",
     "gce_name",
     "label_value",
     "labels",
@@ -85,3 +97,10 @@ __all__ = [
     "template_name",
     "worker_name",
 ]
+assert set(__all__) == set(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)

@@ -3,6 +3,13 @@
 ``start`` makes sure the group's template and MIG exist with the MIG on the current version's template, then creates
 named instances; ``stop`` deletes one named instance; ``reap`` deletes the instances of workers the controller says
 left; ``destroy`` deletes the MIG and every template of the group. See the package's docstring for the design.
+
+**Creation failures are per instance.** ``createInstances`` finishes DONE even when GCP cannot make the VMs (a quota,
+a zone out of capacity, an org policy): each such instance stays ``CREATING`` while the MIG keeps retrying, with the
+failure in its ``lastAttempt.errors`` and in the group's ``listErrors``. ``workers`` puts the failure in the
+worker's detail (and logs it once), :meth:`GcpProvider.last_errors` says the last one per instance (and
+``why_not_up``, for the controller's ``not_registered`` event), and ``health`` reports the failing instances of the
+provider's group, so that "a machine never came up" comes with GCP's reason.
 """
 
 from __future__ import annotations
@@ -55,11 +62,13 @@ class GcpProvider(ProviderBase):
         metadata_probe_timeout: float = 1.0,
         server_grace: float = 300.0,
         poll_interval: float = 1.0,
+        group_name: str | None = None,
     ) -> None:
         self.grid = grid
         self.server = server
         self.token = token
         self.settings = settings  # for health(); the other calls use their group's own settings
+        self.group_name = group_name  # for health(): whose instances it checks for creation failures
         self.api_timeout = api_timeout
         self.operation_timeout = operation_timeout
         self.server_grace = server_grace
@@ -75,6 +84,7 @@ class GcpProvider(ProviderBase):
         self._seen: dict[str, float] = {}  # instance name → when this provider started or first saw it
         self._listed: dict[str, compute_v1.ManagedInstance] = {}  # the instances of the latest workers(), by name
         self._deleting: set[str] = set()  # instances this provider asked the MIG to delete, until they are gone
+        self._failing: dict[str, str] = {}  # instance name → the error of its last creation attempt, as last logged
 
     # -- the API ----------------------------------------------------------------------------------------------------
 
@@ -259,6 +269,13 @@ class GcpProvider(ProviderBase):
             template = mi.version.instance_template
             zone = mi.instance.split("/zones/", 1)[-1].split("/", 1)[0] if "/zones/" in mi.instance else "?"
             detail = f"instance {mi.name} in {zone}: {action.lower() or 'none'}, {status or 'no status yet'}"
+            if failing := attempt_error(mi):
+                detail += f"; creating it failed, the MIG retries: {failing}"
+                if self._failing.get(mi.name) != failing:
+                    log.warning("group %s: GCP cannot create instance %s: %s", group.name, mi.name, failing)
+                self._failing[mi.name] = failing
+            else:
+                self._failing.pop(mi.name, None)
             found.append(
                 ProviderWorker(
                     mi.name,
@@ -276,8 +293,44 @@ class GcpProvider(ProviderBase):
     def _forget(self, present: set[str]) -> None:
         for name in set(self._seen) - present:
             del self._seen[name]
+        for name in set(self._failing) - present:
+            del self._failing[name]
         self._deleting &= present
         self._listed = {}
+
+    async def last_errors(self, group: Group) -> dict[str, str]:
+        """The last error GCP reported for each instance of the group (the worker id), newest first: a failed
+        creation attempt of an instance still in the MIG (``lastAttempt``), else the latest of the group's
+        ``listErrors`` (which also names instances gone since). Empty when nothing failed or there is no MIG."""
+        s = self._settings(group)
+
+        def read(api: Api) -> dict[str, str]:
+            try:
+                request = compute_v1.ListErrorsRegionInstanceGroupManagersRequest(
+                    project=s.project, region=s.region, instance_group_manager=self._mig(group), max_results=500
+                )
+                pager = api.migs.list_errors(request=request, timeout=self.api_timeout)
+                page = next(iter(pager.pages), None)  # the newest 500 are enough to say why
+            except gexc.NotFound:
+                return {}
+            found: dict[str, tuple[str, str]] = {}
+            for item in page.items if page is not None else []:
+                name = item.instance_action_details.instance.rsplit("/", 1)[-1]
+                if name and (name not in found or item.timestamp > found[name][0]):
+                    found[name] = (item.timestamp, f"{item.error.code}: {item.error.message}")
+            errors = {name: message for name, (_, message) in found.items()}
+            for mi in self._managed(api, group) or []:
+                if failing := attempt_error(mi):
+                    errors[mi.name] = failing
+            return errors
+
+        return await self._run(s, f"read the instance errors of group {group.name}", read)
+
+    async def why_not_up(self, group: Group, worker_ids: Collection[str]) -> dict[str, str]:
+        """GCP's last error for each of these instances (see :meth:`last_errors`): a VM that could not be created
+        (a quota, a stock-out, an org policy) is why its worker never registered."""
+        errors = await self.last_errors(group)
+        return {i: f"GCP could not create instance {i}: {errors[i]}" for i in worker_ids if i in errors}
 
     async def reap(self, group: Group, worker_ids: Collection[str]) -> set[str]:
         """Delete the instances of these workers, which left the server: a VM outlives its worker (a drained worker
@@ -405,8 +458,39 @@ class GcpProvider(ProviderBase):
                 "[groups.gcp] zones",
             )
         who = describe(self._apis.credentials, s)
-        return Health(
-            True,
+        message = (
             f"Compute Engine API{f' at {s.api_endpoint}' if s.api_endpoint else ''}: project {s.project}, region "
-            f"{s.region} ({region.status or 'status unknown'}), zones {', '.join(s.zones or zones)}; {who}",
+            f"{s.region} ({region.status or 'status unknown'}), zones {', '.join(s.zones or zones)}; {who}"
         )
+        if self.group_name is None:
+            return Health(True, message)
+        mig = mig_name(self.grid, self.group_name)
+
+        def failing(api: Api) -> dict[str, str]:
+            try:
+                pager = api.migs.list_managed_instances(
+                    project=s.project, region=s.region, instance_group_manager=mig, timeout=self.api_timeout
+                )
+                return {mi.name: e for mi in pager if (e := attempt_error(mi))}
+            except gexc.NotFound:  # no MIG yet: nothing can have failed
+                return {}
+
+        try:
+            errors = await self._run(s, f"list the instances of {mig}", failing)
+        except ProviderError as exc:
+            return Health(False, f"{message}; {exc}")
+        if errors:
+            listed = "; ".join(f"{name}: {error}" for name, error in sorted(errors.items()))
+            return Health(
+                False,
+                f"{message}; GCP cannot create {len(errors)} instance(s) of {mig} and keeps retrying: {listed} — fix "
+                "the cause (a quota: raise it in IAM & Admin > Quotas; a zone out of capacity: add zones or another "
+                "machine type; an org policy: see its constraint)",
+            )
+        return Health(True, message)
+
+
+def attempt_error(mi: compute_v1.ManagedInstance) -> str:
+    """The errors of the instance's last creation (or deletion) attempt, in words; empty when it did not fail."""
+    errors = mi.last_attempt.errors.errors if mi.last_attempt and mi.last_attempt.errors else []
+    return "; ".join(f"{e.code}: {e.message}" for e in errors)

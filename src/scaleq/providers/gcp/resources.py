@@ -1,4 +1,5 @@
-"""What a group is on Compute Engine: names, labels, the worker's container declaration, the template and the MIG.
+"""What a group is on Compute Engine: names, labels, the instance template (which boots the worker as
+:mod:`scaleq.providers.gcp.boot` says) and the MIG.
 
 Pure functions, no client or credentials needed (see the package's docstring for why each is what it is). Names
 longer than GCE's 63 characters are shortened with a hash, so they stay unique and stable.
@@ -9,21 +10,15 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
-from typing import Any
 
-import yaml
 from google.cloud import compute_v1
 
 from scaleq.grid import GcpSettings, Group
-from scaleq.jobs import RuntimeKind
-from scaleq.providers.base import worker_args
+from scaleq.providers.base import ProviderError
+from scaleq.providers.gcp import boot
 
 CLOUD_PLATFORM = "https://www.googleapis.com/auth/cloud-platform"
 COS_IMAGE = "projects/cos-cloud/global/images/family/cos-stable"
-CONTAINER_DECLARATION = "gce-container-declaration"
-SOCKET = "/var/run/docker.sock"
-#: How the container learns its worker id: the instance name, which COS makes the hostname.
-WORKER_ID_SCRIPT = 'h=$(cat /proc/sys/kernel/hostname); exec scaleq "$@" --worker-id "${h%%.*}"'
 MAX_NAME = 63
 VERSION_LEN = 12  # Group.version() is 12 hex digits
 _LABEL_BAD = re.compile(r"[^a-z0-9_-]")
@@ -68,35 +63,6 @@ def labels(grid: str, group: Group) -> dict[str, str]:
     }
 
 
-def container_declaration(group: Group, server: str, token: str, server_grace: float) -> str:
-    """The ``gce-container-declaration`` metadata that makes Container-Optimized OS run the worker."""
-    args = worker_args(group, server, "-", server_grace)
-    at = args.index("--worker-id")
-    del args[at : at + 2]  # the worker id is the instance name, known on the VM only (WORKER_ID_SCRIPT adds it)
-    env = {"PYTHONUNBUFFERED": "1", **group.env, "SCALEQ_TOKEN": token}
-    container: dict[str, Any] = {
-        "name": "scaleq-worker",
-        "image": group.image,
-        "command": ["/bin/sh", "-c", WORKER_ID_SCRIPT, "scaleq-worker"],
-        "args": args,
-        "env": [],
-        "securityContext": {"privileged": False},
-        "stdin": False,
-        "tty": False,
-    }
-    spec: dict[str, Any] = {"containers": [container], "restartPolicy": "OnFailure"}
-    if RuntimeKind.docker in group.runtimes:  # container jobs run as siblings on the VM's Docker
-        env["DOCKER_HOST"] = f"unix://{SOCKET}"
-        container["volumeMounts"] = [{"name": "docker-socket", "mountPath": SOCKET, "readOnly": False}]
-        spec["volumes"] = [{"name": "docker-socket", "hostPath": {"path": SOCKET}}]
-    container["env"] = [{"name": k, "value": v} for k, v in env.items()]
-    header = (
-        "# scaleq worker: a Container-Optimized OS container declaration (made by scaleq's gcp provider; the\n"
-        "# worker id is the instance name, read from the hostname)\n"
-    )
-    return header + yaml.safe_dump({"spec": spec}, sort_keys=False, default_flow_style=False, width=1000)
-
-
 def template_path(s: GcpSettings, name: str) -> str:
     return f"projects/{s.project}/regions/{s.region}/instanceTemplates/{name}"
 
@@ -136,7 +102,10 @@ def template_resource(
         )
     else:
         scheduling = compute_v1.Scheduling(automatic_restart=True, on_host_maintenance="MIGRATE")
-    declaration = container_declaration(group, server, token, server_grace)
+    try:
+        items = boot.metadata(boot.user_data(group, server, server_grace=server_grace), token)
+    except boot.BootError as exc:
+        raise ProviderError(str(exc)) from exc
     return compute_v1.InstanceTemplate(
         name=template_name(grid, group.name, group.version()),
         description=f"scaleq workers of grid {grid}, group {group.name}, version {group.version()}",
@@ -144,12 +113,7 @@ def template_resource(
             machine_type=s.machine_type,
             labels=tags,
             tags=compute_v1.Tags(items=["scaleq-worker"]),
-            metadata=compute_v1.Metadata(
-                items=[
-                    compute_v1.Items(key=CONTAINER_DECLARATION, value=declaration),
-                    compute_v1.Items(key="google-logging-enabled", value="true"),
-                ]
-            ),
+            metadata=compute_v1.Metadata(items=[compute_v1.Items(key=k, value=v) for k, v in items.items()]),
             disks=[
                 compute_v1.AttachedDisk(
                     boot=True,

@@ -51,8 +51,16 @@ async def list_tokens(ctx: C) -> list[TokenOut]:
 
 @router.delete("/tokens/{token_id}", status_code=204, dependencies=[require("admin")])
 async def revoke_token(token_id: str, ctx: C) -> None:
-    if not await ctx.store.revoke_token(token_id, ctx.now()):
+    """Revoke a token. The last live admin token is never revoked (409): nobody could make tokens any more."""
+    live = [t for t in await ctx.store.list_tokens() if t.revoked_at is None]
+    if not any(t.id == token_id for t in live):
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no live token {token_id}")
+    if not await ctx.store.revoke_token(token_id, ctx.now()):  # the store refuses the last admin, also in a race
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            f"token {token_id} is the last admin token: create another admin token first "
+            "(scaleq tokens create --role admin), then revoke this one",
+        )
     ctx.request.app.state.tokens.clear()
 
 

@@ -3,8 +3,8 @@
 - ``GET /whoami`` (any valid token): the token's role and the server's clock — ``scaleq doctor`` checks the token
   with it and compares clocks.
 - ``GET /health`` (``view``): the server-side checks (store writable, lease sweeper, workers heartbeating, leases
-  renewing, each group's controller) with the server's version, clock and lease timing. ``group=`` (repeatable)
-  names groups to report even when the store knows nothing of them.
+  renewing, each group's controller and its signal checks, the OTLP push) with the server's version, clock and lease
+  timing. ``group=`` (repeatable) names groups to report even when the store knows nothing of them.
 - ``GET /health/checks`` (``view``): the same checks alone, for the dashboard.
 
 The store check's one write puts the empty blob again (content-addressed, never listed: nothing visible changes).
@@ -22,7 +22,8 @@ from scaleq import __version__
 from scaleq.doctor.checks import all_ok
 from scaleq.server.auth import require, role_of
 from scaleq.server.checks import server_side_checks
-from scaleq.server.routes.common import C
+from scaleq.server.otlp import ExportStatus
+from scaleq.server.routes.common import C, Ctx
 
 router = APIRouter(tags=["health"])
 _bearer = HTTPBearer(auto_error=False)
@@ -58,6 +59,11 @@ async def _role(request: Request, creds: Annotated[HTTPAuthorizationCredentials 
     return await role_of(request, creds)
 
 
+def _exporter(ctx: Ctx) -> ExportStatus | None:
+    """The OTLP pusher's status, when this server pushes (``scaleq.server.otlp.pusher`` puts it on the app)."""
+    return getattr(ctx.request.app.state, "otlp", None)
+
+
 GroupsQuery = Annotated[list[str] | None, Query(description="groups to report even if the store knows none of them")]
 
 
@@ -67,11 +73,11 @@ async def whoami(ctx: C, role: Annotated[str, Depends(_role)]) -> WhoAmI:
     return WhoAmI(role=role, server_time=ctx.now())
 
 
-@router.get("/health", response_model=HealthOut, dependencies=[require("view")])
+@router.get("/health", response_model=HealthOut, dependencies=[require("grid:read")])
 async def health(ctx: C, group: GroupsQuery = None) -> HealthOut:
     """The hops the server can see, each with what is wrong and how to fix it."""
     now = ctx.now()
-    checks = await server_side_checks(ctx.store, ctx.settings, now, group or ())
+    checks = await server_side_checks(ctx.store, ctx.settings, now, group or (), exporter=_exporter(ctx))
     s = ctx.settings
     return HealthOut(
         ok=all_ok(checks),
@@ -85,8 +91,8 @@ async def health(ctx: C, group: GroupsQuery = None) -> HealthOut:
     )
 
 
-@router.get("/health/checks", response_model=list[CheckOut], dependencies=[require("view")])
+@router.get("/health/checks", response_model=list[CheckOut], dependencies=[require("grid:read")])
 async def health_checks(ctx: C, group: GroupsQuery = None) -> list[CheckOut]:
     """The server-side checks alone (the dashboard's health panel)."""
-    checks = await server_side_checks(ctx.store, ctx.settings, ctx.now(), group or ())
+    checks = await server_side_checks(ctx.store, ctx.settings, ctx.now(), group or (), exporter=_exporter(ctx))
     return [CheckOut(**c.as_dict()) for c in checks]

@@ -11,7 +11,7 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Query, Response, status
 from pydantic import BaseModel, Field
 
-from scaleq.jobs import Job, State, SubmitRequest
+from scaleq.jobs import Job, Reason, State, SubmitRequest
 from scaleq.notify import wait, wait_any
 from scaleq.server.auth import require
 from scaleq.server.routes.common import C, Ctx
@@ -20,6 +20,8 @@ from scaleq.store.base import NotFound, Submission
 router = APIRouter(tags=["jobs"])
 #: Most jobs one batch submit may carry.
 MAX_BATCH = 1000
+#: Largest number a query may name (a signed 64-bit column).
+MAX_ID = 2**63 - 1
 
 
 class Submitted(BaseModel):
@@ -115,6 +117,8 @@ async def submit(body: SubmitRequest, ctx: C, response: Response) -> Submitted:
         max_attempts=body.max_attempts,
         rerun=body.rerun,
         now=ctx.now(),
+        retries=body.retries,
+        retry_on_exit_codes=body.retry_on_exit_codes,
     )
     if created:
         ctx.notifier.submitted(job.queue, job.id)
@@ -135,7 +139,10 @@ async def submit_batch(body: SubmitBatch, ctx: C) -> SubmittedBatch:
     """Queue up to 1,000 jobs at once, each as ``POST /jobs`` would, in one transaction: all are queued (or found
     already there) or, on any error, none. The answers come back in the order of the jobs."""
     await _store_inputs(ctx, [(["jobs", n], req) for n, req in enumerate(body.jobs)])
-    subs = [Submission(r.queue, r.definition, r.priority, r.max_attempts, r.rerun) for r in body.jobs]
+    subs = [
+        Submission(r.queue, r.definition, r.priority, r.max_attempts, r.rerun, r.retries, r.retry_on_exit_codes)
+        for r in body.jobs
+    ]
     done = await ctx.store.submit_many(subs, ctx.now())
     for job, created in done:
         if created:
@@ -158,9 +165,15 @@ async def list_jobs(
     queue: str | None = None,
     state: State | None = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
+    reason: Annotated[Reason | None, Query(description="only finished jobs with this reason")] = None,
 ) -> list[Job]:
     """Newest first."""
-    return await ctx.store.list_jobs(queue=queue, state=state.value if state else None, limit=limit)
+    if reason is not None and state not in (None, State.finished):
+        raise HTTPException(422, f"reason={reason.value} is a finished job's reason; state={state} has none")
+    state = State.finished if reason is not None else state
+    return await ctx.store.list_jobs(
+        queue=queue, state=state.value if state else None, limit=limit, reason=reason.value if reason else None
+    )
 
 
 @router.get("/jobs/{job_id}", response_model=Job, dependencies=[require("jobs:read")])
@@ -205,8 +218,8 @@ async def cancel(job_id: str, ctx: C) -> Job:
 async def logs(
     job_id: str,
     ctx: C,
-    attempt: Annotated[int | None, Query(ge=1, description="default: the latest attempt")] = None,
-    after: Annotated[int, Query(ge=0, description="return chunks after this seq")] = 0,
+    attempt: Annotated[int | None, Query(ge=1, le=MAX_ID, description="default: the latest attempt")] = None,
+    after: Annotated[int, Query(ge=0, le=MAX_ID, description="return chunks after this seq")] = 0,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
     wait_seconds: Annotated[float, Query(alias="wait", ge=0, description="long-poll for new output")] = 0,
 ) -> Logs:

@@ -7,11 +7,12 @@ remote controller as fast as an embedded one. Groups and events are written by w
 from __future__ import annotations
 
 import time
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 
+from scaleq.doctor.checks import Check
 from scaleq.jobs import Capabilities
 from scaleq.notify import wait
 from scaleq.server.auth import require
@@ -30,22 +31,43 @@ class GroupOut(BaseModel):
     current: int
     desired: int
     updated_at: float
+    note: str  # what the controller says of the group now ("capped at max_workers 4 (7 wanted)"); empty: nothing
+    reporter: str  # controller | apply | stopped
+    checks: list[dict[str, Any]]  # the controller's signal checks, as in /health
     state: str = Field(description="ok, quota, rate_limited or error: whether the controller can act")
     message: str = Field(description="the provider's words for a state other than ok")
     state_since: float | None
+
+
+class CheckIn(BaseModel):
+    hop: str = Field(max_length=200)
+    name: str = Field(max_length=100)
+    ok: bool
+    detail: str = Field(default="", max_length=4000)
+    fix: str = Field(default="", max_length=2000)
+    checked: bool = True
+
+
+#: Most workers a count (of a group, in an event) may name: far past any grid, well inside a database integer.
+MAX_COUNT = 1_000_000
+#: Largest id a query may name (a signed 64-bit column).
+MAX_ID = 2**63 - 1
 
 
 class GroupIn(BaseModel):
     name: str
     queue: str
     provider: str
-    min: int = Field(ge=0)
-    max: int = Field(ge=0)
-    current: int = Field(ge=0)
-    desired: int = Field(ge=0)
+    min: int = Field(ge=0, le=MAX_COUNT)
+    max: int = Field(ge=0, le=MAX_COUNT)
+    current: int = Field(ge=0, le=MAX_COUNT)
+    desired: int = Field(ge=0, le=MAX_COUNT)
+    note: str = Field(default="", max_length=2000)
+    reporter: Literal["controller", "apply", "stopped"] = "controller"
+    checks: list[CheckIn] = Field(default_factory=list, max_length=20)
     state: Literal["ok", "quota", "rate_limited", "error"] = "ok"
     message: str = Field(default="", max_length=4000)
-    state_since: float | None = None
+    state_since: float | None = Field(default=None, allow_inf_nan=False)
 
 
 class EventOut(BaseModel):
@@ -63,8 +85,8 @@ class EventOut(BaseModel):
 class EventIn(BaseModel):
     group: str
     kind: str = Field(max_length=40)
-    from_: int | None = Field(default=None, alias="from")
-    to: int | None = None
+    from_: int | None = Field(default=None, alias="from", ge=0, le=MAX_COUNT)
+    to: int | None = Field(default=None, ge=0, le=MAX_COUNT)
     reason: str = Field(max_length=4000)
 
 
@@ -80,10 +102,10 @@ class DemandQuery(BaseModel):
     capabilities: Capabilities
     wait: float = Field(default=0, ge=0)
     #: Count queued jobs only up to this many (an autoscaler needs no more than its group can run at once).
-    limit: int | None = Field(default=None, ge=0)
+    limit: int | None = Field(default=None, ge=0, le=MAX_ID)
 
 
-@router.get("/groups", response_model=list[GroupOut], dependencies=[require("view")])
+@router.get("/groups", response_model=list[GroupOut], dependencies=[require("grid:read")])
 async def groups(ctx: C) -> list[GroupOut]:
     return [
         GroupOut(
@@ -95,6 +117,9 @@ async def groups(ctx: C) -> list[GroupOut]:
             current=g.current,
             desired=g.desired,
             updated_at=g.updated_at,
+            note=g.note,
+            reporter=g.reporter,
+            checks=[c.as_dict() for c in g.checks],
             state=g.state,
             message=g.message,
             state_since=g.state_since,
@@ -115,9 +140,12 @@ async def put_group(name: str, body: GroupIn, ctx: C) -> None:
             body.current,
             body.desired,
             ctx.now(),
-            body.state,
-            body.message,
-            body.state_since,
+            body.note,
+            tuple(Check.from_dict(c.model_dump()) for c in body.checks),
+            body.reporter,
+            state=body.state,
+            message=body.message,
+            state_since=body.state_since,
         )
     )
 
@@ -127,11 +155,11 @@ async def delete_group(name: str, ctx: C) -> None:
     await ctx.store.delete_group(name)
 
 
-@router.get("/events", response_model=list[EventOut], response_model_by_alias=True, dependencies=[require("view")])
+@router.get("/events", response_model=list[EventOut], response_model_by_alias=True, dependencies=[require("grid:read")])
 async def events(
     ctx: C,
     group: str | None = None,
-    after: Annotated[int, Query(ge=0)] = 0,
+    after: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
 ) -> list[EventOut]:
     """Scaling decisions and provider trouble, newest first."""
@@ -146,7 +174,7 @@ async def record_event(body: EventIn, ctx: C) -> None:
     await ctx.store.record_event(body.group, body.kind, body.from_, body.to, body.reason, ctx.now())
 
 
-@router.post("/demand", response_model=DemandOut, dependencies=[require("view")])
+@router.post("/demand", response_model=DemandOut, dependencies=[require("grid:read")])
 async def demand(body: DemandQuery, ctx: C) -> DemandOut:
     """Jobs of ``queue`` that workers with ``capabilities`` could run: queued and running.
 

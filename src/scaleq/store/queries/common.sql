@@ -6,13 +6,15 @@
 SELECT * FROM jobs WHERE id = :id;
 
 -- name: requeue_finished
-UPDATE jobs SET state = 'queued', reason = NULL, exit_code = NULL, error = NULL, attempts = 0, worker_id = NULL,
-       started_at = NULL, finished_at = NULL, seq = :seq, priority = :priority, max_attempts = :max_attempts
+UPDATE jobs SET state = 'queued', reason = NULL, exit_code = NULL, error = NULL, attempts = 0, failures = 0,
+       worker_id = NULL, started_at = NULL, finished_at = NULL, seq = :seq, priority = :priority,
+       max_attempts = :max_attempts, retries = :retries, retry_on_exit_codes = :retry_on_exit_codes
  WHERE id = :id AND state = 'finished';
 
 -- name: list_jobs
 SELECT * FROM jobs
  WHERE (CAST(:queue AS TEXT) IS NULL OR queue = :queue) AND (CAST(:state AS TEXT) IS NULL OR state = :state)
+   AND (CAST(:reason AS TEXT) IS NULL OR reason = :reason)
  ORDER BY seq DESC LIMIT :limit;
 
 -- name: insert_attempt
@@ -23,6 +25,18 @@ UPDATE jobs SET state = 'finished', reason = :reason, exit_code = :exit_code, er
        lease = NULL, lease_expires_at = NULL
  WHERE lease = :lease AND state = 'running'
 RETURNING *;
+
+-- name: retry_failed
+-- A program failure the job retries (scaleq.jobs.retried): back to the queue at its place, counted in failures and
+-- not in attempts (that budget is the infrastructure's). PostgreSQL decides and does it in finish_batch/worker_claim.
+UPDATE jobs SET state = 'queued', reason = NULL, exit_code = :exit_code, error = :error, finished_at = NULL,
+       attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END, failures = failures + 1, worker_id = NULL,
+       started_at = NULL, lease = NULL, lease_expires_at = NULL
+ WHERE lease = :lease AND state = 'running'
+RETURNING *;
+
+-- name: running_by_lease
+SELECT * FROM jobs WHERE lease = :lease AND state = 'running';
 
 -- name: end_attempt
 UPDATE attempts SET ended_at = :now, outcome = :outcome WHERE lease = :lease AND ended_at IS NULL;
@@ -57,6 +71,20 @@ UPDATE jobs
        worker_id = CASE WHEN attempts >= max_attempts THEN worker_id ELSE NULL END,
        lease = NULL, lease_expires_at = NULL
  WHERE state = 'running' AND lease_expires_at < :now
+RETURNING id, queue, state;
+
+-- name: end_worker_attempts
+-- A worker's running attempts ended with :outcome (preempted: its provider says so), before release_worker_jobs
+-- forgets their leases; both in one transaction.
+UPDATE attempts SET ended_at = :now, outcome = :outcome
+ WHERE worker_id = :worker_id AND ended_at IS NULL
+   AND lease IN (SELECT lease FROM jobs WHERE worker_id = :worker_id AND state = 'running' AND lease IS NOT NULL);
+
+-- name: release_worker_jobs
+-- A worker's running jobs back to their queues, at their places, without spending an attempt (as release does).
+UPDATE jobs SET state = 'queued', attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END, worker_id = NULL,
+       lease = NULL, lease_expires_at = NULL, started_at = NULL
+ WHERE worker_id = :worker_id AND state = 'running'
 RETURNING id, queue, state;
 
 -- name: end_lost_attempts
@@ -116,6 +144,26 @@ UPDATE workers SET state = 'gone' WHERE state != 'gone' AND last_heartbeat < :cu
 -- name: forget_workers
 DELETE FROM workers WHERE state = 'gone' AND last_heartbeat < :cutoff;
 
+-- name: forget_worker_tokens
+DELETE FROM worker_tokens WHERE worker_id NOT IN (SELECT id FROM workers);
+
+-- name: bind_worker
+-- A worker id belongs to the token that registered it; it passes to another token only once the worker is gone
+-- (or forgotten). A row comes back when the id is (now) bound to :token_id.
+INSERT INTO worker_tokens (worker_id, token_id) VALUES (:worker_id, :token_id)
+ON CONFLICT (worker_id) DO UPDATE SET token_id = EXCLUDED.token_id
+ WHERE worker_tokens.token_id = EXCLUDED.token_id
+    OR NOT EXISTS (SELECT 1 FROM workers WHERE id = :worker_id AND state != 'gone')
+RETURNING token_id;
+
+-- name: worker_token
+SELECT token_id FROM worker_tokens WHERE worker_id = :worker_id;
+
+-- name: lease_token
+-- The worker an attempt's lease was handed to, and the token that worker is bound to (NULL: none).
+SELECT a.worker_id, w.token_id FROM attempts a LEFT JOIN worker_tokens w ON w.worker_id = a.worker_id
+ WHERE a.lease = :lease;
+
 -- name: insert_token
 INSERT INTO tokens (id, name, role, hash, created_at) VALUES (:id, :name, :role, :hash, :now);
 
@@ -126,7 +174,10 @@ SELECT * FROM tokens WHERE hash = :hash AND revoked_at IS NULL;
 SELECT id, name, role, created_at, revoked_at FROM tokens ORDER BY created_at;
 
 -- name: revoke_token
-UPDATE tokens SET revoked_at = :now WHERE id = :id AND revoked_at IS NULL RETURNING id;
+-- Never the last live admin token: nobody could make tokens any more.
+UPDATE tokens SET revoked_at = :now WHERE id = :id AND revoked_at IS NULL
+   AND (role != 'admin' OR (SELECT COUNT(*) FROM tokens WHERE role = 'admin' AND revoked_at IS NULL) > 1)
+RETURNING id;
 
 -- name: insert_event
 INSERT INTO events (at, grp, kind, from_count, to_count, reason) VALUES (:at, :grp, :kind, :from_count, :to_count, :reason);
@@ -135,13 +186,15 @@ INSERT INTO events (at, grp, kind, from_count, to_count, reason) VALUES (:at, :g
 SELECT * FROM events WHERE (CAST(:grp AS TEXT) IS NULL OR grp = :grp) AND id > :after ORDER BY id DESC LIMIT :limit;
 
 -- name: upsert_group
-INSERT INTO groups (name, queue, provider, min_workers, max_workers, current, desired, updated_at, state, message,
-                    state_since)
-VALUES (:name, :queue, :provider, :min_workers, :max_workers, :current, :desired, :now, :state, :message, :state_since)
+INSERT INTO groups (name, queue, provider, min_workers, max_workers, current, desired, updated_at, note, checks,
+                    reporter, state, message, state_since)
+VALUES (:name, :queue, :provider, :min_workers, :max_workers, :current, :desired, :now, :note, :checks, :reporter,
+        :state, :message, :state_since)
 ON CONFLICT (name) DO UPDATE SET queue = excluded.queue, provider = excluded.provider,
        min_workers = excluded.min_workers, max_workers = excluded.max_workers, current = excluded.current,
-       desired = excluded.desired, updated_at = excluded.updated_at, state = excluded.state,
-       message = excluded.message, state_since = excluded.state_since;
+       desired = excluded.desired, updated_at = excluded.updated_at, note = excluded.note, checks = excluded.checks,
+       reporter = excluded.reporter, state = excluded.state, message = excluded.message,
+       state_since = excluded.state_since;
 
 -- name: list_groups
 SELECT * FROM groups ORDER BY name;

@@ -24,18 +24,18 @@ SELECT nextval('job_seq') AS seq;
 
 -- name: insert_job
 INSERT INTO jobs (id, queue, definition, runtime, cpus, memory, gpus, tags, host_network, priority, seq, state,
-                  max_attempts, submitted_at)
+                  max_attempts, retries, retry_on_exit_codes, submitted_at)
 VALUES (:id, :queue, :definition, :runtime, :cpus, :memory, :gpus, CAST(:tags AS JSONB), :host_network, :priority, :seq, 'queued',
-        :max_attempts, :now)
+        :max_attempts, :retries, :retry_on_exit_codes, :now)
 ON CONFLICT (id) DO NOTHING;
 
 -- name: insert_new_job
 -- A submit in one statement (no transaction around next_seq, insert and read back): the new job, or no row when it
 -- already exists (then the store takes the general path, which handles rerun).
 INSERT INTO jobs (id, queue, definition, runtime, cpus, memory, gpus, tags, host_network, priority, seq, state,
-                  max_attempts, submitted_at)
+                  max_attempts, retries, retry_on_exit_codes, submitted_at)
 VALUES (:id, :queue, :definition, :runtime, :cpus, :memory, :gpus, CAST(:tags AS JSONB), :host_network, :priority,
-        nextval('job_seq'), 'queued', :max_attempts, :now)
+        nextval('job_seq'), 'queued', :max_attempts, :retries, :retry_on_exit_codes, :now)
 ON CONFLICT (id) DO NOTHING
 RETURNING *;
 
@@ -74,15 +74,30 @@ SELECT set_config('enable_seqscan', 'off', true), set_config('enable_bitmapscan'
 WITH v AS (
        SELECT * FROM unnest(CAST(:leases AS TEXT[]), CAST(:reasons AS TEXT[]), CAST(:exit_codes AS INTEGER[]),
                             CAST(:errors AS TEXT[])) AS v(lease, reason, exit_code, error)),
+-- A program failure of a kind the job retries, with retries left, goes back to the queue (as SQLite's finish).
+r AS (
+       SELECT v.*, coalesce(v.reason IN ('failed', 'timed_out') AND j.failures < j.retries
+                            AND (j.retry_on_exit_codes IS NULL
+                                 OR (v.reason = 'failed'
+                                     AND CAST(j.retry_on_exit_codes AS JSONB) @> to_jsonb(v.exit_code))),
+                            false) AS retry
+         FROM v JOIN jobs j ON j.lease = v.lease AND j.state = 'running'),
 done AS (
        UPDATE jobs j
-          SET state = 'finished', reason = v.reason, exit_code = v.exit_code, error = v.error, finished_at = :now,
+          SET state = CASE WHEN r.retry THEN 'queued' ELSE 'finished' END,
+              reason = CASE WHEN r.retry THEN NULL ELSE r.reason END,
+              exit_code = r.exit_code, error = r.error,
+              finished_at = CASE WHEN r.retry THEN NULL ELSE :now END,
+              attempts = CASE WHEN r.retry THEN greatest(j.attempts - 1, 0) ELSE j.attempts END,
+              failures = j.failures + CASE WHEN r.retry THEN 1 ELSE 0 END,
+              worker_id = CASE WHEN r.retry THEN NULL ELSE j.worker_id END,
+              started_at = CASE WHEN r.retry THEN NULL ELSE j.started_at END,
               lease = NULL, lease_expires_at = NULL
-         FROM v
-        WHERE j.lease = v.lease AND j.state = 'running'
-       RETURNING v.lease AS finished_lease, j.*),
+         FROM r
+        WHERE j.lease = r.lease AND j.state = 'running'
+       RETURNING r.lease AS finished_lease, r.reason AS finished_reason, j.*),
 ended AS (
-       UPDATE attempts a SET ended_at = :now, outcome = done.reason
+       UPDATE attempts a SET ended_at = :now, outcome = done.finished_reason
          FROM done
         WHERE a.lease = done.finished_lease AND a.ended_at IS NULL),
 w AS (SELECT * FROM workers WHERE id = :worker_id),
@@ -110,7 +125,7 @@ claimed AS (
 opened AS (
        INSERT INTO attempts (job_id, attempt, worker_id, lease, started_at)
        SELECT id, attempt_seq, :worker_id, lease, :now FROM claimed)
-SELECT w.queue AS worker_queue, w.state AS worker_state, NULL AS finished_lease, c.*
+SELECT w.queue AS worker_queue, w.state AS worker_state, NULL AS finished_lease, NULL AS finished_reason, c.*
   FROM w LEFT JOIN claimed c ON true
 UNION ALL
 SELECT NULL, NULL, done.* FROM done;
@@ -121,15 +136,30 @@ SELECT NULL, NULL, done.* FROM done;
 WITH v AS (
        SELECT * FROM unnest(CAST(:leases AS TEXT[]), CAST(:reasons AS TEXT[]), CAST(:exit_codes AS INTEGER[]),
                             CAST(:errors AS TEXT[])) AS v(lease, reason, exit_code, error)),
+-- A program failure of a kind the job retries, with retries left, goes back to the queue (as SQLite's finish).
+r AS (
+       SELECT v.*, coalesce(v.reason IN ('failed', 'timed_out') AND j.failures < j.retries
+                            AND (j.retry_on_exit_codes IS NULL
+                                 OR (v.reason = 'failed'
+                                     AND CAST(j.retry_on_exit_codes AS JSONB) @> to_jsonb(v.exit_code))),
+                            false) AS retry
+         FROM v JOIN jobs j ON j.lease = v.lease AND j.state = 'running'),
 done AS (
        UPDATE jobs j
-          SET state = 'finished', reason = v.reason, exit_code = v.exit_code, error = v.error, finished_at = :now,
+          SET state = CASE WHEN r.retry THEN 'queued' ELSE 'finished' END,
+              reason = CASE WHEN r.retry THEN NULL ELSE r.reason END,
+              exit_code = r.exit_code, error = r.error,
+              finished_at = CASE WHEN r.retry THEN NULL ELSE :now END,
+              attempts = CASE WHEN r.retry THEN greatest(j.attempts - 1, 0) ELSE j.attempts END,
+              failures = j.failures + CASE WHEN r.retry THEN 1 ELSE 0 END,
+              worker_id = CASE WHEN r.retry THEN NULL ELSE j.worker_id END,
+              started_at = CASE WHEN r.retry THEN NULL ELSE j.started_at END,
               lease = NULL, lease_expires_at = NULL
-         FROM v
-        WHERE j.lease = v.lease AND j.state = 'running'
-       RETURNING v.lease AS finished_lease, j.*),
+         FROM r
+        WHERE j.lease = r.lease AND j.state = 'running'
+       RETURNING r.lease AS finished_lease, r.reason AS finished_reason, j.*),
 ended AS (
-       UPDATE attempts a SET ended_at = :now, outcome = done.reason
+       UPDATE attempts a SET ended_at = :now, outcome = done.finished_reason
          FROM done
         WHERE a.lease = done.finished_lease AND a.ended_at IS NULL)
 SELECT * FROM done;
@@ -149,7 +179,14 @@ UPDATE jobs SET lease_expires_at = :expires
 RETURNING lease;
 
 -- name: extend_leases
-UPDATE jobs SET lease_expires_at = greatest(lease_expires_at, :expires) WHERE state = 'running';
+-- The start-up grace: a fresh lease period for the running jobs of workers not marked gone, once per lease until
+-- its worker is heard from again (a heartbeat, or the claim itself): restarting servers cannot keep a dead worker's
+-- job, whose lease ends at the latest one lease period after the first server start since its worker's last word.
+UPDATE jobs SET lease_expires_at = greatest(lease_expires_at, :expires), lease_graced_at = :now
+ WHERE state = 'running'
+   AND EXISTS (SELECT 1 FROM workers w
+                WHERE w.id = jobs.worker_id AND w.state != 'gone'
+                  AND (jobs.lease_graced_at IS NULL OR jobs.lease_graced_at < greatest(jobs.started_at, w.last_heartbeat)));
 
 -- name: upsert_worker
 INSERT INTO workers (id, queue, grp, slots, state, runtimes, cpus, memory, gpus, tags, host_network, hostname,
@@ -199,3 +236,11 @@ DELETE FROM blobs
  WHERE CAST(:candidates AS JSONB) ? sha256
    AND sha256 NOT IN (SELECT sha256 FROM outputs)
    AND sha256 NOT IN (SELECT i ->> 'sha256' AS sha256 FROM jobs j, jsonb_array_elements(CAST(j.definition AS JSONB) -> 'inputs') i);
+
+-- name: holds_input
+-- Whether a running job of a worker bound to :token_id has the blob :sha256 among its inputs.
+SELECT 1 AS held FROM jobs j JOIN worker_tokens w ON w.worker_id = j.worker_id
+ WHERE w.token_id = :token_id AND j.state = 'running'
+   AND EXISTS (SELECT 1 FROM jsonb_array_elements(CAST(j.definition AS JSONB) -> 'inputs') i
+               WHERE i ->> 'sha256' = :sha256)
+ LIMIT 1;

@@ -14,9 +14,9 @@ SELECT coalesce(max(seq), 0) + 1 AS seq FROM jobs;
 
 -- name: insert_job
 INSERT INTO jobs (id, queue, definition, runtime, cpus, memory, gpus, tags, host_network, priority, seq, state,
-                  max_attempts, submitted_at)
+                  max_attempts, retries, retry_on_exit_codes, submitted_at)
 VALUES (:id, :queue, :definition, :runtime, :cpus, :memory, :gpus, :tags, :host_network, :priority, :seq, 'queued',
-        :max_attempts, :now)
+        :max_attempts, :retries, :retry_on_exit_codes, :now)
 ON CONFLICT (id) DO NOTHING;
 
 -- name: claim
@@ -51,7 +51,14 @@ UPDATE jobs SET lease_expires_at = :expires
 RETURNING lease;
 
 -- name: extend_leases
-UPDATE jobs SET lease_expires_at = max(lease_expires_at, :expires) WHERE state = 'running';
+-- The start-up grace: a fresh lease period for the running jobs of workers not marked gone, once per lease until
+-- its worker is heard from again (a heartbeat, or the claim itself): restarting servers cannot keep a dead worker's
+-- job, whose lease ends at the latest one lease period after the first server start since its worker's last word.
+UPDATE jobs SET lease_expires_at = max(lease_expires_at, :expires), lease_graced_at = :now
+ WHERE state = 'running'
+   AND EXISTS (SELECT 1 FROM workers w
+                WHERE w.id = jobs.worker_id AND w.state != 'gone'
+                  AND (jobs.lease_graced_at IS NULL OR jobs.lease_graced_at < max(jobs.started_at, w.last_heartbeat)));
 
 -- name: upsert_worker
 INSERT INTO workers (id, queue, grp, slots, state, runtimes, cpus, memory, gpus, tags, host_network, hostname,
@@ -102,3 +109,11 @@ DELETE FROM blobs
  WHERE sha256 IN (SELECT value FROM json_each(:candidates))
    AND sha256 NOT IN (SELECT sha256 FROM outputs)
    AND sha256 NOT IN (SELECT json_extract(i.value, '$.sha256') AS sha256 FROM jobs j, json_each(j.definition, '$.inputs') i);
+
+-- name: holds_input
+-- Whether a running job of a worker bound to :token_id has the blob :sha256 among its inputs.
+SELECT 1 AS held FROM jobs j JOIN worker_tokens w ON w.worker_id = j.worker_id
+ WHERE w.token_id = :token_id AND j.state = 'running'
+   AND EXISTS (SELECT 1 FROM json_each(j.definition, '$.inputs') i
+               WHERE json_extract(i.value, '$.sha256') = :sha256)
+ LIMIT 1;

@@ -56,6 +56,13 @@ class Runtime(Protocol):
     async def cleanup_orphans(self, worker_id: str) -> int:
         """Remove leftovers of earlier attempts by this worker id (after a crash); return how many."""
 
+    async def others_attempts(self, worker_id: str) -> set[tuple[str, int]]:
+        """(job id, attempt) of the runs other workers left where this runtime runs them (containers on a shared
+        engine): those whose attempt the server has ended are passed to :meth:`reap_attempt`."""
+
+    async def reap_attempt(self, job_id: str, attempt: int) -> int:
+        """Stop and remove what that attempt left here; return how many objects."""
+
 
 def result_for_exit(exit_code: int) -> RunResult:
     return RunResult(reason="success" if exit_code == 0 else "failed", exit_code=exit_code)

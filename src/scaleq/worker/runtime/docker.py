@@ -7,7 +7,10 @@ Design:
   Attach, start and the wait request go in one thread hop, so nothing waits for the event loop between them;
   after the exit, the OOM check, the outputs and the removal in another.
 - Everything created is labelled ``scaleq.managed=true`` plus job, attempt and worker, so
-  :meth:`DockerRuntime.cleanup_orphans` finds leftovers after a crash from the engine itself.
+  :meth:`DockerRuntime.cleanup_orphans` finds leftovers after a crash from the engine itself, and so that the
+  containers of a worker that died (``kill -9``: nothing stops them) are found by the other workers on the same
+  engine, which remove those whose attempt the server has ended (:meth:`DockerRuntime.others_attempts`,
+  :meth:`DockerRuntime.reap_attempt`, called by the worker agent).
 - ``/outputs`` comes to ``RunSpec.outputs_dir`` one of two ways (``outputs=``), with the same contract: only regular
   files and directories are collected, owned by the worker, never anything outside the directory; whatever else the
   job left there (symlinks, fifos, devices) is dropped and reported on the job's stderr.
@@ -165,6 +168,32 @@ class DockerRuntime:
     async def cleanup_orphans(self, worker_id: str) -> int:
         def sweep() -> int:
             labels = {"label": [f"{MANAGED}=true", f"scaleq.worker={worker_id}"]}
+            found = [*self.client.containers.list(all=True, filters=labels), *self.client.volumes.list(filters=labels)]
+            for obj in found:  # containers first: a volume in use cannot be removed
+                _remove(obj)
+            return len(found)
+
+        return await asyncio.to_thread(sweep)
+
+    async def others_attempts(self, worker_id: str) -> set[tuple[str, int]]:
+        """(job, attempt) of the containers on this engine that other workers made (see :meth:`reap_attempt`)."""
+
+        def listing() -> set[tuple[str, int]]:
+            found = self.client.containers.list(all=True, filters={"label": [f"{MANAGED}=true"]})
+            return {
+                (c.labels["scaleq.job"], int(c.labels["scaleq.attempt"]))
+                for c in found
+                if c.labels.get("scaleq.worker") != worker_id and c.labels.get("scaleq.attempt", "").isdigit()
+            }
+
+        return await asyncio.to_thread(listing)
+
+    async def reap_attempt(self, job_id: str, attempt: int) -> int:
+        """Stop and remove what an attempt the server has ended left on this engine (its worker died: nobody
+        else would); how many objects."""
+
+        def sweep() -> int:
+            labels = {"label": [f"{MANAGED}=true", f"scaleq.job={job_id}", f"scaleq.attempt={attempt}"]}
             found = [*self.client.containers.list(all=True, filters=labels), *self.client.volumes.list(filters=labels)]
             for obj in found:  # containers first: a volume in use cannot be removed
                 _remove(obj)

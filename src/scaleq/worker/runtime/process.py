@@ -13,6 +13,10 @@ Design:
   PID 1 exits: an attempt never leaves processes behind. Timeout and cancellation send SIGTERM to the group,
   then SIGKILL after ``kill_grace`` seconds.
 - Exit codes of processes killed by a signal are reported the shell's way (128 + signal), like Docker's 137.
+- A job's session outlives a killed worker by itself, so every group is listed with the runtime's
+  :class:`~scaleq.worker.runtime.watchdog.Watchdog` while it runs: when the worker process dies, however it dies,
+  the watchdog stops its jobs (``SIGTERM``, ``SIGKILL`` after ``kill_grace``), so a job whose lease expires is not
+  still running here when it runs again elsewhere.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import tempfile
 import time
 
 from scaleq.worker.runtime.base import LogSink, RunResult, RunSpec, result_for_exit, uncancellable
+from scaleq.worker.runtime.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +51,20 @@ class ProcessRuntime:
 
     def __init__(self, kill_grace: float = 5.0) -> None:
         self.kill_grace = kill_grace
+        self.watchdog = Watchdog(kill_grace)  # started with the first job
 
     async def check(self) -> None:
         """A subprocess can always be started."""
 
     async def cleanup_orphans(self, worker_id: str) -> int:
         """Nothing outlives a process group but its temp dir, removed at the end of each run."""
+        return 0
+
+    async def others_attempts(self, worker_id: str) -> set[tuple[str, int]]:
+        """Other workers' jobs are theirs to stop (their watchdogs do it when they die)."""
+        return set()
+
+    async def reap_attempt(self, job_id: str, attempt: int) -> int:
         return 0
 
     async def run(self, spec: RunSpec, on_log: LogSink) -> RunResult:
@@ -105,6 +118,7 @@ class ProcessRuntime:
 
     async def _supervise(self, proc: asyncio.subprocess.Process, max_duration: float, on_log: LogSink) -> RunResult:
         pgid = proc.pid  # session leader: its pid is the group id
+        self.watchdog.watch(pgid)
         readers = [
             asyncio.create_task(self._pump(proc.stdout, "stdout", on_log)),
             asyncio.create_task(self._pump(proc.stderr, "stderr", on_log)),
@@ -129,6 +143,7 @@ class ProcessRuntime:
         finally:
             for r in readers:
                 r.cancel()
+            self.watchdog.unwatch(pgid)  # the group is gone by now (killed on every way out)
 
     async def _terminate(self, proc: asyncio.subprocess.Process, pgid: int) -> None:
         """SIGTERM the group; SIGKILL it once the grace is over or as soon as the whole group is gone."""

@@ -10,6 +10,9 @@ locals {
   })
   group_labels = { for name, g in var.worker_groups : name => merge(local.labels, { "scaleq-group" = name }) }
 
+  # Cloud NAT: on by default when VMs have no external IP; cloud_nat = false when the network has a NAT already
+  cloud_nat = var.cloud_nat == null ? !var.external_ips : var.cloud_nat
+
   worker_tag    = "${local.prefix}-worker"
   collector_tag = "${local.prefix}-collector"
 
@@ -35,8 +38,8 @@ locals {
     ])
   }
 
-  # `scaleq worker` arguments, in the order of scaleq.providers.base.worker_args (the worker id, the VM's
-  # hostname, is added on the VM), plus the /metrics port for health checks.
+  # `scaleq worker` arguments, in the order of scaleq.providers.base.worker_args (the worker id, the instance
+  # name, is added on the VM), plus the /metrics port for health checks: scaleq.providers.gcp.boot.worker_argv.
   worker_argv = {
     for name, g in var.worker_groups : name => concat(
       ["worker", "--server", var.server_url, "--queue", g.queue, "--slots", tostring(g.slots), "--group", name],
@@ -49,7 +52,11 @@ locals {
       ["--metrics-port", tostring(var.worker_metrics_port)],
     )
   }
-  worker_env = { for name, g in var.worker_groups : name => join("", [for k, v in g.env : "${k}=${v}\n"]) }
+  worker_env = {
+    for name, g in var.worker_groups : name => join("", [
+      for k, v in merge({ PYTHONUNBUFFERED = "1" }, g.env) : "${k}=${v}\n"
+    ])
+  }
   docker_opts = {
     for name, g in var.worker_groups : name => concat(
       ["--stop-timeout", tostring(var.drain_seconds)],
@@ -57,68 +64,24 @@ locals {
     )
   }
 
-  # Runs one worker container; read by scaleq-worker.service. The token comes from instance metadata; job
-  # containers are kept away from the metadata server (the VM's credentials, this token).
-  worker_script = <<-EOT
-    #!/bin/bash
-    set -euo pipefail
-    conf=/etc/scaleq
-    md() {
-      curl -sf -H 'Metadata-Flavor: Google' \
-        "http://metadata.google.internal/computeMetadata/v1/instance/attributes/$1"
-    }
-    image=$(cat "$conf/image")
-    port=$(cat "$conf/metrics-port")
-    mapfile -t args < "$conf/worker.args"
-    mapfile -t opts < "$conf/docker.opts"
-    # Container-Optimized OS drops inbound traffic: let health checks and scrapes reach /metrics
-    allow=(INPUT -p tcp --dport "$port" -j ACCEPT)
-    iptables -w -C "$${allow[@]}" 2>/dev/null || iptables -w -A "$${allow[@]}"
-    # jobs in containers may not reach the metadata server
-    block=(DOCKER-USER -d 169.254.169.254/32 -j DROP)
-    iptables -w -C "$${block[@]}" 2>/dev/null || iptables -w -I "$${block[@]}"
-    registry="$${image%%/*}"
-    case "$registry" in *.pkg.dev|*gcr.io) docker-credential-gcr configure-docker --registries="$registry" ;; esac
-    install -d -m 0700 /run/scaleq
-    (umask 077; printf 'SCALEQ_TOKEN=%s\n' "$(md scaleq-token)" > /run/scaleq/token.env)
-    docker rm -f scaleq-worker >/dev/null 2>&1 || true
-    exec docker run --rm --name scaleq-worker --network host "$${opts[@]}" \
-      --env-file "$conf/worker.env" --env-file /run/scaleq/token.env \
-      "$image" scaleq "$${args[@]}" --worker-id "$(hostname)"
-  EOT
-
-  # systemd stops the worker on shutdown (a MIG deleting the VM, scale-in, a rolling update) with a drain:
-  # `docker stop` sends SIGTERM, the worker finishes its running jobs, and is killed after drain_seconds.
-  worker_unit = <<-EOT
-    [Unit]
-    Description=scaleq worker
-    Wants=network-online.target
-    After=network-online.target docker.service
-    Requires=docker.service
-
-    [Service]
-    Environment=HOME=/var/lib/scaleq
-    ExecStartPre=/bin/mkdir -p /var/lib/scaleq
-    ExecStart=/bin/bash /etc/scaleq/run-worker.sh
-    ExecStop=/usr/bin/docker stop --time ${var.drain_seconds} scaleq-worker
-    TimeoutStopSec=${var.drain_seconds + 15}
-    Restart=always
-    RestartSec=5
-  EOT
-
+  # Each group's cloud-init: the worker VM's one definition, shared with scaleq's gcp provider
+  # (scaleq.providers.gcp.boot), rendered here from the variables. It writes the settings above, the start script
+  # (run-worker.sh: the token from instance metadata, job containers kept away from the metadata server) and the
+  # systemd unit, which drains the worker on shutdown (a MIG deleting the VM, scale-in, a rolling update).
+  worker_unit = templatefile("${path.module}/scaleq-worker.service.tftpl", {
+    drain_seconds = var.drain_seconds
+    stop_timeout  = var.drain_seconds + 15
+  })
   worker_user_data = {
-    for name, g in var.worker_groups : name => join("\n", ["#cloud-config", yamlencode({
-      write_files = [
-        { path = "/etc/scaleq/image", permissions = "0644", content = g.image },
-        { path = "/etc/scaleq/metrics-port", permissions = "0644", content = tostring(var.worker_metrics_port) },
-        { path = "/etc/scaleq/worker.args", permissions = "0644", content = join("\n", local.worker_argv[name]) },
-        { path = "/etc/scaleq/docker.opts", permissions = "0644", content = join("\n", local.docker_opts[name]) },
-        { path = "/etc/scaleq/worker.env", permissions = "0600", content = local.worker_env[name] },
-        { path = "/etc/scaleq/run-worker.sh", permissions = "0755", content = local.worker_script },
-        { path = "/etc/systemd/system/scaleq-worker.service", permissions = "0644", content = local.worker_unit },
-      ]
-      runcmd = ["systemctl daemon-reload", "systemctl start scaleq-worker.service"]
-    })])
+    for name, g in var.worker_groups : name => templatefile("${path.module}/worker-user-data.yaml.tftpl", {
+      image        = g.image
+      metrics_port = tostring(var.worker_metrics_port)
+      args         = join("\n", local.worker_argv[name])
+      docker_opts  = join("\n", local.docker_opts[name])
+      env          = local.worker_env[name]
+      script       = file("${path.module}/run-worker.sh")
+      unit         = local.worker_unit
+    })
   }
 
   # The collector VM: the OpenTelemetry Collector in a container, its configuration (collector.yaml, rendered in

@@ -157,14 +157,15 @@ resource "google_compute_region_instance_group_manager" "workers" {
     initial_delay_sec = each.value.startup_seconds
   }
 
-  # new templates roll out by surge: a new VM first, then the old one drains and goes; zones are never
-  # rebalanced by deleting (possibly busy) VMs
+  # new templates roll out by surge: a new VM first, then the old one drains and goes. Redistribution stays
+  # PROACTIVE: the API keeps NONE for groups without an autoscaler. When a zone runs out, the group may later
+  # move VMs back to even out the zones; a moved worker drains as on any deletion.
   update_policy {
     type                           = "PROACTIVE"
     minimal_action                 = "REPLACE"
     most_disruptive_allowed_action = "REPLACE"
     replacement_method             = "SUBSTITUTE"
-    instance_redistribution_type   = "NONE"
+    instance_redistribution_type   = "PROACTIVE"
     max_surge_fixed                = length(each.value.zones) > 0 ? length(each.value.zones) : 4
     max_unavailable_fixed          = 0
   }
@@ -190,6 +191,42 @@ resource "google_compute_region_autoscaler" "workers" {
       filter                     = local.demand_filter[each.key]
       single_instance_assignment = each.value.slots
     }
+  }
+}
+
+# -- Cloud NAT: outbound access for VMs without external IPs (image pulls, the server, Cloud Monitoring) ---------
+
+resource "google_compute_router" "nat" {
+  count       = local.cloud_nat ? 1 : 0
+  project     = var.project
+  region      = var.region
+  name        = "${local.prefix}-nat"
+  description = "Cloud NAT for scaleq grid ${var.grid_name}: VMs without external IPs reach registries and the server"
+  network     = var.network
+  depends_on  = [google_project_service.apis]
+}
+
+resource "google_compute_router_nat" "nat" {
+  count                              = local.cloud_nat ? 1 : 0
+  project                            = var.project
+  region                             = var.region
+  name                               = "${local.prefix}-nat"
+  router                             = google_compute_router.nat[0].name
+  nat_ip_allocate_option             = "AUTO_ONLY"
+  source_subnetwork_ip_ranges_to_nat = var.subnetwork == null ? "ALL_SUBNETWORKS_ALL_IP_RANGES" : "LIST_OF_SUBNETWORKS"
+
+  # with a subnetwork named, only it: other subnetworks of the network keep whatever NAT they have
+  dynamic "subnetwork" {
+    for_each = var.subnetwork == null ? [] : [var.subnetwork]
+    content {
+      name                    = subnetwork.value
+      source_ip_ranges_to_nat = ["ALL_IP_RANGES"]
+    }
+  }
+
+  log_config {
+    enable = true
+    filter = "ERRORS_ONLY"
   }
 }
 

@@ -33,8 +33,9 @@ async function fetchEvents(signal) {
 }
 
 function kindBadge(kind) {
-  const cls = { scale_up: "up", scale_down: "down", error: "failed", desired: "queued" }[kind] || "other";
-  const sym = { scale_up: "▲", scale_down: "▼", error: "✕", desired: "◆" }[kind] || "●";
+  const cls =
+    { scale_up: "up", scale_down: "down", error: "failed", fallback: "failed", desired: "queued" }[kind] || "other";
+  const sym = { scale_up: "▲", scale_down: "▼", error: "✕", fallback: "!", desired: "◆" }[kind] || "●";
   return badge(cls, MARK[kind]?.label ?? kind, sym);
 }
 
@@ -117,6 +118,8 @@ function groupCard(group, events, picked, onHold) {
       ),
       figures,
       trouble,
+      // what the controller says of the group now: capped at max_workers, a signal it fell back from, jobs it cannot run
+      group.note ? h("p", { class: "group-note", role: "status" }, group.note) : null,
     ),
     groupChart(group, events, seen.samples.get(group.name) || [], { onPick: pick, onHold }),
     shown.length < decisions.length ? h("p", { class: "hint" }, `The newest 50 of ${decisions.length} shown.`) : null,

@@ -1,0 +1,73 @@
+"""A live server on a free port with tokens of each role, and a controller running alongside it for a block."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import uvicorn
+
+from scaleq.client import Client
+from scaleq.scaling.controller import Controller
+from scaleq.server.app import create_app
+from scaleq.server.auth import new_token
+from scaleq.server.settings import ServerSettings
+from scaleq.store.base import Store
+
+
+@dataclass
+class LiveServer:
+    url: str
+    store: Store
+    app: object
+    tokens: dict[str, str]
+
+    def client(self, role: str = "admin") -> Client:
+        return Client(self.url, self.tokens[role])
+
+
+async def make_tokens(store: Store) -> dict[str, str]:
+    tokens = {}
+    for role in ("admin", "submit", "worker", "read"):
+        token_id, token, token_hash = new_token()
+        await store.create_token(token_id, role, role, token_hash, time.time())
+        tokens[role] = token
+    return tokens
+
+
+@contextlib.asynccontextmanager
+async def serve(
+    store: Store, settings: ServerSettings, port: int = 0, tokens: dict[str, str] | None = None
+) -> AsyncIterator[LiveServer]:
+    app = create_app(store, settings, manage_store=False)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.bind(("127.0.0.1", port))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        await asyncio.sleep(0.01)
+    try:
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        yield LiveServer(url, store, app, tokens or await make_tokens(store))
+    finally:
+        server.should_exit = True
+        await task
+
+
+@contextlib.asynccontextmanager
+async def controlling(controller: Controller) -> AsyncIterator[None]:
+    """Run a controller for the duration of the block."""
+    task = asyncio.create_task(controller.run())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
