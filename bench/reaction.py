@@ -80,6 +80,9 @@ class TimedProvider:
     async def wait_gone(self, group: Group, timeout: float) -> bool:
         return await self.inner.wait_gone(group, timeout)
 
+    async def why_not_up(self, group: Group, worker_ids: Collection[str]) -> dict[str, str]:
+        return await self.inner.why_not_up(group, worker_ids)
+
     async def destroy(self, group: Group, grace: float = DESTROY_GRACE) -> list[str]:
         return await self.inner.destroy(group, grace)
 

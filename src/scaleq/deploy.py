@@ -10,8 +10,10 @@ controller within the last ``LIVE_AFTER`` seconds) is the controller's: ``plan``
 ``create``), ``apply`` leaves it alone, and ``destroy`` refuses, saying which controller to stop first — destroying
 beside it would only see the controller start the workers again.
 
-A changed group is updated by draining: its out-of-date workers take no new jobs, finish what they run and exit,
-and new workers start with the new settings (at least ``min_workers`` now, more as the controller sees demand).
+A changed group is updated by draining: its out-of-date workers (started with another ``Group.version()``, which
+covers only what a running worker carries) take no new jobs, finish what they run and exit, and new workers start
+with the new settings (at least ``min_workers`` now, more as the controller sees demand). A change to the bounds,
+the policy settings or the signal alone is an update that replaces no worker.
 """
 
 from __future__ import annotations
@@ -116,8 +118,9 @@ class Deployer:
             else:
                 if rec is None:
                     p.action = "create"
-                elif rec["version"] != group.version():
-                    p.action, p.changes = "update", _changes(rec["spec"], group.model_dump(mode="json"))
+                elif rec["spec"] != (spec := group.model_dump(mode="json")):
+                    # only a new version (what a running worker carries) replaces workers: see out_of_date
+                    p.action, p.changes = "update", _changes(rec["spec"], spec)
                 p.desired, p.reason = await self._decision(group, workers)
                 if group.name in controlled:
                     p.action = "running"

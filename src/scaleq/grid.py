@@ -96,6 +96,20 @@ class PolicySettings:
 
 _POLICY = PolicySettings()
 
+#: What a running worker carries -- its image, command line and flags (``providers.base.worker_args``: queue, slots,
+#: group, resources, runtimes, tags, host network), environment, and the provider's machine settings. A change to any
+#: of these makes a new :meth:`Group.version`, and ``apply`` replaces the group's workers.
+WORKER_FIELDS = frozenset(
+    {"name", "queue", "provider", "slots", "runtimes", "tags", "resources", "image", "allow_host_network", "env"}
+    | {"gcp", "kubernetes", "fly"}
+)
+#: What only the controller reads (bounds, policy settings that put no flag on the worker, the signal): changing
+#: these never replaces a worker. Every field of :class:`Group` is in exactly one of the two sets (a test says so).
+SCALING_FIELDS = frozenset(
+    {"min_workers", "max_workers", "idle_timeout", "scale_down_window", "max_step_up", "step_period"}
+    | {"startup_grace", "headroom", "lookahead", "demand_halflife", "signal", "price_per_hour"}
+)
+
 
 class GridFileError(ValueError):
     """A grid file problem; the message names the file, the field and the problem."""
@@ -269,9 +283,10 @@ class Group(_Strict):
         )
 
     def version(self) -> str:
-        """A short hash of the group's settings: workers started under other settings are out of date (a new
-        price changes no worker: it is left out)."""
-        return hashlib.sha256(self.model_dump_json(exclude={"price_per_hour"}).encode()).hexdigest()[:12]
+        """A short hash of what a running worker carries (:data:`WORKER_FIELDS`): workers started with another
+        version are out of date. Bounds, policy settings and the signal are read by the controller alone, so
+        changing them replaces no worker."""
+        return hashlib.sha256(self.model_dump_json(include=set(WORKER_FIELDS)).encode()).hexdigest()[:12]
 
     def capabilities(self) -> Capabilities:
         return Capabilities(

@@ -21,7 +21,9 @@ from scaleq.providers.registry import ProviderContext
 from scaleq.scaling.controller import Controller
 from scaleq.scaling.observe import RemoteObserver, StoreObserver
 from scaleq.scaling.policy import PolicyState, decide
+from scaleq.store.sqlite import SQLiteStore
 from tests.helpers import LiveServer, controlling, eventually
+from tests.helpers.drivers import never_registering
 from tests.helpers.groups import fast_group
 
 
@@ -160,6 +162,9 @@ class FlakyProvider:
     async def wait_gone(self, g: Group, timeout: float) -> bool:
         return await self.inner.wait_gone(g, timeout)
 
+    async def why_not_up(self, g: Group, worker_ids: Collection[str]) -> dict[str, str]:
+        return await self.inner.why_not_up(g, worker_ids)
+
     async def destroy(self, g: Group, grace: float = DESTROY_GRACE) -> list[str]:
         return await self.inner.destroy(g, grace)
 
@@ -295,6 +300,32 @@ async def test_observers_count_the_queue_only_as_far_as_the_group_can_run(live: 
     assert decide(local, [], g.policy(), PolicyState(), local.at).reason.startswith("≥6 jobs waiting")
     roomy = await StoreObserver(live.store, Notifier(), time.time).demand(group(max_workers=20, slots=1))
     assert (roomy.queued, roomy.capped) == (10, False)
+
+
+async def test_local_workers_that_never_register_are_replaced_never_piled_up(
+    sqlite_store: SQLiteStore, tmp_path: Path
+) -> None:
+    """Issue 10's runaway: workers that never come up (here: a server address nothing answers) are stopped after
+    startup_grace with the reason, and the group never has more than max_workers processes."""
+    g = group(max_workers=2, startup_grace=60)
+    provider = LocalProvider(
+        grid="t", server="http://127.0.0.1:9", token="t", state_dir=tmp_path / "workers", log_dir=tmp_path / "logs"
+    )
+
+    async def processes() -> int:
+        return sum(1 for w in await provider.workers(g) if w.status != "stopping" or _alive(w))
+
+    try:
+        events = await never_registering(provider, g, sqlite_store, processes)
+    finally:
+        await provider.destroy(g, grace=5)
+    lapsed = [e for e in events if e.kind == "not_registered"]
+    assert len(lapsed) == 3 * g.max_workers  # three rounds, each stopping every worker it started
+    assert all("did not register within startup_grace (60 s): process running; its log" in e.reason for e in lapsed)
+
+
+def _alive(w: ProviderWorker) -> bool:
+    return Path(f"/proc/{w.detail.split()[1]}").exists()
 
 
 class CountingProvider(LocalProvider):

@@ -30,7 +30,9 @@ from scaleq.providers.base import ProviderError
 from scaleq.providers.docker import DEFAULT_IMAGE, DockerProvider
 from scaleq.scaling.controller import Controller
 from scaleq.scaling.observe import RemoteObserver
+from scaleq.store.sqlite import SQLiteStore
 from tests.helpers import LiveServer, controlling, eventually
+from tests.helpers.drivers import never_registering
 from tests.helpers.engine import BUSYBOX
 from tests.helpers.groups import fast_group
 
@@ -308,3 +310,25 @@ async def test_health_names_docker_host_and_a_missing_image_names_the_build_scri
         await isolated.start(group(), 1)
     for p in (good, bad, isolated):
         await p.close()
+
+
+async def test_containers_whose_workers_never_register_are_replaced_never_piled_up(
+    engine: docker.DockerClient, worker_image: str, grid_name: str, cleanup: set[str], sqlite_store: SQLiteStore
+) -> None:
+    """Real worker containers pointed at a server address nothing answers: after startup_grace each is stopped and
+    removed, its state said in an event, and the engine never runs more than max_workers of the group's."""
+    g = group(max_workers=2, startup_grace=60, image=worker_image)
+    p = DockerProvider(grid=grid_name, server="http://127.0.0.1:9", token="t")
+
+    async def containers() -> int:  # an exited one holds nothing (the next listing removes it)
+        found = labelled(engine, f"scaleq.grid={grid_name}", "scaleq.group=box")[0]
+        return sum(1 for c in found if c.status not in ("exited", "dead"))
+
+    try:
+        events = await never_registering(p, g, sqlite_store, containers, rounds=2)
+    finally:
+        await p.destroy(g, grace=5)
+        await p.close()
+    lapsed = [e for e in events if e.kind == "not_registered"]
+    assert len(lapsed) == 2 * g.max_workers
+    assert all("startup_grace (60 s): container scaleq-" in e.reason for e in lapsed), lapsed[0]

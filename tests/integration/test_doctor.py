@@ -301,6 +301,39 @@ async def test_a_group_without_a_running_controller_is_named(live: LiveServer, s
     assert not find(unnamed, "group broken", "controller").ok
 
 
+async def test_a_group_refused_for_a_quota_or_a_rate_limit_says_so_over_the_api(
+    live: LiveServer, settings: ServerSettings
+) -> None:
+    """The controller writes the state through the API (a remote ``scaleq autoscale``); doctor and groups read it."""
+    now = time.time()
+    async with live.client("admin") as admin:
+        for name, state, message in (
+            ("gce", "quota", "provider gcp refused: QUOTA_EXCEEDED: Quota 'CPUS' exceeded"),
+            ("fly", "rate_limited", "provider fly refused: 429 rate limit exceeded"),
+        ):
+            await admin.put_group(
+                {
+                    "name": name,
+                    "queue": "q",
+                    "provider": name,
+                    "min": 0,
+                    "max": 2,
+                    "current": 0,
+                    "desired": 1,
+                    "state": state,
+                    "message": message,
+                    "state_since": now - 90,
+                }
+            )
+        listed = {g["name"]: (g["state"], g["message"]) for g in await admin.groups()}
+    assert listed["gce"] == ("quota", "provider gcp refused: QUOTA_EXCEEDED: Quota 'CPUS' exceeded")
+    checks = await server_side_checks(live.store, settings, time.time(), ["gce", "fly"])
+    gce, fly = find(checks, "group gce", "controller"), find(checks, "group fly", "controller")
+    assert not gce.ok and "quota (quota for 1m" in gce.detail and "Quota 'CPUS'" in gce.detail
+    assert "Quotas" in gce.fix and "lower max_workers" in gce.fix
+    assert not fly.ok and "rate limit (rate_limited" in fly.detail and "backs off" in fly.fix
+
+
 class Refusing:
     """A store whose database answers but refuses writes (or, with ``down``, does not answer at all)."""
 

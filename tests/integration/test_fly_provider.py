@@ -22,7 +22,9 @@ from scaleq.providers.fly import FlyProvider
 from scaleq.providers.registry import ProviderContext, make_provider
 from scaleq.scaling.controller import Controller
 from scaleq.scaling.observe import RemoteObserver
+from scaleq.store.sqlite import SQLiteStore
 from tests.helpers import LiveServer, controlling, eventually
+from tests.helpers.drivers import never_registering, refused_then_retried
 from tests.helpers.groups import fast_group
 from tests.standins.fly_machines import FlyMachines, serve_fly
 
@@ -373,3 +375,38 @@ async def _none(p: FlyProvider, g: Group) -> bool:
 
 async def _current(c: Client, n: int) -> bool:
     return any(s["name"] == "fly" and s["current"] == n for s in await c.groups())
+
+
+async def test_machines_whose_workers_never_register_are_replaced_never_piled_up(
+    fly: FlyMachines, sqlite_store: SQLiteStore
+) -> None:
+    """Machines start but their workers never reach the server: after startup_grace each is stopped (and, ended,
+    destroyed), its state said in an event, and the app never holds more than max_workers of the group's machines."""
+    g = group(fly, max_workers=2, startup_grace=60)
+
+    async def machines() -> int:
+        return len(fly.live())
+
+    p = provider(g)
+    try:
+        events = await never_registering(p, g, sqlite_store, machines, rounds=2)
+    finally:
+        await p.close()
+    lapsed = [e for e in events if e.kind == "not_registered"]
+    assert len(lapsed) == 2 * g.max_workers
+    assert all("startup_grace (60 s): machine" in e.reason and "latest event: launch" in e.reason for e in lapsed)
+
+
+async def test_a_rate_limit_that_outlasts_the_retries_is_the_groups_state(
+    fly: FlyMachines, sqlite_store: SQLiteStore
+) -> None:
+    g = group(fly, max_workers=2)
+    p = provider(g, retries=2)
+    try:
+        refused, recovered = await refused_then_retried(
+            p, g, sqlite_store, lambda: fly.rate_limit(50, method="POST"), fly.heal
+        )
+    finally:
+        await p.close()
+    assert refused.state == "rate_limited" and "429 rate limit exceeded" in refused.message
+    assert (recovered.state, recovered.current) == ("ok", 1)

@@ -25,6 +25,7 @@ from scaleq.scaling.observe import RemoteObserver
 from scaleq.server.settings import ServerSettings
 from scaleq.store.sqlite import SQLiteStore
 from tests.helpers import LiveServer, controlling, eventually, free_port, serve
+from tests.helpers.drivers import never_registering, refused_then_retried
 from tests.helpers.groups import fast_group
 from tests.standins.gcp_compute import ComputeStandIn
 from tests.standins.gcp_compute import serve as serve_compute
@@ -558,3 +559,82 @@ async def test_apply_rolls_a_changed_gcp_group_and_destroy_removes_it(
         assert not compute.migs and not compute.templates
     finally:
         await admin.close()
+
+
+async def test_instances_whose_workers_never_register_are_replaced_never_piled_up(
+    compute: ComputeStandIn, sqlite_store: SQLiteStore
+) -> None:
+    """Instances come up but their workers never reach the server: after startup_grace each is deleted, said in an
+    event, and the MIG never holds more than max_workers instances (those being deleted included)."""
+    g = gcp_group(compute, max_workers=2, startup_grace=60)
+
+    async def instances() -> int:
+        return len(compute.instances(PROJECT, REGION, mig_name("t", "cpu")))
+
+    p = gcp()
+    try:
+        events = await never_registering(p, g, sqlite_store, instances)
+    finally:
+        await p.close()
+    lapsed = [e for e in events if e.kind == "not_registered"]
+    assert len(lapsed) == 3 * g.max_workers
+    assert all("did not register within startup_grace (60 s)" in e.reason for e in lapsed)
+    assert len(compute.called("deleteInstances")) == 3 * g.max_workers  # each lapsed instance, and nothing else
+
+
+async def test_instances_gcp_cannot_create_are_stopped_after_startup_grace_with_gcps_reason(
+    compute: ComputeStandIn, sqlite_store: SQLiteStore
+) -> None:
+    """A quota GCP reports per instance (createInstances DONE, the instances CREATING while the MIG retries): after
+    startup_grace each is deleted, never more than max_workers, and the event quotes GCP's lastAttempt error."""
+    compute.refuse_creation("QUOTA_EXCEEDED", QUOTA)
+    g = gcp_group(compute, max_workers=2, startup_grace=60)
+
+    async def instances() -> int:
+        return len(compute.instances(PROJECT, REGION, mig_name("t", "cpu")))
+
+    p = gcp()
+
+    async def all_failed() -> bool:
+        listed = {w.id for w in await p.workers(g) if w.status == "starting"}
+        return bool(listed) and listed <= set(await p.last_errors(g))
+
+    async def failed() -> None:
+        await eventually(all_failed, what="creation attempts failed")
+
+    try:
+        events = await never_registering(p, g, sqlite_store, instances, rounds=2, failed=failed)
+    finally:
+        await p.close()
+    lapsed = [e for e in events if e.kind == "not_registered"]
+    assert len(lapsed) == 2 * g.max_workers
+    assert all(
+        f"GCP could not create instance {e.reason.split()[1]}: QUOTA_EXCEEDED: {QUOTA}" in e.reason for e in lapsed
+    )
+
+
+@pytest.mark.parametrize(
+    "refusal, state",
+    [
+        (
+            ("fail_operation", "createInstances", "QUOTA_EXCEEDED", "Quota 'CPUS' exceeded.  Limit: 8.0 in region"),
+            "quota",
+        ),
+        (("inject", 429, "Rate Limit Exceeded", "rateLimitExceeded"), "rate_limited"),
+        (("inject", 403, "Quota exceeded for quota metric 'Queries'", "quotaExceeded"), "quota"),
+    ],
+)
+async def test_quota_and_rate_limit_refusals_are_the_groups_state(
+    compute: ComputeStandIn, sqlite_store: SQLiteStore, refusal: tuple, state: str
+) -> None:
+    g = gcp_group(compute, max_workers=2)
+    knob, *args = refusal
+    p = gcp()
+    try:
+        refused, recovered = await refused_then_retried(
+            p, g, sqlite_store, lambda: getattr(compute, knob)(*args, times=1), lambda: None
+        )
+    finally:
+        await p.close()
+    assert refused.state == state and args[-2 if knob == "inject" else -1].split(".")[0] in refused.message
+    assert (recovered.state, recovered.message, recovered.current) == ("ok", "", 1)

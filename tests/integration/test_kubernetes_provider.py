@@ -43,6 +43,7 @@ from scaleq.scaling.observe import RemoteObserver
 from scaleq.server.settings import ServerSettings
 from scaleq.store.sqlite import SQLiteStore
 from tests.helpers import LiveServer, controlling, eventually, free_port, serve
+from tests.helpers.drivers import never_registering, refused_then_retried
 from tests.helpers.groups import fast_group
 from tests.standins.kubernetes_api import KubernetesStandIn
 
@@ -521,3 +522,36 @@ async def _heartbeat_says(worker_client: object, worker_id: str, state: str) -> 
 
 async def _none_left(p: KubernetesProvider, g: Group, standin: KubernetesStandIn) -> bool:
     return await p.workers(g) == [] and standin.pods(NS) == []
+
+
+async def test_pods_that_never_pull_their_image_are_replaced_never_piled_up(
+    standin: KubernetesStandIn, kubeconfig: Path, sqlite_store: SQLiteStore
+) -> None:
+    """Pods stuck in ErrImagePull never register: after startup_grace each is deleted, with the kubelet's reason in
+    an event, and the namespace never holds more than max_workers of the group's pods."""
+    broken = "registry.example/scaleq/worker:missing"
+    standin.unpullable(broken)
+    g = group(kubeconfig, max_workers=2, startup_grace=120, image=broken)
+
+    async def pods() -> int:
+        return len(standin.pods(NS))
+
+    async with provider(g) as p:
+        events = await never_registering(p, g, sqlite_store, pods)
+    lapsed = [e for e in events if e.kind == "not_registered"]
+    assert len(lapsed) == 3 * g.max_workers
+    assert all("ErrImagePull" in e.reason and "startup_grace (120 s)" in e.reason for e in lapsed), lapsed[0]
+
+
+async def test_an_exceeded_resource_quota_is_the_groups_state_until_it_is_lifted(
+    standin: KubernetesStandIn, kubeconfig: Path, sqlite_store: SQLiteStore
+) -> None:
+    g = group(kubeconfig, max_workers=2)
+    async with provider(g) as p:
+        refused, recovered = await refused_then_retried(
+            p, g, sqlite_store, lambda: standin.exceed_quota("pods"), lambda: standin.exceed_quota("pods", None)
+        )
+    assert refused.state == "quota" and refused.state_since is not None
+    assert "exceeded quota: compute-resources" in refused.message and "resourcequota" in refused.message
+    assert (recovered.state, recovered.message, recovered.current) == ("ok", "", 1)
+    assert len(standin.pods(NS)) == 1

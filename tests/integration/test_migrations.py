@@ -396,7 +396,7 @@ async def assert_the_store_works(store: Store) -> None:
     assert await store.get_blob("f" * 64) == b"output bytes"
     assert (await store.find_token("hash-1")) is not None and (await store.find_token("hash-2")) is None
     assert [e.kind for e in await store.list_events("g", 0, 10)] == ["error", "scale_up"]
-    assert [g.name for g in await store.list_groups()] == ["g"]
+    assert [(g.name, g.state, g.message, g.state_since) for g in await store.list_groups()] == [("g", "ok", "", None)]
     assert {w.id for w in await store.list_workers()} == {"w-old", "w-draining"}
     (stats,) = await store.queue_stats()
     assert (stats.queued, stats.running, stats.finished, stats.succeeded, stats.unsuccessful) == (1, 1, 3, 1, 2)

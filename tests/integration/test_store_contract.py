@@ -552,3 +552,26 @@ async def test_group_status_keeps_its_note_checks_and_reporter(store: Store) -> 
     )
     (status,) = await store.list_groups()
     assert (status.note, status.checks, status.reporter) == ("capped at max_workers 2", (check,), "stopped")
+
+
+async def test_group_status_keeps_its_state_beside_its_note(store: Store) -> None:
+    refused = GroupStatus(
+        "g",
+        "q",
+        "gcp",
+        0,
+        2,
+        0,
+        2,
+        T0,
+        "capped at max_workers 2",
+        state="quota",
+        message="QUOTA_EXCEEDED: CPUS",
+        state_since=T0 - 5,
+    )
+    await store.put_group(refused)
+    (status,) = await store.list_groups()
+    assert status == refused
+    await store.put_group(GroupStatus("g", "q", "gcp", 0, 2, 1, 2, T0 + 60))  # it recovered: ok, nothing to say
+    (status,) = await store.list_groups()
+    assert (status.state, status.message, status.state_since, status.note) == ("ok", "", None, "")

@@ -25,7 +25,7 @@ What the spec does not say, the stand-in takes from Fly's documented behaviour: 
 
 State changes are lazy (computed from the clock when a machine is looked at), so there are no timers; a lock
 guards the state, which the server thread and the test share. Failures can be injected (:meth:`FlyMachines.fail`)
-to exercise retries.
+to exercise retries, and rate limiting (:meth:`FlyMachines.rate_limit`: 429 ``rate limit exceeded``).
 """
 
 from __future__ import annotations
@@ -206,6 +206,10 @@ class FlyMachines:
         with self._lock:
             self._failures.append(Failure(status, times, method, path, after, retry_after))
 
+    def rate_limit(self, times: int, *, method: str | None = None, retry_after: str = "0") -> None:
+        """Answer the next ``times`` requests (of ``method``) 429 ``rate limit exceeded``, as Fly's API does."""
+        self.fail(429, times, method=method, retry_after=retry_after)
+
     def heal(self) -> None:
         """Forget the failures still to inject."""
         with self._lock:
@@ -351,7 +355,8 @@ class FlyMachines:
         failure = self._take_failure(request.method, request.url.path)
         headers = {"retry-after": failure.retry_after} if failure and failure.retry_after else {}
         if failure is not None and not failure.after:
-            return failure.status, {"error": f"injected failure {failure.status}"}, headers
+            error = "rate limit exceeded" if failure.status == 429 else f"injected failure {failure.status}"
+            return failure.status, {"error": error}, headers
         try:
             body = await self._body(request, op)
             call.body = body

@@ -35,8 +35,9 @@ validates nothing. Here:
 What it does not model: watches of the modified pods (kmock's watch stream sees creations only; the provider does not
 watch), scheduling (resources and node capacity are never checked: every pod fits), image pulls (apart from
 :meth:`unpullable`), container restarts, probes, evictions and node loss, ``Unknown`` phase, admission webhooks and
-quotas, defaulting of fields beyond the server-set ones above, strategic-merge-patch list semantics (patches merge as
-JSON merge patches — enough for the labels and data the provider patches), ``continue`` tokens, field selectors,
+quotas (apart from :meth:`exceed_quota`: creating a resource answers 403 ``exceeded quota``), defaulting of fields
+beyond the server-set ones above, strategic-merge-patch list semantics (patches merge as JSON merge patches — enough
+for the labels and data the provider patches), ``continue`` tokens, field selectors,
 ``deletecollection``, Deployments/ReplicaSets (no controllers run), and any resource other than namespaces, pods,
 pods/log, secrets and selfsubjectaccessreviews (answered 404, so a provider that starts using one is caught).
 """
@@ -254,6 +255,7 @@ class StandInApi(kmock.KubernetesEmulator):
         self.namespaces: dict[str, dict[str, Any]] = {}
         self.denied: set[tuple[str, str]] = set()  # (verb, resource), e.g. ("create", "pods") or ("get", "pods/log")
         self.unpullable_images: set[str] = set()
+        self.quotas: dict[str, str] = {}  # resource (e.g. "pods") → the exhausted ResourceQuota's name
         self.logs: dict[tuple[str, str], str] = {}
         self.validated: list[tuple[str, str, str]] = []  # (kind, namespace, name) of each valid write
         self.rejected: list[str] = []
@@ -325,6 +327,14 @@ class StandInApi(kmock.KubernetesEmulator):
         if request.action == Action.LIST:
             return self._list(res.plural, ns, request.params)
         if request.action == Action.CREATE:
+            if res.plural in self.quotas:  # the ResourceQuota admission plugin's refusal, in its words
+                name, quota = (request.data or {}).get("metadata", {}).get("name", "?"), self.quotas[res.plural]
+                raise _error(
+                    403,
+                    "Forbidden",
+                    f'{res.plural} "{name}" is forbidden: exceeded quota: {quota}, requested: {res.plural}=1, '
+                    f"used: {res.plural}=2, limited: {res.plural}=2",
+                )
             return self._create(res.plural, ns, request.data)
         if request.action == Action.FETCH:
             return aiohttp.web.json_response(self._get(res.plural, ns, request.name).raw)
@@ -768,6 +778,18 @@ class KubernetesStandIn:
 
     def unpullable(self, image: str) -> None:
         self.call(lambda api: api.unpullable_images.add(image))
+
+    def exceed_quota(self, resource: str = "pods", quota: str | None = "compute-resources") -> None:
+        """Creating ``resource`` is refused as an exhausted ResourceQuota refuses it (403 ``exceeded quota``);
+        ``quota=None`` lifts it."""
+
+        def change(api: StandInApi) -> None:
+            if quota is None:
+                api.quotas.pop(resource, None)
+            else:
+                api.quotas[resource] = quota
+
+        self.call(change)
 
     # -- what a kubelet would do -----------------------------------------------------------------------------------
 

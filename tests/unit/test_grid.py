@@ -74,3 +74,95 @@ def test_a_price_is_a_number_and_changes_no_worker(tmp_path: Path) -> None:
 def test_embedded_default() -> None:
     (g,) = grid.embedded_default(cores=4).groups
     assert (g.queue, g.provider, g.min_workers, g.max_workers, g.slots) == ("default", "local", 0, 4, 1)
+
+
+# -- the version: what a running worker carries, and nothing else ------------------------------------------------------
+
+BASE = {"name": "cpu", "queue": "work", "min_workers": 0, "max_workers": 3}
+
+
+SCALING_CHANGES = [
+    {"min_workers": 1},
+    {"max_workers": 30},
+    {"idle_timeout": 600},
+    {"scale_down_window": 120},
+    {"max_step_up": 2},
+    {"step_period": 60},
+    {"startup_grace": 900},
+    {"headroom": 0},
+    {"lookahead": 120},
+    {"demand_halflife": 60},
+    {"signal": {"kind": "promql", "url": "http://prom:9090", "query": "sum(q)"}},
+]
+
+
+@pytest.mark.parametrize("change", SCALING_CHANGES, ids=lambda c: next(iter(c)))
+def test_scaling_settings_do_not_change_the_version(change: dict) -> None:
+    old, new = grid.Group(**BASE), grid.Group(**{**BASE, **change})
+    assert old.model_dump() != new.model_dump()
+    assert new.version() == old.version()
+
+
+GCP = {"project": "p", "region": "europe-west1"}
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"queue": "other"},
+        {"slots": 4},  # on the worker's command line (--slots)
+        {"runtimes": ["docker"]},
+        {"tags": ["gpu"]},
+        {"resources": {"cpus": 7, "memory": "2g"}},
+        {"image": "example.org/worker:2"},
+        {"allow_host_network": True},
+        {"env": {"HTTP_PROXY": "http://proxy:3128"}},
+        {"provider": "docker"},
+        {"provider": "gcp", "image": "w:1", "gcp": GCP},
+        {"provider": "kubernetes", "image": "w:1", "kubernetes": {"namespace": "batch"}},
+        {"provider": "fly", "image": "w:1", "fly": {"app": "a"}},
+    ],
+    ids=lambda c: "+".join(c),
+)
+def test_what_a_worker_carries_changes_the_version(change: dict) -> None:
+    old, new = grid.Group(**BASE), grid.Group(**{**BASE, **change})
+    assert new.version() != old.version()
+
+
+@pytest.mark.parametrize(
+    "provider, settings, change",
+    [
+        ("gcp", {"gcp": GCP}, {"gcp": {**GCP, "machine_type": "n2-standard-4"}}),
+        ("gcp", {"gcp": GCP}, {"gcp": {**GCP, "spot": True}}),
+        ("kubernetes", {}, {"kubernetes": {"service_account": "runner"}}),
+        ("fly", {"fly": {"app": "a"}}, {"fly": {"app": "a", "memory_mb": 4096}}),
+    ],
+)
+def test_the_providers_machine_settings_change_the_version(provider: str, settings: dict, change: dict) -> None:
+    base = {**BASE, "provider": provider, "image": "w:1", **settings}
+    assert grid.Group(**{**base, **change}).version() != grid.Group(**base).version()
+
+
+def test_every_group_field_is_either_carried_by_the_worker_or_read_by_the_controller() -> None:
+    assert grid.WORKER_FIELDS.isdisjoint(grid.SCALING_FIELDS)
+    assert grid.WORKER_FIELDS | grid.SCALING_FIELDS == set(grid.Group.model_fields)
+
+
+def test_every_scaling_field_has_a_case_above() -> None:
+    assert {next(iter(c)) for c in SCALING_CHANGES} == grid.SCALING_FIELDS
+
+
+@pytest.mark.parametrize("change", SCALING_CHANGES, ids=lambda c: next(iter(c)))
+def test_scaling_settings_put_nothing_on_the_workers_command_line(change: dict) -> None:
+    from scaleq.providers.base import worker_args
+
+    old, new = grid.Group(**BASE), grid.Group(**{**BASE, **change})
+    assert worker_args(new, "http://s", "w-1", 300) == worker_args(old, "http://s", "w-1", 300)
+
+
+def test_slots_are_on_the_workers_command_line_and_in_the_version() -> None:
+    from scaleq.providers.base import worker_args
+
+    old, new = grid.Group(**BASE), grid.Group(**{**BASE, "slots": 4})
+    assert "4" in worker_args(new, "http://s", "w-1", 300) and "4" not in worker_args(old, "http://s", "w-1", 300)
+    assert new.version() != old.version()

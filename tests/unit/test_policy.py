@@ -157,8 +157,60 @@ def test_starting_workers_count_as_capacity_within_grace():
     assert "have 2 (2 starting)" in d.reason
     late = [starting("a", 0.0), starting("b", 350.0)]
     d = run(2, 0, late, now=400.0, startup_grace=300)
-    assert d.start == 1
-    assert "1 worker not registered after 300 s (not counted)" in d.reason
+    assert d.start == 1 and d.lapsed == ("a",)  # the lapsed one is stopped; it still counts toward max meanwhile
+    assert "1 worker not registered after 300 s (stopping it)" in d.reason
+
+
+class FakeClock:
+    def __init__(self, now: float = 0.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_workers_that_never_register_never_exceed_max_workers():
+    """The runaway of issue 10: max 3, workers that never come up, the controller's 1 s tick for 25 minutes. Each
+    lapsed worker is stopped (its machine takes a while to go: it is listed as draining meanwhile), and a
+    replacement starts only as a machine goes -- never more than 3 machines."""
+    clock, s = FakeClock(1000.0), PolicySettings(max_workers=3, startup_grace=300)
+    machines: dict[str, tuple[float, float | None]] = {}  # id → (started at, stopped at)
+    state, serial, most, lapsed_total = PolicyState(), 0, 0, 0
+    delete_takes = 45.0
+    end = clock() + 25 * 60
+    while clock() < end:
+        now = clock()
+        machines = {i: m for i, m in machines.items() if m[1] is None or now - m[1] < delete_takes}
+        views = [
+            WorkerView(i, at, "starting" if stopped is None else "draining") for i, (at, stopped) in machines.items()
+        ]
+        d = decide(Demand(now, 10, 0), views, s, state, now)
+        state = d.state
+        for i in d.lapsed:
+            assert machines[i][1] is None and now - machines[i][0] >= s.startup_grace
+            machines[i] = (machines[i][0], now)
+            lapsed_total += 1
+        for _ in range(d.start):
+            serial += 1
+            machines[f"w{serial}"] = (now, None)
+        most = max(most, len(machines))
+        assert len(machines) <= s.max_workers, d.reason
+        clock.advance(1.0)
+    assert most == 3 and lapsed_total >= 12  # replaced round after round, never piled up
+    assert serial == lapsed_total + sum(1 for _, stopped in machines.values() if stopped is None)
+
+
+def test_a_lapsed_worker_still_counts_toward_max_until_its_machine_goes():
+    d = run(5, 0, [starting("a", 0.0), starting("b", 0.0), busy("c")], now=400.0, max_workers=3, startup_grace=300)
+    assert (d.desired, d.start, d.lapsed) == (3, 0, ("a", "b"))
+    assert d.reason.endswith("no change: 2 more wanted, but 3 of max 3 machines exist (registered or not)")
+    # below max, a replacement starts beside the lapsed one being deleted, up to max
+    d = run(5, 0, [starting("a", 0.0), busy("c")], now=400.0, max_workers=3, startup_grace=300)
+    assert (d.start, d.lapsed) == (1, ("a",))
+    assert "starting 1 of 2 (2 of max 3 machines exist (registered or not))" in d.reason
 
 
 def test_draining_workers_do_not_count():
@@ -259,6 +311,10 @@ def test_property_random_inputs_never_drain_busy_and_keep_bounds():
         )
         assert capacity - len(d.drain) >= min(s.min_workers, capacity)
         assert capacity + d.start <= max(s.max_workers, capacity)
+        assert not d.start or len(workers) + d.start <= s.max_workers  # every machine counts toward max
+        assert set(d.lapsed) == {
+            w.id for w in workers if w.state == "starting" and now - w.started_at >= s.startup_grace
+        }
         draining = sum(1 for w in workers if w.state == "draining")
         assert d.start == 0 or capacity + draining + d.start <= s.max_workers  # draining count until gone
         if s.max_step_up is not None:

@@ -139,15 +139,35 @@ def destroy(
 def groups(
     output: OutputOpt = Output.table, server: ServerOpt = None, token: TokenOpt = None, data_dir: DataDirOpt = None
 ) -> None:
-    """Worker groups: current, desired, min and max workers."""
+    """Worker groups: current, desired, min and max workers, and their state: ok, or why the controller cannot act
+    (quota, rate_limited: the provider refused; error), since when and in the provider's words; and the controller's
+    note (capped at max_workers, jobs no worker can run)."""
     found = with_client(server, token, data_dir, lambda c: c.groups())
     if output == Output.json:
         emit_json(found)
         return
+    now = time.time()
+
+    def state(g: dict) -> str:
+        if g.get("state", "ok") == "ok":
+            return "ok"
+        since = f" for {now - g['state_since']:.0f} s" if g.get("state_since") is not None else ""
+        return f"{g['state']}{since}: {g['message']}"
+
     table(
-        ["name", "queue", "provider", "current", "desired", "min", "max", "note"],
+        ["name", "queue", "provider", "current", "desired", "min", "max", "state", "note"],
         [
-            (g["name"], g["queue"], g["provider"], g["current"], g["desired"], g["min"], g["max"], g.get("note", ""))
+            (
+                g["name"],
+                g["queue"],
+                g["provider"],
+                g["current"],
+                g["desired"],
+                g["min"],
+                g["max"],
+                state(g),
+                g.get("note", ""),
+            )
             for g in found
         ],
     )

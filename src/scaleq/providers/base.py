@@ -16,6 +16,9 @@ The skeleton (:class:`ProviderBase`) writes the lifecycle once, over four primit
 - ``reap``: the controller, not the provider, knows which workers left the server (deregistered, or marked gone
   when their heartbeats stopped). It tells the provider, which frees what still holds them. Most providers have
   nothing to do — a worker's process, container, pod or machine ends with it — and keep the default.
+- ``why_not_up``: the controller stops a worker that has not registered within ``startup_grace`` (its machine costs
+  and may never come up) and asks the provider first why, from what the provider itself can see -- a pod's
+  ``ImagePullBackOff``, a machine's exit, an instance's last creation error. The default knows nothing (``{}``).
 - ``preempted``: of the workers the controller finds silent while holding jobs, those the provider took back (a spot
   VM preempted, a pod evicted), in the provider's words. The controller then hands their jobs back without spending
   an attempt. The default knows of none: their jobs come back when their leases expire, each a lost attempt.
@@ -65,6 +68,20 @@ class ProviderError(Exception):
     """The provider refused or failed; the message says what and, where it can, how to fix it."""
 
 
+#: What a provider's refusal to make more machines is called in the group's status (``scaleq groups``, doctor).
+Refusal = Literal["quota", "rate_limited"]
+
+
+class CapacityRefused(ProviderError):
+    """The provider refused for a quota (``quota``: more machines, CPUs, addresses than the project or namespace may
+    have) or a rate limit (``rate_limited``: too many calls). Nothing to fix in scaleq: the group shows the state
+    with the provider's words, and the controller backs off and retries."""
+
+    def __init__(self, message: str, state: Refusal) -> None:
+        super().__init__(message)
+        self.state: Refusal = state
+
+
 def worker_args(group: Group, server: str, worker_id: str, server_grace: float) -> list[str]:
     """``scaleq worker …`` arguments (after the program) for a worker of ``group``: every provider starts the same."""
     argv = ["worker", "--server", server, "--queue", group.queue, "--slots", str(group.slots)]
@@ -103,6 +120,10 @@ class Provider(Protocol):
 
     async def wait_gone(self, group: Group, timeout: float) -> bool:
         """Wait until no worker of the group is listed; False on timeout."""
+        ...
+
+    async def why_not_up(self, group: Group, worker_ids: Collection[str]) -> dict[str, str]:
+        """Why these workers have not registered, in the provider's words, for those it can tell ({} if none)."""
         ...
 
     async def preempted(self, group: Group, worker_ids: Collection[str]) -> dict[str, str]:
@@ -150,6 +171,9 @@ class ProviderBase(ABC):
 
     async def close(self) -> None:
         return None
+
+    async def why_not_up(self, group: Group, worker_ids: Collection[str]) -> dict[str, str]:
+        return {}  # the provider cannot tell
 
     async def wait_gone(self, group: Group, timeout: float) -> bool:
         deadline = time.monotonic() + timeout

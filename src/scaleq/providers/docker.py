@@ -47,7 +47,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any, TypeVar
 from urllib.parse import urlparse
 
@@ -306,6 +306,33 @@ class DockerProvider(ProviderBase):
         self._stopping.add(worker_id)  # before the signal: a workers() call meanwhile must not call it running
         if not await self._call(f"stop worker {worker_id}", signal):
             self._stopping.discard(worker_id)
+
+    async def why_not_up(self, group: Group, worker_ids: Collection[str]) -> dict[str, str]:
+        """The container's state (status, exit code, the engine's error) and the last line of its output."""
+
+        def look(client: docker.DockerClient) -> dict[str, str]:
+            found = {}
+            for worker_id in worker_ids:
+                try:
+                    c = client.containers.get(f"scaleq-{worker_id}")
+                except NotFound:
+                    continue
+                state = c.attrs.get("State") or {}
+                what = f"container {c.name}: {state.get('Status', c.status)}"
+                if state.get("Status") in ("exited", "dead"):
+                    what += f", exit code {state.get('ExitCode')}"
+                if state.get("Error"):
+                    what += f", {state['Error']}"
+                if state.get("OOMKilled"):
+                    what += ", killed for lack of memory"
+                try:
+                    lines = c.logs(tail=1).decode(errors="replace").strip().splitlines()
+                except DockerException:
+                    lines = []
+                found[worker_id] = what + (f"; its output ends: {lines[-1][-300:]}" if lines else "; no output")
+            return found
+
+        return await self._call(f"inspect the workers of group {group.name}", look)
 
     async def stop_after_grace(self, group: Group, worker_id: str) -> None:
         await self.stop(group, worker_id)  # the second SIGTERM: the worker hands its jobs back and exits

@@ -41,6 +41,7 @@ import asyncio
 import logging
 import os
 import re
+from collections.abc import Collection
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,7 @@ import httpx
 from scaleq.grid import FlySettings, Group
 from scaleq.providers.base import (
     DESTROY_GRACE,
+    CapacityRefused,
     Health,
     ProviderBase,
     ProviderError,
@@ -230,6 +232,11 @@ class FlyProvider(ProviderBase):
             return ProviderError(
                 f"Fly app {fly.app} does not exist (or this token cannot see it): create it with "
                 f"`fly apps create {fly.app}`, or set groups.fly.app to an existing app ({r.status_code}: {error})"
+            )
+        if r.status_code == 429:  # still, after the retries
+            return CapacityRefused(
+                f"the Fly Machines API at {fly.api_url} is rate-limiting: cannot {what}: {r.status_code} {error}",
+                "rate_limited",
             )
         return ProviderError(f"the Fly Machines API at {fly.api_url} refused to {what}: {r.status_code} {error}")
 
@@ -428,6 +435,24 @@ class FlyProvider(ProviderBase):
             raise self._refusal(r, fly, f"stop machine {m['id']} of worker {worker_id}")
         if r.status_code >= 300:  # 404, 409, 412: it is not running any more; workers() cleans up
             log.debug("fly: stop %s: %s %s", worker_id, r.status_code, _error_text(r))
+
+    async def why_not_up(self, group: Group, worker_ids: Collection[str]) -> dict[str, str]:
+        """The machine's state and its latest event (an exit says its code), as ``fly machine status`` shows."""
+        fly = self._settings(group)
+        found = {}
+        for worker_id in worker_ids:
+            m = await self._find(fly, group, worker_id)
+            if m is None:
+                continue
+            what = f"machine {m['id']} in {m.get('region', '?')}: {m.get('state', '?')}"
+            if (code := _exit_code(m)) is not None:
+                what += f", its worker exited with code {code}"
+            events = m.get("events") or []
+            if events:
+                latest = events[0]
+                what += f"; latest event: {latest.get('type', '?')} {latest.get('status', '')}".rstrip()
+            found[worker_id] = f"{what} (see `fly logs -a {fly.app} -i {m['id']}`)"
+        return found
 
     async def destroy(self, group: Group, grace: float = DESTROY_GRACE) -> list[str]:
         """Drain every worker of the group; after ``grace`` s force the rest; then delete every machine."""

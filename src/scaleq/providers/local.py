@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Collection
 from pathlib import Path
 
 from scaleq.grid import Group
@@ -122,6 +123,20 @@ class LocalProvider(ProviderBase):
             self._stopping.add(worker_id)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(record["pid"], signal.SIGKILL if force else signal.SIGTERM)
+
+    async def why_not_up(self, group: Group, worker_ids: Collection[str]) -> dict[str, str]:
+        """The process's exit code if it ended, and the last line its log has."""
+        found = {}
+        for worker_id in worker_ids:
+            child = self._children.get(worker_id)
+            what = "running" if child is None or child.returncode is None else f"exited with code {child.returncode}"
+            try:
+                lines = (self.log_dir / f"{worker_id}.log").read_text(errors="replace").strip().splitlines()
+            except OSError:
+                lines = []
+            said = f"; its log ends: {lines[-1][-300:]}" if lines else "; its log is empty"
+            found[worker_id] = f"process {what}{said} ({self.log_dir / f'{worker_id}.log'})"
+        return found
 
     async def clean_up(self, group: Group, drained: list[ProviderWorker]) -> None:
         with contextlib.suppress(OSError):

@@ -6,7 +6,10 @@ Design:
   workers the provider has (by label) and what each registered worker is doing (idle, busy, draining).
 - **Decide** with :func:`scaleq.scaling.policy.decide` — the same pure function ``plan`` and the simulator use.
 - **Act**: ask the provider for new workers; drain idle ones through the server (the worker stops claiming and exits
-  by itself, so scale-in never interrupts a job).
+  by itself, so scale-in never interrupts a job); stop the workers that did not register within ``startup_grace``
+  (the policy names them ``lapsed``) and delete their machines, recording why in the provider's words
+  (``why_not_up``: an image that cannot be pulled, a quota, a machine that exited). The policy counts every
+  machine toward ``max_workers``, so workers that never come up are replaced as their machines go, never piled up.
 - **Record** every change as an event with the policy's reason, and the group's current/desired counts.
 - **Hand back what preemption took.** A registered worker that holds jobs and has been silent for
   ``SILENT_AFTER`` seconds is a suspect; the provider is asked whether it took the machine back (``preempted``), and
@@ -16,23 +19,27 @@ Design:
 
 It wakes on job events (a submit to an empty queue reaches the provider in milliseconds, not a poll interval) and on a
 timer (idle timeouts, missed events). A provider error is recorded, retried with backoff, and never stops the other
-groups or the server. At start it adopts what the provider already runs for the group.
+groups or the server; it is also the group's *state* in its status (``quota`` or ``rate_limited`` when the provider
+refused for a quota or a rate limit -- :class:`~scaleq.providers.base.CapacityRefused` -- else ``error``), with the
+provider's message and since when, until a step succeeds. At start it adopts what the provider already runs for the
+group.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from scaleq.doctor.checks import Check
 from scaleq.grid import Group
 from scaleq.jobs import Worker
-from scaleq.providers.base import Provider, ProviderWorker
+from scaleq.providers.base import CapacityRefused, Provider, ProviderWorker
 from scaleq.scaling.policy import Decision, Demand, PolicyState, decide, worker_views
 from scaleq.scaling.signal_checks import (
     DISAGREE_AFTER,
@@ -89,8 +96,11 @@ class GroupLoop:
     early_exits: int = 0  # started workers that vanished without ever registering, in a row
     known: set[str] = field(default_factory=set)  # listed workers seen registered (not gone) with the server
     crash_backoff: float = 5.0
-    recorded: tuple[int, int, str] | None = None  # (current, desired, note) last written as the group's status
+    recorded: tuple[int, int, str, str] | None = None  # (current, desired, note, state) last written as the status
     recorded_at: float = float("-inf")
+    checks: tuple[Check, ...] = ()  # the signal checks last written with the status
+    trouble: tuple[str, str, float] | None = None  # (state, message, since) while steps fail
+    lapsed: set[str] = field(default_factory=set)  # workers stopped for not registering in time, while listed
     signal_error: str | None = None  # the external signal's error while the server's own count stands in for it
     disagree_since: float | None = None  # the external signal has read other than the server's count since then
     own: Demand | None = None  # the server's own count at the last external reading
@@ -141,20 +151,9 @@ class Controller:
     async def _stopped(self) -> None:
         for loop in self.loops:
             if loop.recorded is not None:
-                g, (current, desired, note) = loop.group, loop.recorded
+                current, desired, note, _ = loop.recorded
                 await self.observer.status(
-                    GroupStatus(
-                        g.name,
-                        g.queue,
-                        g.provider,
-                        g.min_workers,
-                        g.max_workers,
-                        current,
-                        desired,
-                        self.clock(),
-                        note,
-                        reporter="stopped",
-                    )
+                    self._group_status(loop, current, desired, note, self.clock(), reporter="stopped")
                 )
 
     async def step(self) -> None:
@@ -163,6 +162,9 @@ class Controller:
     async def step_group(self, loop: GroupLoop) -> Decision | None:
         g, now = loop.group, self.clock()
         if now < loop.retry_at:
+            if loop.trouble is not None and loop.recorded is not None:  # backing off: the state stays fresh
+                with contextlib.suppress(Exception):
+                    await self._status(loop, *loop.recorded[:3], now)
             return None
         try:
             demand, reading, signal_error = await self._demand(loop)
@@ -178,6 +180,9 @@ class Controller:
             decision = decide(demand, views, g.policy(), loop.state, now)
             loop.state, loop.last = decision.state, decision
             current = sum(1 for v in views if v.state != "draining")
+            loop.lapsed &= {w.id for w in provider_workers}
+            if fresh := [i for i in decision.lapsed if i not in loop.lapsed]:
+                await self._stop_lapsed(loop, fresh)
             if decision.start:
                 started = await loop.provider.start(g, decision.start)
                 loop.pending.update(dict.fromkeys(started, now))
@@ -194,31 +199,13 @@ class Controller:
                     reason = f"{describe(g.signal)} reads {reading.queued}{added}: {reason}"
                 await self.observer.record(g.name, kind, current, decision.desired, reason)
                 loop.last_desired = decision.desired
+            loop.trouble = None
             if now - loop.recorded_at >= STATUS_REFRESH:
                 await self._unrunnable(loop, demand, own_queued=demand.queued if reading is None else None)
             note = self._note(loop, demand)
-            counts = (current + decision.start - len(decision.drain), decision.desired, note)
-            # Under a stream of jobs the controller steps up to 20 times a second: the status is a store write, so
-            # it is written when it changes, and otherwise refreshed every STATUS_REFRESH seconds (its age is how
-            # the dashboard and doctor tell a live controller from a stopped one).
-            if counts != loop.recorded or now - loop.recorded_at >= STATUS_REFRESH:
-                checks = await self._signal_checks(loop, reading, demand, now)
-                await self.observer.status(
-                    GroupStatus(
-                        g.name,
-                        g.queue,
-                        g.provider,
-                        g.min_workers,
-                        g.max_workers,
-                        counts[0],
-                        counts[1],
-                        now,
-                        note,
-                        checks,
-                        price_per_hour=g.price_per_hour,
-                    )
-                )
-                loop.recorded, loop.recorded_at = counts, now
+            after = current + decision.start - len(decision.drain)
+            checks = functools.partial(self._signal_checks, loop, reading, demand, now)
+            await self._status(loop, after, decision.desired, note, now, checks)
             if loop.failures:
                 await self.observer.record(g.name, "recovered", None, None, "signal and provider answer again")
             loop.failures = 0
@@ -229,15 +216,88 @@ class Controller:
             loop.retry_at = now + backoff
             what = f"signal {g.signal.kind}" if isinstance(exc, SignalError) else f"provider {g.provider}"
             log.warning("group %s: %s failed: %s; retrying in %.0f s", g.name, what, exc, backoff)
+            state = exc.state if isinstance(exc, CapacityRefused) else "error"
+            verb = "refused" if isinstance(exc, CapacityRefused) else "failed"
+            if loop.trouble is None or loop.trouble[0] != state:
+                loop.trouble = (state, "", now)
+            loop.trouble = (state, f"{what} {verb}: {exc}", loop.trouble[2])
             with contextlib.suppress(Exception):
                 await self.observer.record(
                     g.name,
                     "error",
                     None,
                     None,
-                    f"{what} failed ({type(exc).__name__}: {exc}); retry {loop.failures} in {backoff:.0f} s",
+                    f"{what} {verb} ({type(exc).__name__}: {exc}); retry {loop.failures} in {backoff:.0f} s",
                 )
+            with contextlib.suppress(Exception):
+                current, desired, note = loop.recorded[:3] if loop.recorded else (0, loop.last_desired or 0, "")
+                await self._status(loop, current, desired, note, now)
             return None
+
+    async def _status(
+        self,
+        loop: GroupLoop,
+        current: int,
+        desired: int,
+        note: str,
+        now: float,
+        checks: Callable[[], Awaitable[tuple[Check, ...]]] | None = None,
+    ) -> None:
+        """Write the group's status when it changes. Under a stream of jobs the controller steps up to 20 times a
+        second: the status is a store write, so it is otherwise refreshed every STATUS_REFRESH seconds (its age is
+        how the dashboard and doctor tell a live controller from a stopped one). ``checks`` reads the signal checks
+        afresh when the status is written; without it (a failing step) the last ones stand."""
+        state = loop.trouble[0] if loop.trouble else "ok"
+        key = (current, desired, note, state)
+        if key != loop.recorded or now - loop.recorded_at >= STATUS_REFRESH:
+            if checks is not None:
+                loop.checks = await checks()
+            await self.observer.status(self._group_status(loop, current, desired, note, now))
+            loop.recorded, loop.recorded_at = key, now
+
+    @staticmethod
+    def _group_status(
+        loop: GroupLoop, current: int, desired: int, note: str, at: float, reporter: str = "controller"
+    ) -> GroupStatus:
+        g = loop.group
+        state, message, since = loop.trouble or ("ok", "", None)
+        return GroupStatus(
+            g.name,
+            g.queue,
+            g.provider,
+            g.min_workers,
+            g.max_workers,
+            current,
+            desired,
+            at,
+            note,
+            loop.checks,
+            reporter,
+            state=state,
+            message=message,
+            state_since=since,
+            price_per_hour=g.price_per_hour,
+        )
+
+    async def _stop_lapsed(self, loop: GroupLoop, worker_ids: list[str]) -> None:
+        """Stop workers that did not register within startup_grace, deleting their machines, and say why."""
+        g = loop.group
+        try:
+            why = await loop.provider.why_not_up(g, worker_ids)
+        except Exception as exc:  # the reason is a courtesy: the machine goes regardless
+            log.warning("group %s: could not ask provider %s why workers did not start: %s", g.name, g.provider, exc)
+            why = {}
+        for worker_id in worker_ids:
+            await loop.provider.stop(g, worker_id, force=True)
+            loop.pending.pop(worker_id, None)  # stopped here: its vanishing is no early exit
+            loop.lapsed.add(worker_id)
+            said = why.get(worker_id) or f"provider {g.provider} says nothing more (see the worker's log)"
+            reason = (
+                f"worker {worker_id} did not register within startup_grace ({g.startup_grace:g} s): {said}; "
+                "stopped it and deleting its machine"
+            )
+            log.warning("group %s: %s", g.name, reason)
+            await self.observer.record(g.name, "not_registered", None, None, reason)
 
     async def _demand(self, loop: GroupLoop) -> tuple[Demand, Demand | None, str | None]:
         """The group's demand, the external signal's reading (None for the server signal or when it failed) and

@@ -105,6 +105,9 @@ class RemoteObserver:
                 "reporter": status.reporter,
                 "checks": [c.as_dict() for c in status.checks],
                 "price_per_hour": status.price_per_hour,
+                "state": status.state,
+                "message": status.message[:4000],
+                "state_since": status.state_since,
             }
         )
 

@@ -29,11 +29,13 @@ How a decision is made:
   (warm image layers and caches).
 * **Above max** (max lowered): idle workers are drained at once, without waiting for the idle timeout. Busy ones
   are left to finish and go on a later decision, once idle.
-* **Capacity** is starting + idle + busy workers. Draining workers do not count (they are leaving), but they
-  still run until they are gone, so they count toward ``max_workers``: a busy worker told to drain is replaced only
-  once it has left, never while the group would hold more than ``max_workers`` workers. A starting worker counts
-  for ``startup_grace`` seconds, so a worker that is still booting is not started twice; after that it is presumed
-  lost and a replacement may be started.
+* **Capacity** is starting + idle + busy workers. Draining workers do not count (they are leaving). A starting
+  worker counts for ``startup_grace`` seconds, so a worker that is still booting is not started twice; after that it
+  has *lapsed*: the decision names it (``lapsed``) and the caller stops it and deletes its machine, saying why.
+* **Never more machines than max.** Every machine the provider lists -- starting, lapsed, idle, busy, draining or
+  stopping -- counts toward ``max_workers`` until it is gone: a machine costs whether or not its worker registered,
+  and a draining worker still runs. So a busy worker told to drain is replaced only once it has left, and workers
+  that never come up (a broken image, a quota, a stock-out) are replaced only as their machines go, never piled up.
 
 The ``reason`` of every decision -- "no change" too -- says in words what was seen and why that follows.
 """
@@ -109,6 +111,7 @@ class Decision:
     drain: tuple[str, ...]  # ids of IDLE workers to drain (never busy or starting ones)
     reason: str
     state: PolicyState
+    lapsed: tuple[str, ...] = ()  # ids of workers not registered within startup_grace: stop them, delete machines
 
 
 def _n(count: int, noun: str) -> str:
@@ -117,6 +120,14 @@ def _n(count: int, noun: str) -> str:
 
 def _secs(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds >= 1 or seconds == 0 else f"{seconds:.1f} s"
+
+
+def _held_by_machines(listed: int, lapsed: int, draining: int, max_workers: int) -> str:
+    """Why the machines beyond capacity hold a start back: they count toward max_workers until they are gone."""
+    if lapsed or not draining:
+        held = f"{listed} of max {max_workers} machines exist (registered or not)"
+        return held + (f"; {draining} draining count toward it until they are gone" if draining else "")
+    return f"{draining} draining count toward max {max_workers} until they are gone"
 
 
 def decide(
@@ -155,15 +166,16 @@ def decide(
 
     starting = [w for w in workers if w.state == "starting"]
     booting = [w for w in starting if now - w.started_at < s.startup_grace]
+    lapsed = tuple(w.id for w in starting if now - w.started_at >= s.startup_grace)
     idle = [w for w in workers if w.state == "idle"]
     busy = [w for w in workers if w.state == "busy"]
     n_draining = sum(1 for w in workers if w.state == "draining")
     capacity = len(booting) + len(idle) + len(busy)
     parts = [f"{n} {label}" for n, label in ((len(busy), "busy"), (len(idle), "idle"), (len(booting), "starting"))]
     have = f"have {capacity}" + (f" ({', '.join(p for p in parts if not p.startswith('0 '))})" if capacity else "")
-    if len(starting) > len(booting):
-        have += f"; {_n(len(starting) - len(booting), 'worker')} not registered after {_secs(s.startup_grace)}"
-        have += " (not counted)"
+    if lapsed:
+        have += f"; {_n(len(lapsed), 'worker')} not registered after {_secs(s.startup_grace)}"
+        have += f" (stopping {'it' if len(lapsed) == 1 else 'them'})"
     if n_draining:
         have += f"; {n_draining} draining (not counted)"
 
@@ -172,19 +184,22 @@ def decide(
     start, drain, action = 0, (), "no change"
     if desired > capacity:
         wanted = start = desired - capacity
-        # draining workers still run until they are gone: with them the group never holds more than max_workers
-        room = max(0, s.max_workers - capacity - n_draining)
-        start = min(wanted, room)
-        limit, used_up = f"{n_draining} draining count toward max {s.max_workers} until they are gone", ""
-        if s.max_step_up is not None and s.max_step_up - sum(n for _, n in starts) < start:
-            start = max(0, s.max_step_up - sum(n for _, n in starts))
-            limit, used_up = f"max_step_up {s.max_step_up} per {_secs(s.step_period)}", " is used up"
+        room = max(0, s.max_workers - len(workers))  # every listed machine counts until it is gone
+        limits = []
+        if s.max_step_up is not None and wanted > (step_room := max(0, s.max_step_up - sum(n for _, n in starts))):
+            start = step_room
+            used_up = " is used up" if not step_room else ""
+            limits.append(f"max_step_up {s.max_step_up} per {_secs(s.step_period)}{used_up}")
+        if start > room:
+            start = room
+            limits.append(_held_by_machines(len(workers), len(lapsed), n_draining, s.max_workers))
+        limit = "; ".join(limits)
         if start == wanted:
             action = f"starting {start}"
         elif start:
             action = f"starting {start} of {wanted} ({limit})"
         else:
-            action = f"no change: {wanted} more wanted, but {limit}{used_up}"
+            action = f"no change: {wanted} more wanted, but {limit}"
         if start:
             starts += ((now, start),)
     elif capacity > desired:
@@ -236,4 +251,5 @@ def decide(
         drain=drain,
         reason=reason,
         state=PolicyState(recommendations=tuple(recs), recent_starts=starts, activity=activity),
+        lapsed=lapsed,
     )

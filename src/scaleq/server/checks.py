@@ -59,6 +59,17 @@ FIX_SWEEPER = (
 FIX_NO_CONTROLLER = (
     "no controller is running for this group: run 'scaleq up --grid FILE' or 'scaleq autoscale --grid FILE'"
 )
+FIX_REFUSED = {
+    "quota": (
+        "the provider refuses more machines for a quota: raise it (GCP: IAM & Admin > Quotas; Kubernetes: the "
+        "namespace's ResourceQuota; Fly: your organisation's limits) or lower max_workers; the controller retries "
+        "with backoff"
+    ),
+    "rate_limited": (
+        "the provider is rate-limiting the controller's calls: it backs off and retries; if this lasts, look for "
+        "other clients of the same project, namespace or token"
+    ),
+}
 FIX_OTLP = (
     "start the OpenTelemetry collector or fix --otlp-endpoint (host, port 4318 for OTLP/HTTP, path /v1/metrics); "
     "the server keeps pushing every {interval} and this check passes after the next push it takes"
@@ -272,6 +283,12 @@ def _leases(
 
 def _controller(name: str, status: GroupStatus | None, last: Event | None, now: float, stale_after: float) -> Check:
     hop = group_hop(name)
+    fresh = status is not None and status.reporter == "controller" and now - status.updated_at <= stale_after
+    if status is not None and fresh and status.state in FIX_REFUSED:
+        since = f" for {secs(now - status.state_since)}" if status.state_since is not None else ""
+        what = "a quota" if status.state == "quota" else "a rate limit"
+        detail = f"the provider refuses for {what} ({status.state}{since}): {status.message}"
+        return Check(hop, "controller", False, detail, FIX_REFUSED[status.state])
     if last is not None and last.kind == "error" and now - last.at <= stale_after + CONTROLLER_BACKOFF_MAX:
         # the controller runs (it recorded this), but its steps fail: the signal or the provider is the cause
         detail = f"the controller runs, but its last step failed {secs(now - last.at)} ago: {last.reason}"

@@ -68,7 +68,7 @@ class ScaleqPolicy:
     def step(self, demand: Demand, workers: Sequence[WorkerView], now: float) -> Action:
         d = decide(demand, workers, self.settings, self.state, now)
         self.state = d.state
-        return Action(d.desired, d.start, d.drain, d.reason)
+        return Action(d.desired, d.start, d.drain + d.lapsed, d.reason)  # lapsed: never registered, stopped as live
 
 
 def _victims(workers: Sequence[WorkerView], count: int, rng: random.Random | None) -> tuple[str, ...]:

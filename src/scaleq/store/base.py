@@ -128,6 +128,12 @@ class GroupStatus:
     #: Who wrote this status: ``controller`` (a running controller refreshes it), ``apply``, or ``stopped`` (a
     #: controller that shut down).
     reporter: str = "controller"
+    #: "ok", or why the controller cannot act: "quota" / "rate_limited" (the provider refused more machines or
+    #: calls: it backs off and retries), "error" (another provider or signal failure); ``message`` says it in the
+    #: provider's words, ``state_since`` since when (None for ok)
+    state: str = "ok"
+    message: str = ""
+    state_since: float | None = None
     price_per_hour: float | None = None  # the grid file's, for money beside worker-seconds
 
 

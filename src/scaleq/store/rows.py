@@ -184,6 +184,9 @@ def group(row: Row) -> GroupStatus:
         tuple(Check.from_dict(c) for c in _loads(row["checks"]) or []),
         row["reporter"],
         price_per_hour=row["price_per_hour"],
+        state=row["state"],
+        message=row["message"],
+        state_since=row["state_since"],
     )
 
 

@@ -22,7 +22,7 @@ from google.auth.credentials import AnonymousCredentials, Credentials
 from google.cloud import compute_v1
 
 from scaleq.grid import GcpSettings
-from scaleq.providers.base import ProviderError
+from scaleq.providers.base import CapacityRefused, ProviderError, Refusal
 from scaleq.providers.gcp.credentials import FIX_CREDENTIALS, default_credentials, plain_http
 
 T = TypeVar("T")
@@ -107,7 +107,9 @@ class Apis:
         except ProviderError:
             raise
         except gexc.GoogleAPICallError as exc:
-            raise ProviderError(explain(exc, what, settings)) from exc
+            refusal = refusal_of(exc)
+            message = explain(exc, what, settings)
+            raise (CapacityRefused(message, refusal) if refusal else ProviderError(message)) from exc
         except gexc.RetryError as exc:
             raise ProviderError(f"the Compute Engine API did not answer in time to {what}: {exc}") from exc
         except auth_exceptions.RefreshError as exc:
@@ -130,13 +132,30 @@ class Apis:
             )
         if op.error and op.error.errors:
             problems = "; ".join(f"{e.code}: {e.message}" for e in op.error.errors)
-            raise ProviderError(f"the Compute Engine API could not {what}: {problems}")
+            message = f"the Compute Engine API could not {what}: {problems}"
+            codes = {e.code for e in op.error.errors}
+            if "QUOTA_EXCEEDED" in codes:
+                fix = "raise the quota (IAM & Admin > Quotas) or lower max_workers"
+                raise CapacityRefused(f"{message}: {fix}", "quota")
+            if codes & {"RATE_LIMIT_EXCEEDED", "RESOURCE_EXHAUSTED"}:
+                raise CapacityRefused(message, "rate_limited")
+            raise ProviderError(message)
 
     def close(self) -> None:
         with self._lock:
             apis, self._apis = list(self._apis.values()), {}
         for api in apis:
             api.close()
+
+
+def refusal_of(exc: gexc.GoogleAPICallError) -> Refusal | None:
+    """A quota (403 ``quotaExceeded``) or a rate limit (429, 403 ``rateLimitExceeded``), from Google's error reasons."""
+    reasons = {str(e.get("reason", "")) for e in exc.errors or [] if isinstance(e, dict)} | {exc.reason or ""}
+    if "quotaExceeded" in reasons or "QUOTA_EXCEEDED" in reasons:
+        return "quota"
+    if isinstance(exc, gexc.TooManyRequests) or reasons & {"rateLimitExceeded", "userRateLimitExceeded"}:
+        return "rate_limited"
+    return None
 
 
 def explain(exc: gexc.GoogleAPICallError, what: str, s: GcpSettings) -> str:

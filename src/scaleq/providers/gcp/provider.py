@@ -7,8 +7,9 @@ left; ``destroy`` deletes the MIG and every template of the group. See the packa
 **Creation failures are per instance.** ``createInstances`` finishes DONE even when GCP cannot make the VMs (a quota,
 a zone out of capacity, an org policy): each such instance stays ``CREATING`` while the MIG keeps retrying, with the
 failure in its ``lastAttempt.errors`` and in the group's ``listErrors``. ``workers`` puts the failure in the
-worker's detail (and logs it once), :meth:`GcpProvider.last_errors` says the last one per instance, and ``health``
-reports the failing instances of the provider's group, so that "a machine never came up" comes with GCP's reason.
+worker's detail (and logs it once), :meth:`GcpProvider.last_errors` says the last one per instance (and
+``why_not_up``, for the controller's ``not_registered`` event), and ``health`` reports the failing instances of the
+provider's group, so that "a machine never came up" comes with GCP's reason.
 """
 
 from __future__ import annotations
@@ -324,6 +325,12 @@ class GcpProvider(ProviderBase):
             return errors
 
         return await self._run(s, f"read the instance errors of group {group.name}", read)
+
+    async def why_not_up(self, group: Group, worker_ids: Collection[str]) -> dict[str, str]:
+        """GCP's last error for each of these instances (see :meth:`last_errors`): a VM that could not be created
+        (a quota, a stock-out, an org policy) is why its worker never registered."""
+        errors = await self.last_errors(group)
+        return {i: f"GCP could not create instance {i}: {errors[i]}" for i in worker_ids if i in errors}
 
     async def reap(self, group: Group, worker_ids: Collection[str]) -> set[str]:
         """Delete the instances of these workers, which left the server: a VM outlives its worker (a drained worker

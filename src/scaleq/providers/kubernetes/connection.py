@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from scaleq.grid import KubernetesSettings
-from scaleq.providers.base import ProviderError
+from scaleq.providers.base import CapacityRefused, ProviderError
 
 T = TypeVar("T")
 
@@ -187,6 +187,15 @@ def translate(settings: KubernetesSettings, conn: Connection | None, what: str, 
                 "kubeconfig's token or certificate is wrong or expired; refresh it (e.g. your cloud's "
                 "get-credentials command)"
             )
+        if exc.status == 403 and "exceeded quota" in message:  # a ResourceQuota of the namespace
+            return CapacityRefused(
+                f"the namespace's ResourceQuota refused to {what} on {where}: {message}. Raise the quota (kubectl "
+                f"describe resourcequota -n {ns}) or lower max_workers",
+                "quota",
+            )
+        if exc.status == 429:
+            message = f"the API server at {where} is rate-limiting: cannot {what}: {message}"
+            return CapacityRefused(message, "rate_limited")
         if exc.status == 403:
             return ProviderError(
                 f"the API server at {where} forbids this: cannot {what}: {message}. {RBAC_HINT.format(ns=ns)}"

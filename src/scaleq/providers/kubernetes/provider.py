@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any, TypeVar
 
 from scaleq.grid import Group, KubernetesSettings
@@ -240,6 +240,25 @@ class KubernetesProvider(ProviderBase):
             return sorted(found, key=lambda w: (w.started_at, w.id))
 
         return await self._call(settings, f"list the pods of group {group.name} in namespace {ns}", scan)
+
+    async def why_not_up(self, group: Group, worker_ids: Collection[str]) -> dict[str, str]:
+        """From each pod's status: the waiting container's reason (``ErrImagePull``, ``ImagePullBackOff``, …) or the
+        scheduler's (``Unschedulable``), with the message, as ``kubectl describe pod`` shows them."""
+        settings = self._settings(group)
+        ns, wanted = settings.namespace, set(worker_ids)
+
+        def look(conn: Connection) -> dict[str, str]:
+            pods = conn.core.list_namespaced_pod(
+                ns, label_selector=group_selector(self.grid, group.name), _request_timeout=self.api_timeout
+            ).items
+            found = {}
+            for pod in pods:
+                worker_id = (pod.metadata.labels or {}).get(WORKER_LABEL) or pod.metadata.name
+                if worker_id in wanted:
+                    found[worker_id] = self._describe(pod)[1]
+            return found
+
+        return await self._call(settings, f"read the pods of group {group.name} in namespace {ns}", look)
 
     async def start(self, group: Group, count: int) -> list[str]:
         if count <= 0:

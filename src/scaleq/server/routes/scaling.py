@@ -35,6 +35,9 @@ class GroupOut(BaseModel):
     reporter: str  # controller | apply | stopped
     checks: list[dict[str, Any]]  # the controller's signal checks, as in /health
     price_per_hour: float | None = None
+    state: str = Field(description="ok, quota, rate_limited or error: whether the controller can act")
+    message: str = Field(description="the provider's words for a state other than ok")
+    state_since: float | None
 
 
 class CheckIn(BaseModel):
@@ -64,6 +67,9 @@ class GroupIn(BaseModel):
     reporter: Literal["controller", "apply", "stopped"] = "controller"
     checks: list[CheckIn] = Field(default_factory=list, max_length=20)
     price_per_hour: float | None = Field(default=None, ge=0, le=1e9, allow_inf_nan=False)
+    state: Literal["ok", "quota", "rate_limited", "error"] = "ok"
+    message: str = Field(default="", max_length=4000)
+    state_since: float | None = Field(default=None, allow_inf_nan=False)
 
 
 class EventOut(BaseModel):
@@ -117,6 +123,9 @@ async def groups(ctx: C) -> list[GroupOut]:
             reporter=g.reporter,
             checks=[c.as_dict() for c in g.checks],
             price_per_hour=g.price_per_hour,
+            state=g.state,
+            message=g.message,
+            state_since=g.state_since,
         )
         for g in await ctx.store.list_groups()
     ]
@@ -137,7 +146,10 @@ async def put_group(name: str, body: GroupIn, ctx: C) -> None:
             body.note,
             tuple(Check.from_dict(c.model_dump()) for c in body.checks),
             body.reporter,
-            body.price_per_hour,
+            price_per_hour=body.price_per_hour,
+            state=body.state,
+            message=body.message,
+            state_since=body.state_since,
         )
     )
 

@@ -192,13 +192,14 @@ SELECT * FROM events WHERE (CAST(:grp AS TEXT) IS NULL OR grp = :grp) AND id > :
 
 -- name: upsert_group
 INSERT INTO groups (name, queue, provider, min_workers, max_workers, current, desired, updated_at, note, checks,
-                    reporter, price_per_hour)
+                    reporter, state, message, state_since, price_per_hour)
 VALUES (:name, :queue, :provider, :min_workers, :max_workers, :current, :desired, :now, :note, :checks, :reporter,
-        :price_per_hour)
+        :state, :message, :state_since, :price_per_hour)
 ON CONFLICT (name) DO UPDATE SET queue = excluded.queue, provider = excluded.provider,
        min_workers = excluded.min_workers, max_workers = excluded.max_workers, current = excluded.current,
        desired = excluded.desired, updated_at = excluded.updated_at, note = excluded.note, checks = excluded.checks,
-       reporter = excluded.reporter, price_per_hour = excluded.price_per_hour;
+       reporter = excluded.reporter, state = excluded.state, message = excluded.message,
+       state_since = excluded.state_since, price_per_hour = excluded.price_per_hour;
 
 -- name: list_groups
 SELECT * FROM groups ORDER BY name;

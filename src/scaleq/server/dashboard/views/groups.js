@@ -89,6 +89,17 @@ function groupCard(group, events, picked, onHold) {
     ].map(([k, v]) => h("li", { class: `fig-${k}` }, h("span", { class: "v" }, v), h("span", { class: "k" }, k))),
   );
   const stale = Date.now() / 1000 - group.updated_at > 30;
+  // quota / rate_limited: the provider refused more machines or calls (the controller backs off and retries)
+  const STATES = { quota: "Quota exceeded", rate_limited: "Rate-limited", error: "Failing" };
+  const trouble =
+    group.state && group.state !== "ok"
+      ? notice(
+          "error",
+          h("strong", {}, STATES[group.state] || group.state),
+          group.state_since != null ? ` for ${fmt.duration(Date.now() / 1000 - group.state_since)}: ` : ": ",
+          group.message,
+        )
+      : null;
   return h(
     "article",
     { class: "group", "aria-labelledby": `g-${group.name}`, dataset: { group: group.name } },
@@ -106,6 +117,7 @@ function groupCard(group, events, picked, onHold) {
         stale ? " (no controller has reported lately)" : "",
       ),
       figures,
+      trouble,
       // what the controller says of the group now: capped at max_workers, a signal it fell back from, jobs it cannot run
       group.note ? h("p", { class: "group-note", role: "status" }, group.note) : null,
     ),
