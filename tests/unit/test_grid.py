@@ -93,6 +93,7 @@ SCALING_CHANGES = [
     {"lookahead": 120},
     {"demand_halflife": 60},
     {"signal": {"kind": "promql", "url": "http://prom:9090", "query": "sum(q)"}},
+    {"price_per_hour": 0.5},
 ]
 
 
