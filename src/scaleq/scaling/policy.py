@@ -181,7 +181,8 @@ def decide(
 
     horizon_up = now - s.step_period
     starts = tuple((at, n) for at, n in state.recent_starts if at > horizon_up)
-    start, drain, action = 0, (), "no change"
+    start, action = 0, "no change"
+    drain: tuple[str, ...] = ()
     if desired > capacity:
         wanted = start = desired - capacity
         room = max(0, s.max_workers - len(workers))  # every listed machine counts until it is gone
@@ -224,16 +225,16 @@ def decide(
         if drain:
             action = f"draining {len(drain)}: {', '.join(drain)} ({'; '.join(why)})"
         if left:
-            waiting = len(ranked) - len(chosen)
+            not_ripe = len(ranked) - len(chosen)
             held = []
-            if waiting:
+            if not_ripe:
                 longest = max(idle_for(w) for w in ranked[len(chosen) :])
                 held.append(
-                    f"{_n(waiting, 'idle worker')} not idle for {_secs(s.idle_timeout)} yet (longest {_secs(longest)})"
+                    f"{_n(not_ripe, 'idle worker')} not idle for {_secs(s.idle_timeout)} yet (longest {_secs(longest)})"
                 )
-            if left > waiting:
-                extra_starting = min(left - waiting, len(booting))
-                extra_busy = left - waiting - extra_starting
+            if left > not_ripe:
+                extra_starting = min(left - not_ripe, len(booting))
+                extra_busy = left - not_ripe - extra_starting
                 if extra_starting:
                     held.append(f"{extra_starting} still starting")
                 if extra_busy:

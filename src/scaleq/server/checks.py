@@ -164,8 +164,8 @@ def judge(
             live_workers.setdefault(hop_of(w, w.queue), []).append(w)
     running: dict[str, list[tuple[Job, Worker | None]]] = {}
     for j in seen.running:
-        w = by_id.get(j.worker_id or "")
-        running.setdefault(hop_of(w, j.queue), []).append((j, w))
+        holder = by_id.get(j.worker_id or "")
+        running.setdefault(hop_of(holder, j.queue), []).append((j, holder))
     lost: dict[str, list[tuple[Job, Attempt]]] = {}
     for j, a in seen.lost:
         lost.setdefault(hop_of(by_id.get(a.worker_id), j.queue), []).append((j, a))

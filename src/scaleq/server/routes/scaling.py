@@ -168,7 +168,10 @@ async def events(
 ) -> list[EventOut]:
     """Scaling decisions and provider trouble, newest first."""
     return [
-        EventOut(id=e.id, time=e.at, group=e.group, kind=e.kind, from_=e.from_count, to=e.to_count, reason=e.reason)
+        EventOut.model_validate(
+            {"id": e.id, "time": e.at, "group": e.group, "kind": e.kind, "from": e.from_count, "to": e.to_count}
+            | {"reason": e.reason}
+        )
         for e in await ctx.store.list_events(group, after, limit)
     ]
 
