@@ -270,20 +270,24 @@ class SQLStore:
 
         return await self.tx(op)
 
-    def _get_job(self, job_id: str) -> Job:
-        if len(job_id) == 64:
-            row = self._one("get_job", id=job_id)
+    def _by_id(self, kind: str, given: str, exact: str, by_prefix: str) -> Row:
+        """A job's or an array's row by its full id or a unique prefix of at least 6 hex digits."""
+        if len(given) == 64:
+            row = self._one(exact, id=given)
             if row is None:
-                raise NotFound(f"no job {job_id}")
-            return rows.job(row)
-        if len(job_id) < 6 or any(c not in "0123456789abcdef" for c in job_id):
-            raise NotFound(f"no job {job_id} (give the full id or a prefix of at least 6 hex digits)")
-        found = self._all("find_jobs_by_prefix", prefix=job_id)
+                raise NotFound(f"no {kind} {given}")
+            return row
+        if len(given) < 6 or any(c not in "0123456789abcdef" for c in given):
+            raise NotFound(f"no {kind} {given} (give the full id or a prefix of at least 6 hex digits)")
+        found = self._all(by_prefix, prefix=given)
         if not found:
-            raise NotFound(f"no job {job_id}")
+            raise NotFound(f"no {kind} {given}")
         if len(found) > 1:
-            raise AmbiguousId(f"{job_id} matches more than one job; give more of the id")
-        return rows.job(found[0])
+            raise AmbiguousId(f"{given} matches more than one {kind}; give more of the id")
+        return found[0]
+
+    def _get_job(self, job_id: str) -> Job:
+        return rows.job(self._by_id("job", job_id, "get_job", "find_jobs_by_prefix"))
 
     async def get_job(self, job_id: str) -> Job:
         return await self._run(self._get_job, job_id)
@@ -311,19 +315,7 @@ class SQLStore:
     # -- arrays -----------------------------------------------------------------------------------------------
 
     def _find_array(self, array_id: str) -> ArrayRecord:
-        if len(array_id) == 64:
-            row = self._one("get_array", id=array_id)
-            if row is None:
-                raise NotFound(f"no array {array_id}")
-            return rows.array(row)
-        if len(array_id) < 6 or any(c not in "0123456789abcdef" for c in array_id):
-            raise NotFound(f"no array {array_id} (give the full id or a prefix of at least 6 hex digits)")
-        found = self._all("find_arrays_by_prefix", prefix=array_id)
-        if not found:
-            raise NotFound(f"no array {array_id}")
-        if len(found) > 1:
-            raise AmbiguousId(f"{array_id} matches more than one array; give more of the id")
-        return rows.array(found[0])
+        return rows.array(self._by_id("array", array_id, "get_array", "find_arrays_by_prefix"))
 
     def _array_status(self, array: ArrayRecord, counts: list[Row]) -> ArrayStatus:
         by = {"queued": 0, "running": 0}
