@@ -1,4 +1,5 @@
-"""``scaleq``: the command line. Commands live in :mod:`scaleq.cli.jobs` and :mod:`scaleq.cli.grid`."""
+"""``scaleq``: the command line. Commands live in the modules beside this one
+(``jobs``, ``arrays``, ``grid``, ``scale``, ``simulate``, ``doctor``, ``export``), their helpers in ``common``."""
 
 from __future__ import annotations
 

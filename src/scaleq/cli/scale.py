@@ -1,4 +1,4 @@
-"""Commands for worker groups: plan, apply, destroy, groups, events, autoscale, simulate."""
+"""Commands for worker groups: plan, apply, destroy, groups, events, autoscale."""
 
 from __future__ import annotations
 

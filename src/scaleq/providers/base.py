@@ -25,7 +25,8 @@ The skeleton (:class:`ProviderBase`) writes the lifecycle once, over four primit
 - ``close`` releases the provider's API clients; the default has none.
 
 :func:`start_each` starts several workers at once and keeps those that started when others fail. Blocking calls that
-may hang run on daemon threads (:func:`scaleq.loop.in_daemon_thread`, shared with the worker's docker runtime).
+may hang run on daemon threads (:func:`scaleq.loop.in_daemon_thread`; the worker's docker runtime
+uses its sibling ``spawn_daemon``).
 """
 
 from __future__ import annotations

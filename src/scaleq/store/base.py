@@ -1,9 +1,9 @@
 """The store protocol: everything the server persists, behind one async interface.
 
-Implementations (``sqlite``, later ``postgres``) keep their SQL in ``queries/<dialect>.sql`` and must pass the one
-contract suite in ``tests/integration/test_store_contract.py``. The store owns the job state machine — every
-transition is a single conditional statement, so two servers (or a late worker) can never both win one: a finish or a
-renewal presents the attempt's lease token, and a stale token changes nothing.
+Implementations (``sqlite``, ``postgres``) keep their SQL in ``queries/common.sql`` and ``queries/<dialect>.sql``
+and must pass the one contract suite in ``tests/integration/test_store_contract.py``. The store owns the job state
+machine — every transition is a single conditional statement, so two servers (or a late worker) can never both win
+one: a finish or a renewal presents the attempt's lease token, and a stale token changes nothing.
 """
 
 from __future__ import annotations
