@@ -67,6 +67,8 @@ import yaml
 from kmock import action as Action
 from kubernetes.utils import parse_quantity
 
+from tests.standins import kubernetes_rules as rules
+
 T = TypeVar("T")
 
 VERSION = "1.32"
@@ -264,6 +266,7 @@ class StandInApi(kmock.KubernetesEmulator):
         self._started_at: dict[tuple[str, str], float] = {}  # (namespace, pod) → monotonic creation time
         self._kill_at: dict[tuple[str, str], float] = {}  # (namespace, pod) → monotonic SIGKILL time
         self._term_at: dict[tuple[str, str], float] = {}  # (namespace, pod) → monotonic SIGTERM time
+        self.journal = rules.Journal()  # every change, for watches (kubernetes_rules.py)
         for resource in ("pods", "secrets"):
             self.resources[f"v1/{resource}"] = {
                 "kind": _KINDS[resource],
@@ -291,6 +294,12 @@ class StandInApi(kmock.KubernetesEmulator):
             "platform": "linux/amd64",
         }
 
+    async def __call__(self, raw_request: Any) -> aiohttp.web.StreamResponse:
+        try:
+            return await super().__call__(raw_request)
+        finally:
+            self.journal.sync(self)
+
     async def _handle(self, request: Any) -> aiohttp.web.StreamResponse:
         if request.headers.get("Authorization") != f"Bearer {self.token}":
             raise _error(401, "Unauthorized", "Unauthorized")
@@ -309,7 +318,9 @@ class StandInApi(kmock.KubernetesEmulator):
         if res.group != "" or res.version != "v1" or res.plural not in ("pods", "secrets"):
             raise _error(404, "NotFound", f"the stand-in does not model {path} (only namespaces, pods, secrets)")
         resource = res.plural + (f"/{request.subresource}" if request.subresource else "")
-        verb = _VERBS.get(request.action, str(request.action))
+        verb = _VERBS.get(
+            request.action, "update" if str(request.method.value).upper() == "PUT" else str(request.action)
+        )
         ns = request.namespace
         if (verb, resource) in self.denied:
             raise _error(
@@ -324,6 +335,8 @@ class StandInApi(kmock.KubernetesEmulator):
             return self._pod_log(request)
         if request.subresource:
             raise _error(404, "NotFound", f"the stand-in does not serve {resource}")
+        if request.action == Action.WATCH or (str(request.method.value).upper() == "PUT" and request.name):
+            return await self._watch_or_replace(request, res.plural, ns)
         if request.action == Action.LIST:
             return self._list(res.plural, ns, request.params)
         if request.action == Action.CREATE:
@@ -368,7 +381,7 @@ class StandInApi(kmock.KubernetesEmulator):
         if problems:
             message = f'{kind} "{name}" is invalid: ' + "; ".join(problems)
             self.rejected.append(message)
-            raise _error(422, "Invalid", message, kind=kind, name=name)
+            raise _error(422, "Invalid", message, kind=kind, name=name, causes=rules.causes(problems))
         if namespace is not None and meta.get("namespace") not in (None, namespace):
             message = "the namespace of the provided object does not match the namespace sent on the request"
             self.rejected.append(message)
@@ -448,14 +461,8 @@ class StandInApi(kmock.KubernetesEmulator):
     def _list(self, plural: str, ns: str, params: dict[str, str]) -> aiohttp.web.StreamResponse:
         if params.get("continue"):
             raise _error(400, "BadRequest", "the stand-in does not page lists (continue)")
-        if params.get("fieldSelector"):
-            raise _error(400, "BadRequest", "the stand-in does not read field selectors")
-        match = parse_selector(params.get("labelSelector", ""))
-        items = [
-            obj.raw
-            for key, obj in sorted(self._live(plural, ns), key=lambda kv: kv[0][2])
-            if match((obj.raw.get("metadata") or {}).get("labels") or {})
-        ]
+        match = self._selection(plural, params)
+        items = [obj.raw for key, obj in sorted(self._live(plural, ns), key=lambda kv: kv[0][2]) if match(obj.raw)]
         limit = int(params.get("limit") or 0)
         if limit > 0:
             items = items[:limit]
@@ -492,6 +499,7 @@ class StandInApi(kmock.KubernetesEmulator):
         current = self._get(plural, ns, name)
         if not isinstance(body, dict):
             raise _error(415, "UnsupportedMediaType", "the stand-in merges JSON object patches only")
+        rules.check_resource_version(plural, current.raw, body)
         merged = merge_patch(copy.deepcopy(current.raw), body)
         self.validate(merged, ns)
         merged["metadata"]["resourceVersion"] = self._next_rv()
@@ -502,6 +510,7 @@ class StandInApi(kmock.KubernetesEmulator):
         obj = self._get(plural, ns, name)
         raw = copy.deepcopy(obj.raw)
         options = body if isinstance(body, dict) else {}
+        self._check_delete_options(params, options)
         uid = (options.get("preconditions") or {}).get("uid")
         if uid and uid != raw["metadata"]["uid"]:
             raise _error(
@@ -539,6 +548,42 @@ class StandInApi(kmock.KubernetesEmulator):
             }
         )
         return aiohttp.web.json_response(obj.raw)
+
+    def _check_delete_options(self, params: dict[str, str], options: dict[str, Any]) -> None:
+        """DeleteOptions as the API server validates them: an unknown propagationPolicy is 422."""
+        policy = params.get("propagationPolicy", options.get("propagationPolicy"))
+        if policy is not None and policy not in ("Foreground", "Background", "Orphan"):
+            problem = (
+                f'propagationPolicy: Unsupported value: "{policy}": supported values: "Foreground", "Background", '
+                '"Orphan"'
+            )
+            raise _error(
+                422,
+                "Invalid",
+                f'DeleteOptions.meta.k8s.io "" is invalid: {problem}',
+                kind="DeleteOptions",
+                name="",
+                causes=rules.causes([problem]),
+            )
+
+    def _selection(self, plural: str, params: dict[str, str]) -> Callable[[dict[str, Any]], bool]:
+        """The objects a list or watch selects: its label selector and its field selector (both 400 if unreadable)."""
+        labels = parse_selector(params.get("labelSelector", ""))
+        fields = rules.parse_field_selector(plural, params.get("fieldSelector", ""))
+        return lambda obj: labels((obj.get("metadata") or {}).get("labels") or {}) and fields(obj)
+
+    async def _watch_or_replace(self, request: Any, plural: str, ns: str) -> aiohttp.web.StreamResponse:
+        """A watch of a collection (``?watch=true``), or an update (PUT) of one object."""
+        if request.action == Action.WATCH:
+            if request.name:
+                raise _error(405, "MethodNotAllowed", "the stand-in watches collections only (use a fieldSelector)")
+            return await rules.serve_watch(self, request, plural, self._selection(plural, request.params))
+        current = self._get(plural, ns, request.name)
+        new = rules.replace(plural, current.raw, request.data)
+        self.validate(new, ns)
+        new["metadata"]["resourceVersion"] = self._next_rv()
+        current.history.append(new)
+        return aiohttp.web.json_response(new)
 
     def _remove_pod(self, ns: str, name: str) -> None:
         self.objects[self._key("pods", ns, name)].delete()
@@ -745,7 +790,10 @@ class KubernetesStandIn:
         api = self.api
 
         async def run() -> T:
-            return fn(api)
+            try:
+                return fn(api)
+            finally:
+                api.journal.sync(api)
 
         return asyncio.run_coroutine_threadsafe(run(), self._loop).result(15)
 
@@ -790,6 +838,10 @@ class KubernetesStandIn:
                 api.quotas[resource] = quota
 
         self.call(change)
+
+    def compact(self) -> None:
+        """Compact the history, as etcd does: a watch from any version seen so far is now told 410 Expired."""
+        self.call(lambda api: api.journal.compact())
 
     # -- what a kubelet would do -----------------------------------------------------------------------------------
 
