@@ -30,16 +30,20 @@ validates nothing. Here:
   (``SIGKILL``: it goes) — or, with ``exit_on_sigterm`` set, its worker drains and exits that many seconds after
   the SIGTERM, as an idle worker does. Grace 0, or a pod that is not running (``Pending`` or finished), goes at
   once. A second delete may shorten the grace. ``preconditions.uid`` is honoured (409 on mismatch);
-- **label selectors** on list (``=``, ``==``, ``!=``, ``in``, ``notin``, ``key``, ``!key``) and ``limit``.
+- **label selectors** on list (``=``, ``==``, ``!=``, ``in``, ``notin``, ``key``, ``!key``) and ``limit``;
+- **what ``kubernetes_rules.py`` adds**, as the real server does it: resourceVersion conflicts (409 ``Conflict`` for a
+  PATCH or PUT carrying a stale version; every write bumps it), PUT (replace), field selectors on the documented
+  fields (400 for others), watches from a resourceVersion with 410 ``Expired`` once history is compacted
+  (:meth:`KubernetesStandIn.compact`), ``details.causes`` naming the field in every 422, and DeleteOptions'
+  ``propagationPolicy`` checked. ``tests/unit/test_kmock.py`` pins each against the documentation.
 
-What it does not model: watches of the modified pods (kmock's watch stream sees creations only; the provider does not
-watch), scheduling (resources and node capacity are never checked: every pod fits), image pulls (apart from
-:meth:`unpullable`), container restarts, probes, evictions and node loss, ``Unknown`` phase, admission webhooks and
+What it does not model: scheduling (resources and node capacity are never checked: every pod fits), image pulls (apart
+from :meth:`unpullable`), container restarts, probes, evictions and node loss, ``Unknown`` phase, admission webhooks and
 quotas (apart from :meth:`exceed_quota`: creating a resource answers 403 ``exceeded quota``), defaulting of fields
-beyond the server-set ones above, strategic-merge-patch list semantics (patches merge as JSON merge patches — enough
-for the labels and data the provider patches), ``continue`` tokens, field selectors,
-``deletecollection``, Deployments/ReplicaSets (no controllers run), and any resource other than namespaces, pods,
-pods/log, secrets and selfsubjectaccessreviews (answered 404, so a provider that starts using one is caught).
+beyond the server-set ones above, strategic-merge-patch list semantics (patches merge as JSON merge patches — enough for
+the labels and data the provider patches), ``continue`` tokens, watch bookmarks, ``deletecollection``,
+Deployments/ReplicaSets (no controllers run), and any resource other than namespaces, pods, pods/log, secrets and
+selfsubjectaccessreviews (answered 404, so a provider that starts using one is caught).
 """
 
 from __future__ import annotations
