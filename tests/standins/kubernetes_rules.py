@@ -66,7 +66,12 @@ _CAUSE_REASONS = {
     "Duplicate value": "FieldValueDuplicate",
     "Invalid value": "FieldValueInvalid",
     "Too long": "FieldValueTooLong",
+    "Forbidden": "FieldValueForbidden",
 }
+#: What an update may change in a pod's spec (the API server's ValidatePodUpdate).
+_POD_MUTABLE = (
+    "`spec.containers[*].image`,`spec.initContainers[*].image`,`spec.activeDeadlineSeconds`,`spec.tolerations`"
+)
 
 
 def status_error(status: int, reason: str, message: str, **details: Any) -> kmock.KubernetesError:
@@ -111,6 +116,29 @@ def replace(plural: str, current: dict[str, Any], body: Any) -> dict[str, Any]:
     new.setdefault("apiVersion", current.get("apiVersion", "v1"))
     new.setdefault("kind", current.get("kind"))
     return new
+
+
+def check_update(plural: str, old: dict[str, Any], new: dict[str, Any]) -> None:
+    """A pod's spec is immutable but for a few fields: an update touching any other is 422, as the server's
+    ``ValidatePodUpdate`` refuses it (labels, annotations and the mutable fields may change)."""
+    if plural != "pods":
+        return
+
+    def fixed(spec: dict[str, Any]) -> dict[str, Any]:
+        spec = copy.deepcopy(spec)
+        for key in ("activeDeadlineSeconds", "tolerations", "terminationGracePeriodSeconds"):
+            spec.pop(key, None)
+        for key in ("containers", "initContainers"):
+            for container in spec.get(key) or []:
+                container.pop("image", None)
+        return spec
+
+    if fixed(old.get("spec") or {}) != fixed(new.get("spec") or {}):
+        problem = f"spec: Forbidden: pod updates may not change fields other than {_POD_MUTABLE}"
+        name = (old.get("metadata") or {}).get("name", "")
+        raise status_error(
+            422, "Invalid", f'Pod "{name}" is invalid: {problem}', kind="Pod", name=name, causes=causes([problem])
+        )
 
 
 # -- field selectors --------------------------------------------------------------------------------------------------
@@ -301,8 +329,8 @@ async def serve_watch(api: Any, request: Any, plural: str, match: Callable[[dict
                 seen = for_watch(event, match)
                 if seen is not None:
                     await send(seen)
-            if loop.time() >= deadline:
-                break
+            if loop.time() >= deadline or request._raw_request.transport is None:
+                break  # the timeout, or the client went away
             await asyncio.sleep(min(0.02, max(0.0, deadline - loop.time())))
             api.kubelet()
             api.journal.sync(api)

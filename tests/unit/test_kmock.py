@@ -276,6 +276,22 @@ def test_an_invalid_object_is_422_naming_the_field(core: Any, body: dict[str, An
     assert all(cause["reason"].startswith("FieldValue") for cause in status["details"]["causes"])
 
 
+def test_a_pod_spec_is_immutable_but_for_its_images(core: Any) -> None:
+    core.create_namespaced_pod(NS, pod("p"))
+    with pytest.raises(k8s.ApiException) as err:
+        core.patch_namespaced_pod("p", NS, {"spec": {"restartPolicy": "Never"}})
+    status = status_of(err.value)
+    assert (err.value.status, status["details"]["causes"][0]) == (
+        422,
+        {"reason": "FieldValueForbidden", "field": "spec", "message": status["details"]["causes"][0]["message"]},
+    )
+    current = core.read_namespaced_pod("p", NS)
+    current.metadata.labels = {"changed": "yes"}
+    current.spec.containers[0].image = "busybox:2"
+    replaced = core.replace_namespaced_pod("p", NS, current)
+    assert (replaced.metadata.labels, replaced.spec.containers[0].image) == ({"changed": "yes"}, "busybox:2")
+
+
 # -- deletion [delete] ------------------------------------------------------------------------------------------------
 
 
