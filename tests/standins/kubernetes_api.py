@@ -41,7 +41,7 @@ What it does not model: scheduling (resources and node capacity are never checke
 from :meth:`unpullable`), container restarts, probes, evictions and node loss, ``Unknown`` phase, admission webhooks and
 quotas (apart from :meth:`exceed_quota`: creating a resource answers 403 ``exceeded quota``), defaulting of fields
 beyond the server-set ones above, strategic-merge-patch list semantics (patches merge as JSON merge patches — enough for
-the labels and data the provider patches), ``continue`` tokens, watch bookmarks, ``deletecollection``,
+the labels and data the provider patches), watch bookmarks, ``deletecollection``,
 Deployments/ReplicaSets (no controllers run), and any resource other than namespaces, pods, pods/log, secrets and
 selfsubjectaccessreviews (answered 404, so a provider that starts using one is caught).
 """
@@ -267,6 +267,7 @@ class StandInApi(kmock.KubernetesEmulator):
         self.rejected: list[str] = []
         self.signals: list[tuple[str, str, str]] = []  # (signal, namespace, pod)
         self._rv = itertools.count(1)
+        self.last_rv = 0  # the latest resourceVersion given: what a list reads at
         self._started_at: dict[tuple[str, str], float] = {}  # (namespace, pod) → monotonic creation time
         self._kill_at: dict[tuple[str, str], float] = {}  # (namespace, pod) → monotonic SIGKILL time
         self._term_at: dict[tuple[str, str], float] = {}  # (namespace, pod) → monotonic SIGTERM time
@@ -443,7 +444,8 @@ class StandInApi(kmock.KubernetesEmulator):
     # -- objects ---------------------------------------------------------------------------------------------------
 
     def _next_rv(self) -> str:
-        return str(next(self._rv))
+        self.last_rv = next(self._rv)
+        return str(self.last_rv)
 
     def _key(self, plural: str, ns: str, name: str) -> tuple[Any, str, str]:
         return (kmock.resource("", "v1", plural), ns, name)
@@ -463,17 +465,12 @@ class StandInApi(kmock.KubernetesEmulator):
         return self.objects[key]
 
     def _list(self, plural: str, ns: str, params: dict[str, str]) -> aiohttp.web.StreamResponse:
-        if params.get("continue"):
-            raise _error(400, "BadRequest", "the stand-in does not page lists (continue)")
         match = self._selection(plural, params)
         items = [obj.raw for key, obj in sorted(self._live(plural, ns), key=lambda kv: kv[0][2]) if match(obj.raw)]
-        limit = int(params.get("limit") or 0)
-        if limit > 0:
-            items = items[:limit]
+        self.journal.sync(self)  # a list reads at the latest version, and moves none
+        items, meta = rules.page(items, params, self.last_rv, self.journal.compacted)
         kind = _KINDS[plural] + "List"
-        return aiohttp.web.json_response(
-            {"apiVersion": "v1", "kind": kind, "metadata": {"resourceVersion": self._next_rv()}, "items": items}
-        )
+        return aiohttp.web.json_response({"apiVersion": "v1", "kind": kind, "metadata": meta, "items": items})
 
     def _create(self, plural: str, ns: str, body: Any) -> aiohttp.web.StreamResponse:
         if not isinstance(body, dict):
@@ -516,6 +513,7 @@ class StandInApi(kmock.KubernetesEmulator):
         raw = copy.deepcopy(obj.raw)
         options = body if isinstance(body, dict) else {}
         self._check_delete_options(params, options)
+        rules.check_delete_preconditions(plural, raw, options)
         uid = (options.get("preconditions") or {}).get("uid")
         if uid and uid != raw["metadata"]["uid"]:
             raise _error(

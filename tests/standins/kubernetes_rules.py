@@ -18,6 +18,10 @@ the API conventions and the API reference document it, so that ``tests/unit/test
   DELETED (ADDED) for that watch. History is finite (etcd compacts it; here :meth:`Journal.compact` or the
   ``window``): a watch from a version older than the history answers HTTP 200 with one ``ERROR`` event whose object
   is a ``Status`` with code 410, reason ``Expired``, "too old resource version: N (M)" — the client must relist;
+- **lists** ("Retrieving large results sets in chunks"): read at the latest version without moving it; ``limit``
+  and ``continue`` page them, a token older than the history is 410 ``Expired``;
+- **deletes and pod updates**: ``preconditions.resourceVersion`` (409 on a mismatch), ``propagationPolicy`` one of
+  Foreground, Background, Orphan (422); a pod's spec changes only in the fields ``ValidatePodUpdate`` allows (422);
 - **422 ``Invalid``** carries ``details.causes``: one ``{reason, message, field}`` per problem, the field path named
   (``metadata.name``, ``spec.containers[0].image``, …), as the API server's field errors do.
 
@@ -29,6 +33,8 @@ test helper), not from each write site: a write that forgot to bump ``resourceVe
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import copy
 import json
 import re
@@ -139,6 +145,57 @@ def check_update(plural: str, old: dict[str, Any], new: dict[str, Any]) -> None:
         raise status_error(
             422, "Invalid", f'Pod "{name}" is invalid: {problem}', kind="Pod", name=name, causes=causes([problem])
         )
+
+
+def check_delete_preconditions(plural: str, current: dict[str, Any], options: dict[str, Any]) -> None:
+    """``DeleteOptions.preconditions.resourceVersion``: deleting a version other than the stored one is 409."""
+    wanted = (options.get("preconditions") or {}).get("resourceVersion")
+    stored = (current.get("metadata") or {}).get("resourceVersion")
+    if wanted and str(wanted) != str(stored):
+        raise status_error(
+            409,
+            "Conflict",
+            f"Precondition failed: ResourceVersion in precondition: {wanted}, ResourceVersion in object meta: {stored}",
+            name=(current.get("metadata") or {}).get("name", ""),
+            kind=plural,
+        )
+
+
+# -- paging -----------------------------------------------------------------------------------------------------------
+
+
+def page(items: list[dict[str, Any]], params: dict[str, str], rv: int, oldest: int) -> tuple[list[Any], dict[str, Any]]:
+    """``limit`` and ``continue`` as the API server pages a list ("Retrieving large results sets in chunks"): a
+    limited list says ``metadata.continue`` and ``remainingItemCount`` while items remain; a token names where the
+    next chunk starts and the version the list was read at, and one older than the kept history is 410 Expired.
+    ``items`` come sorted by name; returns the chunk and the list's metadata."""
+    token = params.get("continue")
+    if token:
+        try:
+            state = json.loads(base64.urlsafe_b64decode(token.encode()))
+            start, rv = str(state["start"]), int(state["rv"])
+        except (binascii.Error, ValueError, KeyError, TypeError):
+            raise status_error(400, "BadRequest", "continue key is not valid: could not decode it") from None
+        if rv < oldest:
+            raise status_error(
+                410,
+                "Expired",
+                "The provided continue parameter is too old to display a consistent list result. You can start a new "
+                "list without the continue parameter.",
+            )
+        items = [i for i in items if i["metadata"]["name"] > start]
+    meta: dict[str, Any] = {"resourceVersion": str(rv)}
+    try:
+        limit = int(params.get("limit") or 0)
+    except ValueError:
+        raise status_error(400, "BadRequest", f"limit: Invalid value: {params.get('limit')!r}") from None
+    if 0 < limit < len(items):
+        chunk = items[:limit]
+        state = {"start": chunk[-1]["metadata"]["name"], "rv": rv}
+        meta["continue"] = base64.urlsafe_b64encode(json.dumps(state).encode()).decode()
+        meta["remainingItemCount"] = len(items) - limit
+        return chunk, meta
+    return items, meta
 
 
 # -- field selectors --------------------------------------------------------------------------------------------------

@@ -9,6 +9,8 @@ documentation it follows.
 - [fields]: "Field Selectors", the supported fields per kind (400 for any other).
 - [watch]: "Kubernetes API Concepts", "Efficient detection of changes" and "Resource versions" (watch from a
   resourceVersion; 410 Gone as an ERROR event once that version is compacted away; ``timeoutSeconds``).
+- [chunks]: "Kubernetes API Concepts", "Retrieving large results sets in chunks" (``limit``, ``continue``,
+  ``remainingItemCount``; 410 once the token's version is compacted away).
 - [delete]: "Pod Lifecycle", "Termination of Pods" (deletionTimestamp while terminating), and the DeleteOptions
   reference (``propagationPolicy`` one of Foreground, Background, Orphan).
 """
@@ -314,3 +316,44 @@ def test_delete_options(core: Any, standin: KubernetesStandIn) -> None:
     with pytest.raises(k8s.ApiException) as gone:
         core.read_namespaced_pod("p", NS)
     assert gone.value.status == 404
+
+
+def test_delete_with_a_stale_resource_version_precondition_is_409(core: Any) -> None:
+    first = core.create_namespaced_secret(NS, secret("s")).metadata.resource_version
+    core.patch_namespaced_secret("s", NS, {"metadata": {"labels": {"a": "b"}}})
+    stale = k8s.V1DeleteOptions(preconditions=k8s.V1Preconditions(resource_version=first))
+    with pytest.raises(k8s.ApiException) as err:
+        core.delete_namespaced_secret("s", NS, body=stale)
+    assert (err.value.status, status_of(err.value)["reason"]) == (409, "Conflict")
+    current = core.read_namespaced_secret("s", NS).metadata.resource_version
+    core.delete_namespaced_secret("s", NS, body=k8s.V1DeleteOptions(preconditions={"resourceVersion": current}))
+    assert core.list_namespaced_secret(NS).items == []
+
+
+# -- lists [chunks] ---------------------------------------------------------------------------------------------------
+
+
+def test_a_read_moves_no_resource_version(core: Any) -> None:
+    core.create_namespaced_secret(NS, secret("s"))
+    first = core.list_namespaced_secret(NS).metadata.resource_version
+    assert core.list_namespaced_secret(NS).metadata.resource_version == first
+    assert core.read_namespaced_secret("s", NS).metadata.resource_version == first  # the last write's version
+
+
+def test_limit_and_continue_page_a_list(core: Any, standin: KubernetesStandIn) -> None:
+    for name in ("a", "b", "c", "d", "e"):
+        core.create_namespaced_secret(NS, secret(name, labels={"x": "y"} if name != "c" else {}))
+    first = core.list_namespaced_secret(NS, label_selector="x=y", limit=2)
+    assert [s.metadata.name for s in first.items] == ["a", "b"]
+    assert first.metadata.remaining_item_count == 2 and first.metadata._continue
+    rest = core.list_namespaced_secret(NS, label_selector="x=y", limit=2, _continue=first.metadata._continue)
+    assert [s.metadata.name for s in rest.items] == ["d", "e"]
+    assert rest.metadata._continue is None and rest.metadata.resource_version == first.metadata.resource_version
+    core.create_namespaced_secret(NS, secret("f"))
+    standin.compact()  # history up to "f" is gone: the list's version can no longer be read at
+    with pytest.raises(k8s.ApiException) as err:
+        core.list_namespaced_secret(NS, limit=2, _continue=first.metadata._continue)
+    assert (err.value.status, status_of(err.value)["reason"]) == (410, "Expired")
+    with pytest.raises(k8s.ApiException) as bad:
+        core.list_namespaced_secret(NS, _continue="not-a-token")
+    assert bad.value.status == 400
