@@ -272,6 +272,7 @@ class StandInApi(kmock.KubernetesEmulator):
         self._kill_at: dict[tuple[str, str], float] = {}  # (namespace, pod) → monotonic SIGKILL time
         self._term_at: dict[tuple[str, str], float] = {}  # (namespace, pod) → monotonic SIGTERM time
         self.journal = rules.Journal()  # every change, for watches (kubernetes_rules.py)
+        self.closing = False
         for resource in ("pods", "secrets"):
             self.resources[f"v1/{resource}"] = {
                 "kind": _KINDS[resource],
@@ -787,6 +788,7 @@ class KubernetesStandIn:
             self._stop = asyncio.Event()
             self._ready.set()
             await self._stop.wait()
+            self.api.closing = True  # open watches end, so the server can stop
 
     def call(self, fn: Callable[[StandInApi], T]) -> T:
         """Run ``fn(api)`` on the stand-in's loop and return its result."""

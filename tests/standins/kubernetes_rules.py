@@ -386,8 +386,8 @@ async def serve_watch(api: Any, request: Any, plural: str, match: Callable[[dict
                 seen = for_watch(event, match)
                 if seen is not None:
                     await send(seen)
-            if loop.time() >= deadline or request._raw_request.transport is None:
-                break  # the timeout, or the client went away
+            if loop.time() >= deadline or request._raw_request.transport is None or api.closing:
+                break  # the timeout, the client went away, or the stand-in is stopping
             await asyncio.sleep(min(0.02, max(0.0, deadline - loop.time())))
             api.kubelet()
             api.journal.sync(api)
