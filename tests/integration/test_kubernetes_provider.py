@@ -167,6 +167,69 @@ async def test_the_token_secret_follows_a_new_token(standin: KubernetesStandIn, 
     assert standin.rejected == []
 
 
+async def test_a_secret_changed_between_read_and_update_is_read_again_not_overwritten(
+    standin: KubernetesStandIn, kubeconfig: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another writer changes the Secret after the provider read it: its update, carrying the version it read, is a
+    409 Conflict (as the real API server answers it), and the provider decides again on a fresh read."""
+    g = group(kubeconfig)
+    async with provider(g, token="first") as p:
+        await p.start(g, 1)
+    other = api(kubeconfig)
+    name = token_secret_name("t")
+    real_read, real_patch = k8s.CoreV1Api.read_namespaced_secret, k8s.CoreV1Api.patch_namespaced_secret
+    reads: list[str] = []
+    answers: list[int] = []
+
+    def read(self: k8s.CoreV1Api, *args: object, **kw: object) -> object:
+        found = real_read(self, *args, **kw)
+        reads.append(found.metadata.resource_version)
+        if len(reads) == 1:  # the other writer gets in between the provider's read and its update
+            real_patch(other, name, NS, {"metadata": {"annotations": {"touched-by": "someone-else"}}})
+        return found
+
+    def patch(self: k8s.CoreV1Api, *args: object, **kw: object) -> object:
+        try:
+            result = real_patch(self, *args, **kw)
+        except k8s.ApiException as exc:
+            answers.append(exc.status)
+            raise
+        answers.append(200)
+        return result
+
+    monkeypatch.setattr(k8s.CoreV1Api, "read_namespaced_secret", read)
+    monkeypatch.setattr(k8s.CoreV1Api, "patch_namespaced_secret", patch)
+    async with provider(g, token="second") as p:
+        await p.start(g, 1)
+    assert answers == [409, 200] and len(reads) == 2 and reads[1] != reads[0]
+    secret = standin.secret(NS, name)
+    assert secret is not None and base64.b64decode(secret["data"]["token"]) == b"second"
+    assert secret["metadata"]["annotations"] == {"touched-by": "someone-else"}  # the other write was not lost
+
+
+async def test_a_second_conflict_is_an_error_not_a_loop(
+    standin: KubernetesStandIn, kubeconfig: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    g = group(kubeconfig)
+    async with provider(g, token="first") as p:
+        await p.start(g, 1)
+    other = api(kubeconfig)
+    real_read, real_patch = k8s.CoreV1Api.read_namespaced_secret, k8s.CoreV1Api.patch_namespaced_secret
+    reads: list[int] = []
+
+    def read(self: k8s.CoreV1Api, *args: object, **kw: object) -> object:
+        found = real_read(self, *args, **kw)
+        reads.append(1)
+        real_patch(other, token_secret_name("t"), NS, {"metadata": {"annotations": {"n": str(len(reads))}}})
+        return found
+
+    monkeypatch.setattr(k8s.CoreV1Api, "read_namespaced_secret", read)
+    async with provider(g, token="second") as p:
+        with pytest.raises(ProviderError, match="409"):
+            await p.start(g, 1)
+    assert len(reads) == 2
+
+
 async def test_the_stand_in_refuses_invalid_objects_as_the_api_server_does(
     standin: KubernetesStandIn, kubeconfig: Path
 ) -> None:

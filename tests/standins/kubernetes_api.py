@@ -30,16 +30,20 @@ validates nothing. Here:
   (``SIGKILL``: it goes) — or, with ``exit_on_sigterm`` set, its worker drains and exits that many seconds after
   the SIGTERM, as an idle worker does. Grace 0, or a pod that is not running (``Pending`` or finished), goes at
   once. A second delete may shorten the grace. ``preconditions.uid`` is honoured (409 on mismatch);
-- **label selectors** on list (``=``, ``==``, ``!=``, ``in``, ``notin``, ``key``, ``!key``) and ``limit``.
+- **label selectors** on list (``=``, ``==``, ``!=``, ``in``, ``notin``, ``key``, ``!key``) and ``limit``;
+- **what ``kubernetes_rules.py`` adds**, as the real server does it: resourceVersion conflicts (409 ``Conflict`` for a
+  PATCH or PUT carrying a stale version; every write bumps it), PUT (replace), field selectors on the documented
+  fields (400 for others), watches from a resourceVersion with 410 ``Expired`` once history is compacted
+  (:meth:`KubernetesStandIn.compact`), ``details.causes`` naming the field in every 422, and DeleteOptions'
+  ``propagationPolicy`` checked. ``tests/unit/test_kmock.py`` pins each against the documentation.
 
-What it does not model: watches of the modified pods (kmock's watch stream sees creations only; the provider does not
-watch), scheduling (resources and node capacity are never checked: every pod fits), image pulls (apart from
-:meth:`unpullable`), container restarts, probes, evictions and node loss, ``Unknown`` phase, admission webhooks and
+What it does not model: scheduling (resources and node capacity are never checked: every pod fits), image pulls (apart
+from :meth:`unpullable`), container restarts, probes, evictions and node loss, ``Unknown`` phase, admission webhooks and
 quotas (apart from :meth:`exceed_quota`: creating a resource answers 403 ``exceeded quota``), defaulting of fields
-beyond the server-set ones above, strategic-merge-patch list semantics (patches merge as JSON merge patches — enough
-for the labels and data the provider patches), ``continue`` tokens, field selectors,
-``deletecollection``, Deployments/ReplicaSets (no controllers run), and any resource other than namespaces, pods,
-pods/log, secrets and selfsubjectaccessreviews (answered 404, so a provider that starts using one is caught).
+beyond the server-set ones above, strategic-merge-patch list semantics (patches merge as JSON merge patches — enough for
+the labels and data the provider patches), watch bookmarks, ``deletecollection``,
+Deployments/ReplicaSets (no controllers run), and any resource other than namespaces, pods, pods/log, secrets and
+selfsubjectaccessreviews (answered 404, so a provider that starts using one is caught).
 """
 
 from __future__ import annotations
@@ -66,6 +70,8 @@ import kubernetes_validate
 import yaml
 from kmock import action as Action
 from kubernetes.utils import parse_quantity
+
+from tests.standins import kubernetes_rules as rules
 
 T = TypeVar("T")
 
@@ -261,9 +267,12 @@ class StandInApi(kmock.KubernetesEmulator):
         self.rejected: list[str] = []
         self.signals: list[tuple[str, str, str]] = []  # (signal, namespace, pod)
         self._rv = itertools.count(1)
+        self.last_rv = 0  # the latest resourceVersion given: what a list reads at
         self._started_at: dict[tuple[str, str], float] = {}  # (namespace, pod) → monotonic creation time
         self._kill_at: dict[tuple[str, str], float] = {}  # (namespace, pod) → monotonic SIGKILL time
         self._term_at: dict[tuple[str, str], float] = {}  # (namespace, pod) → monotonic SIGTERM time
+        self.journal = rules.Journal()  # every change, for watches (kubernetes_rules.py)
+        self.closing = False
         for resource in ("pods", "secrets"):
             self.resources[f"v1/{resource}"] = {
                 "kind": _KINDS[resource],
@@ -291,6 +300,12 @@ class StandInApi(kmock.KubernetesEmulator):
             "platform": "linux/amd64",
         }
 
+    async def __call__(self, raw_request: Any) -> aiohttp.web.StreamResponse:
+        try:
+            return await super().__call__(raw_request)
+        finally:
+            self.journal.sync(self)
+
     async def _handle(self, request: Any) -> aiohttp.web.StreamResponse:
         if request.headers.get("Authorization") != f"Bearer {self.token}":
             raise _error(401, "Unauthorized", "Unauthorized")
@@ -309,7 +324,9 @@ class StandInApi(kmock.KubernetesEmulator):
         if res.group != "" or res.version != "v1" or res.plural not in ("pods", "secrets"):
             raise _error(404, "NotFound", f"the stand-in does not model {path} (only namespaces, pods, secrets)")
         resource = res.plural + (f"/{request.subresource}" if request.subresource else "")
-        verb = _VERBS.get(request.action, str(request.action))
+        verb = _VERBS.get(
+            request.action, "update" if str(request.method.value).upper() == "PUT" else str(request.action)
+        )
         ns = request.namespace
         if (verb, resource) in self.denied:
             raise _error(
@@ -324,6 +341,8 @@ class StandInApi(kmock.KubernetesEmulator):
             return self._pod_log(request)
         if request.subresource:
             raise _error(404, "NotFound", f"the stand-in does not serve {resource}")
+        if request.action == Action.WATCH or (str(request.method.value).upper() == "PUT" and request.name):
+            return await self._watch_or_replace(request, res.plural, ns)
         if request.action == Action.LIST:
             return self._list(res.plural, ns, request.params)
         if request.action == Action.CREATE:
@@ -368,7 +387,7 @@ class StandInApi(kmock.KubernetesEmulator):
         if problems:
             message = f'{kind} "{name}" is invalid: ' + "; ".join(problems)
             self.rejected.append(message)
-            raise _error(422, "Invalid", message, kind=kind, name=name)
+            raise _error(422, "Invalid", message, kind=kind, name=name, causes=rules.causes(problems))
         if namespace is not None and meta.get("namespace") not in (None, namespace):
             message = "the namespace of the provided object does not match the namespace sent on the request"
             self.rejected.append(message)
@@ -426,7 +445,8 @@ class StandInApi(kmock.KubernetesEmulator):
     # -- objects ---------------------------------------------------------------------------------------------------
 
     def _next_rv(self) -> str:
-        return str(next(self._rv))
+        self.last_rv = next(self._rv)
+        return str(self.last_rv)
 
     def _key(self, plural: str, ns: str, name: str) -> tuple[Any, str, str]:
         return (kmock.resource("", "v1", plural), ns, name)
@@ -446,23 +466,12 @@ class StandInApi(kmock.KubernetesEmulator):
         return self.objects[key]
 
     def _list(self, plural: str, ns: str, params: dict[str, str]) -> aiohttp.web.StreamResponse:
-        if params.get("continue"):
-            raise _error(400, "BadRequest", "the stand-in does not page lists (continue)")
-        if params.get("fieldSelector"):
-            raise _error(400, "BadRequest", "the stand-in does not read field selectors")
-        match = parse_selector(params.get("labelSelector", ""))
-        items = [
-            obj.raw
-            for key, obj in sorted(self._live(plural, ns), key=lambda kv: kv[0][2])
-            if match((obj.raw.get("metadata") or {}).get("labels") or {})
-        ]
-        limit = int(params.get("limit") or 0)
-        if limit > 0:
-            items = items[:limit]
+        match = self._selection(plural, params)
+        items = [obj.raw for key, obj in sorted(self._live(plural, ns), key=lambda kv: kv[0][2]) if match(obj.raw)]
+        self.journal.sync(self)  # a list reads at the latest version, and moves none
+        items, meta = rules.page(items, params, self.last_rv, self.journal.compacted)
         kind = _KINDS[plural] + "List"
-        return aiohttp.web.json_response(
-            {"apiVersion": "v1", "kind": kind, "metadata": {"resourceVersion": self._next_rv()}, "items": items}
-        )
+        return aiohttp.web.json_response({"apiVersion": "v1", "kind": kind, "metadata": meta, "items": items})
 
     def _create(self, plural: str, ns: str, body: Any) -> aiohttp.web.StreamResponse:
         if not isinstance(body, dict):
@@ -492,7 +501,9 @@ class StandInApi(kmock.KubernetesEmulator):
         current = self._get(plural, ns, name)
         if not isinstance(body, dict):
             raise _error(415, "UnsupportedMediaType", "the stand-in merges JSON object patches only")
+        rules.check_resource_version(plural, current.raw, body)
         merged = merge_patch(copy.deepcopy(current.raw), body)
+        rules.check_update(plural, current.raw, merged)
         self.validate(merged, ns)
         merged["metadata"]["resourceVersion"] = self._next_rv()
         current.history.append(merged)
@@ -502,6 +513,8 @@ class StandInApi(kmock.KubernetesEmulator):
         obj = self._get(plural, ns, name)
         raw = copy.deepcopy(obj.raw)
         options = body if isinstance(body, dict) else {}
+        self._check_delete_options(params, options)
+        rules.check_delete_preconditions(plural, raw, options)
         uid = (options.get("preconditions") or {}).get("uid")
         if uid and uid != raw["metadata"]["uid"]:
             raise _error(
@@ -539,6 +552,43 @@ class StandInApi(kmock.KubernetesEmulator):
             }
         )
         return aiohttp.web.json_response(obj.raw)
+
+    def _check_delete_options(self, params: dict[str, str], options: dict[str, Any]) -> None:
+        """DeleteOptions as the API server validates them: an unknown propagationPolicy is 422."""
+        policy = params.get("propagationPolicy", options.get("propagationPolicy"))
+        if policy is not None and policy not in ("Foreground", "Background", "Orphan"):
+            problem = (
+                f'propagationPolicy: Unsupported value: "{policy}": supported values: "Foreground", "Background", '
+                '"Orphan"'
+            )
+            raise _error(
+                422,
+                "Invalid",
+                f'DeleteOptions.meta.k8s.io "" is invalid: {problem}',
+                kind="DeleteOptions",
+                name="",
+                causes=rules.causes([problem]),
+            )
+
+    def _selection(self, plural: str, params: dict[str, str]) -> Callable[[dict[str, Any]], bool]:
+        """The objects a list or watch selects: its label selector and its field selector (both 400 if unreadable)."""
+        labels = parse_selector(params.get("labelSelector", ""))
+        fields = rules.parse_field_selector(plural, params.get("fieldSelector", ""))
+        return lambda obj: labels((obj.get("metadata") or {}).get("labels") or {}) and fields(obj)
+
+    async def _watch_or_replace(self, request: Any, plural: str, ns: str) -> aiohttp.web.StreamResponse:
+        """A watch of a collection (``?watch=true``), or an update (PUT) of one object."""
+        if request.action == Action.WATCH:
+            if request.name:
+                raise _error(405, "MethodNotAllowed", "the stand-in watches collections only (use a fieldSelector)")
+            return await rules.serve_watch(self, request, plural, self._selection(plural, request.params))
+        current = self._get(plural, ns, request.name)
+        new = rules.replace(plural, current.raw, request.data)
+        rules.check_update(plural, current.raw, new)
+        self.validate(new, ns)
+        new["metadata"]["resourceVersion"] = self._next_rv()
+        current.history.append(new)
+        return aiohttp.web.json_response(new)
 
     def _remove_pod(self, ns: str, name: str) -> None:
         self.objects[self._key("pods", ns, name)].delete()
@@ -738,6 +788,7 @@ class KubernetesStandIn:
             self._stop = asyncio.Event()
             self._ready.set()
             await self._stop.wait()
+            self.api.closing = True  # open watches end, so the server can stop
 
     def call(self, fn: Callable[[StandInApi], T]) -> T:
         """Run ``fn(api)`` on the stand-in's loop and return its result."""
@@ -745,7 +796,10 @@ class KubernetesStandIn:
         api = self.api
 
         async def run() -> T:
-            return fn(api)
+            try:
+                return fn(api)
+            finally:
+                api.journal.sync(api)
 
         return asyncio.run_coroutine_threadsafe(run(), self._loop).result(15)
 
@@ -790,6 +844,10 @@ class KubernetesStandIn:
                 api.quotas[resource] = quota
 
         self.call(change)
+
+    def compact(self) -> None:
+        """Compact the history, as etcd does: a watch from any version seen so far is now told 410 Expired."""
+        self.call(lambda api: api.journal.compact())
 
     # -- what a kubelet would do -----------------------------------------------------------------------------------
 

@@ -4,6 +4,10 @@
 logged); ``start`` stores the worker token in its Secret, then creates the pods; ``stop`` deletes one pod with the
 termination grace (``force``: grace 0); ``destroy`` is the skeleton's drain-then-force, then the Secret goes once no
 pod of the grid is left; ``health`` asks the API server whether the credentials may do all that.
+
+It lists on every call and never watches: the controller asks once a tick, and a fresh list has no resourceVersion
+to outlive, so a watch's 410 Expired (history compacted) cannot reach it. The one object it updates, the Secret, it
+updates with the resourceVersion it read, so a concurrent writer is a 409 Conflict and a fresh read, not a lost write.
 """
 
 from __future__ import annotations
@@ -125,28 +129,51 @@ class KubernetesProvider(ProviderBase):
         }
 
     def _ensure_secret(self, conn: Connection, namespace: str) -> None:
-        """Create the worker-token Secret, or update it when the token (or its labels) changed."""
+        """Create the worker-token Secret, or update it when the token (or its labels) changed.
+
+        The update carries the resourceVersion it was decided on, so it lands only on the Secret that was read: if
+        another writer changed it in between, the API server answers 409 Conflict and the decision is made again on
+        a fresh read (once; a second conflict is an error worth reporting, not a loop)."""
         k8s = client_modules()
         body = token_secret(self.grid, namespace, self.token)
         name = body["metadata"]["name"]
+        for attempt in (1, 2):
+            current = self._read_or_create_secret(conn, namespace, body)
+            if current is None:
+                return
+            labels = current.metadata.labels or {}
+            if (current.data or {}).get(TOKEN_KEY) == body["data"][TOKEN_KEY] and all(
+                labels.get(k) == v for k, v in grid_labels(self.grid).items()
+            ):
+                return
+            patch = {
+                "metadata": {"labels": grid_labels(self.grid), "resourceVersion": current.metadata.resource_version},
+                "data": body["data"],
+            }
+            try:
+                conn.core.patch_namespaced_secret(name, namespace, patch, _request_timeout=self.api_timeout)
+                return
+            except k8s.client.ApiException as exc:
+                if exc.status != 409 or attempt == 2:
+                    raise
+                log.info("Secret %s in namespace %s changed while it was updated; reading it again", name, namespace)
+
+    def _read_or_create_secret(self, conn: Connection, namespace: str, body: dict[str, Any]) -> Any:
+        """The Secret as stored, or None when this call created it (with the right token already)."""
+        k8s = client_modules()
+        name = body["metadata"]["name"]
         try:
-            current = conn.core.read_namespaced_secret(name, namespace, _request_timeout=self.api_timeout)
+            return conn.core.read_namespaced_secret(name, namespace, _request_timeout=self.api_timeout)
         except k8s.client.ApiException as exc:
             if exc.status != 404:
                 raise
-            try:
-                conn.core.create_namespaced_secret(namespace, body, _request_timeout=self.api_timeout)
-                return
-            except k8s.client.ApiException as again:
-                if again.status != 409:  # 409: another controller created it meanwhile; make sure of its token
-                    raise
-            current = conn.core.read_namespaced_secret(name, namespace, _request_timeout=self.api_timeout)
-        labels = current.metadata.labels or {}
-        if (current.data or {}).get(TOKEN_KEY) != body["data"][TOKEN_KEY] or any(
-            labels.get(k) != v for k, v in grid_labels(self.grid).items()
-        ):
-            patch = {"metadata": {"labels": grid_labels(self.grid)}, "data": body["data"]}
-            conn.core.patch_namespaced_secret(name, namespace, patch, _request_timeout=self.api_timeout)
+        try:
+            conn.core.create_namespaced_secret(namespace, body, _request_timeout=self.api_timeout)
+            return None
+        except k8s.client.ApiException as again:
+            if again.status != 409:  # 409 AlreadyExists: another controller created it meanwhile; check its token
+                raise
+        return conn.core.read_namespaced_secret(name, namespace, _request_timeout=self.api_timeout)
 
     def _describe(self, pod: Any) -> tuple[str, str]:
         """(status, detail) of a live pod."""
