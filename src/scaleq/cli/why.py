@@ -56,10 +56,12 @@ def why(
 ) -> None:
     """Say why a job is still waiting, or how its attempts went: the chain of reasons, each with its numbers.
 
-    For a queued job: how many jobs are ahead of it, which groups serve its queue and which of them can run it (and
-    what is missing where one cannot), and for each that can: capped at max_workers, workers starting, a provider
-    error or quota refusal, backing off. For a running or finished job: each attempt (lost, preempted, timed out,
-    failed) and the budget that retried it."""
+    Queued: the jobs ahead of it; the groups serving its queue, which can run it, and what is missing where not.
+
+    For each group that can: capped at max_workers, workers starting, a provider refusal or error, backing off.
+
+    Running or finished: each attempt (lost, preempted, timed out, failed) and the budget that retried it.
+    """
 
     async def go(client: Client) -> dict[str, Any]:
         return await client.why(job_id)
