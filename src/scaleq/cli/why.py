@@ -33,7 +33,7 @@ def _mark(kind: str) -> str:
         return "[red]✗[/red]"
     if kind in DELAYING:
         return "[yellow]…[/yellow]"
-    return "[green]•[/green]" if kind in {"can_run", "worker_can_run", "free_slots"} else "•"
+    return "[green]✓[/green]" if kind in {"can_run", "worker_can_run", "free_slots"} else "•"
 
 
 def estimate_text(answer: dict[str, Any], now: float | None = None) -> str | None:
