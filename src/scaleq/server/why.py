@@ -230,7 +230,7 @@ async def _group(
                 numbers={**counts, "workers": len(active), "slots": slots, "busy": busy},
             )
         )
-    elif status.current == 0 and status.desired == 0 and status.state == "ok":
+    elif status.current == 0 and status.desired == 0 and status.state == "ok" and status.max_workers > 0:
         steps.append(
             WhyStep(
                 kind="not_scaled",
