@@ -193,7 +193,7 @@ async def test_a_provider_refusal_says_since_when_and_the_backoff(
 ) -> None:
     g = fly_group(fly, max_workers=2)
     clock = FakeClock(time.time())
-    async with serve(sqlite_store, settings, groups=[g]) as live:
+    async with serve(sqlite_store, settings) as live:  # `scaleq server`, its controller elsewhere: no grid here
         live.app.state.clock = clock  # type: ignore[attr-defined]
         job_id = await submit(live, "q")
         fly.rate_limit(50, method="POST")
@@ -201,6 +201,15 @@ async def test_a_provider_refusal_says_since_when_and_the_backoff(
         await controller(g, sqlite_store, clock, retries=2).step()
         clock.advance(1.0)
         answer = await why(live, job_id)
+        # once a worker of the group registers, what the group offers is known from it
+        w = Worker(id="t-fly-one", queue="q", group="fly", slots=1, runtimes=[RuntimeKind.process], cpus=1.0,
+                   started_at=clock.now, last_heartbeat=clock.now)  # fmt: skip
+        await sqlite_store.register_worker(w, clock.now)
+        gpu = await why(live, await submit(live, "q", requirements={"gpus": 1}))
+    assert step(gpu, "cannot_run", "fly")["text"] == "group fly cannot run it: it offers gpus 0, the job needs 1"
+    unknown = step(answer, "group_unknown", "fly")  # no worker of it registered: what it offers is not known
+    assert unknown["text"] == "group fly serves the queue; what its workers offer is not known here until one registers"
+    assert "nothing_fits" not in kinds(answer)
     error = step(answer, "provider_error", "fly")
     assert error["text"].startswith("group fly: the provider refused more calls (rate limited) for 1 s: ")
     assert "429 rate limit exceeded" in error["text"]
