@@ -146,6 +146,10 @@ class Client:
     async def attempts(self, job_id: str) -> list[dict[str, Any]]:
         return await self._json("GET", f"/jobs/{job_id}/attempts")
 
+    async def why(self, job_id: str) -> dict[str, Any]:
+        """The chain of reasons for the job (see scaleq.server.why)."""
+        return await self._json("GET", f"/jobs/{job_id}/why")
+
     async def cancel(self, job_id: str) -> Job:
         return Job.model_validate(await self._json("POST", f"/jobs/{job_id}/cancel"))
 

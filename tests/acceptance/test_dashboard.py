@@ -229,11 +229,20 @@ def test_a_job_and_a_scaling_decision_in_the_dashboard(grid: Grid, page: Any, sh
         page.get_by_role("button", name="Download").click()
     assert Path(download.value.path()).read_text() == "42\n"
     assert download.value.suggested_filename == "answer.txt"
+    expect(page.locator("#why-chain li").last).to_have_text("• finished: succeeded")
     screenshot(page, shots, "job")
 
-    # the failed job's page shows its stderr
+    # the failed job's page shows its stderr, and why it ended
     page.goto(f"{grid.url}/dashboard/#/jobs/{failing}")
     expect(page.locator("#log .stderr")).to_contain_text("input.csv: no such file")
+    expect(page.locator("#why-chain")).to_contain_text("finished: failed with exit code 3; it retries no failures")
+
+    # a job on a queue nothing serves says so, as `scaleq why` does
+    waiting = grid.api_submit("true", queue="nobody-serves-this", wait=False)
+    page.goto(f"{grid.url}/dashboard/#/jobs/{waiting}")
+    expect(page.locator('#why-chain li[data-kind="unserved"]')).to_contain_text("nothing serves queue nobody-serves")
+    expect(page.locator('#why-chain li[data-kind="position"]')).to_have_attribute("title", re.compile(r"ahead: 0"))
+    expect(page.locator("#why-estimate")).to_have_text("Estimated start: not known.")
 
     # workers: the long job keeps one busy
     page.get_by_role("link", name="Workers").click()

@@ -6,12 +6,13 @@ import asyncio
 import contextlib
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 import uvicorn
 
 from scaleq.client import Client
+from scaleq.grid import Group
 from scaleq.scaling.controller import Controller
 from scaleq.server.app import create_app
 from scaleq.server.auth import new_token
@@ -41,9 +42,14 @@ async def make_tokens(store: Store) -> dict[str, str]:
 
 @contextlib.asynccontextmanager
 async def serve(
-    store: Store, settings: ServerSettings, port: int = 0, tokens: dict[str, str] | None = None
+    store: Store,
+    settings: ServerSettings,
+    port: int = 0,
+    tokens: dict[str, str] | None = None,
+    groups: Sequence[Group] | None = None,
 ) -> AsyncIterator[LiveServer]:
-    app = create_app(store, settings, manage_store=False)
+    """``groups``: the grid's, as ``scaleq up`` gives them to the server it runs beside its controller."""
+    app = create_app(store, settings, manage_store=False, groups=groups)
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

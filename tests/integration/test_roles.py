@@ -31,6 +31,7 @@ ALLOWED: dict[tuple[str, str], set[str]] = {
     ("GET", "/api/v1/jobs/{job_id}/logs"): READERS,
     ("GET", "/api/v1/jobs/{job_id}/outputs"): READERS,
     ("GET", "/api/v1/jobs/{job_id}/outputs/{path}"): READERS,
+    ("GET", "/api/v1/jobs/{job_id}/why"): READERS,
     ("GET", "/api/v1/arrays"): READERS,
     ("GET", "/api/v1/arrays/{array_id}"): READERS,
     ("POST", "/api/v1/arrays/{array_id}/cancel"): {"admin", "submit"},

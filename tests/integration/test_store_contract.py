@@ -11,7 +11,7 @@ import pytest
 
 from scaleq.doctor.checks import Check
 from scaleq.jobs import Capabilities, JobDefinition, RuntimeKind, Worker, job_id
-from scaleq.store.base import FinishResult, GroupStatus, NotFound, StaleLease, Store, Submission
+from scaleq.store.base import FinishResult, GroupStatus, NotFound, QueuePosition, StaleLease, Store, Submission
 from scaleq.store.postgres import PostgresStore
 from scaleq.store.sqlite import SQLiteStore
 
@@ -93,6 +93,20 @@ async def test_claim_is_fifo_within_priority_and_respects_n(store: Store) -> Non
     assert [c.job.id for c in claims] == [urgent.id, ids[0], ids[1]]
     assert all(c.job.state == "running" and c.attempt == 1 for c in claims)
     assert len({c.lease for c in claims}) == 3
+
+
+async def test_queue_position_counts_in_the_claims_order(store: Store) -> None:
+    ids = [(await submit(store, definition("echo", str(i))))[0].id for i in range(5)]
+    urgent, _ = await submit(store, definition("echo", "urgent"), priority=5)
+    await submit(store, definition("echo", "elsewhere"), queue="other", priority=9)  # not in the queue
+    positions = [await store.queue_position(i) for i in ids]
+    assert [p.ahead for p in positions] == [1, 2, 3, 4, 5]
+    assert {(p.higher, p.queued) for p in positions} == {(1, 6)}
+    assert await store.queue_position(urgent.id) == QueuePosition(0, 0, 6)
+    await worker(store)
+    claims = await store.claim("w1", 2, T0 + 1, 10)
+    assert [c.job.id for c in claims] == [urgent.id, ids[0]]  # the two counted first are the two claimed
+    assert await store.queue_position(ids[4]) == QueuePosition(3, 0, 4)
 
 
 async def test_claim_matches_requirements(store: Store) -> None:

@@ -1,12 +1,12 @@
-"""``scaleq``: the command line. Commands live in the modules beside this one
-(``jobs``, ``arrays``, ``grid``, ``scale``, ``simulate``, ``doctor``, ``export``), their helpers in ``common``."""
+"""``scaleq``: the command line. Commands live in the modules beside this one (``jobs``, ``why``,
+``arrays``, ``grid``, ``scale``, ``simulate``, ``doctor``, ``export``), their helpers in ``common``."""
 
 from __future__ import annotations
 
 import typer
 
 from scaleq import __version__
-from scaleq.cli import arrays, doctor, export, grid, jobs, scale, simulate
+from scaleq.cli import arrays, doctor, export, grid, jobs, scale, simulate, why
 
 app = typer.Typer(
     name="scaleq",
@@ -41,6 +41,7 @@ app.command(rich_help_panel="Jobs")(jobs.job)
 app.command(rich_help_panel="Jobs")(jobs.logs)
 app.command(rich_help_panel="Jobs")(jobs.outputs)
 app.command(rich_help_panel="Jobs")(jobs.cancel)
+app.command(rich_help_panel="Jobs")(why.why)
 app.command(rich_help_panel="Jobs")(arrays.array)
 app.command(rich_help_panel="Jobs")(arrays.arrays)
 app.command(rich_help_panel="Inspect")(jobs.queues)

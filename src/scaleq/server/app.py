@@ -19,7 +19,7 @@ from scaleq import __version__
 from scaleq.notify import Notifier
 from scaleq.server import dashboard, housekeeping, metrics
 from scaleq.server.auth import TokenCache
-from scaleq.server.routes import admin, arrays, health, jobs, scaling, workers
+from scaleq.server.routes import admin, arrays, health, jobs, scaling, why, workers
 from scaleq.server.runnable import RunnableCheck
 from scaleq.server.settings import ServerSettings
 from scaleq.store.base import (
@@ -78,7 +78,7 @@ def create_app(
     app.state.tokens = TokenCache()
     app.state.runnable = RunnableCheck(store, groups)  # groups: the grid's, when this process runs the controller
 
-    for router in (jobs.router, arrays.router, workers.router, scaling.router, admin.router, health.router):
+    for router in (jobs.router, why.router, arrays.router, workers.router, scaling.router, admin.router, health.router):
         app.include_router(router, prefix="/api/v1")
     dashboard.mount(app)
     metrics.install(app)  # GET /metrics (Prometheus) and the request counter

@@ -8,18 +8,49 @@ group added later, may still take it. With no grid in the process (``scaleq serv
 the server cannot tell, and says nothing.
 
 Answers are cached per (queue, requirements) for a few seconds: a batch of a thousand alike jobs costs one look.
+
+:func:`offers` (who could take a queue's jobs) and :func:`misfit_of` (why one cannot) are public: ``scaleq why``
+(:mod:`scaleq.server.why`) explains a waiting job with the same look.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from scaleq.jobs import JobDefinition
+from scaleq.jobs import Capabilities, JobDefinition
 from scaleq.store.base import Store
 
 CACHE_SECONDS = 5.0
+
+
+@dataclass(frozen=True)
+class Offer:
+    """Something that takes a queue's jobs: a registered, active worker or a group of the grid."""
+
+    kind: str  # "worker" or "group"
+    name: str
+    capabilities: Capabilities
+
+    @property
+    def who(self) -> str:
+        return f"{self.kind} {self.name}"
+
+
+async def offers(store: Store, groups: Sequence[Any] | None, queue: str) -> list[Offer]:
+    """The active workers registered on ``queue``, then the grid's groups bound to it (``groups``: None when this
+    process does not run the controller)."""
+    workers = await store.list_workers(queue=queue)
+    found = [Offer("worker", w.id, w.capabilities()) for w in workers if w.state == "active"]
+    found += [Offer("group", g.name, g.capabilities()) for g in groups or () if g.queue == queue]
+    return found
+
+
+def misfit_of(offer: Offer, definition: JobDefinition) -> str | None:
+    """Why ``offer`` cannot run the job, in words (the first reason), or None when it can."""
+    return offer.capabilities.misfit(definition)
 
 
 class RunnableCheck:
@@ -41,18 +72,15 @@ class RunnableCheck:
         return found
 
     async def _look(self, queue: str, definition: JobDefinition) -> str | None:
-        workers = await self.store.list_workers(queue=queue)
-        offers = [(f"worker {w.id}", w.capabilities()) for w in workers if w.state == "active"]
-        if self.groups is not None:
-            offers += [(f"group {g.name}", g.capabilities()) for g in self.groups if g.queue == queue]
-        elif not offers:
+        found = await offers(self.store, self.groups, queue)
+        if self.groups is None and not found:
             return None  # an autoscaler elsewhere may have groups for it: cannot tell
         misfits = []
-        for who, caps in offers:
-            why = caps.misfit(definition)
+        for offer in found:
+            why = misfit_of(offer, definition)
             if why is None:
                 return None
-            misfits.append(f"{who} {why}")
+            misfits.append(f"{offer.who} {why}")
         if not misfits:
             return (
                 f"nothing here runs queue {queue!r}: no group of this grid and no worker takes it "

@@ -90,6 +90,15 @@ class QueueStats:
 
 
 @dataclass(frozen=True)
+class QueuePosition:
+    """Where a queued job stands in its queue, in the claim's order (priority, then submit order)."""
+
+    ahead: int  # jobs claimed before it
+    higher: int  # of those, the ones at a higher priority
+    queued: int  # all jobs queued on its queue (itself included)
+
+
+@dataclass(frozen=True)
 class TokenRecord:
     id: str
     name: str
@@ -292,6 +301,10 @@ class Store(Protocol):
         self, *, queue: str | None, state: str | None, limit: int, reason: str | None = None
     ) -> list[Job]: ...
     async def list_attempts(self, job_id: str) -> list[Attempt]: ...
+    async def queue_position(self, job_id: str) -> QueuePosition:
+        """Where the job (a full id) stands in its queue; meaningful while it is queued."""
+        ...
+
     async def cancel(self, job_id: str, now: float) -> Job: ...
 
     # the worker protocol

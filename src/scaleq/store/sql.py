@@ -35,6 +35,7 @@ from scaleq.store.base import (
     NotFound,
     OutputFile,
     Purged,
+    QueuePosition,
     QueueStats,
     SchemaStatus,
     StaleLease,
@@ -297,6 +298,12 @@ class SQLStore:
     ) -> list[Job]:
         found = await self._run(self._all, "list_jobs", queue=queue, state=state, reason=reason, limit=limit)
         return [rows.job(r) for r in found]
+
+    async def queue_position(self, job_id: str) -> QueuePosition:
+        row = await self._run(self._one, "queue_position", id=job_id)
+        if row is None:
+            return QueuePosition(0, 0, 0)
+        return QueuePosition(int(row["ahead"]), int(row["higher"]), int(row["queued"]))
 
     async def list_attempts(self, job_id: str) -> list[Attempt]:
         return [rows.attempt(r) for r in await self._run(self._all, "list_attempts", job_id=job_id)]

@@ -312,3 +312,14 @@ SELECT a.job_id AS key, a.grp,
   FROM attempts a
  WHERE a.job_id = :id
  GROUP BY a.job_id, a.grp ORDER BY a.grp;
+
+-- name: queue_position
+-- Where a queued job stands in its queue, as the claim orders it (priority, then submit order): the jobs claimed
+-- before it (ahead), of those the ones at a higher priority, and all queued on the queue. It counts over the queue's
+-- claim order (jobs_claim on PostgreSQL), so its cost grows with the jobs ahead.
+SELECT CAST(coalesce(sum(CASE WHEN j.priority > me.priority OR (j.priority = me.priority AND j.seq < me.seq)
+                              THEN 1 ELSE 0 END), 0) AS BIGINT) AS ahead,
+       CAST(coalesce(sum(CASE WHEN j.priority > me.priority THEN 1 ELSE 0 END), 0) AS BIGINT) AS higher,
+       CAST(count(j.id) AS BIGINT) AS queued
+  FROM jobs me JOIN jobs j ON j.queue = me.queue AND j.state = 'queued'
+ WHERE me.id = :id;

@@ -1,8 +1,10 @@
-// The job view (#/jobs/ID): one job's definition, attempts, logs (followed by long-poll) and outputs.
+// The job view (#/jobs/ID): one job's definition, why it waits or how it ran, attempts, logs (followed by long-poll)
+// and outputs.
 
 import { api, sleep, Unauthorized } from "../api.js";
 import { badge, emptyRow, fmt, h, notice, stateBadge, table } from "../dom.js";
 import { errorSlot, heading, POLL_MS, problem } from "./common.js";
+import { whySection } from "./why.js";
 
 const LONG_POLL_S = 20;
 
@@ -122,6 +124,7 @@ export async function jobView(ctx) {
   const followBox = h("input", { type: "checkbox", id: "log-follow", checked: true });
   const logStatus = h("span", { class: "log-status", role: "status" });
   const log = h("pre", { class: "log", id: "log", tabindex: 0, "aria-label": "Job output" });
+  const why = whySection();
 
   ctx.page.append(
     h("p", { class: "crumbs" }, h("a", { href: "#/jobs" }, "Jobs"), " / ", fmt.shortId(job.id)),
@@ -144,6 +147,7 @@ export async function jobView(ctx) {
         ),
       ),
     ),
+    why.el,
     h(
       "section",
       { "aria-labelledby": "h-logs" },
@@ -273,6 +277,16 @@ export async function jobView(ctx) {
     );
   };
 
+  // ---- why: loaded with the details, and again at each turn of the long-poll while the job waits (a group
+  // starting, capped or refused changes without the job changing)
+  const refreshWhy = async () => {
+    try {
+      await why.refresh(job, ctx.signal);
+    } catch (err) {
+      if (err.name !== "AbortError" && !(err instanceof Unauthorized)) errors.show(err);
+    }
+  };
+
   const render = () => {
     title.replaceChildren("Job ", h("span", { class: "mono" }, fmt.shortId(job.id)), " ", stateBadge(job));
     summary.replaceChildren(summaryFacts(job));
@@ -280,7 +294,7 @@ export async function jobView(ctx) {
 
   followLogs(null);
   try {
-    await refreshDetails();
+    await Promise.all([refreshDetails(), refreshWhy()]);
   } catch (err) {
     if (err.name !== "AbortError") errors.show(err);
   }
@@ -298,6 +312,7 @@ export async function jobView(ctx) {
       job = next;
       render();
       if (changed) await refreshDetails();
+      if (changed || job.state === "queued") await refreshWhy();
     } catch (err) {
       if (err.name === "AbortError" || err instanceof Unauthorized) return;
       errors.show(err);

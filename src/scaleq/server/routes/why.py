@@ -1,0 +1,19 @@
+"""Why a job waits, runs or finished as it did: ``GET /jobs/{id}/why`` (see :mod:`scaleq.server.why`)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from scaleq.server.auth import require
+from scaleq.server.routes.common import C
+from scaleq.server.why import Why, explain
+
+router = APIRouter(tags=["jobs"])
+
+
+@router.get("/jobs/{job_id}/why", response_model=Why, dependencies=[require("jobs:read")])
+async def why(job_id: str, ctx: C) -> Why:
+    """The chain of reasons for a job (id or unique prefix): for a queued one, its place in its queue, what serves
+    the queue and what each group that could run it is doing; for one that ran, its attempts explained."""
+    job = await ctx.store.get_job(job_id)
+    return await explain(ctx.store, ctx.request.app.state.runnable.groups, job, ctx.now())
