@@ -4,6 +4,11 @@
 logged); ``start`` stores the worker token in its Secret, then creates the pods; ``stop`` deletes one pod with the
 termination grace (``force``: grace 0); ``destroy`` is the skeleton's drain-then-force, then the Secret goes once no
 pod of the grid is left; ``health`` asks the API server whether the credentials may do all that.
+
+``preempted`` answers from what Kubernetes records when it takes a pod back: a kubelet's eviction (``status.reason``
+``Evicted``) or, since 1.26, a ``DisruptionTarget`` condition (:data:`DISRUPTIONS`: preemption by the scheduler, the
+Eviction API, the kubelet, the taint manager, the pod garbage collector). An evicted pod has failed, and ``workers``
+deletes failed pods: what it saw is remembered, so the controller's question that follows still has its answer.
 """
 
 from __future__ import annotations
@@ -50,6 +55,17 @@ NEEDED_ACCESS = (
     ("patch", "secrets"),
     ("delete", "secrets"),
 )
+#: The reasons of a ``DisruptionTarget`` condition: the cluster, not the worker, ended the pod.
+DISRUPTIONS = frozenset(
+    {
+        "PreemptionByScheduler",
+        "PreemptionByKubeScheduler",  # its name before Kubernetes 1.27
+        "EvictionByEvictionAPI",
+        "TerminationByKubelet",
+        "DeletionByTaintManager",
+        "DeletionByPodGC",
+    }
+)
 #: Pod problems worth a warning in the log (once per pod and reason).
 _STUCK = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError", "Unschedulable"}
 
@@ -78,6 +94,7 @@ class KubernetesProvider(ProviderBase):
         self.api_timeout = api_timeout
         self._connections = Connections()
         self._warned: set[tuple[str, str]] = set()
+        self._taken: dict[str, str] = {}  # worker id → how the cluster took its pod back, seen as it was deleted
 
     # -- the API server ---------------------------------------------------------------------------------------------
 
@@ -183,6 +200,8 @@ class KubernetesProvider(ProviderBase):
         """Delete a pod whose worker exited, saying why it exited if it failed."""
         k8s = client_modules()
         name = pod.metadata.name
+        if taken := disruption(pod):
+            self._taken[(pod.metadata.labels or {}).get(WORKER_LABEL) or name] = taken
         terminated = None
         for cs in (pod.status.container_statuses if pod.status else None) or []:
             if cs.state is not None and cs.state.terminated is not None:
@@ -256,6 +275,25 @@ class KubernetesProvider(ProviderBase):
                 worker_id = (pod.metadata.labels or {}).get(WORKER_LABEL) or pod.metadata.name
                 if worker_id in wanted:
                     found[worker_id] = self._describe(pod)[1]
+            return found
+
+        return await self._call(settings, f"read the pods of group {group.name} in namespace {ns}", look)
+
+    async def preempted(self, group: Group, worker_ids: Collection[str]) -> dict[str, str]:
+        """Of these workers, those whose pods the cluster evicted or preempted (:func:`disruption`), as seen now or
+        as ``workers`` saw them before deleting the failed pods."""
+        settings = self._settings(group)
+        ns, wanted = settings.namespace, set(worker_ids)
+
+        def look(conn: Connection) -> dict[str, str]:
+            pods = conn.core.list_namespaced_pod(
+                ns, label_selector=group_selector(self.grid, group.name), _request_timeout=self.api_timeout
+            ).items
+            found = {i: self._taken.pop(i) for i in wanted if i in self._taken}
+            for pod in pods:
+                worker_id = (pod.metadata.labels or {}).get(WORKER_LABEL) or pod.metadata.name
+                if worker_id in wanted and (taken := disruption(pod)):
+                    found[worker_id] = taken
             return found
 
         return await self._call(settings, f"read the pods of group {group.name} in namespace {ns}", look)
@@ -390,3 +428,16 @@ class KubernetesProvider(ProviderBase):
             return await self._call(settings, f"check access to namespace {ns}", check)
         except ProviderError as exc:
             return Health(False, str(exc))
+
+
+def disruption(pod: Any) -> str:
+    """How the cluster took the pod back, in its words: an eviction (``status.reason`` ``Evicted``) or a
+    ``DisruptionTarget`` condition of :data:`DISRUPTIONS`; empty when it did not."""
+    status = pod.status
+    name = pod.metadata.name
+    for cond in (status.conditions if status else None) or []:
+        if cond.type == "DisruptionTarget" and cond.status == "True" and cond.reason in DISRUPTIONS:
+            return f"pod {name}: DisruptionTarget {cond.reason}: {cond.message or 'no message'}"
+    if status is not None and status.reason == "Evicted":
+        return f"pod {name} evicted: {status.message or 'no message'}"
+    return ""
