@@ -151,6 +151,15 @@ class KubernetesSettings(_Strict):
     kubeconfig: str | None = None
     service_account: str | None = None
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    spot: bool = Field(
+        default=False,
+        description="the pods run on nodes that may be taken back at short notice (spot or preemptible nodes): "
+        "SIGTERM is a preemption notice, and workers hand their jobs back at once (--on-notice handback)",
+    )
+    node_selector: dict[str, str] = Field(
+        default_factory=dict,
+        description='the pod\'s nodeSelector, e.g. {"cloud.google.com/gke-spot" = "true"} for GKE spot nodes',
+    )
 
 
 class FlySettings(_Strict):
