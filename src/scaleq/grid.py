@@ -140,6 +140,12 @@ class GcpSettings(_Strict):
     service_account: str | None = None
     boot_disk_gb: int = Field(default=20, ge=10)
     spot: bool = False
+    external_ip: bool | None = Field(
+        default=None,
+        description="give each VM an external IP; without one the network needs Cloud NAT (or Private Google "
+        "Access and images in Artifact Registry) to pull images and reach the server. Default: the gcp provider "
+        "gives one (it makes no NAT); scaleq export terraform gives none and creates Cloud NAT",
+    )
     api_endpoint: str | None = Field(default=None, description="Compute API endpoint override (tests, proxies)")
 
 

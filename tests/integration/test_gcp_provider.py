@@ -676,3 +676,24 @@ def test_the_standin_lists_preemptions_by_filter_and_refuses_what_it_cannot_read
     assert operations("us-central1-a").json()["items"] == []
     assert operations("mars-1-a").status_code == 404
     assert operations("us-central1-a", filter="name eq foo").status_code == 400
+
+
+async def test_vms_get_an_external_ip_unless_the_group_says_not(compute: ComputeStandIn) -> None:
+    def interface(name: str) -> dict:
+        (template,) = [t for (_, _, n), t in compute.templates.items() if n.startswith(f"scaleq-t-{name}-")]
+        (nic,) = template["properties"]["networkInterfaces"]
+        return nic
+
+    private = GcpSettings(project=PROJECT, region=REGION, zones=ZONES, api_endpoint=compute.url, external_ip=False)
+    default, none = gcp_group(compute, "pub"), gcp_group(compute, "priv", gcp=private)
+    provider = gcp()
+    try:
+        await provider.start(default, 1)
+        await provider.start(none, 1)
+        assert interface("pub")["accessConfigs"] == [{"name": "External NAT", "type": "ONE_TO_ONE_NAT"}]
+        assert "accessConfigs" not in interface("priv")  # the network's Cloud NAT is its way out
+        assert default.version() != none.version()
+    finally:
+        for g in (default, none):
+            await provider.destroy(g)
+        await provider.close()
