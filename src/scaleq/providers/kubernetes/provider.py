@@ -66,6 +66,8 @@ DISRUPTIONS = frozenset(
         "DeletionByPodGC",
     }
 )
+#: How many evictions seen by ``workers`` are kept for ``preempted`` (the controller asks within seconds).
+TAKEN_KEPT = 256
 #: Pod problems worth a warning in the log (once per pod and reason).
 _STUCK = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError", "Unschedulable"}
 
@@ -202,6 +204,8 @@ class KubernetesProvider(ProviderBase):
         name = pod.metadata.name
         if taken := disruption(pod):
             self._taken[(pod.metadata.labels or {}).get(WORKER_LABEL) or name] = taken
+            while len(self._taken) > TAKEN_KEPT:  # idle workers' evictions are never asked about: forget the oldest
+                del self._taken[next(iter(self._taken))]
         terminated = None
         for cs in (pod.status.container_statuses if pod.status else None) or []:
             if cs.state is not None and cs.state.terminated is not None:
