@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -19,6 +20,7 @@ from scaleq.grid import GcpSettings, Grid, Group
 from scaleq.jobs import JobDefinition, RuntimeKind, SubmitRequest
 from scaleq.providers.base import ProviderError
 from scaleq.providers.gcp import GcpProvider, boot, gce_name, mig_name, template_name
+from scaleq.providers.gcp.provider import PREEMPTED_WITHIN
 from scaleq.providers.registry import ProviderContext, make_provider
 from scaleq.scaling.controller import Controller
 from scaleq.scaling.observe import RemoteObserver
@@ -696,4 +698,24 @@ async def test_vms_get_an_external_ip_unless_the_group_says_not(compute: Compute
     finally:
         for g in (default, none):
             await provider.destroy(g)
+        await provider.close()
+
+
+async def test_only_a_recent_preemption_of_the_instance_counts(compute: ComputeStandIn) -> None:
+    spot = GcpSettings(project=PROJECT, region=REGION, zones=ZONES, api_endpoint=compute.url, spot=True)
+    g, provider = gcp_group(compute, gcp=spot), gcp()
+    try:
+        taken, other = await provider.start(g, 2)
+        await provider.workers(g)
+        op = compute.preempt(PROJECT, REGION, mig_name("t", "cpu"), taken)
+        ((_, _, recorded),) = compute.zone_ops
+        # a MIG recreates a preempted VM under its name: a preemption older than PREEMPTED_WITHIN was of an earlier VM
+        old = datetime.now(UTC) - timedelta(seconds=PREEMPTED_WITHIN + 60)
+        recorded["insertTime"] = old.isoformat(timespec="milliseconds")
+        assert await provider.preempted(g, [taken, other]) == {}
+        recorded["insertTime"] = op["insertTime"]
+        assert list(await provider.preempted(g, [taken, other])) == [taken]
+        assert await provider.preempted(g, [other]) == {}
+    finally:
+        await provider.destroy(g)
         await provider.close()
