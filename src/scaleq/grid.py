@@ -140,6 +140,12 @@ class GcpSettings(_Strict):
     service_account: str | None = None
     boot_disk_gb: int = Field(default=20, ge=10)
     spot: bool = False
+    external_ip: bool | None = Field(
+        default=None,
+        description="give each VM an external IP; without one the network needs Cloud NAT (or Private Google "
+        "Access and images in Artifact Registry) to pull images and reach the server. Default: the gcp provider "
+        "gives one (it makes no NAT); scaleq export terraform gives none and creates Cloud NAT",
+    )
     api_endpoint: str | None = Field(default=None, description="Compute API endpoint override (tests, proxies)")
 
 
@@ -151,6 +157,15 @@ class KubernetesSettings(_Strict):
     kubeconfig: str | None = None
     service_account: str | None = None
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    spot: bool = Field(
+        default=False,
+        description="the pods run on nodes that may be taken back at short notice (spot or preemptible nodes): "
+        "SIGTERM is a preemption notice, and workers hand their jobs back at once (--on-notice handback)",
+    )
+    node_selector: dict[str, str] = Field(
+        default_factory=dict,
+        description='the pod\'s nodeSelector, e.g. {"cloud.google.com/gke-spot" = "true"} for GKE spot nodes',
+    )
 
 
 class FlySettings(_Strict):

@@ -5,6 +5,8 @@ each provider's stand-in or engine, so each provider is held to the same promise
   beyond ``max_workers`` machines.
 - :func:`refused_then_retried`: a quota or rate-limit refusal is the group's state, held while the controller backs
   off, and gone once a retry succeeds.
+- :func:`taken_back`: the jobs of a busy worker whose machine the provider took back (a spot VM preempted, a pod
+  evicted) go back to the queue without spending an attempt; a busy worker merely silent keeps its jobs.
 
 Both step the controller by hand on a :class:`FakeClock`, so ``startup_grace`` and the backoff pass at once.
 """
@@ -15,10 +17,10 @@ import time
 from collections.abc import Awaitable, Callable
 
 from scaleq.grid import Group
-from scaleq.jobs import JobDefinition
+from scaleq.jobs import JobDefinition, RuntimeKind, Worker
 from scaleq.notify import Notifier
 from scaleq.providers.base import Provider
-from scaleq.scaling.controller import Controller
+from scaleq.scaling.controller import SILENT_AFTER, Controller
 from scaleq.scaling.observe import StoreObserver
 from scaleq.store.base import Event, GroupStatus, Store
 from tests.helpers.waiting import eventually
@@ -102,3 +104,37 @@ async def refused_then_retried(
     await controller.step()
     (recovered,) = await store.list_groups()
     return refused, recovered
+
+
+async def taken_back(
+    provider: Provider, group: Group, store: Store, take: Callable[[str], object]
+) -> tuple[dict[str, str], list[Event]]:
+    """Drive the real controller over two busy workers on machines the provider started: ``take`` (the stand-in's
+    knob) takes the first one's machine back; then both fall silent (the clock jumps past ``SILENT_AFTER``, well
+    inside their leases). Returns {worker id: its job id} (the taken worker's first) and the group's events; the
+    taken worker's job must be queued again with no attempt spent, the other's still running."""
+    ids = await provider.start(group, 2)
+    assert len(ids) == 2
+    now = time.time()
+    jobs: dict[str, str] = {}
+    for worker_id in ids:  # each worker registers and claims one job that may be tried once
+        worker = Worker(
+            id=worker_id,
+            queue=group.queue,
+            group=group.name,
+            slots=1,
+            runtimes=[RuntimeKind.process],
+            cpus=1,
+            started_at=now,
+            last_heartbeat=now,
+        )
+        await store.register_worker(worker, now)
+        definition = JobDefinition(command=["echo", worker_id])
+        await store.submit(group.queue, definition, priority=0, max_attempts=1, rerun=False, now=now)
+        (claim,) = await store.claim(worker_id, 1, now, lease_seconds=60)
+        jobs[worker_id] = claim.job.id
+    take(ids[0])
+    clock = FakeClock(now + SILENT_AFTER + 1)
+    controller = Controller([(group, provider)], StoreObserver(store, Notifier(), clock), clock=clock)
+    await controller.step()
+    return jobs, await store.list_events(group.name, 0, 1000)

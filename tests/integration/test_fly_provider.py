@@ -89,7 +89,8 @@ async def test_start_creates_named_labelled_machines_with_a_valid_config(fly: Fl
             "scaleq_version": g.version(),
         }
         assert c["restart"] == {"policy": "no"} and c["auto_destroy"] is True
-        assert c["stop_config"]["signal"] == "SIGTERM"
+        # Fly's own stop (host maintenance) is a preemption notice: the worker hands its jobs back
+        assert c["stop_config"]["signal"] == "SIGTERM" and argv[-2:] == ["--on-notice", "handback"]
     assert {w.status for w in await p.workers(g)} == {"starting"}
     await eventually(lambda: running(p, g, 2), timeout=5)
     assert {(w.id, w.version) for w in await p.workers(g)} == {(i, g.version()) for i in ids}
@@ -118,10 +119,10 @@ async def test_stop_signals_exactly_that_machine_and_its_exit_removes_it(fly: Fl
     a, b = await p.start(g, 2)
     await eventually(lambda: running(p, g, 2), timeout=5)
     await p.stop(g, a)
-    await p.stop(g, a)  # asked twice: still one SIGTERM (a second would make the worker hand its jobs back)
-    assert fly.by_name(a).signals == ["SIGTERM"] and fly.by_name(b).signals == []
+    await p.stop(g, a)  # asked twice: still one SIGINT (a second signal would make the worker hand its jobs back)
+    assert fly.by_name(a).signals == ["SIGINT"] and fly.by_name(b).signals == []
     (signal,) = fly.calls_to("POST", "/signal")
-    assert signal.path.endswith(f"/machines/{fly.by_name(a).id}/signal") and signal.body == {"signal": "SIGTERM"}
+    assert signal.path.endswith(f"/machines/{fly.by_name(a).id}/signal") and signal.body == {"signal": "SIGINT"}
     assert {w.id: w.status for w in await provider(g).workers(g)} == {a: "running", b: "running"}
     assert {w.id: w.status for w in await p.workers(g)} == {a: "stopping", b: "running"}
     machine = fly.by_name(a)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -19,13 +20,14 @@ from scaleq.grid import GcpSettings, Grid, Group
 from scaleq.jobs import JobDefinition, RuntimeKind, SubmitRequest
 from scaleq.providers.base import ProviderError
 from scaleq.providers.gcp import GcpProvider, boot, gce_name, mig_name, template_name
+from scaleq.providers.gcp.provider import PREEMPTED_WITHIN
 from scaleq.providers.registry import ProviderContext, make_provider
 from scaleq.scaling.controller import Controller
 from scaleq.scaling.observe import RemoteObserver
 from scaleq.server.settings import ServerSettings
 from scaleq.store.sqlite import SQLiteStore
 from tests.helpers import LiveServer, controlling, eventually, free_port, serve
-from tests.helpers.drivers import never_registering, refused_then_retried
+from tests.helpers.drivers import never_registering, refused_then_retried, taken_back
 from tests.helpers.groups import fast_group
 from tests.standins.gcp_compute import ComputeStandIn
 from tests.standins.gcp_compute import serve as serve_compute
@@ -638,3 +640,82 @@ async def test_quota_and_rate_limit_refusals_are_the_groups_state(
         await p.close()
     assert refused.state == state and args[-2 if knob == "inject" else -1].split(".")[0] in refused.message
     assert (recovered.state, recovered.message, recovered.current) == ("ok", "", 1)
+
+
+async def test_jobs_of_a_preempted_spot_vm_come_back_without_spending_an_attempt(
+    compute: ComputeStandIn, sqlite_store: SQLiteStore
+) -> None:
+    spot = GcpSettings(project=PROJECT, region=REGION, zones=ZONES, api_endpoint=compute.url, spot=True)
+    g, provider = gcp_group(compute, gcp=spot), gcp()
+    try:
+        jobs, events = await taken_back(
+            provider, g, sqlite_store, lambda name: compute.preempt(PROJECT, REGION, mig_name("t", "cpu"), name)
+        )
+        (taken, kept) = jobs
+        (event,) = [e for e in events if e.kind == "preempted"]
+        assert f"worker {taken} was preempted (GCP: Instance was preempted (compute.instances.preempted in " in (
+            event.reason
+        )
+        assert "1 job(s) back in the queue without spending an attempt" in event.reason
+        back = await sqlite_store.get_job(jobs[taken])
+        assert (back.state, back.attempts) == ("queued", 0)
+        assert [a.outcome for a in await sqlite_store.list_attempts(back.id)] == ["preempted"]
+        assert (await sqlite_store.get_job(jobs[kept])).state == "running"  # silent, not preempted: left to its lease
+        # asked the way Google's preemption-history sample asks: the zone operations of that type
+        asked = compute.called("compute.zoneOperations.list")
+        assert asked and all(c.query["filter"] == 'operationType="compute.instances.preempted"' for c in asked)
+    finally:
+        await provider.destroy(g)
+        await provider.close()
+
+
+def test_the_standin_lists_preemptions_by_filter_and_refuses_what_it_cannot_read(compute: ComputeStandIn) -> None:
+    base = compute.url
+
+    def operations(zone: str, **params: str) -> httpx.Response:
+        return httpx.get(f"{base}/compute/v1/projects/{PROJECT}/zones/{zone}/operations", params=params)
+
+    assert operations("us-central1-a").json()["items"] == []
+    assert operations("mars-1-a").status_code == 404
+    assert operations("us-central1-a", filter="name eq foo").status_code == 400
+
+
+async def test_vms_get_an_external_ip_unless_the_group_says_not(compute: ComputeStandIn) -> None:
+    def interface(name: str) -> dict:
+        (template,) = [t for (_, _, n), t in compute.templates.items() if n.startswith(f"scaleq-t-{name}-")]
+        (nic,) = template["properties"]["networkInterfaces"]
+        return nic
+
+    private = GcpSettings(project=PROJECT, region=REGION, zones=ZONES, api_endpoint=compute.url, external_ip=False)
+    default, none = gcp_group(compute, "pub"), gcp_group(compute, "priv", gcp=private)
+    provider = gcp()
+    try:
+        await provider.start(default, 1)
+        await provider.start(none, 1)
+        assert interface("pub")["accessConfigs"] == [{"name": "External NAT", "type": "ONE_TO_ONE_NAT"}]
+        assert "accessConfigs" not in interface("priv")  # the network's Cloud NAT is its way out
+        assert default.version() != none.version()
+    finally:
+        for g in (default, none):
+            await provider.destroy(g)
+        await provider.close()
+
+
+async def test_only_a_recent_preemption_of_the_instance_counts(compute: ComputeStandIn) -> None:
+    spot = GcpSettings(project=PROJECT, region=REGION, zones=ZONES, api_endpoint=compute.url, spot=True)
+    g, provider = gcp_group(compute, gcp=spot), gcp()
+    try:
+        taken, other = await provider.start(g, 2)
+        await provider.workers(g)
+        op = compute.preempt(PROJECT, REGION, mig_name("t", "cpu"), taken)
+        ((_, _, recorded),) = compute.zone_ops
+        # a MIG recreates a preempted VM under its name: a preemption older than PREEMPTED_WITHIN was of an earlier VM
+        old = datetime.now(UTC) - timedelta(seconds=PREEMPTED_WITHIN + 60)
+        recorded["insertTime"] = old.isoformat(timespec="milliseconds")
+        assert await provider.preempted(g, [taken, other]) == {}
+        recorded["insertTime"] = op["insertTime"]
+        assert list(await provider.preempted(g, [taken, other])) == [taken]
+        assert await provider.preempted(g, [other]) == {}
+    finally:
+        await provider.destroy(g)
+        await provider.close()

@@ -43,7 +43,7 @@ from scaleq.scaling.observe import RemoteObserver
 from scaleq.server.settings import ServerSettings
 from scaleq.store.sqlite import SQLiteStore
 from tests.helpers import LiveServer, controlling, eventually, free_port, serve
-from tests.helpers.drivers import never_registering, refused_then_retried
+from tests.helpers.drivers import never_registering, refused_then_retried, taken_back
 from tests.helpers.groups import fast_group
 from tests.standins.kubernetes_api import KubernetesStandIn
 
@@ -618,3 +618,36 @@ async def test_an_exceeded_resource_quota_is_the_groups_state_until_it_is_lifted
     assert "exceeded quota: compute-resources" in refused.message and "resourcequota" in refused.message
     assert (recovered.state, recovered.message, recovered.current) == ("ok", "", 1)
     assert len(standin.pods(NS)) == 1
+
+
+@pytest.mark.parametrize(
+    ("reason", "message"),
+    [
+        ("TerminationByKubelet", "The node was low on resource: memory. Threshold quantity: 100Mi, available: 52Mi."),
+        ("PreemptionByScheduler", "default-scheduler: preempting to accommodate a higher priority pod"),
+        ("EvictionByEvictionAPI", "Eviction API: evicting"),
+    ],
+)
+async def test_jobs_of_an_evicted_or_preempted_pod_come_back_without_spending_an_attempt(
+    standin: KubernetesStandIn, kubeconfig: Path, sqlite_store: SQLiteStore, reason: str, message: str
+) -> None:
+    g = group(kubeconfig, max_workers=2)
+
+    def take(name: str) -> None:
+        while standin.pod(NS, name)["status"]["phase"] != "Running":  # type: ignore[index]
+            pass  # the stand-in's kubelet starts it within start_delay
+        standin.disrupt_pod(NS, name, reason, message)
+
+    async with provider(g) as p:
+        jobs, events = await taken_back(p, g, sqlite_store, take)
+        (taken, kept) = jobs
+        (event,) = [e for e in events if e.kind == "preempted"]
+        assert f"worker {taken} was preempted (pod {taken}" in event.reason
+        assert message in event.reason and "1 job(s) back in the queue" in event.reason
+        back = await sqlite_store.get_job(jobs[taken])
+        assert (back.state, back.attempts) == ("queued", 0)
+        assert [a.outcome for a in await sqlite_store.list_attempts(back.id)] == ["preempted"]
+        assert (await sqlite_store.get_job(jobs[kept])).state == "running"  # silent, not taken: left to its lease
+        if reason == "TerminationByKubelet":  # a failed pod: deleted by workers() before preempted() was asked
+            assert standin.pod(NS, taken) is None
+        await p.destroy(g, grace=0)

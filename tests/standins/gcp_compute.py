@@ -45,6 +45,12 @@ What it models (the behaviour scaleq depends on):
   stays ``CREATING`` with no ``instanceStatus`` while the MIG retries it every ``retry_delay`` seconds; each failed
   attempt sets the instance's ``lastAttempt.errors`` and adds an entry to ``listErrors`` (newest first: code,
   message, the instance and action, a timestamp). A later attempt that succeeds clears ``lastAttempt``;
+- **preemption** (:meth:`ComputeStandIn.preempt`): Compute Engine takes a spot VM back. As the API reports it, a
+  zone operation of type ``compute.instances.preempted`` appears (``DONE``, user ``system``, ``statusMessage``
+  ``Instance was preempted.``, ``targetLink`` the instance), listed by ``zoneOperations.list`` -- which, of the
+  list filters, understands ``field = "value"`` terms joined by ``AND`` (on ``operationType``, ``targetLink``,
+  ``status``), as Google's preemption-history sample uses them; and the MIG recreates the instance under its name
+  (``RECREATING``, then ``RUNNING`` after ``create_delay``);
 - **errors**: unknown project, region, template, MIG or operation → 404 ``notFound`` with GCP's message
   (``The resource 'projects/…' was not found``); faults can be injected: :meth:`ComputeStandIn.inject` answers
   e.g. 403 or 500 to the next matching calls, :meth:`ComputeStandIn.fail_operation` makes the next operation of a
@@ -53,7 +59,8 @@ What it models (the behaviour scaleq depends on):
 What it does not model: IAM (requests are unauthenticated; inject a 403 to test refusal), quotas themselves (inject a
 refusal, above), real VMs (no
 container runs: an instance is a record), health checks and autohealing, stateful policy, filters on list calls
-(answered 400), ``versions`` with several templates (canary updates), global templates, zonal MIGs.
+(answered 400, but for zone operations' ``=`` terms), ``versions`` with several templates (canary updates),
+global templates, zonal MIGs.
 
 Every request is recorded in :attr:`ComputeStandIn.calls` (method id, path parameters, query, body) for assertions.
 Serve it with :func:`serve` (``http.server`` in a thread) and reach it with the official client:
@@ -114,6 +121,7 @@ SERVED: dict[str, tuple[str, ...]] = {
     ),
     "regionOperations": ("get", "wait"),
     "regions": ("get",),
+    "zoneOperations": ("list",),
 }
 REQUIRED_ALIASES = {"compute.regionInstanceTemplates.insert": "compute.instanceTemplates.insert"}
 DEFAULT_REGIONS = {
@@ -384,6 +392,7 @@ class ComputeStandIn:
         self._inserting: dict[tuple[str, str, str], tuple[str, str, str]] = {}  # insert operation → template
         self.faults: list[Fault] = []
         self.op_faults: list[Fault] = []
+        self.zone_ops: list[tuple[str, str, dict[str, Any]]] = []  # (project, zone, Operation), oldest first
         self._ids = itertools.count(int(time.time() * 1000) * 1000)
         self._lock = threading.RLock()
         self._rand = random.Random(7)
@@ -415,6 +424,36 @@ class ComputeStandIn:
         """Let creation succeed again (a quota raised, capacity back): the next retries create the instances."""
         with self._lock:
             self.creation_faults.clear()
+
+    def preempt(self, project: str, region: str, mig: str, name: str) -> dict[str, Any]:
+        """Compute Engine takes the spot VM ``name`` of ``mig`` back: the ``compute.instances.preempted`` zone
+        operation is recorded, and the MIG recreates the instance. Returns the operation."""
+        with self._lock:
+            self._advance()
+            vm = self.migs[(project, region, mig)].vms[name]
+            zone_url = f"{BASE}projects/{project}/zones/{vm.zone}"
+            op_name = f"systemevent-{int(time.time() * 1000)}-{self._rand.getrandbits(48):012x}"
+            at = _now()
+            op = {
+                "kind": "compute#operation",
+                "id": self._id(),
+                "name": op_name,
+                "zone": zone_url,
+                "operationType": "compute.instances.preempted",
+                "targetLink": f"{zone_url}/instances/{name}",
+                "targetId": vm.id,
+                "status": "DONE",
+                "statusMessage": "Instance was preempted.",
+                "user": "system",
+                "progress": 100,
+                "insertTime": at,
+                "startTime": at,
+                "endTime": at,
+                "selfLink": f"{zone_url}/operations/{op_name}",
+            }
+            self.zone_ops.append((project, vm.zone, op))
+            vm.action, vm.status, vm.until = "RECREATING", "STOPPING", time.monotonic() + self.create_delay
+            return dict(op)
 
     def called(self, name: str) -> list[Call]:
         """The recorded calls of a method, by its id or last part (``createInstances``)."""
@@ -635,6 +674,25 @@ class ComputeStandIn:
         if op is None:
             raise not_found(f"projects/{params['project']}/regions/{params['region']}/operations/{params['operation']}")
         return dict(op.resource)
+
+    def _zoneOperations_list(self, params: dict[str, str], query: dict[str, Any], body: Any) -> dict:
+        project, zone = params["project"], params["zone"]
+        if not any(zone in zones for zones in self.regions.values()):
+            raise not_found(f"projects/{project}/zones/{zone}")
+        if query.get("orderBy"):
+            raise invalid("the stand-in does not implement orderBy")
+        terms = operation_filter(query.get("filter") or "")
+        found = [
+            dict(op)
+            for p, z, op in self.zone_ops
+            if (p, z) == (project, zone) and all((op.get(f) == v) == (o == "=") for f, o, v in terms)
+        ]
+        items, token = self._page(found, query)
+        url = f"{BASE}projects/{project}/zones/{zone}/operations"
+        answer: dict[str, Any] = {"kind": "compute#operationList", "id": url, "items": items, "selfLink": url}
+        if token:
+            answer["nextPageToken"] = token
+        return answer
 
     # -- regions ----------------------------------------------------------------------------------------------------
 
@@ -1056,6 +1114,23 @@ class ComputeStandIn:
         return self._operation(
             mig.project, mig.region, "compute.instanceGroupManagers.resize", mig.resource["selfLink"], effect
         )
+
+
+_FILTER_TERM = re.compile(r'\s*(?P<field>operationType|targetLink|status)\s*(?P<op>!?=)\s*"(?P<value>[^"]*)"\s*')
+
+
+def operation_filter(text: str) -> list[tuple[str, str, str]]:
+    """``field = "value"`` terms joined by ``AND``, as (field, op, value); anything else answers 400 (the real
+    grammar is larger: a client relying on more is caught)."""
+    if not text.strip():
+        return []
+    terms = []
+    for part in re.split(r"\s+AND\s+", text.strip()):
+        m = _FILTER_TERM.fullmatch(part)
+        if m is None:
+            raise invalid(f"Invalid list filter expression '{text}' (the stand-in reads field = \"value\" terms)")
+        terms.append((m["field"], m["op"], m["value"]))
+    return terms
 
 
 def _check_properties(props: dict[str, Any]) -> None:

@@ -37,8 +37,10 @@ validates nothing. Here:
   (:meth:`KubernetesStandIn.compact`), ``details.causes`` naming the field in every 422, and DeleteOptions'
   ``propagationPolicy`` checked. ``tests/unit/test_kmock.py`` pins each against the documentation.
 
+Evictions and preemptions are modelled as the cluster records them (:meth:`KubernetesStandIn.disrupt_pod`).
+
 What it does not model: scheduling (resources and node capacity are never checked: every pod fits), image pulls (apart
-from :meth:`unpullable`), container restarts, probes, evictions and node loss, ``Unknown`` phase, admission webhooks and
+from :meth:`unpullable`), container restarts, probes, node loss, ``Unknown`` phase, admission webhooks and
 quotas (apart from :meth:`exceed_quota`: creating a resource answers 403 ``exceeded quota``), defaulting of fields
 beyond the server-set ones above, strategic-merge-patch list semantics (patches merge as JSON merge patches — enough for
 the labels and data the provider patches), watch bookmarks, ``deletecollection``,
@@ -694,6 +696,27 @@ class StandInApi(kmock.KubernetesEmulator):
         )
         self._started_at.pop((ns, name), None)
 
+    def disrupt_pod(self, ns: str, name: str, reason: str, message: str) -> None:
+        """The cluster takes the pod back, as Kubernetes >= 1.26 records it: a ``DisruptionTarget`` condition with
+        ``reason``; then a kubelet eviction (``TerminationByKubelet``) fails the pod (``status.reason`` ``Evicted``,
+        its container killed), anything else (``PreemptionByScheduler``, ``EvictionByEvictionAPI``,
+        ``DeletionByTaintManager``) deletes it gracefully, as a client's delete would."""
+        obj = self._get("pods", ns, name)
+        at = _now()
+        condition = {"type": "DisruptionTarget", "status": "True", "reason": reason, "message": message}
+        conditions = [*obj.raw["status"].get("conditions", []), {**condition, "lastTransitionTime": at}]
+        status: dict[str, Any] = {"conditions": conditions}
+        if reason == "TerminationByKubelet":
+            container = obj.raw["spec"]["containers"][0]
+            killed = {"exitCode": 137, "reason": "Error", "startedAt": obj.raw["status"].get("startTime", at)}
+            status |= {"phase": "Failed", "reason": "Evicted", "message": message}
+            status["containerStatuses"] = [
+                _container_status(container, ready=False, state={"terminated": {**killed, "finishedAt": at}})
+            ]
+        obj.patch({"metadata": {"resourceVersion": self._next_rv()}, "status": status})
+        if reason != "TerminationByKubelet":
+            self._delete("pods", ns, name, {}, None)
+
 
 def _container_status(container: dict[str, Any], *, ready: bool, state: dict[str, Any]) -> dict[str, Any]:
     return {
@@ -854,6 +877,10 @@ class KubernetesStandIn:
     def exit_pod(self, namespace: str, name: str, code: int = 0, log: str = "", reason: str | None = None) -> None:
         """The worker in pod ``name`` exits with ``code`` (after printing ``log``)."""
         self.call(lambda api: api.exit_pod(namespace, name, code, log, reason))
+
+    def disrupt_pod(self, namespace: str, name: str, reason: str, message: str) -> None:
+        """The cluster evicts or preempts pod ``name`` (see :meth:`StandInApi.disrupt_pod`)."""
+        self.call(lambda api: api.disrupt_pod(namespace, name, reason, message))
 
     # -- looking -----------------------------------------------------------------------------------------------------
 

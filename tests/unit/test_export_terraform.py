@@ -838,6 +838,22 @@ def test_without_public_url_the_server_url_must_be_given(grid: Grid, tmp_path: P
     assert "pass `-var server_url=https://…`" in (tmp_path / "README.md").read_text()
 
 
+def test_external_ips_follow_the_grid_and_default_to_none_with_cloud_nat(grid: Grid, tmp_path: Path) -> None:
+    def default(g: Grid, out: Path) -> object:
+        tf.export_terraform(g, out)
+        variables = {k: v for entry in parse(out / "variables.tf")["variable"] for k, v in entry.items()}
+        return variables["external_ips"]["default"]
+
+    assert default(grid, tmp_path / "unset") is False  # unset in the grid: no external IPs, Cloud NAT instead
+    data = grid.model_dump(mode="json", exclude_unset=True)
+    for g in data["groups"][:2]:
+        g["gcp"]["external_ip"] = True
+    assert default(Grid.model_validate(data), tmp_path / "set") is True
+    data["groups"][1]["gcp"]["external_ip"] = False
+    with pytest.raises(tf.ExportError, match="differ in external_ip"):
+        tf.export_terraform(Grid.model_validate(data), tmp_path / "mixed")
+
+
 def test_export_refuses_what_one_module_cannot_hold(grid: Grid, tmp_path: Path) -> None:
     local_only = Grid.model_validate({"groups": [{"name": "a", "provider": "local"}]})
     with pytest.raises(tf.ExportError, match="no gcp groups"):

@@ -49,6 +49,7 @@ GROUPS = {
     "process": group(),
     "docker": group(runtimes=["docker", "process"], slots=4, tags=["two words"], resources={"cpus": 4, "memory": "8g"}),
     "awkward": group(env={"FOO": AWKWARD.replace("\n", " "), "QUOTE": 'say "hi"'}, image="busybox:latest"),
+    "spot": group(gcp={"project": "acme", "region": "europe-west1", "spot": True}),
 }
 
 
@@ -154,6 +155,15 @@ def verify_unit(text: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
         timeout=60,
         env={**os.environ, "SYSTEMD_LOG_COLOR": "0"},
     )
+
+
+def test_a_spot_vms_worker_reads_the_shutdown_as_a_preemption_notice() -> None:
+    def args(g: Group) -> list[str]:
+        return files_of(boot.user_data(g, SERVER, server_grace=300))["/etc/scaleq/worker.args"]["content"].split("\n")
+
+    spot = args(GROUPS["spot"])
+    assert spot[spot.index("--on-notice") + 1] == "handback"  # hand the jobs back in the 30 s, not drain
+    assert "--on-notice" not in args(GROUPS["process"])  # a standard VM's shutdown (90 s) drains
 
 
 def test_the_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:

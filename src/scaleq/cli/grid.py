@@ -195,8 +195,8 @@ def worker(
         typer.Option(
             envvar="SCALEQ_ON_NOTICE",
             help="What SIGTERM means: drain (finish running jobs, then exit), or handback (a preemption notice: hand "
-            "running jobs back at once, no attempt spent, then exit). Set handback for spot/preemptible machines "
-            "(a group's env: SCALEQ_ON_NOTICE=handback).",
+            "running jobs back at once, no attempt spent, then exit). The gcp, kubernetes and fly providers set "
+            "handback on spot/preemptible groups' workers themselves.",
         ),
     ] = OnNotice.drain,
     preemptible: Annotated[bool, typer.Option("--preemptible", help="Short for --on-notice handback.")] = False,

@@ -45,7 +45,9 @@ from scaleq.providers.kubernetes import (
     GPU_RESOURCE,
     SAFE_TO_EVICT,
     TERMINATION_GRACE,
+    container_security,
     memory_quantity,
+    pod_security,
     worker_pod_spec,
 )
 
@@ -164,6 +166,7 @@ def server(grid: Grid, names: _Names, image: str) -> list[dict[str, Any]]:
                 "spec": {
                     "enableServiceLinks": False,
                     "automountServiceAccountToken": False,
+                    "securityContext": pod_security(),  # restricted, as the workers' pods
                     "containers": [
                         {
                             "name": "server",
@@ -197,6 +200,7 @@ def server(grid: Grid, names: _Names, image: str) -> list[dict[str, Any]]:
                                 "limits": {"memory": "1Gi"},
                             },
                             "volumeMounts": [{"name": "data", "mountPath": "/data"}],
+                            "securityContext": container_security(),
                         }
                     ],
                     "volumes": [{"name": "data", "emptyDir": {}}],

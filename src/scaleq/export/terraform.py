@@ -95,6 +95,13 @@ def group_variable(group: Group) -> dict[str, Any]:
     }
 
 
+def external_ips(groups: list[Group]) -> bool:
+    """The module's ``external_ips`` default: the groups' ``external_ip`` where they set it (``_check`` makes sure
+    they agree), else none -- and Cloud NAT, which the module then creates, gives the VMs their way out."""
+    chosen = {g.gcp.external_ip for g in groups if g.gcp is not None and g.gcp.external_ip is not None}
+    return chosen == {True}
+
+
 def variables_tf(grid: Grid, groups: list[Group]) -> str:
     """``variables.tf``: its template with the grid's values as the defaults."""
     gcp = groups[0].gcp
@@ -112,6 +119,7 @@ def variables_tf(grid: Grid, groups: list[Group]) -> str:
         name_prefix=hcl_value(name_prefix(grid.name)),
         # without a public_url the variable has no default: terraform asks for it
         server_url_default=f"  default     = {hcl_value(url)}\n" if url else "",
+        external_ips=hcl_value(external_ips(groups)),
         worker_metrics_port=hcl_value(METRICS_PORT),
         drain_seconds=hcl_value(DRAIN_SECONDS),
         collector_zone=hcl_value(zone),
@@ -170,6 +178,12 @@ def _check(grid: Grid) -> tuple[list[Group], list[Group]]:
             raise ExportError(
                 f"gcp groups differ in {field} ({names}); one module serves one {field} — split the grid file"
             )
+    if len({g.gcp.external_ip for g in groups if g.gcp is not None} - {None}) > 1:
+        names = ", ".join(f"{g.name}: {g.gcp.external_ip}" for g in groups if g.gcp is not None)
+        raise ExportError(
+            f"gcp groups differ in external_ip ({names}); one module gives all its VMs external IPs or none — "
+            "split the grid file"
+        )
     prefix = name_prefix(grid.name)
     for g in groups:
         if not g.name[:1].isalpha():

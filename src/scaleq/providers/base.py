@@ -83,6 +83,21 @@ class CapacityRefused(ProviderError):
         self.state: Refusal = state
 
 
+def preemptible(group: Group) -> bool:
+    """Whether the group's machines may be taken back at short notice, so that the SIGTERM its workers get is a
+    preemption notice, not a request to drain: a GCP spot VM (30 s), a pod on spot nodes (``[groups.kubernetes]
+    spot``), a Fly machine (Fly stops machines itself, with ``stop_config``'s signal; the provider drains its own
+    with SIGINT). Their workers run with ``--on-notice handback``: the jobs go back unspent at once."""
+    match group.provider:
+        case "gcp":
+            return group.gcp is not None and group.gcp.spot
+        case "kubernetes":
+            return group.kubernetes is not None and group.kubernetes.spot
+        case "fly":
+            return True
+    return False
+
+
 def worker_args(group: Group, server: str, worker_id: str, server_grace: float) -> list[str]:
     """``scaleq worker …`` arguments (after the program) for a worker of ``group``: every provider starts the same."""
     argv = ["worker", "--server", server, "--queue", group.queue, "--slots", str(group.slots)]
@@ -97,6 +112,8 @@ def worker_args(group: Group, server: str, worker_id: str, server_grace: float) 
         argv += ["--memory", str(group.resources.memory)]
     if group.allow_host_network:
         argv.append("--allow-host-network")
+    if preemptible(group):
+        argv += ["--on-notice", "handback"]
     return argv
 
 

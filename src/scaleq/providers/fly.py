@@ -8,8 +8,9 @@ Design:
   --worker-id …`` (``cmd`` overrides the image's CMD and keeps its ENTRYPOINT, as the docker provider does), the size
   from ``[groups.fly]`` as ``guest`` (``cpu_kind``, ``cpus``, ``memory_mb``), ``restart: {policy: "no"}`` and
   ``auto_destroy: true``: a worker that drained exits, and Fly destroys its machine — nothing is left to pay for.
-  ``stop_config`` asks Fly itself to stop with SIGTERM (a drain) and a long timeout, should Fly stop a machine
-  (host maintenance, ``fly machine stop``).
+  ``stop_config`` asks Fly itself to stop with SIGTERM and a long timeout, should Fly stop a machine (host
+  maintenance, ``fly machine stop``): that is a preemption notice, and the worker (``--on-notice handback``, as
+  every Fly worker runs) hands its jobs back at once, unspent.
 - **The worker token** goes in ``config.env`` as ``SCALEQ_TOKEN``, next to ``group.env``. Fly *secrets* are app-level
   and set with flyctl (``fly secrets set``) or the GraphQL API; the Feb-2024 Machines API (the spec this provider is
   written and tested against) has no secrets endpoint, so ``env`` is what it offers. Anyone whose Fly token can read
@@ -21,11 +22,12 @@ Design:
   Fly runs. States: ``created``/``starting`` → starting, ``started`` → running, ``stopping``/``destroying`` →
   stopping; ``stopped`` (and ``failed``, ``suspended``) machines are housekeeping: ``workers`` destroys them, logging
   the exit code of those that failed; ``destroyed`` ones are gone.
-- **Stopping**: ``stop`` sends ``SIGTERM`` (``POST …/signal``): the worker drains, exits 0 and its machine is
-  destroyed; ``stop`` returns at once. A machine not started yet has nothing to drain and is destroyed at once.
-  ``force`` sends a second SIGTERM (the worker hands its jobs back to the queue) and ``POST …/stop`` with a short
-  timeout, after which Fly kills it. ``destroy`` drains every machine of the group, after ``grace`` seconds forces
-  what is left, then deletes every machine of the group with ``?force=true``.
+- **Stopping**: ``stop`` sends ``SIGINT`` (``POST …/signal``), which a worker always reads as "drain" (SIGTERM being
+  Fly's notice, above): the worker drains, exits 0 and its machine is destroyed; ``stop`` returns at once. A machine
+  not started yet has nothing to drain and is destroyed at once. ``force`` sends SIGTERM (the worker hands its jobs
+  back to the queue) and ``POST …/stop`` with a short timeout, after which Fly kills it. ``destroy`` drains every
+  machine of the group, after ``grace`` seconds forces what is left, then deletes every machine of the group with
+  ``?force=true``.
 - **Credentials** from the usual places: ``FLY_API_TOKEN``, then ``FLY_ACCESS_TOKEN``, then flyctl's
   ``~/.fly/config.yml`` (``access_token``), sent as ``Authorization: Bearer <token>`` (a ``FlyV1 …`` macaroon token is
   sent as it is, as flyctl does). A missing or refused token, or a missing app, is a :class:`ProviderError` (from
@@ -420,9 +422,11 @@ class FlyProvider(ProviderBase):
                 raise self._refusal(r, fly, f"destroy machine {m['id']} of worker {worker_id}")
             return
         if not force and (worker_id in self._stopping or state in _STOPPING):
-            return  # already asked: a second SIGTERM would make the worker hand its jobs back
+            return  # already asked: a second signal would make the worker hand its jobs back
         self._stopping.add(worker_id)  # before the signal: a workers() call meanwhile must not call it running
-        r = await self._send(fly, "POST", f"{path}/signal", what="signal a machine", json={"signal": "SIGTERM"})
+        # SIGINT drains; SIGTERM (the force) hands the jobs back at once
+        drain = {"signal": "SIGTERM" if force else "SIGINT"}
+        r = await self._send(fly, "POST", f"{path}/signal", what="signal a machine", json=drain)
         if force:
             r = await self._send(
                 fly,

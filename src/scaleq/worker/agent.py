@@ -21,11 +21,11 @@ Design:
   see :mod:`scaleq.worker.runtime.watchdog`.)
 - **Drain.** The first SIGTERM (or the server saying ``draining``) stops claiming; running jobs finish; then the
   worker deregisters and exits 0. A second signal stops the jobs and hands them back to the queue.
-- **Preemption.** On a machine the provider may take back (a spot VM, an evictable pod: ``--on-notice handback``,
-  set in the group's env as ``SCALEQ_ON_NOTICE`` today; no provider sets it by itself yet) SIGTERM is that notice,
-  and there is no time to finish anything: the worker stops claiming, hands every running job back at once
-  (``release`` with reason ``preempted``: no attempt spent, the attempt's outcome says why), stops them,
-  deregisters and exits 0.
+- **Preemption.** On a machine the provider may take back (a GCP spot VM, a pod on spot nodes, a Fly machine: the
+  providers start those workers with ``--on-notice handback``, see ``providers.base.preemptible``) SIGTERM is that
+  notice, and there is no time to finish anything: the worker stops claiming, hands every running job back at once
+  (``release`` with reason ``preempted``: no attempt spent, the attempt's outcome says why), stops them, deregisters
+  and exits 0.
 """
 
 from __future__ import annotations

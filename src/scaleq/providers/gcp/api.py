@@ -39,9 +39,10 @@ class Api:
     migs: compute_v1.RegionInstanceGroupManagersClient
     operations: compute_v1.RegionOperationsClient
     regions: compute_v1.RegionsClient
+    zone_operations: compute_v1.ZoneOperationsClient  # where GCP records preemptions (compute.instances.preempted)
 
     def close(self) -> None:
-        for client in (self.templates, self.migs, self.operations, self.regions):
+        for client in (self.templates, self.migs, self.operations, self.regions, self.zone_operations):
             try:
                 client.transport.close()
             except Exception:  # closing must never fail a caller
@@ -89,6 +90,7 @@ class Apis:
                 compute_v1.RegionInstanceGroupManagersClient(**kw),
                 compute_v1.RegionOperationsClient(**kw),
                 compute_v1.RegionsClient(**kw),
+                compute_v1.ZoneOperationsClient(**kw),
             )
 
         api = await asyncio.to_thread(build)

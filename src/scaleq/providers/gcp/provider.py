@@ -10,6 +10,12 @@ failure in its ``lastAttempt.errors`` and in the group's ``listErrors``. ``worke
 worker's detail (and logs it once), :meth:`GcpProvider.last_errors` says the last one per instance (and
 ``why_not_up``, for the controller's ``not_registered`` event), and ``health`` reports the failing instances of the
 provider's group, so that "a machine never came up" comes with GCP's reason.
+
+**Preemption is read where GCP records it**: taking a spot VM back is a zone operation of type
+``compute.instances.preempted`` on the instance (Google's own "preemption history" uses the same filter).
+``preempted`` lists those operations in the zones of the instances asked about (the region's zones for one no longer
+listed) and answers for the instances preempted within :data:`PREEMPTED_WITHIN`: a MIG recreates a preempted VM
+under its name, so an older preemption of the same name says nothing about the worker silent now.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Collection
+from datetime import datetime
 from typing import TypeVar
 
 from google.api_core import exceptions as gexc
@@ -41,6 +48,9 @@ from scaleq.providers.gcp.resources import (
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+#: A preemption this recent (seconds) explains a silent worker; older ones were of an earlier VM of the same name.
+PREEMPTED_WITHIN = 600.0
+PREEMPTED_FILTER = 'operationType="compute.instances.preempted"'
 _STOPPING_ACTIONS = {"DELETING", "ABANDONING", "STOPPING", "SUSPENDING"}
 _STOPPING_STATUS = {"STOPPING", "PENDING_STOP", "SUSPENDING", "DEPROVISIONING"}
 
@@ -267,7 +277,7 @@ class GcpProvider(ProviderBase):
             else:
                 state = "starting"
             template = mi.version.instance_template
-            zone = mi.instance.split("/zones/", 1)[-1].split("/", 1)[0] if "/zones/" in mi.instance else "?"
+            zone = _zone(mi.instance)
             detail = f"instance {mi.name} in {zone}: {action.lower() or 'none'}, {status or 'no status yet'}"
             if failing := attempt_error(mi):
                 detail += f"; creating it failed, the MIG retries: {failing}"
@@ -331,6 +341,37 @@ class GcpProvider(ProviderBase):
         (a quota, a stock-out, an org policy) is why its worker never registered."""
         errors = await self.last_errors(group)
         return {i: f"GCP could not create instance {i}: {errors[i]}" for i in worker_ids if i in errors}
+
+    async def preempted(self, group: Group, worker_ids: Collection[str]) -> dict[str, str]:
+        """Of these instances, those GCP preempted lately (a ``compute.instances.preempted`` zone operation within
+        :data:`PREEMPTED_WITHIN`), each with GCP's status message, zone and time."""
+        s = self._settings(group)
+        wanted = set(worker_ids)
+        if not wanted:
+            return {}
+        zones = {name: _zone(mi.instance) for name in wanted if (mi := self._listed.get(name)) is not None}
+
+        def read(api: Api) -> dict[str, str]:
+            where = set(zones.values())
+            if len(zones) < len(wanted):  # not listed (gone, or the MIG is recreating it): every zone of the region
+                where |= set(s.zones) or {
+                    z.rsplit("/", 1)[-1]
+                    for z in api.regions.get(project=s.project, region=s.region, timeout=self.api_timeout).zones
+                }
+            since = time.time() - PREEMPTED_WITHIN
+            found: dict[str, str] = {}
+            for zone in sorted(where - {"?"}):
+                request = compute_v1.ListZoneOperationsRequest(project=s.project, zone=zone, filter=PREEMPTED_FILTER)
+                for op in api.zone_operations.list(request=request, timeout=self.api_timeout):
+                    name = op.target_link.rsplit("/", 1)[-1]
+                    if name in wanted and _when(op.insert_time) >= since:
+                        said = op.status_message or "preempted"
+                        found[name] = (
+                            f"GCP: {said.rstrip('.')} (compute.instances.preempted in {zone} at {op.insert_time})"
+                        )
+            return found
+
+        return await self._run(s, f"read the preemptions of group {group.name}", read)
 
     async def reap(self, group: Group, worker_ids: Collection[str]) -> set[str]:
         """Delete the instances of these workers, which left the server: a VM outlives its worker (a drained worker
@@ -488,6 +529,18 @@ class GcpProvider(ProviderBase):
                 "machine type; an org policy: see its constraint)",
             )
         return Health(True, message)
+
+
+def _zone(instance_url: str) -> str:
+    return instance_url.split("/zones/", 1)[-1].split("/", 1)[0] if "/zones/" in instance_url else "?"
+
+
+def _when(rfc3339: str) -> float:
+    """An API timestamp in seconds since the epoch (0 when unreadable: too old to count)."""
+    try:
+        return datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return 0.0
 
 
 def attempt_error(mi: compute_v1.ManagedInstance) -> str:

@@ -83,10 +83,9 @@ def template_resource(
     """The instance template of the group's current version."""
     tags = labels(grid, group)
     network = s.network if "/" in s.network else f"projects/{s.project}/global/networks/{s.network}"
-    interface = compute_v1.NetworkInterface(
-        network=network,
-        access_configs=[compute_v1.AccessConfig(name="External NAT", type_="ONE_TO_ONE_NAT")],
-    )
+    interface = compute_v1.NetworkInterface(network=network)
+    if s.external_ip is not False:  # the default: the provider makes no Cloud NAT, so without it no image pull
+        interface.access_configs = [compute_v1.AccessConfig(name="External NAT", type_="ONE_TO_ONE_NAT")]
     if s.subnetwork:
         interface.subnetwork = (
             s.subnetwork

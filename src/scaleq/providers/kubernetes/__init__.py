@@ -13,8 +13,10 @@ Design:
   ``group.image``, with ``restartPolicy: Never`` (a drained worker must stay gone; the controller replaces workers),
   requests and limits from ``group.resources`` (``cpu``, ``memory``, ``nvidia.com/gpu``; requests equal limits, so
   the pod is in the Guaranteed QoS class and is the last to be evicted under node pressure), the group's
-  ``service_account`` and ``image_pull_policy``, no service-link environment variables, and no API token mounted
-  unless a service account is named (workers do not talk to the Kubernetes API).
+  ``service_account``, ``image_pull_policy`` and ``node_selector``, a security context that passes the
+  ``restricted`` Pod Security Standard (see ``manifests.py``), no service-link environment variables, and no API
+  token mounted unless a service account is named (workers do not talk to the Kubernetes API). A ``spot`` group's
+  workers read SIGTERM as a preemption notice (``--on-notice handback``).
 - **The worker token** comes from the Secret ``scaleq-<grid>-worker-token`` (key ``token``) that ``start`` creates or
   updates in the namespace: ``SCALEQ_TOKEN`` is a ``secretKeyRef``, never a plain value in the pod spec, so whoever
   may read pods may not read the token. ``destroy`` deletes the Secret once no pod of the grid is left there.
@@ -56,11 +58,14 @@ from scaleq.providers.kubernetes.manifests import (
     TOKEN_KEY,
     VERSION_LABEL,
     WORKER_LABEL,
+    WORKER_UID,
+    container_security,
     cpu_quantity,
     grid_labels,
     group_selector,
     memory_quantity,
     pod_labels,
+    pod_security,
     resources,
     token_secret,
     token_secret_name,
@@ -84,12 +89,15 @@ __all__ = [
     "TOKEN_KEY",
     "VERSION_LABEL",
     "WORKER_LABEL",
+    "WORKER_UID",
     "KubernetesProvider",
+    "container_security",
     "cpu_quantity",
     "grid_labels",
     "group_selector",
     "memory_quantity",
     "pod_labels",
+    "pod_security",
     "resources",
     "token_secret",
     "token_secret_name",

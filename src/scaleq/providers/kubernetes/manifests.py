@@ -2,11 +2,19 @@
 
 Pure functions, no client needed: the provider builds its pods with them, and ``scaleq export k8s`` builds the same
 worker containers for its Deployments (see the package's docstring for why each field is what it is).
+
+**The pods pass the ``restricted`` Pod Security Standard** (:data:`POD_SECURITY`, :data:`CONTAINER_SECURITY`): the
+worker needs no privilege -- it runs as a numeric non-root user (:data:`WORKER_UID`, the "nonroot" uid of distroless
+images: the image's files are world-readable and its work directory is ``/tmp``), with no privilege escalation, every
+capability dropped and the runtime's default seccomp profile. Its process jobs run the same way. Container jobs need
+a Docker Engine, which the pod does not mount: a remote one (``DOCKER_HOST`` in the group's env) keeps the pod
+restricted; the node's socket (a ``hostPath`` volume, added by whoever deploys it) needs the ``privileged`` level.
 """
 
 from __future__ import annotations
 
 import base64
+import copy
 from typing import Any
 
 from scaleq.grid import Group, KubernetesSettings
@@ -22,6 +30,32 @@ SAFE_TO_EVICT = "cluster-autoscaler.kubernetes.io/safe-to-evict"
 CONTAINER = "worker"
 TOKEN_KEY = "token"
 GPU_RESOURCE = "nvidia.com/gpu"
+#: The worker's user and group: numeric (``runAsNonRoot`` cannot check a name) and not root.
+WORKER_UID = 65532
+#: The pod's and the worker container's security contexts: what the ``restricted`` Pod Security Standard asks
+#: (copy them: :func:`pod_security`, :func:`container_security`; a shared dict would be a YAML alias when dumped).
+POD_SECURITY: dict[str, Any] = {
+    "runAsNonRoot": True,
+    "runAsUser": WORKER_UID,
+    "runAsGroup": WORKER_UID,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+CONTAINER_SECURITY: dict[str, Any] = {
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+    "runAsNonRoot": True,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+
+
+def pod_security() -> dict[str, Any]:
+    return copy.deepcopy(POD_SECURITY)
+
+
+def container_security() -> dict[str, Any]:
+    return copy.deepcopy(CONTAINER_SECURITY)
+
+
 #: Long enough for a job of the default max_duration that started just before the SIGTERM, plus its outputs.
 TERMINATION_GRACE = DEFAULT_MAX_DURATION + 300
 
@@ -98,6 +132,7 @@ def worker_container(
         "args": worker_args(group, server, worker_id, server_grace),
         "env": env,
         "resources": resources(group),
+        "securityContext": container_security(),
     }
 
 
@@ -119,6 +154,7 @@ def worker_pod_spec(
         "terminationGracePeriodSeconds": grace,
         "enableServiceLinks": False,
         "automountServiceAccountToken": settings.service_account is not None,
+        "securityContext": pod_security(),
         "containers": [
             worker_container(
                 group,
@@ -134,4 +170,6 @@ def worker_pod_spec(
     }
     if settings.service_account:
         spec["serviceAccountName"] = settings.service_account
+    if settings.node_selector:
+        spec["nodeSelector"] = dict(settings.node_selector)
     return spec

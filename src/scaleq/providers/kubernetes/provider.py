@@ -8,6 +8,11 @@ pod of the grid is left; ``health`` asks the API server whether the credentials 
 It lists on every call and never watches: the controller asks once a tick, and a fresh list has no resourceVersion
 to outlive, so a watch's 410 Expired (history compacted) cannot reach it. The one object it updates, the Secret, it
 updates with the resourceVersion it read, so a concurrent writer is a 409 Conflict and a fresh read, not a lost write.
+
+``preempted`` answers from what Kubernetes records when it takes a pod back: a kubelet's eviction (``status.reason``
+``Evicted``) or, since 1.26, a ``DisruptionTarget`` condition (:data:`DISRUPTIONS`: preemption by the scheduler, the
+Eviction API, the kubelet, the taint manager, the pod garbage collector). An evicted pod has failed, and ``workers``
+deletes failed pods: what it saw is remembered, so the controller's question that follows still has its answer.
 """
 
 from __future__ import annotations
@@ -54,6 +59,19 @@ NEEDED_ACCESS = (
     ("patch", "secrets"),
     ("delete", "secrets"),
 )
+#: The reasons of a ``DisruptionTarget`` condition: the cluster, not the worker, ended the pod.
+DISRUPTIONS = frozenset(
+    {
+        "PreemptionByScheduler",
+        "PreemptionByKubeScheduler",  # its name before Kubernetes 1.27
+        "EvictionByEvictionAPI",
+        "TerminationByKubelet",
+        "DeletionByTaintManager",
+        "DeletionByPodGC",
+    }
+)
+#: How many evictions seen by ``workers`` are kept for ``preempted`` (the controller asks within seconds).
+TAKEN_KEPT = 256
 #: Pod problems worth a warning in the log (once per pod and reason).
 _STUCK = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError", "Unschedulable"}
 
@@ -82,6 +100,7 @@ class KubernetesProvider(ProviderBase):
         self.api_timeout = api_timeout
         self._connections = Connections()
         self._warned: set[tuple[str, str]] = set()
+        self._taken: dict[str, str] = {}  # worker id → how the cluster took its pod back, seen as it was deleted
 
     # -- the API server ---------------------------------------------------------------------------------------------
 
@@ -210,6 +229,10 @@ class KubernetesProvider(ProviderBase):
         """Delete a pod whose worker exited, saying why it exited if it failed."""
         k8s = client_modules()
         name = pod.metadata.name
+        if taken := disruption(pod):
+            self._taken[(pod.metadata.labels or {}).get(WORKER_LABEL) or name] = taken
+            while len(self._taken) > TAKEN_KEPT:  # idle workers' evictions are never asked about: forget the oldest
+                del self._taken[next(iter(self._taken))]
         terminated = None
         for cs in (pod.status.container_statuses if pod.status else None) or []:
             if cs.state is not None and cs.state.terminated is not None:
@@ -283,6 +306,25 @@ class KubernetesProvider(ProviderBase):
                 worker_id = (pod.metadata.labels or {}).get(WORKER_LABEL) or pod.metadata.name
                 if worker_id in wanted:
                     found[worker_id] = self._describe(pod)[1]
+            return found
+
+        return await self._call(settings, f"read the pods of group {group.name} in namespace {ns}", look)
+
+    async def preempted(self, group: Group, worker_ids: Collection[str]) -> dict[str, str]:
+        """Of these workers, those whose pods the cluster evicted or preempted (:func:`disruption`), as seen now or
+        as ``workers`` saw them before deleting the failed pods."""
+        settings = self._settings(group)
+        ns, wanted = settings.namespace, set(worker_ids)
+
+        def look(conn: Connection) -> dict[str, str]:
+            pods = conn.core.list_namespaced_pod(
+                ns, label_selector=group_selector(self.grid, group.name), _request_timeout=self.api_timeout
+            ).items
+            found = {i: self._taken.pop(i) for i in wanted if i in self._taken}
+            for pod in pods:
+                worker_id = (pod.metadata.labels or {}).get(WORKER_LABEL) or pod.metadata.name
+                if worker_id in wanted and (taken := disruption(pod)):
+                    found[worker_id] = taken
             return found
 
         return await self._call(settings, f"read the pods of group {group.name} in namespace {ns}", look)
@@ -417,3 +459,16 @@ class KubernetesProvider(ProviderBase):
             return await self._call(settings, f"check access to namespace {ns}", check)
         except ProviderError as exc:
             return Health(False, str(exc))
+
+
+def disruption(pod: Any) -> str:
+    """How the cluster took the pod back, in its words: an eviction (``status.reason`` ``Evicted``) or a
+    ``DisruptionTarget`` condition of :data:`DISRUPTIONS`; empty when it did not."""
+    status = pod.status
+    name = pod.metadata.name
+    for cond in (status.conditions if status else None) or []:
+        if cond.type == "DisruptionTarget" and cond.status == "True" and cond.reason in DISRUPTIONS:
+            return f"pod {name}: DisruptionTarget {cond.reason}: {cond.message or 'no message'}"
+    if status is not None and status.reason == "Evicted":
+        return f"pod {name} evicted: {status.message or 'no message'}"
+    return ""

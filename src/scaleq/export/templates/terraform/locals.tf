@@ -49,6 +49,8 @@ locals {
       flatten([for t in g.tags : ["--tag", t]]),
       g.memory == null ? [] : ["--memory", tostring(g.memory)],
       g.allow_host_network ? ["--allow-host-network"] : [],
+      # a spot VM's shutdown is a preemption notice (30 s): hand the jobs back rather than drain
+      g.spot ? ["--on-notice", "handback"] : [],
       ["--metrics-port", tostring(var.worker_metrics_port)],
     )
   }
