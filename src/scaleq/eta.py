@@ -146,8 +146,8 @@ def estimate(
         booting = len(g.starting) + to_start
         if booting:
             seen = f"typical boot {boot:.0f} s" if g.boot_seconds is not None else f"boot assumed {boot:.0f} s"
-            into = f", {max(g.starting):.0f} s in" if g.starting else ""
-            starting_words.append(f"{_n(booting, 'worker')} starting ({seen}{into})")
+            far = f", {max(g.starting):.0f} s in" if g.starting else ""
+            starting_words.append(f"{_n(booting, 'worker')} starting ({seen}{far})")
 
     # a busy slot opens when its run ends; each running job holds one
     busy = len(running)
