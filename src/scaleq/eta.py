@@ -185,11 +185,13 @@ def estimate(
     return Estimate(max(now, at), basis, n_ahead, total, typical)
 
 
-def in_words(est: Estimate, now: float) -> str:
-    """ "now", "in ~3 min (at 14:05)", or "unknown" -- local time of day, as the user's terminal shows it."""
-    if est.at is None:
+def in_words(est: Estimate | float | None, now: float) -> str:
+    """ "now", "in ~3 min (at 14:05)", or "unknown" -- local time of day, as the user's terminal shows it. Takes an
+    estimate or its ``at`` (as the API serves it)."""
+    at = est.at if isinstance(est, Estimate) else est
+    if at is None:
         return "unknown"
-    wait = est.at - now
+    wait = at - now
     if wait < 1:
         return "now"
     if wait < 90:
@@ -200,5 +202,5 @@ def in_words(est: Estimate, now: float) -> str:
         rel = f"in ~{wait / 3600:.1f} h"
     else:
         rel = f"in ~{wait / 86400:.1f} days"
-    clock = time.strftime("%H:%M" if wait < 20 * 3600 else "%a %H:%M", time.localtime(est.at))
+    clock = time.strftime("%H:%M" if wait < 20 * 3600 else "%a %H:%M", time.localtime(at))
     return f"{rel} (at {clock})"
