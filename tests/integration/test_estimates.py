@@ -16,6 +16,8 @@ from typer.testing import CliRunner
 
 from scaleq.cli import app
 from scaleq.client import Client
+from scaleq.eta import DEFAULT_BOOT
+from scaleq.grid import Group
 from scaleq.jobs import JobDefinition, RuntimeKind, SubmitRequest, Worker
 from scaleq.store.base import FinishResult
 from tests.helpers import LiveServer
@@ -121,3 +123,26 @@ async def test_nothing_that_can_run_it_says_so(sqlite_live: LiveServer) -> None:
         await c.put_group(status(queue="nobody", current=0, desired=0, reporter="stopped"))
         page = await get(c, f"/jobs/{lonely.id}")
         assert page["estimated_start"] is None and "no worker up or to start" in page["estimate_basis"]
+
+
+async def test_with_the_grid_in_process_a_group_that_does_not_fit_is_left_out(sqlite_live: LiveServer) -> None:
+    """As under ``scaleq up``: the server knows its groups' capabilities and names the one that cannot run the job."""
+    live = sqlite_live
+    live.app.state.clock = lambda: T  # type: ignore[attr-defined]
+    cpu = Group(name="cpu", queue="mixed", provider="local", runtimes=[RuntimeKind.process], max_workers=2)
+    gpu = Group(
+        name="gpu", queue="mixed", provider="local", runtimes=[RuntimeKind.process], max_workers=1,
+        resources={"gpus": 1},
+    )  # fmt: skip
+    live.app.state.runnable.groups = [cpu, gpu]  # type: ignore[attr-defined]
+    async with live.client() as c:
+        for g in (cpu, gpu):
+            await c.put_group(status(name=g.name, queue="mixed", max=g.max_workers, current=0, desired=0))
+        job, _ = await c.submit(SubmitRequest(queue="mixed", definition=definition(1, requirements={"gpus": 1})))
+        page = await get(c, f"/jobs/{job.id}")
+        # the gpu group starts one worker for it (boot not seen yet: assumed); the cpu group is named as unfit
+        assert page["estimated_start"] == T + DEFAULT_BOOT
+        assert page["estimate_basis"] == (
+            f"0 ahead, 0 workers x 1 slot, 1 worker starting (boot assumed {DEFAULT_BOOT:.0f} s), "
+            "not counted: group cpu offers gpus 0, the job needs 1"
+        )
