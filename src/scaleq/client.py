@@ -136,6 +136,11 @@ class Client:
             params["state"] = state
         return Job.model_validate(await self._json("GET", f"/jobs/{job_id}", params=params, timeout=wait + 30))
 
+    async def get_job_estimate(self, job_id: str) -> tuple[Job, float | None, str | None]:
+        """A job with its estimated start (epoch seconds, None: not queued or unknown) and what that rests on."""
+        data = await self._json("GET", f"/jobs/{job_id}")
+        return Job.model_validate(data), data.get("estimated_start"), data.get("estimate_basis")
+
     async def list_jobs(
         self, *, queue: str | None = None, state: str | None = None, limit: int = 100, reason: str | None = None
     ) -> list[Job]:

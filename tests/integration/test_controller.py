@@ -58,6 +58,8 @@ async def test_scales_from_zero_to_max_and_back_to_zero(live: LiveServer, tmp_pa
                 for i in range(6)
             ]
             await eventually(lambda: _count(provider, g, 3), timeout=10)
+            # the status says what the start-time estimate needs: slots, boots seen, none still starting
+            await eventually(lambda: _capacity_said(admin, g.slots), timeout=10)
             gate.touch()
             for job_id in ids:
                 await eventually(lambda j=job_id: _finished(admin, j), timeout=30)
@@ -81,6 +83,12 @@ async def _count(provider: LocalProvider, g: Group, n: int) -> bool:
 async def _status(c: Client, **expected: int) -> bool:
     (status,) = await c.groups()
     return all(status[k] == v for k, v in expected.items())
+
+
+async def _capacity_said(c: Client, slots: int) -> bool:
+    (status,) = await c.groups()
+    boot = status["boot_seconds"]
+    return status["slots"] == slots and status["starting"] == [] and boot is not None and 0 < boot < 10
 
 
 async def _finished(c: Client, job_id: str) -> bool:

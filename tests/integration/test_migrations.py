@@ -446,6 +446,13 @@ async def assert_the_store_works(store: Store, seeded_at: int = 1) -> None:
         by_group = {u.key: u.worker_seconds for u in await store.usage("group", 0, T0 + 200)}
         assert by_group["g"] == 100.0  # w-old: T0 to its heartbeat above
     assert [g.price_per_hour for g in await store.list_groups()] == [None]
+    # 0009: groups written before it have 1 slot per worker, no boot seen and no worker starting; the job queued
+    # since is first in its queue, and the queue's two successful runs are timed (the one seeded, the one finished
+    # above: started at T0 + 10, finished at T0 + 101)
+    assert [(g.slots, g.boot_seconds, g.starting) for g in await store.list_groups()] == [(1, None, ())]
+    ahead = await store.ahead_of(flaky.id, running=10, runs=10)
+    assert (ahead.queued, ahead.running) == (0, ())
+    assert len(ahead.recent_runs) == 2 and 91.0 in ahead.recent_runs
 
 
 #: The migration that fills in the group and share of attempts made before it.

@@ -36,6 +36,7 @@ from scaleq.cli.common import (
     with_client,
 )
 from scaleq.client import ApiError, Client, Unreachable
+from scaleq.eta import in_words
 from scaleq.jobfile import JobInputError, JobSpec, build, encode_blobs, load_lines, problems
 from scaleq.jobs import ArraySpec, Job, Reason, State, SubmitRequest, array_id, validate_queue_name
 
@@ -432,19 +433,28 @@ def job(
 ) -> None:
     """Show one job: its definition, state and attempts."""
 
-    async def go(client: Client) -> tuple[Job, list[dict]]:
-        j = await client.get_job(job_id)
-        return j, await client.attempts(j.id)
+    async def go(client: Client) -> tuple[tuple[Job, float | None, str | None], list[dict]]:
+        found = await client.get_job_estimate(job_id)
+        return found, await client.attempts(found[0].id)
 
-    j, attempts = with_client(server, token, data_dir, go)
+    (j, starts_at, basis), attempts = with_client(server, token, data_dir, go)
     if output == Output.json:
-        emit_json({**_summary(j), "definition": j.definition.model_dump(mode="json"), "attempt_history": attempts})
+        emit_json(
+            {
+                **_summary(j),
+                "estimated_start": starts_at,
+                "estimate_basis": basis,
+                "definition": j.definition.model_dump(mode="json"),
+                "attempt_history": attempts,
+            }
+        )
         return
     d = j.definition
     rows = [
         ("id", j.id),
         ("queue", j.queue),
         ("state", _status(j)),
+        *([("starts", f"{in_words(starts_at, time.time())} — {basis}")] if j.state == State.queued and basis else []),
         ("error", j.error or ""),
         ("image", d.image or "(process)"),
         ("command", " ".join(d.command)),

@@ -11,6 +11,9 @@ Design:
   (``why_not_up``: an image that cannot be pulled, a quota, a machine that exited). The policy counts every
   machine toward ``max_workers``, so workers that never come up are replaced as their machines go, never piled up.
 - **Record** every change as an event with the policy's reason, and the group's current/desired counts.
+  The status also says what capacity is coming, for the start-time estimate of queued jobs (:mod:`scaleq.eta`):
+  the group's slots, when each worker still starting was asked for, and the median of the last boots seen (from
+  asking the provider to the worker's registration).
 - **Hand back what preemption took.** A registered worker that holds jobs and has been silent for
   ``SILENT_AFTER`` seconds is a suspect; the provider is asked whether it took the machine back (``preempted``), and
   the jobs of those it did go back to their queues at once, attempts ending ``preempted`` and not counted — before
@@ -31,7 +34,9 @@ import asyncio
 import contextlib
 import functools
 import logging
+import statistics
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Protocol
@@ -60,6 +65,8 @@ STATUS_REFRESH = 5.0
 SILENT_AFTER = 3.0
 #: The same silent worker is asked about again after this long (the provider may not know yet).
 ASK_AGAIN = 3.0
+#: Boots remembered per group: their median is the group's typical boot in its status.
+BOOTS_KEPT = 20
 
 
 class Observer(Protocol):
@@ -96,7 +103,8 @@ class GroupLoop:
     early_exits: int = 0  # started workers that vanished without ever registering, in a row
     known: set[str] = field(default_factory=set)  # listed workers seen registered (not gone) with the server
     crash_backoff: float = 5.0
-    recorded: tuple[int, int, str, str] | None = None  # (current, desired, note, state) last written as the status
+    # (current, desired, note, state, workers starting) last written as the status
+    recorded: tuple[int, int, str, str, int] | None = None
     recorded_at: float = float("-inf")
     checks: tuple[Check, ...] = ()  # the signal checks last written with the status
     trouble: tuple[str, str, float] | None = None  # (state, message, since) while steps fail
@@ -107,6 +115,10 @@ class GroupLoop:
     targets: tuple[float, Check] | None = None  # the last scrape-targets check of a promql signal, and when
     unrunnable: int = 0  # queued jobs of the group's queue that it cannot run, at the last status refresh
     asked: dict[str, float] = field(default_factory=dict)  # silent workers asked about (provider.preempted), when
+    # for the start-time estimate of queued jobs (scaleq.eta), written with the status: the last boots seen (seconds
+    # from asking the provider to registration) and when each worker still starting was asked for
+    boots: deque[float] = field(default_factory=lambda: deque(maxlen=BOOTS_KEPT))
+    starting: tuple[float, ...] = ()
 
 
 class Controller:
@@ -151,7 +163,7 @@ class Controller:
     async def _stopped(self) -> None:
         for loop in self.loops:
             if loop.recorded is not None:
-                current, desired, note, _ = loop.recorded
+                current, desired, note = loop.recorded[:3]
                 await self.observer.status(
                     self._group_status(loop, current, desired, note, self.clock(), reporter="stopped")
                 )
@@ -183,10 +195,13 @@ class Controller:
             loop.lapsed &= {w.id for w in provider_workers}
             if fresh := [i for i in decision.lapsed if i not in loop.lapsed]:
                 await self._stop_lapsed(loop, fresh)
+            booting = [v.started_at for v in views if v.state == "starting" and v.id not in decision.lapsed]
             if decision.start:
                 started = await loop.provider.start(g, decision.start)
                 loop.pending.update(dict.fromkeys(started, now))
+                booting += [now] * len(started)
                 log.info("group %s: started %s", g.name, ", ".join(started))
+            loop.starting = tuple(sorted(booting))
             for worker_id in decision.drain:
                 await self.observer.drain(worker_id)
             if decision.start or decision.drain or decision.desired != loop.last_desired:
@@ -248,7 +263,7 @@ class Controller:
         how the dashboard and doctor tell a live controller from a stopped one). ``checks`` reads the signal checks
         afresh when the status is written; without it (a failing step) the last ones stand."""
         state = loop.trouble[0] if loop.trouble else "ok"
-        key = (current, desired, note, state)
+        key = (current, desired, note, state, len(loop.starting))
         if key != loop.recorded or now - loop.recorded_at >= STATUS_REFRESH:
             if checks is not None:
                 loop.checks = await checks()
@@ -277,6 +292,9 @@ class Controller:
             message=message,
             state_since=since,
             price_per_hour=g.price_per_hour,
+            slots=g.slots,
+            boot_seconds=statistics.median(loop.boots) if loop.boots else None,
+            starting=loop.starting,
         )
 
     async def _stop_lapsed(self, loop: GroupLoop, worker_ids: list[str]) -> None:
@@ -434,7 +452,7 @@ class Controller:
         known = {w.id for w in registered if w.state != "gone"}
         for worker_id in list(loop.pending):
             if worker_id in known:
-                del loop.pending[worker_id]
+                loop.boots.append(max(0.0, now - loop.pending.pop(worker_id)))
                 loop.early_exits, loop.crash_backoff = 0, 5.0
             elif worker_id not in listed:
                 del loop.pending[worker_id]

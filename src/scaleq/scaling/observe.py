@@ -108,6 +108,9 @@ class RemoteObserver:
                 "state": status.state,
                 "message": status.message[:4000],
                 "state_since": status.state_since,
+                "slots": status.slots,
+                "boot_seconds": status.boot_seconds,
+                "starting": list(status.starting),
             }
         )
 

@@ -16,6 +16,10 @@ What is simulated, and how:
   it is up, not leaving, and runs no job.
 
 The run lasts until every job has finished and the trace's horizon is reached, the same span for every policy.
+
+A ``probe`` (optional) is shown a :class:`Snapshot` at each instant jobs arrive and wait: what a server would know
+then (the jobs ahead, the runs in progress, the workers, the policy's last decision, recent run times). The
+start-time benchmark (``bench/eta.py``) estimates from it and compares with when each job did start.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from __future__ import annotations
 import heapq
 import math
 import random
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -32,7 +37,7 @@ from scaleq.scaling.policy import Demand, WorkerView
 from scaleq.sim.peers import SimPolicy, make_policy
 from scaleq.sim.traces import Trace
 
-__all__ = ["Result", "percentile", "run_simulation", "simulate"]
+__all__ = ["Result", "Snapshot", "percentile", "run_simulation", "simulate"]
 
 Dispatch = Literal["pack", "fifo", "random"]
 _DONE, _KILL, _BOOT, _ARRIVAL, _TICK = range(5)  # order of events at the same instant
@@ -59,6 +64,22 @@ class Result:
     series: tuple[tuple[float, int, int], ...] = field(repr=False)  # (t, queued, workers) at each change
     events: tuple[tuple[float, int, int, str], ...] = field(repr=False)  # (t, started, stopped, reason)
     waits: tuple[float, ...] = field(repr=False, default=())  # per job, in trace order (nan: unfinished)
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """What a server would know at ``at``, just after jobs arrived and the policy decided."""
+
+    at: float
+    waiting: tuple[tuple[int, int], ...]  # (job, jobs queued ahead of it) for the jobs that arrived now and wait
+    running: tuple[float, ...]  # start of each run in progress
+    workers: tuple[WorkerView, ...]
+    desired: int  # the policy's last decision
+    recent: tuple[float, ...]  # durations of the latest finished runs, oldest first
+
+
+#: Finished runs a Snapshot recalls.
+RECENT = 50
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -99,8 +120,9 @@ def simulate(
     boot_time: float,
     dispatch: Dispatch = "pack",
     seed: int = 0,
+    probe: Callable[[Snapshot], None] | None = None,
 ) -> Result:
-    """Run one trace under one policy."""
+    """Run one trace under one policy (``probe``: see the module's docstring)."""
     arrivals = [a for a, _ in trace.jobs]
     durations = [d for _, d in trace.jobs]
     n = len(arrivals)
@@ -126,6 +148,8 @@ def simulate(
     lost = 0.0
     series: list[tuple[float, int, int]] = []
     events: list[tuple[float, int, int, str]] = []
+    recent: deque[float] = deque(maxlen=RECENT)
+    desired = 0
 
     def gone(w: _Worker, t: float) -> None:
         nonlocal idle_total
@@ -144,9 +168,10 @@ def simulate(
                 push(t + policy.kill_grace, _KILL, by_id[w.id])
 
     def act(t: float) -> None:
-        nonlocal started, scale_events, peak
+        nonlocal started, scale_events, peak, desired
         views = [w.view or w.make_view() for w in alive.values()]
         a = policy.step(Demand(t, len(queue), running), views, t)
+        desired = a.desired
         if a.start or a.stop:
             scale_events += 1
             events.append((t, a.start, len(a.stop), a.reason))
@@ -198,6 +223,7 @@ def simulate(
         if t > limit:
             break
         arrived = ticked = False
+        first_new = next_arrival
         while heap and heap[0][0] == t:
             _, kind, _, a, b, c = heapq.heappop(heap)
             if kind == _DONE:
@@ -207,6 +233,7 @@ def simulate(
                     running -= 1
                     finish[j] = t
                     finished += 1
+                    recent.append(durations[j])
                     w.last_change, w.view = t, None
                     if not w.jobs:
                         if w.state == "leaving":
@@ -242,6 +269,20 @@ def simulate(
             act(t)
             if queue:
                 claim(t)
+        if probe is not None and arrived and queue:
+            new = {j for _, j in queue if j >= first_new}
+            if new:
+                waiting = tuple((j, len(queue) - 1 - sum(1 for k in new if k > j)) for j in sorted(new))
+                probe(
+                    Snapshot(
+                        t,
+                        waiting,
+                        tuple(s for w in alive.values() for s in w.jobs.values()),
+                        tuple(w.view or w.make_view() for w in alive.values()),
+                        desired,
+                        tuple(recent),
+                    )
+                )
         point = (len(queue), len(alive))
         if point != last_point:
             series.append((t, *point))

@@ -79,6 +79,15 @@ class Attempt:
 
 
 @dataclass(frozen=True)
+class Ahead:
+    """What a queued job waits behind, for its start-time estimate (scaleq.server.estimates)."""
+
+    queued: int  # jobs of its queue claimed before it (priority, then age)
+    running: tuple[tuple[str | None, float], ...]  # (worker, started at) of its queue's running jobs
+    recent_runs: tuple[float, ...]  # seconds of its queue's latest successful runs, newest first
+
+
+@dataclass(frozen=True)
 class QueueStats:
     queue: str
     queued: int
@@ -144,6 +153,11 @@ class GroupStatus:
     message: str = ""
     state_since: float | None = None
     price_per_hour: float | None = None  # the grid file's, for money beside worker-seconds
+    #: For the start-time estimate of a queued job (scaleq.eta): slots per worker, the typical boot of the group's
+    #: workers as the controller saw them (None: none seen yet), and when each worker still starting was asked for.
+    slots: int = 1
+    boot_seconds: float | None = None
+    starting: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -376,6 +390,10 @@ class Store(Protocol):
 
     # views
     async def queue_stats(self) -> list[QueueStats]: ...
+    async def ahead_of(self, job_id: str, running: int, runs: int) -> Ahead:
+        """What the (queued) job waits behind: up to ``running`` running jobs, the last ``runs`` run times."""
+        ...
+
     async def demand(self, queue: str, capabilities: Capabilities, limit: int | None = None) -> tuple[int, int]:
         """(queued, running) jobs of ``queue`` that ``capabilities`` can run; queued counted up to ``limit``."""
         ...

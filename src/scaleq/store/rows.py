@@ -167,6 +167,7 @@ def group_params(status: GroupStatus) -> dict[str, Any]:
     data = asdict(status)
     data["now"] = data.pop("updated_at")
     data["checks"] = _json([c.as_dict() for c in status.checks])
+    data["starting"] = _json(list(status.starting))
     return data
 
 
@@ -187,6 +188,9 @@ def group(row: Row) -> GroupStatus:
         state=row["state"],
         message=row["message"],
         state_since=row["state_since"],
+        slots=row["slots"],
+        boot_seconds=row["boot_seconds"],
+        starting=tuple(float(t) for t in _loads(row["starting"]) or []),
     )
 
 

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 from scaleq.jobs import PROGRAM_FAILURES, Capabilities, Claim, Job, JobDefinition, Worker, retried
 from scaleq.store import migrations, rows
 from scaleq.store.base import (
+    Ahead,
     AmbiguousId,
     ArrayRecord,
     ArrayStatus,
@@ -612,6 +613,20 @@ class SQLStore:
 
     async def queue_stats(self) -> list[QueueStats]:
         return [rows.queue_stats(r) for r in await self._run(self._all, "queue_stats")]
+
+    async def ahead_of(self, job_id: str, running: int, runs: int) -> Ahead:
+        def op() -> Ahead:
+            job = self._get_job(job_id)
+            row = self._one("queued_ahead", id=job.id)
+            busy = self._all("running_of_queue", queue=job.queue, limit=running)
+            recent = self._all("recent_run_times", queue=job.queue, limit=runs)
+            return Ahead(
+                row["n"] if row else 0,
+                tuple((r["worker_id"], r["started_at"]) for r in busy if r["started_at"] is not None),
+                tuple(max(0.0, float(r["seconds"])) for r in recent),
+            )
+
+        return await self._run(op)  # reads only: no transaction (a few rows apart changes no estimate)
 
     async def demand(self, queue: str, capabilities: Capabilities, limit: int | None = None) -> tuple[int, int]:
         params = {"queue": queue, "limit": limit, **rows.caps_params(capabilities)}

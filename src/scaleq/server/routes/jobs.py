@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field
 from scaleq.jobs import ArraySpec, Job, Reason, State, SubmitRequest, array_id
 from scaleq.notify import wait, wait_any
 from scaleq.server.auth import require
+from scaleq.server.estimates import estimate_start
 from scaleq.server.routes.common import C, Ctx
 from scaleq.store.base import ArrayRecord, NotFound, Submission
 
@@ -28,6 +29,27 @@ class Submitted(BaseModel):
     job: Job
     created: bool
     warning: str | None = Field(default=None, description="set when nothing the server knows of can run the job")
+
+
+class JobOut(Job):
+    """A job as its own page shows it: with its estimated start while it is queued (the job lists leave it out:
+    it costs a few reads per job)."""
+
+    estimated_start: float | None = Field(
+        default=None, description="queued: epoch seconds it is expected to start (null: not queued, or unknown)"
+    )
+    estimate_basis: str | None = Field(
+        default=None, description="queued: what the estimate rests on, or why there is none, in words"
+    )
+
+
+async def _with_estimate(ctx: Ctx, job: Job) -> JobOut:
+    est = await estimate_start(ctx, job)
+    return JobOut(
+        **job.model_dump(),
+        estimated_start=est.at if est else None,
+        estimate_basis=est.basis if est else None,
+    )
 
 
 class AttemptOut(BaseModel):
@@ -234,23 +256,24 @@ async def list_jobs(
     )
 
 
-@router.get("/jobs/{job_id}", response_model=Job, dependencies=[require("jobs:read")])
+@router.get("/jobs/{job_id}", response_model=JobOut, dependencies=[require("jobs:read")])
 async def get_job(
     job_id: str,
     ctx: C,
     wait_seconds: Annotated[float, Query(alias="wait", ge=0, description="long-poll until the job changes")] = 0,
     state: Annotated[State | None, Query(description="with wait: answer once the job is not in this state")] = None,
-) -> Job:
-    """A job by id or unique prefix. With ``wait`` and ``state``, answers when the job leaves that state."""
+) -> JobOut:
+    """A job by id or unique prefix, with its estimated start while queued (``estimated_start``,
+    ``estimate_basis``). With ``wait`` and ``state``, answers when the job leaves that state."""
     deadline = time.monotonic() + min(wait_seconds, ctx.settings.long_poll_max)
     while True:
         job = await ctx.store.get_job(job_id)
         ev = ctx.notifier.event(f"job:{job.id}")
         job = await ctx.store.get_job(job.id)
         if state is None or job.state != state or job.state == State.finished:
-            return job
+            return await _with_estimate(ctx, job)
         if not await wait(ev, deadline - time.monotonic()):
-            return job
+            return await _with_estimate(ctx, job)
 
 
 @router.get("/jobs/{job_id}/attempts", response_model=list[AttemptOut], dependencies=[require("jobs:read")])

@@ -38,6 +38,9 @@ class GroupOut(BaseModel):
     state: str = Field(description="ok, quota, rate_limited or error: whether the controller can act")
     message: str = Field(description="the provider's words for a state other than ok")
     state_since: float | None
+    slots: int = 1
+    boot_seconds: float | None = None
+    starting: list[float] = Field(default_factory=list)
 
 
 class CheckIn(BaseModel):
@@ -70,6 +73,13 @@ class GroupIn(BaseModel):
     state: Literal["ok", "quota", "rate_limited", "error"] = "ok"
     message: str = Field(default="", max_length=4000)
     state_since: float | None = Field(default=None, allow_inf_nan=False)
+    slots: int = Field(default=1, ge=1, le=MAX_COUNT, description="slots per worker")
+    boot_seconds: float | None = Field(
+        default=None, ge=0, le=86400, allow_inf_nan=False, description="a typical boot of its workers, as seen"
+    )
+    starting: list[Annotated[float, Field(allow_inf_nan=False)]] = Field(
+        default_factory=list, max_length=MAX_COUNT, description="when each worker still starting was asked for"
+    )
 
 
 class EventOut(BaseModel):
@@ -126,6 +136,9 @@ async def groups(ctx: C) -> list[GroupOut]:
             state=g.state,
             message=g.message,
             state_since=g.state_since,
+            slots=g.slots,
+            boot_seconds=g.boot_seconds,
+            starting=list(g.starting),
         )
         for g in await ctx.store.list_groups()
     ]
@@ -150,6 +163,9 @@ async def put_group(name: str, body: GroupIn, ctx: C) -> None:
             state=body.state,
             message=body.message,
             state_since=body.state_since,
+            slots=body.slots,
+            boot_seconds=body.boot_seconds,
+            starting=tuple(body.starting),
         )
     )
 

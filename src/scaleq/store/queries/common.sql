@@ -17,6 +17,22 @@ SELECT * FROM jobs
    AND (CAST(:reason AS TEXT) IS NULL OR reason = :reason)
  ORDER BY seq DESC LIMIT :limit;
 
+-- name: queued_ahead
+-- Queued jobs of the job's queue that are claimed before it (higher priority, or the same and older: the claim's
+-- order), for its start-time estimate; jobs_claim (queue, state, priority, seq) serves it.
+SELECT count(*) AS n FROM jobs AS o, jobs AS j
+ WHERE j.id = :id AND o.queue = j.queue AND o.state = 'queued'
+   AND (o.priority > j.priority OR (o.priority = j.priority AND o.seq < j.seq));
+
+-- name: running_of_queue
+SELECT worker_id, started_at FROM jobs WHERE queue = :queue AND state = 'running' LIMIT :limit;
+
+-- name: recent_run_times
+-- The latest successful runs of a queue, by submission (jobs_stats serves it without a sort).
+SELECT finished_at - started_at AS seconds FROM jobs
+ WHERE queue = :queue AND state = 'finished' AND reason = 'success' AND started_at IS NOT NULL
+ ORDER BY submitted_at DESC LIMIT :limit;
+
 -- name: insert_attempt
 -- With the worker's group and the attempt's share of the worker (see cost_of_job), fixed now: the worker may be
 -- forgotten before the cost is asked for.
@@ -192,14 +208,15 @@ SELECT * FROM events WHERE (CAST(:grp AS TEXT) IS NULL OR grp = :grp) AND id > :
 
 -- name: upsert_group
 INSERT INTO groups (name, queue, provider, min_workers, max_workers, current, desired, updated_at, note, checks,
-                    reporter, state, message, state_since, price_per_hour)
+                    reporter, state, message, state_since, price_per_hour, slots, boot_seconds, starting)
 VALUES (:name, :queue, :provider, :min_workers, :max_workers, :current, :desired, :now, :note, :checks, :reporter,
-        :state, :message, :state_since, :price_per_hour)
+        :state, :message, :state_since, :price_per_hour, :slots, :boot_seconds, :starting)
 ON CONFLICT (name) DO UPDATE SET queue = excluded.queue, provider = excluded.provider,
        min_workers = excluded.min_workers, max_workers = excluded.max_workers, current = excluded.current,
        desired = excluded.desired, updated_at = excluded.updated_at, note = excluded.note, checks = excluded.checks,
        reporter = excluded.reporter, state = excluded.state, message = excluded.message,
-       state_since = excluded.state_since, price_per_hour = excluded.price_per_hour;
+       state_since = excluded.state_since, price_per_hour = excluded.price_per_hour, slots = excluded.slots,
+       boot_seconds = excluded.boot_seconds, starting = excluded.starting;
 
 -- name: list_groups
 SELECT * FROM groups ORDER BY name;

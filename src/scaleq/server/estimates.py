@@ -1,0 +1,87 @@
+"""A queued job's estimated start: the inputs of :func:`scaleq.eta.estimate`, gathered from the store.
+
+* **Ahead**: the queued jobs of its queue claimed before it (higher priority, or the same and older).
+* **Capacity**: the groups serving its queue, as their controllers last wrote them (slots per worker, the policy's
+  ``desired``, ``max_workers``, the workers still starting and since when, the median of the last boots seen: see
+  migration 0009), with the workers registered on the queue. A group or worker that cannot run the job (a runtime,
+  resources or tags it lacks) is left out, and the basis says so. The groups' capabilities are known where the server
+  runs the controller (``scaleq up``); elsewhere a group is taken to fit, and its registered workers are checked.
+  A group whose controller stopped is not scaled: only its registered workers count.
+* **Run times**: the queue's running jobs (how long each has run) and its latest successful runs (their median is
+  the typical run).
+
+Three reads of the store (the job's place, the queue's runs) plus the groups and workers, for one job: the single
+job's page and ``scaleq job`` show it, never the job lists.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+from scaleq.eta import Estimate, GroupCapacity, estimate
+from scaleq.jobs import Job, State, Worker
+from scaleq.server.routes.common import Ctx
+
+__all__ = ["RECENT_RUNS", "estimate_start"]
+
+#: Latest successful runs of the queue whose median is the typical run.
+RECENT_RUNS = 50
+#: Running jobs of the queue read (each holds a slot; a queue has at most as many as its workers' slots).
+MAX_RUNNING = 10_000
+
+
+async def estimate_start(ctx: Ctx, job: Job) -> Estimate | None:
+    """When the queued ``job`` is expected to start (``Estimate.at`` None: cannot be told; ``basis`` says why);
+    None for a job that is not queued."""
+    if job.state != State.queued:
+        return None
+    now = ctx.now()
+    ahead = await ctx.store.ahead_of(job.id, running=MAX_RUNNING, runs=RECENT_RUNS)
+    statuses = [g for g in await ctx.store.list_groups() if g.queue == job.queue]
+    workers = [w for w in await ctx.store.list_workers(queue=job.queue) if w.state == "active"]
+    grid_groups: dict[str, Any] = {
+        g.name: g for g in (getattr(ctx.request.app.state.runnable, "groups", None) or ()) if g.queue == job.queue
+    }
+    unfit: list[str] = []
+    fitting: list[Worker] = []
+    for w in workers:
+        why = w.capabilities().misfit(job.definition)
+        if why is None:
+            fitting.append(w)
+        elif w.group is None or w.group not in grid_groups:
+            unfit.append(f"worker {w.id} {why}")
+    by_group: dict[str | None, list[Worker]] = defaultdict(list)
+    for w in fitting:
+        by_group[w.group].append(w)
+
+    capacity: list[GroupCapacity] = []
+    named = set()
+    for status in statuses:
+        grid_group = grid_groups.get(status.name)
+        if grid_group is not None and (why := grid_group.capabilities().misfit(job.definition)) is not None:
+            unfit.append(f"group {status.name} {why}")
+            continue
+        named.add(status.name)
+        up = by_group.get(status.name, [])
+        scaled = status.reporter == "controller"
+        # the status may predate a registration: a worker seen registered is no longer starting
+        still = max(0, min(len(status.starting), status.current - len(up))) if scaled else 0
+        starting = sorted(now - t for t in status.starting)[:still]  # the latest asked for are the ones left
+        capacity.append(
+            GroupCapacity(
+                name=status.name,
+                slots=status.slots if not up else max(w.slots for w in up),
+                workers=len(up),
+                max_workers=status.max_workers if scaled else None,
+                desired=status.desired if scaled else None,
+                starting=tuple(max(0.0, s) for s in starting),
+                boot_seconds=status.boot_seconds,
+            )
+        )
+    for group, ws in by_group.items():
+        if group is None or group not in named:
+            capacity.append(GroupCapacity(name=group or "workers", slots=1, workers=sum(w.slots for w in ws)))
+    fitting_ids = {w.id for w in fitting}
+    running = [now - started for worker, started in ahead.running if worker in fitting_ids]
+    return estimate(ahead.queued, capacity, running, ahead.recent_runs, now, unfit="; ".join(unfit[:3]))
