@@ -22,13 +22,14 @@ def test_why_explains_a_finished_job_a_misfit_and_an_unserved_queue(grid: Grid) 
     assert r.returncode == 0, r.stderr
     assert "✗ group local cannot run it: it offers gpus 0, the job needs 1" in r.stdout
     assert "none of the 1 group and 0 workers serving queue default can run it" in r.stdout
-    assert "estimated start: not known" in r.stdout
+    assert "estimated start: not known: nothing can run it" in r.stdout
 
     lost = grid.api_submit("true", queue="why-nowhere", wait=False)
     answer = grid.json("why", lost)
     assert [s["kind"] for s in answer["chain"]] == ["position", "unserved"]
     assert answer["chain"][0]["numbers"] == {"ahead": 0, "higher_priority": 0, "queued": 1, "priority": 0}
-    assert (answer["state"], answer["estimated_start"], answer["estimate"]) == ("queued", None, None)
+    assert (answer["state"], answer["estimated_start"]) == ("queued", None)
+    assert answer["estimate"] == "nothing can run it: no group and no worker serves its queue"
     assert json.loads(grid.cli("why", lost, "--output", "json").stdout) == answer
 
     bad = grid.cli("why", "not-an-id")

@@ -91,6 +91,8 @@ async def test_queued_jobs_get_the_start_the_queue_capacity_and_run_times_give(s
         behind = await get(c, f"/jobs/{more[1].id}")
         assert behind["estimated_start"] == T + 90  # the urgent job takes one slot at +90, this one the other
         assert behind["estimate_basis"].startswith("1 ahead, ")
+        why = await get(c, f"/jobs/{more[1].id}/why")  # `scaleq why` says the same
+        assert (why["estimated_start"], why["estimate"]) == (behind["estimated_start"], behind["estimate_basis"])
 
         # running and finished jobs have none; the job lists never carry it
         running = await get(c, f"/jobs/{more[0].id}")

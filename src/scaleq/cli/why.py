@@ -77,4 +77,5 @@ def why(
     if (said := estimate_text(answer)) is not None:
         out.print(f"estimated start: {escape(sanitize(said))}")
     elif answer["state"] == "queued":
-        out.print("estimated start: not known")
+        basis = answer.get("estimate")
+        out.print("estimated start: not known" + (f": {escape(sanitize(basis))}" if basis else ""))

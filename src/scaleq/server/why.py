@@ -11,8 +11,9 @@ explained by its attempts: lost, preempted, handed back, timed out, failed with 
 retried it (``max_attempts`` for the infrastructure's losses, ``retries`` for the program's failures).
 
 Each reason is one :class:`WhyStep`: a ``kind`` a script can test, a sentence, and the numbers it was made from.
-Nothing here writes: the answer is a reading of the store at ``now``. ``estimated_start`` / ``estimate`` are left for
-an estimator to fill; every reader prints them when set.
+Nothing here writes: the answer is a reading of the store at ``now``. ``estimated_start`` / ``estimate`` are filled
+by the route from :mod:`scaleq.server.estimates` (the same estimate ``GET /jobs/{id}`` answers); every reader prints
+them when set.
 """
 
 from __future__ import annotations

@@ -31,7 +31,8 @@ function estimateText(answer) {
     const basis = answer.estimate ? ` — ${answer.estimate}` : "";
     return `Estimated start: ${when} (${fmt.time(answer.estimated_start)})${basis}`;
   }
-  return answer.state === "queued" ? "Estimated start: not known." : "";
+  if (answer.state !== "queued") return "";
+  return answer.estimate ? `Estimated start: not known — ${answer.estimate}` : "Estimated start: not known.";
 }
 
 /** The section and how to refresh it for the job as it is now. */
