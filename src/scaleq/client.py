@@ -6,7 +6,10 @@ Errors come back as :class:`ApiError` carrying the status and the server's detai
 
 from __future__ import annotations
 
+import asyncio
 import base64
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -139,9 +142,22 @@ class Client:
     async def list_jobs(
         self, *, queue: str | None = None, state: str | None = None, limit: int = 100, reason: str | None = None
     ) -> list[Job]:
-        wanted = {"queue": queue, "state": state, "limit": limit, "reason": reason}
+        return (await self.list_jobs_page(queue=queue, state=state, limit=limit, reason=reason))[0]
+
+    async def list_jobs_page(
+        self,
+        *,
+        queue: str | None = None,
+        state: str | None = None,
+        limit: int = 100,
+        reason: str | None = None,
+        cursor: str | None = None,
+    ) -> tuple[list[Job], str | None]:
+        """A page of jobs, newest first, and the cursor of the next page (None after the last)."""
+        wanted = {"queue": queue, "state": state, "limit": limit, "reason": reason, "cursor": cursor}
         params = {k: v for k, v in wanted.items() if v is not None}
-        return [Job.model_validate(j) for j in await self._json("GET", "/jobs", params=params)]
+        r = await self.request("GET", "/jobs", params=params)
+        return [Job.model_validate(j) for j in r.json()], r.headers.get("X-Scaleq-Next-Cursor")
 
     async def attempts(self, job_id: str) -> list[dict[str, Any]]:
         return await self._json("GET", f"/jobs/{job_id}/attempts")
@@ -251,12 +267,27 @@ class Client:
         data = await self._json("POST", f"/workers/{worker_id}/release", json={"reason": reason})
         return data["jobs"]
 
-    async def append_logs(self, lease: str, chunks: list[tuple[str, bytes]]) -> None:
-        body = {"lease": lease, "chunks": [{"stream": s, "data": base64.b64encode(d).decode()} for s, d in chunks]}
-        await self.request("POST", "/leases/logs", json=body)
+    async def append_logs(self, lease: str, chunks: list[tuple[str, bytes]], *, dropped: int = 0) -> bool:
+        """Send log chunks (and how many bytes were dropped unsent); True once the attempt's log is at its cap."""
+        body: dict[str, Any] = {
+            "lease": lease,
+            "chunks": [{"stream": s, "data": base64.b64encode(d).decode()} for s, d in chunks],
+        }
+        if dropped:
+            body["dropped"] = dropped
+        r = await self.request("POST", "/leases/logs", json=body)
+        return r.headers.get("X-Scaleq-Log-Capped") == "1"
 
-    async def put_outputs(self, lease: str, tar_bytes: bytes) -> None:
-        await self.request("POST", "/leases/outputs", content=tar_bytes, headers={"X-Scaleq-Lease": lease}, timeout=600)
+    async def put_outputs(self, lease: str, archive: bytes | Path) -> None:
+        """Upload the outputs archive: bytes, or a file sent as a stream (never read whole)."""
+        content: bytes | AsyncIterator[bytes] = archive if isinstance(archive, bytes) else _file_pieces(archive)
+        await self.request("POST", "/leases/outputs", content=content, headers={"X-Scaleq-Lease": lease}, timeout=600)
 
     async def blob(self, sha256: str) -> bytes:
         return (await self.request("GET", f"/blobs/{sha256}", timeout=300)).content
+
+
+async def _file_pieces(path: Path, size: int = 1 << 20) -> AsyncIterator[bytes]:
+    with path.open("rb") as f:
+        while piece := await asyncio.to_thread(f.read, size):
+            yield piece

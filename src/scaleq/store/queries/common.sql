@@ -15,6 +15,7 @@ UPDATE jobs SET state = 'queued', reason = NULL, exit_code = NULL, error = NULL,
 SELECT * FROM jobs
  WHERE (CAST(:queue AS TEXT) IS NULL OR queue = :queue) AND (CAST(:state AS TEXT) IS NULL OR state = :state)
    AND (CAST(:reason AS TEXT) IS NULL OR reason = :reason)
+ AND (CAST(:before AS BIGINT) IS NULL OR seq < :before)
  ORDER BY seq DESC LIMIT :limit;
 
 -- name: insert_attempt
@@ -105,10 +106,25 @@ SELECT seq, attempt, stream, data, at FROM logs
  ORDER BY seq LIMIT :limit;
 
 -- name: put_blob
-INSERT INTO blobs (sha256, data) VALUES (:sha256, :data) ON CONFLICT (sha256) DO NOTHING;
+-- A blob's row (its bytes go to blob_parts): the row back when it is new, none when the bytes were there already.
+INSERT INTO blobs (sha256, data, size, parts) VALUES (:sha256, :empty, :size, :parts)
+    ON CONFLICT (sha256) DO NOTHING RETURNING sha256;
 
--- name: get_blob
-SELECT data FROM blobs WHERE sha256 = :sha256;
+-- name: put_blob_part
+INSERT INTO blob_parts (sha256, part, data) VALUES (:sha256, :part, :data) ON CONFLICT (sha256, part) DO NOTHING;
+
+-- name: blob_info
+SELECT size, parts FROM blobs WHERE sha256 = :sha256;
+
+-- name: get_blob_part
+SELECT data FROM blob_parts WHERE sha256 = :sha256 AND part = :part;
+
+-- name: log_counts
+SELECT log_bytes, log_dropped FROM attempts WHERE job_id = :job_id AND attempt = :attempt;
+
+-- name: count_logs
+UPDATE attempts SET log_bytes = log_bytes + :kept, log_dropped = log_dropped + :dropped
+ WHERE job_id = :job_id AND attempt = :attempt;
 
 -- name: has_blob
 SELECT 1 FROM blobs WHERE sha256 = :sha256;
