@@ -37,6 +37,11 @@ class LogShipper:
         self._more = asyncio.Event()
         self._closing = asyncio.Event()
 
+    @property
+    def capped(self) -> bool:
+        """Whether the server said this attempt's log is at its cap (output is counted since, not sent)."""
+        return self._capped
+
     async def write(self, stream: str, data: bytes) -> None:
         if not data:
             return
