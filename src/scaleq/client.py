@@ -70,6 +70,11 @@ class Client:
             r = await self._http.request(method, path, **kw)
         except httpx.TransportError as exc:
             raise Unreachable(f"cannot reach the scaleq server at {self.server}: {exc or type(exc).__name__}") from exc
+        self._check(r)
+        return r
+
+    def _check(self, r: httpx.Response) -> None:
+        """Unreachable for a gateway's 502-504, ApiError with the server's detail for another error."""
         if r.status_code in (502, 503, 504):
             raise Unreachable(f"the scaleq server at {self.server} is unavailable ({r.status_code}): {r.text[:200]}")
         if r.status_code >= 400:
@@ -78,7 +83,6 @@ class Client:
             except ValueError:
                 detail = r.text
             raise ApiError(r.status_code, detail)
-        return r
 
     async def _json(self, method: str, path: str, **kw: Any) -> Any:
         r = await self.request(method, path, **kw)
@@ -285,6 +289,19 @@ class Client:
 
     async def blob(self, sha256: str) -> bytes:
         return (await self.request("GET", f"/blobs/{sha256}", timeout=300)).content
+
+    async def blob_to_file(self, sha256: str, target: Path) -> None:
+        """Write a blob's bytes to ``target`` as they arrive (never held whole)."""
+        try:
+            async with self._http.stream("GET", f"/blobs/{sha256}", timeout=httpx.Timeout(300, connect=5.0)) as r:
+                if r.status_code >= 400:
+                    await r.aread()
+                    self._check(r)
+                with target.open("wb") as f:
+                    async for piece in r.aiter_bytes(1 << 20):
+                        await asyncio.to_thread(f.write, piece)
+        except httpx.TransportError as exc:
+            raise Unreachable(f"cannot reach the scaleq server at {self.server}: {exc or type(exc).__name__}") from exc
 
 
 async def _file_pieces(path: Path, size: int = 1 << 20) -> AsyncIterator[bytes]:

@@ -3,7 +3,6 @@ temporary file, sent as a stream), and the attempt's work dir removed after it."
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import stat
@@ -18,15 +17,10 @@ from scaleq.jobs import JobDefinition
 async def fetch_inputs(client: Client, definition: JobDefinition, inputs_dir: Path) -> None:
     inputs_dir.mkdir(parents=True, exist_ok=True)
     for item in definition.inputs:
-        data = await client.blob(item.sha256)
         target = inputs_dir / item.path
-        await asyncio.to_thread(_write, target, data, item.mode)
-
-
-def _write(target: Path, data: bytes, mode: int) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_bytes(data)
-    os.chmod(target, mode)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        await client.blob_to_file(item.sha256, target)  # streamed to the file, not held
+        os.chmod(target, item.mode)
 
 
 def pack_outputs(outputs_dir: Path, archive: Path) -> bool:

@@ -28,7 +28,6 @@ from scaleq.server.routes.common import C, Ctx
 from scaleq.store.base import FinishResult, NotFound, StaleLease
 
 router = APIRouter(tags=["workers"])
-MAX_OUTPUT_BYTES = 256 * 1024 * 1024
 
 
 class Registration(BaseModel):
@@ -383,7 +382,8 @@ async def append_logs(body: LogsBody, ctx: C, who: WorkerCaller) -> Response:
     return Response(status_code=204, headers={"X-Scaleq-Log-Capped": "1"} if done.capped else None)
 
 
-@router.post("/leases/outputs", status_code=204, max_body_size=MAX_OUTPUT_BYTES + (1 << 20))
+# (no body limit of its own: the route counts what arrives against max_output_bytes as it streams it to disk)
+@router.post("/leases/outputs", status_code=204, max_body_size=1 << 40)
 async def put_outputs(
     request: Request, ctx: C, who: WorkerCaller, lease: Annotated[str, Header(alias="X-Scaleq-Lease")]
 ) -> Response:
