@@ -338,6 +338,44 @@ async def test_jobs_are_paged_by_cursor_with_no_duplicates_or_gaps_while_jobs_ar
         assert "more: scaleq jobs --cursor " in err.decode()
 
 
+@pytest.mark.parametrize(
+    ("query", "filters", "index"),
+    [
+        ("list_jobs", {}, "jobs_seq"),
+        ("list_jobs_of_queue", {"queue": "q"}, "jobs_queue_seq"),
+        ("list_jobs_in_state", {"state": "finished", "reason": "failed"}, "jobs_state_seq"),
+    ],
+)
+def test_a_page_of_jobs_is_a_seek_in_an_index_not_a_scan_or_a_sort(
+    query: str, filters: dict[str, str], index: str, store_url: str, tmp_path: Path
+) -> None:
+    """What makes listing a million jobs flat: each page seeks its index below the cursor and walks it in order,
+    sorting nothing (the plan, not a timing, is what is asserted: the planner's own account)."""
+    params = {"queue": None, "state": None, "reason": None, "limit": 101, "before": 12345, **filters}
+    asyncio.run(_opened(store_url))
+    if store_url.startswith("postgresql"):
+        import psycopg
+
+        with psycopg.connect(store_url) as conn:
+            # as on a big table: no sequential scan, and a sort only where no index gives the order
+            conn.execute("SET enable_seqscan = off")
+            conn.execute("SET enable_sort = off")
+            plan = "\n".join(r[0] for r in conn.execute("EXPLAIN " + PostgresStore.Q[query], params))
+        assert f"Index Scan Backward using {index}" in plan and "Sort" not in plan, plan
+    else:
+        import sqlite3
+
+        with contextlib.closing(sqlite3.connect(store_url)) as conn:
+            plan = "\n".join(r[3] for r in conn.execute("EXPLAIN QUERY PLAN " + SQLiteStore.Q[query], params))
+        assert f"SEARCH jobs USING INDEX {index}" in plan and "TEMP B-TREE" not in plan, plan
+
+
+async def _opened(store_url: str) -> None:
+    store: Store = PostgresStore(store_url) if store_url.startswith("postgresql") else SQLiteStore(store_url)
+    await store.open()  # migrated to the head
+    await store.close()
+
+
 # -- the worker's archive ---------------------------------------------------------------------------------------------
 
 PACK = """

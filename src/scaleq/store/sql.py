@@ -312,9 +312,9 @@ class SQLStore:
     async def list_jobs_page(
         self, *, queue: str | None, state: str | None, limit: int, reason: str | None = None, before: int | None = None
     ) -> JobsPage:
-        found = await self._run(
-            self._all, "list_jobs", queue=queue, state=state, reason=reason, limit=limit + 1, before=before
-        )
+        query = "list_jobs_of_queue" if queue is not None else "list_jobs_in_state" if state is not None else "list_jobs"
+        params = {"queue": queue, "state": state, "reason": reason, "limit": limit + 1}
+        found = await self._run(self._all, query, **params, before=(1 << 63) - 1 if before is None else before)
         more = len(found) > limit
         found = found[:limit]
         return JobsPage([rows.job(r) for r in found], int(found[-1]["seq"]) if more else None)

@@ -12,10 +12,22 @@ UPDATE jobs SET state = 'queued', reason = NULL, exit_code = NULL, error = NULL,
  WHERE id = :id AND state = 'finished';
 
 -- name: list_jobs
-SELECT * FROM jobs
- WHERE (CAST(:queue AS TEXT) IS NULL OR queue = :queue) AND (CAST(:state AS TEXT) IS NULL OR state = :state)
+-- A page of jobs, newest first, below seq :before (the first page: the largest seq there can be). One query per
+-- filter, each a plain condition on the columns of its index (jobs_seq, jobs_queue_seq, jobs_state_seq), so a page
+-- is a seek and a walk of :limit entries, the same at the millionth job as at the first (an "IS NULL OR" filter
+-- would leave the planner no seek); reason and a second filter are checked on the rows the walk reads.
+SELECT * FROM jobs WHERE seq < :before
    AND (CAST(:reason AS TEXT) IS NULL OR reason = :reason)
- AND (CAST(:before AS BIGINT) IS NULL OR seq < :before)
+ ORDER BY seq DESC LIMIT :limit;
+
+-- name: list_jobs_of_queue
+SELECT * FROM jobs WHERE queue = :queue AND seq < :before
+   AND (CAST(:state AS TEXT) IS NULL OR state = :state) AND (CAST(:reason AS TEXT) IS NULL OR reason = :reason)
+ ORDER BY seq DESC LIMIT :limit;
+
+-- name: list_jobs_in_state
+SELECT * FROM jobs WHERE state = :state AND seq < :before
+   AND (CAST(:reason AS TEXT) IS NULL OR reason = :reason)
  ORDER BY seq DESC LIMIT :limit;
 
 -- name: insert_attempt
