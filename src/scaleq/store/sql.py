@@ -312,7 +312,12 @@ class SQLStore:
     async def list_jobs_page(
         self, *, queue: str | None, state: str | None, limit: int, reason: str | None = None, before: int | None = None
     ) -> JobsPage:
-        query = "list_jobs_of_queue" if queue is not None else "list_jobs_in_state" if state is not None else "list_jobs"
+        # one query per filter, each seeking its own index (see list_jobs in common.sql)
+        query = "list_jobs"
+        if queue is not None:
+            query = "list_jobs_of_queue"
+        elif state is not None:
+            query = "list_jobs_in_state"
         params = {"queue": queue, "state": state, "reason": reason, "limit": limit + 1}
         found = await self._run(self._all, query, **params, before=(1 << 63) - 1 if before is None else before)
         more = len(found) > limit

@@ -6,7 +6,7 @@ import base64
 import binascii
 import hashlib
 import time
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, Response, status
 from pydantic import BaseModel, Field
@@ -221,7 +221,19 @@ async def _warning(ctx: Ctx, job: Job) -> str | None:
     return await ctx.request.app.state.runnable.warning(job.queue, job.definition)
 
 
-@router.get("/jobs", response_model=list[Job], dependencies=[require("jobs:read")])
+_PAGED: dict[int | str, dict[str, Any]] = {
+    200: {
+        "headers": {
+            paging.HEADER: {
+                "description": "the cursor of the next page (absent on the last page)",
+                "schema": {"type": "string"},
+            }
+        }
+    }
+}
+
+
+@router.get("/jobs", response_model=list[Job], dependencies=[require("jobs:read")], responses=_PAGED)
 async def list_jobs(
     ctx: C,
     response: Response,
