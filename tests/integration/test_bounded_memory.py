@@ -218,7 +218,8 @@ class _Pieces(io.RawIOBase):
 
 @pytest.fixture
 async def capped(any_store: Store) -> AsyncIterator[LiveServer]:
-    async with serve(any_store, ServerSettings(max_log_bytes=1000, max_output_files=50)) as server:
+    settings = ServerSettings(max_log_bytes=1000, max_output_files=50, max_output_bytes=MiB)
+    async with serve(any_store, settings) as server:
         yield server
 
 
@@ -263,6 +264,35 @@ async def test_the_worker_stops_shipping_past_the_cap_and_sends_the_count(capped
         assert (kept, kept + dropped) == (1000, 200 * 100 + 5000)
 
 
+async def test_a_worker_job_with_hard_links_and_too_big_outputs_end_to_end(capped: LiveServer) -> None:
+    """Through a real worker: a hard link's both names arrive; outputs over the limit fail the job saying why (and
+    the worker carries on), and a chatty job's log is capped."""
+    from tests.helpers.workers import agent, running
+
+    script = {
+        "links": 'echo same > "$SCALEQ_OUTPUTS/a"; ln "$SCALEQ_OUTPUTS/a" "$SCALEQ_OUTPUTS/b"',
+        "big": 'head -c 3000000 /dev/urandom > "$SCALEQ_OUTPUTS/big.bin"',
+        "chatty": "for i in $(seq 2000); do echo line-$i; done",
+    }
+    async with running(agent(capped)), capped.client("submit") as s, capped.client("admin") as c:
+        jobs = {name: (await s.submit(req("sh", "-c", body)))[0] for name, body in script.items()}
+
+        async def finished() -> bool:
+            states = [(await c.get_job(j.id)).state for j in jobs.values()]
+            return states == ["finished"] * len(jobs)
+
+        await eventually(finished, timeout=60, what="the three jobs finish")
+        assert sorted(o["path"] for o in await c.outputs(jobs["links"].id)) == ["a", "b"]
+        assert await c.output_bytes(jobs["links"].id, "b") == b"same\n"
+        big = await c.get_job(jobs["big"].id)
+        assert big.reason == "failed" and (big.error or "").startswith("outputs refused by the server: outputs over")
+        chatty = await c.get_job(jobs["chatty"].id)
+        assert chatty.reason == "success"
+        kept, dropped = await capped.store.log_counts(chatty.id, 1)
+        total = sum(len(f"line-{i}\n") for i in range(1, 2001))
+        assert (kept, kept + dropped) == (1000, total)
+
+
 def tar_of(members: list[tuple[str, bytes | str]]) -> bytes:
     """A tar: (name, bytes) a file, (name, "link:target") a hard link."""
     buf = io.BytesIO()
@@ -295,6 +325,13 @@ async def test_hard_links_keep_both_names_and_too_many_entries_are_refused(cappe
         with pytest.raises(ApiError) as e:
             await w.put_outputs(lease, tar_of([(f"f{n}", b"x") for n in range(51)]))
         assert e.value.status == 413 and "more than 50 entries" in str(e.value.detail)
+        # an archive bigger than the limit as sent: read to its end and answered 413 (not a broken connection)
+        (tmp_path / "too-big").mkdir()
+        (tmp_path / "too-big" / "big.bin").write_bytes(os.urandom(3 * MiB))
+        assert transfer.pack_outputs(tmp_path / "too-big", tmp_path / "big.tar")
+        with pytest.raises(ApiError) as e:
+            await w.put_outputs(lease, tmp_path / "big.tar")
+        assert e.value.status == 413 and f"over the limit of {MiB} bytes" in str(e.value.detail)
         assert sorted(o["path"] for o in await c.outputs(job.id)) == ["a.txt", "sub/b.txt"]  # the last upload stands
 
 

@@ -4,7 +4,8 @@ An upload (``POST /leases/outputs``) is a tar archive, possibly compressed; the 
 the bytes stored, not on what was sent (a 0.7 MB gzip can hold 700 MiB of zeros). So:
 
 1. the request body is spooled to a temporary file as it arrives, counted against the limit (what is sent is never
-   more than what is stored, less the tar headers; so this refuses nothing honest);
+   more than what is stored, less the tar headers; so this refuses nothing honest); past it the rest is read and
+   dropped, and the answer is 413;
 2. the archive is read as a stream (``tarfile`` ``r|*``), each regular file copied in ``CHUNK``-sized pieces to its
    own temporary file while it is hashed, and the running total of expanded bytes checked at every piece: past the
    limit the upload stops there with 413 and a message saying so (at most ``limit`` bytes were ever written, to
@@ -66,9 +67,12 @@ async def receive_outputs(
         with archive.open("wb") as f:
             async for piece in request.stream():
                 sent += len(piece)
-                if sent > limit:
-                    raise OutputsRefused(413, f"outputs over the limit of {limit} bytes (the archive sent is larger)")
-                await anyio.to_thread.run_sync(f.write, piece)
+                if sent <= limit:
+                    await anyio.to_thread.run_sync(f.write, piece)
+        if sent > limit:
+            # (the rest was read and dropped, not left unread: a client cut off mid-send sees a broken connection,
+            # which a worker takes for an unreachable server and retries, instead of this answer)
+            raise OutputsRefused(413, f"outputs over the limit of {limit} bytes (the archive sent is {sent} bytes)")
         expanded = await anyio.to_thread.run_sync(_expand, archive, Path(tmp), limit, max_files)
         archive.unlink()
         for sha, path in expanded.paths.items():

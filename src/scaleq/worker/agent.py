@@ -418,7 +418,12 @@ class WorkerAgent:
                 if result is not None and not r.abandoned:
                     archive = base / "outputs.tar"  # beside /outputs, never in it; removed with the work dir
                     if await asyncio.to_thread(transfer.pack_outputs, spec.outputs_dir, archive):
-                        await self._retrying(lambda: self.client.put_outputs(lease, archive))
+                        try:
+                            await self._retrying(lambda: self.client.put_outputs(lease, archive))
+                        except ApiError as exc:
+                            if exc.status not in (400, 413):
+                                raise
+                            result = RunResult("failed", error=f"outputs refused by the server: {exc.detail}")
         except asyncio.CancelledError:
             if r.handed_back:  # released already (hand_back)
                 self._count("handed_back")
