@@ -6,7 +6,10 @@ Errors come back as :class:`ApiError` carrying the status and the server's detai
 
 from __future__ import annotations
 
+import asyncio
 import base64
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -67,6 +70,11 @@ class Client:
             r = await self._http.request(method, path, **kw)
         except httpx.TransportError as exc:
             raise Unreachable(f"cannot reach the scaleq server at {self.server}: {exc or type(exc).__name__}") from exc
+        self._check(r)
+        return r
+
+    def _check(self, r: httpx.Response) -> None:
+        """Unreachable for a gateway's 502-504, ApiError with the server's detail for another error."""
         if r.status_code in (502, 503, 504):
             raise Unreachable(f"the scaleq server at {self.server} is unavailable ({r.status_code}): {r.text[:200]}")
         if r.status_code >= 400:
@@ -75,7 +83,6 @@ class Client:
             except ValueError:
                 detail = r.text
             raise ApiError(r.status_code, detail)
-        return r
 
     async def _json(self, method: str, path: str, **kw: Any) -> Any:
         r = await self.request(method, path, **kw)
@@ -144,9 +151,22 @@ class Client:
     async def list_jobs(
         self, *, queue: str | None = None, state: str | None = None, limit: int = 100, reason: str | None = None
     ) -> list[Job]:
-        wanted = {"queue": queue, "state": state, "limit": limit, "reason": reason}
+        return (await self.list_jobs_page(queue=queue, state=state, limit=limit, reason=reason))[0]
+
+    async def list_jobs_page(
+        self,
+        *,
+        queue: str | None = None,
+        state: str | None = None,
+        limit: int = 100,
+        reason: str | None = None,
+        cursor: str | None = None,
+    ) -> tuple[list[Job], str | None]:
+        """A page of jobs, newest first, and the cursor of the next page (None after the last)."""
+        wanted = {"queue": queue, "state": state, "limit": limit, "reason": reason, "cursor": cursor}
         params = {k: v for k, v in wanted.items() if v is not None}
-        return [Job.model_validate(j) for j in await self._json("GET", "/jobs", params=params)]
+        r = await self.request("GET", "/jobs", params=params)
+        return [Job.model_validate(j) for j in r.json()], r.headers.get("X-Scaleq-Next-Cursor")
 
     async def attempts(self, job_id: str) -> list[dict[str, Any]]:
         return await self._json("GET", f"/jobs/{job_id}/attempts")
@@ -260,12 +280,40 @@ class Client:
         data = await self._json("POST", f"/workers/{worker_id}/release", json={"reason": reason})
         return data["jobs"]
 
-    async def append_logs(self, lease: str, chunks: list[tuple[str, bytes]]) -> None:
-        body = {"lease": lease, "chunks": [{"stream": s, "data": base64.b64encode(d).decode()} for s, d in chunks]}
-        await self.request("POST", "/leases/logs", json=body)
+    async def append_logs(self, lease: str, chunks: list[tuple[str, bytes]], *, dropped: int = 0) -> bool:
+        """Send log chunks (and how many bytes were dropped unsent); True once the attempt's log is at its cap."""
+        body: dict[str, Any] = {
+            "lease": lease,
+            "chunks": [{"stream": s, "data": base64.b64encode(d).decode()} for s, d in chunks],
+        }
+        if dropped:
+            body["dropped"] = dropped
+        r = await self.request("POST", "/leases/logs", json=body)
+        return r.headers.get("X-Scaleq-Log-Capped") == "1"
 
-    async def put_outputs(self, lease: str, tar_bytes: bytes) -> None:
-        await self.request("POST", "/leases/outputs", content=tar_bytes, headers={"X-Scaleq-Lease": lease}, timeout=600)
+    async def put_outputs(self, lease: str, archive: bytes | Path) -> None:
+        """Upload the outputs archive: bytes, or a file sent as a stream (never read whole)."""
+        content: bytes | AsyncIterator[bytes] = archive if isinstance(archive, bytes) else _file_pieces(archive)
+        await self.request("POST", "/leases/outputs", content=content, headers={"X-Scaleq-Lease": lease}, timeout=600)
 
     async def blob(self, sha256: str) -> bytes:
         return (await self.request("GET", f"/blobs/{sha256}", timeout=300)).content
+
+    async def blob_to_file(self, sha256: str, target: Path) -> None:
+        """Write a blob's bytes to ``target`` as they arrive (never held whole)."""
+        try:
+            async with self._http.stream("GET", f"/blobs/{sha256}", timeout=httpx.Timeout(300, connect=5.0)) as r:
+                if r.status_code >= 400:
+                    await r.aread()
+                    self._check(r)
+                with target.open("wb") as f:
+                    async for piece in r.aiter_bytes(1 << 20):
+                        await asyncio.to_thread(f.write, piece)
+        except httpx.TransportError as exc:
+            raise Unreachable(f"cannot reach the scaleq server at {self.server}: {exc or type(exc).__name__}") from exc
+
+
+async def _file_pieces(path: Path, size: int = 1 << 20) -> AsyncIterator[bytes]:
+    with path.open("rb") as f:
+        while piece := await asyncio.to_thread(f.read, size):
+            yield piece

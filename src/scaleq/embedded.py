@@ -96,7 +96,11 @@ async def serve(
         worker_token = await ensure_token(store, data_dir / "worker.token", "worker", "local workers (scaleq up)")
         sock = _bind(host, port, data_dir)
         url = f"http://{host if ':' not in host else f'[{host}]'}:{sock.getsockname()[1]}"
-        settings = ServerSettings(lease_seconds=lease_seconds or grid.server.lease_seconds)
+        settings = ServerSettings(
+            lease_seconds=lease_seconds or grid.server.lease_seconds,
+            max_output_bytes=grid.server.max_output_bytes,
+            max_log_bytes=grid.server.max_log_bytes,
+        )
         notifier = Notifier()
         app = create_app(store, settings, notifier=notifier, manage_store=False, groups=grid.groups or None)
         pusher = None

@@ -123,6 +123,12 @@ class ServerSection(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=8765, ge=0, le=65535)
     lease_seconds: float = Field(default=15.0, gt=0)
+    max_output_bytes: int = Field(
+        default=256 * 1024 * 1024, ge=1, le=1 << 40, description="largest outputs of one attempt, in bytes stored"
+    )
+    max_log_bytes: int = Field(
+        default=16 * 1024 * 1024, ge=1, le=1 << 40, description="largest log of one attempt; past it, the head is kept"
+    )
     public_url: str | None = Field(
         default=None, description="the URL workers on other machines use to reach the server (cloud providers)"
     )

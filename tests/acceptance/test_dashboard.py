@@ -286,3 +286,26 @@ def test_a_job_and_a_scaling_decision_in_the_dashboard(grid: Grid, page: Any, sh
     page.get_by_role("button", name="Log out").click()
     expect(page.get_by_role("heading", name="Log in")).to_be_visible()
     assert page.evaluate("sessionStorage.getItem('scaleq.token')") is None
+
+
+def test_the_job_list_pages_by_cursor(grid: Grid, page: Any, tmp_path: Path) -> None:
+    from playwright.sync_api import expect
+
+    many = tmp_path / "many.jsonl"
+    many.write_text("".join(json.dumps({"command": ["echo", str(n)]}) + "\n" for n in range(105)))
+    # a queue no group serves: the jobs stay queued, 105 of them, one page of 100 and one of 5
+    r = cli("submit-many", "paging-queue", str(many), "--data-dir", str(grid.data_dir))
+    assert r.returncode == 0, r.stderr
+    log_in(page, grid)
+    expect(page.get_by_role("heading", name="Queues")).to_be_visible()
+    page.goto(f"{grid.url}/dashboard/#/jobs?queue=paging-queue")
+    rows = page.locator("tr.job")
+    expect(rows).to_have_count(100)
+    first_page = set(rows.evaluate_all("rs => rs.map(r => r.dataset.jobId)"))
+    page.get_by_role("link", name="Older →").click()
+    expect(rows).to_have_count(5)
+    second_page = set(rows.evaluate_all("rs => rs.map(r => r.dataset.jobId)"))
+    assert not first_page & second_page
+    expect(page.get_by_role("link", name="Older →")).to_have_count(0)  # the last page
+    page.get_by_role("link", name="← Newest").click()
+    expect(rows).to_have_count(100)

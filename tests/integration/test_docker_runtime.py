@@ -450,9 +450,9 @@ async def test_outputs_cannot_lead_outside(runtime: DockerRuntime, tmp_path: Pat
     assert (out / "d" / "sub" / "f.txt").read_text() == "kept\n"
     for name in ("root", "d/passwd", "d/sub/up", "inside", "fifo"):
         assert f"output {name} skipped" in sink.text("stderr")
-    tar = transfer.pack_outputs(out)  # what the worker uploads: these files, nothing from outside
-    assert tar is not None
-    with tarfile.open(fileobj=io.BytesIO(tar)) as t:
+    # what the worker uploads: these files, nothing from outside
+    assert transfer.pack_outputs(out, tmp_path / "out.tar")
+    with tarfile.open(tmp_path / "out.tar") as t:
         assert sorted(t.getnames()) == ["d/sub/f.txt", "locked", "top.txt"]
 
 

@@ -313,10 +313,19 @@ class Database:
 
     def snapshot(self) -> dict[str, list[dict[str, Any]]]:
         with self.connect() as conn:
-            return {
+            found = {
                 table: [self._plain(r) for r in conn.execute(f"SELECT * FROM {table} ORDER BY {key}").fetchall()]
                 for table, key in KEYS.items()
             }
+            exists = (
+                "SELECT 1 AS x FROM sqlite_master WHERE name = 'blob_parts'"
+                if self.dialect == "sqlite"
+                else "SELECT 1 AS x WHERE to_regclass('blob_parts') IS NOT NULL"
+            )
+            if conn.execute(exists).fetchone():  # 0010: blobs' bytes in parts
+                parts = conn.execute("SELECT * FROM blob_parts ORDER BY sha256, part").fetchall()
+                found["blob_parts"] = [self._plain(r) for r in parts]
+            return found
 
     def _plain(self, row: Any) -> dict[str, Any]:
         values = dict(row)
@@ -381,6 +390,17 @@ async def build_at(db: Database, version: int) -> None:
 
 
 def assert_nothing_lost(before: dict[str, list[dict[str, Any]]], after: dict[str, list[dict[str, Any]]]) -> None:
+    if "blob_parts" in after and "blob_parts" not in before:  # 0010 moved blobs' bytes into parts: join them back
+        parts: dict[str, list[tuple[int, bytes]]] = {}
+        for p in after["blob_parts"]:
+            parts.setdefault(p["sha256"], []).append((p["part"], bytes(p["data"])))
+        after = {
+            **after,
+            "blobs": [
+                {**b, "data": b"".join(d for _, d in sorted(parts.get(b["sha256"], [])))} for b in after["blobs"]
+            ],
+        }
+        assert all(b["size"] == len(b["data"]) for b in after["blobs"])
     for table, rows in before.items():
         assert len(after[table]) == len(rows), table
         for old, new in zip(rows, after[table], strict=True):

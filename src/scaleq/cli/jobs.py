@@ -387,21 +387,36 @@ def jobs(
         StateFilter | None,
         typer.Option(help="Only jobs in this state, or finished with this reason (failed, success, …)."),
     ] = None,
-    limit: Annotated[int, typer.Option(help="At most this many, newest first.")] = 50,
+    limit: Annotated[
+        int, typer.Option(min=1, max=10_000, help="At most this many, newest first (with --all: per request).")
+    ] = 50,
+    cursor: Annotated[
+        str | None, typer.Option(help="The page after the one that printed this cursor (see 'more:' on stderr).")
+    ] = None,
+    all_pages: Annotated[bool, typer.Option("--all", help="Every matching job, page after page.")] = False,
     output: OutputOpt = Output.table,
     server: ServerOpt = None,
     token: TokenOpt = None,
     data_dir: DataDirOpt = None,
 ) -> None:
-    """List jobs, newest first."""
+    """List jobs, newest first, a page at a time: when there are more, stderr says the --cursor of the next page."""
     wanted = state.value if state else None
     reason = wanted if wanted in set(Reason) else None
-    found = with_client(
-        server,
-        token,
-        data_dir,
-        lambda c: c.list_jobs(queue=queue, state=None if reason else wanted, reason=reason, limit=limit),
-    )
+
+    async def go(c: Client) -> tuple[list[Job], str | None]:
+        found: list[Job] = []
+        after = cursor
+        while True:
+            page, after = await c.list_jobs_page(
+                queue=queue, state=None if reason else wanted, reason=reason, limit=limit, cursor=after
+            )
+            found.extend(page)
+            if not all_pages or after is None:
+                return found, after
+
+    found, more = with_client(server, token, data_dir, go)
+    if more is not None:
+        err.print(f"more: scaleq jobs --cursor {more}", highlight=False)
     if output == Output.json:
         emit_json([_summary(j) for j in found])
         return
@@ -510,10 +525,14 @@ def logs(
 ) -> None:
     """Print a job's output (stdout and stderr, in order)."""
 
+    dropped = 0
+
     async def go(client: Client) -> list[dict]:
+        nonlocal dropped
         after, collected, said = 0, [], ""
         while True:
             page = await client.logs(job_id, attempt=attempt, after=after, wait=20 if follow else 0)
+            dropped = page.get("dropped", 0)
             if follow and page["state"] == "queued" and not page["chunks"] and said != "queued":
                 # nothing to print yet: say so rather than sit silent ('scaleq events' / 'queues' say why it waits)
                 err.print(f"job {job_id} is queued: waiting for a worker to start it (Ctrl-C to stop following)")
@@ -533,6 +552,12 @@ def logs(
     collected = with_client(server, token, data_dir, go)
     if output == Output.json:
         emit_json(collected)
+    if dropped:
+        err.print(
+            f"scaleq: {dropped} bytes of this attempt's output were dropped past the server's log cap "
+            "(max_log_bytes): the head of the log is above, the rest was not kept",
+            highlight=False,
+        )
 
 
 def outputs(

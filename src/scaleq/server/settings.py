@@ -19,6 +19,14 @@ class ServerSettings:
     worker_forget_after: float = 3600.0
     #: Largest submit body (inputs travel inside it), in bytes.
     max_submit_bytes: int = 64 * 1024 * 1024
+    #: Largest outputs of one attempt, in bytes stored (an archive is counted as it is expanded, not as sent).
+    max_output_bytes: int = 256 * 1024 * 1024
+    #: Most entries (files, directories, links) in one attempt's outputs archive.
+    max_output_files: int = 100_000
+    #: Largest log of one attempt, in bytes: past it the head is kept, a note marks the cut, the rest is counted.
+    max_log_bytes: int = 16 * 1024 * 1024
+    #: Where uploads are spooled while they are checked (None: the system's temporary directory).
+    spool_dir: str | None = None
 
     @property
     def heartbeat_seconds(self) -> float:

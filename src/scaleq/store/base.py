@@ -62,6 +62,37 @@ class LogChunk:
 
 
 @dataclass(frozen=True)
+class JobsPage:
+    """A page of jobs, newest first, and where the next one starts (``list_jobs(before=...)``; None: the last)."""
+
+    jobs: list[Job]
+    next_before: int | None
+
+
+#: Blobs are stored, and read back, in parts of this many bytes.
+BLOB_PART = 1 << 20
+
+
+@dataclass(frozen=True)
+class LogsAppended:
+    """What became of chunks sent to an attempt's log: its job, attempt, the bytes dropped past the cap so far, and
+    whether the cap is reached (the worker then stops sending)."""
+
+    job_id: str
+    attempt: int
+    dropped: int
+    capped: bool
+
+
+def log_cap_note(cap: int) -> str:
+    """The line stored once where an attempt's log reaches the cap."""
+    return (
+        f"\n[scaleq: this attempt's log reached the cap of {cap} bytes; the rest of its output is dropped "
+        "(`scaleq logs` says how much at the end)]\n"
+    )
+
+
+@dataclass(frozen=True)
 class OutputFile:
     path: str
     sha256: str
@@ -312,8 +343,24 @@ class Store(Protocol):
         ...
 
     async def list_jobs(
-        self, *, queue: str | None, state: str | None, limit: int, reason: str | None = None
-    ) -> list[Job]: ...
+        self,
+        *,
+        queue: str | None,
+        state: str | None,
+        limit: int,
+        reason: str | None = None,
+        before: int | None = None,
+    ) -> list[Job]:
+        """Newest first (by ``seq``); ``before``: only jobs of a smaller seq (the page after one ending there)."""
+        ...
+
+    async def list_jobs_page(
+        self, *, queue: str | None, state: str | None, limit: int, reason: str | None = None, before: int | None = None
+    ) -> JobsPage:
+        """As list_jobs, with where the next page starts: pages walk an index on seq, so each costs the same however
+        many jobs there are, and jobs submitted meanwhile (a higher seq) never shift the pages still to come."""
+        ...
+
     async def list_attempts(self, job_id: str) -> list[Attempt]: ...
     async def queue_position(self, job_id: str) -> QueuePosition:
         """Where the job (a full id) stands in its queue; meaningful while it is queued."""
@@ -373,13 +420,28 @@ class Store(Protocol):
         """Append to the lease's attempt; return the job id."""
         ...
 
+    async def append_capped_logs(
+        self, lease: str, chunks: list[tuple[str, bytes]], now: float, cap: int | None, dropped: int = 0
+    ) -> LogsAppended:
+        """Append while the attempt's log is under ``cap`` bytes (the head is kept, a note marks the cut, and the
+        bytes past it are counted as dropped, with ``dropped`` more the worker did not send)."""
+        ...
+
+    async def log_counts(self, job_id: str, attempt: int) -> tuple[int, int]:
+        """(bytes kept, bytes dropped past the cap) of an attempt's log."""
+        ...
+
     async def read_logs(self, job_id: str, attempt: int, after: int, limit: int) -> list[LogChunk]: ...
     async def put_outputs(self, lease: str, files: list[tuple[str, bytes]]) -> None: ...
+    async def record_outputs(self, lease: str, files: list[OutputFile]) -> None: ...
     async def list_outputs(self, job_id: str) -> list[OutputFile]: ...
 
     # blobs (input and output bytes, content-addressed)
     async def put_blob(self, sha256: str, data: bytes) -> None: ...
     async def get_blob(self, sha256: str) -> bytes: ...
+    async def put_blob_file(self, sha256: str, size: int, path: str) -> None: ...
+    async def blob_info(self, sha256: str) -> tuple[int, int]: ...
+    async def read_blob_part(self, sha256: str, part: int) -> bytes: ...
     async def missing_blobs(self, shas: list[str]) -> list[str]: ...
 
     # housekeeping

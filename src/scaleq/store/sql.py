@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 from scaleq.jobs import PROGRAM_FAILURES, Capabilities, Claim, Job, JobDefinition, Worker, retried
 from scaleq.store import migrations, rows
 from scaleq.store.base import (
+    BLOB_PART,
     Ahead,
     AmbiguousId,
     ArrayRecord,
@@ -32,7 +33,9 @@ from scaleq.store.base import (
     Expired,
     FinishResult,
     GroupStatus,
+    JobsPage,
     LogChunk,
+    LogsAppended,
     NotFound,
     OutputFile,
     Purged,
@@ -44,6 +47,7 @@ from scaleq.store.base import (
     TokenRecord,
     Usage,
     WorkerClaim,
+    log_cap_note,
 )
 
 T = TypeVar("T")
@@ -268,6 +272,8 @@ class SQLStore:
             count("purge_attempts")
             logs, outputs, jobs = count("purge_logs"), count("purge_outputs"), count("purge_jobs")
             blobs = count("purge_blobs", candidates=json.dumps(candidates)) if candidates else 0
+            if candidates:
+                count("purge_blob_parts", candidates=json.dumps(candidates))
             return Purged(jobs, logs, outputs, blobs, count("purge_events"))
 
         return await self.tx(op)
@@ -295,10 +301,30 @@ class SQLStore:
         return await self._run(self._get_job, job_id)
 
     async def list_jobs(
-        self, *, queue: str | None, state: str | None, limit: int, reason: str | None = None
+        self,
+        *,
+        queue: str | None,
+        state: str | None,
+        limit: int,
+        reason: str | None = None,
+        before: int | None = None,
     ) -> list[Job]:
-        found = await self._run(self._all, "list_jobs", queue=queue, state=state, reason=reason, limit=limit)
-        return [rows.job(r) for r in found]
+        return (await self.list_jobs_page(queue=queue, state=state, reason=reason, limit=limit, before=before)).jobs
+
+    async def list_jobs_page(
+        self, *, queue: str | None, state: str | None, limit: int, reason: str | None = None, before: int | None = None
+    ) -> JobsPage:
+        # one query per filter, each seeking its own index (see list_jobs in common.sql)
+        query = "list_jobs"
+        if queue is not None:
+            query = "list_jobs_of_queue"
+        elif state is not None:
+            query = "list_jobs_in_state"
+        params = {"queue": queue, "state": state, "reason": reason, "limit": limit + 1}
+        found = await self._run(self._all, query, **params, before=(1 << 63) - 1 if before is None else before)
+        more = len(found) > limit
+        found = found[:limit]
+        return JobsPage([rows.job(r) for r in found], int(found[-1]["seq"]) if more else None)
 
     async def queue_position(self, job_id: str) -> QueuePosition:
         row = await self._run(self._one, "queue_position", id=job_id)
@@ -538,31 +564,73 @@ class SQLStore:
         return await self._run(self._live_lease, lease)
 
     async def append_logs(self, lease: str, chunks: list[tuple[str, bytes]], now: float) -> str:
-        def op() -> str:
+        return (await self.append_capped_logs(lease, chunks, now, cap=None)).job_id
+
+    async def append_capped_logs(
+        self, lease: str, chunks: list[tuple[str, bytes]], now: float, cap: int | None, dropped: int = 0
+    ) -> LogsAppended:
+        unsent = dropped
+
+        def op() -> LogsAppended:
             job_id, attempt = self._live_lease(lease)
+            counts = self._one("log_counts", job_id=job_id, attempt=attempt)
+            kept_before, dropped_before = (int(counts["log_bytes"]), int(counts["log_dropped"])) if counts else (0, 0)
+            room = None if cap is None else max(cap - kept_before, 0)
+            keep: list[tuple[str, bytes]] = []
+            dropped = unsent
+            for stream, data in chunks:
+                if room is None or len(data) <= room:
+                    keep.append((stream, data))
+                    room = None if room is None else room - len(data)
+                    continue
+                if room:  # the head of the chunk that crosses the cap
+                    keep.append((stream, data[:room]))
+                dropped += len(data) - room
+                room = 0
+            kept = sum(len(d) for _, d in keep)
+            if dropped and not dropped_before:  # the first cut: say so where it happens, once
+                keep.append(("system", log_cap_note(cap or 0).encode()))
             self._many(
                 "append_log",
-                [{"job_id": job_id, "attempt": attempt, "stream": s, "data": d, "now": now} for s, d in chunks],
+                [{"job_id": job_id, "attempt": attempt, "stream": s, "data": d, "now": now} for s, d in keep],
             )
-            return job_id
+            self.db.execute(
+                self.Q["count_logs"], {"job_id": job_id, "attempt": attempt, "kept": kept, "dropped": dropped}
+            )
+            return LogsAppended(job_id, attempt, dropped_before + dropped, capped=room == 0)
 
         return await self.tx(op)
+
+    async def log_counts(self, job_id: str, attempt: int) -> tuple[int, int]:
+        row = await self._run(self._one, "log_counts", job_id=job_id, attempt=attempt)
+        return (int(row["log_bytes"]), int(row["log_dropped"])) if row else (0, 0)
 
     async def read_logs(self, job_id: str, attempt: int, after: int, limit: int) -> list[LogChunk]:
         found = await self._run(self._all, "read_logs", job_id=job_id, attempt=attempt, after=after, limit=limit)
         return [LogChunk(r["seq"], r["attempt"], r["stream"], bytes(r["data"]), r["at"]) for r in found]
 
     async def put_outputs(self, lease: str, files: list[tuple[str, bytes]]) -> None:
+        """Small outputs given whole (the server streams real uploads: put_blob_file, then record_outputs)."""
+        recorded = []
+        for path, data in files:
+            sha = rows.sha256(data)
+            await self.put_blob(sha, data)
+            recorded.append(OutputFile(path, sha, len(data)))
+        await self.record_outputs(lease, recorded)
+
+    async def record_outputs(self, lease: str, files: list[OutputFile]) -> None:
+        """The attempt's outputs, whose bytes are stored already; they replace what an earlier attempt left."""
+
         def op() -> None:
             job_id, attempt = self._live_lease(lease)
             self.db.execute(self.Q["clear_outputs"], {"job_id": job_id})
-            for path, data in files:
-                sha = rows.sha256(data)
-                self.db.execute(self.Q["put_blob"], {"sha256": sha, "data": data})
-                self.db.execute(
-                    self.Q["put_output"],
-                    {"job_id": job_id, "attempt": attempt, "path": path, "sha256": sha, "size": len(data)},
-                )
+            self._many(
+                "put_output",
+                [
+                    {"job_id": job_id, "attempt": attempt, "path": f.path, "sha256": f.sha256, "size": f.size}
+                    for f in files
+                ],
+            )
 
         await self.tx(op)
 
@@ -571,15 +639,57 @@ class SQLStore:
         return [OutputFile(r["path"], r["sha256"], r["size"]) for r in found]
 
     # -- blobs ------------------------------------------------------------------------------------------------
+    # A blob's bytes are stored in parts of BLOB_PART bytes, written and read one part per statement, so no
+    # operation holds more than one part (in Python, and in SQLite's own memory).
+
+    def _put_parts(self, sha256: str, size: int, read: Callable[[int], bytes]) -> None:
+        parts = -(-size // BLOB_PART)
+        new = self._one("put_blob", sha256=sha256, empty=b"", size=size, parts=parts)
+        if new is None:
+            return  # the same bytes are there already
+        for part in range(parts):
+            data = read(BLOB_PART)
+            if len(data) != min(BLOB_PART, size - part * BLOB_PART):
+                raise ValueError(f"blob {sha256[:12]}: the bytes ended before its size ({size})")
+            self.db.execute(self.Q["put_blob_part"], {"sha256": sha256, "part": part, "data": data})
 
     async def put_blob(self, sha256: str, data: bytes) -> None:
-        await self._run(lambda: self.db.execute(self.Q["put_blob"], {"sha256": sha256, "data": data}))
+        view = memoryview(data)
+        offset = 0
 
-    async def get_blob(self, sha256: str) -> bytes:
-        row = await self._run(self._one, "get_blob", sha256=sha256)
+        def read(n: int) -> bytes:
+            nonlocal offset
+            offset += n
+            return bytes(view[offset - n : offset])
+
+        await self.tx(self._put_parts, sha256, len(data), read)
+
+    async def put_blob_file(self, sha256: str, size: int, path: str) -> None:
+        """Store a file's bytes (whose hash and size the caller computed) part by part, in one transaction."""
+
+        def op() -> None:
+            with open(path, "rb") as f:
+                self._put_parts(sha256, size, f.read)
+
+        await self.tx(op)
+
+    async def blob_info(self, sha256: str) -> tuple[int, int]:
+        """(size, parts) of a blob; NotFound when there is none."""
+        row = await self._run(self._one, "blob_info", sha256=sha256)
         if row is None:
             raise NotFound(f"no blob {sha256}")
+        return int(row["size"]), int(row["parts"])
+
+    async def read_blob_part(self, sha256: str, part: int) -> bytes:
+        row = await self._run(self._one, "get_blob_part", sha256=sha256, part=part)
+        if row is None:
+            raise NotFound(f"no part {part} of blob {sha256}")
         return bytes(row["data"])
+
+    async def get_blob(self, sha256: str) -> bytes:
+        """A whole blob in memory: for small ones (inputs the worker writes, tests); routes stream parts."""
+        _, parts = await self.blob_info(sha256)
+        return b"".join([await self.read_blob_part(sha256, p) for p in range(parts)])
 
     async def missing_blobs(self, shas: list[str]) -> list[str]:
         return await self._run(lambda: [s for s in shas if self._one("has_blob", sha256=s) is None])

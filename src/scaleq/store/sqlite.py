@@ -60,9 +60,11 @@ class SQLiteStore(SQLStore):
                         os.chmod(name, 0o600)
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         conn.row_factory = sqlite3.Row
+        # busy_timeout first: switching to WAL needs a lock, and without it a second opener (another process, a
+        # migration) fails at once with "database is locked" instead of waiting its turn
+        conn.execute("PRAGMA busy_timeout=5000")
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={'FULL' if self.durability == 'strict' else 'NORMAL'}")
-        conn.execute("PRAGMA busy_timeout=5000")
         self._conn = conn
 
     def _where(self) -> str:

@@ -416,9 +416,14 @@ class WorkerAgent:
                 async with shipper:
                     result = await runtime.run(spec, shipper.write)
                 if result is not None and not r.abandoned:
-                    tar = await asyncio.to_thread(transfer.pack_outputs, spec.outputs_dir)
-                    if tar is not None:
-                        await self._retrying(lambda: self.client.put_outputs(lease, tar))
+                    archive = base / "outputs.tar"  # beside /outputs, never in it; removed with the work dir
+                    if await asyncio.to_thread(transfer.pack_outputs, spec.outputs_dir, archive):
+                        try:
+                            await self._retrying(lambda: self.client.put_outputs(lease, archive))
+                        except ApiError as exc:
+                            if exc.status not in (400, 413):
+                                raise
+                            result = RunResult("failed", error=f"outputs refused by the server: {exc.detail}")
         except asyncio.CancelledError:
             if r.handed_back:  # released already (hand_back)
                 self._count("handed_back")

@@ -2,7 +2,9 @@
 
 Output is buffered and sent by one background task, so a chatty job never waits on the network. If the server
 refuses the lease (409) the attempt was replaced or cancelled and ``on_stale`` stops it. While the server is
-unreachable the buffer keeps the newest output up to a bound and notes what it had to drop.
+unreachable the buffer keeps the newest output up to a bound and notes what it had to drop. Once the server says
+the attempt's log is at its cap (``max_log_bytes``), output is no longer sent, only counted, and the count goes up
+with the next flush (the server adds it to what ``scaleq logs`` reports dropped).
 """
 
 from __future__ import annotations
@@ -28,12 +30,24 @@ class LogShipper:
         self._buf: list[tuple[str, bytes]] = []
         self._size = 0
         self._dropped = 0
+        #: The server said the attempt's log is at its cap; what is written since is counted in _unsent, not sent.
+        self._capped = False
+        self._unsent = 0
         self._task: asyncio.Task[None] | None = None
         self._more = asyncio.Event()
         self._closing = asyncio.Event()
 
+    @property
+    def capped(self) -> bool:
+        """Whether the server said this attempt's log is at its cap (output is counted since, not sent)."""
+        return self._capped
+
     async def write(self, stream: str, data: bytes) -> None:
         if not data:
+            return
+        if self._capped:  # the server keeps no more of this attempt's log: count it, send only the count
+            self._unsent += len(data)
+            self._more.set()
             return
         self._buf.append((stream, data))
         self._size += len(data)
@@ -60,7 +74,7 @@ class LogShipper:
         # that is away (restarting) gets it when it is back.
         deadline = time.monotonic() + self.give_up_after
         delay = 0.2
-        while self._buf and not self._stale:
+        while (self._buf or self._unsent) and not self._stale:
             if await self._flush():
                 continue
             if self._stale or time.monotonic() > deadline:
@@ -78,14 +92,18 @@ class LogShipper:
 
     async def _flush(self) -> bool:
         """Send what is buffered; False when nothing more can be sent now."""
-        if not self._buf:
+        if self._capped and self._buf:  # capped while these waited: they are counted, not sent
+            self._unsent += self._size
+            self._buf, self._size = [], 0
+        if not self._buf and not self._unsent:
             return False
         chunks, self._buf, self._size = self._buf, [], 0
         if self._dropped:
             chunks.insert(0, ("system", f"[scaleq: {self._dropped} bytes of output dropped]\n".encode()))
             self._dropped = 0
         try:
-            await self.client.append_logs(self.lease, chunks)
+            self._capped = await self.client.append_logs(self.lease, chunks, dropped=self._unsent)
+            self._unsent = 0
             return True
         except Unreachable:
             self._buf[:0] = chunks

@@ -6,15 +6,17 @@ import base64
 import binascii
 import hashlib
 import time
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, Response, status
 from pydantic import BaseModel, Field
 
 from scaleq.jobs import ArraySpec, Job, Reason, State, SubmitRequest, array_id
 from scaleq.notify import wait, wait_any
+from scaleq.server import paging
 from scaleq.server.auth import require
 from scaleq.server.estimates import estimate_start
+from scaleq.server.outputs import stream_blob
 from scaleq.server.routes.common import C, Ctx
 from scaleq.store.base import ArrayRecord, NotFound, Submission
 
@@ -73,6 +75,8 @@ class Logs(BaseModel):
     state: State
     chunks: list[LogLine]
     next: int
+    #: Bytes of this attempt's output dropped past the per-attempt log cap (0: the log is whole).
+    dropped: int = 0
 
 
 class OutputOut(BaseModel):
@@ -239,21 +243,46 @@ async def _warning(ctx: Ctx, job: Job) -> str | None:
     return await ctx.request.app.state.runnable.warning(job.queue, job.definition)
 
 
-@router.get("/jobs", response_model=list[Job], dependencies=[require("jobs:read")])
+_PAGED: dict[int | str, dict[str, Any]] = {
+    200: {
+        "headers": {
+            paging.HEADER: {
+                "description": "the cursor of the next page (absent on the last page)",
+                "schema": {"type": "string"},
+            }
+        }
+    }
+}
+
+
+@router.get("/jobs", response_model=list[Job], dependencies=[require("jobs:read")], responses=_PAGED)
 async def list_jobs(
     ctx: C,
+    response: Response,
     queue: str | None = None,
     state: State | None = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
     reason: Annotated[Reason | None, Query(description="only finished jobs with this reason")] = None,
+    cursor: Annotated[
+        str | None,
+        Query(max_length=64, description="the X-Scaleq-Next-Cursor of the previous page: the page after it"),
+    ] = None,
 ) -> list[Job]:
-    """Newest first."""
+    """Newest first, a page at a time: when there are more, the answer's ``X-Scaleq-Next-Cursor`` header is the
+    ``cursor`` for the next page (an opaque string; pages are stable while jobs are submitted)."""
     if reason is not None and state not in (None, State.finished):
         raise HTTPException(422, f"reason={reason.value} is a finished job's reason; state={state} has none")
     state = State.finished if reason is not None else state
-    return await ctx.store.list_jobs(
-        queue=queue, state=state.value if state else None, limit=limit, reason=reason.value if reason else None
+    page = await ctx.store.list_jobs_page(
+        queue=queue,
+        state=state.value if state else None,
+        limit=limit,
+        reason=reason.value if reason else None,
+        before=paging.decode(cursor) if cursor is not None else None,
     )
+    if page.next_before is not None:
+        response.headers[paging.HEADER] = paging.encode(page.next_before)
+    return page.jobs
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut, dependencies=[require("jobs:read")])
@@ -319,8 +348,14 @@ async def logs(
         if not await wait_any((ev, ev_job), deadline - time.monotonic()):
             break
     lines = [LogLine(seq=c.seq, stream=c.stream, data=c.data.decode("utf-8", "replace"), at=c.at) for c in chunks]
+    _, dropped = await ctx.store.log_counts(job.id, number) if number else (0, 0)
     return Logs(
-        job_id=job.id, attempt=number or 0, state=job.state, chunks=lines, next=lines[-1].seq if lines else after
+        job_id=job.id,
+        attempt=number or 0,
+        state=job.state,
+        chunks=lines,
+        next=lines[-1].seq if lines else after,
+        dropped=dropped,
     )
 
 
@@ -335,7 +370,7 @@ async def output_file(job_id: str, path: str, ctx: C) -> Response:
     job = await ctx.store.get_job(job_id)
     for o in await ctx.store.list_outputs(job.id):
         if o.path == path:
-            return Response(await ctx.store.get_blob(o.sha256), media_type="application/octet-stream")
+            return await stream_blob(ctx.store, o.sha256)
     raise NotFound(f"job {job.id[:12]} has no output {path!r}")
 
 

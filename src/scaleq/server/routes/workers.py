@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
-import tarfile
 import time
 from typing import Annotated, Literal
 
@@ -24,13 +22,12 @@ from pydantic import BaseModel, Field, field_validator
 
 from scaleq.jobs import MAX_SIZE, Claim, Job, RuntimeKind, State, Worker, validate_queue_name
 from scaleq.notify import wait_any
-from scaleq.server import metrics
+from scaleq.server import metrics, outputs
 from scaleq.server.auth import Caller, WorkerCaller, require
 from scaleq.server.routes.common import C, Ctx
 from scaleq.store.base import FinishResult, NotFound, StaleLease
 
 router = APIRouter(tags=["workers"])
-MAX_OUTPUT_BYTES = 256 * 1024 * 1024
 
 
 class Registration(BaseModel):
@@ -113,6 +110,8 @@ class LogChunkIn(BaseModel):
 class LogsBody(BaseModel):
     lease: str
     chunks: list[LogChunkIn] = Field(max_length=10_000)
+    #: Bytes of output the worker did not send because the log is capped (counted, never stored).
+    dropped: int = Field(default=0, ge=0, le=1 << 62)
 
 
 class LeaseBody(BaseModel):
@@ -363,6 +362,9 @@ async def release_worker(worker_id: str, ctx: C, body: ReleaseWorkerBody | None 
 
 @router.post("/leases/logs", status_code=204)
 async def append_logs(body: LogsBody, ctx: C, who: WorkerCaller) -> Response:
+    """Append to the attempt's log, up to the per-attempt cap (``max_log_bytes``): past it the head is kept, a note
+    marks the cut and the bytes are counted as dropped; the answer's ``X-Scaleq-Log-Capped: 1`` tells the worker to
+    stop sending (it then reports only how much more it dropped, in ``dropped``)."""
     await _own_lease(ctx, who, body.lease)
     chunks: list[tuple[str, bytes]] = []
     for n, c in enumerate(body.chunks):
@@ -373,32 +375,29 @@ async def append_logs(body: LogsBody, ctx: C, who: WorkerCaller) -> Response:
                 status.HTTP_422_UNPROCESSABLE_CONTENT,
                 [{"loc": ["body", "chunks", n, "data"], "msg": "is not base64", "type": "value_error"}],
             ) from exc
-    job_id = await ctx.store.append_logs(body.lease, chunks, ctx.now())
-    ctx.notifier.notify(f"logs:{job_id}")
-    return Response(status_code=204)
+    done = await ctx.store.append_capped_logs(
+        body.lease, chunks, ctx.now(), cap=ctx.settings.max_log_bytes, dropped=body.dropped
+    )
+    ctx.notifier.notify(f"logs:{done.job_id}")
+    return Response(status_code=204, headers={"X-Scaleq-Log-Capped": "1"} if done.capped else None)
 
 
-@router.post("/leases/outputs", status_code=204, max_body_size=MAX_OUTPUT_BYTES + (1 << 20))
+# (no body limit of its own: the route counts what arrives against max_output_bytes as it streams it to disk)
+@router.post("/leases/outputs", status_code=204, max_body_size=1 << 40)
 async def put_outputs(
     request: Request, ctx: C, who: WorkerCaller, lease: Annotated[str, Header(alias="X-Scaleq-Lease")]
 ) -> Response:
-    """The attempt's ``/outputs`` as a tar archive (regular files only are kept)."""
+    """The attempt's ``/outputs`` as a tar archive (regular files and hard links to them are kept), checked against
+    ``max_output_bytes`` as it is expanded and stored by parts (:mod:`scaleq.server.outputs`)."""
     await ctx.store.check_lease(lease)
     await _own_lease(ctx, who, lease)
-    body = await request.body()
-    if len(body) > MAX_OUTPUT_BYTES:
-        raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, f"outputs over {MAX_OUTPUT_BYTES} bytes")
-    files: list[tuple[str, bytes]] = []
+    s = ctx.settings
     try:
-        with tarfile.open(fileobj=io.BytesIO(body), mode="r:*") as tar:
-            for member in tar:
-                name = member.name.lstrip("./")
-                if member.isfile() and name and ".." not in name.split("/"):
-                    f = tar.extractfile(member)
-                    files.append((name, f.read() if f else b""))
-    except tarfile.TarError as exc:
-        raise HTTPException(status.HTTP_400_BAD_REQUEST, f"outputs are not a tar archive: {exc}") from exc
-    await ctx.store.put_outputs(lease, files)
+        await outputs.receive_outputs(
+            request, ctx.store, lease, limit=s.max_output_bytes, max_files=s.max_output_files, spool_dir=s.spool_dir
+        )
+    except outputs.OutputsRefused as exc:
+        raise HTTPException(exc.status, str(exc)) from exc
     return Response(status_code=204)
 
 
@@ -409,4 +408,4 @@ async def blob(sha256: str, ctx: C, who: WorkerCaller) -> Response:
         raise HTTPException(
             status.HTTP_403_FORBIDDEN, "a worker token reads only the inputs of the jobs its workers hold"
         )
-    return Response(await ctx.store.get_blob(sha256), media_type="application/octet-stream")
+    return await outputs.stream_blob(ctx.store, sha256)

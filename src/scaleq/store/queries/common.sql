@@ -12,8 +12,21 @@ UPDATE jobs SET state = 'queued', reason = NULL, exit_code = NULL, error = NULL,
  WHERE id = :id AND state = 'finished';
 
 -- name: list_jobs
-SELECT * FROM jobs
- WHERE (CAST(:queue AS TEXT) IS NULL OR queue = :queue) AND (CAST(:state AS TEXT) IS NULL OR state = :state)
+-- A page of jobs, newest first, below seq :before (the first page: the largest seq there can be). One query per
+-- filter, each a plain condition on the columns of its index (jobs_seq, jobs_queue_seq, jobs_state_seq), so a page
+-- is a seek and a walk of :limit entries, the same at the millionth job as at the first (an "IS NULL OR" filter
+-- would leave the planner no seek); reason and a second filter are checked on the rows the walk reads.
+SELECT * FROM jobs WHERE seq < :before
+   AND (CAST(:reason AS TEXT) IS NULL OR reason = :reason)
+ ORDER BY seq DESC LIMIT :limit;
+
+-- name: list_jobs_of_queue
+SELECT * FROM jobs WHERE queue = :queue AND seq < :before
+   AND (CAST(:state AS TEXT) IS NULL OR state = :state) AND (CAST(:reason AS TEXT) IS NULL OR reason = :reason)
+ ORDER BY seq DESC LIMIT :limit;
+
+-- name: list_jobs_in_state
+SELECT * FROM jobs WHERE state = :state AND seq < :before
    AND (CAST(:reason AS TEXT) IS NULL OR reason = :reason)
  ORDER BY seq DESC LIMIT :limit;
 
@@ -121,10 +134,25 @@ SELECT seq, attempt, stream, data, at FROM logs
  ORDER BY seq LIMIT :limit;
 
 -- name: put_blob
-INSERT INTO blobs (sha256, data) VALUES (:sha256, :data) ON CONFLICT (sha256) DO NOTHING;
+-- A blob's row (its bytes go to blob_parts): the row back when it is new, none when the bytes were there already.
+INSERT INTO blobs (sha256, data, size, parts) VALUES (:sha256, :empty, :size, :parts)
+    ON CONFLICT (sha256) DO NOTHING RETURNING sha256;
 
--- name: get_blob
-SELECT data FROM blobs WHERE sha256 = :sha256;
+-- name: put_blob_part
+INSERT INTO blob_parts (sha256, part, data) VALUES (:sha256, :part, :data) ON CONFLICT (sha256, part) DO NOTHING;
+
+-- name: blob_info
+SELECT size, parts FROM blobs WHERE sha256 = :sha256;
+
+-- name: get_blob_part
+SELECT data FROM blob_parts WHERE sha256 = :sha256 AND part = :part;
+
+-- name: log_counts
+SELECT log_bytes, log_dropped FROM attempts WHERE job_id = :job_id AND attempt = :attempt;
+
+-- name: count_logs
+UPDATE attempts SET log_bytes = log_bytes + :kept, log_dropped = log_dropped + :dropped
+ WHERE job_id = :job_id AND attempt = :attempt;
 
 -- name: has_blob
 SELECT 1 FROM blobs WHERE sha256 = :sha256;

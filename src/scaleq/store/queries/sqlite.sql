@@ -121,6 +121,12 @@ DELETE FROM blobs
    AND sha256 NOT IN (SELECT sha256 FROM outputs)
    AND sha256 NOT IN (SELECT json_extract(i.value, '$.sha256') AS sha256 FROM jobs j, json_each(j.definition, '$.inputs') i);
 
+-- name: purge_blob_parts
+-- The parts of the candidates purge_blobs removed.
+DELETE FROM blob_parts
+ WHERE sha256 IN (SELECT value FROM json_each(:candidates))
+   AND sha256 NOT IN (SELECT sha256 FROM blobs);
+
 -- name: holds_input
 -- Whether a running job of a worker bound to :token_id has the blob :sha256 among its inputs.
 SELECT 1 AS held FROM jobs j JOIN worker_tokens w ON w.worker_id = j.worker_id

@@ -1,4 +1,5 @@
-// The jobs view (#/jobs): the jobs, filtered by queue and state.
+// The jobs view (#/jobs): the jobs, filtered by queue and state, 100 a page: "Older" follows the cursor the server
+// gives (X-Scaleq-Next-Cursor), "Newest" goes back to the first page; each page is updated live.
 
 import { api, every } from "../api.js";
 import { emptyRow, fmt, h, jobStatus, stateBadge, table } from "../dom.js";
@@ -37,7 +38,16 @@ function jobRow(job) {
 export async function jobsView(ctx) {
   const queue = ctx.params.get("queue") || "";
   const state = ctx.params.get("state") || "";
+  const cursor = ctx.params.get("cursor") || "";
   const errors = errorSlot();
+  const pageLink = (label, to) => {
+    const p = new URLSearchParams();
+    if (queue) p.set("queue", queue);
+    if (state) p.set("state", state);
+    if (to) p.set("cursor", to);
+    return h("a", { href: `#/jobs${p.toString() ? `?${p}` : ""}`, class: "page-link" }, label);
+  };
+  const pager = h("nav", { class: "pager", "aria-label": "Pages of jobs" });
 
   const queueSelect = h("select", { id: "f-queue", name: "queue" }, h("option", { value: "" }, "all queues"));
   const stateSelect = h(
@@ -64,7 +74,8 @@ export async function jobsView(ctx) {
   );
   const what = [queue && `queue ${queue}`, state && `state ${state}`].filter(Boolean).join(", ");
   const { el, tbody } = table(
-    `The newest 100 jobs${what ? ` (${what})` : ""}, newest first. Updated live; a row opens the job.`,
+    `${cursor ? "Older jobs, 100 a page" : "The newest 100 jobs"}${what ? ` (${what})` : ""}, newest first. ` +
+      "Updated live; a row opens the job.",
     [
       "State",
       "Job",
@@ -78,17 +89,23 @@ export async function jobsView(ctx) {
     ],
     { className: "jobs" },
   );
-  ctx.page.append(heading("Jobs"), filters, errors.el, el);
+  ctx.page.append(heading("Jobs"), filters, errors.el, el, pager);
 
   let knownQueues = [];
   await every(
     POLL_MS,
     ctx.signal,
     async () => {
-      const [jobs, queues] = await Promise.all([
-        api("/jobs", { params: { queue, state, limit: 100 }, signal: ctx.signal }),
+      const [response, queues] = await Promise.all([
+        api("/jobs", { params: { queue, state, limit: 100, cursor }, signal: ctx.signal, raw: true }),
         api("/queues", { signal: ctx.signal }).catch(() => []),
       ]);
+      const jobs = await response.json();
+      const next = response.headers.get("X-Scaleq-Next-Cursor");
+      pager.replaceChildren(
+        ...(cursor ? [pageLink("← Newest", "")] : []),
+        ...(next ? [pageLink("Older →", next)] : []),
+      );
       errors.clear();
       ctx.updated();
       const names = [...new Set([...queues.map((q) => q.name), ...(queue ? [queue] : [])])].sort();
