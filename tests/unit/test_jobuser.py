@@ -208,7 +208,9 @@ async def test_the_jobs_own_env_reaches_only_the_job(runtime: ProcessRuntime, op
         await run
 
 
-async def test_a_workdir_the_job_user_cannot_enter_fails_saying_so(runtime: ProcessRuntime, open_tmp_path: Path) -> None:
+async def test_a_workdir_the_job_user_cannot_enter_fails_saying_so(
+    runtime: ProcessRuntime, open_tmp_path: Path
+) -> None:
     private = open_tmp_path / "private"
     private.mkdir(mode=0o700)
     result = await runtime.run(spec_in(open_tmp_path / "attempt", ["pwd"], workdir=str(private)), Sink())
