@@ -190,7 +190,7 @@ async def test_a_job_runs_as_the_job_user_and_its_outputs_come_back_owned_by_the
 async def test_the_jobs_own_env_reaches_only_the_job(runtime: ProcessRuntime, open_tmp_path: Path) -> None:
     before = dict(os.environ)
     evil = {"LD_PRELOAD": "/nonexistent/evil.so", "PATH": str(open_tmp_path), "LD_LIBRARY_PATH": str(open_tmp_path)}
-    spec = spec_in(open_tmp_path / "attempt", ["/bin/sh", "-c", 'echo "$PATH"; sleep 30'], env=evil)
+    spec = spec_in(open_tmp_path / "attempt", ["/bin/sh", "-c", 'echo "$PATH"; /bin/sleep 30'], env=evil)
     sink = Sink()
     run = asyncio.create_task(runtime.run(spec, sink))
 
@@ -242,3 +242,16 @@ async def test_a_job_run_as_the_job_user_dies_with_its_worker(runtime: ProcessRu
     run.cancel()
     with pytest.raises(asyncio.CancelledError):
         await run
+
+
+async def test_a_missing_command_is_reported_as_not_found_also_as_the_job_user(
+    runtime: ProcessRuntime, open_tmp_path: Path
+) -> None:
+    # the worker's PATH may hold directories nobody cannot search (EACCES), which must not hide "not found"
+    spec = spec_in(open_tmp_path / "attempt", ["no-such-command-anywhere"], env={"PATH": f"/root:{open_tmp_path}"})
+    result = await runtime.run(spec, Sink())
+    assert (result.reason, result.exit_code, result.error) == (
+        "failed",
+        127,
+        "command not found: no-such-command-anywhere",
+    )

@@ -7,9 +7,12 @@ submit token would become admin. So a worker running as root runs its process jo
 - **Resolving** (:func:`resolve`): ``scaleq worker --job-user NAME`` / ``SCALEQ_JOB_USER``, ``nobody`` by default on
   a root worker. Naming the worker's own user (``root``) keeps jobs as the worker's user, on purpose. A worker that
   is not root cannot switch users: asking it to is an error, and its jobs run as itself (the docs say what holds).
-- **Dropping privileges** happens in the child between ``fork`` and ``exec`` — ``subprocess``'s ``user=``,
-  ``group=`` and ``extra_groups=[]`` (:meth:`JobUser.popen_args`): the job's own environment (``PATH``,
-  ``LD_PRELOAD``, …) only takes effect at that ``exec``, as the job user, never in the worker or its helpers.
+- **Dropping privileges** happens in the child between ``fork`` and ``exec`` (:meth:`JobUser.become`, a
+  ``preexec_fn``: uvloop, the worker's event loop, refuses ``subprocess``'s ``user=``/``group=``): no supplementary
+  groups, the job user's group, then its uid, for good; then the ``chdir`` into the job's working directory, as the
+  job user, so a path that changed after it was checked still leads nowhere the job user could not go. The job's
+  own environment (``PATH``, ``LD_PRELOAD``, …) only takes effect at the ``exec`` that follows, as the job user,
+  never in the worker or its helpers.
 - **The attempt dir** (inputs, outputs, the job's working directory) is handed to the job user for the run
   (:func:`give`) and taken back before anything in it is read as root (:func:`take_back`): every directory is made
   the worker's and ``0700`` top-down, parents before children, so no process of the job user can swap a path for a
@@ -30,10 +33,9 @@ import logging
 import os
 import pwd
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +52,18 @@ class JobUser:
     uid: int
     gid: int
 
-    def popen_args(self) -> dict[str, Any]:
-        """``subprocess`` arguments that start the child as this user: no supplementary groups of the worker."""
-        return {"user": self.uid, "group": self.gid, "extra_groups": []}
+    def become(self, cwd: str) -> Callable[[], None]:
+        """A ``preexec_fn`` that turns the forked child into this user, in ``cwd``. System calls only: it runs
+        between ``fork`` and ``exec`` of a process with threads."""
+        uid, gid = self.uid, self.gid
+
+        def child() -> None:
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)  # as root this sets the real, effective and saved uid: no way back
+            os.chdir(cwd)
+
+        return child
 
 
 def lookup(name: str) -> JobUser:

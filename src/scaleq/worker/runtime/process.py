@@ -33,6 +33,7 @@ import logging
 import os
 import shutil
 import signal
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -107,21 +108,21 @@ class ProcessRuntime:
             "SCALEQ_OUTPUTS": str(spec.outputs_dir),
             **scaleq_env(spec),
         }
-        as_user: dict[str, Any] = {}
+        cwd = workdir or scratch
+        # as the job user, the child itself changes into its directory (after dropping privileges)
+        where: dict[str, Any] = {"cwd": cwd} if user is None else {"preexec_fn": user.become(cwd)}
         try:
             if user is not None:
                 await asyncio.to_thread(jobuser.give, attempt_dir, user)
-                as_user = user.popen_args()
             spawn = asyncio.ensure_future(
                 asyncio.create_subprocess_exec(
                     *argv,
                     stdin=asyncio.subprocess.DEVNULL,
                     stdout=asyncio.subprocess.PIPE,
                     stderr=asyncio.subprocess.PIPE,
-                    cwd=workdir or scratch,
                     env=env,
                     start_new_session=True,
-                    **as_user,
+                    **where,
                 )
             )
             try:
@@ -133,9 +134,13 @@ class ProcessRuntime:
             except FileNotFoundError:
                 return RunResult(reason="failed", exit_code=127, error=f"command not found: {argv[0]}")
             except PermissionError:
+                if shutil.which(argv[0], path=env.get("PATH")) is None:  # EACCES on some dir of PATH, found in none
+                    return RunResult(reason="failed", exit_code=127, error=f"command not found: {argv[0]}")
                 return RunResult(reason="failed", exit_code=126, error=f"permission denied: {argv[0]}{_as(user)}")
             except OSError as e:
                 return RunResult(reason="failed", exit_code=126, error=f"cannot run {argv[0]}{_as(user)}: {e}")
+            except subprocess.SubprocessError:  # become() failed in the child
+                return RunResult(reason="failed", exit_code=126, error=f"cannot start {argv[0]}{_as(user)} in {cwd}")
             return await self._supervise(proc, d.max_duration, on_log)
         finally:
             if user is not None:
