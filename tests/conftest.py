@@ -16,6 +16,7 @@ from scaleq.store.postgres import PostgresStore
 from scaleq.store.sqlite import SQLiteStore
 from tests.helpers import LiveServer, serve
 from tests.helpers.engine import connect
+from tests.helpers.opendirs import open_dir
 from tests.pg import Cluster, reset, start_cluster
 
 
@@ -32,18 +33,10 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 @pytest.fixture
 def open_tmp_path() -> Iterator[Path]:
-    """A fresh temp dir that every user may enter and write (0777), under the system's sticky temp dir.
-
-    For tests whose jobs run as another user (a root worker runs process jobs as ``nobody``): pytest's ``tmp_path``
-    lies under a 0700 directory of the user running the tests, which such a job cannot reach. Only the test's own
-    files go here; the product's dirs (a data dir, a worker's attempt dirs) keep their own, private modes.
-    """
-    import tempfile
-
-    path = Path(tempfile.mkdtemp(prefix="scaleq-test-"))
-    os.chmod(path, 0o777)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+    """A fresh temp dir that every user may enter and write, for tests whose jobs run as another user
+    (see :mod:`tests.helpers.opendirs`)."""
+    with open_dir() as path:
+        yield path
 
 
 @pytest.fixture(scope="session")

@@ -14,15 +14,14 @@ from __future__ import annotations
 import os
 import pwd
 import re
-import shutil
 import signal
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.acceptance.support import Grid, pid_alive
+from tests.helpers.opendirs import open_dir
 from tests.helpers.waiting import wait_for
 
 NOBODY = pwd.getpwnam("nobody").pw_uid
@@ -32,17 +31,15 @@ NOBODY = pwd.getpwnam("nobody").pw_uid
 def setup() -> Iterator[tuple[Grid, str, Path]]:
     """A grid whose data dir sits in a world-enterable dir, a submit token for it, and that open dir."""
     assert os.geteuid() == 0, "this test is about a root worker: run the suite as root"
-    opened = Path(tempfile.mkdtemp(prefix="scaleq-isolation-"))
-    os.chmod(opened, 0o777)
-    grid = Grid(opened / "data", lease_seconds=3.0)
-    try:
-        grid.start()
-        created = grid.cli("tokens", "create", "--role", "submit", "--name", "tenant")
-        assert created.returncode == 0, created.stderr
-        yield grid, created.stdout.strip().splitlines()[-1], opened
-    finally:
-        grid.stop()
-        shutil.rmtree(opened, ignore_errors=True)
+    with open_dir("scaleq-isolation-") as opened:
+        grid = Grid(opened / "data", lease_seconds=3.0)
+        try:
+            grid.start()
+            created = grid.cli("tokens", "create", "--role", "submit", "--name", "tenant")
+            assert created.returncode == 0, created.stderr
+            yield grid, created.stdout.strip().splitlines()[-1], opened
+        finally:
+            grid.stop()
 
 
 def submit_as_tenant(grid: Grid, token: str, script: str) -> str:
