@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.acceptance.support import Grid, pid_alive
+from tests.acceptance.support import Grid, base_env, cli, pid_alive
 from tests.helpers.opendirs import open_dir
 from tests.helpers.waiting import wait_for
 
@@ -105,3 +105,13 @@ def test_a_job_run_as_nobody_dies_with_its_killed_worker(setup: tuple[Grid, str,
     worker = grid.worker_records()[running["attempt_history"][-1]["worker_id"]]
     os.kill(worker["pid"], signal.SIGKILL)
     wait_for(lambda: not pid_alive(pid), 15, 0.1, "the job to die with its worker")
+
+
+def test_a_job_user_that_does_not_exist_is_refused_at_start_naming_the_flag(tmp_path: Path) -> None:
+    for args in (
+        ["up", "--job-user", "no-such-user-here", "--data-dir", str(tmp_path / "data")],
+        ["worker", "--queue", "default", "--runtime", "process", "--job-user", "no-such-user-here"],
+    ):
+        r = cli(*args, env=base_env(SCALEQ_SERVER="http://127.0.0.1:9", SCALEQ_TOKEN="unused"))
+        assert (r.returncode, r.stderr.strip()) == (2, "error: --job-user: no user 'no-such-user-here' on this host")
+    assert not (tmp_path / "data").exists()  # refused before anything was made
