@@ -115,3 +115,14 @@ def test_a_job_user_that_does_not_exist_is_refused_at_start_naming_the_flag(tmp_
         r = cli(*args, env=base_env(SCALEQ_SERVER="http://127.0.0.1:9", SCALEQ_TOKEN="unused"))
         assert (r.returncode, r.stderr.strip()) == (2, "error: --job-user: no user 'no-such-user-here' on this host")
     assert not (tmp_path / "data").exists()  # refused before anything was made
+
+
+def test_scaleq_up_passes_its_job_user_to_its_workers(tmp_path: Path) -> None:
+    daemon = pwd.getpwnam("daemon")
+    grid = Grid(tmp_path / "data", extra_args=["--job-user", "daemon"])
+    try:
+        grid.start()
+        job_id = grid.api_submit("sh", "-c", "id -u; id -g")
+        assert grid.api_logs(job_id).split() == [str(daemon.pw_uid), str(daemon.pw_gid)]
+    finally:
+        grid.stop()
