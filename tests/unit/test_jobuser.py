@@ -255,3 +255,14 @@ async def test_a_missing_command_is_reported_as_not_found_also_as_the_job_user(
         127,
         "command not found: no-such-command-anywhere",
     )
+
+
+async def test_a_program_the_job_user_may_not_run_is_refused_saying_as_whom(
+    runtime: ProcessRuntime, open_tmp_path: Path
+) -> None:
+    program = open_tmp_path / "roots-only"
+    program.write_text("#!/bin/sh\necho ran\n")
+    os.chmod(program, 0o700)  # root may run it; nobody may not
+    result = await runtime.run(spec_in(open_tmp_path / "attempt", [str(program)]), Sink())
+    assert (result.reason, result.exit_code) == ("failed", 126)
+    assert result.error == f"permission denied: {program} (as user nobody)"

@@ -134,7 +134,8 @@ class ProcessRuntime:
             except FileNotFoundError:
                 return RunResult(reason="failed", exit_code=127, error=f"command not found: {argv[0]}")
             except PermissionError:
-                if shutil.which(argv[0], path=env.get("PATH")) is None:  # EACCES on some dir of PATH, found in none
+                # a name looked up in PATH, where a directory the job user may not search gave EACCES: found nowhere?
+                if "/" not in argv[0] and shutil.which(argv[0], path=env.get("PATH")) is None:
                     return RunResult(reason="failed", exit_code=127, error=f"command not found: {argv[0]}")
                 return RunResult(reason="failed", exit_code=126, error=f"permission denied: {argv[0]}{_as(user)}")
             except OSError as e:
