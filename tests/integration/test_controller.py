@@ -340,12 +340,14 @@ class CountingProvider(LocalProvider):
         return started
 
 
-async def test_draining_workers_count_toward_max_until_they_are_gone(live: LiveServer, tmp_path: Path) -> None:
+async def test_draining_workers_count_toward_max_until_they_are_gone(
+    live: LiveServer, tmp_path: Path, open_tmp_path: Path
+) -> None:
     g = group(max_workers=3)
     provider = CountingProvider(
         grid="t", server=live.url, token=live.tokens["worker"], state_dir=tmp_path / "w", log_dir=tmp_path / "l"
     )
-    gate = tmp_path / "gate"
+    gate = open_tmp_path / "gate"  # where the jobs, run as nobody by root workers, can see it
     admin = live.client("admin")
     controller = Controller([(g, provider)], RemoteObserver(admin), tick=0.2)
     try:
