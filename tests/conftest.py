@@ -16,6 +16,7 @@ from scaleq.store.postgres import PostgresStore
 from scaleq.store.sqlite import SQLiteStore
 from tests.helpers import LiveServer, serve
 from tests.helpers.engine import connect
+from tests.helpers.opendirs import open_dir
 from tests.pg import Cluster, reset, start_cluster
 
 
@@ -28,6 +29,14 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     if report.skipped and os.environ.get("SCALEQ_NO_SKIP") and not hasattr(report, "wasxfail"):
         report.outcome = "failed"
         report.longrepr = f"skipped under scripts/test, where nothing may skip: {report.longrepr}"
+
+
+@pytest.fixture
+def open_tmp_path() -> Iterator[Path]:
+    """A fresh temp dir that every user may enter and write, for tests whose jobs run as another user
+    (see :mod:`tests.helpers.opendirs`)."""
+    with open_dir() as path:
+        yield path
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,10 @@ Start-up order: open the store, make sure the admin and worker tokens exist (reu
 dir), bind the listening socket (so the URL is known, also with port 0), write ``server.json``, then serve and run the
 controller side by side. On SIGINT/SIGTERM the controller stops first, local workers are asked to drain (and killed
 after a grace period; their jobs come back through lease expiry), then the server stops.
+
+Local process jobs must not reach the data dir: when ``scaleq up`` runs as root its workers run them as an
+unprivileged user (``--job-user``, ``nobody`` by default; see :mod:`scaleq.worker.runtime.jobuser`); when it does not,
+they run as its user, and a warning at start says what that means.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import socket
 import time
@@ -22,6 +27,7 @@ import uvicorn
 
 from scaleq.config import private_dir, write_server_info
 from scaleq.grid import Grid, Group
+from scaleq.jobs import RuntimeKind
 from scaleq.notify import Notifier
 from scaleq.providers.base import Provider
 from scaleq.providers.local import LocalProvider
@@ -87,8 +93,10 @@ async def serve(
     lease_seconds: float | None = None,
     otlp_endpoint: str | None = None,
     ready: asyncio.Event | None = None,
+    job_user: str | None = None,
 ) -> None:
     private_dir(data_dir)
+    _warn_if_jobs_share_the_user(grid, job_user)
     store = open_store(store_url or grid.store.url or str(data_dir / "scaleq.db"), durability=grid.store.durability)
     await store.open()
     try:
@@ -111,7 +119,7 @@ async def serve(
         server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
         # our handlers, not uvicorn's: on SIGINT/SIGTERM the API must keep serving while local workers drain
         server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign, assignment]
-        pctx = ProviderContext(grid.name, url, worker_token, data_dir, grid.server.public_url)
+        pctx = ProviderContext(grid.name, url, worker_token, data_dir, grid.server.public_url, job_user)
         groups = [(g, make_provider(g, pctx)) for g in grid.groups]
         controller = Controller(groups, StoreObserver(store, notifier, time.time))
         write_server_info(data_dir, url, admin)
@@ -150,6 +158,19 @@ async def serve(
         (data_dir / "server.json").unlink(missing_ok=True)
     finally:
         await store.close()
+
+
+def _warn_if_jobs_share_the_user(grid: Grid, job_user: str | None) -> None:
+    """Local process jobs of a server that is not root run as its user, next to its data dir: say so at start."""
+    if os.geteuid() == 0 or job_user is not None:
+        return
+    if any(g.provider == "local" and RuntimeKind.process in g.runtimes for g in grid.groups):
+        log.warning(
+            "process jobs run as your user (%s is not root): a job can read what you can, this data dir's tokens "
+            "and database included. Submit only trusted jobs here, or run container jobs (a grid file with "
+            'runtimes = ["docker"]), or run scaleq up as root so that jobs run as an unprivileged user',
+            "scaleq up",
+        )
 
 
 async def _drain_local(groups: list[tuple[Group, Provider]], force: asyncio.Event) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +17,15 @@ def _grid(tmp_path_factory: pytest.TempPathFactory, name: str, lease_seconds: fl
         yield grid
     finally:
         grid.stop()
+
+
+@pytest.fixture
+def tmp_path(open_tmp_path: Path) -> Path:
+    """The test's own files (gates, pid files, counters its jobs touch): where the grids' jobs can reach them.
+
+    ``scaleq up`` runs as root here, so its process jobs run as ``nobody``, which cannot enter pytest's own temp dirs.
+    """
+    return open_tmp_path
 
 
 @pytest.fixture(scope="session")

@@ -96,6 +96,7 @@ class Grid:
     data_dir: Path
     lease_seconds: float | None = None
     grid_file: Path | None = None  # ``scaleq up --grid``; without it the embedded default grid
+    extra_args: list[str] = field(default_factory=list)  # more ``scaleq up`` options
     marker: str = field(default_factory=lambda: uuid.uuid4().hex)
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
@@ -115,6 +116,7 @@ class Grid:
             args += ["--lease-seconds", str(self.lease_seconds)]
         if self.grid_file is not None:
             args += ["--grid", str(self.grid_file)]
+        args += self.extra_args
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 args,

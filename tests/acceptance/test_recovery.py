@@ -15,6 +15,7 @@ import pytest
 
 from tests.acceptance.support import Grid, pid_alive
 from tests.helpers import wait_for
+from tests.helpers.opendirs import open_dir
 
 
 def unique() -> str:
@@ -99,41 +100,42 @@ def test_a_job_that_ends_while_the_server_is_down_keeps_its_output(grid: Grid, t
 
 
 @pytest.fixture(scope="module")
-def killed_workers(tmp_path_factory: pytest.TempPathFactory) -> Any:
+def killed_workers() -> Any:
     """Two jobs (one with the default 3 attempts, one with --max-attempts 1) on the two local workers, held on a gate;
     each job's worker is SIGKILLed while the job runs, then the gate opens. Both scenarios run side by side to halve
     the waiting."""
-    work = tmp_path_factory.mktemp("killed-workers")
-    grid = Grid(work / "data", lease_seconds=3.0)
-    gate = work / "gate"  # the jobs wait on it, not on a clock: a loaded machine must not finish them before the kill
-    wait_gate = f"while [ ! -e {gate} ]; do sleep 0.05; done"
-    try:
-        grid.start()
-        tag = unique()
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            retried_f = pool.submit(grid.submit, "default", "--", "sh", "-c", f"{wait_gate}; echo retried-{tag}")
-            lost_f = pool.submit(
-                grid.submit, "default", "--max-attempts", "1", "--", "sh", "-c", f"{wait_gate}; echo lost-{tag}"
-            )
-            retried, lost = retried_f.result(), lost_f.result()
-        running = {j: grid.wait_state(j, "running", 20) for j in (retried, lost)}
-        first_workers = {j: job["attempt_history"][-1]["worker_id"] for j, job in running.items()}
-        records = grid.worker_records()
-        victims = {j: records[w]["pid"] for j, w in first_workers.items()}
-        for pid in set(victims.values()):
-            os.kill(pid, signal.SIGKILL)
-        wait_for(lambda: not any(pid_alive(p) for p in victims.values()), 5, 0.1, "the workers to die")
-        gate.touch()  # the retry may now finish
-        finished = grid.wait_all_finished([retried, lost], timeout=45)
-        yield {
-            "grid": grid,
-            "retried": finished[retried],
-            "lost": finished[lost],
-            "first_workers": first_workers,
-            "tag": tag,
-        }
-    finally:
-        grid.stop()
+    with open_dir("scaleq-killed-workers-") as work:  # the jobs (run as nobody) wait on a gate in it
+        grid = Grid(work / "data", lease_seconds=3.0)
+        # the jobs wait on a gate, not on a clock: a loaded machine must not finish them before the kill
+        gate = work / "gate"
+        wait_gate = f"while [ ! -e {gate} ]; do sleep 0.05; done"
+        try:
+            grid.start()
+            tag = unique()
+            with ThreadPoolExecutor(max_workers=2) as pool:
+                retried_f = pool.submit(grid.submit, "default", "--", "sh", "-c", f"{wait_gate}; echo retried-{tag}")
+                lost_f = pool.submit(
+                    grid.submit, "default", "--max-attempts", "1", "--", "sh", "-c", f"{wait_gate}; echo lost-{tag}"
+                )
+                retried, lost = retried_f.result(), lost_f.result()
+            running = {j: grid.wait_state(j, "running", 20) for j in (retried, lost)}
+            first_workers = {j: job["attempt_history"][-1]["worker_id"] for j, job in running.items()}
+            records = grid.worker_records()
+            victims = {j: records[w]["pid"] for j, w in first_workers.items()}
+            for pid in set(victims.values()):
+                os.kill(pid, signal.SIGKILL)
+            wait_for(lambda: not any(pid_alive(p) for p in victims.values()), 5, 0.1, "the workers to die")
+            gate.touch()  # the retry may now finish
+            finished = grid.wait_all_finished([retried, lost], timeout=45)
+            yield {
+                "grid": grid,
+                "retried": finished[retried],
+                "lost": finished[lost],
+                "first_workers": first_workers,
+                "tag": tag,
+            }
+        finally:
+            grid.stop()
 
 
 def test_a_job_whose_worker_is_killed_is_retried_on_another_worker(killed_workers: dict) -> None:

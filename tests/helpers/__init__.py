@@ -9,6 +9,7 @@
 - :mod:`~tests.helpers.engine`: the Docker Engine of the docker tests (the ``engine`` fixture in tests/conftest.py).
 - :mod:`~tests.helpers.groups`: a group that scales fast enough for a test.
 - :mod:`~tests.helpers.workers`: worker agents for process jobs, run for a block.
+- :mod:`~tests.helpers.opendirs`: temp dirs that jobs run as another user (``nobody``) can reach.
 - :mod:`~tests.helpers.drivers`: the real controller driven over any provider (workers that never register, a
   quota or rate-limit refusal), the same scenario for every provider's tests.
 

@@ -46,13 +46,14 @@ async def submit(c: Client, *cmd: str) -> str:
     return job.id
 
 
-async def test_scales_from_zero_to_max_and_back_to_zero(live: LiveServer, tmp_path: Path) -> None:
+async def test_scales_from_zero_to_max_and_back_to_zero(live: LiveServer, tmp_path: Path, open_tmp_path: Path) -> None:
     g, provider = group(), local(live, tmp_path)
     admin = live.client("admin")
     controller = Controller([(g, provider)], RemoteObserver(admin), tick=0.2)
     try:
         async with controlling(controller):
-            gate = tmp_path / "gate"  # the jobs hold until the group is at its max
+            # the jobs hold until the group is at its max (run as nobody by root workers: an open dir)
+            gate = open_tmp_path / "gate"
             ids = [
                 await submit(admin, "sh", "-c", f"while [ ! -e {gate} ]; do sleep 0.05; done; echo {i}")
                 for i in range(6)
@@ -96,13 +97,13 @@ async def _finished(c: Client, job_id: str) -> bool:
     return job.state == "finished" and job.reason == "success"
 
 
-async def test_scale_in_never_stops_a_busy_worker(live: LiveServer, tmp_path: Path) -> None:
+async def test_scale_in_never_stops_a_busy_worker(live: LiveServer, tmp_path: Path, open_tmp_path: Path) -> None:
     g, provider = group(max_workers=2), local(live, tmp_path)
     admin = live.client("admin")
     controller = Controller([(g, provider)], RemoteObserver(admin), tick=0.2)
     try:
         async with controlling(controller):
-            gate = tmp_path / "gate"  # the long job holds until the test has seen the idle worker go
+            gate = open_tmp_path / "gate"  # the long job holds until the test has seen the idle worker go
             long_job = await submit(admin, "sh", "-c", f"while [ ! -e {gate} ]; do sleep 0.05; done; echo long")
             short_job = await submit(admin, "sh", "-c", "echo short")
             await eventually(lambda: _finished(admin, short_job), timeout=15)
@@ -347,12 +348,14 @@ class CountingProvider(LocalProvider):
         return started
 
 
-async def test_draining_workers_count_toward_max_until_they_are_gone(live: LiveServer, tmp_path: Path) -> None:
+async def test_draining_workers_count_toward_max_until_they_are_gone(
+    live: LiveServer, tmp_path: Path, open_tmp_path: Path
+) -> None:
     g = group(max_workers=3)
     provider = CountingProvider(
         grid="t", server=live.url, token=live.tokens["worker"], state_dir=tmp_path / "w", log_dir=tmp_path / "l"
     )
-    gate = tmp_path / "gate"
+    gate = open_tmp_path / "gate"  # where the jobs, run as nobody by root workers, can see it
     admin = live.client("admin")
     controller = Controller([(g, provider)], RemoteObserver(admin), tick=0.2)
     try:

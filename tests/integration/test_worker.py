@@ -254,11 +254,12 @@ def _running(pid: int) -> bool:
     return stat[stat.rfind(b")") + 2 :].split()[0] != b"Z"
 
 
-async def test_a_killed_workers_process_job_stops_within_the_lease(any_store: Store, tmp_path: Path) -> None:
+async def test_a_killed_workers_process_job_stops_within_the_lease(any_store: Store, open_tmp_path: Path) -> None:
     """kill -9 of a ``scaleq worker`` mid-job: the job (its session: the shell and its background child) is stopped
-    while its lease still holds, so before the job can run again elsewhere."""
+    while its lease still holds, so before the job can run again elsewhere. (A root worker runs it as ``nobody``: its
+    pid files go where that user can write.)"""
     settings = ServerSettings(lease_seconds=10.0, sweep_interval=0.2, long_poll_max=5.0)
-    main, child = tmp_path / "main.pid", tmp_path / "child.pid"
+    main, child = open_tmp_path / "main.pid", open_tmp_path / "child.pid"
     pids: list[int] = []
     async with serve(any_store, settings) as live:
         worker = await asyncio.create_subprocess_exec(

@@ -136,7 +136,7 @@ async def test_workdir_given_or_fresh_temp_dir(runtime: ProcessRuntime, tmp_path
     sink = Sink()
     assert (await runtime.run(make_spec(tmp_path, ["sh", "-c", "pwd; touch x"]), sink)).reason == "success"
     fresh = Path(sink.text("stdout").strip())
-    assert fresh != wd and "scaleq-" in fresh.name
+    assert fresh.parent == tmp_path and fresh.name.startswith("work-")  # in the attempt dir, not the worker's cwd
     assert not fresh.exists()  # removed after the attempt
 
     missing = await runtime.run(make_spec(tmp_path, ["true"], workdir="/does/not/exist"), Sink())

@@ -37,6 +37,7 @@ from scaleq.grid import Grid
 from scaleq.jobs import RuntimeKind, parse_duration, parse_size, validate_queue_name
 from scaleq.server.roles import ROLES
 from scaleq.worker.runtime.base import Runtime
+from scaleq.worker.runtime.jobuser import JobUser
 
 tokens_app = typer.Typer(help="Create, list and revoke API tokens (admin only).", no_args_is_help=True)
 
@@ -61,6 +62,25 @@ OtlpOpt = Annotated[
     typer.Option(envvar="SCALEQ_OTLP_ENDPOINT", help="Push metrics over OTLP/HTTP, e.g. http://collector:4318."),
 ]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")]
+JobUserOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--job-user",
+        envvar="SCALEQ_JOB_USER",
+        help="User that process jobs run as when the worker runs as root \\[default: nobody]; naming root keeps "
+        "them as root. A worker that is not root runs them as itself.",
+    ),
+]
+
+
+def _job_user(asked: str | None) -> JobUser | None:
+    """The resolved job user, or exit 2 naming --job-user."""
+    from scaleq.worker.runtime.jobuser import JobUserError, resolve
+
+    try:
+        return resolve(asked)
+    except JobUserError as exc:
+        bad_input(f"--job-user: {exc}")
 
 
 def up(
@@ -71,13 +91,15 @@ def up(
     lease_seconds: LeaseOpt = None,
     otlp_endpoint: OtlpOpt = None,
     data_dir: DataDirOpt = None,
+    job_user: JobUserOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Run the server, the store and the autoscaler in one process.
 
     Without --grid it runs the embedded default: one local group for queue 'default', scaling between 0 and the
     number of cores with process jobs. It writes the URL and an admin token into the data dir, so other scaleq
-    commands given the same data dir need no further set-up.
+    commands given the same data dir need no further set-up. Run as root, its workers run process jobs as an
+    unprivileged user (--job-user, default nobody), so that jobs cannot read the data dir.
     """
     from scaleq import grid as gridmod
 
@@ -85,7 +107,8 @@ def up(
         grid = gridmod.load(grid_file) if grid_file else gridmod.embedded_default()
     except gridmod.GridFileError as exc:
         bad_input(str(exc))
-    _serve(grid, host, port, store, lease_seconds, otlp_endpoint, data_dir, verbose)
+    _job_user(job_user)  # a name that cannot work fails here, not in every worker started
+    _serve(grid, host, port, store, lease_seconds, otlp_endpoint, data_dir, verbose, job_user)
 
 
 def server(
@@ -115,6 +138,7 @@ def _serve(
     otlp_endpoint: str | None,
     data_dir: Path | None,
     verbose: bool,
+    job_user: str | None = None,
 ) -> None:
     from scaleq.embedded import serve
     from scaleq.store.base import SchemaTooNew
@@ -138,6 +162,7 @@ def _serve(
                 store_url=store,
                 lease_seconds=lease_seconds,
                 otlp_endpoint=otlp_endpoint,
+                job_user=job_user,
             )
         )
     except SchemaTooNew as exc:
@@ -200,6 +225,7 @@ def worker(
         ),
     ] = OnNotice.drain,
     preemptible: Annotated[bool, typer.Option("--preemptible", help="Short for --on-notice handback.")] = False,
+    job_user: JobUserOpt = None,
     server: ServerOpt = None,
     token: TokenOpt = None,
     data_dir: DataDirOpt = None,
@@ -217,6 +243,7 @@ def worker(
         mem = parse_size(memory) if memory else total_memory()
     except ValueError as exc:
         bad_input(str(exc))
+    as_user = _job_user(job_user) if RuntimeKind.process in (runtime or []) else None
     try:
         target = resolve(server, token, data_dir)
     except ConfigError as exc:
@@ -233,7 +260,7 @@ def worker(
         else:
             from scaleq.worker.runtime.process import ProcessRuntime
 
-            runtimes["process"] = ProcessRuntime()
+            runtimes["process"] = ProcessRuntime(job_user=as_user)
 
     async def go() -> int:
         for rt in runtimes.values():

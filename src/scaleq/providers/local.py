@@ -4,6 +4,9 @@ Each worker is a child process in its own session (a Ctrl-C of ``scaleq up`` doe
 drains it). Its label is a small JSON record in ``<state_dir>/<grid>/<group>/<worker id>.json`` with the pid and
 start time; the process's command line carries the worker id too, so a reused pid is never mistaken for a worker.
 After a restart the records let the controller adopt the workers still running instead of starting duplicates.
+Workers of groups with process jobs get ``--job-user`` when ``scaleq up`` was given one (otherwise the worker's
+default applies: ``nobody`` when it runs as root); the state and log dirs are private (0700) like the data dir
+they live in, so a job cannot use one as a way in even as its working directory.
 ``destroy`` is the skeleton's (:class:`~scaleq.providers.base.ProviderBase`): drain, then SIGKILL what is still
 there after the grace.
 """
@@ -21,6 +24,7 @@ from collections.abc import Collection
 from pathlib import Path
 
 from scaleq.grid import Group
+from scaleq.jobs import RuntimeKind
 from scaleq.providers.base import Health, ProviderBase, ProviderWorker, Status, new_worker_id, worker_args
 
 
@@ -28,8 +32,11 @@ class LocalProvider(ProviderBase):
     name = "local"
     poll_every = 0.1
 
-    def __init__(self, *, grid: str, server: str, token: str, state_dir: Path, log_dir: Path) -> None:
+    def __init__(
+        self, *, grid: str, server: str, token: str, state_dir: Path, log_dir: Path, job_user: str | None = None
+    ) -> None:
         self.grid = grid
+        self.job_user = job_user
         self.server = server
         self.token = token
         self.state_dir = state_dir
@@ -82,12 +89,17 @@ class LocalProvider(ProviderBase):
         return found
 
     def _argv(self, group: Group, worker_id: str) -> list[str]:
-        return [sys.executable, "-m", "scaleq", *worker_args(group, self.server, worker_id, server_grace=300)]
+        argv = [sys.executable, "-m", "scaleq", *worker_args(group, self.server, worker_id, server_grace=300)]
+        if self.job_user is not None and RuntimeKind.process in group.runtimes:
+            argv += ["--job-user", self.job_user]
+        return argv
 
     async def start(self, group: Group, count: int) -> list[str]:
         directory = self._dir(group)
         directory.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        for private in (self.state_dir, self.state_dir / self.grid, directory, self.log_dir):
+            os.chmod(private, 0o700)
         ids = []
         for _ in range(count):
             worker_id = new_worker_id(self.grid, group.name)

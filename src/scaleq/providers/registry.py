@@ -16,6 +16,7 @@ class ProviderContext:
     worker_token: str
     data_dir: Path
     public_url: str | None = None  # how workers on other machines reach the server (grid [server] public_url)
+    job_user: str | None = None  # local workers' --job-user (scaleq up --job-user); None: theirs to decide
 
     @property
     def public_server(self) -> str:
@@ -32,6 +33,7 @@ def make_provider(group: Group, ctx: ProviderContext) -> Provider:
             token=ctx.worker_token,
             state_dir=ctx.data_dir / "workers",
             log_dir=ctx.data_dir / "logs",
+            job_user=ctx.job_user,
         )
     if group.provider == "docker":
         from scaleq.providers.docker import DockerProvider

@@ -126,6 +126,8 @@ class WorkerAgent:
     async def run(self) -> int:
         """Run until drained; the exit code for the process."""
         self._tmp = Path(tempfile.mkdtemp(prefix=f"scaleq-{self.id}-", dir=self.cfg.work_dir))
+        # Traversable, not listable: a job run as another user reaches its own attempt dir (0700) by name only.
+        os.chmod(self._tmp, 0o711)
         loop = asyncio.get_running_loop()
         for sig, handler in ((signal.SIGTERM, self.notice), (signal.SIGINT, self.request_drain)):
             with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -399,6 +401,7 @@ class WorkerAgent:
             job.array_id,
             job.array_index,
         )
+        base.mkdir(mode=0o700, exist_ok=True)
         shipper = LogShipper(
             self.client,
             lease,

@@ -7,6 +7,12 @@ Design:
 - A plain process cannot be given ``/inputs`` and ``/outputs`` mounts, so ``SCALEQ_INPUTS`` / ``SCALEQ_OUTPUTS``
   point at the worker's per-attempt directories instead (the job writes its outputs there directly; nothing needs
   collecting afterwards). Nothing makes the inputs read-only here: this runtime is for trusted work.
+- The job's working directory (unless it names one) is a fresh directory inside its attempt dir, which the worker
+  keeps outside any data dir (in the system's temp dir).
+- With a :class:`~scaleq.worker.runtime.jobuser.JobUser` (a root worker's default: ``nobody``) the job runs as that
+  user: the attempt dir is handed to it for the run and taken back before the worker reads outputs from it (see
+  :mod:`scaleq.worker.runtime.jobuser`). The job's env (``PATH``, ``LD_PRELOAD``, …) is the child's alone: it takes
+  effect at the job's ``exec``, after privileges are dropped, and never in the worker or the watchdog.
 - stdout and stderr are read in chunks, not lines, so output without a newline (progress bars, prompts) still
   reaches the sink as it is written.
 - When the main process exits, stragglers left in its group are killed, as Docker does when a container's
@@ -27,10 +33,15 @@ import logging
 import os
 import shutil
 import signal
+import subprocess
 import tempfile
 import time
+from pathlib import Path
+from typing import Any
 
+from scaleq.worker.runtime import jobuser
 from scaleq.worker.runtime.base import LogSink, RunResult, RunSpec, result_for_exit, scaleq_env, uncancellable
+from scaleq.worker.runtime.jobuser import JobUser
 from scaleq.worker.runtime.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
@@ -38,6 +49,10 @@ log = logging.getLogger(__name__)
 _CHUNK = 64 * 1024
 #: How long to wait for the pipes to close after the main process exits and its group was killed.
 _DRAIN_TIMEOUT = 5.0
+
+
+def _as(user: JobUser | None) -> str:
+    return f" (as user {user.name})" if user is not None else ""
 
 
 def _exit_code(returncode: int) -> int:
@@ -49,8 +64,10 @@ class ProcessRuntime:
 
     name = "process"
 
-    def __init__(self, kill_grace: float = 5.0) -> None:
+    def __init__(self, kill_grace: float = 5.0, job_user: JobUser | None = None) -> None:
         self.kill_grace = kill_grace
+        #: Who jobs run as; None: the worker's own user.
+        self.job_user = job_user
         self.watchdog = Watchdog(kill_grace)  # started with the first job
 
     async def check(self) -> None:
@@ -69,11 +86,21 @@ class ProcessRuntime:
 
     async def run(self, spec: RunSpec, on_log: LogSink) -> RunResult:
         d = spec.definition
+        user = self.job_user
         argv = [*(d.entrypoint or []), *d.command]
-        if d.workdir is not None and not os.path.isdir(d.workdir):
-            return RunResult(reason="failed", error=f"workdir {d.workdir} does not exist on this worker")
+        workdir = d.workdir
+        if workdir is not None:
+            if not os.path.isdir(workdir):
+                return RunResult(reason="failed", error=f"workdir {workdir} does not exist on this worker")
+            if user is not None:
+                if not jobuser.can_enter(workdir, user):
+                    return RunResult(
+                        reason="failed", error=f"workdir {workdir} is not accessible to the job user {user.name}"
+                    )
+                workdir = os.path.realpath(workdir)  # the path checked, not one re-resolved later
         spec.outputs_dir.mkdir(parents=True, exist_ok=True)
-        tmp = None if d.workdir else tempfile.mkdtemp(prefix=f"scaleq-{spec.job_id[:12]}-{spec.attempt}-")
+        attempt_dir = spec.outputs_dir.parent
+        scratch = tempfile.mkdtemp(prefix="work-", dir=attempt_dir)
         env = {
             **os.environ,
             **d.env,
@@ -81,16 +108,21 @@ class ProcessRuntime:
             "SCALEQ_OUTPUTS": str(spec.outputs_dir),
             **scaleq_env(spec),
         }
+        cwd = workdir or scratch
+        # as the job user, the child itself changes into its directory (after dropping privileges)
+        where: dict[str, Any] = {"cwd": cwd} if user is None else {"preexec_fn": user.become(cwd)}
         try:
+            if user is not None:
+                await asyncio.to_thread(jobuser.give, attempt_dir, user)
             spawn = asyncio.ensure_future(
                 asyncio.create_subprocess_exec(
                     *argv,
                     stdin=asyncio.subprocess.DEVNULL,
                     stdout=asyncio.subprocess.PIPE,
                     stderr=asyncio.subprocess.PIPE,
-                    cwd=d.workdir or tmp,
                     env=env,
                     start_new_session=True,
+                    **where,
                 )
             )
             try:
@@ -102,13 +134,20 @@ class ProcessRuntime:
             except FileNotFoundError:
                 return RunResult(reason="failed", exit_code=127, error=f"command not found: {argv[0]}")
             except PermissionError:
-                return RunResult(reason="failed", exit_code=126, error=f"permission denied: {argv[0]}")
+                # a name looked up in PATH, where a directory the job user may not search gave EACCES: found nowhere?
+                if "/" not in argv[0] and shutil.which(argv[0], path=env.get("PATH")) is None:
+                    return RunResult(reason="failed", exit_code=127, error=f"command not found: {argv[0]}")
+                return RunResult(reason="failed", exit_code=126, error=f"permission denied: {argv[0]}{_as(user)}")
             except OSError as e:
-                return RunResult(reason="failed", exit_code=126, error=f"cannot run {argv[0]}: {e}")
+                return RunResult(reason="failed", exit_code=126, error=f"cannot run {argv[0]}{_as(user)}: {e}")
+            except subprocess.SubprocessError:  # become() failed in the child
+                return RunResult(reason="failed", exit_code=126, error=f"cannot start {argv[0]}{_as(user)} in {cwd}")
             return await self._supervise(proc, d.max_duration, on_log)
         finally:
-            if tmp is not None:
-                shutil.rmtree(tmp, ignore_errors=True)
+            if user is not None:
+                # Before the worker reads anything in it (outputs), and also on cancellation: the group is dead.
+                await uncancellable(asyncio.to_thread(jobuser.take_back, attempt_dir, user))
+            shutil.rmtree(Path(scratch), ignore_errors=True)
 
     async def _reap_spawn(self, spawn: asyncio.Future[asyncio.subprocess.Process]) -> None:
         with contextlib.suppress(Exception):
