@@ -254,6 +254,7 @@ class GenStats:
     abandoned: int = 0  # leases a heartbeat no longer listed (the agent would stop the job)
     refused: int = 0  # finishes the server refused ("this attempt no longer owns its job")
     registered: int = 0
+    register_failed: int = 0  # workers the server never accepted (retried until the row ended)
     left: int = 0  # deregistered at the end
     cpu: float = 0.0  # seconds of CPU in the window
 
@@ -264,6 +265,7 @@ class SimWorker:
         self.http = Pool(server, local, token)
         self.heartbeat_seconds = 5.0
         self.long_poll = 20.0
+        self.claim_is_heartbeat = False  # the server counts a parked claim as this worker's heartbeat
         self.running: dict[str, float] = {}  # lease -> when its claim was answered (monotonic)
         self.job: asyncio.Task[None] | None = None
         self.pending: list[dict[str, Any]] = []
@@ -295,7 +297,9 @@ class SimWorker:
             self.stats.heartbeat.append(time.time() - sent)
         return data if data is not None else {}
 
-    async def register(self) -> None:
+    async def register(self) -> bool:
+        """Register (again); False when the server never accepted it before the row ended (counted, not fatal: a
+        fleet the server cannot take in is a result, not a crash)."""
         body = {
             "id": self.id,
             "queue": self.queue,
@@ -319,11 +323,12 @@ class SimWorker:
                 if status < 400:
                     self.heartbeat_seconds = data["heartbeat_seconds"]
                     self.long_poll = data["long_poll_max"]
-                    return
+                    self.claim_is_heartbeat = bool(data.get("claim_is_heartbeat", False))
+                    return True
                 self._error("register", status)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
-        raise SystemExit(f"worker {self.id} could not register")
+        return False
 
     def held(self) -> list[str]:
         return sorted(set(self.running) | self.finishing)
@@ -331,6 +336,8 @@ class SimWorker:
     async def heartbeats(self) -> None:
         while True:
             await asyncio.sleep(self.heartbeat_seconds)
+            if self.claim_is_heartbeat and not self.held():
+                continue  # idle: the parked claim keeps this worker alive (as the agent skips its beat)
             sent = time.monotonic()
             body = {"draining": False, "leases": self.held()}
             data = await self.call("heartbeat", "POST", f"/workers/{self.id}/heartbeat", body, 10)
@@ -396,7 +403,10 @@ class SimWorker:
 
     async def run(self, slot: float) -> None:
         await asyncio.sleep(max(0.0, slot - time.time()))
-        await self.register()
+        if not await self.register():
+            self.stats.register_failed += 1
+            self.http.close()
+            return
         self.stats.registered += 1
         beat = asyncio.create_task(self.heartbeats())
         claiming = asyncio.create_task(self.claims())
@@ -849,6 +859,7 @@ def summarise(n: int, setup: str, mode: str, a: Args, m: Measured, lost: dict[st
             "marked_gone_while_alive": m.gone,
         },
         "workers_registered": sum(s["registered"] for s in stats),
+        "workers_register_failed": sum(s.get("register_failed", 0) for s in stats),
         "workers_active_at_end": m.active,
         "workers_left": sum(s["left"] for s in stats),
         "errors": dict(errors),

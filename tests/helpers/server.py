@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import uvicorn
@@ -41,9 +41,13 @@ async def make_tokens(store: Store) -> dict[str, str]:
 
 @contextlib.asynccontextmanager
 async def serve(
-    store: Store, settings: ServerSettings, port: int = 0, tokens: dict[str, str] | None = None
+    store: Store,
+    settings: ServerSettings,
+    port: int = 0,
+    tokens: dict[str, str] | None = None,
+    clock: Callable[[], float] = time.time,
 ) -> AsyncIterator[LiveServer]:
-    app = create_app(store, settings, manage_store=False)
+    app = create_app(store, settings, manage_store=False, clock=clock)
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -451,6 +451,10 @@ class SQLStore:
 
         return await self.tx(op)
 
+    async def touch_workers(self, worker_ids: list[str], now: float) -> None:
+        params = {"ids": json.dumps(worker_ids), "now": now}
+        await self._run(lambda: self.db.execute(self.Q["touch_workers"], params))
+
     def _finish_rows(self, finishes: list[tuple[str, FinishResult]], now: float) -> dict[str, Row]:
         """Finish the attempts whose leases still own their jobs (or queue them again for a retry:
         :func:`scaleq.jobs.retried`); their job rows by lease. Two statements per finish here (SQLite runs

@@ -26,6 +26,7 @@ from scaleq.jobs import MAX_SIZE, Claim, Job, RuntimeKind, State, Worker, valida
 from scaleq.notify import wait_any
 from scaleq.server import metrics
 from scaleq.server.auth import Caller, WorkerCaller, require
+from scaleq.server.liveness import OpenClaims
 from scaleq.server.routes.common import C, Ctx
 from scaleq.store.base import FinishResult, NotFound, StaleLease
 
@@ -64,6 +65,11 @@ class Registered(BaseModel):
     lease_seconds: float
     heartbeat_seconds: float
     long_poll_max: float
+    claim_is_heartbeat: bool = Field(
+        default=True,
+        description="an open claim keeps the worker alive: while idle with a claim parked it need not heartbeat "
+        "(it still must while it holds leases: only a heartbeat renews them)",
+    )
 
 
 class FinishBody(BaseModel):
@@ -227,14 +233,26 @@ async def _finish(ctx: Ctx, body: FinishBody) -> Job:
 
 @router.post("/workers/{worker_id}/claim", response_model=Claimed)
 async def claim(worker_id: str, body: ClaimBody, ctx: C, request: Request, who: WorkerCaller) -> Claimed:
-    """Finish what rides along, then return up to ``max`` jobs as soon as any is runnable (or none after ``wait``)."""
+    """Finish what rides along, then return up to ``max`` jobs as soon as any is runnable (or none after ``wait``).
+    While the claim is open it counts as the worker's heartbeat (:mod:`scaleq.server.liveness`)."""
     await _own_worker(ctx, who, worker_id)
+    open_claims: OpenClaims = request.app.state.open_claims
+    with open_claims.parked(worker_id):
+        return await _claim(worker_id, body, ctx, request, who, open_claims)
+
+
+async def _claim(
+    worker_id: str, body: ClaimBody, ctx: Ctx, request: Request, who: Caller, open_claims: OpenClaims
+) -> Claimed:
     foreign = await _foreign_leases(ctx, who, [f.lease for f in body.finishes])
     mine = [f for f in body.finishes if f.lease not in foreign]
-    # The finishes and the first claim are one store operation (one statement on PostgreSQL). That first try goes
-    # without taking the wake-up events (the queue is not known yet): only when it finds nothing are they taken,
-    # and the claim tried again before waiting, so that a submit in between is not missed.
+    # The finishes and the first claim are one store operation (one statement on PostgreSQL). The wake-up events are
+    # taken before it when the worker's queue is remembered from its last claim (then an empty answer parks at once:
+    # one store round trip per idle re-poll); otherwise, or when the queue turns out to be another, they are taken
+    # after it and the claim tried again before waiting, so that a submit in between is never missed.
     deadline = time.monotonic() + min(body.wait, ctx.settings.long_poll_max)
+    known = open_claims.queue_of(worker_id)
+    early = (ctx.notifier.event(f"queue:{known}"), ctx.notifier.event(f"worker:{worker_id}")) if known else None
     now = ctx.now()
     results = [(f.lease, FinishResult(f.reason, f.exit_code, f.error)) for f in mine]
     got = await ctx.store.worker_claim(worker_id, body.max, now, ctx.settings.lease_seconds, finishes=results)
@@ -252,6 +270,12 @@ async def claim(worker_id: str, body: ClaimBody, ctx: C, request: Request, who: 
             continue
         _finished(ctx, job, now)
         finished.append(FinishOutcome(lease=f.lease, ok=True))
+    open_claims.remember(worker_id, got.queue)
+    if early is not None and known == got.queue and not got.claims and got.state == "active" and body.max > 0:
+        if not await request.is_disconnected():
+            await wait_any(early, deadline - time.monotonic())
+            if time.monotonic() < deadline:  # woken: claim again below (and park again if it finds nothing)
+                got = await ctx.store.worker_claim(worker_id, body.max, ctx.now(), ctx.settings.lease_seconds)
     while not got.claims and got.state == "active" and body.max > 0 and time.monotonic() < deadline:
         ev = ctx.notifier.event(f"queue:{got.queue}")
         ev_worker = ctx.notifier.event(f"worker:{worker_id}")
@@ -309,6 +333,7 @@ async def deregister(worker_id: str, ctx: C, who: WorkerCaller) -> Response:
     await ctx.store.get_worker(worker_id)
     await _own_worker(ctx, who, worker_id)
     await ctx.store.set_worker_state(worker_id, "gone")
+    ctx.request.app.state.open_claims.forget(worker_id)
     ctx.notifier.notify("any")
     return Response(status_code=204)
 
