@@ -54,9 +54,7 @@ def registration(wid: str) -> dict[str, Any]:
 async def http(live: LiveServer, role: str = "worker") -> AsyncIterator[httpx.AsyncClient]:
     headers = {"Authorization": f"Bearer {live.tokens[role]}"}
     limits = httpx.Limits(max_connections=500, max_keepalive_connections=500)
-    async with httpx.AsyncClient(
-        base_url=live.url + "/api/v1", headers=headers, limits=limits, timeout=120
-    ) as client:
+    async with httpx.AsyncClient(base_url=live.url + "/api/v1", headers=headers, limits=limits, timeout=120) as client:
         yield client
 
 
@@ -72,12 +70,8 @@ def parked(live: LiveServer) -> OpenClaims:
 
 async def park(client: httpx.AsyncClient, live: LiveServer, wids: list[str]) -> list[asyncio.Task[httpx.Response]]:
     """Open a long-poll claim for each worker and wait until the server holds all of them."""
-    tasks = [
-        asyncio.create_task(client.post(f"/workers/{w}/claim", json={"max": 1, "wait": 60.0})) for w in wids
-    ]
-    await eventually(
-        lambda: asyncio.sleep(0, set(wids) <= set(parked(live).ids())), 60, what="the claims parked"
-    )
+    tasks = [asyncio.create_task(client.post(f"/workers/{w}/claim", json={"max": 1, "wait": 60.0})) for w in wids]
+    await eventually(lambda: asyncio.sleep(0, set(wids) <= set(parked(live).ids())), 60, what="the claims parked")
     return tasks
 
 
@@ -216,3 +210,45 @@ async def test_nothing_expires_under_a_fleet_of_parked_and_busy_workers(fleet: t
         jobs = await reader.list_jobs(queue="q")
     assert [j.reason for j in jobs] == ["success"] * len(busy)
     assert all(j.attempts == 1 for j in jobs)
+
+
+async def test_a_submit_wakes_one_parked_claim_not_all(fleet: tuple[LiveServer, Clock]) -> None:
+    live, _ = fleet
+    wids = [f"w{i}" for i in range(20)]
+    async with http(live) as client:
+        for w in wids:
+            await register(client, w)
+        tasks = await park(client, live, wids)
+        app: Any = live.app
+        async with live.client("submit") as submitter:
+            job, _ = await submitter.submit(SubmitRequest(queue="q", definition=JobDefinition(command=["true"])))
+        answered = await eventually(
+            lambda: asyncio.sleep(0, [t for t in tasks if t.done()]), 30, what="a claim answered"
+        )
+        assert [c["job"]["id"] for c in answered[0].result().json()["claims"]] == [job.id]
+        # the others stay parked: the submit woke one claim (each other one would have cost a store round trip)
+        assert app.state.notifier.parked("q") == len(wids) - 1
+        assert sum(t.done() for t in tasks) == 1
+        rest = [w for w, t in zip(wids, tasks, strict=True) if not t.done()]
+        await unpark(client, rest, [t for t in tasks if not t.done()])
+
+
+async def test_a_wake_the_first_in_line_cannot_use_reaches_one_that_can(fleet: tuple[LiveServer, Clock]) -> None:
+    """The oldest parked claims are workers too small for the job: the wake is passed on until a worker that can
+    run it claims it."""
+    live, _ = fleet
+    small = [f"small-{i}" for i in range(5)]
+    async with http(live) as client:
+        for w in small:
+            await register(client, w)
+        r = await client.post("/workers", json={**registration("big"), "cpus": 8.0})
+        assert r.status_code == 200, r.text
+        small_tasks = await park(client, live, small)
+        (big_task,) = await park(client, live, ["big"])
+        async with live.client("submit") as submitter:
+            req = SubmitRequest(queue="q", definition=JobDefinition(command=["true"], requirements={"cpus": 4.0}))
+            job, _ = await submitter.submit(req)
+        answer = await asyncio.wait_for(big_task, 30)
+        assert [c["job"]["id"] for c in answer.json()["claims"]] == [job.id]
+        assert not any(t.done() for t in small_tasks)
+        await unpark(client, small, small_tasks)

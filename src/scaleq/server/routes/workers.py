@@ -246,46 +246,57 @@ async def _claim(
 ) -> Claimed:
     foreign = await _foreign_leases(ctx, who, [f.lease for f in body.finishes])
     mine = [f for f in body.finishes if f.lease not in foreign]
-    # The finishes and the first claim are one store operation (one statement on PostgreSQL). The wake-up events are
-    # taken before it when the worker's queue is remembered from its last claim (then an empty answer parks at once:
-    # one store round trip per idle re-poll); otherwise, or when the queue turns out to be another, they are taken
-    # after it and the claim tried again before waiting, so that a submit in between is never missed.
+    # The finishes and the first claim are one store operation (one statement on PostgreSQL). The claim parks (takes
+    # its place in the queue's line of waiters, and the worker's drain event) BEFORE a store try whose empty answer it
+    # waits on, so that a submit in between is never missed. The worker's queue is remembered from its last claim, so
+    # an idle re-poll parks before its first try: one store round trip, not two. A claim woken by a submit that finds
+    # nothing passes the wake on while jobs are still queued (see scaleq.notify).
     deadline = time.monotonic() + min(body.wait, ctx.settings.long_poll_max)
+    notifier = ctx.notifier
     known = open_claims.queue_of(worker_id)
-    early = (ctx.notifier.event(f"queue:{known}"), ctx.notifier.event(f"worker:{worker_id}")) if known else None
-    now = ctx.now()
-    results = [(f.lease, FinishResult(f.reason, f.exit_code, f.error)) for f in mine]
-    got = await ctx.store.worker_claim(worker_id, body.max, now, ctx.settings.lease_seconds, finishes=results)
-    done = dict(zip([f.lease for f in mine], got.finished, strict=True))
-    finished = []
-    for f in body.finishes:
-        if f.lease in foreign:
-            finished.append(
-                FinishOutcome(lease=f.lease, ok=False, detail="this lease belongs to another token's worker")
-            )
-            continue
-        job = done[f.lease]
-        if job is None:
-            finished.append(FinishOutcome(lease=f.lease, ok=False, detail="this attempt no longer owns its job"))
-            continue
-        _finished(ctx, job, now)
-        finished.append(FinishOutcome(lease=f.lease, ok=True))
-    open_claims.remember(worker_id, got.queue)
-    if early is not None and known == got.queue and not got.claims and got.state == "active" and body.max > 0:
-        if not await request.is_disconnected():
-            await wait_any(early, deadline - time.monotonic())
-            if time.monotonic() < deadline:  # woken: claim again below (and park again if it finds nothing)
-                got = await ctx.store.worker_claim(worker_id, body.max, ctx.now(), ctx.settings.lease_seconds)
-    while not got.claims and got.state == "active" and body.max > 0 and time.monotonic() < deadline:
-        ev = ctx.notifier.event(f"queue:{got.queue}")
-        ev_worker = ctx.notifier.event(f"worker:{worker_id}")
-        if await request.is_disconnected():
-            break
-        got = await ctx.store.worker_claim(worker_id, body.max, ctx.now(), ctx.settings.lease_seconds)
-        if got.claims or got.state != "active":
-            break
-        if not await wait_any((ev, ev_worker), deadline - time.monotonic()):
-            break
+    waiter = notifier.park(known) if known and body.max > 0 else None
+    ev_worker = notifier.event(f"worker:{worker_id}")
+    try:
+        now = ctx.now()
+        results = [(f.lease, FinishResult(f.reason, f.exit_code, f.error)) for f in mine]
+        got = await ctx.store.worker_claim(worker_id, body.max, now, ctx.settings.lease_seconds, finishes=results)
+        done = dict(zip([f.lease for f in mine], got.finished, strict=True))
+        finished = []
+        for f in body.finishes:
+            if f.lease in foreign:
+                finished.append(
+                    FinishOutcome(lease=f.lease, ok=False, detail="this lease belongs to another token's worker")
+                )
+                continue
+            job = done[f.lease]
+            if job is None:
+                finished.append(FinishOutcome(lease=f.lease, ok=False, detail="this attempt no longer owns its job"))
+                continue
+            _finished(ctx, job, now)
+            finished.append(FinishOutcome(lease=f.lease, ok=True))
+        open_claims.remember(worker_id, got.queue)
+        while not got.claims and got.state == "active" and body.max > 0:
+            if waiter is None or waiter.queue != got.queue:  # not parked on this queue yet: park, then try again
+                notifier.unpark(waiter)
+                waiter, ev_worker = notifier.park(got.queue), notifier.event(f"worker:{worker_id}")
+            elif time.monotonic() >= deadline or await request.is_disconnected():
+                break
+            elif not await wait_any((waiter.event, ev_worker), deadline - time.monotonic()):
+                break
+            else:  # woken: take a new place in line before trying again
+                woken = waiter
+                waiter, ev_worker = notifier.park(got.queue), notifier.event(f"worker:{worker_id}")
+                if woken.event.is_set():
+                    woken.handled = True
+                    notifier.unpark(woken)
+                    got = await ctx.store.worker_claim(worker_id, body.max, ctx.now(), ctx.settings.lease_seconds)
+                    if not got.claims and await ctx.store.has_queued(got.queue):
+                        notifier.wake_claims(got.queue, 1, before=woken.mark)
+                    continue
+                notifier.unpark(woken)
+            got = await ctx.store.worker_claim(worker_id, body.max, ctx.now(), ctx.settings.lease_seconds)
+    finally:
+        notifier.unpark(waiter)
     if got.claims:
         metrics.observe_claimed(request.app, got.claims)
         for c in got.claims:

@@ -312,3 +312,8 @@ SELECT a.job_id AS key, a.grp,
   FROM attempts a
  WHERE a.job_id = :id
  GROUP BY a.job_id, a.grp ORDER BY a.grp;
+
+-- name: has_queued
+-- Whether a queue has a job waiting (jobs_claim's first column pair): a woken claim that found nothing passes its
+-- wake on only then.
+SELECT EXISTS (SELECT 1 FROM jobs WHERE queue = :queue AND state = 'queued') AS found;
