@@ -21,7 +21,7 @@ from scaleq.server.liveness import OpenClaims
 from scaleq.server.settings import ServerSettings
 from scaleq.store.base import Store
 from tests.helpers import LiveServer, eventually, serve
-from tests.helpers.workers import agent
+from tests.helpers.workers import agent, running
 
 GONE_AFTER = 45.0
 
@@ -158,20 +158,22 @@ async def test_an_agent_without_the_flag_keeps_itself_alive_by_heartbeats(fleet:
 
 
 async def test_the_agent_skips_heartbeats_only_while_idle_and_parked(sqlite_live: LiveServer) -> None:
+    """The real agent: told a claim is a heartbeat, it needs no beat while its claim is parked, and beats again
+    as soon as it runs a job (only a heartbeat renews the lease)."""
     a = agent(sqlite_live, "skipper", slots=1)
-    await a._register()  # noqa: SLF001 - the agent's own registration, against the live server
-    assert a.claim_is_heartbeat is True
-    a._polling = True  # noqa: SLF001 - its claim loop's state: a claim is open
-    assert a._parked_idle()  # noqa: SLF001
-    a._finishing.add("a-lease")  # noqa: SLF001 - a result not yet delivered: its lease must be renewed
-    assert not a._parked_idle()  # noqa: SLF001
-    a._finishing.clear()  # noqa: SLF001
-    a._polling = False  # noqa: SLF001 - between claims: nothing counts for it, so it beats
-    assert not a._parked_idle()  # noqa: SLF001
-    a.claim_is_heartbeat = False  # a server that does not count claims: always beat
-    a._polling = True  # noqa: SLF001
-    assert not a._parked_idle()  # noqa: SLF001
-    await a.client.close()
+    async with running(a):
+        await eventually(
+            lambda: asyncio.sleep(0, "skipper" in parked(sqlite_live).ids()), 30, what="the agent's claim parked"
+        )
+        assert a.claim_is_heartbeat is True
+        assert a.parked_idle()
+        async with sqlite_live.client("submit") as submitter:
+            req = SubmitRequest(queue="q", definition=JobDefinition(command=["sleep", "30"]))
+            job, _ = await submitter.submit(req)
+        await eventually(lambda: asyncio.sleep(0, bool(a.running)), 30, what="the job running")
+        assert not a.parked_idle()
+        async with sqlite_live.client("admin") as admin:
+            await admin.cancel(job.id)
 
 
 async def test_nothing_expires_under_a_fleet_of_parked_and_busy_workers(fleet: tuple[LiveServer, Clock]) -> None:

@@ -335,7 +335,7 @@ class WorkerAgent:
             if sent - reaped >= self.lease_seconds:
                 reaped = sent
                 self._reap_soon()
-            if self._parked_idle():
+            if self.parked_idle():
                 if self.metrics is not None:
                     await self.metrics.refresh_queue(self.client, self.cfg.queue)
                 continue
@@ -382,7 +382,7 @@ class WorkerAgent:
             except Exception as exc:  # the engine or the server: try again next time
                 log.warning("could not look for dead workers' runs on runtime %s: %s", runtime.name, exc)
 
-    def _parked_idle(self) -> bool:
+    def parked_idle(self) -> bool:
         """Idle with a claim parked on a server that counts it as a heartbeat: no beat needed (nothing to renew,
         and a drain or a gone state reaches this worker through the claim's answer)."""
         return self.claim_is_heartbeat and self._polling and self._claim_state == "active" and not self._held()
