@@ -283,6 +283,8 @@ async def _claim(
                 break
             elif not await wait_any((waiter.event, ev_worker), deadline - time.monotonic()):
                 break
+            elif await request.is_disconnected():  # woken, but the worker is gone: its wake goes to the next
+                break
             else:  # woken: take a new place in line before trying again
                 woken = waiter
                 waiter, ev_worker = notifier.park(got.queue), notifier.event(f"worker:{worker_id}")
