@@ -292,7 +292,8 @@ async def _claim(
                     woken.handled = True
                     notifier.unpark(woken)
                     got = await ctx.store.worker_claim(worker_id, body.max, ctx.now(), ctx.settings.lease_seconds)
-                    if not got.claims and await ctx.store.has_queued(got.queue):
+                    # a worker that now drains claims nothing: pass on at once; an active one only while jobs wait
+                    if not got.claims and (got.state != "active" or await ctx.store.has_queued(got.queue)):
                         notifier.wake_claims(got.queue, 1, before=woken.mark)
                     continue
                 notifier.unpark(woken)
