@@ -254,3 +254,27 @@ async def test_a_wake_the_first_in_line_cannot_use_reaches_one_that_can(fleet: t
         assert [c["job"]["id"] for c in answer.json()["claims"]] == [job.id]
         assert not any(t.done() for t in small_tasks)
         await unpark(client, small, small_tasks)
+
+
+async def test_a_claim_carrying_results_is_answered_at_once_when_nothing_is_runnable(
+    fleet: tuple[LiveServer, Clock],
+) -> None:
+    """Until its claim is answered a worker must renew the leases of the results riding along; so that claim does not
+    park (the worker's next one, without them, does)."""
+    live, _ = fleet
+    async with live.client("submit") as submitter:
+        job, _ = await submitter.submit(SubmitRequest(queue="q", definition=JobDefinition(command=["true"])))
+    async with http(live) as client:
+        await register(client, "finisher")
+        r = await client.post("/workers/finisher/claim", json={"max": 1, "wait": 0})
+        lease = r.json()["claims"][0]["lease"]
+        finish = {"lease": lease, "reason": "success", "exit_code": 0}
+        # a 60 s long-poll on an empty queue: parked, it would outlast the bound below
+        r = await asyncio.wait_for(
+            client.post("/workers/finisher/claim", json={"max": 1, "wait": 60.0, "finishes": [finish]}), 30
+        )
+        assert r.json()["claims"] == [] and r.json()["finished"] == [{"lease": lease, "ok": True, "detail": None}]
+        tasks = await park(client, live, ["finisher"])  # without results, the next claim parks
+        await unpark(client, ["finisher"], tasks)
+    async with live.client("read") as reader:
+        assert (await reader.get_job(job.id)).reason == "success"

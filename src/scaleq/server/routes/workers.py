@@ -233,8 +233,9 @@ async def _finish(ctx: Ctx, body: FinishBody) -> Job:
 
 @router.post("/workers/{worker_id}/claim", response_model=Claimed)
 async def claim(worker_id: str, body: ClaimBody, ctx: C, request: Request, who: WorkerCaller) -> Claimed:
-    """Finish what rides along, then return up to ``max`` jobs as soon as any is runnable (or none after ``wait``).
-    While the claim is open it counts as the worker's heartbeat (:mod:`scaleq.server.liveness`)."""
+    """Finish what rides along, then return up to ``max`` jobs as soon as any is runnable (or none after ``wait``;
+    at once when results rode along). While the claim is open it counts as the worker's heartbeat
+    (:mod:`scaleq.server.liveness`)."""
     await _own_worker(ctx, who, worker_id)
     open_claims: OpenClaims = request.app.state.open_claims
     with open_claims.parked(worker_id):
@@ -275,7 +276,11 @@ async def _claim(
             _finished(ctx, job, now)
             finished.append(FinishOutcome(lease=f.lease, ok=True))
         open_claims.remember(worker_id, got.queue)
-        while not got.claims and got.state == "active" and body.max > 0:
+        # With results riding along and nothing to hand out, answer at once: until the answer the worker must keep
+        # renewing those leases (it cannot know they are in), so a parked claim would cost it a heartbeat every
+        # heartbeat_seconds for a whole long-poll; its next claim, without them, parks as an idle worker's does.
+        parks = not body.finishes
+        while parks and not got.claims and got.state == "active" and body.max > 0:
             if waiter is None or waiter.queue != got.queue:  # not parked on this queue yet: park, then try again
                 notifier.unpark(waiter)
                 waiter, ev_worker = notifier.park(got.queue), notifier.event(f"worker:{worker_id}")
