@@ -20,7 +20,11 @@ per worker (the parked claim's and the one heartbeats take, as httpx's pool hold
 * a claim loop: ``POST /workers/{id}/claim {"max": 1, "wait": long_poll_max, "finishes": […]}``; a job is "run" by
   sleeping 1 s; its finish rides along with the next claim (the agent's path with one slot); 404 → register again;
 * a heartbeat loop: sleep ``heartbeat_seconds``, then ``POST /workers/{id}/heartbeat {"leases": held}``; a held
-  lease missing from the answer (and claimed before the heartbeat left) is abandoned, as the agent does;
+  lease missing from the answer (and claimed before the heartbeat left) is abandoned, as the agent does. When the
+  registration answered ``claim_is_heartbeat`` the beat is skipped while the worker holds no lease (idle, its claim
+  parked), as the agent skips it;
+* a worker the server does not accept (registration retried until the row ends) is counted as *never registered*
+  and takes no further part; the row goes on.
 * at the end: ``heartbeat draining``, the last finish on its own (``POST /leases/finish``), ``DELETE /workers/{id}``.
 
 The HTTP client is a minimal HTTP/1.1 one on asyncio streams (uvloop, as the agent runs): httpx costs ~0.2-0.3 ms of
