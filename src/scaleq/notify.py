@@ -5,13 +5,36 @@ it checks its condition, then waits on it, so a notify between the check and the
 only while someone holds them (weak values), so idle keys cost nothing. Across servers (PostgreSQL) the same
 ``notify`` is fed by LISTEN/NOTIFY. The server's routes wait on it and so does the controller running in the same
 process (``scaleq up``), which wakes on every job event: that is why it sits below both.
+
+**Claims are woken in turn, not all at once.** A parked claim waits on a :class:`ClaimWaiter` of its own, queued
+oldest first per queue; a submit (``queue:<name>``, local or from another server) wakes ONE of them. Waking every
+parked claim on each submit made each batch of jobs cost a store round trip per idle worker — 5,000 idle workers and
+a batch every 0.2 s were 25,000 claims a second, of which all but a batch's worth found nothing. A woken claim that
+finds nothing while jobs are still queued (the worker cannot run them, or another claim took them) passes the wake
+on to the next claim parked *before* the wake (:meth:`Notifier.wake_claims` with ``before``), so a job that some
+parked worker can run still reaches one, and a chain of passes ends after each older claim has tried once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+@dataclass(eq=False)
+class ClaimWaiter:
+    """One parked claim on ``queue``: ``event`` is set when it is its turn; ``mark`` is the order number at that
+    wake (the claims parked before it are the ones a pass may reach)."""
+
+    queue: str
+    seq: int
+    event: asyncio.Event = field(default_factory=asyncio.Event)
+    mark: int = 0
+    #: the woken claim has tried the store (or passed its wake on): nothing more is owed
+    handled: bool = False
 
 
 class Notifier:
@@ -19,6 +42,47 @@ class Notifier:
         self._events: weakref.WeakValueDictionary[str, asyncio.Event] = weakref.WeakValueDictionary()
         #: called with the keys of every local notify, to tell other servers (PostgreSQL NOTIFY)
         self.forward: Callable[[tuple[str, ...]], None] | None = None
+        #: parked claims by queue, oldest first (dicts keep insertion order)
+        self._claims: dict[str, dict[ClaimWaiter, None]] = {}
+        self._seq = itertools.count()
+
+    def park(self, queue: str) -> ClaimWaiter:
+        """A claim parks on ``queue``: it waits on the returned waiter's event, and :meth:`unpark` s it after."""
+        waiter = ClaimWaiter(queue, next(self._seq))
+        self._claims.setdefault(queue, {})[waiter] = None
+        return waiter
+
+    def unpark(self, waiter: ClaimWaiter | None) -> None:
+        """The claim stops waiting. A wake it got and did not act on goes to the next claim in line."""
+        if waiter is None:
+            return
+        parked = self._claims.get(waiter.queue)
+        if parked is not None:
+            parked.pop(waiter, None)
+            if not parked:
+                del self._claims[waiter.queue]
+        if waiter.event.is_set() and not waiter.handled:
+            waiter.handled = True
+            self.wake_claims(waiter.queue, 1, before=waiter.mark)
+
+    def wake_claims(self, queue: str, n: int, *, before: int | None = None) -> int:
+        """Wake the ``n`` oldest claims parked on ``queue`` (only those parked before order number ``before``, when
+        given: a passed-on wake); how many were woken."""
+        parked = self._claims.get(queue)
+        if not parked:
+            return 0
+        mark = next(self._seq) if before is None else before
+        woken = [w for w in itertools.islice(parked, n) if w.seq < mark]
+        for w in woken:
+            del parked[w]
+            w.mark = mark
+            w.event.set()
+        if not parked:
+            del self._claims[queue]
+        return len(woken)
+
+    def parked(self, queue: str) -> int:
+        return len(self._claims.get(queue, ()))
 
     def event(self, key: str) -> asyncio.Event:
         ev = self._events.get(key)
@@ -38,6 +102,8 @@ class Notifier:
             ev = self._events.pop(key, None)
             if ev is not None:
                 ev.set()
+            if key.startswith("queue:"):
+                self.wake_claims(key.removeprefix("queue:"), 1)
 
     def submitted(self, queue: str, job_id: str) -> None:
         self.notify(f"queue:{queue}", f"job:{job_id}", "any")

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import socket
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 import uvicorn
@@ -47,9 +47,10 @@ async def serve(
     port: int = 0,
     tokens: dict[str, str] | None = None,
     groups: Sequence[Group] | None = None,
+    clock: Callable[[], float] = time.time,
 ) -> AsyncIterator[LiveServer]:
     """``groups``: the grid's, as ``scaleq up`` gives them to the server it runs beside its controller."""
-    app = create_app(store, settings, manage_store=False, groups=groups)
+    app = create_app(store, settings, manage_store=False, groups=groups, clock=clock)
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

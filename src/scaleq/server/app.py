@@ -19,6 +19,7 @@ from scaleq import __version__
 from scaleq.notify import Notifier
 from scaleq.server import dashboard, housekeeping, metrics
 from scaleq.server.auth import TokenCache
+from scaleq.server.liveness import OpenClaims
 from scaleq.server.routes import admin, arrays, health, jobs, scaling, why, workers
 from scaleq.server.runnable import RunnableCheck
 from scaleq.server.settings import ServerSettings
@@ -50,7 +51,9 @@ def create_app(
             await store.open()
         app.state.notifier.forward = store.publish
         await store.listen(app.state.notifier.deliver)
-        sweeper = asyncio.create_task(housekeeping.run(store, app.state.notifier, app.state.settings, clock))
+        sweeper = asyncio.create_task(
+            housekeeping.run(store, app.state.notifier, app.state.settings, clock, app.state.open_claims)
+        )
         try:
             yield
         finally:
@@ -76,6 +79,7 @@ def create_app(
     app.state.clock = clock
     app.state.notifier = notifier or Notifier()
     app.state.tokens = TokenCache()
+    app.state.open_claims = OpenClaims()  # parked claims count as their workers' heartbeats
     app.state.runnable = RunnableCheck(store, groups)  # groups: the grid's, when this process runs the controller
 
     for router in (jobs.router, why.router, arrays.router, workers.router, scaling.router, admin.router, health.router):

@@ -1,8 +1,11 @@
-"""The server's timer: put expired leases back in their queues and mark silent workers gone.
+"""The server's timer: put expired leases back in their queues, keep workers with parked claims alive, and mark
+silent workers gone.
 
 Leases expire on the store's clock, checked once per ``sweep_interval``; a requeued job wakes the claims waiting on
 its queue at once. At start-up the running leases of workers not marked gone get a fresh ``lease_seconds`` of
 grace, so a server restart (or ``kill -9``) does not expire the jobs of workers that were merely unable to reach it.
+Every ``heartbeat_seconds`` the workers whose claims are parked here are marked heard from, in one round trip
+(:mod:`scaleq.server.liveness`): an idle worker needs no heartbeat of its own.
 A lease gets that grace once until its worker is heard from again: servers restarting in a loop (or, on PostgreSQL,
 any of several servers restarting) cannot keep a dead worker's job from going back to its queue.
 """
@@ -14,6 +17,7 @@ import logging
 from collections.abc import Callable
 
 from scaleq.notify import Notifier
+from scaleq.server.liveness import OpenClaims, touch_parked
 from scaleq.server.settings import ServerSettings
 from scaleq.store.base import Store
 
@@ -32,21 +36,52 @@ async def sweep_once(store: Store, notifier: Notifier, settings: ServerSettings,
     return len(expired)
 
 
-async def run(store: Store, notifier: Notifier, settings: ServerSettings, clock: Callable[[], float]) -> None:
+async def tick(
+    store: Store,
+    notifier: Notifier,
+    settings: ServerSettings,
+    now: float,
+    open_claims: OpenClaims | None = None,
+    *,
+    touch: bool = True,
+    mark_gone: bool = True,
+) -> list[str]:
+    """One round of housekeeping at ``now``: the workers parked here heard from (``touch``), expired leases swept,
+    silent workers marked gone (``mark_gone``). The workers marked gone."""
+    if touch and open_claims is not None:
+        await touch_parked(store, open_claims, now)
+    await sweep_once(store, notifier, settings, now)
+    if not mark_gone:
+        return []
+    gone = await store.mark_gone_workers(now - settings.worker_gone_after, now - settings.worker_forget_after)
+    for worker_id in gone:
+        log.warning("worker %s stopped heartbeating; marked gone", worker_id)
+    if gone:
+        notifier.notify("any")
+    return gone
+
+
+async def run(
+    store: Store,
+    notifier: Notifier,
+    settings: ServerSettings,
+    clock: Callable[[], float],
+    open_claims: OpenClaims | None = None,
+) -> None:
     await store.extend_leases(clock(), settings.lease_seconds)
     ticks = 0
+    touch_every = max(1, int(settings.heartbeat_seconds / settings.sweep_interval))
     while True:
         try:
-            await sweep_once(store, notifier, settings, clock())
-            if ticks % 10 == 0:
-                now = clock()
-                gone = await store.mark_gone_workers(
-                    now - settings.worker_gone_after, now - settings.worker_forget_after
-                )
-                for worker_id in gone:
-                    log.warning("worker %s stopped heartbeating; marked gone", worker_id)
-                if gone:
-                    notifier.notify("any")
+            await tick(
+                store,
+                notifier,
+                settings,
+                clock(),
+                open_claims,
+                touch=ticks % touch_every == 0,
+                mark_gone=ticks % 10 == 0,
+            )
         except Exception:  # a sweep must never stop sweeping
             log.exception("housekeeping failed; retrying")
         ticks += 1

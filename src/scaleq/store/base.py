@@ -378,6 +378,15 @@ class Store(Protocol):
         the leases still valid."""
         ...
 
+    async def has_queued(self, queue: str) -> bool:
+        """Whether ``queue`` has a job waiting to be claimed."""
+        ...
+
+    async def touch_workers(self, worker_ids: list[str], now: float) -> None:
+        """Mark these workers heard from at ``now`` (those not gone), in one round trip: the workers whose claims
+        are parked on a server (:mod:`scaleq.server.liveness`). Their leases are not renewed."""
+        ...
+
     async def worker_claim(
         self,
         worker_id: str,

@@ -485,6 +485,14 @@ class SQLStore:
 
         return await self.tx(op)
 
+    async def has_queued(self, queue: str) -> bool:
+        row = await self._run(self._one, "has_queued", queue=queue)
+        return bool(row is not None and row["found"])
+
+    async def touch_workers(self, worker_ids: list[str], now: float) -> None:
+        params = {"ids": json.dumps(worker_ids), "now": now}
+        await self._run(lambda: self.db.execute(self.Q["touch_workers"], params))
+
     def _finish_rows(self, finishes: list[tuple[str, FinishResult]], now: float) -> dict[str, Row]:
         """Finish the attempts whose leases still own their jobs (or queue them again for a retry:
         :func:`scaleq.jobs.retried`); their job rows by lease. Two statements per finish here (SQLite runs

@@ -9,7 +9,10 @@ Design:
   those, so a lease it never learnt of (a claim whose answer was lost) expires and its job is queued again. The
   answer lists the leases still live; a running attempt whose lease is gone (cancelled, expired, taken over) is
   abandoned: its task is cancelled, which makes the runtime stop it — unless the heartbeat left before the claim of
-  that lease was answered (it may have read the leases before the claim committed).
+  that lease was answered (it may have read the leases before the claim committed). When the server answers the
+  registration with ``claim_is_heartbeat`` (:mod:`scaleq.server.liveness`), an idle worker with its claim parked
+  skips its beats: the open claim keeps it alive, and a drain reaches it through the claim's answer. So a large idle
+  fleet costs the server one re-poll per worker per long-poll, not a heartbeat every couple of seconds.
 - **Fencing.** Logs, outputs and the finish all present the attempt's lease; a 409 means the attempt was replaced,
   and the worker stops it without reporting.
 - **Server outages** are waited out: jobs keep running, results are retried, and only after ``server_grace`` seconds
@@ -109,6 +112,9 @@ class WorkerAgent:
         self.lease_seconds = 15.0
         self._reaping: asyncio.Task[None] | None = None
         self.long_poll = 20.0
+        #: The server counts a parked claim as this worker's heartbeat: idle and parked, it skips its heartbeats.
+        self.claim_is_heartbeat = False
+        self._claim_state = "active"
         self.draining = False
         self.forced = False
         #: The outcome recorded for the jobs this worker hands back: released, or preempted on a provider's notice.
@@ -244,6 +250,7 @@ class WorkerAgent:
         self.heartbeat_seconds = answer["heartbeat_seconds"]
         self.lease_seconds = answer["lease_seconds"]
         self.long_poll = answer["long_poll_max"]
+        self.claim_is_heartbeat = bool(answer.get("claim_is_heartbeat", False))  # servers before it: False
         log.info("worker %s registered on queue %s with %d slots", self.id, cfg.queue, cfg.slots)
 
     async def _retrying(self, call: Any) -> Any:
@@ -307,8 +314,13 @@ class WorkerAgent:
                         await self.client.release(claim.lease, self.release_reason)
                 else:
                     self._start(claim)
+            self._claim_state = state
             if state == "draining" and not self.draining:
                 self.request_drain()
+            if state == "gone":  # given up on while unreachable: a heartbeat makes it active again
+                with contextlib.suppress(ApiError, Unreachable):
+                    await self.client.heartbeat(self.id, leases=self._held())
+                await asyncio.sleep(0.2)
 
     async def _wait_wake(self) -> None:
         self._wake.clear()
@@ -325,6 +337,10 @@ class WorkerAgent:
             if sent - reaped >= self.lease_seconds:
                 reaped = sent
                 self._reap_soon()
+            if self.parked_idle():
+                if self.metrics is not None:
+                    await self.metrics.refresh_queue(self.client, self.cfg.queue)
+                continue
             try:
                 state, live = await self.client.heartbeat(self.id, leases=self._held())
                 self._last_contact = time.monotonic()
@@ -367,6 +383,11 @@ class WorkerAgent:
                     )
             except Exception as exc:  # the engine or the server: try again next time
                 log.warning("could not look for dead workers' runs on runtime %s: %s", runtime.name, exc)
+
+    def parked_idle(self) -> bool:
+        """Idle with a claim parked on a server that counts it as a heartbeat: no beat needed (nothing to renew,
+        and a drain or a gone state reaches this worker through the claim's answer)."""
+        return self.claim_is_heartbeat and self._polling and self._claim_state == "active" and not self._held()
 
     def _held(self) -> list[str]:
         """The leases to renew: jobs running, and results not yet delivered. Nothing else — a claim whose answer

@@ -24,6 +24,7 @@ from scaleq.jobs import MAX_SIZE, Claim, Job, RuntimeKind, State, Worker, valida
 from scaleq.notify import wait_any
 from scaleq.server import metrics, outputs
 from scaleq.server.auth import Caller, WorkerCaller, require
+from scaleq.server.liveness import OpenClaims
 from scaleq.server.routes.common import C, Ctx
 from scaleq.store.base import FinishResult, NotFound, StaleLease
 
@@ -61,6 +62,11 @@ class Registered(BaseModel):
     lease_seconds: float
     heartbeat_seconds: float
     long_poll_max: float
+    claim_is_heartbeat: bool = Field(
+        default=True,
+        description="an open claim keeps the worker alive: while idle with a claim parked it need not heartbeat "
+        "(it still must while it holds leases: only a heartbeat renews them)",
+    )
 
 
 class FinishBody(BaseModel):
@@ -226,41 +232,78 @@ async def _finish(ctx: Ctx, body: FinishBody) -> Job:
 
 @router.post("/workers/{worker_id}/claim", response_model=Claimed)
 async def claim(worker_id: str, body: ClaimBody, ctx: C, request: Request, who: WorkerCaller) -> Claimed:
-    """Finish what rides along, then return up to ``max`` jobs as soon as any is runnable (or none after ``wait``)."""
+    """Finish what rides along, then return up to ``max`` jobs as soon as any is runnable (or none after ``wait``;
+    at once when results rode along). While the claim is open it counts as the worker's heartbeat
+    (:mod:`scaleq.server.liveness`)."""
     await _own_worker(ctx, who, worker_id)
+    open_claims: OpenClaims = request.app.state.open_claims
+    with open_claims.parked(worker_id):
+        return await _claim(worker_id, body, ctx, request, who, open_claims)
+
+
+async def _claim(
+    worker_id: str, body: ClaimBody, ctx: Ctx, request: Request, who: Caller, open_claims: OpenClaims
+) -> Claimed:
     foreign = await _foreign_leases(ctx, who, [f.lease for f in body.finishes])
     mine = [f for f in body.finishes if f.lease not in foreign]
-    # The finishes and the first claim are one store operation (one statement on PostgreSQL). That first try goes
-    # without taking the wake-up events (the queue is not known yet): only when it finds nothing are they taken,
-    # and the claim tried again before waiting, so that a submit in between is not missed.
+    # The finishes and the first claim are one store operation (one statement on PostgreSQL). The claim parks (takes
+    # its place in the queue's line of waiters, and the worker's drain event) BEFORE a store try whose empty answer it
+    # waits on, so that a submit in between is never missed. The worker's queue is remembered from its last claim, so
+    # an idle re-poll parks before its first try: one store round trip, not two. A claim woken by a submit that finds
+    # nothing passes the wake on while jobs are still queued (see scaleq.notify).
     deadline = time.monotonic() + min(body.wait, ctx.settings.long_poll_max)
-    now = ctx.now()
-    results = [(f.lease, FinishResult(f.reason, f.exit_code, f.error)) for f in mine]
-    got = await ctx.store.worker_claim(worker_id, body.max, now, ctx.settings.lease_seconds, finishes=results)
-    done = dict(zip([f.lease for f in mine], got.finished, strict=True))
-    finished = []
-    for f in body.finishes:
-        if f.lease in foreign:
-            finished.append(
-                FinishOutcome(lease=f.lease, ok=False, detail="this lease belongs to another token's worker")
-            )
-            continue
-        job = done[f.lease]
-        if job is None:
-            finished.append(FinishOutcome(lease=f.lease, ok=False, detail="this attempt no longer owns its job"))
-            continue
-        _finished(ctx, job, now)
-        finished.append(FinishOutcome(lease=f.lease, ok=True))
-    while not got.claims and got.state == "active" and body.max > 0 and time.monotonic() < deadline:
-        ev = ctx.notifier.event(f"queue:{got.queue}")
-        ev_worker = ctx.notifier.event(f"worker:{worker_id}")
-        if await request.is_disconnected():
-            break
-        got = await ctx.store.worker_claim(worker_id, body.max, ctx.now(), ctx.settings.lease_seconds)
-        if got.claims or got.state != "active":
-            break
-        if not await wait_any((ev, ev_worker), deadline - time.monotonic()):
-            break
+    notifier = ctx.notifier
+    known = open_claims.queue_of(worker_id)
+    waiter = notifier.park(known) if known and body.max > 0 else None
+    ev_worker = notifier.event(f"worker:{worker_id}")
+    try:
+        now = ctx.now()
+        results = [(f.lease, FinishResult(f.reason, f.exit_code, f.error)) for f in mine]
+        got = await ctx.store.worker_claim(worker_id, body.max, now, ctx.settings.lease_seconds, finishes=results)
+        done = dict(zip([f.lease for f in mine], got.finished, strict=True))
+        finished = []
+        for f in body.finishes:
+            if f.lease in foreign:
+                finished.append(
+                    FinishOutcome(lease=f.lease, ok=False, detail="this lease belongs to another token's worker")
+                )
+                continue
+            job = done[f.lease]
+            if job is None:
+                finished.append(FinishOutcome(lease=f.lease, ok=False, detail="this attempt no longer owns its job"))
+                continue
+            _finished(ctx, job, now)
+            finished.append(FinishOutcome(lease=f.lease, ok=True))
+        open_claims.remember(worker_id, got.queue)
+        # With results riding along and nothing to hand out, answer at once: until the answer the worker must keep
+        # renewing those leases (it cannot know they are in), so a parked claim would cost it a heartbeat every
+        # heartbeat_seconds for a whole long-poll; its next claim, without them, parks as an idle worker's does.
+        parks = not body.finishes
+        while parks and not got.claims and got.state == "active" and body.max > 0:
+            if waiter is None or waiter.queue != got.queue:  # not parked on this queue yet: park, then try again
+                notifier.unpark(waiter)
+                waiter, ev_worker = notifier.park(got.queue), notifier.event(f"worker:{worker_id}")
+            elif time.monotonic() >= deadline or await request.is_disconnected():
+                break
+            elif not await wait_any((waiter.event, ev_worker), deadline - time.monotonic()):
+                break
+            elif await request.is_disconnected():  # woken, but the worker is gone: its wake goes to the next
+                break
+            else:  # woken: take a new place in line before trying again
+                woken = waiter
+                waiter, ev_worker = notifier.park(got.queue), notifier.event(f"worker:{worker_id}")
+                if woken.event.is_set():
+                    woken.handled = True
+                    notifier.unpark(woken)
+                    got = await ctx.store.worker_claim(worker_id, body.max, ctx.now(), ctx.settings.lease_seconds)
+                    # a worker that now drains claims nothing: pass on at once; an active one only while jobs wait
+                    if not got.claims and (got.state != "active" or await ctx.store.has_queued(got.queue)):
+                        notifier.wake_claims(got.queue, 1, before=woken.mark)
+                    continue
+                notifier.unpark(woken)
+            got = await ctx.store.worker_claim(worker_id, body.max, ctx.now(), ctx.settings.lease_seconds)
+    finally:
+        notifier.unpark(waiter)
     if got.claims:
         metrics.observe_claimed(request.app, got.claims)
         for c in got.claims:
@@ -308,6 +351,7 @@ async def deregister(worker_id: str, ctx: C, who: WorkerCaller) -> Response:
     await ctx.store.get_worker(worker_id)
     await _own_worker(ctx, who, worker_id)
     await ctx.store.set_worker_state(worker_id, "gone")
+    ctx.request.app.state.open_claims.forget(worker_id)
     ctx.notifier.notify("any")
     return Response(status_code=204)
 

@@ -368,3 +368,8 @@ SELECT CAST(coalesce(sum(CASE WHEN j.priority > me.priority OR (j.priority = me.
        CAST(count(j.id) AS BIGINT) AS queued
   FROM jobs me JOIN jobs j ON j.queue = me.queue AND j.state = 'queued'
  WHERE me.id = :id;
+
+-- name: has_queued
+-- Whether a queue has a job waiting (jobs_claim's first column pair): a woken claim that found nothing passes its
+-- wake on only then.
+SELECT EXISTS (SELECT 1 FROM jobs WHERE queue = :queue AND state = 'queued') AS found;

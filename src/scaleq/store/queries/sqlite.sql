@@ -134,3 +134,9 @@ SELECT 1 AS held FROM jobs j JOIN worker_tokens w ON w.worker_id = j.worker_id
    AND EXISTS (SELECT 1 FROM json_each(j.definition, '$.inputs') i
                WHERE json_extract(i.value, '$.sha256') = :sha256)
  LIMIT 1;
+
+-- name: touch_workers
+-- The workers whose claims are parked on a server, heard from now (:ids, a JSON array): one statement per tick for the
+-- whole fleet. A gone worker is left gone (it deregistered, or was given up on before its claim ended).
+UPDATE workers SET last_heartbeat = :now
+ WHERE id IN (SELECT value FROM json_each(:ids)) AND state != 'gone' AND last_heartbeat < :now;

@@ -1,0 +1,280 @@
+"""A parked claim is a worker's heartbeat (issue 11): idle workers stay alive on their open claims alone.
+
+The server's clock is a fake one moved by the test, and housekeeping is driven a tick at a time
+(:func:`scaleq.server.housekeeping.tick`, what the server's timer runs), so "45 s of silence" takes no time. The
+protocol runs over real HTTP against a live server on SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+
+from scaleq.jobs import JobDefinition, SubmitRequest
+from scaleq.server import housekeeping
+from scaleq.server.liveness import OpenClaims
+from scaleq.server.settings import ServerSettings
+from scaleq.store.base import Store
+from tests.helpers import LiveServer, eventually, serve
+from tests.helpers.workers import agent, running
+
+GONE_AFTER = 45.0
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def settings() -> ServerSettings:
+    # the timer's own ticks are an hour apart: the test drives housekeeping itself, on the fake clock
+    return ServerSettings(lease_seconds=15.0, long_poll_max=60.0, sweep_interval=3600.0, worker_gone_after=GONE_AFTER)
+
+
+@pytest.fixture
+async def fleet(any_store: Store) -> AsyncIterator[tuple[LiveServer, Clock]]:
+    clock = Clock()
+    async with serve(any_store, settings(), clock=clock) as live:
+        yield live, clock
+
+
+def registration(wid: str) -> dict[str, Any]:
+    return {"id": wid, "queue": "q", "slots": 1, "runtimes": ["process"], "cpus": 1.0}
+
+
+@contextlib.asynccontextmanager
+async def http(live: LiveServer, role: str = "worker") -> AsyncIterator[httpx.AsyncClient]:
+    headers = {"Authorization": f"Bearer {live.tokens[role]}"}
+    limits = httpx.Limits(max_connections=500, max_keepalive_connections=500)
+    async with httpx.AsyncClient(base_url=live.url + "/api/v1", headers=headers, limits=limits, timeout=120) as client:
+        yield client
+
+
+async def register(client: httpx.AsyncClient, wid: str) -> dict[str, Any]:
+    r = await client.post("/workers", json=registration(wid))
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def parked(live: LiveServer) -> OpenClaims:
+    return live.app.state.open_claims  # type: ignore[attr-defined, no-any-return]
+
+
+async def park(client: httpx.AsyncClient, live: LiveServer, wids: list[str]) -> list[asyncio.Task[httpx.Response]]:
+    """Open a long-poll claim for each worker and wait until the server holds all of them."""
+    tasks = [asyncio.create_task(client.post(f"/workers/{w}/claim", json={"max": 1, "wait": 60.0})) for w in wids]
+    await eventually(lambda: asyncio.sleep(0, set(wids) <= set(parked(live).ids())), 60, what="the claims parked")
+    return tasks
+
+
+async def unpark(client: httpx.AsyncClient, wids: list[str], tasks: list[asyncio.Task[httpx.Response]]) -> None:
+    """End the parked claims the way a worker does: a draining heartbeat, which answers its claim at once."""
+    for w in wids:
+        r = await client.post(f"/workers/{w}/heartbeat", json={"draining": True, "leases": []})
+        assert r.status_code == 200, r.text
+    for r in await asyncio.gather(*tasks):
+        assert r.status_code == 200, r.text
+
+
+async def states(live: LiveServer) -> dict[str, str]:
+    async with http(live, "admin") as admin:
+        r = await admin.get("/workers", params={"all": "true"})
+        return {w["id"]: w["state"] for w in r.json()}
+
+
+async def tick(live: LiveServer, clock: Clock) -> list[str]:
+    app: Any = live.app
+    return await housekeeping.tick(live.store, app.state.notifier, app.state.settings, clock(), parked(live))
+
+
+async def test_registration_says_a_claim_is_a_heartbeat(fleet: tuple[LiveServer, Clock]) -> None:
+    live, _ = fleet
+    async with http(live) as client:
+        answer = await register(client, "w-reg")
+    assert answer["claim_is_heartbeat"] is True
+
+
+async def test_a_parked_claim_keeps_its_worker_alive_and_silence_does_not(fleet: tuple[LiveServer, Clock]) -> None:
+    live, clock = fleet
+    async with http(live) as client:
+        await register(client, "parked")
+        await register(client, "silent")
+        tasks = await park(client, live, ["parked"])
+        for _ in range(4):  # a minute and a half of the server's time, no heartbeat from either
+            clock.t += GONE_AFTER / 2
+            await tick(live, clock)
+        found = await states(live)
+        assert found["parked"] == "active"
+        assert found["silent"] == "gone"
+        await unpark(client, ["parked"], tasks)
+
+
+async def test_a_parked_claim_does_not_renew_leases(fleet: tuple[LiveServer, Clock]) -> None:
+    """Only a heartbeat renews a lease: a worker parked for more jobs must still beat for the ones it runs."""
+    live, clock = fleet
+    async with live.client("submit") as submitter:
+        job, _ = await submitter.submit(SubmitRequest(queue="q", definition=JobDefinition(command=["true"])))
+    async with http(live) as client:
+        r = await client.post("/workers", json={**registration("two-slots"), "slots": 2})
+        assert r.status_code == 200, r.text
+        r = await client.post("/workers/two-slots/claim", json={"max": 1, "wait": 0})
+        assert [c["job"]["id"] for c in r.json()["claims"]] == [job.id]
+        tasks = await park(client, live, ["two-slots"])
+        clock.t += 16.0  # past the lease, no heartbeat
+        await tick(live, clock)
+        assert (await states(live))["two-slots"] == "active"
+        async with live.client("read") as reader:
+            first = (await reader.attempts(job.id))[0]
+        assert first["outcome"] == "lost"  # its lease expired and the job went back to the queue
+        await unpark(client, ["two-slots"], tasks)
+
+
+async def test_an_agent_without_the_flag_keeps_itself_alive_by_heartbeats(fleet: tuple[LiveServer, Clock]) -> None:
+    """A worker from before ``claim_is_heartbeat`` (it never reads it) beats and claims as it always did."""
+    live, clock = fleet
+    async with live.client("submit") as submitter:
+        job, _ = await submitter.submit(SubmitRequest(queue="q", definition=JobDefinition(command=["true"])))
+    async with http(live) as client:
+        await register(client, "old")
+        r = await client.post("/workers/old/claim", json={"max": 1, "wait": 0})
+        lease = r.json()["claims"][0]["lease"]
+        for _ in range(6):  # 60 s of the server's time: longer than the lease and than worker_gone_after
+            clock.t += 10.0
+            r = await client.post("/workers/old/heartbeat", json={"leases": [lease]})
+            assert r.json()["leases"] == [lease]
+            await tick(live, clock)
+        assert (await states(live))["old"] == "active"
+        r = await client.post("/leases/finish", json={"lease": lease, "reason": "success", "exit_code": 0})
+        assert r.status_code == 200, r.text
+        assert r.json()["reason"] == "success"
+
+
+async def test_the_agent_skips_heartbeats_only_while_idle_and_parked(sqlite_live: LiveServer) -> None:
+    """The real agent: told a claim is a heartbeat, it needs no beat while its claim is parked, and beats again
+    as soon as it runs a job (only a heartbeat renews the lease)."""
+    a = agent(sqlite_live, "skipper", slots=1)
+    async with running(a):
+        await eventually(
+            lambda: asyncio.sleep(0, "skipper" in parked(sqlite_live).ids()), 30, what="the agent's claim parked"
+        )
+        assert a.claim_is_heartbeat is True
+        assert a.parked_idle()
+        async with sqlite_live.client("submit") as submitter:
+            req = SubmitRequest(queue="q", definition=JobDefinition(command=["sleep", "30"]))
+            job, _ = await submitter.submit(req)
+        await eventually(lambda: asyncio.sleep(0, bool(a.running)), 30, what="the job running")
+        assert not a.parked_idle()
+        async with sqlite_live.client("admin") as admin:
+            await admin.cancel(job.id)
+
+
+async def test_nothing_expires_under_a_fleet_of_parked_and_busy_workers(fleet: tuple[LiveServer, Clock]) -> None:
+    """200 idle workers on their claims alone, 10 busy ones beating for their leases, over five minutes of the
+    server's time: no worker marked gone, no lease lost."""
+    live, clock = fleet
+    idle = [f"idle-{i}" for i in range(200)]
+    busy = [f"busy-{i}" for i in range(10)]
+    async with live.client("submit") as submitter:
+        for i in range(len(busy)):
+            await submitter.submit(SubmitRequest(queue="q", definition=JobDefinition(command=["true", str(i)])))
+    async with http(live) as client:
+        for w in busy:
+            await register(client, w)
+        leases = {}
+        for w in busy:
+            r = await client.post(f"/workers/{w}/claim", json={"max": 1, "wait": 0})
+            leases[w] = r.json()["claims"][0]["lease"]
+        for w in idle:
+            await register(client, w)
+        tasks = await park(client, live, idle)
+        for _ in range(60):  # 5 minutes in steps of 5 s (the agent's heartbeat period at the default lease)
+            clock.t += 5.0
+            beats = await asyncio.gather(
+                *(client.post(f"/workers/{w}/heartbeat", json={"leases": [leases[w]]}) for w in busy)
+            )
+            assert all(b.json()["leases"] == [leases[w]] for b, w in zip(beats, busy, strict=True))
+            assert await tick(live, clock) == []
+        found = await states(live)
+        assert {w: found[w] for w in idle + busy} == dict.fromkeys(idle + busy, "active")
+        for w in busy:
+            r = await client.post("/leases/finish", json={"lease": leases[w], "reason": "success", "exit_code": 0})
+            assert r.status_code == 200, r.text
+        await unpark(client, idle, tasks)
+    async with live.client("read") as reader:
+        jobs = await reader.list_jobs(queue="q")
+    assert [j.reason for j in jobs] == ["success"] * len(busy)
+    assert all(j.attempts == 1 for j in jobs)
+
+
+async def test_a_submit_wakes_one_parked_claim_not_all(fleet: tuple[LiveServer, Clock]) -> None:
+    live, _ = fleet
+    wids = [f"w{i}" for i in range(20)]
+    async with http(live) as client:
+        for w in wids:
+            await register(client, w)
+        tasks = await park(client, live, wids)
+        app: Any = live.app
+        async with live.client("submit") as submitter:
+            job, _ = await submitter.submit(SubmitRequest(queue="q", definition=JobDefinition(command=["true"])))
+        answered = await eventually(
+            lambda: asyncio.sleep(0, [t for t in tasks if t.done()]), 30, what="a claim answered"
+        )
+        assert [c["job"]["id"] for c in answered[0].result().json()["claims"]] == [job.id]
+        # the others stay parked: the submit woke one claim (each other one would have cost a store round trip)
+        assert app.state.notifier.parked("q") == len(wids) - 1
+        assert sum(t.done() for t in tasks) == 1
+        rest = [w for w, t in zip(wids, tasks, strict=True) if not t.done()]
+        await unpark(client, rest, [t for t in tasks if not t.done()])
+
+
+async def test_a_wake_the_first_in_line_cannot_use_reaches_one_that_can(fleet: tuple[LiveServer, Clock]) -> None:
+    """The oldest parked claims are workers too small for the job: the wake is passed on until a worker that can
+    run it claims it."""
+    live, _ = fleet
+    small = [f"small-{i}" for i in range(5)]
+    async with http(live) as client:
+        for w in small:
+            await register(client, w)
+        r = await client.post("/workers", json={**registration("big"), "cpus": 8.0})
+        assert r.status_code == 200, r.text
+        small_tasks = await park(client, live, small)
+        (big_task,) = await park(client, live, ["big"])
+        async with live.client("submit") as submitter:
+            req = SubmitRequest(queue="q", definition=JobDefinition(command=["true"], requirements={"cpus": 4.0}))
+            job, _ = await submitter.submit(req)
+        answer = await asyncio.wait_for(big_task, 30)
+        assert [c["job"]["id"] for c in answer.json()["claims"]] == [job.id]
+        assert not any(t.done() for t in small_tasks)
+        await unpark(client, small, small_tasks)
+
+
+async def test_a_claim_carrying_results_is_answered_at_once_when_nothing_is_runnable(
+    fleet: tuple[LiveServer, Clock],
+) -> None:
+    """Until its claim is answered a worker must renew the leases of the results riding along; so that claim does not
+    park (the worker's next one, without them, does)."""
+    live, _ = fleet
+    async with live.client("submit") as submitter:
+        job, _ = await submitter.submit(SubmitRequest(queue="q", definition=JobDefinition(command=["true"])))
+    async with http(live) as client:
+        await register(client, "finisher")
+        r = await client.post("/workers/finisher/claim", json={"max": 1, "wait": 0})
+        lease = r.json()["claims"][0]["lease"]
+        finish = {"lease": lease, "reason": "success", "exit_code": 0}
+        # a 60 s long-poll on an empty queue: parked, it would outlast the bound below
+        r = await asyncio.wait_for(
+            client.post("/workers/finisher/claim", json={"max": 1, "wait": 60.0, "finishes": [finish]}), 30
+        )
+        assert r.json()["claims"] == [] and r.json()["finished"] == [{"lease": lease, "ok": True, "detail": None}]
+        tasks = await park(client, live, ["finisher"])  # without results, the next claim parks
+        await unpark(client, ["finisher"], tasks)
+    async with live.client("read") as reader:
+        assert (await reader.get_job(job.id)).reason == "success"
