@@ -194,6 +194,14 @@ class KubernetesProvider(ProviderBase):
                 raise
         return conn.core.read_namespaced_secret(name, namespace, _request_timeout=self.api_timeout)
 
+    def _pods(self, conn: Connection, namespace: str, group: Group) -> list[Any]:
+        """The group's pods, found by its label selector."""
+        return list(
+            conn.core.list_namespaced_pod(
+                namespace, label_selector=group_selector(self.grid, group.name), _request_timeout=self.api_timeout
+            ).items
+        )
+
     def _describe(self, pod: Any) -> tuple[str, str]:
         """(status, detail) of a live pod."""
         status_obj = pod.status
@@ -266,9 +274,7 @@ class KubernetesProvider(ProviderBase):
         ns = settings.namespace
 
         def scan(conn: Connection) -> list[ProviderWorker]:
-            pods = conn.core.list_namespaced_pod(
-                ns, label_selector=group_selector(self.grid, group.name), _request_timeout=self.api_timeout
-            ).items
+            pods = self._pods(conn, ns, group)
             found = []
             for pod in pods:
                 labels = pod.metadata.labels or {}
@@ -298,9 +304,7 @@ class KubernetesProvider(ProviderBase):
         ns, wanted = settings.namespace, set(worker_ids)
 
         def look(conn: Connection) -> dict[str, str]:
-            pods = conn.core.list_namespaced_pod(
-                ns, label_selector=group_selector(self.grid, group.name), _request_timeout=self.api_timeout
-            ).items
+            pods = self._pods(conn, ns, group)
             found = {}
             for pod in pods:
                 worker_id = (pod.metadata.labels or {}).get(WORKER_LABEL) or pod.metadata.name
@@ -317,9 +321,7 @@ class KubernetesProvider(ProviderBase):
         ns, wanted = settings.namespace, set(worker_ids)
 
         def look(conn: Connection) -> dict[str, str]:
-            pods = conn.core.list_namespaced_pod(
-                ns, label_selector=group_selector(self.grid, group.name), _request_timeout=self.api_timeout
-            ).items
+            pods = self._pods(conn, ns, group)
             found = {i: self._taken.pop(i) for i in wanted if i in self._taken}
             for pod in pods:
                 worker_id = (pod.metadata.labels or {}).get(WORKER_LABEL) or pod.metadata.name
