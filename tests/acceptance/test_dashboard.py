@@ -242,7 +242,9 @@ def test_a_job_and_a_scaling_decision_in_the_dashboard(grid: Grid, page: Any, sh
     page.goto(f"{grid.url}/dashboard/#/jobs/{waiting}")
     expect(page.locator('#why-chain li[data-kind="unserved"]')).to_contain_text("nothing serves queue nobody-serves")
     expect(page.locator('#why-chain li[data-kind="position"]')).to_have_attribute("title", re.compile(r"ahead: 0"))
-    expect(page.locator("#why-estimate")).to_have_text("Estimated start: not known.")
+    expect(page.locator("#why-estimate")).to_have_text(
+        "Estimated start: not known — nothing can run it: no group and no worker serves its queue"
+    )
 
     # workers: the long job keeps one busy
     page.get_by_role("link", name="Workers").click()
@@ -309,3 +311,34 @@ def test_the_job_list_pages_by_cursor(grid: Grid, page: Any, tmp_path: Path) -> 
     expect(page.get_by_role("link", name="Older →")).to_have_count(0)  # the last page
     page.get_by_role("link", name="← Newest").click()
     expect(rows).to_have_count(100)
+
+
+# Markup where a user can put it: in a command, an env value, its stdout and stderr, an output
+# file's name. Every view renders text nodes only (and the CSP allows scripts from 'self' alone): none of it may run.
+MARKUP = """<img src=x onerror="window.__ran=1"><script>window.__ran=1</script><b>bold</b>"""
+FILENAME = "<img src=x onerror=window.__ran=1>.txt"  # no "/" in a file name
+
+
+def test_markup_in_every_field_shows_as_text_and_runs_nothing(grid: Grid, page: Any) -> None:
+    from playwright.sync_api import expect
+
+    script = f"echo '{MARKUP}'; echo '{MARKUP}' >&2; echo x > \"$SCALEQ_OUTPUTS/{FILENAME}\""
+    ran = grid.api_submit("sh", "-c", script, env={"NOTE": MARKUP})
+    assert grid.api_job(ran)["reason"] == "success"
+    waiting = grid.api_submit("echo", MARKUP, wait=False, requirements={"gpus": 1}, env={"NOTE": MARKUP})
+    log_in(page, grid)
+    expect(page.get_by_role("heading", name="Queues")).to_be_visible()
+    page.goto(f"{grid.url}/dashboard/#/jobs/{ran}")
+    expect(page.locator("#log")).to_contain_text(MARKUP)  # the markup, as text
+    expect(page.locator("#log .stderr").first).to_contain_text(MARKUP)
+    expect(page.get_by_text(FILENAME, exact=True)).to_be_visible()
+    expect(page.locator("#page")).to_contain_text(f"NOTE={MARKUP}")  # the definition's env, and the command
+    expect(page.locator("#page")).to_contain_text("onerror=window.__ran=1>.txt")
+    page.goto(f"{grid.url}/dashboard/#/jobs/{waiting}")
+    expect(page.locator("#why-chain")).to_contain_text("the job needs 1")
+    expect(page.locator("#page")).to_contain_text(MARKUP)
+    for view in ("Jobs", "Workers", "Queues", "Groups", "Arrays", "Health"):
+        page.get_by_role("navigation", name="Views").get_by_role("link", name=view).click()
+        expect(page.get_by_role("heading", name=view)).to_be_visible()
+    assert page.evaluate("window.__ran") is None, "markup from a job's fields ran as script"
+    assert page.locator("#page img, #page script, #page b").count() == 0, "markup became elements"
