@@ -20,10 +20,13 @@ Design:
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import statistics
 import threading
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 
 #: The job every campaign submits: ``sh MARK_SCRIPT MARKS SECONDS LABEL``. It marks its start, sleeps, and marks its
 #: end; a SIGTERM (the worker's watchdog, a cancel) marks ``term`` at once. The label only makes each job's
@@ -118,9 +121,7 @@ class Account:
     def table(self, title: str) -> str:
         """The campaign's result as a Markdown table (it reads the same in a terminal and in the docs)."""
         faults = ", ".join(f"{kind} {n}" for kind, n in sorted(self.faults.items())) or "none"
-        rec = (
-            f"{statistics.median(self.recovery):.1f} s / {max(self.recovery):.1f} s" if self.recovery else "n/a"
-        )
+        rec = f"{statistics.median(self.recovery):.1f} s / {max(self.recovery):.1f} s" if self.recovery else "n/a"
         rows = [
             ("faults", f"{sum(self.faults.values())} ({faults})"),
             ("jobs acknowledged", str(self.jobs)),
@@ -190,13 +191,20 @@ class Ledger:
         with self._lock:
             return sum(1 for a in self.attempts if a.error is not None)
 
+    def dump(self, path: Path) -> None:
+        """The records as JSON, for a look after a failed campaign."""
+        with self._lock:
+            records = {
+                "attempts": [dataclasses.asdict(a) for a in self.attempts],
+                "faults": [dataclasses.asdict(f) for f in self.faults],
+            }
+        path.write_text(json.dumps(records, indent=1))
+
     def account(self, final: dict[str, Final], runs: list[Run], lease_seconds: float, ended: float) -> Account:
         """Judge the campaign: ``final`` is the server's view of every acknowledged job, ``runs`` the jobs' own
         marks, ``ended`` when the campaign stopped (the end assumed for runs that never marked theirs)."""
         acked = self.acknowledged()
-        lost = sorted(
-            j for j in acked if (f := final.get(j)) is None or (f.state, f.reason) != ("finished", "success")
-        )
+        lost = sorted(j for j in acked if (f := final.get(j)) is None or (f.state, f.reason) != ("finished", "success"))
         twice = sorted(j for j in acked if (f := final.get(j)) is not None and f.successes > 1)
         by_job: dict[str, list[Run]] = defaultdict(list)
         for run in runs:
