@@ -29,12 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 #: The job every campaign submits: ``sh MARK_SCRIPT MARKS SECONDS LABEL``. It marks its start, sleeps, and marks its
-#: end; a SIGTERM (the worker's watchdog, a cancel) marks ``term`` at once. The label only makes each job's
-#: definition, hence its id, unique.
+#: end; a SIGTERM (the worker's watchdog, a cancel), SIGHUP or SIGPIPE (its dead worker's pipes) marks ``term`` at
+#: once. The label only makes each job's definition, hence its id, unique.
 MARK_SCRIPT = """\
 marks=$1
 mark() { echo "$1 $SCALEQ_JOB_ID $SCALEQ_ATTEMPT ${FAULTS_WORKER:--} $$ $(date +%s.%N)" >> "$marks"; }
-trap 'mark term; exit 143' TERM
+trap 'mark term; exit 143' TERM HUP PIPE
 mark start
 sleep "$2" &
 wait $!
