@@ -24,6 +24,7 @@ Design:
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -246,10 +247,10 @@ def postgres_campaign(cluster: Cluster, work: Path, settings: Settings, workers_
         )
         urls.append(f"http://127.0.0.1:{port}")
         servers[-1].start()
-        wait_for(lambda d=data_dir: (d / "server.json").exists(), 60, 0.1, f"server {name} to start")
+        wait_for((data_dir / "server.json").exists, 60, 0.1, f"server {name} to start")
     token = (work / "server-a" / "admin.token").read_text().strip()
     for s, url in zip(servers, urls, strict=True):
-        wait_for(lambda u=url: answers(u, token), 60, 0.2, f"server {s.name} to answer")
+        wait_for(functools.partial(answers, url, token), 60, 0.2, f"server {s.name} to answer")
     made = cli("tokens", "create", "--role", "worker", "--data-dir", str(work / "server-a"))
     assert made.returncode == 0, made.stderr
     worker_token = made.stdout.strip().splitlines()[-1]
@@ -265,7 +266,7 @@ def postgres_campaign(cluster: Cluster, work: Path, settings: Settings, workers_
         return service
 
     workers = [worker(slot) for slot in range(2 * workers_per_server)]
-    url_of = [lambda u=u: u for u in urls]
+    url_of: list[Callable[[], str]] = [functools.partial(str, u) for u in urls]
     try:
         with Submitters(ledger, jobs, url_of, token, settings.seed, threads=2) as submitters:
             end = time.monotonic() + settings.seconds
@@ -280,7 +281,7 @@ def postgres_campaign(cluster: Cluster, work: Path, settings: Settings, workers_
                     servers[i].kill()
                     time.sleep(down)
                     servers[i].start()
-                    wait_for(lambda u=urls[i]: answers(u, token), 90, 0.1, f"server {servers[i].name} back")
+                    wait_for(functools.partial(answers, urls[i], token), 90, 0.1, f"server {servers[i].name} back")
                     fault.recovered_at = time.time()
                 elif kind == "kill worker":
                     slot = rng.randrange(len(workers))
