@@ -18,13 +18,16 @@ import pytest
 from tests.faults.campaign import Settings, autoscale_campaign, postgres_campaign
 from tests.pg import Cluster, start_cluster
 
+SECONDS = float(os.environ.get("SCALEQ_CAMPAIGN_SECONDS", "40"))
+SEED = int(os.environ.get("SCALEQ_CAMPAIGN_SEED", "12"))
+
+# the suite's 120 s per test is too short for a campaign: its faults, then up to drain_timeout for the jobs
+pytestmark = pytest.mark.timeout(SECONDS + Settings(0, 0).drain_timeout + 180)
+
 
 @pytest.fixture
 def settings() -> Settings:
-    return Settings(
-        seconds=float(os.environ.get("SCALEQ_CAMPAIGN_SECONDS", "40")),
-        seed=int(os.environ.get("SCALEQ_CAMPAIGN_SEED", "12")),
-    )
+    return Settings(seconds=SECONDS, seed=SEED)
 
 
 @pytest.fixture
