@@ -4,14 +4,14 @@ whose process never started is dropped after the spawn grace. Found by the fault
 
 from __future__ import annotations
 
+import asyncio
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from scaleq.providers.local import SPAWN_GRACE, LocalProvider
-from tests.helpers import wait_for
+from tests.helpers import eventually
 from tests.helpers.groups import fast_group
 
 
@@ -35,22 +35,26 @@ async def test_a_worker_spawned_just_before_its_controller_died_is_found_and_sto
     worker_id = "t-cpu-0a1b2c"
     path = pending_record(tmp_path, worker_id, time.time())
     # the process the killed controller started: its command line carries the worker id, as a real worker's does
-    orphan = subprocess.Popen(
-        [sys.executable, "-c", "import time; time.sleep(60)", "--worker-id", worker_id], start_new_session=True
+    orphan = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", "import time; time.sleep(60)", "--worker-id", worker_id, start_new_session=True
     )
     try:
         cmdline = Path(f"/proc/{orphan.pid}/cmdline")
-        # Popen returns once the child execs, a moment before the kernel shows its new command line
-        wait_for(lambda: worker_id.encode() in cmdline.read_bytes(), 10, 0.01, "the orphan's command line")
+
+        async def shown() -> bool:  # the child has exec'd a moment before the kernel shows its new command line
+            return worker_id.encode() in cmdline.read_bytes()
+
+        await eventually(shown, 10, what="the orphan's command line", every=0.01)
         group, local = fast_group(), provider(tmp_path)
         (found,) = await local.workers(group)
         assert (found.id, found.status, found.detail) == (worker_id, "running", f"pid {orphan.pid}")
         assert json.loads(path.read_text())["pid"] == orphan.pid  # the record now says which process it is
         await local.stop(group, worker_id)
-        assert orphan.wait(10) == -15  # SIGTERM: drained like any other worker
+        assert await asyncio.wait_for(orphan.wait(), 10) == -15  # SIGTERM: drained like any other worker
     finally:
-        orphan.kill()
-        orphan.wait()
+        if orphan.returncode is None:
+            orphan.kill()
+            await orphan.wait()
 
 
 async def test_a_record_whose_process_never_started_counts_until_the_spawn_grace_then_goes(tmp_path: Path) -> None:

@@ -28,7 +28,6 @@ from pathlib import Path
 from scaleq.grid import Group
 from scaleq.providers.base import Health, ProviderBase, ProviderWorker, Status, new_worker_id, worker_args
 
-
 #: How long a record without a pid (written just before its process starts) may go without a process to find.
 SPAWN_GRACE = 30.0
 
