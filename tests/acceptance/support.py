@@ -241,6 +241,8 @@ class Grid:
         for path in (self.data_dir / "workers").glob("**/*.json"):
             with contextlib.suppress(OSError, ValueError):
                 record = json.loads(path.read_text())
+                if record["pid"] is None:  # written just before its process starts: not a process yet
+                    continue
                 records[record["id"]] = record
                 self.worker_pids.add(int(record["pid"]))
         return records
