@@ -97,6 +97,7 @@ class Grid:
     lease_seconds: float | None = None
     grid_file: Path | None = None  # ``scaleq up --grid``; without it the embedded default grid
     extra_args: list[str] = field(default_factory=list)  # more ``scaleq up`` options
+    port: int = 0  # 0: a free port at each start; a fixed one brings a restarted server back where its workers are
     marker: str = field(default_factory=lambda: uuid.uuid4().hex)
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
@@ -111,7 +112,7 @@ class Grid:
 
     def start(self, timeout: float = 20) -> None:
         self.starts += 1
-        args = [sys.executable, "-m", "scaleq", "up", "--port", "0", "--data-dir", str(self.data_dir)]
+        args = [sys.executable, "-m", "scaleq", "up", "--port", str(self.port), "--data-dir", str(self.data_dir)]
         if self.lease_seconds is not None:
             args += ["--lease-seconds", str(self.lease_seconds)]
         if self.grid_file is not None:
@@ -242,6 +243,8 @@ class Grid:
         for path in (self.data_dir / "workers").glob("**/*.json"):
             with contextlib.suppress(OSError, ValueError):
                 record = json.loads(path.read_text())
+                if record["pid"] is None:  # written just before its process starts: not a process yet
+                    continue
                 records[record["id"]] = record
                 self.worker_pids.add(int(record["pid"]))
         return records

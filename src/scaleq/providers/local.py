@@ -7,6 +7,13 @@ After a restart the records let the controller adopt the workers still running i
 Workers of groups with process jobs get ``--job-user`` when ``scaleq up`` was given one (otherwise the worker's
 default applies: ``nobody`` when it runs as root); the state and log dirs are private (0700) like the data dir
 they live in, so a job cannot use one as a way in even as its working directory.
+
+The record is written *before* the process starts (without a pid), then again with it: a ``kill -9`` of the
+controller between the two leaves a record, and the next controller finds the process by the worker id in its
+command line (or, if there is none after :data:`SPAWN_GRACE`, drops the record). Written after, that window left a
+worker nobody listed: never counted against ``max_workers``, never drained, running forever (found by the fault
+campaign, tests/faults).
+
 ``destroy`` is the skeleton's (:class:`~scaleq.providers.base.ProviderBase`): drain, then SIGKILL what is still
 there after the grace.
 """
@@ -26,6 +33,21 @@ from pathlib import Path
 from scaleq.grid import Group
 from scaleq.jobs import RuntimeKind
 from scaleq.providers.base import Health, ProviderBase, ProviderWorker, Status, new_worker_id, worker_args
+
+#: How long a record without a pid (written just before its process starts) may go without a process to find.
+SPAWN_GRACE = 30.0
+
+
+def _find_worker(worker_id: str) -> int | None:
+    """The pid of the ``scaleq worker --worker-id WORKER_ID`` process, if one runs."""
+    needle = b"\0--worker-id\0" + worker_id.encode() + b"\0"
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            if needle in (entry / "cmdline").read_bytes():
+                return int(entry.name)
+    return None
 
 
 class LocalProvider(ProviderBase):
@@ -47,8 +69,19 @@ class LocalProvider(ProviderBase):
     def _dir(self, group: Group) -> Path:
         return self.state_dir / self.grid / group.name
 
+    def _dir_of(self, record: dict) -> Path:
+        return self.state_dir / self.grid / record["group"]
+
     def _alive(self, record: dict) -> bool:
         pid = record["pid"]
+        if pid is None:  # a record written just before its process started: not a process yet, or one to find
+            pid = record["pid"] = _find_worker(record["id"])
+            if pid is None:
+                return time.time() - record["started_at"] < SPAWN_GRACE
+            (self._dir_of(record) / f"{record['id']}.json").write_text(json.dumps(record))
+            if record["id"] in self._stopping:  # stopped while it had no pid: now it has one
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
         child = self._children.get(record["id"])
         if child is not None:
             return child.returncode is None
@@ -104,24 +137,31 @@ class LocalProvider(ProviderBase):
         for _ in range(count):
             worker_id = new_worker_id(self.grid, group.name)
             env = {**os.environ, **group.env, "SCALEQ_TOKEN": self.token, "PYTHONUNBUFFERED": "1"}
-            with open(self.log_dir / f"{worker_id}.log", "ab") as logf:
-                proc = await asyncio.create_subprocess_exec(
-                    *self._argv(group, worker_id),
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=logf,
-                    stderr=logf,
-                    env=env,
-                    start_new_session=True,
-                )
-            self._children[worker_id] = proc
             record = {
                 "id": worker_id,
-                "pid": proc.pid,
+                "pid": None,
                 "started_at": time.time(),
                 "group": group.name,
                 "version": group.version(),
             }
-            (directory / f"{worker_id}.json").write_text(json.dumps(record))
+            path = directory / f"{worker_id}.json"
+            path.write_text(json.dumps(record))  # first: see the module's docstring
+            try:
+                with open(self.log_dir / f"{worker_id}.log", "ab") as logf:
+                    proc = await asyncio.create_subprocess_exec(
+                        *self._argv(group, worker_id),
+                        stdin=asyncio.subprocess.DEVNULL,
+                        stdout=logf,
+                        stderr=logf,
+                        env=env,
+                        start_new_session=True,
+                    )
+            except Exception:  # not started: no record (a cancel may come after the spawn: the record stays)
+                path.unlink(missing_ok=True)
+                raise
+            self._children[worker_id] = proc
+            record["pid"] = proc.pid
+            path.write_text(json.dumps(record))
             ids.append(worker_id)
         return ids
 
@@ -133,8 +173,9 @@ class LocalProvider(ProviderBase):
             return
         if self._alive(record):
             self._stopping.add(worker_id)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(record["pid"], signal.SIGKILL if force else signal.SIGTERM)
+            if record["pid"] is not None:  # else signalled once found (see _alive)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(record["pid"], signal.SIGKILL if force else signal.SIGTERM)
 
     async def why_not_up(self, group: Group, worker_ids: Collection[str]) -> dict[str, str]:
         """The process's exit code if it ended, and the last line its log has."""
