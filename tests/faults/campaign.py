@@ -83,6 +83,7 @@ class Jobs:
         self.script.write_text(MARK_SCRIPT)
         self.marks = work / "marks"
         self.marks.touch()
+        self.marks.chmod(0o666)  # a root worker runs the jobs as nobody (--job-user): they append to it
         self.tag = uuid.uuid4().hex[:8]
         self.settings = settings
 
