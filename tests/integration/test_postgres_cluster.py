@@ -103,6 +103,29 @@ async def test_a_submit_on_one_server_wakes_a_claim_parked_on_another(pg_url: st
         await wb.close()
 
 
+async def test_a_batch_on_one_server_wakes_as_many_claims_parked_on_another(pg_url: str) -> None:
+    """Another server's NOTIFY names a queue once per batch, not once per job: the claim it wakes, having taken a
+    job, passes the wake on, so every parked claim that can take one does, not only the first."""
+    async with server(pg_url) as a, server(pg_url, tokens=a.tokens) as b:
+        wb = b.client("worker")
+        ids = [f"w{i}" for i in range(3)]
+        for w in ids:
+            await wb.register({"id": w, "queue": "q", "slots": 1, "runtimes": ["process"], "cpus": 1})
+        # a long wait: a claim that nothing woke would answer empty, after the test's own timeout
+        parked = [asyncio.create_task(wb.claim(w, 1, wait=60)) for w in ids]
+        while b.app.state.notifier.parked("q") < len(ids):  # type: ignore[attr-defined]
+            await asyncio.sleep(0.05)
+        async with a.client("submit") as ca:
+            reqs = [
+                SubmitRequest(queue="q", definition=JobDefinition(command=["true"], env={"N": str(i)}))
+                for i in range(3)
+            ]
+            jobs = {j.id for j, _ in await ca.submit_many(reqs)}
+        got = await asyncio.wait_for(asyncio.gather(*parked), 30)
+        assert {c.job.id for claims, _, _ in got for c in claims} == jobs
+        await wb.close()
+
+
 async def test_a_job_finished_through_one_server_wakes_its_follower_on_another(pg_url: str) -> None:
     async with server(pg_url) as a, server(pg_url, tokens=a.tokens) as b:
         wa = a.client("worker")

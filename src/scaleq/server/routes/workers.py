@@ -299,6 +299,11 @@ async def _claim(
                     # a worker that now drains claims nothing: pass on at once; an active one only while jobs wait
                     if not got.claims and (got.state != "active" or await ctx.store.has_queued(got.queue)):
                         notifier.wake_claims(got.queue, 1, before=woken.mark)
+                    elif len(got.claims) >= body.max:
+                        # it took all it could: there may be more, and one wake may stand for many jobs (another
+                        # server's NOTIFY carries a queue once per batch), so the next claim in line tries too;
+                        # the chain ends at a claim that finds nothing
+                        notifier.wake_claims(got.queue, 1, before=woken.mark)
                     continue
                 notifier.unpark(woken)
             got = await ctx.store.worker_claim(worker_id, body.max, ctx.now(), ctx.settings.lease_seconds)
