@@ -29,7 +29,7 @@ def test_why_explains_a_finished_job_a_misfit_and_an_unserved_queue(grid: Grid) 
     assert [s["kind"] for s in answer["chain"]] == ["position", "unserved"]
     assert answer["chain"][0]["numbers"] == {"ahead": 0, "higher_priority": 0, "queued": 1, "priority": 0}
     assert (answer["state"], answer["estimated_start"]) == ("queued", None)
-    assert answer["estimate"] == "nothing can run it: no group and no worker serves its queue"
+    assert answer["estimate_basis"] == "nothing can run it: no group and no worker serves its queue"
     assert json.loads(grid.cli("why", lost, "--output", "json").stdout) == answer
 
     bad = grid.cli("why", "not-an-id")

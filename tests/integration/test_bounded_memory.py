@@ -99,7 +99,9 @@ def peak_rss(pid: int) -> int:
 
 
 @contextlib.asynccontextmanager
-async def server_process(store_url: str, tmp_path: Path) -> AsyncIterator[tuple[str, dict[str, str], int]]:
+async def server_process(
+    store_url: str, tmp_path: Path, *options: str
+) -> AsyncIterator[tuple[str, dict[str, str], int]]:
     """``scaleq server`` on its own port over ``store_url``: its URL, tokens of each role, and its pid."""
     store: Store = PostgresStore(store_url) if store_url.startswith("postgresql") else SQLiteStore(store_url)
     await store.open()
@@ -109,7 +111,7 @@ async def server_process(store_url: str, tmp_path: Path) -> AsyncIterator[tuple[
         await store.close()
     port = free_port()
     log = (tmp_path / "server.log").open("wb")
-    argv = [sys.executable, "-m", "scaleq", "server", "--port", str(port), "--store", store_url]
+    argv = [sys.executable, "-m", "scaleq", "server", "--port", str(port), "--store", store_url, *options]
     proc = await asyncio.create_subprocess_exec(
         *argv, "--data-dir", str(tmp_path / "data"), stdout=log, stderr=asyncio.subprocess.STDOUT
     )
@@ -246,6 +248,20 @@ async def test_the_log_cap_keeps_the_head_notes_the_cut_and_counts_what_was_drop
         assert "4500 bytes of this attempt's output were dropped past the server's log cap" in err.decode()
 
 
+async def test_scaleq_server_takes_the_limits_a_grid_file_sets(tmp_path: Path) -> None:
+    """``scaleq server`` (no grid file) sets the log and outputs limits by option, as ``[server]`` does for ``up``."""
+    store_url = str(tmp_path / "scaleq.db")
+    options = ("--max-log-bytes", "1000", "--max-output-bytes", "2048")
+    async with server_process(store_url, tmp_path, *options) as (url, tokens, _):
+        lease = await claimed(url, tokens, "chatty")
+        async with Client(url, tokens["worker"]) as w:
+            assert not await w.append_logs(lease, [("stdout", b"a" * 900)])
+            assert await w.append_logs(lease, [("stdout", b"b" * 200)])  # past 1000: capped
+            with pytest.raises(ApiError) as e:
+                await w.put_outputs(lease, tar_of([("big.bin", b"x" * 4096)]))
+            assert e.value.status == 413
+
+
 async def test_the_worker_stops_shipping_past_the_cap_and_sends_the_count(capped: LiveServer) -> None:
     lease = await claimed(capped.url, capped.tokens, "chatty")
     async with capped.client("worker") as w, capped.client("admin") as c:
@@ -367,12 +383,13 @@ async def test_jobs_are_paged_by_cursor_with_no_duplicates_or_gaps_while_jobs_ar
         assert cli.returncode == 0, err
         assert out.decode().count('"id"') == 230 + pages
         cli = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "scaleq", "jobs", "--limit", "100",
+            sys.executable, "-m", "scaleq", "jobs", "--limit", "100", "--state", "queued",
             "--server", live.url, "--token", live.tokens["admin"],
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
         _, err = await cli.communicate()
-        assert "more: scaleq jobs --cursor " in err.decode()
+        # the hint is the next page's command: the same filters, from the cursor
+        assert "more: scaleq jobs --state queued --limit 100 --cursor " in err.decode()
 
 
 @pytest.mark.parametrize(

@@ -92,7 +92,7 @@ async def test_queued_jobs_get_the_start_the_queue_capacity_and_run_times_give(s
         assert behind["estimated_start"] == T + 90  # the urgent job takes one slot at +90, this one the other
         assert behind["estimate_basis"].startswith("1 ahead, ")
         why = await get(c, f"/jobs/{more[1].id}/why")  # `scaleq why` says the same
-        assert (why["estimated_start"], why["estimate"]) == (behind["estimated_start"], behind["estimate_basis"])
+        assert (why["estimated_start"], why["estimate_basis"]) == (behind["estimated_start"], behind["estimate_basis"])
 
         # running and finished jobs have none; the job lists never carry it
         running = await get(c, f"/jobs/{more[0].id}")
@@ -125,6 +125,23 @@ async def test_nothing_that_can_run_it_says_so(sqlite_live: LiveServer) -> None:
         await c.put_group(status(queue="nobody", current=0, desired=0, reporter="stopped"))
         page = await get(c, f"/jobs/{lonely.id}")
         assert page["estimated_start"] is None and "no worker up or to start" in page["estimate_basis"]
+
+
+async def test_without_the_grid_a_group_is_judged_by_its_registered_workers(sqlite_live: LiveServer) -> None:
+    """On ``scaleq server`` (no grid in process): a group whose workers cannot run the job is not counted as
+    capacity, as ``scaleq why`` says "cannot run it" of it -- the two answers agree."""
+    live = sqlite_live
+    live.app.state.clock = lambda: T  # type: ignore[attr-defined]
+    async with live.client() as c:
+        await c.put_group(status(name="cpu", queue="gq2", current=1, desired=1, max=3, slots=1, reporter="controller"))
+        await live.store.register_worker(worker("cpu-1", "gq2", 1, group="cpu"), T)
+        gpu, _ = await c.submit(SubmitRequest(queue="gq2", definition=definition(2, requirements={"gpus": 1})))
+        page = await get(c, f"/jobs/{gpu.id}")
+        assert page["estimated_start"] is None
+        assert page["estimate_basis"] == "nothing can run it: worker cpu-1 offers gpus 0, the job needs 1"
+        why = await get(c, f"/jobs/{gpu.id}/why")
+        assert any(s["kind"] == "cannot_run" for s in why["chain"]), why["chain"]
+        assert (why["estimated_start"], why["estimate_basis"]) == (None, page["estimate_basis"])
 
 
 async def test_with_the_grid_in_process_a_group_that_does_not_fit_is_left_out(sqlite_live: LiveServer) -> None:

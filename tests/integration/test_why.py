@@ -72,7 +72,7 @@ async def test_a_queued_job_says_how_many_are_ahead_of_it_by_priority(live: Live
     assert step(await why(live, first), "position")["numbers"]["ahead"] == 1  # behind the urgent one only
     assert step(await why(live, second), "position")["numbers"]["higher_priority"] == 1
     # nothing serves queue q: the estimator cannot tell, and says why
-    assert answer["estimated_start"] is None and answer["estimate"]
+    assert answer["estimated_start"] is None and answer["estimate_basis"]
 
 
 async def test_a_queue_nothing_serves_is_named(sqlite_live: LiveServer) -> None:

@@ -119,14 +119,25 @@ def server(
     otlp_endpoint: OtlpOpt = None,
     data_dir: DataDirOpt = None,
     verbose: VerboseOpt = False,
+    max_output_bytes: Annotated[
+        int | None,
+        typer.Option(min=1, max=1 << 40, help="Largest outputs of one attempt, in bytes stored (default 256 MiB)."),
+    ] = None,
+    max_log_bytes: Annotated[
+        int | None,
+        typer.Option(min=1, max=1 << 40, help="Largest log of one attempt; past it the head is kept (default 16 MiB)."),
+    ] = None,
 ) -> None:
     """Run the API server alone (no autoscaler, no workers): several of them can share one PostgreSQL store.
 
-    Run the controller with 'scaleq autoscale --grid FILE' (or 'scaleq up --grid FILE' on one of them).
+    Run the controller with 'scaleq autoscale --grid FILE' (or 'scaleq up --grid FILE' on one of them). The limits
+    are those of a grid file's [server] section: give every server of one store the same.
     """
-    from scaleq.grid import Grid
+    from scaleq.grid import Grid, ServerSection
 
-    _serve(Grid(), host, port, store, lease_seconds, otlp_endpoint, data_dir, verbose)
+    limits = {"max_output_bytes": max_output_bytes, "max_log_bytes": max_log_bytes}
+    section = ServerSection.model_validate({k: v for k, v in limits.items() if v is not None})
+    _serve(Grid(server=section), host, port, store, lease_seconds, otlp_endpoint, data_dir, verbose)
 
 
 def _serve(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import shlex
 import sys
 import time
 from enum import StrEnum
@@ -416,7 +417,10 @@ def jobs(
 
     found, more = with_client(server, token, data_dir, go)
     if more is not None:
-        err.print(f"more: scaleq jobs --cursor {more}", highlight=False)
+        # the next page is the same query from the cursor on: the hint repeats the filters it was made with
+        same = [*(["--queue", shlex.quote(queue)] if queue else []), *(["--state", wanted] if wanted else [])]
+        same += ["--limit", str(limit)] if limit != 50 else []
+        err.print(" ".join(["more: scaleq jobs", *same, "--cursor", more]), highlight=False)
     if output == Output.json:
         emit_json([_summary(j) for j in found])
         return

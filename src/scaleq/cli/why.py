@@ -43,7 +43,7 @@ def estimate_text(answer: dict[str, Any], now: float | None = None) -> str | Non
         return None
     left = at - (now if now is not None else time.time())
     when = f"in about {duration(left)}" if left > 0 else "any moment now"
-    basis = answer.get("estimate")
+    basis = answer.get("estimate_basis")
     return f"{when} ({time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(at))})" + (f": {basis}" if basis else "")
 
 
@@ -77,5 +77,5 @@ def why(
     if (said := estimate_text(answer)) is not None:
         out.print(f"estimated start: {escape(sanitize(said))}")
     elif answer["state"] == "queued":
-        basis = answer.get("estimate")
+        basis = answer.get("estimate_basis")
         out.print("estimated start: not known" + (f": {escape(sanitize(basis))}" if basis else ""))

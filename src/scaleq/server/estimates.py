@@ -5,7 +5,8 @@
   ``desired``, ``max_workers``, the workers still starting and since when, the median of the last boots seen: see
   migration 0009), with the workers registered on the queue. A group or worker that cannot run the job (a runtime,
   resources or tags it lacks) is left out, and the basis says so. The groups' capabilities are known where the server
-  runs the controller (``scaleq up``); elsewhere a group is taken to fit, and its registered workers are checked.
+  runs the controller (``scaleq up``); elsewhere a group is judged by its registered workers (as ``scaleq why`` judges
+  it), and one with none registered is taken to fit.
   A group whose controller stopped is not scaled: only its registered workers count.
 * **Run times**: the queue's running jobs (how long each has run) and its latest successful runs (their median is
   the typical run).
@@ -17,11 +18,12 @@ job's page and ``scaleq job`` show it, never the job lists.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any
+from collections.abc import Sequence
 
 from scaleq.eta import Estimate, GroupCapacity, estimate
+from scaleq.grid import Group
 from scaleq.jobs import Job, State, Worker
-from scaleq.server.routes.common import Ctx
+from scaleq.store.base import Store
 
 __all__ = ["RECENT_RUNS", "estimate_start"]
 
@@ -31,26 +33,26 @@ RECENT_RUNS = 50
 MAX_RUNNING = 10_000
 
 
-async def estimate_start(ctx: Ctx, job: Job) -> Estimate | None:
+async def estimate_start(store: Store, groups: Sequence[Group] | None, job: Job, now: float) -> Estimate | None:
     """When the queued ``job`` is expected to start (``Estimate.at`` None: cannot be told; ``basis`` says why);
-    None for a job that is not queued."""
+    None for a job that is not queued. ``groups``: the grid's, where the server runs beside its controller."""
     if job.state != State.queued:
         return None
-    now = ctx.now()
-    ahead = await ctx.store.ahead_of(job.id, running=MAX_RUNNING, runs=RECENT_RUNS)
-    statuses = [g for g in await ctx.store.list_groups() if g.queue == job.queue]
-    workers = [w for w in await ctx.store.list_workers(queue=job.queue) if w.state == "active"]
-    grid_groups: dict[str, Any] = {
-        g.name: g for g in (getattr(ctx.request.app.state.runnable, "groups", None) or ()) if g.queue == job.queue
-    }
+    ahead = await store.ahead_of(job.id, running=MAX_RUNNING, runs=RECENT_RUNS)
+    statuses = [g for g in await store.list_groups() if g.queue == job.queue]
+    workers = [w for w in await store.list_workers(queue=job.queue) if w.state == "active"]
+    grid_groups = {g.name: g for g in groups or () if g.queue == job.queue}
     unfit: list[str] = []
     fitting: list[Worker] = []
+    misfits: dict[str, str] = {}  # group -> why its registered workers cannot run the job (no grid to ask)
     for w in workers:
         why = w.capabilities().misfit(job.definition)
         if why is None:
             fitting.append(w)
         elif w.group is None or w.group not in grid_groups:
             unfit.append(f"worker {w.id} {why}")
+            if w.group is not None:
+                misfits.setdefault(w.group, why)
     by_group: dict[str | None, list[Worker]] = defaultdict(list)
     for w in fitting:
         by_group[w.group].append(w)
@@ -61,6 +63,9 @@ async def estimate_start(ctx: Ctx, job: Job) -> Estimate | None:
         grid_group = grid_groups.get(status.name)
         if grid_group is not None and (why := grid_group.capabilities().misfit(job.definition)) is not None:
             unfit.append(f"group {status.name} {why}")
+            continue
+        if grid_group is None and status.name in misfits and not by_group.get(status.name):
+            # no grid here: the group is judged by what its registered workers offer, as `why` judges it
             continue
         named.add(status.name)
         up = by_group.get(status.name, [])

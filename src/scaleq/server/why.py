@@ -11,9 +11,9 @@ explained by its attempts: lost, preempted, handed back, timed out, failed with 
 retried it (``max_attempts`` for the infrastructure's losses, ``retries`` for the program's failures).
 
 Each reason is one :class:`WhyStep`: a ``kind`` a script can test, a sentence, and the numbers it was made from.
-Nothing here writes: the answer is a reading of the store at ``now``. ``estimated_start`` / ``estimate`` are filled
-by the route from :mod:`scaleq.server.estimates` (the same estimate ``GET /jobs/{id}`` answers); every reader prints
-them when set.
+Nothing here writes: the answer is a reading of the store at ``now``. ``estimated_start`` / ``estimate_basis`` are
+filled by the route from :mod:`scaleq.server.estimates` (the same estimate ``GET /jobs/{id}`` answers); every reader
+prints them when set.
 """
 
 from __future__ import annotations
@@ -57,11 +57,11 @@ class Why(BaseModel):
     reason: Reason | None = None
     chain: list[WhyStep]
     estimated_start: float | None = Field(default=None, description="when the job should start (epoch seconds)")
-    estimate: str | None = Field(default=None, description="what the estimate is based on, in words")
+    estimate_basis: str | None = Field(default=None, description="what the estimate is based on, in words")
 
 
 def _s(n: float) -> str:
-    return f"{n:.0f} s"
+    return f"{n:.1f} s" if n < 10 and n != int(n) else f"{n:.0f} s"  # a 0.3 s run is not "0 s"
 
 
 def _plural(n: int, word: str) -> str:
@@ -102,7 +102,9 @@ async def _queued(store: Store, grid_groups: Sequence[Any] | None, job: Job, now
     able = 0
     for name in names:
         own = [w for w in workers if w.group == name]
-        caps = grid[name].capabilities() if name in grid else next((w.capabilities() for w in own), None)
+        # a live worker's word over a gone one's: the group may have changed what it offers since
+        known = sorted(own, key=lambda w: w.state == "gone")
+        caps = grid[name].capabilities() if name in grid else next((w.capabilities() for w in known), None)
         steps, can = await _group(store, name, caps, statuses.get(name), own, job, now)
         chain += steps
         able += can

@@ -46,7 +46,7 @@ class JobOut(Job):
 
 
 async def _with_estimate(ctx: Ctx, job: Job) -> JobOut:
-    est = await estimate_start(ctx, job)
+    est = await estimate_start(ctx.store, ctx.request.app.state.runnable.groups, job, ctx.now())
     return JobOut(
         **job.model_dump(),
         estimated_start=est.at if est else None,

@@ -19,7 +19,9 @@ async def why(job_id: str, ctx: C) -> Why:
     that ran, its attempts explained."""
     job = await ctx.store.get_job(job_id)
     answer = await explain(ctx.store, ctx.request.app.state.runnable.groups, job, ctx.now())
-    est = await estimate_start(ctx, job)  # None unless queued; at None: cannot be told, basis says why
+    est = await estimate_start(
+        ctx.store, ctx.request.app.state.runnable.groups, job, ctx.now()
+    )  # None unless queued; at None: cannot be told, basis says why
     if est is not None:
-        answer = answer.model_copy(update={"estimated_start": est.at, "estimate": est.basis})
+        answer = answer.model_copy(update={"estimated_start": est.at, "estimate_basis": est.basis})
     return answer

@@ -28,11 +28,11 @@ function estimateText(answer) {
   if (answer.estimated_start !== null && answer.estimated_start !== undefined) {
     const left = answer.estimated_start - Date.now() / 1000;
     const when = left > 0 ? `in about ${fmt.duration(left)}` : "any moment now";
-    const basis = answer.estimate ? ` — ${answer.estimate}` : "";
+    const basis = answer.estimate_basis ? ` — ${answer.estimate_basis}` : "";
     return `Estimated start: ${when} (${fmt.time(answer.estimated_start)})${basis}`;
   }
   if (answer.state !== "queued") return "";
-  return answer.estimate ? `Estimated start: not known — ${answer.estimate}` : "Estimated start: not known.";
+  return answer.estimate_basis ? `Estimated start: not known — ${answer.estimate_basis}` : "Estimated start: not known.";
 }
 
 /** The section and how to refresh it for the job as it is now. */
