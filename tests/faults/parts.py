@@ -107,11 +107,21 @@ def leftovers(marker: str, needle: str = "", var: str = MARKER_VAR) -> dict[int,
     return found
 
 
+def parent(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def scaleq_workers(marker: str, var: str = MARKER_VAR) -> dict[int, str]:
-    """Live ``scaleq worker`` processes of the campaign (not their watchdogs, not their jobs)."""
-    return {
+    """Live ``scaleq worker`` processes of the campaign (not their watchdogs, not their jobs). A job is forked from
+    its worker and, until its exec, shows the worker's command line and environment (for the whole of the
+    ``preexec_fn`` that switches to the job user): a "worker" whose parent is a worker is such a fork, not a worker."""
+    found = {
         pid: cmd for pid, cmd in leftovers(marker, var=var).items() if cmd.split()[1:4] == ["-m", "scaleq", "worker"]
     }
+    return {pid: cmd for pid, cmd in found.items() if parent(pid) not in found}
 
 
 def kill_all(pids: Iterable[int]) -> None:

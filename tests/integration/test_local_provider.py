@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -64,3 +65,29 @@ async def test_a_record_whose_process_never_started_counts_until_the_spawn_grace
     # the fresh one may still be starting: it counts toward max_workers; the stale one never will
     assert [w.id for w in await local.workers(group)] == ["t-cpu-fresh0"]
     assert fresh.exists() and not stale.exists()
+
+
+async def test_a_young_record_whose_process_shows_no_command_line_yet_is_not_dropped(tmp_path: Path) -> None:
+    """Between a worker's exec and its new command line /proc shows none: another provider instance listing then must
+    not take the worker for dead and delete its record (it would never be stopped). A zombie shows none either, and
+    is dead."""
+    group, local = fast_group(), provider(tmp_path)
+    # a stopped process whose command line reads empty, as during the exec: a kernel thread's does (pid 2, kthreadd)
+    young = pending_record(tmp_path, "t-cpu-young1", time.time())
+    young.write_text(json.dumps(json.loads(young.read_text()) | {"pid": 2}))
+    assert Path("/proc/2/cmdline").read_bytes() == b""
+    assert [w.id for w in await local.workers(group)] == ["t-cpu-young1"]
+    young.write_text(json.dumps(json.loads(young.read_text()) | {"started_at": time.time() - SPAWN_GRACE - 1}))
+    assert await local.workers(group) == [] and not young.exists()  # past the spawn grace: not a worker
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])  # noqa: ASYNC220  (exits, not reaped: a zombie)
+    try:
+
+        async def exited() -> bool:
+            return Path(f"/proc/{zombie.pid}/cmdline").read_bytes() == b""
+
+        await eventually(exited, 10, what="the child to exit", every=0.01)
+        dead = pending_record(tmp_path, "t-cpu-dead01", time.time())
+        dead.write_text(json.dumps(json.loads(dead.read_text()) | {"pid": zombie.pid}))
+        assert await local.workers(group) == [] and not dead.exists()  # a zombie is no worker, however young
+    finally:
+        zombie.wait()

@@ -20,11 +20,11 @@ there after the grace.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Collection
@@ -50,6 +50,14 @@ def _find_worker(worker_id: str) -> int | None:
     return None
 
 
+def _zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # gone
+    return stat.rpartition(")")[2].split()[:1] in (["Z"], ["X"])
+
+
 class LocalProvider(ProviderBase):
     name = "local"
     poll_every = 0.1
@@ -63,7 +71,7 @@ class LocalProvider(ProviderBase):
         self.token = token
         self.state_dir = state_dir
         self.log_dir = log_dir
-        self._children: dict[str, asyncio.subprocess.Process] = {}
+        self._children: dict[str, subprocess.Popen[bytes]] = {}
         self._stopping: set[str] = set()
 
     def _dir(self, group: Group) -> Path:
@@ -84,11 +92,18 @@ class LocalProvider(ProviderBase):
                     os.kill(pid, signal.SIGTERM)
         child = self._children.get(record["id"])
         if child is not None:
-            return child.returncode is None
+            return child.poll() is None  # (and reaps it once it has exited)
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
             return False
+        if not cmdline:
+            # empty: a zombie (ended), or a process between its exec and its new command line (the parent's Popen
+            # returns once the exec is past its point of no return, before the kernel sets the arguments): a young
+            # record's is taken for starting, so that a live worker's record is never deleted
+            if _zombie(pid):
+                return False
+            return time.time() - record["started_at"] < SPAWN_GRACE
         return record["id"].encode() in cmdline
 
     async def workers(self, group: Group) -> list[ProviderWorker]:
@@ -148,15 +163,19 @@ class LocalProvider(ProviderBase):
             path.write_text(json.dumps(record))  # first: see the module's docstring
             try:
                 with open(self.log_dir / f"{worker_id}.log", "ab") as logf:
-                    proc = await asyncio.create_subprocess_exec(
-                        *self._argv(group, worker_id),
-                        stdin=asyncio.subprocess.DEVNULL,
+                    # subprocess, not asyncio's: an asyncio child's transport kills the process when it is garbage
+                    # collected (BaseSubprocessTransport.close), so a provider dropped after `apply` (or collected
+                    # in a cycle) would SIGKILL the workers it had just started. (Popen's fork and exec block the
+                    # loop no longer than asyncio's own, which runs the same Popen.)
+                    proc = subprocess.Popen(  # noqa: ASYNC220 (see above)
+                        self._argv(group, worker_id),
+                        stdin=subprocess.DEVNULL,
                         stdout=logf,
                         stderr=logf,
                         env=env,
                         start_new_session=True,
                     )
-            except Exception:  # not started: no record (a cancel may come after the spawn: the record stays)
+            except Exception:  # not started: no record
                 path.unlink(missing_ok=True)
                 raise
             self._children[worker_id] = proc
@@ -182,7 +201,8 @@ class LocalProvider(ProviderBase):
         found = {}
         for worker_id in worker_ids:
             child = self._children.get(worker_id)
-            what = "running" if child is None or child.returncode is None else f"exited with code {child.returncode}"
+            code = None if child is None else child.poll()
+            what = "running" if code is None else f"exited with code {code}"
             try:
                 lines = (self.log_dir / f"{worker_id}.log").read_text(errors="replace").strip().splitlines()
             except OSError:
