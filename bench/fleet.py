@@ -58,9 +58,14 @@ workers drain and leave (spread over 5 s). Only requests *sent* inside the measu
   abandon (its heartbeat's answer no longer listed them), finishes refused, and workers the server marked gone
   while they were beating (read at the window's end). Counted from the store after the row (SQL on ``attempts`` and
   ``jobs``) and from the workers;
-* *errors*: requests that failed (timeouts, resets, 5xx), by kind, in JSON;
-* *verdict*: ``ok`` when spurious = 0, no failed requests and heartbeat p99 < 250 ms (issue 11's limits), else what
-  missed; ``gen!`` marks a row whose generator was saturated.
+* *server loop* (JSON ``server_loop``, per server): its event loop's lag over the window (p99 and the largest, as
+  the upper bounds of ``scaleq_event_loop_lag_seconds``' buckets) and its full garbage collections (count, mean
+  pause: ``scaleq_gc_full_seconds``), read from its ``/metrics`` at both ends of the window: why a row is late;
+* *errors*: requests sent inside the window that failed (timeouts, resets, 5xx), by kind, in JSON; those sent
+  during the ramp or the teardown (a fleet of thousands registering or leaving within seconds) are reported apart,
+  as ``errors_outside_window``, and do not count in the verdict;
+* *verdict*: ``ok`` when spurious = 0, no failed requests and heartbeat and claim-answer p99 < 250 ms (issue 11's
+  limits), else what missed; ``gen!`` marks a row whose generator was saturated.
 """
 
 from __future__ import annotations
@@ -253,7 +258,8 @@ class GenStats:
     claim_late_empty: list[float] = field(default_factory=list)
     submit_to_claimed: list[float] = field(default_factory=list)
     loop_lag: list[float] = field(default_factory=list)
-    errors: Counter[str] = field(default_factory=Counter)
+    errors: Counter[str] = field(default_factory=Counter)  # requests sent inside the window that failed
+    errors_outside: Counter[str] = field(default_factory=Counter)  # ...sent during the ramp or the teardown
     requests: int = 0  # sent inside the window
     jobs: int = 0  # claimed inside the window
     abandoned: int = 0  # leases a heartbeat no longer listed (the agent would stop the job)
@@ -280,8 +286,9 @@ class SimWorker:
         self.free = asyncio.Event()
         self.free.set()
 
-    def _error(self, what: str, exc_or_status: Any) -> None:
-        self.stats.errors[f"{what} {exc_or_status}"] += 1
+    def _error(self, what: str, exc_or_status: Any, sent: float) -> None:
+        tally = self.stats.errors if self.w.inside(sent) else self.stats.errors_outside
+        tally[f"{what} {exc_or_status}"] += 1
 
     async def call(self, what: str, method: str, path: str, body: Any, timeout: float) -> Any:
         """One request; the answer's JSON, or None after a failure (counted)."""
@@ -291,10 +298,10 @@ class SimWorker:
         try:
             status, data = await self.http.request(method, path, body, timeout=timeout)
         except Down as exc:
-            self._error(what, exc)
+            self._error(what, exc, sent)
             return None
         if status >= 400:
-            self._error(what, status)
+            self._error(what, status, sent)
             if status == 404 and what != "deregister":
                 await self.register()
             return None
@@ -320,17 +327,18 @@ class SimWorker:
         }
         delay = 0.2
         while time.time() < self.w.stop + 30:
+            sent = time.time()
             try:
                 status, data = await self.http.request("POST", "/workers", body, timeout=30)
             except Down as exc:
-                self._error("register", exc)
+                self._error("register", exc, sent)
             else:
                 if status < 400:
                     self.heartbeat_seconds = data["heartbeat_seconds"]
                     self.long_poll = data["long_poll_max"]
                     self.claim_is_heartbeat = bool(data.get("claim_is_heartbeat", False))
                     return True
-                self._error("register", status)
+                self._error("register", status, sent)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
         return False
@@ -471,6 +479,7 @@ async def generate(spec: dict[str, Any], w: Window) -> dict[str, Any]:
         stats.errors["worker did not leave in time"] += len(pending)
     out = asdict(stats)
     out["errors"] = dict(stats.errors)
+    out["errors_outside"] = dict(stats.errors_outside)
     out["workers"] = len(spec["workers"])
     return out
 
@@ -658,6 +667,7 @@ class Measured:
     active: int = 0
     stats: list[dict[str, Any]] = field(default_factory=list)  # one per generator
     submitter: dict[str, Any] = field(default_factory=dict)
+    loop: list[dict[str, Any]] = field(default_factory=list)  # per server: its event-loop lag and GC pauses
 
 
 def run_row(n: int, setup: str, mode: str, a: Args, pg: Any, row_no: int) -> dict[str, Any]:
@@ -731,7 +741,7 @@ def drive(
             f"measuring {a.duration:.0f} s after a {a.ramp:.0f} s ramp[/dim]"
         )
         spies = profile(a, w, servers, f"{setup}-{mode}-{n}")
-        m = sample(w, [s.proc.pid for s in servers], pg, db)
+        m = sample(w, servers, pg, db)
         for spy in spies:
             spy.wait()
         m.gone, m.active = workers_by_state(servers[0], queue)
@@ -769,10 +779,13 @@ def profile(a: Args, w: Window, servers: list[Server], name: str) -> list[subpro
     return spies
 
 
-def sample(w: Window, pids: list[int], pg: Any, db: str | None) -> Measured:
-    """CPU over the window, and the largest RSS and PostgreSQL connection count seen in it (sampled every second)."""
+def sample(w: Window, servers: list[Server], pg: Any, db: str | None) -> Measured:
+    """CPU over the window, and the largest RSS and PostgreSQL connection count seen in it (sampled every second);
+    the servers' own event-loop lag and GC pauses over the window (their ``/metrics``, read at both ends)."""
+    pids = [s.proc.pid for s in servers]
     m = Measured(rss=[0] * len(pids))
     time.sleep(max(0.0, w.measure_from - time.time()))
+    hist0 = [server_histograms(s) for s in servers]
     cpu0 = [_pg.cpu_seconds([p]) for p in pids]
     pg0 = _pg.postgres_cpu(pg) if db else 0.0
     t0 = time.monotonic()
@@ -797,8 +810,51 @@ def sample(w: Window, pids: list[int], pg: Any, db: str | None) -> Measured:
             conn.close()
     m.wall = time.monotonic() - t0
     m.server_cpu = [_pg.cpu_seconds([p]) - c for p, c in zip(pids, cpu0, strict=True)]
+    m.loop = [loop_health(before, server_histograms(s)) for s, before in zip(servers, hist0, strict=True)]
     m.pg_cpu = _pg.postgres_cpu(pg) - pg0 if db else 0.0
     return m
+
+
+Histograms = dict[str, dict[str, float]]  # metric -> {"le" bound or "sum" or "count": value}
+
+
+def server_histograms(server: Server) -> Histograms:
+    """The server's event-loop lag and GC-pause histograms, from its ``/metrics`` (empty when it did not answer)."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    wanted = {"scaleq_event_loop_lag_seconds", "scaleq_gc_full_seconds"}
+    out: Histograms = {name: {} for name in wanted}
+    with contextlib.suppress(httpx.HTTPError):
+        text = httpx.get(
+            server.url + "/metrics", headers={"Authorization": f"Bearer {server.admin_token}"}, timeout=60
+        ).text
+        for family in text_string_to_metric_families(text):
+            if family.name in wanted:
+                for smp in family.samples:
+                    key = smp.labels.get("le") or smp.name.rsplit("_", 1)[-1]
+                    out[family.name][key] = smp.value
+    return out
+
+
+def loop_health(before: Histograms, after: Histograms) -> dict[str, Any]:
+    """Over the window: the loop lag's p99 and largest bucket (upper bounds), and the full collections' pauses."""
+
+    def delta(name: str) -> dict[str, float]:
+        return {k: v - before[name].get(k, 0.0) for k, v in after[name].items()}
+
+    lag, gcs = delta("scaleq_event_loop_lag_seconds"), delta("scaleq_gc_full_seconds")
+    bounds = sorted((float(k), v) for k, v in lag.items() if k not in ("sum", "count", "created"))
+    total = lag.get("count", 0.0)
+    p99 = next((b for b, n in bounds if total and n >= 0.99 * total), None)
+    worst = next((b for b, n in bounds if total and n >= total), None)
+    pauses = gcs.get("count", 0.0)
+    return {
+        "loop_lag_p99_ms": None if p99 is None else round(p99 * 1000),
+        "loop_lag_max_ms": None if worst is None else round(worst * 1000),
+        "gc_full_collections": int(pauses),
+        "gc_full_mean_ms": round(1000 * gcs.get("sum", 0.0) / pauses) if pauses else None,
+    }
 
 
 def workers_by_state(server: Server, queue: str) -> tuple[int, int]:
@@ -823,8 +879,10 @@ def summarise(n: int, setup: str, mode: str, a: Args, m: Measured, lost: dict[st
         return [x for s in stats for x in s[key]]
 
     errors: Counter[str] = Counter()
+    outside: Counter[str] = Counter()
     for s in stats:
         errors.update(s["errors"])
+        outside.update(s["errors_outside"])
     gen_cpu = [round(100 * s["cpu"] / wall, 1) for s in stats]
     abandoned = sum(s["abandoned"] for s in stats)
     refused = sum(s["refused"] for s in stats)
@@ -868,6 +926,8 @@ def summarise(n: int, setup: str, mode: str, a: Args, m: Measured, lost: dict[st
         "workers_active_at_end": m.active,
         "workers_left": sum(s["left"] for s in stats),
         "errors": dict(errors),
+        "errors_outside_window": dict(outside),
+        "server_loop": m.loop,
         "generator_cpu_pct": gen_cpu,
         "generator_loop_lag_p99_ms": [_ms(pct(s["loop_lag"], 99)) for s in stats],
         "generator_saturated": any(c > GEN_CPU_LIMIT for c in [*gen_cpu, submitter.get("cpu_pct") or 0.0]),
@@ -878,7 +938,9 @@ def summarise(n: int, setup: str, mode: str, a: Args, m: Measured, lost: dict[st
     # no heartbeat at all: every worker idle on a server that counts its parked claim as its heartbeat
     if row["heartbeat_p99_ms"] is not None and row["heartbeat_p99_ms"] >= HB_P99_LIMIT * 1000:
         misses.append(f"hb p99 {row['heartbeat_p99_ms']} ms")
-    failed = sum(v for k, v in errors.items() if not k.startswith(("drain", "deregister", "finish")))
+    if row["claim_answer_p99_ms"] is not None and row["claim_answer_p99_ms"] >= HB_P99_LIMIT * 1000:
+        misses.append(f"claim p99 {row['claim_answer_p99_ms']} ms")
+    failed = sum(errors.values())
     if failed:
         misses.append(f"{failed} failed requests")
     if row["workers_registered"] < n:
@@ -948,6 +1010,9 @@ def report(rows: list[dict[str, Any]]) -> None:
     for r in rows:
         if r["errors"]:
             out.print(f"[dim]{r['setup']} {r['mode']} N={r['workers']:,} errors: {r['errors']}[/dim]")
+        if r["errors_outside_window"]:
+            where = f"{r['setup']} {r['mode']} N={r['workers']:,}"
+            out.print(f"[dim]{where} errors during the ramp or teardown: {r['errors_outside_window']}[/dim]")
     for setup in dict.fromkeys(r["setup"] for r in rows):
         for mode in dict.fromkeys(r["mode"] for r in rows):
             mine = [r for r in rows if r["setup"] == setup and r["mode"] == mode]

@@ -34,8 +34,10 @@ from scaleq.providers.local import LocalProvider
 from scaleq.providers.registry import ProviderContext, make_provider
 from scaleq.scaling.controller import Controller
 from scaleq.scaling.observe import StoreObserver
+from scaleq.server import looplag, metrics
 from scaleq.server.app import create_app
 from scaleq.server.auth import hash_token, new_token
+from scaleq.server.gcpolicy import GcPolicy
 from scaleq.server.settings import ServerSettings
 from scaleq.store import open_store
 from scaleq.store.base import Store
@@ -99,6 +101,8 @@ async def serve(
     _warn_if_jobs_share_the_user(grid, job_user)
     store = open_store(store_url or grid.store.url or str(data_dir / "scaleq.db"), durability=grid.store.durability)
     await store.open()
+    gc_policy: GcPolicy | None = None
+    collecting: asyncio.Task[None] | None = None
     try:
         admin = await ensure_token(store, data_dir / "admin.token", "admin", "admin (scaleq up)")
         worker_token = await ensure_token(store, data_dir / "worker.token", "worker", "local workers (scaleq up)")
@@ -132,6 +136,10 @@ async def serve(
         while not server.started and not serving.done():
             await asyncio.sleep(0.01)
         controlling = asyncio.create_task(controller.run())
+        gc_policy = GcPolicy(observe=metrics.of(app).gc_full.observe)
+        gc_policy.install()  # after start-up, so that what it built is frozen
+        collecting = asyncio.create_task(gc_policy.run())
+        watching = asyncio.create_task(looplag.watch(metrics.of(app).loop_lag.observe))
         pushing = asyncio.create_task(pusher.run()) if pusher else None
         log.info(
             "scaleq serving on %s (dashboard %s/, data dir %s, admin token in %s)",
@@ -143,7 +151,7 @@ async def serve(
         if ready is not None:
             ready.set()
         await asyncio.wait([asyncio.create_task(stop.wait()), serving], return_when=asyncio.FIRST_COMPLETED)
-        for task in (controlling, pushing):
+        for task in (controlling, pushing, watching):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -157,6 +165,10 @@ async def serve(
             await serving
         (data_dir / "server.json").unlink(missing_ok=True)
     finally:
+        if collecting is not None:  # collected on a timer until the last worker has drained
+            collecting.cancel()
+        if gc_policy is not None:
+            gc_policy.uninstall()
         await store.close()
 
 

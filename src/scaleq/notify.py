@@ -18,10 +18,31 @@ parked worker can run still reaches one, and a chain of passes ends after each o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+
+class Signal(asyncio.Event):
+    """An :class:`asyncio.Event` that :func:`wait_any` can wait on together with others, with one future for all.
+
+    Waiting on several plain events takes a task per event (``asyncio.wait``), and a parked claim waits on two: at
+    5,000 idle workers those tasks and their coroutines, contexts and callbacks were about a third of the objects the
+    server's garbage collector scans (see :mod:`scaleq.server.gcpolicy`). A signal resolves the futures handed to it
+    when it is set, so :func:`wait_any` needs a single future and a timer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.listeners: list[asyncio.Future[bool]] = []
+
+    def set(self) -> None:
+        super().set()
+        listeners, self.listeners = self.listeners, []
+        for future in listeners:
+            if not future.done():
+                future.set_result(True)
 
 
 @dataclass(eq=False)
@@ -31,7 +52,7 @@ class ClaimWaiter:
 
     queue: str
     seq: int
-    event: asyncio.Event = field(default_factory=asyncio.Event)
+    event: Signal = field(default_factory=Signal)
     mark: int = 0
     #: the woken claim has tried the store (or passed its wake on): nothing more is owed
     handled: bool = False
@@ -39,7 +60,7 @@ class ClaimWaiter:
 
 class Notifier:
     def __init__(self) -> None:
-        self._events: weakref.WeakValueDictionary[str, asyncio.Event] = weakref.WeakValueDictionary()
+        self._events: weakref.WeakValueDictionary[str, Signal] = weakref.WeakValueDictionary()
         #: called with the keys of every local notify, to tell other servers (PostgreSQL NOTIFY)
         self.forward: Callable[[tuple[str, ...]], None] | None = None
         #: parked claims by queue, oldest first (dicts keep insertion order)
@@ -84,10 +105,10 @@ class Notifier:
     def parked(self, queue: str) -> int:
         return len(self._claims.get(queue, ()))
 
-    def event(self, key: str) -> asyncio.Event:
+    def event(self, key: str) -> Signal:
         ev = self._events.get(key)
         if ev is None:
-            ev = asyncio.Event()
+            ev = Signal()
             self._events[key] = ev
         return ev
 
@@ -123,14 +144,26 @@ async def wait(ev: asyncio.Event, timeout: float) -> bool:
     return True
 
 
-async def wait_any(events: tuple[asyncio.Event, ...], timeout: float) -> bool:
-    """Wait until any of ``events`` fires, up to ``timeout`` seconds; True when one did."""
+async def wait_any(events: tuple[Signal, ...], timeout: float) -> bool:
+    """Wait until any of ``events`` fires, up to ``timeout`` seconds; True when one did (one future, no tasks)."""
     if any(ev.is_set() for ev in events):
         return True
     if timeout <= 0:
         return False
-    tasks = [asyncio.ensure_future(ev.wait()) for ev in events]
-    done, pending = await asyncio.wait(tasks, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    for t in pending:
-        t.cancel()
-    return bool(done)
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[bool] = loop.create_future()
+    for ev in events:
+        ev.listeners.append(future)
+    timer = loop.call_later(timeout, _expire, future)
+    try:
+        return await future
+    finally:
+        timer.cancel()
+        for ev in events:
+            with contextlib.suppress(ValueError):  # a set signal has let go of its listeners already
+                ev.listeners.remove(future)
+
+
+def _expire(future: asyncio.Future[bool]) -> None:
+    if not future.done():
+        future.set_result(False)

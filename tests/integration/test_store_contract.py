@@ -525,7 +525,9 @@ async def test_workers_idle_since_busy_and_gone(store: Store) -> None:
     assert w.busy == 0 and w.idle_since == T0 + 3
     assert await store.mark_gone_workers(T0 + 100, T0) == ["w1"]
     assert await store.list_workers() == []
-    assert len(await store.list_workers(include_gone=True)) == 1
+    assert await store.list_workers(include_gone=True) == [await store.get_worker("w1")]  # one worker, as listed
+    with pytest.raises(NotFound):
+        await store.get_worker("nobody")
 
 
 async def test_tokens_are_found_by_hash_and_revocable(store: Store) -> None:

@@ -19,6 +19,7 @@ from scaleq import __version__
 from scaleq.notify import Notifier
 from scaleq.server import dashboard, housekeeping, metrics
 from scaleq.server.auth import TokenCache
+from scaleq.server.fastlane import FastLane
 from scaleq.server.liveness import OpenClaims
 from scaleq.server.routes import admin, arrays, health, jobs, scaling, why, workers
 from scaleq.server.runnable import RunnableCheck
@@ -32,6 +33,15 @@ from scaleq.store.base import (
     invalid_value_errors,
     unavailable_errors,
 )
+
+
+class ScaleqApp(FastAPI):
+    """The FastAPI app with the workers' fast lane (:mod:`scaleq.server.fastlane`) in front of its middleware."""
+
+    def build_middleware_stack(self) -> Any:
+        stack = super().build_middleware_stack()
+        settings: ServerSettings = self.state.settings
+        return FastLane(stack, self, settings.max_submit_bytes) if settings.fast_lane else stack
 
 
 def create_app(
@@ -64,7 +74,7 @@ def create_app(
                 await store.close()
 
     settings = settings or ServerSettings()
-    app = FastAPI(
+    app = ScaleqApp(
         title="scaleq",
         version=__version__,
         description="Container jobs on queues, run by worker groups that scale with them.",

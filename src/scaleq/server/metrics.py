@@ -51,6 +51,7 @@ EVENTS_PER_SCRAPE = 10_000
 EVENT_KINDS = ("scale_up", "scale_down", "desired", "adopt", "error", "recovered")
 
 CLAIM_WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600)
+PAUSE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 RUN_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400)
 
 T = TypeVar("T")
@@ -191,6 +192,18 @@ class ServerMetrics:
             "scaleq_http_requests",
             "HTTP requests answered, by route template and status code",
             ["route", "status"],
+            registry=self.registry,
+        )
+        self.gc_full = Histogram(
+            "scaleq_gc_full_seconds",
+            "The pauses of the server's full garbage collections (scaleq server / up: one a minute)",
+            buckets=PAUSE_BUCKETS,
+            registry=self.registry,
+        )
+        self.loop_lag = Histogram(
+            "scaleq_event_loop_lag_seconds",
+            "How much later than asked the server's event loop ran a timer (sampled every 0.1 s; scaleq server / up)",
+            buckets=PAUSE_BUCKETS,
             registry=self.registry,
         )
         self._lock = asyncio.Lock()

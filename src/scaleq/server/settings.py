@@ -27,6 +27,9 @@ class ServerSettings:
     max_log_bytes: int = 16 * 1024 * 1024
     #: Where uploads are spooled while they are checked (None: the system's temporary directory).
     spool_dir: str | None = None
+    #: Answer workers' claims and heartbeats past the framework's middleware (:mod:`scaleq.server.fastlane`);
+    #: off only to compare the two ways.
+    fast_lane: bool = True
 
     @property
     def heartbeat_seconds(self) -> float:

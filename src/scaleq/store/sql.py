@@ -756,10 +756,10 @@ class SQLStore:
         return [rows.worker(r) for r in found]
 
     async def get_worker(self, worker_id: str) -> Worker:
-        for w in await self.list_workers(include_gone=True):
-            if w.id == worker_id:
-                return w
-        raise NotFound(f"no worker {worker_id}")
+        row = await self._run(self._one, "one_worker", id=worker_id)
+        if row is None:
+            raise NotFound(f"no worker {worker_id}")
+        return rows.worker(row)
 
     async def set_worker_state(self, worker_id: str, state: str) -> None:
         await self._run(lambda: self.db.execute(self.Q["set_worker_state"], {"id": worker_id, "state": state}))

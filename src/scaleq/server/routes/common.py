@@ -23,9 +23,13 @@ class Ctx:
         return self.request.app.state.clock()
 
 
-async def _ctx(request: Request) -> Ctx:  # async: FastAPI runs a plain def dependency on a thread, per request
+def context(request: Request) -> Ctx:
     s = request.app.state
     return Ctx(s.store, s.notifier, s.settings, request)
+
+
+async def _ctx(request: Request) -> Ctx:  # async: FastAPI runs a plain def dependency on a thread, per request
+    return context(request)
 
 
 C = Annotated[Ctx, Depends(_ctx)]

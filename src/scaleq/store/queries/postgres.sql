@@ -225,6 +225,15 @@ SELECT w.*,
  WHERE (CAST(:queue AS TEXT) IS NULL OR w.queue = :queue) AND (CAST(:include_gone AS BOOLEAN) OR w.state != 'gone')
  ORDER BY w.started_at;
 
+-- name: one_worker
+-- One worker as list_workers shows it, by its primary key (GET /workers/{id}, deregister): O(1), not O(fleet).
+SELECT w.*,
+       (SELECT count(*) FROM jobs j WHERE j.worker_id = w.id AND j.state = 'running') AS busy,
+       greatest(w.started_at, coalesce((SELECT max(a.ended_at) FROM attempts a WHERE a.worker_id = w.id), 0))
+           AS last_active
+  FROM workers w
+ WHERE w.id = :id;
+
 -- name: demand
 -- Queued jobs are counted up to :limit only (NULL: all): see the SQLite query.
 SELECT (SELECT count(*) FROM (SELECT 1 FROM jobs j WHERE j.queue = :queue AND j.state = 'queued'

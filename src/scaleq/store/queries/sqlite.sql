@@ -90,6 +90,15 @@ SELECT w.*,
  WHERE (:queue IS NULL OR w.queue = :queue) AND (:include_gone OR w.state != 'gone')
  ORDER BY w.started_at;
 
+-- name: one_worker
+-- One worker as list_workers shows it, by its primary key (GET /workers/{id}, deregister): O(1), not O(fleet).
+SELECT w.*,
+       (SELECT count(*) FROM jobs j WHERE j.worker_id = w.id AND j.state = 'running') AS busy,
+       max(w.started_at, coalesce((SELECT max(a.ended_at) FROM attempts a WHERE a.worker_id = w.id), 0))
+           AS last_active
+  FROM workers w
+ WHERE w.id = :id;
+
 -- name: demand
 -- Queued jobs are counted up to :limit only (NULL: all): past the most a group can run at once, more changes no
 -- decision, and counting a long queue whole on every wake-up of the controller costs O(queue).
