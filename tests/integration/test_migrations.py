@@ -304,7 +304,16 @@ class Database:
 
     def seed(self) -> None:
         with self.connect() as conn:
+            in_parts = self.has_blob_parts(conn)
             for table, rows in SEED.items():
+                if table == "blobs" and in_parts:  # from 0010 on, the code writes a blob's bytes as parts
+                    rows = [{**r, "data": b"", "size": len(r["data"]), "parts": 1} for r in rows]
+                    for r in SEED["blobs"]:
+                        part = {"sha256": r["sha256"], "part": 0, "data": r["data"]}
+                        conn.execute(
+                            f"INSERT INTO blob_parts (sha256, part, data) VALUES ({', '.join(map(self.param, part))})",
+                            part,
+                        )
                 for row in rows:
                     cols = ", ".join(row)
                     conn.execute(f"INSERT INTO {table} ({cols}) VALUES ({', '.join(map(self.param, row))})", row)
@@ -317,15 +326,18 @@ class Database:
                 table: [self._plain(r) for r in conn.execute(f"SELECT * FROM {table} ORDER BY {key}").fetchall()]
                 for table, key in KEYS.items()
             }
-            exists = (
-                "SELECT 1 AS x FROM sqlite_master WHERE name = 'blob_parts'"
-                if self.dialect == "sqlite"
-                else "SELECT 1 AS x WHERE to_regclass('blob_parts') IS NOT NULL"
-            )
-            if conn.execute(exists).fetchone():  # 0010: blobs' bytes in parts
+            if self.has_blob_parts(conn):  # 0010: blobs' bytes in parts
                 parts = conn.execute("SELECT * FROM blob_parts ORDER BY sha256, part").fetchall()
                 found["blob_parts"] = [self._plain(r) for r in parts]
             return found
+
+    def has_blob_parts(self, conn: Any) -> bool:
+        exists = (
+            "SELECT 1 AS x FROM sqlite_master WHERE name = 'blob_parts'"
+            if self.dialect == "sqlite"
+            else "SELECT 1 AS x WHERE to_regclass('blob_parts') IS NOT NULL"
+        )
+        return conn.execute(exists).fetchone() is not None
 
     def _plain(self, row: Any) -> dict[str, Any]:
         values = dict(row)

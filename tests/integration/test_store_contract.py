@@ -591,3 +591,84 @@ async def test_group_status_keeps_its_state_beside_its_note(store: Store) -> Non
     await store.put_group(GroupStatus("g", "q", "gcp", 0, 2, 1, 2, T0 + 60))  # it recovered: ok, nothing to say
     (status,) = await store.list_groups()
     assert (status.state, status.message, status.state_since, status.note) == ("ok", "", None, "")
+
+
+async def _counted(store: Store) -> dict[str, tuple[int, int, int, int, int, float | None]]:
+    """What queue_stats must say, counted from the jobs themselves."""
+    jobs = await store.list_jobs(queue=None, state=None, limit=10_000)
+    truth: dict[str, tuple[int, int, int, int, int, float | None]] = {}
+    for q in sorted({j.queue for j in jobs}):
+        mine = [j for j in jobs if j.queue == q]
+        done = [j for j in mine if j.state == "finished"]
+        ok = sum(1 for j in done if j.reason == "success")
+        queued = [j.submitted_at for j in mine if j.state == "queued"]
+        running = sum(1 for j in mine if j.state == "running")
+        truth[q] = (len(queued), running, len(done), ok, len(done) - ok, min(queued, default=None))
+    return truth
+
+
+async def _stats(store: Store) -> dict[str, tuple[int, int, int, int, int, float | None]]:
+    return {
+        s.queue: (s.queued, s.running, s.finished, s.succeeded, s.unsuccessful, s.oldest_queued_at)
+        for s in await store.queue_stats()
+    }
+
+
+@pytest.mark.parametrize("fold", [False, True], ids=["unfolded", "folded"])
+async def test_queue_counts_follow_every_transition_folded_or_not(store: Store, fold: bool) -> None:
+    """The counts kept by migration 0011 match the jobs after every kind of change, read before or after a fold."""
+
+    async def check(step: str) -> None:
+        if fold:
+            await store.fold_queue_counts()
+        assert await _stats(store) == await _counted(store), step
+
+    await worker(store, "w1", "q")
+    await worker(store, "w2", "other")
+    await check("empty")
+    one, _ = await submit(store, definition("echo", "1"), now=T0 + 1)
+    await store.submit_many([Submission("q", definition("echo", str(n))) for n in range(2, 8)], T0 + 2)
+    await submit(store, definition("echo", "o"), queue="other", now=T0 + 3)
+    await check("submitted")
+    claims = await store.claim("w1", 5, T0 + 4, 10)
+    await check("claimed")
+    await store.finish(claims[0].lease, FinishResult("success", 0), T0 + 5)
+    await store.finish(claims[1].lease, FinishResult("failed", 1), T0 + 5)
+    await check("finished")
+    await store.release(claims[2].lease, T0 + 6)
+    await store.cancel(claims[3].job.id, T0 + 6)
+    await check("released and cancelled")
+    await store.expire_leases(T0 + 30)
+    await check("expired")
+    again = await store.claim("w1", 2, T0 + 31, 10)
+    assert again
+    await store.release_worker("w1", T0 + 32)
+    await check("worker released")
+    await store.submit_many([Submission("q", definition("echo", "1"), rerun=True)], T0 + 33)
+    assert (await store.get_job(one.id)).state == "queued"
+    await check("rerun")
+    (last,) = await store.claim("w2", 1, T0 + 34, 10)
+    await store.finish(last.lease, FinishResult("success", 0), T0 + 35)
+    await store.purge(T0 + 100, queue="other")
+    await check("purged")
+    assert "other" not in await _stats(store)  # a queue with no jobs left is not listed, as before
+
+
+async def test_folding_while_jobs_change_loses_no_count(store: Store) -> None:
+    """Folds racing submits, claims and finishes (and each other) neither lose nor double a delta."""
+    await worker(store, "w1", "q")
+
+    async def churn(n: int) -> None:
+        await store.submit_many([Submission("q", definition("echo", f"{n}-{i}")) for i in range(5)], T0 + n)
+        for c in await store.claim("w1", 3, T0 + n, 10):
+            await store.finish(c.lease, FinishResult("success" if n % 2 else "failed", 0), T0 + n)
+
+    async def folds() -> None:
+        for _ in range(20):
+            await store.fold_queue_counts()
+            await asyncio.sleep(0)
+
+    await asyncio.gather(*(churn(n) for n in range(20)), folds(), folds())
+    assert await _stats(store) == await _counted(store)
+    await store.fold_queue_counts()
+    assert await _stats(store) == await _counted(store)

@@ -47,10 +47,11 @@ async def tick(
     mark_gone: bool = True,
 ) -> list[str]:
     """One round of housekeeping at ``now``: the workers parked here heard from (``touch``), expired leases swept,
-    silent workers marked gone (``mark_gone``). The workers marked gone."""
+    the queue counts' deltas folded, silent workers marked gone (``mark_gone``). The workers marked gone."""
     if touch and open_claims is not None:
         await touch_parked(store, open_claims, now)
     await sweep_once(store, notifier, settings, now)
+    await store.fold_queue_counts()
     if not mark_gone:
         return []
     gone = await store.mark_gone_workers(now - settings.worker_gone_after, now - settings.worker_forget_after)

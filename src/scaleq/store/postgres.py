@@ -227,6 +227,10 @@ class PostgresStore(SQLStore):
     def _finish_rows(self, finishes: list[tuple[str, FinishResult]], now: float) -> dict[str, Any]:
         return {r["finished_lease"]: r for r in self._all("finish_batch", now=now, **_batch(finishes))}
 
+    async def fold_queue_counts(self) -> None:
+        """The statement triggers' deltas summed into queue_counts (migration 0011), once per housekeeping tick."""
+        await self._run(lambda: self.db.execute(self.Q["fold_queue_counts"]))
+
     def _new_pool(self, name: str, kwargs: dict[str, Any]) -> ConnectionPool:
         return ConnectionPool(
             self.url,

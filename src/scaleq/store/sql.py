@@ -727,6 +727,9 @@ class SQLStore:
 
         return await self.tx(op)
 
+    async def fold_queue_counts(self) -> None:
+        """Nothing to fold: SQLite's triggers move the counts themselves (PostgreSQL overrides this)."""
+
     # -- views ------------------------------------------------------------------------------------------------
 
     async def queue_stats(self) -> list[QueueStats]:

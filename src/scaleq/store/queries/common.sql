@@ -167,20 +167,6 @@ ON CONFLICT (job_id, path) DO UPDATE SET attempt = excluded.attempt, sha256 = ex
 -- name: list_outputs
 SELECT path, sha256, size FROM outputs WHERE job_id = :job_id ORDER BY path;
 
--- name: queue_stats
--- Counted per (queue, state, reason) from jobs_stats, which holds every column read (no row is visited), then
--- summed per queue. The CASTs keep PostgreSQL's sums of counts integers.
-SELECT queue,
-       CAST(sum(CASE WHEN state = 'queued' THEN n ELSE 0 END) AS BIGINT) AS queued,
-       CAST(sum(CASE WHEN state = 'running' THEN n ELSE 0 END) AS BIGINT) AS running,
-       CAST(sum(CASE WHEN state = 'finished' THEN n ELSE 0 END) AS BIGINT) AS finished,
-       CAST(sum(CASE WHEN state = 'finished' AND reason = 'success' THEN n ELSE 0 END) AS BIGINT) AS succeeded,
-       CAST(sum(CASE WHEN state = 'finished' AND reason != 'success' THEN n ELSE 0 END) AS BIGINT) AS unsuccessful,
-       min(CASE WHEN state = 'queued' THEN oldest END) AS oldest_queued_at
-  FROM (SELECT queue, state, reason, count(*) AS n, min(submitted_at) AS oldest
-          FROM jobs GROUP BY queue, state, reason) AS g
- GROUP BY queue ORDER BY queue;
-
 -- name: get_worker
 SELECT * FROM workers WHERE id = :id;
 

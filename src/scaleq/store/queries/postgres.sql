@@ -283,3 +283,27 @@ SELECT 1 AS held FROM jobs j JOIN worker_tokens w ON w.worker_id = j.worker_id
 -- whole fleet. A gone worker is left gone (it deregistered, or was given up on before its claim ended).
 UPDATE workers SET last_heartbeat = :now
  WHERE id IN (SELECT jsonb_array_elements_text(CAST(:ids AS JSONB))) AND state != 'gone' AND last_heartbeat < :now;
+
+-- name: queue_stats
+-- queue_counts plus the deltas not yet folded into it (migration 0011), so exact between folds; one snapshot sees a
+-- fold whole or not at all. The oldest queued job from the jobs_stats index (a queued job's reason is always NULL).
+SELECT u.queue, CAST(sum(u.queued) AS BIGINT) AS queued, CAST(sum(u.running) AS BIGINT) AS running,
+       CAST(sum(u.finished) AS BIGINT) AS finished, CAST(sum(u.succeeded) AS BIGINT) AS succeeded,
+       CAST(sum(u.finished) - sum(u.succeeded) AS BIGINT) AS unsuccessful,
+       (SELECT min(j.submitted_at) FROM jobs j
+         WHERE j.queue = u.queue AND j.state = 'queued' AND j.reason IS NULL) AS oldest_queued_at
+  FROM (SELECT queue, queued, running, finished, succeeded FROM queue_counts
+        UNION ALL SELECT queue, queued, running, finished, succeeded FROM queue_count_deltas) AS u
+ GROUP BY u.queue
+HAVING sum(u.queued) + sum(u.running) + sum(u.finished) > 0
+ ORDER BY u.queue;
+
+-- name: fold_queue_counts
+-- The deltas the statement triggers appended, summed into queue_counts and deleted, in one statement. Rows a
+-- transaction still open appended are not visible yet and wait for the next fold; two servers folding at once do not
+-- count a delta twice (the second's DELETE skips the rows the first deleted).
+WITH d AS (DELETE FROM queue_count_deltas RETURNING queue, queued, running, finished, succeeded)
+INSERT INTO queue_counts AS c (queue, queued, running, finished, succeeded)
+SELECT queue, sum(queued), sum(running), sum(finished), sum(succeeded) FROM d GROUP BY queue
+ON CONFLICT (queue) DO UPDATE SET queued = c.queued + excluded.queued, running = c.running + excluded.running,
+                                  finished = c.finished + excluded.finished, succeeded = c.succeeded + excluded.succeeded;

@@ -149,3 +149,13 @@ SELECT 1 AS held FROM jobs j JOIN worker_tokens w ON w.worker_id = j.worker_id
 -- whole fleet. A gone worker is left gone (it deregistered, or was given up on before its claim ended).
 UPDATE workers SET last_heartbeat = :now
  WHERE id IN (SELECT value FROM json_each(:ids)) AND state != 'gone' AND last_heartbeat < :now;
+
+-- name: queue_stats
+-- One row per queue from queue_counts (kept by migration 0011's triggers), and the oldest queued job from the
+-- jobs_stats index (a queued job's reason is always NULL): the same cost at any queue length.
+SELECT c.queue, c.queued, c.running, c.finished, c.succeeded, c.finished - c.succeeded AS unsuccessful,
+       (SELECT min(j.submitted_at) FROM jobs j
+         WHERE j.queue = c.queue AND j.state = 'queued' AND j.reason IS NULL) AS oldest_queued_at
+  FROM queue_counts c
+ WHERE c.queued + c.running + c.finished > 0
+ ORDER BY c.queue;
