@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import time
@@ -81,11 +82,8 @@ async def test_a_young_record_whose_process_shows_no_command_line_yet_is_not_dro
     assert await local.workers(group) == [] and not young.exists()  # past the spawn grace: not a worker
     zombie = subprocess.Popen([sys.executable, "-c", "pass"])  # noqa: ASYNC220  (exits, not reaped: a zombie)
     try:
-
-        async def exited() -> bool:
-            return Path(f"/proc/{zombie.pid}/cmdline").read_bytes() == b""
-
-        await eventually(exited, 10, what="the child to exit", every=0.01)
+        # wait until it is a zombie, without reaping it (its command line reads empty a moment before: while it exits)
+        await asyncio.to_thread(os.waitid, os.P_PID, zombie.pid, os.WEXITED | os.WNOWAIT)
         dead = pending_record(tmp_path, "t-cpu-dead01", time.time())
         dead.write_text(json.dumps(json.loads(dead.read_text()) | {"pid": zombie.pid}))
         assert await local.workers(group) == [] and not dead.exists()  # a zombie is no worker, however young
