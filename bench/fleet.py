@@ -35,8 +35,10 @@ over the measured window and its event-loop lag (the submitter its CPU), and a r
 is flagged: its latencies may be the generator's, not the server's.
 
 **Modes.** ``idle``: no jobs (heartbeats and re-polled long-polls only). ``flow``: a submitter process (the project's
-``Client.submit_many``, a batch every 0.2 s) submits ``N / 10`` one-second jobs per second, which keeps a tenth of
-the fleet busy.
+``Client.submit_many``, a batch every 0.2 s) submits ``N / 10 / J`` jobs of ``J = --job-seconds`` s per second (default
+1 s: ``N / 10`` jobs a second), which keeps a tenth of the fleet busy. With one-second jobs the row is as much a
+dispatch-throughput test as a fleet test (5,000 workers: 500 jobs/s, near one SQLite server's 1-slot drain rate in
+``bench/dispatch.py``); longer jobs at the same busy share measure what a fleet of batch workers costs.
 
 **Timeline of a row.** Workers register spread over ``--ramp`` s (default 20: one long-poll, so the re-polls are
 spread too); the jobs start with the last registration; after 5 s more, ``--duration`` s are measured; then the
@@ -99,7 +101,6 @@ from rich.table import Table
 
 SETUPS = ("sqlite", "postgres", "postgres-2")
 MODES = ("idle", "flow")
-JOB_SECONDS = 1.0
 BUSY_SHARE = 0.1  # flow: a tenth of the fleet busy
 SETTLE = 5.0  # seconds between the end of the ramp and the measured window
 TEARDOWN = 5.0  # workers leave spread over this long
@@ -271,8 +272,10 @@ class GenStats:
 
 
 class SimWorker:
-    def __init__(self, wid: str, queue: str, server: str, local: str, token: str, w: Window, stats: GenStats) -> None:
-        self.id, self.queue, self.w, self.stats = wid, queue, w, stats
+    def __init__(
+        self, wid: str, queue: str, server: str, local: str, token: str, w: Window, stats: GenStats, job_seconds: float
+    ) -> None:
+        self.id, self.queue, self.w, self.stats, self.job_seconds = wid, queue, w, stats, job_seconds
         self.http = Pool(server, local, token)
         self.heartbeat_seconds = 5.0
         self.long_poll = 20.0
@@ -366,7 +369,7 @@ class SimWorker:
 
     async def run_job(self, lease: str) -> None:
         try:
-            await asyncio.sleep(JOB_SECONDS)
+            await asyncio.sleep(self.job_seconds)
         except asyncio.CancelledError:
             self.running.pop(lease, None)
             self.free.set()
@@ -465,7 +468,7 @@ async def generate(spec: dict[str, Any], w: Window) -> dict[str, Any]:
     workers = []
     for index, wid, server in spec["workers"]:
         slot = w.start + w.ramp * index / spec["n_total"]
-        sim = SimWorker(wid, spec["queue"], server, spec["local"], spec["token"], w, stats)
+        sim = SimWorker(wid, spec["queue"], server, spec["local"], spec["token"], w, stats, spec["job_seconds"])
         workers.append(asyncio.create_task(sim.run(slot)))
     helpers = [asyncio.create_task(_loop_lag(w, stats)), asyncio.create_task(_cpu_window(w, stats))]
     done, pending = await asyncio.wait(workers, timeout=max(0.0, w.stop - time.time()) + TEARDOWN + 90)
@@ -502,7 +505,9 @@ def _generator_proc(spec: dict[str, Any], plan: Any, out: Any) -> None:
 # -- the submitter (flow mode) ----------------------------------------------------------------------------------
 
 
-async def submit_flow(servers: list[str], token: str, queue: str, rate: float, w: Window) -> dict[str, Any]:
+async def submit_flow(
+    servers: list[str], token: str, queue: str, rate: float, job_seconds: float, w: Window
+) -> dict[str, Any]:
     from scaleq.client import Client
     from scaleq.jobs import JobDefinition, SubmitRequest
 
@@ -523,7 +528,7 @@ async def submit_flow(servers: list[str], token: str, queue: str, rate: float, w
                 jobs = [
                     SubmitRequest(
                         queue=queue,
-                        definition=JobDefinition(command=["sleep", str(JOB_SECONDS)], env={"J": f"{nonce}-{i + k}"}),
+                        definition=JobDefinition(command=["sleep", str(job_seconds)], env={"J": f"{nonce}-{i + k}"}),
                     )
                     for k in range(n)
                 ]
@@ -547,14 +552,16 @@ async def submit_flow(servers: list[str], token: str, queue: str, rate: float, w
     return {"submitted": sent, "failed": errors, "batch_p99": pct(latencies, 99), "cpu_pct": round(cpu, 1)}
 
 
-def _submitter_proc(servers: list[str], token: str, queue: str, rate: float, plan: Any, out: Any) -> None:
+def _submitter_proc(
+    servers: list[str], token: str, queue: str, rate: float, job_seconds: float, plan: Any, out: Any
+) -> None:
     from scaleq import loop
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     out.put({"ready": "submitter"})
     w = Window(**plan.get())
     try:
-        out.put({"submitter": loop.run(submit_flow(servers, token, queue, rate, w))})
+        out.put({"submitter": loop.run(submit_flow(servers, token, queue, rate, job_seconds, w))})
     except BaseException as exc:
         out.put({"submitter": {"error": f"{type(exc).__name__}: {exc}"}})
         raise
@@ -652,6 +659,7 @@ class Args:
     ramp: float
     generators: int | None
     profile: Path | None = None  # py-spy the server(s) during the window, into this directory
+    job_seconds: float = 1.0  # flow: how long each job runs
 
 
 @dataclass
@@ -714,6 +722,7 @@ def drive(
             "k": k,
             "workers": [(i, f"fleet-{row_no}-{i:05d}", servers[i % len(servers)].url) for i in range(k, n, k_gen)],
             "n_total": n,
+            "job_seconds": a.job_seconds,
             "queue": queue,
             "token": servers[0].worker_token,
             "local": f"127.1.{row_no % 250}.{k + 1}",  # a source address per generator: ports enough for all
@@ -722,7 +731,15 @@ def drive(
         procs.append((ctx.Process(target=_generator_proc, args=(spec, plan, out), daemon=True), plan))
     if mode == "flow":
         plan = ctx.Queue()
-        args = ([s.url for s in servers], servers[0].admin_token, queue, n * BUSY_SHARE / JOB_SECONDS, plan, out)
+        args = (
+            [s.url for s in servers],
+            servers[0].admin_token,
+            queue,
+            n * BUSY_SHARE / a.job_seconds,
+            a.job_seconds,
+            plan,
+            out,
+        )
         procs.append((ctx.Process(target=_submitter_proc, args=args, daemon=True), plan))
     try:
         for p, _ in procs:
@@ -892,7 +909,8 @@ def summarise(n: int, setup: str, mode: str, a: Args, m: Measured, lost: dict[st
     row = {
         "workers": n,
         "setup": setup,
-        "mode": mode,
+        "mode": mode if mode == "idle" else f"flow {a.job_seconds:g}s",
+        "job_seconds": a.job_seconds if mode == "flow" else None,
         "duration": a.duration,
         "generators": len(stats),
         "server_cpu_pct": round(sum(server_cpu), 1),
@@ -1063,12 +1081,20 @@ def main() -> int:
     ap.add_argument(
         "--profile", type=Path, default=None, help="py-spy record the server(s) during the window, into DIR"
     )
+    ap.add_argument(
+        "--job-seconds",
+        type=float,
+        default=1.0,
+        help="flow: each job runs this long; N/10/J jobs a second keep a tenth of the fleet busy (default 1)",
+    )
     args = ap.parse_args()
+    if args.job_seconds <= 0:
+        ap.error("--job-seconds must be > 0")
     if args.duration <= 0 or args.ramp < 0:
         ap.error("--duration must be > 0 and --ramp >= 0")
     if args.generators is not None and args.generators < 1:
         ap.error("--generators must be at least 1")
-    a = Args(args.duration, args.ramp, args.generators, args.profile)
+    a = Args(args.duration, args.ramp, args.generators, args.profile, args.job_seconds)
     fds = raise_fd_limit(4 * max(args.workers) + 4096)
     most = max(args.workers)
     if 2 * most + 512 > fds:  # two connections per worker, all on one server in the sqlite and postgres setups
