@@ -173,6 +173,53 @@ async def test_a_worker_token_acts_only_on_its_own_workers_leases_and_inputs(liv
         assert state == "active"
 
 
+async def test_a_finish_riding_along_reads_its_lease_owner_only_when_this_server_did_not_hand_it_out(
+    sqlite_live: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server remembers which token each lease it handed out went to, so its own worker's finish costs no read
+    of the lease's owner; a lease it does not know (handed out by another server, or before a restart) is read from
+    the store, and another token's is refused either way."""
+    live = sqlite_live
+    reads: list[list[str]] = []
+    real = live.store.lease_tokens
+
+    async def counted(leases: list[str]) -> dict[str, str | None]:
+        reads.append(list(leases))
+        return await real(leases)
+
+    monkeypatch.setattr(live.store, "lease_tokens", counted)
+    async with live.client("admin") as admin:
+        other_token = (await admin.create_token("worker", "other hosts"))["token"]
+    async with live.client("submit") as s, live.client("worker") as w, Client(live.url, other_token) as other:
+        for i in range(3):
+            await s.submit(_job(f"echo {i}"))  # (a job's id is its content's: three different jobs)
+        await _register(w, "w1")
+        await _register(other, "w2")
+        ok = {"reason": "success", "exit_code": 0}
+        claims, _, _ = await w.claim("w1", 1, wait=0)
+        leases = [claims[0].lease]
+        # another token's worker: checked in the store, refused
+        _, finished, _ = await other.claim("w2", 0, wait=0, finishes=[{"lease": leases[0], **ok}])
+        assert reads == [[leases[0]]] and finished[0]["ok"] is False
+        # its own worker: known here, no read (and the claim it rides along with takes the next job)
+        claims, finished, _ = await w.claim("w1", 1, wait=0, finishes=[{"lease": leases[0], **ok}])
+        assert reads == [[leases[0]]] and finished == [{"lease": leases[0], "ok": True, "detail": None}]
+        leases.append(claims[0].lease)
+        # a lease this server forgot (as after a restart, or handed out by another server): read, then accepted
+        live.app.state.tokens.clear()  # type: ignore[attr-defined]
+        claims, finished, _ = await w.claim("w1", 1, wait=0, finishes=[{"lease": leases[1], **ok}])
+        assert reads[-1] == [leases[1]] and finished[0]["ok"] is True
+        leases.append(claims[0].lease)
+        # and /leases/finish takes the same way
+        before = len(reads)
+        live.app.state.tokens.put_leases([leases[2]], "nobody")  # type: ignore[attr-defined]
+        with pytest.raises(ApiError) as e:  # a stale memory of another owner is checked, not trusted
+            await other.finish({"lease": leases[2], **ok})
+        assert e.value.status == 403 and len(reads) == before + 1
+        done = await w.finish({"lease": leases[2], **ok})
+        assert done.state == "finished" and len(reads) == before + 2
+
+
 async def test_a_worker_token_reads_only_what_the_docs_say(live: LiveServer) -> None:
     async with live.client("worker") as w:
         await w.queues()

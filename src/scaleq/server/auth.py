@@ -25,7 +25,11 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from scaleq.server.roles import SCOPES
 
-_CACHE_SECONDS = 5.0
+_CACHE_SECONDS = 5.0  # a revoked token is refused by every server within this
+# A binding changes only once its worker is gone and its id registered again with another token: a server that did
+# not see that happen lets the old token act on the id for at most this long. Short, it was a store read per worker
+# every few seconds (a fleet of 5,000 made hundreds a second).
+_BINDING_SECONDS = 60.0
 _bearer = HTTPBearer(auto_error=False)
 
 
@@ -49,13 +53,22 @@ class Caller:
     token_id: str
 
 
+_MAX_ENTRIES = 100_000  # per map: a fleet of 10,000 workers uses a tenth; past it, start again (a miss is a read)
+
+
 class TokenCache:
-    """Recently seen token hashes → caller, so a hot path does not read the store on every request; and recently
-    confirmed (worker, token) bindings, so a claim or heartbeat does not read its binding every time."""
+    """Recently seen token hashes → caller, so a hot path does not read the store on every request; recently
+    confirmed (worker, token) bindings, so a claim or heartbeat does not read its binding every time; and the token
+    of each lease this server handed out, so a finish riding along with a claim does not read its lease's owner.
+
+    A lease's token cannot change while the lease lives (its worker stays bound to the token until it is gone), so a
+    lease entry holds until the finish drops it; a lease handed out by another server, or forgotten after a restart
+    or an overflow, is read from the store as before."""
 
     def __init__(self) -> None:
         self._seen: dict[str, tuple[Caller, float]] = {}
         self._bound: dict[tuple[str, str], float] = {}
+        self._leases: dict[str, str] = {}
 
     def get(self, token_hash: str) -> Caller | None:
         hit = self._seen.get(token_hash)
@@ -70,16 +83,34 @@ class TokenCache:
 
     def bound(self, worker_id: str, token_id: str) -> bool:
         at = self._bound.get((worker_id, token_id))
-        return at is not None and time.monotonic() - at < _CACHE_SECONDS
+        return at is not None and time.monotonic() - at < _BINDING_SECONDS
 
     def put_bound(self, worker_id: str, token_id: str) -> None:
-        if len(self._bound) > 10_000:
+        if len(self._bound) > _MAX_ENTRIES:
             self._bound.clear()
         self._bound[(worker_id, token_id)] = time.monotonic()
+
+    def unbind(self, worker_id: str, token_id: str) -> None:
+        self._bound.pop((worker_id, token_id), None)
+
+    def lease_token(self, lease: str) -> str | None:
+        """The token whose worker this server handed ``lease`` to (None: not known here)."""
+        return self._leases.get(lease)
+
+    def put_leases(self, leases: list[str], token_id: str) -> None:
+        if len(self._leases) + len(leases) > _MAX_ENTRIES:
+            self._leases.clear()
+        for lease in leases:
+            self._leases[lease] = token_id
+
+    def drop_leases(self, leases: list[str]) -> None:
+        for lease in leases:
+            self._leases.pop(lease, None)
 
     def clear(self) -> None:
         self._seen.clear()
         self._bound.clear()
+        self._leases.clear()
 
 
 async def caller_of(request: Request, creds: HTTPAuthorizationCredentials | None) -> Caller:

@@ -34,7 +34,7 @@ from scaleq.server import metrics
 from scaleq.server.auth import Caller, caller_of
 from scaleq.server.roles import SCOPES
 from scaleq.server.routes import workers
-from scaleq.server.routes.common import context
+from scaleq.server.routes.common import Ctx, context
 
 log = logging.getLogger(__name__)
 
@@ -71,16 +71,16 @@ class FastLane:
         request = Request(scope, replay)
         worker_id, call = match["worker_id"], match["call"]
         try:
-            parsed = _parse(call, body)
+            handler = PARSERS[call](body)
         except ValidationError:  # the framework answers 422, naming the field
-            parsed, who = None, None
+            who = None
         else:
             who = await self._worker_caller(request, scope)
         if who is None:
             await self.stack(scope, replay, send)
             return
         self.answered += 1
-        await self._answer(request, scope, replay, send, worker_id, call, parsed, who)
+        await self._answer(request, scope, replay, send, worker_id, call, handler, who)
 
     def _match(self, scope: Scope) -> re.Match[str] | None:
         if scope["type"] != "http" or scope["method"] != "POST":
@@ -126,19 +126,12 @@ class FastLane:
         send: Send,
         worker_id: str,
         call: str,
-        body: BaseModel | None,
+        handler: Handler,
         who: Caller,
     ) -> None:
         status = 500
         try:
-            ctx = context(request)
-            answer: BaseModel
-            if call == "claim":
-                assert isinstance(body, workers.ClaimBody)
-                answer = await workers.claim(worker_id, body, ctx, request, who)
-            else:
-                assert body is None or isinstance(body, workers.BeatBody)
-                answer = await workers.heartbeat(worker_id, ctx, who, body)
+            answer = await handler(worker_id, context(request), request, who)
             status = 200
             payload = answer.model_dump_json().encode()
             headers = [*JSON_HEADERS, (b"content-length", str(len(payload)).encode())]
@@ -166,11 +159,22 @@ class FastLane:
         return 500
 
 
-def _parse(call: str, body: bytes) -> BaseModel | None:
-    """The validated body (``None``: a heartbeat without one); raises :class:`ValidationError`."""
-    if call == "claim":
-        return workers.ClaimBody.model_validate_json(body)
-    return workers.BeatBody.model_validate_json(body) if body else None
+#: A call's endpoint with its validated body bound: the worker id, context, request and caller give its answer.
+Handler = Callable[[str, Ctx, Request, Caller], Awaitable[BaseModel]]
+
+
+def _claim(body: bytes) -> Handler:
+    parsed = workers.ClaimBody.model_validate_json(body)
+    return lambda worker_id, ctx, request, who: workers.claim(worker_id, parsed, ctx, request, who)
+
+
+def _heartbeat(body: bytes) -> Handler:
+    parsed = workers.BeatBody.model_validate_json(body) if body else None  # a heartbeat may come without a body
+    return lambda worker_id, ctx, request, who: workers.heartbeat(worker_id, ctx, who, parsed)
+
+
+#: Each call's body validated (raising :class:`ValidationError`, answered by the framework) into its handler.
+PARSERS: dict[str, Callable[[bytes], Handler]] = {"claim": _claim, "heartbeat": _heartbeat}
 
 
 def _replaying(body: bytes, receive: Receive) -> Receive:

@@ -174,10 +174,15 @@ async def _own_worker(ctx: Ctx, who: Caller, worker_id: str) -> None:
 
 
 async def _foreign_leases(ctx: Ctx, who: Caller, leases: list[str]) -> set[str]:
-    """The leases of workers bound to another token (none for an admin). Unknown leases are left to the store."""
+    """The leases of workers bound to another token (none for an admin). Unknown leases are left to the store. The
+    leases this server handed to this token are known without a read (:class:`scaleq.server.auth.TokenCache`)."""
     if who.role == "admin" or not leases:
         return set()
-    owners = await ctx.store.lease_tokens(leases)
+    cache = ctx.request.app.state.tokens
+    unknown = [lease for lease in leases if cache.lease_token(lease) != who.token_id]
+    if not unknown:
+        return set()
+    owners = await ctx.store.lease_tokens(unknown)
     return {lease for lease, token in owners.items() if token is not None and token != who.token_id}
 
 
@@ -274,6 +279,7 @@ async def _claim(
                 continue
             _finished(ctx, job, now)
             finished.append(FinishOutcome(lease=f.lease, ok=True))
+        request.app.state.tokens.drop_leases([f.lease for f in mine])
         open_claims.remember(worker_id, got.queue)
         # With results riding along and nothing to hand out, answer at once: until the answer the worker must keep
         # renewing those leases (it cannot know they are in), so a parked claim would cost it a heartbeat every
@@ -310,6 +316,7 @@ async def _claim(
     finally:
         notifier.unpark(waiter)
     if got.claims:
+        request.app.state.tokens.put_leases([c.lease for c in got.claims], who.token_id)
         metrics.observe_claimed(request.app, got.claims)
         for c in got.claims:
             ctx.notifier.changed(c.job.id)
@@ -357,6 +364,7 @@ async def deregister(worker_id: str, ctx: C, who: WorkerCaller) -> Response:
     await _own_worker(ctx, who, worker_id)
     await ctx.store.set_worker_state(worker_id, "gone")
     ctx.request.app.state.open_claims.forget(worker_id)
+    ctx.request.app.state.tokens.unbind(worker_id, who.token_id)
     ctx.notifier.notify("any")
     return Response(status_code=204)
 
@@ -365,7 +373,9 @@ async def deregister(worker_id: str, ctx: C, who: WorkerCaller) -> Response:
 async def finish(body: FinishBody, ctx: C, who: WorkerCaller) -> Job:
     """Record an attempt's result. Repeating the same finish is harmless; a stale lease gets 409."""
     await _own_lease(ctx, who, body.lease)
-    return await _finish(ctx, body)
+    job = await _finish(ctx, body)
+    ctx.request.app.state.tokens.drop_leases([body.lease])
+    return job
 
 
 @router.post("/leases/release", response_model=Job | None)
