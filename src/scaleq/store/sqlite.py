@@ -16,6 +16,7 @@ import contextlib
 import os
 import sqlite3
 import stat
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -63,7 +64,7 @@ class SQLiteStore(SQLStore):
         # busy_timeout first: switching to WAL needs a lock, and without it a second opener (another process, a
         # migration) fails at once with "database is locked" instead of waiting its turn
         conn.execute("PRAGMA busy_timeout=5000")
-        conn.execute("PRAGMA journal_mode=WAL")
+        _to_wal(conn)
         conn.execute(f"PRAGMA synchronous={'FULL' if self.durability == 'strict' else 'NORMAL'}")
         self._conn = conn
 
@@ -86,6 +87,20 @@ class SQLiteStore(SQLStore):
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+
+def _to_wal(conn: sqlite3.Connection, patience: float = 5.0) -> None:
+    """Switch to WAL. On a new database, openers racing to switch it can be refused at once ("database is locked":
+    SQLite skips the busy handler where waiting could deadlock), so the switch is tried again for ``patience`` s."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 def _statements(script: str, source: str) -> list[str]:
