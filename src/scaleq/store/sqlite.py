@@ -1,10 +1,11 @@
 """SQLite store: the embedded default.
 
 One connection, owned by one thread (a single writer is SQLite's nature, and WAL lets the one thread serve reads
-fast). WAL mode with ``synchronous=NORMAL`` survives ``kill -9`` of the server — a committed transaction is in the
-WAL before the call returns; ``durability="strict"`` uses ``synchronous=FULL`` for power-loss safety too. The schema
-version is ``PRAGMA user_version``, set in the transaction of the migration it records; ``BEGIN IMMEDIATE`` takes
-the database's one write lock, which is the schema lock too.
+fast); operations that wait for it while it is busy run together, one transaction per batch
+(:mod:`scaleq.store.batching`). WAL mode with ``synchronous=NORMAL`` survives ``kill -9`` of the server — a committed
+transaction is in the WAL before the call returns; ``durability="strict"`` uses ``synchronous=FULL`` for power-loss
+safety too. The schema version is ``PRAGMA user_version``, set in the transaction of the migration it records;
+``BEGIN IMMEDIATE`` takes the database's one write lock, which is the schema lock too.
 
 The database holds job env values and token hashes: its file is made 0600 before SQLite opens it (SQLite gives its
 ``-wal`` and ``-shm`` files the database file's mode), and files left looser by an older version are tightened.
@@ -13,17 +14,22 @@ The database holds job env values and token hashes: its file is made 0600 before
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sqlite3
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, TypeVar
 
+from scaleq.store.batching import Batches
 from scaleq.store.migrations import Migration
 from scaleq.store.queries import load
 from scaleq.store.sql import SQLStore
+
+T = TypeVar("T")
 
 
 class SQLiteStore(SQLStore):
@@ -35,6 +41,16 @@ class SQLiteStore(SQLStore):
         self.path = str(path)
         self.durability = durability
         self._conn: sqlite3.Connection | None = None
+        self._batches = Batches(self._executor, lambda: self._conn, self._transaction)
+
+    @property
+    def batches_run(self) -> int:
+        """How many batches of two operations or more ran in one transaction (see :mod:`scaleq.store.batching`)."""
+        return self._batches.batches
+
+    async def _in_thread(self, transaction: bool, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        result: T = await self._batches.run(functools.partial(fn, *args, **kwargs), transaction)
+        return result
 
     @contextmanager
     def _connection(self) -> Iterator[sqlite3.Connection]:
@@ -67,6 +83,7 @@ class SQLiteStore(SQLStore):
         _to_wal(conn)
         conn.execute(f"PRAGMA synchronous={'FULL' if self.durability == 'strict' else 'NORMAL'}")
         self._conn = conn
+        self._local.conn = conn  # (this is the store thread: every operation runs on it, over this connection)
 
     def _where(self) -> str:
         return self.path
@@ -86,7 +103,7 @@ class SQLiteStore(SQLStore):
     def _close_sync(self) -> None:
         if self._conn is not None:
             self._conn.close()
-            self._conn = None
+            self._conn = self._local.conn = None
 
 
 def _to_wal(conn: sqlite3.Connection, patience: float = 5.0) -> None:

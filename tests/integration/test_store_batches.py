@@ -1,0 +1,102 @@
+"""SQLite's store runs the operations that wait for its thread together, one transaction per batch
+(:mod:`scaleq.store.batching`): each caller must get exactly what running them one by one would have given."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+
+from scaleq.jobs import JobDefinition, Worker
+from scaleq.store.base import NotFound
+from scaleq.store.sqlite import SQLiteStore
+
+
+def keys(store: SQLiteStore) -> list[str]:
+    return [r["k"] for r in store.db.execute("SELECT k FROM scratch ORDER BY k")]
+
+
+async def test_operations_waiting_together_commit_together_and_a_failing_one_alone_is_undone(
+    sqlite_store: SQLiteStore,
+) -> None:
+    store = sqlite_store
+    await store.tx(lambda: store.db.execute("CREATE TABLE scratch (k TEXT PRIMARY KEY)"))
+
+    def insert(k: str, then_fail: bool = False) -> str:
+        store.db.execute("INSERT INTO scratch (k) VALUES (?)", (k,))
+        if then_fail:
+            raise ValueError(f"{k} failed after its insert")
+        return k
+
+    def busy() -> None:
+        time.sleep(0.2)  # holds the store thread: what comes meanwhile waits, and runs as one batch
+
+    first = asyncio.create_task(store.tx(busy))
+    await asyncio.sleep(0.05)
+    before = store.batches_run
+    calls = []
+    for i in range(20):
+        k = f"k{i:02d}"
+        if i == 5:
+            calls.append(store.tx(insert, k, True))  # fails after writing: its write must go, alone
+        elif i == 9:
+            calls.append(store.tx(insert, "k03"))  # a real SQLite error (duplicate key), inside the batch
+        else:
+            calls.append(store.tx(insert, k))
+    calls.append(store.get_job("no-such-job"))  # a store operation's own error
+    outcomes = await asyncio.gather(*calls, return_exceptions=True)
+    await first
+    assert store.batches_run == before + 1
+    assert isinstance(outcomes[5], ValueError) and isinstance(outcomes[9], sqlite3.IntegrityError)
+    assert isinstance(outcomes[20], NotFound)
+    expected = [f"k{i:02d}" for i in range(20) if i not in (5, 9)]
+    assert [o for i, o in enumerate(outcomes[:20]) if i not in (5, 9)] == expected
+    assert await store.tx(keys, store) == expected
+
+
+async def test_a_batch_whose_transaction_breaks_runs_each_operation_again_on_its_own(
+    sqlite_store: SQLiteStore,
+) -> None:
+    store = sqlite_store
+    await store.tx(lambda: store.db.execute("CREATE TABLE scratch (k TEXT PRIMARY KEY)"))
+
+    def insert(k: str) -> str:
+        store.db.execute("INSERT INTO scratch (k) VALUES (?)", (k,))
+        return k
+
+    def breaks() -> None:
+        # as SQLite does on SQLITE_FULL or an I/O error: the whole transaction is rolled back under the batch
+        store.db.execute("ROLLBACK")
+        raise sqlite3.OperationalError("disk I/O error")
+
+    first = asyncio.create_task(store.tx(lambda: time.sleep(0.2)))
+    await asyncio.sleep(0.05)
+    calls = [store.tx(insert, "a"), store.tx(insert, "b"), store.tx(breaks), store.tx(insert, "c")]
+    outcomes = await asyncio.gather(*calls, return_exceptions=True)
+    await first
+    assert outcomes[:2] == ["a", "b"] and outcomes[3] == "c"
+    # alone, the breaking operation fails again (its ROLLBACK ends its own transaction): its caller gets an error
+    assert isinstance(outcomes[2], sqlite3.OperationalError)
+    assert await store.tx(keys, store) == ["a", "b", "c"]  # each once: nothing of the broken batch was kept
+
+
+async def test_a_submit_and_the_claims_behind_it_in_one_batch_run_in_their_order(sqlite_store: SQLiteStore) -> None:
+    """The store's own operations, batched: two workers' claims queued behind a submit, in one transaction — the
+    first claim takes the job, the second finds nothing, exactly as one after the other."""
+    store = sqlite_store
+    now = time.time()
+    for wid in ("w1", "w2"):
+        caps = {"cpus": 4.0, "memory": 8 << 30, "gpus": 0, "runtimes": ["process"]}
+        await store.register_worker(Worker(id=wid, queue="q", slots=1, started_at=now, last_heartbeat=now, **caps), now)
+    before = store.batches_run
+    first = asyncio.create_task(store.tx(lambda: time.sleep(0.2)))
+    await asyncio.sleep(0.05)
+    submitted, c1, c2 = await asyncio.gather(
+        store.submit("q", JobDefinition(command=["true"]), priority=0, max_attempts=1, rerun=False, now=now),
+        store.worker_claim("w1", 1, now, 30),
+        store.worker_claim("w2", 1, now, 30),
+    )
+    await first
+    assert store.batches_run == before + 1
+    assert [c.job.id for c in c1.claims] == [submitted[0].id] and c2.claims == []
+    assert (await store.get_job(submitted[0].id)).state == "running"
