@@ -15,6 +15,7 @@ import asyncio
 import functools
 import json
 import logging
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -67,7 +68,7 @@ class SQLStore:
 
     def __init__(self, threads: int, *, migrate: bool = True) -> None:
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"scaleq-{type(self).__name__}")
-        self._local = __import__("threading").local()
+        self._local = threading.local()
         #: Apply pending migrations when the store opens (``scaleq migrate --check`` opens without).
         self.migrate_on_open = migrate
 
