@@ -100,3 +100,27 @@ async def test_a_submit_and_the_claims_behind_it_in_one_batch_run_in_their_order
     assert store.batches_run == before + 1
     assert [c.job.id for c in c1.claims] == [submitted[0].id] and c2.claims == []
     assert (await store.get_job(submitted[0].id)).state == "running"
+
+
+async def test_a_lease_granted_or_renewed_after_a_wait_in_line_still_lasts_its_full_term(
+    sqlite_store: SQLiteStore,
+) -> None:
+    """An overloaded server's operations wait in line for the store: a lease must be reckoned from when it is
+    written, not from when its request arrived, or a worker's first heartbeat comes after it has expired."""
+    store = sqlite_store
+    t0 = time.time()
+    caps = {"cpus": 4.0, "memory": 8 << 30, "gpus": 0, "runtimes": ["process"]}
+    await store.register_worker(Worker(id="w1", queue="q", slots=2, started_at=t0, last_heartbeat=t0, **caps), t0)
+    for cmd in ("a", "b"):
+        await store.submit("q", JobDefinition(command=[cmd]), priority=0, max_attempts=1, rerun=False, now=t0)
+    busy = asyncio.create_task(store.tx(lambda: time.sleep(0.5)))  # the line: half a second
+    await asyncio.sleep(0.05)
+    got = await store.worker_claim("w1", 1, t0, 10.0)  # asked at t0, written ~0.45 s later
+    await busy
+    assert await store.expire_leases(t0 + 10.2) == []  # would have expired at t0 + 10 if reckoned from the ask
+    busy = asyncio.create_task(store.tx(lambda: time.sleep(0.5)))
+    await asyncio.sleep(0.05)
+    await store.heartbeat("w1", t0 + 5, 10.0, [got.claims[0].lease])  # the same for a renewal
+    await busy
+    assert await store.expire_leases(t0 + 15.2) == []
+    assert [e.job_id for e in await store.expire_leases(t0 + 16.5)] == [got.claims[0].job.id]

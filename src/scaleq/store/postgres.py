@@ -39,7 +39,7 @@ from scaleq.store import rows
 from scaleq.store.base import ArrayRecord, FinishResult, NotFound, Submission, WorkerClaim
 from scaleq.store.migrations import Migration
 from scaleq.store.queries import load
-from scaleq.store.sql import SQLStore
+from scaleq.store.sql import SQLStore, clock_from
 
 CHANNEL = "scaleq"
 #: Keys whose NOTIFY goes out at once: they wake workers parked in a claim (and the autoscaler, with "any").
@@ -206,8 +206,13 @@ class PostgresStore(SQLStore):
     ) -> WorkerClaim:
         """One statement (worker_claim) on a hot-path connection."""
         finishes = finishes or []
-        params = {"worker_id": worker_id, "n": max(n, 0), "now": now, "expires": now + lease_seconds}
-        found = await self._hot_all("worker_claim", {**params, **_batch(finishes)})
+        at, batch = clock_from(now), _batch(finishes)
+
+        def params() -> dict[str, Any]:  # (read once a connection is ours: see clock_from)
+            now = at()
+            return {"worker_id": worker_id, "n": max(n, 0), "now": now, "expires": now + lease_seconds, **batch}
+
+        found = await self._hot_all("worker_claim", params)
         claim_rows = [r for r in found if r["finished_lease"] is None]
         if not claim_rows:
             raise NotFound(f"no worker {worker_id}; register first")
@@ -277,11 +282,12 @@ class PostgresStore(SQLStore):
         if time.monotonic() - self._used.get(id(conn), -CHECK_AFTER) >= CHECK_AFTER:  # see _check
             await AsyncConnectionPool.check_connection(conn)
 
-    async def _hot_all(self, query: str, params: dict[str, Any]) -> list[dict[str, Any]]:
-        """One statement on a hot-path connection, in the event loop."""
+    async def _hot_all(self, query: str, params: dict[str, Any] | Callable[[], dict[str, Any]]) -> list[dict[str, Any]]:
+        """One statement on a hot-path connection, in the event loop (``params`` may be made once it has one)."""
         assert self._hot is not None, "store is not open"
         async with self._hot.connection() as conn:
-            found = await (await conn.execute(self.Q[query], params)).fetchall()
+            values = params() if callable(params) else params
+            found = await (await conn.execute(self.Q[query], values)).fetchall()
             self._used[id(conn)] = time.monotonic()
         return found  # type: ignore[return-value]
 
