@@ -696,6 +696,7 @@ def run_row(n: int, setup: str, mode: str, a: Args, pg: Any, row_no: int) -> dic
         for s in servers:
             stop_server(s)
         lost = lost_in_store(store, servers[0].data_dir)
+        warnings = [server_warnings(s) for s in servers]
     finally:
         for s in servers:
             stop_server(s)
@@ -705,7 +706,26 @@ def run_row(n: int, setup: str, mode: str, a: Args, pg: Any, row_no: int) -> dic
 
             with contextlib.suppress(Exception), psycopg.connect(pg.url, autocommit=True) as conn:
                 conn.execute(f"DROP DATABASE {db} WITH (FORCE)")
-    return summarise(n, setup, mode, a, m, lost)
+    row = summarise(n, setup, mode, a, m, lost)
+    row["server_warnings"] = warnings
+    return row
+
+
+def server_warnings(s: Server) -> dict[str, Any]:
+    """What a server logged at WARNING or above over the row: how many lines, by message with ids and numbers blanked
+    (a few examples each) — why a row went wrong, in the server's own words."""
+    import re
+
+    kinds: Counter[str] = Counter()
+    first: dict[str, str] = {}
+    with contextlib.suppress(OSError):
+        for line in (s.data_dir / "server.log").read_text(errors="replace").splitlines():
+            if not re.search(r"\b(WARNING|ERROR|CRITICAL)\b|Traceback", line):
+                continue
+            kind = re.sub(r"[0-9a-f]{6,}|\d+(\.\d+)?", "#", line)[-160:]
+            kinds[kind] += 1
+            first.setdefault(kind, line[-300:])
+    return {"lines": sum(kinds.values()), "kinds": [{"count": c, "example": first[k]} for k, c in kinds.most_common(5)]}
 
 
 def drive(

@@ -39,7 +39,7 @@ from scaleq.store import rows
 from scaleq.store.base import ArrayRecord, FinishResult, NotFound, Submission, WorkerClaim
 from scaleq.store.migrations import Migration
 from scaleq.store.queries import load
-from scaleq.store.sql import SQLStore, clock_from
+from scaleq.store.sql import SQLStore, waited
 
 CHANNEL = "scaleq"
 #: Keys whose NOTIFY goes out at once: they wake workers parked in a claim (and the autoscaler, with "any").
@@ -206,11 +206,11 @@ class PostgresStore(SQLStore):
     ) -> WorkerClaim:
         """One statement (worker_claim) on a hot-path connection."""
         finishes = finishes or []
-        at, batch = clock_from(now), _batch(finishes)
+        wait, batch = waited(), _batch(finishes)
 
-        def params() -> dict[str, Any]:  # (read once a connection is ours: see clock_from)
-            now = at()
-            return {"worker_id": worker_id, "n": max(n, 0), "now": now, "expires": now + lease_seconds, **batch}
+        def params() -> dict[str, Any]:  # (made once a connection is ours: see waited)
+            expires = now + lease_seconds + wait()
+            return {"worker_id": worker_id, "n": max(n, 0), "now": now, "expires": expires, **batch}
 
         found = await self._hot_all("worker_claim", params)
         claim_rows = [r for r in found if r["finished_lease"] is None]

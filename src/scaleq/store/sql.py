@@ -57,13 +57,14 @@ Row = Any
 log = logging.getLogger("scaleq.store")
 
 
-def clock_from(now: float) -> Callable[[], float]:
-    """``now`` as the caller read it, moved on by however long the operation then waited for the store (in line for
-    its thread or a connection). A lease is granted or renewed for its full term from when it is written: an
-    overloaded server whose operations wait seconds in line must not hand out leases already half spent (a fleet
-    too large for its server lost them by the thousand: the worker's first heartbeat came too late)."""
+def waited() -> Callable[[], float]:
+    """Seconds since this was called: how long an operation then waited for the store (in line for its thread or a
+    connection), added to the term of the leases it grants or renews. A lease lasts its full term from when it is
+    written: an overloaded server whose operations wait seconds in line must not hand out leases already half spent
+    (a fleet too large for its server lost them by the thousand: the worker's first heartbeat came too late). The
+    times recorded stay the caller's ``now``."""
     called = time.monotonic()
-    return lambda: now + (time.monotonic() - called)
+    return lambda: time.monotonic() - called
 
 
 class SQLStore:
@@ -454,8 +455,10 @@ class SQLStore:
         return [Claim(job=rows.job(r), attempt=r["attempt_seq"], lease=r["lease"]) for r in claimed]
 
     async def claim(self, worker_id: str, n: int, now: float, lease_seconds: float) -> list[Claim]:
-        at = clock_from(now)
-        return await self.tx(lambda: self._claim_rows(worker_id, self._worker_caps(worker_id), n, at(), lease_seconds))
+        wait = waited()
+        return await self.tx(
+            lambda: self._claim_rows(worker_id, self._worker_caps(worker_id), n, now, lease_seconds + wait())
+        )
 
     def _worker_claim(
         self, worker_id: str, n: int, now: float, lease_seconds: float, finishes: list[tuple[str, FinishResult]]
@@ -481,18 +484,17 @@ class SQLStore:
         finishes: list[tuple[str, FinishResult]] | None = None,
     ) -> WorkerClaim:
         run = self._run if self.single_statement_batches else self.tx
-        at = clock_from(now)
-        return await run(lambda: self._worker_claim(worker_id, n, at(), lease_seconds, finishes or []))
+        wait = waited()
+        return await run(lambda: self._worker_claim(worker_id, n, now, lease_seconds + wait(), finishes or []))
 
     async def heartbeat(
         self, worker_id: str, now: float, lease_seconds: float, held: list[str] | None = None
     ) -> tuple[str, set[str]]:
         held_json = None if held is None else json.dumps(held)
-        at = clock_from(now)
+        wait = waited()
 
         def op() -> tuple[str, set[str]]:
-            now = at()
-            renew = {"worker_id": worker_id, "expires": now + lease_seconds, "held": held_json}
+            renew = {"worker_id": worker_id, "expires": now + lease_seconds + wait(), "held": held_json}
             row = self._one("touch_worker", id=worker_id, now=now)
             if row is None:
                 raise NotFound(f"no worker {worker_id}; register first")

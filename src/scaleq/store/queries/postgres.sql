@@ -286,12 +286,16 @@ UPDATE workers SET last_heartbeat = :now
 
 -- name: queue_stats
 -- queue_counts plus the deltas not yet folded into it (migration 0011), so exact between folds; one snapshot sees a
--- fold whole or not at all. The oldest queued job from the jobs_stats index (a queued job's reason is always NULL).
+-- fold whole or not at all. The oldest queued job from the jobs_stats index (a queued job's reason is always NULL):
+-- written as ORDER BY the index's own columns … LIMIT 1: min(), or ORDER BY submitted_at alone, does not let the planner
+-- read the index in order (reason IS NULL is no equality to it), so it scanned and sorted the whole queue once most
+-- of the table was one queue's queued jobs (476 ms at 1M, bench/scale.py; its high cost estimate switched JIT on too).
 SELECT u.queue, CAST(sum(u.queued) AS BIGINT) AS queued, CAST(sum(u.running) AS BIGINT) AS running,
        CAST(sum(u.finished) AS BIGINT) AS finished, CAST(sum(u.succeeded) AS BIGINT) AS succeeded,
        CAST(sum(u.finished) - sum(u.succeeded) AS BIGINT) AS unsuccessful,
-       (SELECT min(j.submitted_at) FROM jobs j
-         WHERE j.queue = u.queue AND j.state = 'queued' AND j.reason IS NULL) AS oldest_queued_at
+       (SELECT j.submitted_at FROM jobs j
+         WHERE j.queue = u.queue AND j.state = 'queued' AND j.reason IS NULL
+         ORDER BY j.queue, j.state, j.reason, j.submitted_at LIMIT 1) AS oldest_queued_at
   FROM (SELECT queue, queued, running, finished, succeeded FROM queue_counts
         UNION ALL SELECT queue, queued, running, finished, succeeded FROM queue_count_deltas) AS u
  GROUP BY u.queue
