@@ -210,14 +210,34 @@ async def test_a_finish_riding_along_reads_its_lease_owner_only_when_this_server
         claims, finished, _ = await w.claim("w1", 1, wait=0, finishes=[{"lease": leases[1], **ok}])
         assert reads[-1] == [leases[1]] and finished[0]["ok"] is True
         leases.append(claims[0].lease)
-        # and /leases/finish takes the same way
+        # and /leases/finish takes the same way: another token's finish is read and refused, its own is not read
         before = len(reads)
-        live.app.state.tokens.put_leases([leases[2]], "nobody")  # type: ignore[attr-defined]
-        with pytest.raises(ApiError) as e:  # a stale memory of another owner is checked, not trusted
+        with pytest.raises(ApiError) as e:
             await other.finish({"lease": leases[2], **ok})
         assert e.value.status == 403 and len(reads) == before + 1
         done = await w.finish({"lease": leases[2], **ok})
-        assert done.state == "finished" and len(reads) == before + 2
+        assert done.state == "finished" and len(reads) == before + 1
+
+
+async def test_a_worker_id_registered_again_by_another_token_takes_its_binding_and_leases_along(
+    sqlite_live: LiveServer,
+) -> None:
+    """The server remembers bindings and the leases it handed out: once a gone worker's id is registered by another
+    token, the old token can act neither on the worker nor on the lease this server handed it before."""
+    live = sqlite_live
+    async with live.client("admin") as admin:
+        other_token = (await admin.create_token("worker", "other hosts"))["token"]
+    async with live.client("submit") as s, live.client("worker") as a, Client(live.url, other_token) as b:
+        await s.submit(_job("echo rebound"))
+        await _register(a, "w9")
+        claims, _, _ = await a.claim("w9", 1, wait=0)
+        lease = claims[0].lease
+        await live.store.set_worker_state("w9", "gone")  # as another server marks a silent worker gone
+        await _register(b, "w9")  # the id is free: token b takes it, on this server
+        for call in (a.heartbeat("w9"), a.claim("w9", 1, wait=0), a.finish({"lease": lease, "reason": "success"})):
+            with pytest.raises(ApiError) as e:
+                await call
+            assert e.value.status == 403 and "another token" in e.value.detail
 
 
 async def test_a_worker_token_reads_only_what_the_docs_say(live: LiveServer) -> None:

@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
+from pathlib import Path
+
+import pytest
 
 from scaleq.jobs import JobDefinition, Worker
 from scaleq.store.base import NotFound
@@ -124,3 +127,32 @@ async def test_a_lease_granted_or_renewed_after_a_wait_in_line_still_lasts_its_f
     await busy
     assert await store.expire_leases(t0 + 15.2) == []
     assert [e.job_id for e in await store.expire_leases(t0 + 16.5)] == [got.claims[0].job.id]
+
+
+async def test_an_operation_after_the_store_closed_fails_at_once_and_so_does_the_next(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "scaleq.db")
+    await store.open()
+    await store.close()
+    for job_id in ("a", "b"):  # the first must not leave the queue stuck for the second
+        with pytest.raises(RuntimeError):
+            await asyncio.wait_for(store.get_job(job_id), 5)
+
+
+async def test_a_long_line_is_taken_in_batches_that_stop_after_their_time(sqlite_store: SQLiteStore) -> None:
+    """Operations behind a slow one go into the next batch: the answers before it wait for it alone."""
+    store = sqlite_store
+    first = asyncio.create_task(store.tx(lambda: time.sleep(0.2)))
+    await asyncio.sleep(0.05)
+    before = store.batches_run
+    order: list[str] = []
+
+    def step(name: str, seconds: float) -> str:
+        time.sleep(seconds)
+        order.append(name)
+        return name
+
+    calls = [store.tx(step, "quick1", 0), store.tx(step, "slow", 0.1), store.tx(step, "quick2", 0)]
+    assert await asyncio.gather(*calls) == ["quick1", "slow", "quick2"]
+    await first
+    assert order == ["quick1", "slow", "quick2"]
+    assert store.batches_run == before + 1  # quick1 and slow together; quick2 after them, alone

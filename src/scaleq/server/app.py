@@ -62,7 +62,14 @@ def create_app(
         app.state.notifier.forward = store.publish
         await store.listen(app.state.notifier.deliver)
         sweeper = asyncio.create_task(
-            housekeeping.run(store, app.state.notifier, app.state.settings, clock, app.state.open_claims)
+            housekeeping.run(
+                store,
+                app.state.notifier,
+                app.state.settings,
+                clock,
+                app.state.open_claims,
+                on_gone=app.state.tokens.unbind,
+            )
         )
         try:
             yield

@@ -58,17 +58,19 @@ _MAX_ENTRIES = 100_000  # per map: a fleet of 10,000 workers uses a tenth; past 
 
 class TokenCache:
     """Recently seen token hashes → caller, so a hot path does not read the store on every request; recently
-    confirmed (worker, token) bindings, so a claim or heartbeat does not read its binding every time; and the token
+    confirmed worker → token bindings, so a claim or heartbeat does not read its binding every time; and the worker
     of each lease this server handed out, so a finish riding along with a claim does not read its lease's owner.
 
-    A lease's token cannot change while the lease lives (its worker stays bound to the token until it is gone), so a
-    lease entry holds until the finish drops it; a lease handed out by another server, or forgotten after a restart
-    or an overflow, is read from the store as before."""
+    A worker has one binding here: a registration overwrites it, a deregistration or this server marking the worker
+    gone drops it. A lease is trusted only through its worker's binding, so it follows the binding (rebound, dropped
+    or expired, the lease's owner is read from the store again). A lease handed out by another server, or forgotten
+    after a restart or an overflow, is read from the store as before. What another server does to a binding reaches
+    this one when the entry expires (:data:`_BINDING_SECONDS`)."""
 
     def __init__(self) -> None:
         self._seen: dict[str, tuple[Caller, float]] = {}
-        self._bound: dict[tuple[str, str], float] = {}
-        self._leases: dict[str, str] = {}
+        self._bound: dict[str, tuple[str, float]] = {}  # worker id -> (token id, confirmed at)
+        self._leases: dict[str, str] = {}  # lease -> worker id
 
     def get(self, token_hash: str) -> Caller | None:
         hit = self._seen.get(token_hash)
@@ -82,26 +84,27 @@ class TokenCache:
         self._seen[token_hash] = (caller, time.monotonic())
 
     def bound(self, worker_id: str, token_id: str) -> bool:
-        at = self._bound.get((worker_id, token_id))
-        return at is not None and time.monotonic() - at < _BINDING_SECONDS
+        hit = self._bound.get(worker_id)
+        return hit is not None and hit[0] == token_id and time.monotonic() - hit[1] < _BINDING_SECONDS
 
     def put_bound(self, worker_id: str, token_id: str) -> None:
         if len(self._bound) > _MAX_ENTRIES:
             self._bound.clear()
-        self._bound[(worker_id, token_id)] = time.monotonic()
+        self._bound[worker_id] = (token_id, time.monotonic())
 
-    def unbind(self, worker_id: str, token_id: str) -> None:
-        self._bound.pop((worker_id, token_id), None)
+    def unbind(self, worker_id: str) -> None:
+        self._bound.pop(worker_id, None)
 
-    def lease_token(self, lease: str) -> str | None:
-        """The token whose worker this server handed ``lease`` to (None: not known here)."""
-        return self._leases.get(lease)
+    def lease_bound(self, lease: str, token_id: str) -> bool:
+        """Whether this server handed ``lease`` to a worker bound here to ``token_id`` now."""
+        worker_id = self._leases.get(lease)
+        return worker_id is not None and self.bound(worker_id, token_id)
 
-    def put_leases(self, leases: list[str], token_id: str) -> None:
+    def put_leases(self, leases: list[str], worker_id: str) -> None:
         if len(self._leases) + len(leases) > _MAX_ENTRIES:
             self._leases.clear()
         for lease in leases:
-            self._leases[lease] = token_id
+            self._leases[lease] = worker_id
 
     def drop_leases(self, leases: list[str]) -> None:
         for lease in leases:

@@ -68,13 +68,15 @@ async def run(
     settings: ServerSettings,
     clock: Callable[[], float],
     open_claims: OpenClaims | None = None,
+    on_gone: Callable[[str], None] = lambda worker_id: None,
 ) -> None:
+    """``on_gone``: told each worker this server marks gone (the server drops what it remembers of it)."""
     await store.extend_leases(clock(), settings.lease_seconds)
     ticks = 0
     touch_every = max(1, int(settings.heartbeat_seconds / settings.sweep_interval))
     while True:
         try:
-            await tick(
+            gone = await tick(
                 store,
                 notifier,
                 settings,
@@ -83,6 +85,8 @@ async def run(
                 touch=ticks % touch_every == 0,
                 mark_gone=ticks % 10 == 0,
             )
+            for worker_id in gone:
+                on_gone(worker_id)
         except Exception:  # a sweep must never stop sweeping
             log.exception("housekeeping failed; retrying")
         ticks += 1

@@ -11,13 +11,18 @@ So :class:`Batches` keeps the operations waiting in a list of its own and has th
 * one operation waiting runs exactly as before (its own transaction, or none);
 * several run in one ``BEGIN IMMEDIATE`` … ``COMMIT``, each inside a ``SAVEPOINT``: one that raises is rolled back to
   its savepoint, alone, and its caller gets the exception as before; the others' work commits;
-* their callers are answered after the ``COMMIT``, in one wake-up of the event loop.
+* their callers are answered after the ``COMMIT``, in one wake-up of the event loop;
+* a batch takes no more operations once those run have taken :data:`MAX_SECONDS` (the rest wait for the next), so
+  the answers of the operations before a heavy one (a large blob, a purge) wait for it alone, not for all that came
+  after it; and the thread is handed back between batches, so a migration or the store's close queued meanwhile is
+  not starved.
 
 Each caller sees exactly what running the operations one after another, in arrival order, would have given: they
 run in that order, on one connection, and none is answered before its work is durable. Where the batch itself
 breaks — the ``COMMIT`` fails, or an error makes SQLite roll the whole transaction back (``SQLITE_FULL``,
 ``SQLITE_IOERR``) — nothing of it was committed or answered, and each operation is run again on its own, as if it had
-never been batched.
+never been batched: so an operation must be safe to run twice up to its failure (a function of the database
+and its arguments: one that consumes a stream sets its position inside itself).
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable
 from concurrent.futures import Executor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -35,6 +41,9 @@ log = logging.getLogger("scaleq.store")
 
 #: More than this many waiting operations are taken in two batches or more: one transaction stays short.
 MAX_BATCH = 256
+#: A batch takes no more operations once those run have taken this long: the rest wait for the next batch, so an
+#: operation's answer waits for the commit of little more than the operations before it.
+MAX_SECONDS = 0.02
 
 
 @dataclass
@@ -74,36 +83,53 @@ class Batches:
             start = not self._draining
             self._draining = True
         if start:
-            self._executor.submit(self._drain)
+            self._submit()
         return await op.future
 
-    def _drain(self) -> None:
-        """On the store thread: run what waits, batch after batch, until nothing does."""
-        while True:
+    def _submit(self) -> None:
+        try:
+            self._executor.submit(self._drain)
+        except RuntimeError as exc:  # the executor is shut down (the store closed): fail what waits, not hang it
             with self._lock:
-                batch, self._waiting = self._waiting[:MAX_BATCH], self._waiting[MAX_BATCH:]
-                if not batch:
-                    self._draining = False
-                    return
-            outcomes = list(self._run(batch))
-            by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Op, bool, Any]]] = {}
-            for op, (ok, value) in zip(batch, outcomes, strict=True):
-                by_loop.setdefault(op.loop, []).append((op, ok, value))
-            for loop, answers in by_loop.items():
-                try:
-                    loop.call_soon_threadsafe(_answer, answers)
-                except RuntimeError:  # that loop is closed: nobody waits for these answers any more
-                    pass
+                stranded, self._waiting, self._draining = self._waiting, [], False
+            _deliver(stranded, [(False, exc)] * len(stranded))
 
-    def _run(self, batch: list[_Op]) -> Iterator[tuple[bool, Any]]:
+    def _drain(self) -> None:
+        """On the store thread: run one batch of what waits, then hand the thread back (a migration or the close
+        queued on the same executor gets its turn) and come back for the rest."""
+        with self._lock:
+            batch, self._waiting = self._waiting[:MAX_BATCH], self._waiting[MAX_BATCH:]
+            if not batch:
+                self._draining = False
+                return
+        outcomes: list[tuple[bool, Any]] = []
+        try:
+            outcomes = self._run(batch)
+        except BaseException as exc:  # not an operation's own error (those are outcomes): fail the batch whole
+            outcomes = [(False, exc if isinstance(exc, Exception) else RuntimeError(f"store thread: {exc!r}"))] * len(
+                batch
+            )
+            raise
+        finally:
+            ran = batch[: len(outcomes)]
+            with self._lock:  # what the time limit left undone goes first next time
+                self._waiting[:0] = batch[len(outcomes) :]
+            _deliver(ran, outcomes)
+            self._submit()
+
+    def _run(self, batch: list[_Op]) -> list[tuple[bool, Any]]:
+        """The outcomes of the first operations of ``batch``, in order: all of them, or as many as ran within
+        :data:`MAX_SECONDS` (a heavy operation must not hold the answers of those that ran before it)."""
         if len(batch) == 1:
-            yield self._alone(batch[0])
-            return
+            return [self._alone(batch[0])]
         conn = self._conn()
         outcomes: list[tuple[bool, Any]] = []
+        started = time.monotonic()
         try:
             with self._transaction(conn):
                 for op in batch:
+                    if outcomes and time.monotonic() - started > MAX_SECONDS:
+                        break
                     conn.execute("SAVEPOINT op")
                     try:
                         value = op.call()
@@ -119,8 +145,10 @@ class Batches:
             self.batches += 1
         except Exception as exc:
             log.warning("a batch of %d store operations failed as a whole (%s): each runs again alone", len(batch), exc)
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
             outcomes = [self._alone(op) for op in batch]
-        yield from outcomes
+        return outcomes
 
     def _alone(self, op: _Op) -> tuple[bool, Any]:
         try:
@@ -134,6 +162,18 @@ class Batches:
 
 class _Broken(Exception):
     """The batch's transaction is gone: it must be run again, operation by operation."""
+
+
+def _deliver(ops: list[_Op], outcomes: list[tuple[bool, Any]]) -> None:
+    """Hand each caller its outcome on its own event loop, one wake-up per loop."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Op, bool, Any]]] = {}
+    for op, (ok, value) in zip(ops, outcomes, strict=True):
+        by_loop.setdefault(op.loop, []).append((op, ok, value))
+    for loop, answers in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_answer, answers)
+        except RuntimeError:  # that loop is closed: nobody waits for these answers any more
+            pass
 
 
 def _answer(answers: list[tuple[_Op, bool, Any]]) -> None:

@@ -680,14 +680,18 @@ class SQLStore:
 
     async def put_blob(self, sha256: str, data: bytes) -> None:
         view = memoryview(data)
-        offset = 0
 
-        def read(n: int) -> bytes:
-            nonlocal offset
-            offset += n
-            return bytes(view[offset - n : offset])
+        def op() -> None:  # (its reading starts over each time: an operation may run twice, see store/batching.py)
+            offset = 0
 
-        await self.tx(self._put_parts, sha256, len(data), read)
+            def read(n: int) -> bytes:
+                nonlocal offset
+                offset += n
+                return bytes(view[offset - n : offset])
+
+            self._put_parts(sha256, len(data), read)
+
+        await self.tx(op)
 
     async def put_blob_file(self, sha256: str, size: int, path: str) -> None:
         """Store a file's bytes (whose hash and size the caller computed) part by part, in one transaction."""

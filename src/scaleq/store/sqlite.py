@@ -62,10 +62,11 @@ class SQLiteStore(SQLStore):
         conn.execute("BEGIN IMMEDIATE")
         try:
             yield
+            conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:  # (SQLite may have rolled it back itself: SQLITE_FULL, an I/O error)
+                conn.execute("ROLLBACK")
             raise
-        conn.execute("COMMIT")
 
     def _connect_sync(self) -> None:
         if self.path != ":memory:":

@@ -179,7 +179,7 @@ async def _foreign_leases(ctx: Ctx, who: Caller, leases: list[str]) -> set[str]:
     if who.role == "admin" or not leases:
         return set()
     cache = ctx.request.app.state.tokens
-    unknown = [lease for lease in leases if cache.lease_token(lease) != who.token_id]
+    unknown = [lease for lease in leases if not cache.lease_bound(lease, who.token_id)]
     if not unknown:
         return set()
     owners = await ctx.store.lease_tokens(unknown)
@@ -316,7 +316,7 @@ async def _claim(
     finally:
         notifier.unpark(waiter)
     if got.claims:
-        request.app.state.tokens.put_leases([c.lease for c in got.claims], who.token_id)
+        request.app.state.tokens.put_leases([c.lease for c in got.claims], worker_id)
         metrics.observe_claimed(request.app, got.claims)
         for c in got.claims:
             ctx.notifier.changed(c.job.id)
@@ -364,7 +364,7 @@ async def deregister(worker_id: str, ctx: C, who: WorkerCaller) -> Response:
     await _own_worker(ctx, who, worker_id)
     await ctx.store.set_worker_state(worker_id, "gone")
     ctx.request.app.state.open_claims.forget(worker_id)
-    ctx.request.app.state.tokens.unbind(worker_id, who.token_id)
+    ctx.request.app.state.tokens.unbind(worker_id)
     ctx.notifier.notify("any")
     return Response(status_code=204)
 
