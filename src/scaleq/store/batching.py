@@ -111,15 +111,16 @@ class Batches:
             )
             raise
         finally:
-            ran = batch[: len(outcomes)]
             with self._lock:  # what the time limit left undone goes first next time
                 self._waiting[:0] = batch[len(outcomes) :]
-            _deliver(ran, outcomes)
-            self._submit()
+                more = self._draining = bool(self._waiting)
+            _deliver(batch[: len(outcomes)], outcomes)
+            if more:
+                self._submit()
 
     def _run(self, batch: list[_Op]) -> list[tuple[bool, Any]]:
-        """The outcomes of the first operations of ``batch``, in order: all of them, or as many as ran within
-        :data:`MAX_SECONDS` (a heavy operation must not hold the answers of those that ran before it)."""
+        """The outcomes of the first operations of ``batch``, in order: all of them, or those run until they had
+        taken :data:`MAX_SECONDS` (what comes after a heavy operation does not hold its answer, nor theirs)."""
         if len(batch) == 1:
             return [self._alone(batch[0])]
         conn = self._conn()

@@ -386,6 +386,7 @@ async def release(body: ReleaseBody, ctx: C, who: WorkerCaller) -> Job | None:
     worker = await _lease_worker(ctx, body.lease) if body.reason == "preempted" else None
     now = ctx.now()
     job = await ctx.store.release(body.lease, now, body.reason)
+    ctx.request.app.state.tokens.drop_leases([body.lease])
     if job is not None:
         ctx.notifier.submitted(job.queue, job.id)
         if worker is not None and worker.group:
