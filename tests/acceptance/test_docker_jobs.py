@@ -185,6 +185,9 @@ def test_sigterm_drains_the_worker_running_container_jobs(
     gated = f"while [ ! -e /tmp/gate ]; do sleep 0.05; done; echo {uuid.uuid4().hex} > /outputs/done.txt"
     job_id = docker_grid.submit("default", "--image", BUSYBOX, "--", "sh", "-c", gated)
     docker_grid.wait_state(job_id, "running", timeout=20)
+    # "running" is written when the server hands the claim out; a SIGTERM before the worker reads that answer hands
+    # the job back unrun (a drain starts nothing new), so the signal waits until the container is there
+    wait_for(lambda: bool(job_objects(engine, f"scaleq.job={job_id}")[0]), 20, 0.1, "the job's container")
 
     worker.proc.send_signal(signal.SIGTERM)
 
