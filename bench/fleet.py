@@ -58,8 +58,11 @@ workers drain and leave (spread over 5 s). Only requests *sent* inside the measu
 * *spurious* lease expiries — every worker is alive and heartbeating throughout, so any lost attempt is spurious:
   attempts the server ended ``lost`` (a lease expired), jobs finished ``worker_lost``, leases a worker had to
   abandon (its heartbeat's answer no longer listed them), finishes refused, and workers the server marked gone
-  while they were beating (read at the window's end). Counted from the store after the row (SQL on ``attempts`` and
-  ``jobs``) and from the workers;
+  while they were beating — counted from the server's own log (its housekeeping's "stopped heartbeating; marked
+  gone" lines for this row's workers), never from a listing of states: a worker that deregisters is ``gone`` too,
+  and a listing the server answers after the window's end counted those as spurious (the fleet starts leaving one
+  second after the window). Counted from the store after the row (SQL on ``attempts`` and ``jobs``), from the
+  server's log and from the workers;
 * *server loop* (JSON ``server_loop``, per server): its event loop's lag over the window (p99 and the largest, as
   the upper bounds of ``scaleq_event_loop_lag_seconds``' buckets) and its full garbage collections (count, mean
   pause: ``scaleq_gc_full_seconds``), read from its ``/metrics`` at both ends of the window: why a row is late;
@@ -671,7 +674,7 @@ class Measured:
     rss: list[int] = field(default_factory=list)  # largest sample, per server
     pg_cpu: float = 0.0
     pg_conns: int = 0
-    gone: int = 0  # our workers the server listed as gone at the window's end
+    listed_gone: int = 0  # our workers the server listed as gone when asked after the window (those leaving count)
     active: int = 0
     stats: list[dict[str, Any]] = field(default_factory=list)  # one per generator
     submitter: dict[str, Any] = field(default_factory=dict)
@@ -696,6 +699,7 @@ def run_row(n: int, setup: str, mode: str, a: Args, pg: Any, row_no: int) -> dic
         for s in servers:
             stop_server(s)
         lost = lost_in_store(store, servers[0].data_dir)
+        lost["marked_gone_while_alive"] = sum(marked_gone(s, f"fleet-{row_no}-") for s in servers)
         warnings = [server_warnings(s) for s in servers]
     finally:
         for s in servers:
@@ -709,6 +713,18 @@ def run_row(n: int, setup: str, mode: str, a: Args, pg: Any, row_no: int) -> dic
     row = summarise(n, setup, mode, a, m, lost)
     row["server_warnings"] = warnings
     return row
+
+
+def marked_gone(s: Server, prefix: str) -> int:
+    """How many workers named ``prefix…`` this server's housekeeping marked gone (it logs each; a deregistration is
+    not logged so, and a worker already gone is never marked again)."""
+    import re
+
+    pattern = re.compile(rf"worker ({re.escape(prefix)}\S+) stopped heartbeating; marked gone")
+    with contextlib.suppress(OSError):
+        text = (s.data_dir / "server.log").read_text(errors="replace")
+        return len({m.group(1) for m in pattern.finditer(text)})
+    return 0
 
 
 def server_warnings(s: Server) -> dict[str, Any]:
@@ -781,7 +797,7 @@ def drive(
         m = sample(w, servers, pg, db)
         for spy in spies:
             spy.wait()
-        m.gone, m.active = workers_by_state(servers[0], queue)
+        m.listed_gone, m.active = workers_by_state(servers[0], queue)
         for _ in procs:
             got = out.get(timeout=a.duration + 600)
             if "stats" in got:
@@ -895,7 +911,8 @@ def loop_health(before: Histograms, after: Histograms) -> dict[str, Any]:
 
 
 def workers_by_state(server: Server, queue: str) -> tuple[int, int]:
-    """(gone, active) among the fleet's workers, as the server lists them (all still beating at this point)."""
+    """(gone, active) among the fleet's workers, as the server lists them once the window is over: those that have
+    begun to leave by the time it answers are listed gone (or draining), so this is no count of spurious marks."""
     import httpx
 
     with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):
@@ -923,7 +940,7 @@ def summarise(n: int, setup: str, mode: str, a: Args, m: Measured, lost: dict[st
     gen_cpu = [round(100 * s["cpu"] / wall, 1) for s in stats]
     abandoned = sum(s["abandoned"] for s in stats)
     refused = sum(s["refused"] for s in stats)
-    spurious = lost["lost_attempts"] + lost["worker_lost"] + abandoned + refused + m.gone
+    spurious = lost["lost_attempts"] + lost["worker_lost"] + lost["marked_gone_while_alive"] + abandoned + refused
     hb, claim, s2c = merged("heartbeat"), merged("claim_answer"), merged("submit_to_claimed")
     server_cpu = [round(100 * c / wall, 1) for c in m.server_cpu]
     row = {
@@ -957,8 +974,8 @@ def summarise(n: int, setup: str, mode: str, a: Args, m: Measured, lost: dict[st
             **lost,
             "abandoned_by_workers": abandoned,
             "finishes_refused": refused,
-            "marked_gone_while_alive": m.gone,
         },
+        "workers_listed_gone_after_window": m.listed_gone,
         "workers_registered": sum(s["registered"] for s in stats),
         "workers_register_failed": sum(s.get("register_failed", 0) for s in stats),
         "workers_active_at_end": m.active,

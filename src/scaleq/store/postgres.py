@@ -54,6 +54,8 @@ ORIGIN = "from:"
 MAX_PAYLOAD = 7900
 #: Planner settings of the hot-path connections (see worker_claim and claim_plan in queries/postgres.sql).
 CLAIM_OPTIONS = "-c enable_seqscan=off -c enable_bitmapscan=off -c enable_sort=off"
+#: Deltas folded at once past which their table is vacuumed there and then (dead rows slow every queue_stats).
+VACUUM_DELTAS_AFTER = 10_000
 log = logging.getLogger("scaleq.store")
 
 
@@ -233,8 +235,15 @@ class PostgresStore(SQLStore):
         return {r["finished_lease"]: r for r in self._all("finish_batch", now=now, **_batch(finishes))}
 
     async def fold_queue_counts(self) -> None:
-        """The statement triggers' deltas summed into queue_counts (migration 0011), once per housekeeping tick."""
-        await self._run(lambda: self.db.execute(self.Q["fold_queue_counts"]))
+        """The statement triggers' deltas summed into queue_counts (migration 0011), once per housekeeping tick; the
+        deltas' table vacuumed after a fold of ``VACUUM_DELTAS_AFTER`` or more (see vacuum_queue_count_deltas)."""
+
+        def op() -> None:
+            row = self._one("fold_queue_counts")
+            if row is not None and row["n"] >= VACUUM_DELTAS_AFTER:
+                self.db.execute(self.Q["vacuum_queue_count_deltas"])
+
+        await self._run(op)
 
     def _new_pool(self, name: str, kwargs: dict[str, Any]) -> ConnectionPool:
         return ConnectionPool(
