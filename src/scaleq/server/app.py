@@ -69,6 +69,7 @@ def create_app(
                 clock,
                 app.state.open_claims,
                 on_gone=app.state.tokens.unbind,
+                observe=metrics.of(app).housekeeping.observe,
             )
         )
         try:

@@ -8,12 +8,17 @@ Every ``heartbeat_seconds`` the workers whose claims are parked here are marked 
 (:mod:`scaleq.server.liveness`): an idle worker needs no heartbeat of its own.
 A lease gets that grace once until its worker is heard from again: servers restarting in a loop (or, on PostgreSQL,
 any of several servers restarting) cannot keep a dead worker's job from going back to its queue.
+
+Each round's duration goes to ``scaleq_housekeeping_seconds`` on ``/metrics``, and a round slower than
+``SLOW_ROUNDS`` heartbeats is logged: its touches of the parked workers were late by as much, and with several
+servers on one database another server marks a worker gone once it has gone ``worker_gone_after`` untouched.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 
 from scaleq.notify import Notifier
@@ -22,6 +27,9 @@ from scaleq.server.settings import ServerSettings
 from scaleq.store.base import Store
 
 log = logging.getLogger("scaleq.server")
+
+#: A round of housekeeping longer than this many heartbeats is logged as slow.
+SLOW_ROUNDS = 5
 
 
 async def sweep_once(store: Store, notifier: Notifier, settings: ServerSettings, now: float) -> int:
@@ -69,12 +77,15 @@ async def run(
     clock: Callable[[], float],
     open_claims: OpenClaims | None = None,
     on_gone: Callable[[str], None] = lambda worker_id: None,
+    observe: Callable[[float], None] = lambda seconds: None,
 ) -> None:
-    """``on_gone``: told each worker this server marks gone (the server drops what it remembers of it)."""
+    """``on_gone``: told each worker this server marks gone (the server drops what it remembers of it); ``observe``:
+    told each round's duration in seconds."""
     await store.extend_leases(clock(), settings.lease_seconds)
     ticks = 0
     touch_every = max(1, int(settings.heartbeat_seconds / settings.sweep_interval))
     while True:
+        began = time.perf_counter()
         try:
             gone = await tick(
                 store,
@@ -89,5 +100,13 @@ async def run(
                 on_gone(worker_id)
         except Exception:  # a sweep must never stop sweeping
             log.exception("housekeeping failed; retrying")
+        took = time.perf_counter() - began
+        observe(took)
+        if took > SLOW_ROUNDS * settings.heartbeat_seconds:
+            log.warning(
+                "housekeeping took %.1f s (the workers parked here were touched that late: %d parked)",
+                took,
+                len(open_claims.ids()) if open_claims is not None else 0,
+            )
         ticks += 1
         await asyncio.sleep(settings.sweep_interval)

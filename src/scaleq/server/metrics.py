@@ -206,6 +206,13 @@ class ServerMetrics:
             buckets=PAUSE_BUCKETS,
             registry=self.registry,
         )
+        self.housekeeping = Histogram(
+            "scaleq_housekeeping_seconds",
+            "How long each round of the server's housekeeping took (lease sweep, parked workers touched, counts "
+            "folded, silent workers marked gone)",
+            buckets=PAUSE_BUCKETS,
+            registry=self.registry,
+        )
         self._lock = asyncio.Lock()
         self._cursor: int | None = None
 
