@@ -81,6 +81,7 @@ import contextlib
 import json
 import math
 import multiprocessing as mp
+import os
 import random
 import resource
 import secrets
@@ -584,10 +585,49 @@ class Server:
     url: str
     admin_token: str
     worker_token: str
+    cgroup: Path | None = None  # --server-cpu: the cgroup holding it to its share of a core
 
 
-def start_server(store: str | None) -> Server:
-    """``scaleq server --port 0`` in a process of its own, with a fresh data dir; raises :class:`SetupFailed`."""
+CGROUP_V1_CPU = Path("/sys/fs/cgroup/cpu")
+CGROUP_V2 = Path("/sys/fs/cgroup")
+
+
+def cap_cpu(pid: int, percent: float) -> Path:
+    """Hold process ``pid`` (all its threads) to ``percent`` of one core: a cgroup of its own with a CFS quota (v1's
+    ``cpu.cfs_quota_us``, or v2's ``cpu.max``). The cgroup's directory; raises :class:`SetupFailed` where there is
+    no writable cpu controller."""
+    period = 100_000
+    quota = max(1000, int(period * percent / 100))
+    name = f"scaleq-fleet-{pid}"
+    try:
+        if (CGROUP_V1_CPU / "cpu.cfs_quota_us").exists():
+            group = CGROUP_V1_CPU / name
+            group.mkdir()
+            (group / "cpu.cfs_period_us").write_text(str(period))
+            (group / "cpu.cfs_quota_us").write_text(str(quota))
+        elif "cpu" in (CGROUP_V2 / "cgroup.controllers").read_text().split():
+            group = CGROUP_V2 / name
+            group.mkdir()
+            (group / "cpu.max").write_text(f"{quota} {period}")
+        else:
+            raise SetupFailed("--server-cpu: no cgroup cpu controller here")
+        (group / "cgroup.procs").write_text(str(pid))
+    except OSError as exc:
+        raise SetupFailed(f"--server-cpu: cannot make a cgroup ({exc}); it needs root and a writable cgroupfs") from exc
+    return group
+
+
+def uncap_cpu(group: Path) -> None:
+    """Remove a cgroup made by :func:`cap_cpu` (its process has exited, or is moved back to the root first)."""
+    with contextlib.suppress(OSError):
+        for pid in (group / "cgroup.procs").read_text().split():
+            (group.parent / "cgroup.procs").write_text(pid)
+        group.rmdir()
+
+
+def start_server(store: str | None, cpu_percent: float | None = None) -> Server:
+    """``scaleq server --port 0`` in a process of its own, with a fresh data dir (held to ``cpu_percent`` of a core
+    when given); raises :class:`SetupFailed`."""
     data_dir = Path(tempfile.mkdtemp(prefix="scaleq-fleet-"))
     cmd = [sys.executable, "-m", "scaleq", "server", "--port", "0", "--data-dir", str(data_dir)]
     if store:
@@ -595,6 +635,14 @@ def start_server(store: str | None) -> Server:
     log = open(data_dir / "server.log", "wb")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     log.close()
+    cgroup = None
+    if cpu_percent is not None:
+        try:
+            cgroup = cap_cpu(proc.pid, cpu_percent)
+        except SetupFailed:
+            proc.kill()
+            proc.wait()
+            raise
     deadline = time.monotonic() + 60
     info = data_dir / "server.json"
     while True:
@@ -620,18 +668,19 @@ def start_server(store: str | None) -> Server:
             raise SetupFailed(f"{data['url']}/healthz did not answer")
         time.sleep(0.05)
     read = lambda name: (data_dir / name).read_text().strip()  # noqa: E731
-    return Server(proc, data_dir, data["url"], read("admin.token"), read("worker.token"))
+    return Server(proc, data_dir, data["url"], read("admin.token"), read("worker.token"), cgroup)
 
 
 def stop_server(s: Server) -> None:
-    if s.proc.poll() is not None:
-        return
-    s.proc.terminate()
-    try:
-        s.proc.wait(30)
-    except subprocess.TimeoutExpired:
-        s.proc.kill()
-        s.proc.wait()
+    if s.proc.poll() is None:
+        s.proc.terminate()
+        try:
+            s.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            s.proc.kill()
+            s.proc.wait()
+    if s.cgroup is not None:
+        uncap_cpu(s.cgroup)
 
 
 def lost_in_store(store: str | None, sqlite_dir: Path) -> dict[str, int]:
@@ -663,6 +712,7 @@ class Args:
     generators: int | None
     profile: Path | None = None  # py-spy the server(s) during the window, into this directory
     job_seconds: float = 1.0  # flow: how long each job runs
+    server_cpu: float | None = None  # % of a core each server is held to (a cgroup's CPU quota), or no limit
 
 
 @dataclass
@@ -694,7 +744,7 @@ def run_row(n: int, setup: str, mode: str, a: Args, pg: Any, row_no: int) -> dic
     servers: list[Server] = []
     try:
         for _ in range(2 if setup == "postgres-2" else 1):
-            servers.append(start_server(store))
+            servers.append(start_server(store, a.server_cpu))
         m = drive(n, setup, mode, a, servers, pg, db, row_no)
         for s in servers:
             stop_server(s)
@@ -945,7 +995,8 @@ def summarise(n: int, setup: str, mode: str, a: Args, m: Measured, lost: dict[st
     server_cpu = [round(100 * c / wall, 1) for c in m.server_cpu]
     row = {
         "workers": n,
-        "setup": setup,
+        "setup": setup if a.server_cpu is None else f"{setup} @{a.server_cpu:g}%",
+        "server_cpu_limit_pct": a.server_cpu,
         "mode": mode if mode == "idle" else f"flow {a.job_seconds:g}s",
         "job_seconds": a.job_seconds if mode == "flow" else None,
         "duration": a.duration,
@@ -1124,14 +1175,25 @@ def main() -> int:
         default=1.0,
         help="flow: each job runs this long; N/10/J jobs a second keep a tenth of the fleet busy (default 1)",
     )
+    ap.add_argument(
+        "--server-cpu",
+        type=float,
+        default=None,
+        metavar="PCT",
+        help="hold each server to PCT %% of one core (a cgroup CPU quota; needs root): servers as if each had a "
+        "small machine of its own, so that two can show what they carry against one on a machine whose cores the "
+        "servers, the database and the generators share",
+    )
     args = ap.parse_args()
+    if args.server_cpu is not None and not 1 <= args.server_cpu <= 100 * (os.cpu_count() or 1):
+        ap.error("--server-cpu must be between 1 and 100 x the cores")
     if args.job_seconds <= 0:
         ap.error("--job-seconds must be > 0")
     if args.duration <= 0 or args.ramp < 0:
         ap.error("--duration must be > 0 and --ramp >= 0")
     if args.generators is not None and args.generators < 1:
         ap.error("--generators must be at least 1")
-    a = Args(args.duration, args.ramp, args.generators, args.profile, args.job_seconds)
+    a = Args(args.duration, args.ramp, args.generators, args.profile, args.job_seconds, args.server_cpu)
     fds = raise_fd_limit(4 * max(args.workers) + 4096)
     most = max(args.workers)
     if 2 * most + 512 > fds:  # two connections per worker, all on one server in the sqlite and postgres setups
