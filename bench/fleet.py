@@ -10,7 +10,9 @@ one database, the workers split between them (and the submitter's batches altern
 server --port 0`` in a process of its own, started fresh for each row; its tokens are the ones it writes into its
 data dir, as in the other benches. The file-descriptor limit is raised to the hard limit (or more, as root) for the
 servers and the generators, and each generator connects from a loopback address of its own (``127.1.r.k``) so that
-neither fds nor ephemeral ports cap the fleet before the server does.
+neither fds nor ephemeral ports cap the fleet before the server does. ``--server-cpu PCT`` holds each server to PCT %
+of one core (a cgroup of its own with a CFS quota; root): on a machine whose cores the servers, the database and the
+generators all share, that is how two servers can be compared with one.
 
 **Workers.** Each simulated worker speaks the worker protocol as ``scaleq worker`` (``worker/agent.py``) speaks it,
 at the HTTP level: the same requests, bodies and timeouts as ``scaleq.client.Client``, over two keep-alive connections
@@ -596,7 +598,7 @@ def cap_cpu(pid: int, percent: float) -> Path:
     """Hold process ``pid`` (all its threads) to ``percent`` of one core: a cgroup of its own with a CFS quota (v1's
     ``cpu.cfs_quota_us``, or v2's ``cpu.max``). The cgroup's directory; raises :class:`SetupFailed` where there is
     no writable cpu controller."""
-    period = 100_000
+    period = 10_000  # 10 ms: a throttled server waits at most the rest of one such period, not of 100 ms
     quota = max(1000, int(period * percent / 100))
     name = f"scaleq-fleet-{pid}"
     try:
