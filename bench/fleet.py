@@ -601,29 +601,42 @@ def cap_cpu(pid: int, percent: float) -> Path:
     period = 10_000  # 10 ms: a throttled server waits at most the rest of one such period, not of 100 ms
     quota = max(1000, int(period * percent / 100))
     name = f"scaleq-fleet-{pid}"
+    v1 = (CGROUP_V1_CPU / "cpu.cfs_quota_us").exists()
+    # v2: a child group has cpu.max only where the parent hands the cpu controller down to its children
+    if not v1 and "cpu" not in _words(CGROUP_V2 / "cgroup.subtree_control"):
+        raise SetupFailed(
+            f"--server-cpu: no cgroup cpu controller here (v1 {CGROUP_V1_CPU}, or 'cpu' in v2's "
+            f"{CGROUP_V2 / 'cgroup.subtree_control'})"
+        )
+    group = (CGROUP_V1_CPU if v1 else CGROUP_V2) / name
     try:
-        if (CGROUP_V1_CPU / "cpu.cfs_quota_us").exists():
-            group = CGROUP_V1_CPU / name
-            group.mkdir()
+        group.mkdir()
+        if v1:
             (group / "cpu.cfs_period_us").write_text(str(period))
             (group / "cpu.cfs_quota_us").write_text(str(quota))
-        elif "cpu" in (CGROUP_V2 / "cgroup.controllers").read_text().split():
-            group = CGROUP_V2 / name
-            group.mkdir()
-            (group / "cpu.max").write_text(f"{quota} {period}")
         else:
-            raise SetupFailed("--server-cpu: no cgroup cpu controller here")
+            (group / "cpu.max").write_text(f"{quota} {period}")
         (group / "cgroup.procs").write_text(str(pid))
     except OSError as exc:
+        uncap_cpu(group)
         raise SetupFailed(f"--server-cpu: cannot make a cgroup ({exc}); it needs root and a writable cgroupfs") from exc
     return group
 
 
+def _words(path: Path) -> list[str]:
+    try:
+        return path.read_text().split()
+    except OSError:
+        return []
+
+
 def uncap_cpu(group: Path) -> None:
-    """Remove a cgroup made by :func:`cap_cpu` (its process has exited, or is moved back to the root first)."""
-    with contextlib.suppress(OSError):
-        for pid in (group / "cgroup.procs").read_text().split():
+    """Remove a cgroup made by :func:`cap_cpu`, moving what still runs in it to the hierarchy's root first (the
+    server is stopped by then: at most a process on its way out)."""
+    for pid in _words(group / "cgroup.procs"):
+        with contextlib.suppress(OSError):  # (one that exits meanwhile cannot be moved)
             (group.parent / "cgroup.procs").write_text(pid)
+    with contextlib.suppress(OSError):
         group.rmdir()
 
 
@@ -656,7 +669,7 @@ def start_server(store: str | None, cpu_percent: float | None = None) -> Server:
             if data.get("pid") == proc.pid and (data_dir / "worker.token").exists():
                 break
         if time.monotonic() > deadline:
-            stop_server(Server(proc, data_dir, "", "", ""))
+            stop_server(Server(proc, data_dir, "", "", "", cgroup))
             raise SetupFailed("scaleq server did not start within 60 s")
         time.sleep(0.05)
     import httpx
@@ -666,7 +679,7 @@ def start_server(store: str | None, cpu_percent: float | None = None) -> Server:
             if httpx.get(data["url"] + "/healthz", timeout=2).status_code == 200:
                 break
         if time.monotonic() > deadline:
-            stop_server(Server(proc, data_dir, "", "", ""))
+            stop_server(Server(proc, data_dir, "", "", "", cgroup))
             raise SetupFailed(f"{data['url']}/healthz did not answer")
         time.sleep(0.05)
     read = lambda name: (data_dir / name).read_text().strip()  # noqa: E731
@@ -768,14 +781,14 @@ def run_row(n: int, setup: str, mode: str, a: Args, pg: Any, row_no: int) -> dic
 
 
 def marked_gone(s: Server, prefix: str) -> int:
-    """How many workers named ``prefix…`` this server's housekeeping marked gone (it logs each; a deregistration is
-    not logged so, and a worker already gone is never marked again)."""
+    """How many times this server's housekeeping marked a worker named ``prefix…`` gone (it logs each mark; a
+    deregistration is not logged so, and a gone worker is not marked again unless it registered again) — over the
+    whole row, ramp and leaving included, which can only count more than the window alone."""
     import re
 
-    pattern = re.compile(rf"worker ({re.escape(prefix)}\S+) stopped heartbeating; marked gone")
+    pattern = re.compile(rf"worker {re.escape(prefix)}\S+ stopped heartbeating; marked gone")
     with contextlib.suppress(OSError):
-        text = (s.data_dir / "server.log").read_text(errors="replace")
-        return len({m.group(1) for m in pattern.finditer(text)})
+        return len(pattern.findall((s.data_dir / "server.log").read_text(errors="replace")))
     return 0
 
 

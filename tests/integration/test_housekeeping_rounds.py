@@ -48,6 +48,7 @@ async def rounds(store: Any, n: int, open_claims: OpenClaims) -> list[float]:
     )
     try:
         while len(seen) < n:
+            assert not task.done(), task  # the timer never stops by itself: if it did, say so rather than hang
             await asyncio.sleep(0.02)
     finally:
         task.cancel()

@@ -1,4 +1,4 @@
-"""PostgreSQL's queue counts after a large fold: the deltas' dead rows are vacuumed away at once (issue 11).
+"""PostgreSQL's queue counts after large folds: the deltas' dead rows are vacuumed away at once (issue 11).
 
 ``queue_stats`` reads the whole deltas table, dead rows included: right after a bulk load (900,000 deltas folded)
 ``GET /queues`` took 13-40 ms instead of 0.1 ms until autovacuum came by. A vacuum truncates a table whose pages hold
@@ -56,3 +56,16 @@ async def test_a_small_fold_leaves_the_vacuum_to_autovacuum(store: PostgresStore
     with psycopg.connect(pg_url) as conn:
         assert table_size(conn) == size  # deleted, not vacuumed: no VACUUM per sweep of a quiet grid
         assert conn.execute("SELECT count(*) FROM queue_count_deltas").fetchone() == (0,)
+
+
+async def test_folds_that_add_up_to_a_large_one_are_vacuumed_too(store: PostgresStore, pg_url: str) -> None:
+    """A bulk load through the API folds a few thousand deltas a round: what counts is the total since a vacuum."""
+    part = VACUUM_DELTAS_AFTER * 6 // 10
+    size = append_deltas(pg_url, part)
+    await store.fold_queue_counts()
+    with psycopg.connect(pg_url) as conn:
+        assert table_size(conn) == size  # 60 % of the way: not yet
+    append_deltas(pg_url, part)
+    await store.fold_queue_counts()
+    with psycopg.connect(pg_url) as conn:
+        assert table_size(conn) == 0, "the folded deltas' pages were not vacuumed away"

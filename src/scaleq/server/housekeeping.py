@@ -106,7 +106,7 @@ async def run(
             log.warning(
                 "housekeeping took %.1f s (the workers parked here were touched that late: %d parked)",
                 took,
-                len(open_claims.ids()) if open_claims is not None else 0,
+                len(open_claims) if open_claims is not None else 0,
             )
         ticks += 1
         await asyncio.sleep(settings.sweep_interval)

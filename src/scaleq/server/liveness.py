@@ -51,6 +51,9 @@ class OpenClaims:
     def ids(self) -> list[str]:
         return sorted(self._open)
 
+    def __len__(self) -> int:
+        return len(self._open)
+
     def queue_of(self, worker_id: str) -> str | None:
         return self._queues.get(worker_id)
 

@@ -52,6 +52,8 @@ EVENT_KINDS = ("scale_up", "scale_down", "desired", "adopt", "error", "recovered
 
 CLAIM_WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600)
 PAUSE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+#: up to a minute: a round is logged as slow past 10 s by default, and gone-marks come at 45 s
+HOUSEKEEPING_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 45, 60)
 RUN_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400)
 
 T = TypeVar("T")
@@ -210,7 +212,7 @@ class ServerMetrics:
             "scaleq_housekeeping_seconds",
             "How long each round of the server's housekeeping took (lease sweep, parked workers touched, counts "
             "folded, silent workers marked gone)",
-            buckets=PAUSE_BUCKETS,
+            buckets=HOUSEKEEPING_BUCKETS,
             registry=self.registry,
         )
         self._lock = asyncio.Lock()

@@ -316,8 +316,10 @@ folded AS (
 SELECT count(*) AS n FROM d;
 
 -- name: vacuum_queue_count_deltas
--- After a large fold: the deleted deltas stay in the table as dead rows until a vacuum, and queue_stats reads the
+-- After large folds: the deleted deltas stay in the table as dead rows until a vacuum, and queue_stats reads the
 -- whole table (900,000 dead rows after a bulk load: 13-40 ms per GET /queues, 0.1 ms once vacuumed). Autovacuum
--- gets there within its naptime (a minute); this does it at once. SKIP_LOCKED: a vacuum already running (another
--- server's, autovacuum's) is left to do it. Outside a transaction (the pool's connections autocommit).
+-- gets there within its naptime (a minute); this does it at once. SKIP_LOCKED (PostgreSQL 12+): a vacuum already
+-- running (another server's, autovacuum's) is left to do it. Its truncation holds the table's lock for a moment only
+-- when it gets it at once (a trigger appending a delta meanwhile waits that moment). Outside a transaction (the
+-- pool's connections autocommit).
 VACUUM (SKIP_LOCKED) queue_count_deltas;
