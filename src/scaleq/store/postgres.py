@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import secrets
 import time
@@ -53,8 +52,6 @@ CHECK_AFTER = 1.0
 ORIGIN = "from:"
 #: A NOTIFY payload must be shorter than 8000 bytes.
 MAX_PAYLOAD = 7900
-#: Connections of the heartbeats' own lane (a heartbeat is one short statement: see worker_heartbeat).
-BEAT_CONNECTIONS = 8
 #: Planner settings of the hot-path connections (see worker_claim and claim_plan in queries/postgres.sql).
 CLAIM_OPTIONS = "-c enable_seqscan=off -c enable_bitmapscan=off -c enable_sort=off"
 #: Deltas folded (by this store, since its last vacuum of them) past which their table is vacuumed: its dead rows
@@ -75,7 +72,6 @@ class PostgresStore(SQLStore):
         self.durability = durability
         self._pool: ConnectionPool | None = None
         self._hot: AsyncConnectionPool | None = None
-        self._beats: AsyncConnectionPool | None = None
         self._listener: asyncio.Task[None] | None = None
         self._pending: set[str] = set()
         self._flush: asyncio.Task[None] | None = None
@@ -233,22 +229,6 @@ class PostgresStore(SQLStore):
         claims = [Claim(job=rows.job(r), attempt=r["attempt_seq"], lease=r["lease"]) for r in claimed]
         return WorkerClaim(claim_rows[0]["worker_queue"], claim_rows[0]["worker_state"], claims, finished)
 
-    async def heartbeat(
-        self, worker_id: str, now: float, lease_seconds: float, held: list[str] | None = None
-    ) -> tuple[str, set[str]]:
-        """One statement (worker_heartbeat) on a connection of the heartbeats' own: no claim, however many wait for
-        the hot path's connections, delays a lease's renewal."""
-        held_json = None if held is None else json.dumps(held)
-        wait = waited()
-
-        def params() -> dict[str, Any]:  # (made once a connection is ours: see waited)
-            return {"worker_id": worker_id, "now": now, "expires": now + lease_seconds + wait(), "held": held_json}
-
-        found = await self._hot_all("worker_heartbeat", params, beat=True)
-        if not found or found[0]["state"] is None:
-            raise NotFound(f"no worker {worker_id}; register first")
-        return found[0]["state"], {r["lease"] for r in found if r["lease"] is not None}
-
     def _claim_rows(self, worker_id: str, caps: dict[str, Any], n: int, now: float, lease: float) -> list[Claim]:
         self.db.execute(self.Q["claim_plan"])  # runs inside the claim's transaction: see claim_plan
         return super()._claim_rows(worker_id, caps, n, now, lease)
@@ -294,28 +274,23 @@ class PostgresStore(SQLStore):
 
     async def open(self) -> None:
         await super().open()
-        # The hot paths (submit, the worker protocol's claim and heartbeat) run on async connections of their own,
-        # in the event loop: no thread hop. Heartbeats have a lane of their own, so that a server swamped with
-        # claims still renews leases (docs/benchmarks.md, "Heartbeats"). The planner settings keep the claim an
-        # ordered scan of jobs_claim that stops after n rows, however long the queue (see claim_plan in
-        # queries/postgres.sql); set per connection, they cost no statement.
+        # The hot paths (submit, the worker protocol's claim) run on async connections of their own, in the event
+        # loop: no thread hop. Their planner settings keep the claim an ordered scan of jobs_claim that stops after
+        # n rows, however long the queue (see claim_plan in queries/postgres.sql); set per connection, they cost
+        # no statement.
         given = conninfo_to_dict(self.url).get("options")
         options = " ".join(filter(None, [str(given) if given else None, CLAIM_OPTIONS]))
-        self._hot, self._beats = (
-            AsyncConnectionPool(
-                self.url,
-                min_size=1,
-                max_size=size,
-                kwargs={"autocommit": True, "options": options},
-                configure=self._configure_async,
-                check=self._check_async,
-                open=False,
-                name=name,
-            )
-            for name, size in (("scaleq-hot", self.pool_size), ("scaleq-beats", BEAT_CONNECTIONS))
+        self._hot = AsyncConnectionPool(
+            self.url,
+            min_size=1,
+            max_size=self.pool_size,
+            kwargs={"autocommit": True, "options": options},
+            configure=self._configure_async,
+            check=self._check_async,
+            open=False,
+            name="scaleq-hot",
         )
         await self._hot.open(wait=True, timeout=15)
-        await self._beats.open(wait=True, timeout=15)
 
     async def _configure_async(self, conn: psycopg.AsyncConnection) -> None:
         conn.row_factory = dict_row  # type: ignore[assignment]
@@ -326,14 +301,10 @@ class PostgresStore(SQLStore):
         if time.monotonic() - self._used.get(id(conn), -CHECK_AFTER) >= CHECK_AFTER:  # see _check
             await AsyncConnectionPool.check_connection(conn)
 
-    async def _hot_all(
-        self, query: str, params: dict[str, Any] | Callable[[], dict[str, Any]], *, beat: bool = False
-    ) -> list[dict[str, Any]]:
-        """One statement on a hot-path connection, in the event loop (``params`` may be made once it has one); a
-        heartbeat's (``beat``) on a connection of the heartbeats' own."""
-        pool = self._beats if beat else self._hot
-        assert pool is not None, "store is not open"
-        async with pool.connection() as conn:
+    async def _hot_all(self, query: str, params: dict[str, Any] | Callable[[], dict[str, Any]]) -> list[dict[str, Any]]:
+        """One statement on a hot-path connection, in the event loop (``params`` may be made once it has one)."""
+        assert self._hot is not None, "store is not open"
+        async with self._hot.connection() as conn:
             values = params() if callable(params) else params
             found = await (await conn.execute(self.Q[query], values)).fetchall()
             self._used[id(conn)] = time.monotonic()
@@ -349,10 +320,9 @@ class PostgresStore(SQLStore):
             with contextlib.suppress(psycopg.Error, OSError):
                 await self._publisher.close()
             self._publisher = None
-        for pool in (self._hot, self._beats):
-            if pool is not None:
-                await pool.close()
-        self._hot = self._beats = None
+        if self._hot is not None:
+            await self._hot.close()
+            self._hot = None
         await super().close()
 
     # -- cross-server wake-ups --------------------------------------------------------------------------------
