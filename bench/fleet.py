@@ -85,6 +85,7 @@ import math
 import multiprocessing as mp
 import os
 import random
+import re
 import resource
 import secrets
 import shutil
@@ -784,28 +785,29 @@ def marked_gone(s: Server, prefix: str) -> int:
     """How many times this server's housekeeping marked a worker named ``prefix…`` gone (it logs each mark; a
     deregistration is not logged so, and a gone worker is not marked again unless it registered again) — over the
     whole row, ramp and leaving included, which can only count more than the window alone."""
-    import re
-
     pattern = re.compile(rf"worker {re.escape(prefix)}\S+ stopped heartbeating; marked gone")
-    with contextlib.suppress(OSError):
-        return len(pattern.findall((s.data_dir / "server.log").read_text(errors="replace")))
-    return 0
+    return len(pattern.findall(server_log(s)))
+
+
+def server_log(s: Server) -> str:
+    """The server's log of the row ('' when it cannot be read)."""
+    try:
+        return (s.data_dir / "server.log").read_text(errors="replace")
+    except OSError:
+        return ""
 
 
 def server_warnings(s: Server) -> dict[str, Any]:
     """What a server logged at WARNING or above over the row: how many lines, by message with ids and numbers blanked
     (a few examples each) — why a row went wrong, in the server's own words."""
-    import re
-
     kinds: Counter[str] = Counter()
     first: dict[str, str] = {}
-    with contextlib.suppress(OSError):
-        for line in (s.data_dir / "server.log").read_text(errors="replace").splitlines():
-            if not re.search(r"\b(WARNING|ERROR|CRITICAL)\b|Traceback", line):
-                continue
-            kind = re.sub(r"[0-9a-f]{6,}|\d+(\.\d+)?", "#", line)[-160:]
-            kinds[kind] += 1
-            first.setdefault(kind, line[-300:])
+    for line in server_log(s).splitlines():
+        if not re.search(r"\b(WARNING|ERROR|CRITICAL)\b|Traceback", line):
+            continue
+        kind = re.sub(r"[0-9a-f]{6,}|\d+(\.\d+)?", "#", line)[-160:]
+        kinds[kind] += 1
+        first.setdefault(kind, line[-300:])
     return {"lines": sum(kinds.values()), "kinds": [{"count": c, "example": first[k]} for k, c in kinds.most_common(5)]}
 
 
