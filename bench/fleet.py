@@ -367,6 +367,7 @@ class SimWorker:
             if not data:
                 continue
             live = set(data["leases"])
+            self.heartbeat_seconds = data.get("heartbeat_seconds") or self.heartbeat_seconds  # the grid's cadence
             for lease, claimed_at in list(self.running.items()):
                 if lease not in live and claimed_at < sent and lease not in self.abandoned:
                     self.abandoned.add(lease)

@@ -9,12 +9,17 @@ from __future__ import annotations
 import asyncio
 import base64
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from scaleq.jobs import ArraySpec, Claim, Job, SubmitRequest, Worker
+
+#: Seconds an idle connection to the server is kept for reuse: longer than the beat of a small fleet (so a worker's
+#: beats reuse one connection) and shorter than the server's keep-alive (ServerSettings.keep_alive_seconds).
+KEEP_ALIVE = 15.0
 
 
 class ApiError(Exception):
@@ -46,12 +51,24 @@ def format_detail(detail: Any) -> str:
     return str(detail)
 
 
+@dataclass(frozen=True)
+class Beat:
+    """A heartbeat's answer: the worker's state, its leases still live, and how often the server asks it to beat."""
+
+    state: str
+    leases: set[str]
+    heartbeat_seconds: float | None = None
+
+
 class Client:
     def __init__(self, server: str, token: str | None, *, timeout: float = 30.0) -> None:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.server = server.rstrip("/")
         self._http = httpx.AsyncClient(
-            base_url=self.server + "/api/v1", headers=headers, timeout=httpx.Timeout(timeout, connect=5.0)
+            base_url=self.server + "/api/v1",
+            headers=headers,
+            timeout=httpx.Timeout(timeout, connect=5.0),
+            limits=httpx.Limits(max_connections=100, max_keepalive_connections=20, keepalive_expiry=KEEP_ALIVE),
         )
 
     async def __aenter__(self) -> Client:
@@ -252,9 +269,15 @@ class Client:
     async def heartbeat(
         self, worker_id: str, *, draining: bool = False, leases: list[str] | None = None
     ) -> tuple[str, set[str]]:
+        """The worker's state and the leases still live."""
+        beat = await self.beat(worker_id, draining=draining, leases=leases)
+        return beat.state, beat.leases
+
+    async def beat(self, worker_id: str, *, draining: bool = False, leases: list[str] | None = None) -> Beat:
+        """A heartbeat's whole answer, the cadence the server asks for included (None from servers before it)."""
         body = {"draining": draining, "leases": leases}
         data = await self._json("POST", f"/workers/{worker_id}/heartbeat", json=body, timeout=10)
-        return data["state"], set(data["leases"])
+        return Beat(data["state"], set(data["leases"]), data.get("heartbeat_seconds"))
 
     async def drain_worker(self, worker_id: str) -> Worker:
         return Worker.model_validate(await self._json("POST", f"/workers/{worker_id}/drain"))

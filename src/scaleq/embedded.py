@@ -110,6 +110,7 @@ async def serve(
         url = f"http://{host if ':' not in host else f'[{host}]'}:{sock.getsockname()[1]}"
         settings = ServerSettings(
             lease_seconds=lease_seconds or grid.server.lease_seconds,
+            heartbeat_budget=grid.server.heartbeat_budget,
             max_output_bytes=grid.server.max_output_bytes,
             max_log_bytes=grid.server.max_log_bytes,
         )
@@ -120,7 +121,15 @@ async def serve(
             from scaleq.server import otlp
 
             pusher = otlp.pusher(app, otlp_endpoint)  # fails here, at start, if the packages are missing
-        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
+        server = uvicorn.Server(
+            uvicorn.Config(
+                app,
+                log_level="warning",
+                access_log=False,
+                lifespan="on",
+                timeout_keep_alive=settings.keep_alive_seconds,
+            )
+        )
         # our handlers, not uvicorn's: on SIGINT/SIGTERM the API must keep serving while local workers drain
         server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign, assignment]
         pctx = ProviderContext(grid.name, url, worker_token, data_dir, grid.server.public_url, job_user)

@@ -123,6 +123,11 @@ class ServerSection(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=8765, ge=0, le=65535)
     lease_seconds: float = Field(default=15.0, gt=0)
+    heartbeat_budget: float = Field(
+        default=250.0,
+        gt=0,
+        description="most heartbeats a second the grid asks its busy workers for; past it they beat less often",
+    )
     max_output_bytes: int = Field(
         default=256 * 1024 * 1024, ge=1, le=1 << 40, description="largest outputs of one attempt, in bytes stored"
     )

@@ -19,6 +19,7 @@ from scaleq import __version__
 from scaleq.notify import Notifier
 from scaleq.server import dashboard, housekeeping, metrics
 from scaleq.server.auth import TokenCache
+from scaleq.server.cadence import Cadence
 from scaleq.server.fastlane import FastLane
 from scaleq.server.liveness import OpenClaims
 from scaleq.server.routes import admin, arrays, health, jobs, scaling, why, workers
@@ -70,6 +71,7 @@ def create_app(
                 app.state.open_claims,
                 on_gone=app.state.tokens.unbind,
                 observe=metrics.of(app).housekeeping.observe,
+                cadence=app.state.cadence,
             )
         )
         try:
@@ -98,6 +100,7 @@ def create_app(
     app.state.notifier = notifier or Notifier()
     app.state.tokens = TokenCache()
     app.state.open_claims = OpenClaims()  # parked claims count as their workers' heartbeats
+    app.state.cadence = Cadence(settings)  # how often busy workers beat: less often as the fleet grows
     app.state.runnable = RunnableCheck(store, groups)  # groups: the grid's, when this process runs the controller
 
     for router in (jobs.router, why.router, arrays.router, workers.router, scaling.router, admin.router, health.router):

@@ -147,10 +147,12 @@ def judge(
     groups: Sequence[str] = (),
     *,
     status_stale_after: float = STATUS_STALE_AFTER,
+    beat: float | None = None,
 ) -> list[Check]:
-    """The server-side checks over what was read: pure, so the server and tests share it."""
+    """The server-side checks over what was read: pure, so the server and tests share it. ``beat``: the interval the
+    workers are asked to beat at now (:mod:`scaleq.server.cadence`; default the settings')."""
     by_id = {w.id: w for w in seen.workers}
-    lease, beat = settings.lease_seconds, settings.heartbeat_seconds
+    lease, beat = settings.lease_seconds, beat or settings.heartbeat_seconds
     stale_after = HEARTBEAT_MISSES * beat
 
     def hop_of(worker: Worker | None, queue: str) -> str:
@@ -341,17 +343,22 @@ async def server_side_checks(
     *,
     status_stale_after: float = STATUS_STALE_AFTER,
     exporter: ExportStatus | None = None,
+    beat: float | None = None,
 ) -> list[Check]:
     """The hops the server can see, for ``/api/v1/health`` and the dashboard. ``groups`` are group names that must
     be reported even when the store knows nothing of them (the groups of a grid file); ``exporter``: the OTLP push,
-    when the server pushes. Never raises."""
+    when the server pushes; ``beat``: the workers' interval now (see :func:`judge`). Never raises."""
     store_check = await check_store(store, now)
     pushing = [exporter_check(exporter, now)] if exporter is not None else []
     if not store_check.ok:
         return [store_check, not_checked("server", "lease sweeper", "the store does not work"), *pushing]
     try:
         seen = await read_seen(store, now, groups)
-        return [store_check, *pushing, *judge(seen, settings, now, groups, status_stale_after=status_stale_after)]
+        return [
+            store_check,
+            *pushing,
+            *judge(seen, settings, now, groups, status_stale_after=status_stale_after, beat=beat),
+        ]
     except Exception as exc:
         return [
             store_check,

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 
 from scaleq.notify import Notifier
+from scaleq.server.cadence import Cadence
 from scaleq.server.liveness import OpenClaims, touch_parked
 from scaleq.server.settings import ServerSettings
 from scaleq.store.base import Store
@@ -53,13 +54,17 @@ async def tick(
     *,
     touch: bool = True,
     mark_gone: bool = True,
+    cadence: Cadence | None = None,
 ) -> list[str]:
     """One round of housekeeping at ``now``: the workers parked here heard from (``touch``), expired leases swept,
-    the queue counts' deltas folded, silent workers marked gone (``mark_gone``). The workers marked gone."""
+    the queue counts' deltas folded, the running jobs counted into ``cadence`` (with ``touch``), silent workers
+    marked gone (``mark_gone``). The workers marked gone."""
     if touch and open_claims is not None:
         await touch_parked(store, open_claims, now)
     await sweep_once(store, notifier, settings, now)
     await store.fold_queue_counts()
+    if cadence is not None and touch:
+        cadence.count(sum(q.running for q in await store.queue_stats()))
     if not mark_gone:
         return []
     gone = await store.mark_gone_workers(now - settings.worker_gone_after, now - settings.worker_forget_after)
@@ -78,9 +83,10 @@ async def run(
     open_claims: OpenClaims | None = None,
     on_gone: Callable[[str], None] = lambda worker_id: None,
     observe: Callable[[float], None] = lambda seconds: None,
+    cadence: Cadence | None = None,
 ) -> None:
     """``on_gone``: told each worker this server marks gone (the server drops what it remembers of it); ``observe``:
-    told each round's duration in seconds."""
+    told each round's duration in seconds; ``cadence``: kept to the running jobs' count."""
     await store.extend_leases(clock(), settings.lease_seconds)
     ticks = 0
     touch_every = max(1, int(settings.heartbeat_seconds / settings.sweep_interval))
@@ -95,6 +101,7 @@ async def run(
                 open_claims,
                 touch=ticks % touch_every == 0,
                 mark_gone=ticks % 10 == 0,
+                cadence=cadence,
             )
             for worker_id in gone:
                 on_gone(worker_id)

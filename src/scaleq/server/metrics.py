@@ -31,13 +31,14 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, FastAPI, Request, Response
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from scaleq.jobs import Claim, Job, State, Worker
 from scaleq.server.auth import require
+from scaleq.server.cadence import Cadence
 from scaleq.store.base import GroupStatus, QueueStats, Store
 
 log = logging.getLogger("scaleq.metrics")
@@ -170,7 +171,7 @@ class StoreCollector(Collector):
 class ServerMetrics:
     """The registry of one app: the store collector and the in-process histograms and counters."""
 
-    def __init__(self, store: Store, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, store: Store, clock: Callable[[], float] = time.time, cadence: Cadence | None = None) -> None:
         self.store = store
         self.clock = clock
         self.registry = CollectorRegistry()
@@ -215,6 +216,14 @@ class ServerMetrics:
             buckets=HOUSEKEEPING_BUCKETS,
             registry=self.registry,
         )
+        if cadence is not None:
+            beat = Gauge(
+                "scaleq_heartbeat_interval_seconds",
+                "How often this server asks busy workers to beat: the settings' interval, slower as the running jobs "
+                "pass the heartbeat budget",
+                registry=self.registry,
+            )
+            beat.set_function(lambda: cadence.heartbeat_seconds)
         self._lock = asyncio.Lock()
         self._cursor: int | None = None
 
@@ -279,7 +288,8 @@ def of(app: FastAPI) -> ServerMetrics:
     """The app's metrics (made on first use, so an app built without :func:`install` still works)."""
     metrics = getattr(app.state, "metrics", None)
     if metrics is None:
-        metrics = app.state.metrics = ServerMetrics(app.state.store, app.state.clock)
+        cadence = getattr(app.state, "cadence", None)
+        metrics = app.state.metrics = ServerMetrics(app.state.store, app.state.clock, cadence)
     return metrics
 
 

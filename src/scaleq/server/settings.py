@@ -9,6 +9,9 @@ from dataclasses import dataclass
 class ServerSettings:
     #: A running job belongs to its worker this long after the worker's last heartbeat.
     lease_seconds: float = 15.0
+    #: Most heartbeats a second the grid asks its busy workers for: past it they beat less often, down to three
+    #: beats a lease (:mod:`scaleq.server.cadence`).
+    heartbeat_budget: float = 250.0
     #: Longest a claim, a log follow or a job wait is held open before it answers empty.
     long_poll_max: float = 20.0
     #: How often expired leases are swept back into their queues.
@@ -30,6 +33,13 @@ class ServerSettings:
     #: Answer workers' claims and heartbeats past the framework's middleware (:mod:`scaleq.server.fastlane`);
     #: off only to compare the two ways.
     fast_lane: bool = True
+
+    @property
+    def keep_alive_seconds(self) -> int:
+        """How long an idle connection is kept open: past a worker's slowest beat (a third of the lease) and past the
+        clients' own keep-alive (:data:`scaleq.client.KEEP_ALIVE`), so that the server never closes a connection
+        just as a client sends on it (uvicorn's default of 5 s met the 5 s beat of a large fleet in a race: resets)."""
+        return int(max(20.0, self.lease_seconds + 5))
 
     @property
     def heartbeat_seconds(self) -> float:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import secrets
 import time
@@ -228,6 +229,24 @@ class PostgresStore(SQLStore):
         claimed = sorted((r for r in claim_rows if r["id"] is not None), key=lambda r: (-r["priority"], r["seq"]))
         claims = [Claim(job=rows.job(r), attempt=r["attempt_seq"], lease=r["lease"]) for r in claimed]
         return WorkerClaim(claim_rows[0]["worker_queue"], claim_rows[0]["worker_state"], claims, finished)
+
+    async def heartbeat(
+        self, worker_id: str, now: float, lease_seconds: float, held: list[str] | None = None
+    ) -> tuple[str, set[str]]:
+        """One statement (worker_heartbeat) on a thread of the store's pool: a thread holds its connection for the
+        round trip alone, where an async connection waits for a busy event loop (see docs/benchmarks.md)."""
+        held_json = None if held is None else json.dumps(held)
+        wait = waited()
+
+        def op() -> list[Any]:
+            return self._all(
+                "worker_heartbeat", worker_id=worker_id, now=now, expires=now + lease_seconds + wait(), held=held_json
+            )
+
+        found = await self._run(op)
+        if not found or found[0]["state"] is None:
+            raise NotFound(f"no worker {worker_id}; register first")
+        return found[0]["state"], {r["lease"] for r in found if r["lease"] is not None}
 
     def _claim_rows(self, worker_id: str, caps: dict[str, Any], n: int, now: float, lease: float) -> list[Claim]:
         self.db.execute(self.Q["claim_plan"])  # runs inside the claim's transaction: see claim_plan

@@ -342,8 +342,11 @@ class WorkerAgent:
                     await self.metrics.refresh_queue(self.client, self.cfg.queue)
                 continue
             try:
-                state, live = await self.client.heartbeat(self.id, leases=self._held())
+                beat = await self.client.beat(self.id, leases=self._held())
+                state, live = beat.state, beat.leases
                 self._last_contact = time.monotonic()
+                if beat.heartbeat_seconds:  # the grid's cadence: slower as its fleet grows (scaleq.server.cadence)
+                    self.heartbeat_seconds = beat.heartbeat_seconds
             except Unreachable as exc:
                 log.warning("heartbeat failed: %s", exc)
                 continue

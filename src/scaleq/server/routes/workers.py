@@ -97,6 +97,9 @@ class Claimed(BaseModel):
 class Beat(BaseModel):
     state: str
     leases: list[str]
+    heartbeat_seconds: float | None = Field(
+        default=None, description="beat every this many seconds from now on: the grid's cadence (it slows as it grows)"
+    )
 
 
 class BeatBody(BaseModel):
@@ -209,7 +212,9 @@ async def register(body: Registration, ctx: C, who: WorkerCaller) -> Registered:
     ctx.notifier.notify("any")
     s = ctx.settings
     return Registered(
-        lease_seconds=s.lease_seconds, heartbeat_seconds=s.heartbeat_seconds, long_poll_max=s.long_poll_max
+        lease_seconds=s.lease_seconds,
+        heartbeat_seconds=ctx.request.app.state.cadence.heartbeat_seconds,
+        long_poll_max=s.long_poll_max,
     )
 
 
@@ -332,7 +337,7 @@ async def heartbeat(worker_id: str, ctx: C, who: WorkerCaller, body: BeatBody | 
         ctx.notifier.notify(f"worker:{worker_id}", "any")
     held = body.leases if body is not None else None
     state, leases = await ctx.store.heartbeat(worker_id, ctx.now(), ctx.settings.lease_seconds, held)
-    return Beat(state=state, leases=sorted(leases))
+    return Beat(state=state, leases=sorted(leases), heartbeat_seconds=ctx.request.app.state.cadence.heartbeat_seconds)
 
 
 @router.post("/workers/{worker_id}/drain", response_model=Worker, dependencies=[require("admin")])

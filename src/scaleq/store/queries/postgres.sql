@@ -196,6 +196,25 @@ UPDATE jobs SET lease_expires_at = :expires
    AND (CAST(:held AS JSONB) IS NULL OR CAST(:held AS JSONB) ? lease)
 RETURNING lease;
 
+-- name: worker_heartbeat
+-- A heartbeat in one statement: touch_worker and renew_leases together (one round trip and one commit, where a
+-- transaction of the two took four). On a thread of the store's pool each round trip waits for the interpreter's
+-- lock, which a busy event loop hands over every few milliseconds, so the transaction's four were what made heartbeats
+-- wait in line on a loaded server until leases expired. One row, state NULL for an unknown worker (whose leases are
+-- then not renewed), or one per renewed lease.
+WITH w AS (
+    UPDATE workers SET last_heartbeat = :now, state = CASE WHEN state = 'gone' THEN 'active' ELSE state END
+     WHERE id = :worker_id
+    RETURNING state
+), renewed AS (
+    UPDATE jobs SET lease_expires_at = :expires
+     WHERE worker_id = :worker_id AND state = 'running'
+       AND (CAST(:held AS JSONB) IS NULL OR CAST(:held AS JSONB) ? lease)
+       AND EXISTS (SELECT 1 FROM w)
+    RETURNING lease
+)
+SELECT (SELECT state FROM w) AS state, renewed.lease FROM (SELECT 1) AS one LEFT JOIN renewed ON true;
+
 -- name: extend_leases
 -- The start-up grace: a fresh lease period for the running jobs of workers not marked gone, once per lease until
 -- its worker is heard from again (a heartbeat, or the claim itself): restarting servers cannot keep a dead worker's

@@ -1,0 +1,111 @@
+"""The grid's heartbeat cadence over the real protocol (:mod:`scaleq.server.cadence`): housekeeping counts the running
+jobs, registrations and heartbeats answer with the interval that count asks for, leases survive the slower beat,
+and the real agent takes the interval up.
+
+The server's clock is a fake one moved by the test and housekeeping is driven a tick at a time, as in
+test_fleet_liveness; the store is SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from scaleq.jobs import JobDefinition, SubmitRequest
+from scaleq.server import housekeeping
+from scaleq.server.cadence import Cadence
+from scaleq.server.settings import ServerSettings
+from scaleq.store.base import Store
+from tests.helpers import LiveServer, eventually, serve
+from tests.helpers.workers import agent, running
+from tests.integration.test_fleet_liveness import Clock, http, register, states
+
+BUSY = 10
+
+
+@pytest.fixture
+async def grid(any_store: Store) -> AsyncIterator[tuple[LiveServer, Clock]]:
+    clock = Clock()
+    # a budget of 2 beats a second: 10 busy workers ask for 5 s, the most a 15 s lease allows
+    settings = ServerSettings(lease_seconds=15.0, heartbeat_budget=2.0, long_poll_max=60.0, sweep_interval=3600.0)
+    async with serve(any_store, settings, clock=clock) as live:
+        yield live, clock
+
+
+def cadence(live: LiveServer) -> Cadence:
+    return live.app.state.cadence  # type: ignore[attr-defined, no-any-return]
+
+
+async def tick(live: LiveServer, clock: Clock) -> None:
+    app: Any = live.app
+    await housekeeping.tick(live.store, app.state.notifier, app.state.settings, clock(), cadence=cadence(live))
+
+
+async def test_the_beat_slows_with_the_busy_workers_and_leases_survive_it(grid: tuple[LiveServer, Clock]) -> None:
+    live, clock = grid
+    async with live.client("submit") as submitter:
+        for i in range(BUSY):
+            await submitter.submit(SubmitRequest(queue="q", definition=JobDefinition(command=["true", str(i)])))
+    async with http(live) as client:
+        first = await register(client, "w0")
+        assert first["heartbeat_seconds"] == 2.0  # nothing runs yet: the settings' interval
+        leases = {}
+        for i in range(BUSY):
+            await register(client, f"w{i}")
+            r = await client.post(f"/workers/w{i}/claim", json={"max": 1, "wait": 0})
+            leases[f"w{i}"] = r.json()["claims"][0]["lease"]
+        await tick(live, clock)
+        assert cadence(live).busy == BUSY
+        assert (await register(client, "late"))["heartbeat_seconds"] == 5.0
+        for _ in range(6):  # 30 s of the server's time, twice the lease, each worker beating every 5 s
+            clock.t += 5.0
+            for wid, lease in leases.items():
+                r = await client.post(f"/workers/{wid}/heartbeat", json={"leases": [lease]})
+                assert r.json() == {"state": "active", "leases": [lease], "heartbeat_seconds": 5.0}
+            r = await client.post("/workers/late/heartbeat", json={"leases": []})
+            await tick(live, clock)
+        assert set((await states(live)).values()) == {"active"}
+        clock.t += 6.0  # 6 s after the last beat: two beats missed at the settings' 2 s, not at the 5 s asked
+        async with http(live, "admin") as admin:
+            health = (await admin.get("/health")).json()
+        assert health["heartbeat_seconds"] == 5.0
+        beating = [c for c in health["checks"] if c["name"] == "workers heartbeating"]
+        assert beating and all(c["ok"] for c in beating), beating
+        for wid, lease in leases.items():  # each result rides along a claim that finds nothing more
+            body = {"max": 1, "wait": 0, "finishes": [{"lease": lease, "reason": "success", "exit_code": 0}]}
+            r = await client.post(f"/workers/{wid}/claim", json=body)
+            assert r.json()["finished"] == [{"lease": lease, "ok": True, "detail": None}]
+        await tick(live, clock)
+        assert cadence(live).busy == 0
+        r = await client.post("/workers/w0/heartbeat", json={"leases": []})
+        assert r.json()["heartbeat_seconds"] == 2.0
+    async with live.client("read") as reader:
+        attempts = [a for i in range(BUSY) for a in await reader.attempts(await job_id(live, i))]
+    assert [a["outcome"] for a in attempts] == ["success"] * BUSY  # no lease was lost at the slower beat
+
+
+async def job_id(live: LiveServer, i: int) -> str:
+    async with live.client("read") as reader:
+        jobs = await reader.list_jobs(queue="q")
+    return next(j.id for j in jobs if j.definition.command == ["true", str(i)])
+
+
+async def test_the_agent_takes_up_the_cadence_from_its_beats(sqlite_live: LiveServer) -> None:
+    a = agent(sqlite_live, "follower", slots=1)
+    async with running(a):
+        async with sqlite_live.client("submit") as submitter:
+            req = SubmitRequest(queue="q", definition=JobDefinition(command=["sleep", "60"]))
+            job, _ = await submitter.submit(req)
+        await eventually(lambda: asyncio.sleep(0, bool(a.running)), 30, what="the job running")
+        assert a.heartbeat_seconds == sqlite_live.app.state.settings.heartbeat_seconds  # type: ignore[attr-defined]
+        grown: Cadence = sqlite_live.app.state.cadence  # type: ignore[attr-defined]
+        grown.count(1_000_000)  # as housekeeping would count a fleet far past the budget
+        await eventually(
+            lambda: asyncio.sleep(0, a.heartbeat_seconds == grown.heartbeat_seconds), 30, what="the slower beat"
+        )
+        assert a.heartbeat_seconds == sqlite_live.app.state.settings.lease_seconds / 3  # type: ignore[attr-defined]
+        async with sqlite_live.client("admin") as admin:
+            await admin.cancel(job.id)
