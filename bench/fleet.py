@@ -22,7 +22,8 @@ per worker (the parked claim's and the one heartbeats take, as httpx's pool hold
 * a claim loop: ``POST /workers/{id}/claim {"max": 1, "wait": long_poll_max, "finishes": […]}``; a job is "run" by
   sleeping 1 s; its finish rides along with the next claim (the agent's path with one slot); 404 → register again;
 * a heartbeat loop: sleep ``heartbeat_seconds``, then ``POST /workers/{id}/heartbeat {"leases": held}``; a held
-  lease missing from the answer (and claimed before the heartbeat left) is abandoned, as the agent does. When the
+  lease missing from the answer (and claimed before the heartbeat left) is abandoned, as the agent does, and the
+  answer's ``heartbeat_seconds`` (the grid's cadence, slower as it grows) is the next sleep. When the
   registration answered ``claim_is_heartbeat`` the beat is skipped while the worker holds no lease (idle, its claim
   parked), as the agent skips it;
 * a worker the server does not accept (registration retried until the row ends) is counted as *never registered*
@@ -30,8 +31,8 @@ per worker (the parked claim's and the one heartbeats take, as httpx's pool hold
 * at the end: ``heartbeat draining``, the last finish on its own (``POST /leases/finish``), ``DELETE /workers/{id}``.
 
 The HTTP client is a minimal HTTP/1.1 one on asyncio streams (uvloop, as the agent runs): httpx costs ~0.2-0.3 ms of
-CPU per request, and 10,000 workers beating every 2 s (``heartbeat_seconds`` is lease/3 capped at 2 s) make
-5,000+ requests/s — httpx alone would need more than the machine's two cores. The workers are spread over
+CPU per request, and 10,000 busy workers beating every 5 s (the cadence's ceiling, lease/3) make 2,000+ requests/s
+besides their claims — httpx alone would need most of the machine's two cores. The workers are spread over
 ``--generators`` processes (default: one per 2,500 workers), each with its own event loop; each reports its CPU
 over the measured window and its event-loop lag (the submitter its CPU), and a row where one exceeded 70 % of a core
 is flagged: its latencies may be the generator's, not the server's.
@@ -940,11 +941,12 @@ Histograms = dict[str, dict[str, float]]  # metric -> {"le" bound or "sum" or "c
 
 
 def server_histograms(server: Server) -> Histograms:
-    """The server's event-loop lag and GC-pause histograms, from its ``/metrics`` (empty when it did not answer)."""
+    """The server's event-loop lag and GC-pause histograms and the heartbeat cadence it asks for, from its
+    ``/metrics`` (empty when it did not answer)."""
     import httpx
     from prometheus_client.parser import text_string_to_metric_families
 
-    wanted = {"scaleq_event_loop_lag_seconds", "scaleq_gc_full_seconds"}
+    wanted = {"scaleq_event_loop_lag_seconds", "scaleq_gc_full_seconds", "scaleq_heartbeat_interval_seconds"}
     out: Histograms = {name: {} for name in wanted}
     with contextlib.suppress(httpx.HTTPError):
         text = httpx.get(
@@ -959,7 +961,8 @@ def server_histograms(server: Server) -> Histograms:
 
 
 def loop_health(before: Histograms, after: Histograms) -> dict[str, Any]:
-    """Over the window: the loop lag's p99 and largest bucket (upper bounds), and the full collections' pauses."""
+    """Over the window: the loop lag's p99 and largest bucket (upper bounds), the full collections' pauses, and the
+    heartbeat interval asked for at its end."""
 
     def delta(name: str) -> dict[str, float]:
         return {k: v - before[name].get(k, 0.0) for k, v in after[name].items()}
@@ -975,6 +978,7 @@ def loop_health(before: Histograms, after: Histograms) -> dict[str, Any]:
         "loop_lag_max_ms": None if worst is None else round(worst * 1000),
         "gc_full_collections": int(pauses),
         "gc_full_mean_ms": round(1000 * gcs.get("sum", 0.0) / pauses) if pauses else None,
+        "heartbeat_interval_s": after.get("scaleq_heartbeat_interval_seconds", {}).get("seconds"),
     }
 
 

@@ -1,6 +1,6 @@
 """The grid's heartbeat cadence over the real protocol (:mod:`scaleq.server.cadence`): housekeeping counts the running
-jobs, registrations and heartbeats answer with the interval that count asks for, leases survive the slower beat,
-and the real agent takes the interval up.
+jobs, registrations and heartbeats answer with the interval that count asks for, a lease lasts three of its beats,
+health judges beats by it, and the real agent takes the interval up.
 
 The server's clock is a fake one moved by the test and housekeeping is driven a tick at a time, as in
 test_fleet_liveness; the store is SQLite and PostgreSQL.
@@ -29,8 +29,8 @@ BUSY = 10
 @pytest.fixture
 async def grid(any_store: Store) -> AsyncIterator[tuple[LiveServer, Clock]]:
     clock = Clock()
-    # a budget of 2 beats a second: 10 busy workers ask for 5 s, the most a 15 s lease allows
-    settings = ServerSettings(lease_seconds=15.0, heartbeat_budget=2.0, long_poll_max=60.0, sweep_interval=3600.0)
+    # a budget of 1 beat a second: 10 busy workers beat every 10 s, and a lease lasts 30 s
+    settings = ServerSettings(lease_seconds=15.0, heartbeat_budget=1.0, long_poll_max=60.0, sweep_interval=3600.0)
     async with serve(any_store, settings, clock=clock) as live:
         yield live, clock
 
@@ -59,19 +59,21 @@ async def test_the_beat_slows_with_the_busy_workers_and_leases_survive_it(grid: 
             leases[f"w{i}"] = r.json()["claims"][0]["lease"]
         await tick(live, clock)
         assert cadence(live).busy == BUSY
-        assert (await register(client, "late"))["heartbeat_seconds"] == 5.0
-        for _ in range(6):  # 30 s of the server's time, twice the lease, each worker beating every 5 s
-            clock.t += 5.0
+        late = await register(client, "late")
+        assert (late["heartbeat_seconds"], late["lease_seconds"]) == (10.0, 30.0)
+        for beat in range(4):  # then 75 s of the server's time, each worker beating every 25 s: two beats missed
+            if beat:  # (past the settings' 15 s lease each time: only the cadence's 30 s, granted at the first
+                clock.t += 25.0  # beat after the count, keeps the jobs)
+                await tick(live, clock)
             for wid, lease in leases.items():
                 r = await client.post(f"/workers/{wid}/heartbeat", json={"leases": [lease]})
-                assert r.json() == {"state": "active", "leases": [lease], "heartbeat_seconds": 5.0}
+                assert r.json() == {"state": "active", "leases": [lease], "heartbeat_seconds": 10.0}
             r = await client.post("/workers/late/heartbeat", json={"leases": []})
-            await tick(live, clock)
         assert set((await states(live)).values()) == {"active"}
-        clock.t += 6.0  # 6 s after the last beat: two beats missed at the settings' 2 s, not at the 5 s asked
+        clock.t += 15.0  # two beats missed at the settings' 2 s, not at the 10 s asked
         async with http(live, "admin") as admin:
             health = (await admin.get("/health")).json()
-        assert health["heartbeat_seconds"] == 5.0
+        assert (health["heartbeat_seconds"], health["lease_seconds"]) == (10.0, 30.0)
         beating = [c for c in health["checks"] if c["name"] == "workers heartbeating"]
         assert beating and all(c["ok"] for c in beating), beating
         for wid, lease in leases.items():  # each result rides along a claim that finds nothing more

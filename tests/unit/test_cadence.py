@@ -1,39 +1,49 @@
-"""The grid's heartbeat cadence (:mod:`scaleq.server.cadence`): the settings' interval for a small fleet, slower as
-the busy workers pass the budget, never slower than three beats a lease."""
+"""The grid's heartbeat cadence (:mod:`scaleq.server.cadence`): the settings' beat and lease for a small fleet;
+past the budget a slower beat and a lease of three beats, never slower than three beats before a gone-mark."""
 
 from __future__ import annotations
 
 import pytest
 
-from scaleq.server.cadence import Cadence, interval
+from scaleq.server.cadence import Cadence, interval, lease, longest_lease
 from scaleq.server.settings import ServerSettings
+
+DEFAULT = ServerSettings()  # lease 15 s, beat 2 s, gone after 45 s, budget 250 beats a second
 
 
 @pytest.mark.parametrize(
-    ("busy", "expected"),
-    [(0, 2.0), (499, 2.0), (500, 2.0), (750, 3.0), (1_000, 4.0), (1_250, 5.0), (2_000, 5.0), (100_000, 5.0)],
+    ("busy", "beat", "term"),
+    [
+        (0, 2.0, 15.0),
+        (500, 2.0, 15.0),
+        (1_000, 4.0, 15.0),
+        (1_250, 5.0, 15.0),
+        (2_000, 8.0, 24.0),
+        (3_750, 15.0, 45.0),
+        (100_000, 15.0, 45.0),  # a third of worker_gone_after: the slowest beat
+    ],
 )
-def test_the_interval_grows_with_the_busy_workers_up_to_a_third_of_the_lease(busy: int, expected: float) -> None:
-    settings = ServerSettings(lease_seconds=15.0, heartbeat_budget=250.0)
-    assert interval(settings, busy) == pytest.approx(expected)
+def test_past_the_budget_the_beat_slows_and_the_lease_is_three_beats(busy: int, beat: float, term: float) -> None:
+    assert interval(DEFAULT, busy) == pytest.approx(beat)
+    assert lease(DEFAULT, interval(DEFAULT, busy)) == pytest.approx(term)
 
 
-def test_a_short_lease_keeps_the_settings_interval_at_any_size() -> None:
-    settings = ServerSettings(lease_seconds=3.0, heartbeat_budget=1.0)  # lease/3 = 1 s = the settings' interval
+def test_the_longest_lease_is_what_the_slowest_beat_grants() -> None:
+    assert longest_lease(DEFAULT) == 45.0
+    assert longest_lease(ServerSettings(lease_seconds=60.0)) == 60.0  # never shorter than the settings' lease
+
+
+def test_a_short_gone_mark_keeps_the_settings_beat_at_any_size() -> None:
+    settings = ServerSettings(lease_seconds=3.0, worker_gone_after=3.0, heartbeat_budget=1.0)
     assert settings.heartbeat_seconds == 1.0
     assert interval(settings, 10_000) == 1.0
-
-
-def test_a_long_lease_lets_a_large_fleet_keep_to_the_budget() -> None:
-    settings = ServerSettings(lease_seconds=300.0, heartbeat_budget=500.0)
-    assert interval(settings, 50_000) == pytest.approx(100.0)  # 500 beats a second
-    assert interval(settings, 500_000) == pytest.approx(100.0)  # a third of the lease: then over the budget
+    assert lease(settings, 1.0) == 3.0
 
 
 def test_the_cadence_follows_what_housekeeping_counts() -> None:
-    cadence = Cadence(ServerSettings(lease_seconds=15.0, heartbeat_budget=100.0))
-    assert (cadence.busy, cadence.heartbeat_seconds) == (0, 2.0)
-    cadence.count(400)
-    assert (cadence.busy, cadence.heartbeat_seconds) == (400, 4.0)
+    cadence = Cadence(ServerSettings(heartbeat_budget=100.0))
+    assert (cadence.busy, cadence.heartbeat_seconds, cadence.lease_seconds) == (0, 2.0, 15.0)
+    cadence.count(1_000)
+    assert (cadence.busy, cadence.heartbeat_seconds, cadence.lease_seconds) == (1_000, 10.0, 30.0)
     cadence.count(3)
-    assert cadence.heartbeat_seconds == 2.0
+    assert (cadence.heartbeat_seconds, cadence.lease_seconds) == (2.0, 15.0)

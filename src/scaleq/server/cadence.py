@@ -1,16 +1,20 @@
-"""How often workers beat: every ``heartbeat_seconds`` of the settings while the fleet is small, less often as it grows.
+"""How often workers beat, and how long a lease lasts: the settings' while the fleet is small, longer as it grows.
 
 A busy worker (one holding a lease, or a result not yet delivered) beats to renew its leases and to hear of cancels;
-an idle one parked in a claim needs no beat (:mod:`scaleq.server.liveness`). At the settings' 2 s, 2,000 busy
-workers are 1,000 requests a second: past what a server short of CPU answers next to its claims, and then the beats
-wait in line until leases expire and jobs run again (docs/benchmarks.md, "Fleet scale"). So the grid asks for at
-most ``heartbeat_budget`` beats a second: with B busy workers the interval is B / budget — never shorter than the
-settings' interval, and never longer than a third of the lease, so that a lease still outlives two missed beats.
-This is the rule Nomad applies to its clients' heartbeat TTL (``max_heartbeats_per_second``). It costs a cancel's
-reach to a quiet job (up to the interval) and nothing else: leases and gone-marks keep their terms.
+an idle one parked in a claim needs no beat (:mod:`scaleq.server.liveness`). At the settings' 2 s, 5,000 busy
+workers are 2,500 requests a second, and every one is a write: past what a server short of CPU, or its database,
+answers next to the claims, the beats wait in line until leases expire and jobs run again (docs/benchmarks.md,
+"Fleet scale"). So the grid asks for at most ``heartbeat_budget`` beats a second. With B busy workers the interval
+is B / budget, never shorter than the settings' ``heartbeat_seconds`` and never longer than a third of
+``worker_gone_after`` (a busy worker is still heard from three times before it could be marked gone); a lease lasts
+three intervals, never less than the settings' ``lease_seconds``, so it still outlives two missed beats. This is the
+rule Nomad applies to its clients' heartbeat TTL (``max_heartbeats_per_second``). What it costs, at a size past the
+budget only: a cancel reaches a quiet job within the interval, and a worker that dies silently gives its jobs back
+after the longer lease (45 s at most with the default settings) instead of 15 s.
 
 Every server counts the same thing — running jobs, from the store's queue counts, an upper bound of the busy workers
 — so all of them ask for the same cadence; a worker takes it from its registration's answer and from each beat's.
+A lease's term is written with it when granted or renewed, so a change of cadence never shortens one.
 """
 
 from __future__ import annotations
@@ -21,18 +25,28 @@ from scaleq.server.settings import ServerSettings
 def interval(settings: ServerSettings, busy: int) -> float:
     """Seconds between a worker's beats when ``busy`` workers beat (see the module's docstring)."""
     fastest = settings.heartbeat_seconds
-    slowest = max(fastest, settings.lease_seconds / 3)
+    slowest = max(fastest, settings.worker_gone_after / 3)
     return min(max(fastest, busy / settings.heartbeat_budget), slowest)
 
 
+def lease(settings: ServerSettings, beat: float) -> float:
+    """A lease's term when workers beat every ``beat`` seconds: three beats, at least the settings' lease."""
+    return max(settings.lease_seconds, 3 * beat)
+
+
+def longest_lease(settings: ServerSettings) -> float:
+    """The longest term any cadence grants (what a check that a lease should have expired must allow)."""
+    return lease(settings, interval(settings, 1 << 62))
+
+
 class Cadence:
-    """The interval this server asks for now; housekeeping updates it from the running jobs it counts."""
+    """The interval and lease this server grants now; housekeeping updates them from the running jobs it counts."""
 
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
-        self.busy = 0
-        self.heartbeat_seconds = interval(settings, 0)
+        self.count(0)
 
     def count(self, busy: int) -> None:
         self.busy = busy
         self.heartbeat_seconds = interval(self.settings, busy)
+        self.lease_seconds = lease(self.settings, self.heartbeat_seconds)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from scaleq.doctor.checks import FIX_STORE_DOWN, Check, error_text, group_hop, not_checked, queue_hop, secs
 from scaleq.jobs import Job, Worker
+from scaleq.server import cadence
 from scaleq.server.otlp import ExportStatus
 from scaleq.server.settings import ServerSettings
 from scaleq.store.base import Attempt, Event, GroupStatus, Store
@@ -152,7 +153,8 @@ def judge(
     """The server-side checks over what was read: pure, so the server and tests share it. ``beat``: the interval the
     workers are asked to beat at now (:mod:`scaleq.server.cadence`; default the settings')."""
     by_id = {w.id: w for w in seen.workers}
-    lease, beat = settings.lease_seconds, beat or settings.heartbeat_seconds
+    beat = beat or settings.heartbeat_seconds
+    lease = cadence.lease(settings, beat)
     stale_after = HEARTBEAT_MISSES * beat
 
     def hop_of(worker: Worker | None, queue: str) -> str:
@@ -208,7 +210,8 @@ def _sweeper(running: list[Job], by_id: dict[str, Worker], settings: ServerSetti
     margin = max(3 * settings.sweep_interval, 1.0)
     overdue = []
     for j in running:
-        expired = now - (_renewed_at(j, by_id.get(j.worker_id or "")) + settings.lease_seconds)
+        # the longest term a cadence grants: a lease granted while the fleet was larger may still be that long
+        expired = now - (_renewed_at(j, by_id.get(j.worker_id or "")) + cadence.longest_lease(settings))
         if expired > margin:
             overdue.append(f"job {j.id[:12]} (worker {j.worker_id}) expired {secs(expired)} ago")
     if overdue:

@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from scaleq.notify import Notifier
+from scaleq.server.cadence import Cadence
 from scaleq.server.settings import ServerSettings
 from scaleq.store.base import Store
 
@@ -21,6 +22,12 @@ class Ctx:
 
     def now(self) -> float:
         return self.request.app.state.clock()
+
+    @property
+    def cadence(self) -> Cadence:
+        """The beat and lease this server grants now (:mod:`scaleq.server.cadence`)."""
+        cadence: Cadence = self.request.app.state.cadence
+        return cadence
 
 
 def context(request: Request) -> Ctx:

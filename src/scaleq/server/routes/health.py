@@ -64,11 +64,6 @@ def _exporter(ctx: Ctx) -> ExportStatus | None:
     return getattr(ctx.request.app.state, "otlp", None)
 
 
-def _beat(ctx: Ctx) -> float:
-    """The interval busy workers are asked to beat at now (:mod:`scaleq.server.cadence`)."""
-    return float(ctx.request.app.state.cadence.heartbeat_seconds)
-
-
 GroupsQuery = Annotated[list[str] | None, Query(description="groups to report even if the store knows none of them")]
 
 
@@ -83,15 +78,15 @@ async def health(ctx: C, group: GroupsQuery = None) -> HealthOut:
     """The hops the server can see, each with what is wrong and how to fix it."""
     now = ctx.now()
     checks = await server_side_checks(
-        ctx.store, ctx.settings, now, group or (), exporter=_exporter(ctx), beat=_beat(ctx)
+        ctx.store, ctx.settings, now, group or (), exporter=_exporter(ctx), beat=ctx.cadence.heartbeat_seconds
     )
     s = ctx.settings
     return HealthOut(
         ok=all_ok(checks),
         version=__version__,
         server_time=now,
-        lease_seconds=s.lease_seconds,
-        heartbeat_seconds=_beat(ctx),
+        lease_seconds=ctx.cadence.lease_seconds,
+        heartbeat_seconds=ctx.cadence.heartbeat_seconds,
         sweep_interval=s.sweep_interval,
         worker_gone_after=s.worker_gone_after,
         checks=[CheckOut(**c.as_dict()) for c in checks],
@@ -102,6 +97,6 @@ async def health(ctx: C, group: GroupsQuery = None) -> HealthOut:
 async def health_checks(ctx: C, group: GroupsQuery = None) -> list[CheckOut]:
     """The server-side checks alone (the dashboard's health panel)."""
     checks = await server_side_checks(
-        ctx.store, ctx.settings, ctx.now(), group or (), exporter=_exporter(ctx), beat=_beat(ctx)
+        ctx.store, ctx.settings, ctx.now(), group or (), exporter=_exporter(ctx), beat=ctx.cadence.heartbeat_seconds
     )
     return [CheckOut(**c.as_dict()) for c in checks]

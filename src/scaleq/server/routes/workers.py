@@ -212,8 +212,8 @@ async def register(body: Registration, ctx: C, who: WorkerCaller) -> Registered:
     ctx.notifier.notify("any")
     s = ctx.settings
     return Registered(
-        lease_seconds=s.lease_seconds,
-        heartbeat_seconds=ctx.request.app.state.cadence.heartbeat_seconds,
+        lease_seconds=ctx.cadence.lease_seconds,
+        heartbeat_seconds=ctx.cadence.heartbeat_seconds,
         long_poll_max=s.long_poll_max,
     )
 
@@ -269,7 +269,7 @@ async def _claim(
     try:
         now = ctx.now()
         results = [(f.lease, FinishResult(f.reason, f.exit_code, f.error)) for f in mine]
-        got = await ctx.store.worker_claim(worker_id, body.max, now, ctx.settings.lease_seconds, finishes=results)
+        got = await ctx.store.worker_claim(worker_id, body.max, now, ctx.cadence.lease_seconds, finishes=results)
         done = dict(zip([f.lease for f in mine], got.finished, strict=True))
         finished = []
         for f in body.finishes:
@@ -306,7 +306,7 @@ async def _claim(
                 if woken.event.is_set():
                     woken.handled = True
                     notifier.unpark(woken)
-                    got = await ctx.store.worker_claim(worker_id, body.max, ctx.now(), ctx.settings.lease_seconds)
+                    got = await ctx.store.worker_claim(worker_id, body.max, ctx.now(), ctx.cadence.lease_seconds)
                     # a worker that now drains claims nothing: pass on at once; an active one only while jobs wait
                     if not got.claims and (got.state != "active" or await ctx.store.has_queued(got.queue)):
                         notifier.wake_claims(got.queue, 1, before=woken.mark)
@@ -317,7 +317,7 @@ async def _claim(
                         notifier.wake_claims(got.queue, 1, before=woken.mark)
                     continue
                 notifier.unpark(woken)
-            got = await ctx.store.worker_claim(worker_id, body.max, ctx.now(), ctx.settings.lease_seconds)
+            got = await ctx.store.worker_claim(worker_id, body.max, ctx.now(), ctx.cadence.lease_seconds)
     finally:
         notifier.unpark(waiter)
     if got.claims:
@@ -336,8 +336,8 @@ async def heartbeat(worker_id: str, ctx: C, who: WorkerCaller, body: BeatBody | 
         await ctx.store.set_worker_state(worker_id, "draining")
         ctx.notifier.notify(f"worker:{worker_id}", "any")
     held = body.leases if body is not None else None
-    state, leases = await ctx.store.heartbeat(worker_id, ctx.now(), ctx.settings.lease_seconds, held)
-    return Beat(state=state, leases=sorted(leases), heartbeat_seconds=ctx.request.app.state.cadence.heartbeat_seconds)
+    state, leases = await ctx.store.heartbeat(worker_id, ctx.now(), ctx.cadence.lease_seconds, held)
+    return Beat(state=state, leases=sorted(leases), heartbeat_seconds=ctx.cadence.heartbeat_seconds)
 
 
 @router.post("/workers/{worker_id}/drain", response_model=Worker, dependencies=[require("admin")])
