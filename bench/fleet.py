@@ -22,8 +22,9 @@ per worker (the parked claim's and the one heartbeats take, as httpx's pool hold
 * a claim loop: ``POST /workers/{id}/claim {"max": 1, "wait": long_poll_max, "finishes": […]}``; a job is "run" by
   sleeping 1 s; its finish rides along with the next claim (the agent's path with one slot); 404 → register again;
 * a heartbeat loop: sleep ``heartbeat_seconds``, then ``POST /workers/{id}/heartbeat {"leases": held}``; a held
-  lease missing from the answer (and claimed before the heartbeat left) is abandoned, as the agent does, and the
-  answer's ``heartbeat_seconds`` (the grid's cadence, slower as it grows) is the next sleep. When the
+  lease missing from the answer (and claimed before the heartbeat left) is abandoned, as the agent does. The beat
+  follows the ``heartbeat_seconds`` of the last claim's or heartbeat's answer (the grid's cadence, slower as it
+  grows), a shorter one cutting the current sleep, as the agent does. When the
   registration answered ``claim_is_heartbeat`` the beat is skipped while the worker holds no lease (idle, its claim
   parked), as the agent skips it;
 * a worker the server does not accept (registration retried until the row ends) is counted as *never registered*
@@ -286,6 +287,7 @@ class SimWorker:
         self.id, self.queue, self.w, self.stats, self.job_seconds = wid, queue, w, stats, job_seconds
         self.http = Pool(server, local, token)
         self.heartbeat_seconds = 5.0
+        self.quicker = asyncio.Event()  # the beat asked for got shorter: cut the current sleep (as the agent does)
         self.long_poll = 20.0
         self.claim_is_heartbeat = False  # the server counts a parked claim as this worker's heartbeat
         self.running: dict[str, float] = {}  # lease -> when its claim was answered (monotonic)
@@ -357,9 +359,26 @@ class SimWorker:
     def held(self) -> list[str]:
         return sorted(set(self.running) | self.finishing)
 
+    def follow(self, data: dict[str, Any]) -> None:
+        """The beat a claim's or a heartbeat's answer asks for (the grid's cadence), as the agent follows it."""
+        asked = data.get("heartbeat_seconds")
+        if asked and asked != self.heartbeat_seconds:
+            if asked < self.heartbeat_seconds:
+                self.quicker.set()
+            self.heartbeat_seconds = asked
+
+    async def beat_wait(self) -> None:
+        began = time.monotonic()
+        self.quicker.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.quicker.wait(), self.heartbeat_seconds)
+        left = began + self.heartbeat_seconds - time.monotonic()
+        if left > 0:
+            await asyncio.sleep(left)
+
     async def heartbeats(self) -> None:
         while True:
-            await asyncio.sleep(self.heartbeat_seconds)
+            await self.beat_wait()
             if self.claim_is_heartbeat and not self.held():
                 continue  # idle: the parked claim keeps this worker alive (as the agent skips its beat)
             sent = time.monotonic()
@@ -368,7 +387,7 @@ class SimWorker:
             if not data:
                 continue
             live = set(data["leases"])
-            self.heartbeat_seconds = data.get("heartbeat_seconds") or self.heartbeat_seconds  # the grid's cadence
+            self.follow(data)
             for lease, claimed_at in list(self.running.items()):
                 if lease not in live and claimed_at < sent and lease not in self.abandoned:
                     self.abandoned.add(lease)
@@ -402,6 +421,7 @@ class SimWorker:
                 await asyncio.sleep(1.0)
                 continue
             answered = time.time()
+            self.follow(data)
             self.finishing.difference_update(f["lease"] for f in finishes)
             self.stats.refused += sum(1 for o in data["finished"] if not o["ok"])
             for c in data["claims"]:
@@ -701,13 +721,15 @@ def stop_server(s: Server) -> None:
         uncap_cpu(s.cgroup)
 
 
-def lost_in_store(store: str | None, sqlite_dir: Path) -> dict[str, int]:
-    """What the store says was lost: attempts ended ``lost`` (an expired lease) and jobs finished ``worker_lost``."""
+def lost_in_store(store: str | None, sqlite_dir: Path, window: tuple[float, float]) -> dict[str, int]:
+    """What the store says was lost over the whole row: attempts ended ``lost`` (an expired lease) and jobs finished
+    ``worker_lost``; and of those attempts, the ones whose lease expired inside the measured ``window``."""
     sql = (
         "SELECT (SELECT count(*) FROM attempts WHERE outcome = 'lost'),"
         " (SELECT count(*) FROM jobs WHERE reason = 'worker_lost'),"
-        " (SELECT count(*) FROM attempts)"
-    )
+        " (SELECT count(*) FROM attempts),"
+        " (SELECT count(*) FROM attempts WHERE outcome = 'lost' AND ended_at >= {} AND ended_at < {})"
+    ).format(*(repr(float(t)) for t in window))
     if store:
         import psycopg
 
@@ -717,7 +739,12 @@ def lost_in_store(store: str | None, sqlite_dir: Path) -> dict[str, int]:
         with contextlib.closing(sqlite3.connect(sqlite_dir / "scaleq.db")) as conn:
             row = conn.execute(sql).fetchone()
     assert row is not None
-    return {"lost_attempts": int(row[0]), "worker_lost": int(row[1]), "attempts": int(row[2])}
+    return {
+        "lost_attempts": int(row[0]),
+        "worker_lost": int(row[1]),
+        "attempts": int(row[2]),
+        "lost_in_window": int(row[3]),
+    }
 
 
 # -- one row ----------------------------------------------------------------------------------------------------
@@ -747,6 +774,7 @@ class Measured:
     stats: list[dict[str, Any]] = field(default_factory=list)  # one per generator
     submitter: dict[str, Any] = field(default_factory=dict)
     loop: list[dict[str, Any]] = field(default_factory=list)  # per server: its event-loop lag and GC pauses
+    window: tuple[float, float] = (0.0, 0.0)  # the measured window, wall-clock
 
 
 def run_row(n: int, setup: str, mode: str, a: Args, pg: Any, row_no: int) -> dict[str, Any]:
@@ -766,7 +794,7 @@ def run_row(n: int, setup: str, mode: str, a: Args, pg: Any, row_no: int) -> dic
         m = drive(n, setup, mode, a, servers, pg, db, row_no)
         for s in servers:
             stop_server(s)
-        lost = lost_in_store(store, servers[0].data_dir)
+        lost = lost_in_store(store, servers[0].data_dir, m.window)
         lost["marked_gone_while_alive"] = sum(marked_gone(s, f"fleet-{row_no}-") for s in servers)
         warnings = [server_warnings(s) for s in servers]
     finally:
@@ -864,6 +892,7 @@ def drive(
         )
         spies = profile(a, w, servers, f"{setup}-{mode}-{n}")
         m = sample(w, servers, pg, db)
+        m.window = (w.measure_from, w.measure_to)
         for spy in spies:
             spy.wait()
         m.listed_gone, m.active = workers_by_state(servers[0], queue)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import base64
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,19 +50,13 @@ def format_detail(detail: Any) -> str:
     return str(detail)
 
 
-@dataclass(frozen=True)
-class Beat:
-    """A heartbeat's answer: the worker's state, its leases still live, and how often the server asks it to beat."""
-
-    state: str
-    leases: set[str]
-    heartbeat_seconds: float | None = None
-
-
 class Client:
     def __init__(self, server: str, token: str | None, *, timeout: float = 30.0) -> None:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.server = server.rstrip("/")
+        #: How often the server last asked its workers to beat, from a claim's or a heartbeat's answer (None until
+        #: one said it: servers before the cadence do not; see scaleq.server.cadence).
+        self.cadence: float | None = None
         self._http = httpx.AsyncClient(
             base_url=self.server + "/api/v1",
             headers=headers,
@@ -264,20 +257,20 @@ class Client:
             json={"max": n, "wait": wait, "finishes": finishes or []},
             timeout=wait + 30,
         )
+        self._heard_cadence(data)
         return [Claim.model_validate(c) for c in data["claims"]], data["finished"], data["state"]
 
     async def heartbeat(
         self, worker_id: str, *, draining: bool = False, leases: list[str] | None = None
     ) -> tuple[str, set[str]]:
-        """The worker's state and the leases still live."""
-        beat = await self.beat(worker_id, draining=draining, leases=leases)
-        return beat.state, beat.leases
-
-    async def beat(self, worker_id: str, *, draining: bool = False, leases: list[str] | None = None) -> Beat:
-        """A heartbeat's whole answer, the cadence the server asks for included (None from servers before it)."""
+        """The worker's state and the leases still live (and :attr:`cadence` as the answer says it)."""
         body = {"draining": draining, "leases": leases}
         data = await self._json("POST", f"/workers/{worker_id}/heartbeat", json=body, timeout=10)
-        return Beat(data["state"], set(data["leases"]), data.get("heartbeat_seconds"))
+        self._heard_cadence(data)
+        return data["state"], set(data["leases"])
+
+    def _heard_cadence(self, data: dict[str, Any]) -> None:
+        self.cadence = data.get("heartbeat_seconds") or self.cadence
 
     async def drain_worker(self, worker_id: str) -> Worker:
         return Worker.model_validate(await self._json("POST", f"/workers/{worker_id}/drain"))

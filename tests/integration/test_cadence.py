@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from scaleq.jobs import JobDefinition, SubmitRequest
-from scaleq.server import housekeeping
+from scaleq.server import housekeeping, metrics
 from scaleq.server.cadence import Cadence
 from scaleq.server.settings import ServerSettings
 from scaleq.store.base import Store
@@ -33,6 +33,15 @@ async def grid(any_store: Store) -> AsyncIterator[tuple[LiveServer, Clock]]:
     settings = ServerSettings(lease_seconds=15.0, heartbeat_budget=1.0, long_poll_max=60.0, sweep_interval=3600.0)
     async with serve(any_store, settings, clock=clock) as live:
         yield live, clock
+
+
+@pytest.fixture
+async def agents_grid(sqlite_store: Store) -> AsyncIterator[LiveServer]:
+    """For the real agent (real time): the settings' lease, and housekeeping that counts once, at start, so that the
+    cadence stays what the test sets."""
+    settings = ServerSettings(lease_seconds=15.0, long_poll_max=20.0, sweep_interval=3600.0)
+    async with serve(sqlite_store, settings) as live:
+        yield live
 
 
 def cadence(live: LiveServer) -> Cadence:
@@ -95,19 +104,43 @@ async def job_id(live: LiveServer, i: int) -> str:
     return next(j.id for j in jobs if j.definition.command == ["true", str(i)])
 
 
-async def test_the_agent_takes_up_the_cadence_from_its_beats(sqlite_live: LiveServer) -> None:
-    a = agent(sqlite_live, "follower", slots=1)
+def beats_answered(live: LiveServer) -> float:
+    route = "/api/v1/workers/{worker_id}/heartbeat"
+    return float(metrics.of(live.app).http_requests.labels(route, "200")._value.get())  # type: ignore[arg-type]
+
+
+async def test_the_agent_takes_up_the_cadence_from_its_beats(agents_grid: LiveServer) -> None:
+    a = agent(agents_grid, "follower", slots=1)
     async with running(a):
-        async with sqlite_live.client("submit") as submitter:
+        async with agents_grid.client("submit") as submitter:
             req = SubmitRequest(queue="q", definition=JobDefinition(command=["sleep", "60"]))
             job, _ = await submitter.submit(req)
         await eventually(lambda: asyncio.sleep(0, bool(a.running)), 30, what="the job running")
-        assert a.heartbeat_seconds == sqlite_live.app.state.settings.heartbeat_seconds  # type: ignore[attr-defined]
-        grown: Cadence = sqlite_live.app.state.cadence  # type: ignore[attr-defined]
-        grown.count(1_000_000)  # as housekeeping would count a fleet far past the budget
-        await eventually(
-            lambda: asyncio.sleep(0, a.heartbeat_seconds == grown.heartbeat_seconds), 30, what="the slower beat"
-        )
-        assert a.heartbeat_seconds == sqlite_live.app.state.settings.lease_seconds / 3  # type: ignore[attr-defined]
-        async with sqlite_live.client("admin") as admin:
+        assert a.heartbeat_seconds == 2.0  # the settings' beat
+        cadence(agents_grid).count(1_000_000)  # as housekeeping would count a fleet far past the budget
+        await eventually(lambda: asyncio.sleep(0, a.heartbeat_seconds == 15.0), 30, what="the slower beat")
+        async with agents_grid.client("admin") as admin:
             await admin.cancel(job.id)
+
+
+async def test_a_claim_under_a_quicker_beat_cuts_the_agents_sleep(agents_grid: LiveServer) -> None:
+    """A lease lasts three of the beats asked for when it was claimed: a worker told of a slow beat long ago that
+    claims under a quick one must not sleep out the slow one (its new lease would expire first)."""
+    asked = cadence(agents_grid)
+    asked.count(1_000_000)  # 15 s beats, 45 s leases when the worker registers and takes its first job
+    a = agent(agents_grid, "quickened", slots=2)
+    async with running(a), agents_grid.client("submit") as submitter:
+        first, _ = await submitter.submit(SubmitRequest(queue="q", definition=JobDefinition(command=["sleep", "60"])))
+        await eventually(lambda: asyncio.sleep(0, len(a.running) == 1), 30, what="the first job running")
+        assert a.heartbeat_seconds == 15.0
+        asked.count(0)  # the fleet shrank: 2 s beats, 15 s leases from now on
+        before = beats_answered(agents_grid)
+        second, _ = await submitter.submit(SubmitRequest(queue="q", definition=JobDefinition(command=["sleep", "61"])))
+        await eventually(lambda: asyncio.sleep(0, len(a.running) == 2), 30, what="the second job running")
+        assert a.heartbeat_seconds == 2.0  # from the claim's answer, not from a beat 15 s away
+        await eventually(
+            lambda: asyncio.sleep(0, beats_answered(agents_grid) > before), 8, what="a beat well within 15 s"
+        )
+        async with agents_grid.client("admin") as admin:
+            await admin.cancel(first.id)
+            await admin.cancel(second.id)

@@ -160,7 +160,9 @@ async def test_values_follow_submits_claims_and_finishes(live: LiveServer) -> No
         assert value(done, "scaleq_jobs_finished", queue="qa", result="unsuccessful") == 1
         rounds = value(done, "scaleq_housekeeping_seconds_count")  # the server's timer ran its first rounds
         assert rounds is not None and rounds >= 1
-        assert value(done, "scaleq_heartbeat_interval_seconds") == live.app.state.settings.heartbeat_seconds  # type: ignore[attr-defined]
+        settings = live.app.state.settings  # type: ignore[attr-defined]
+        assert value(done, "scaleq_heartbeat_interval_seconds") == settings.heartbeat_seconds
+        assert value(done, "scaleq_lease_term_seconds") == settings.lease_seconds
         assert value(done, "scaleq_slots", queue="qa", state="busy") == 0
         assert value(done, "scaleq_slots", queue="qa", state="idle") == 4
         assert value(done, "scaleq_http_requests_total", route="/api/v1/workers/{worker_id}/claim", status="200") == 2

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from scaleq.server.cadence import Cadence, interval, lease, longest_lease
+from scaleq.server.cadence import Cadence, interval, lease
 from scaleq.server.settings import ServerSettings
 
 DEFAULT = ServerSettings()  # lease 15 s, beat 2 s, gone after 45 s, budget 250 beats a second
@@ -28,9 +28,17 @@ def test_past_the_budget_the_beat_slows_and_the_lease_is_three_beats(busy: int, 
     assert lease(DEFAULT, interval(DEFAULT, busy)) == pytest.approx(term)
 
 
-def test_the_longest_lease_is_what_the_slowest_beat_grants() -> None:
-    assert longest_lease(DEFAULT) == 45.0
-    assert longest_lease(ServerSettings(lease_seconds=60.0)) == 60.0  # never shorter than the settings' lease
+def test_a_longer_term_granted_before_the_beat_quickened_is_allowed_for_as_long_as_it_lasts() -> None:
+    t = [0.0]
+    cadence = Cadence(ServerSettings(heartbeat_budget=100.0), clock=lambda: t[0])
+    assert cadence.longest_term() == 15.0
+    cadence.count(1_000)  # 10 s beats, 30 s leases
+    assert cadence.longest_term() == 30.0
+    cadence.count(0)  # back to 15 s leases: one granted just before may live 30 s more
+    t[0] = 29.0
+    assert (cadence.lease_seconds, cadence.longest_term()) == (15.0, 30.0)
+    t[0] = 30.0
+    assert cadence.longest_term() == 15.0
 
 
 def test_a_short_gone_mark_keeps_the_settings_beat_at_any_size() -> None:

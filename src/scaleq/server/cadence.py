@@ -19,6 +19,9 @@ A lease's term is written with it when granted or renewed, so a change of cadenc
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 from scaleq.server.settings import ServerSettings
 
 
@@ -34,19 +37,27 @@ def lease(settings: ServerSettings, beat: float) -> float:
     return max(settings.lease_seconds, 3 * beat)
 
 
-def longest_lease(settings: ServerSettings) -> float:
-    """The longest term any cadence grants (what a check that a lease should have expired must allow)."""
-    return lease(settings, interval(settings, 1 << 62))
-
-
 class Cadence:
     """The interval and lease this server grants now; housekeeping updates them from the running jobs it counts."""
 
-    def __init__(self, settings: ServerSettings) -> None:
+    def __init__(self, settings: ServerSettings, clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
+        self.clock = clock
+        self.lease_seconds = settings.lease_seconds
+        self._longer = (0.0, 0.0)  # a longer term granted before the last change, and until when one may be live
         self.count(0)
 
     def count(self, busy: int) -> None:
+        term = lease(self.settings, interval(self.settings, busy))
+        if term < self.lease_seconds:
+            self._longer = (self.lease_seconds, self.clock() + self.lease_seconds)
         self.busy = busy
         self.heartbeat_seconds = interval(self.settings, busy)
-        self.lease_seconds = lease(self.settings, self.heartbeat_seconds)
+        self.lease_seconds = term
+
+    def longest_term(self) -> float:
+        """The longest lease term that may still be live: the one granted now, or a longer one granted before the
+        cadence quickened, for as long as such a lease can last (what a check that a lease should have expired
+        must allow)."""
+        longer, until = self._longer
+        return max(self.lease_seconds, longer) if self.clock() < until else self.lease_seconds

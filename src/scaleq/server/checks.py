@@ -149,9 +149,11 @@ def judge(
     *,
     status_stale_after: float = STATUS_STALE_AFTER,
     beat: float | None = None,
+    longest_term: float | None = None,
 ) -> list[Check]:
     """The server-side checks over what was read: pure, so the server and tests share it. ``beat``: the interval the
-    workers are asked to beat at now (:mod:`scaleq.server.cadence`; default the settings')."""
+    workers are asked to beat at now, ``longest_term``: the longest lease term that may be live
+    (:class:`scaleq.server.cadence.Cadence`; default the settings')."""
     by_id = {w.id: w for w in seen.workers}
     beat = beat or settings.heartbeat_seconds
     lease = cadence.lease(settings, beat)
@@ -179,7 +181,7 @@ def judge(
     hops = declared + sorted(h for h in known if h.startswith("group ") and h not in declared)
     hops += sorted(h for h in known if h.startswith("queue "))
 
-    checks = [_sweeper(seen.running, by_id, settings, now)]
+    checks = [_sweeper(seen.running, by_id, settings, longest_term or settings.lease_seconds, now)]
     for hop in hops:
         checks.append(_heartbeats(hop, live_workers.get(hop, []), stale_after, beat, settings, now))
         checks.append(_leases(hop, running.get(hop, []), lost.get(hop, []), lease, stale_after, now))
@@ -206,12 +208,11 @@ def _renewed_at(job: Job, worker: Worker | None) -> float:
     return max(job.started_at or 0.0, worker.last_heartbeat if worker is not None else 0.0)
 
 
-def _sweeper(running: list[Job], by_id: dict[str, Worker], settings: ServerSettings, now: float) -> Check:
+def _sweeper(running: list[Job], by_id: dict[str, Worker], settings: ServerSettings, term: float, now: float) -> Check:
     margin = max(3 * settings.sweep_interval, 1.0)
     overdue = []
     for j in running:
-        # the longest term a cadence grants: a lease granted while the fleet was larger may still be that long
-        expired = now - (_renewed_at(j, by_id.get(j.worker_id or "")) + cadence.longest_lease(settings))
+        expired = now - (_renewed_at(j, by_id.get(j.worker_id or "")) + term)
         if expired > margin:
             overdue.append(f"job {j.id[:12]} (worker {j.worker_id}) expired {secs(expired)} ago")
     if overdue:
@@ -347,10 +348,11 @@ async def server_side_checks(
     status_stale_after: float = STATUS_STALE_AFTER,
     exporter: ExportStatus | None = None,
     beat: float | None = None,
+    longest_term: float | None = None,
 ) -> list[Check]:
     """The hops the server can see, for ``/api/v1/health`` and the dashboard. ``groups`` are group names that must
     be reported even when the store knows nothing of them (the groups of a grid file); ``exporter``: the OTLP push,
-    when the server pushes; ``beat``: the workers' interval now (see :func:`judge`). Never raises."""
+    when the server pushes; ``beat``, ``longest_term``: the cadence's (see :func:`judge`). Never raises."""
     store_check = await check_store(store, now)
     pushing = [exporter_check(exporter, now)] if exporter is not None else []
     if not store_check.ok:
@@ -360,7 +362,15 @@ async def server_side_checks(
         return [
             store_check,
             *pushing,
-            *judge(seen, settings, now, groups, status_stale_after=status_stale_after, beat=beat),
+            *judge(
+                seen,
+                settings,
+                now,
+                groups,
+                status_stale_after=status_stale_after,
+                beat=beat,
+                longest_term=longest_term,
+            ),
         ]
     except Exception as exc:
         return [

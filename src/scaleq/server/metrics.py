@@ -224,6 +224,12 @@ class ServerMetrics:
                 registry=self.registry,
             )
             beat.set_function(lambda: cadence.heartbeat_seconds)
+            term = Gauge(
+                "scaleq_lease_term_seconds",
+                "The term of the leases this server grants now: the settings' lease, three beats past the budget",
+                registry=self.registry,
+            )
+            term.set_function(lambda: cadence.lease_seconds)
         self._lock = asyncio.Lock()
         self._cursor: int | None = None
 

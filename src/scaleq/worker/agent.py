@@ -109,6 +109,7 @@ class WorkerAgent:
         #: Leases whose result is reported but not yet delivered: still held, so still renewed by heartbeats.
         self._finishing: set[str] = set()
         self.heartbeat_seconds = 5.0
+        self._quicker = asyncio.Event()  # the beat asked for got shorter: cut the heartbeat loop's sleep
         self.lease_seconds = 15.0
         self._reaping: asyncio.Task[None] | None = None
         self.long_poll = 20.0
@@ -247,7 +248,8 @@ class WorkerAgent:
             "hostname": socket.gethostname(),
         }
         answer = await self._retrying(lambda: self.client.register(body))
-        self.heartbeat_seconds = answer["heartbeat_seconds"]
+        self.client.cadence = answer["heartbeat_seconds"]
+        self._follow_cadence()
         self.lease_seconds = answer["lease_seconds"]
         self.long_poll = answer["long_poll_max"]
         self.claim_is_heartbeat = bool(answer.get("claim_is_heartbeat", False))  # servers before it: False
@@ -286,6 +288,7 @@ class WorkerAgent:
             try:
                 claims, outcomes, state = await self.client.claim(self.id, free, wait=self.long_poll, finishes=finishes)
                 self._last_contact = time.monotonic()
+                self._follow_cadence()
                 self._finishing.difference_update(f["lease"] for f in finishes)
             except Unreachable as exc:
                 self.pending_finishes[:0] = finishes
@@ -329,10 +332,29 @@ class WorkerAgent:
 
     # -- heartbeats -------------------------------------------------------------------------------------------
 
+    def _follow_cadence(self) -> None:
+        """Beat as often as the server's last answer asked (:mod:`scaleq.server.cadence`: slower as the fleet grows).
+        A lease claimed now lasts three of the beats asked for now, so a shorter beat cuts the current sleep."""
+        asked = self.client.cadence
+        if asked and asked != self.heartbeat_seconds:
+            if asked < self.heartbeat_seconds:
+                self._quicker.set()
+            self.heartbeat_seconds = asked
+
+    async def _beat_wait(self) -> None:
+        """Sleep one beat, cut short if the beat asked for gets shorter meanwhile."""
+        began = time.monotonic()
+        self._quicker.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._quicker.wait(), self.heartbeat_seconds)
+        left = began + self.heartbeat_seconds - time.monotonic()
+        if left > 0:
+            await asyncio.sleep(left)
+
     async def _heartbeat_loop(self) -> None:
         reaped = time.monotonic()
         while True:
-            await asyncio.sleep(self.heartbeat_seconds)
+            await self._beat_wait()
             sent = time.monotonic()
             if sent - reaped >= self.lease_seconds:
                 reaped = sent
@@ -342,11 +364,9 @@ class WorkerAgent:
                     await self.metrics.refresh_queue(self.client, self.cfg.queue)
                 continue
             try:
-                beat = await self.client.beat(self.id, leases=self._held())
-                state, live = beat.state, beat.leases
+                state, live = await self.client.heartbeat(self.id, leases=self._held())
                 self._last_contact = time.monotonic()
-                if beat.heartbeat_seconds:  # the grid's cadence: slower as its fleet grows (scaleq.server.cadence)
-                    self.heartbeat_seconds = beat.heartbeat_seconds
+                self._follow_cadence()
             except Unreachable as exc:
                 log.warning("heartbeat failed: %s", exc)
                 continue

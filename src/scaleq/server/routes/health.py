@@ -78,7 +78,13 @@ async def health(ctx: C, group: GroupsQuery = None) -> HealthOut:
     """The hops the server can see, each with what is wrong and how to fix it."""
     now = ctx.now()
     checks = await server_side_checks(
-        ctx.store, ctx.settings, now, group or (), exporter=_exporter(ctx), beat=ctx.cadence.heartbeat_seconds
+        ctx.store,
+        ctx.settings,
+        now,
+        group or (),
+        exporter=_exporter(ctx),
+        beat=ctx.cadence.heartbeat_seconds,
+        longest_term=ctx.cadence.longest_term(),
     )
     s = ctx.settings
     return HealthOut(
@@ -97,6 +103,12 @@ async def health(ctx: C, group: GroupsQuery = None) -> HealthOut:
 async def health_checks(ctx: C, group: GroupsQuery = None) -> list[CheckOut]:
     """The server-side checks alone (the dashboard's health panel)."""
     checks = await server_side_checks(
-        ctx.store, ctx.settings, ctx.now(), group or (), exporter=_exporter(ctx), beat=ctx.cadence.heartbeat_seconds
+        ctx.store,
+        ctx.settings,
+        ctx.now(),
+        group or (),
+        exporter=_exporter(ctx),
+        beat=ctx.cadence.heartbeat_seconds,
+        longest_term=ctx.cadence.longest_term(),
     )
     return [CheckOut(**c.as_dict()) for c in checks]

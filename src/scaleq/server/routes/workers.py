@@ -92,6 +92,11 @@ class Claimed(BaseModel):
     claims: list[Claim]
     finished: list[FinishOutcome]
     state: str
+    heartbeat_seconds: float | None = Field(
+        default=None,
+        description="beat every this many seconds while holding the leases claimed: the grid's cadence, which the "
+        "leases' term is three of",
+    )
 
 
 class Beat(BaseModel):
@@ -269,7 +274,8 @@ async def _claim(
     try:
         now = ctx.now()
         results = [(f.lease, FinishResult(f.reason, f.exit_code, f.error)) for f in mine]
-        got = await ctx.store.worker_claim(worker_id, body.max, now, ctx.cadence.lease_seconds, finishes=results)
+        beat, term = ctx.cadence.heartbeat_seconds, ctx.cadence.lease_seconds  # as of each grant: the pair answered
+        got = await ctx.store.worker_claim(worker_id, body.max, now, term, finishes=results)
         done = dict(zip([f.lease for f in mine], got.finished, strict=True))
         finished = []
         for f in body.finishes:
@@ -306,7 +312,8 @@ async def _claim(
                 if woken.event.is_set():
                     woken.handled = True
                     notifier.unpark(woken)
-                    got = await ctx.store.worker_claim(worker_id, body.max, ctx.now(), ctx.cadence.lease_seconds)
+                    beat, term = ctx.cadence.heartbeat_seconds, ctx.cadence.lease_seconds
+                    got = await ctx.store.worker_claim(worker_id, body.max, ctx.now(), term)
                     # a worker that now drains claims nothing: pass on at once; an active one only while jobs wait
                     if not got.claims and (got.state != "active" or await ctx.store.has_queued(got.queue)):
                         notifier.wake_claims(got.queue, 1, before=woken.mark)
@@ -317,7 +324,8 @@ async def _claim(
                         notifier.wake_claims(got.queue, 1, before=woken.mark)
                     continue
                 notifier.unpark(woken)
-            got = await ctx.store.worker_claim(worker_id, body.max, ctx.now(), ctx.cadence.lease_seconds)
+            beat, term = ctx.cadence.heartbeat_seconds, ctx.cadence.lease_seconds
+            got = await ctx.store.worker_claim(worker_id, body.max, ctx.now(), term)
     finally:
         notifier.unpark(waiter)
     if got.claims:
@@ -325,7 +333,7 @@ async def _claim(
         metrics.observe_claimed(request.app, got.claims)
         for c in got.claims:
             ctx.notifier.changed(c.job.id)
-    return Claimed(claims=got.claims, finished=finished, state=got.state)
+    return Claimed(claims=got.claims, finished=finished, state=got.state, heartbeat_seconds=beat)
 
 
 @router.post("/workers/{worker_id}/heartbeat", response_model=Beat)
@@ -336,8 +344,9 @@ async def heartbeat(worker_id: str, ctx: C, who: WorkerCaller, body: BeatBody | 
         await ctx.store.set_worker_state(worker_id, "draining")
         ctx.notifier.notify(f"worker:{worker_id}", "any")
     held = body.leases if body is not None else None
-    state, leases = await ctx.store.heartbeat(worker_id, ctx.now(), ctx.cadence.lease_seconds, held)
-    return Beat(state=state, leases=sorted(leases), heartbeat_seconds=ctx.cadence.heartbeat_seconds)
+    beat, term = ctx.cadence.heartbeat_seconds, ctx.cadence.lease_seconds  # one pair: the term is three of the beat
+    state, leases = await ctx.store.heartbeat(worker_id, ctx.now(), term, held)
+    return Beat(state=state, leases=sorted(leases), heartbeat_seconds=beat)
 
 
 @router.post("/workers/{worker_id}/drain", response_model=Worker, dependencies=[require("admin")])
