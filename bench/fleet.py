@@ -42,7 +42,10 @@ is flagged: its latencies may be the generator's, not the server's.
 ``Client.submit_many``, a batch every 0.2 s) submits ``N / 10 / J`` jobs of ``J = --job-seconds`` s per second (default
 1 s: ``N / 10`` jobs a second), which keeps a tenth of the fleet busy. With one-second jobs the row is as much a
 dispatch-throughput test as a fleet test (5,000 workers: 500 jobs/s, near one SQLite server's 1-slot drain rate in
-``bench/dispatch.py``); longer jobs at the same busy share measure what a fleet of batch workers costs.
+``bench/dispatch.py``); longer jobs at the same busy share measure what a fleet of batch workers costs. ``busy``:
+``N`` jobs submitted as the ramp ends, one per worker, each running until the fleet leaves: the whole fleet holds a
+lease through the window and its heartbeats are the load (long batch jobs; the grid's cadence slows the beat past
+its budget).
 
 **Timeline of a row.** Workers register spread over ``--ramp`` s (default 20: one long-poll, so the re-polls are
 spread too); the jobs start with the last registration; after 5 s more, ``--duration`` s are measured; then the
@@ -63,10 +66,11 @@ workers drain and leave (spread over 5 s). Only requests *sent* inside the measu
   attempts the server ended ``lost`` (a lease expired), jobs finished ``worker_lost``, leases a worker had to
   abandon (its heartbeat's answer no longer listed them), finishes refused, and workers the server marked gone
   while they were beating — counted from the server's own log (its housekeeping's "stopped heartbeating; marked
-  gone" lines for this row's workers), never from a listing of states: a worker that deregisters is ``gone`` too,
-  and a listing the server answers after the window's end counted those as spurious (the fleet starts leaving one
-  second after the window). Counted from the store after the row (SQL on ``attempts`` and ``jobs``), from the
-  server's log and from the workers;
+  gone" lines for this row's workers, those whose silence began before the fleet started leaving; the rest, workers
+  that left without managing to deregister, are ``marked_gone_after_leaving`` in the JSON), never from a listing of
+  states: a worker that deregisters is ``gone`` too. Lost attempts are counted over the whole row, ramp and leaving
+  included (``lost_in_window`` in the JSON: those whose lease expired inside the window). Counted from the store
+  after the row (SQL on ``attempts`` and ``jobs``), from the server's log and from the workers;
 * *server loop* (JSON ``server_loop``, per server): its event loop's lag over the window (p99 and the largest, as
   the upper bounds of ``scaleq_event_loop_lag_seconds``' buckets) and its full garbage collections (count, mean
   pause: ``scaleq_gc_full_seconds``), read from its ``/metrics`` at both ends of the window: why a row is late;
@@ -82,6 +86,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import datetime
 import json
 import math
 import multiprocessing as mp
@@ -109,10 +114,11 @@ from rich.console import Console
 from rich.table import Table
 
 SETUPS = ("sqlite", "postgres", "postgres-2")
-MODES = ("idle", "flow")
+MODES = ("idle", "flow", "busy")
 BUSY_SHARE = 0.1  # flow: a tenth of the fleet busy
 SETTLE = 5.0  # seconds between the end of the ramp and the measured window
 TEARDOWN = 5.0  # workers leave spread over this long
+GONE_AFTER = 45.0  # the servers' worker_gone_after (the default), for a gone-mark whose log line does not say it
 HB_P99_LIMIT = 0.250
 GEN_CPU_LIMIT = 70.0  # % of a core
 WORKERS_PER_GENERATOR = 2500
@@ -397,7 +403,8 @@ class SimWorker:
 
     async def run_job(self, lease: str) -> None:
         try:
-            await asyncio.sleep(self.job_seconds)
+            # (busy mode, job_seconds 0: the job runs until the fleet leaves)
+            await asyncio.sleep(self.job_seconds or max(0.0, self.w.stop - time.time()))
         except asyncio.CancelledError:
             self.running.pop(lease, None)
             self.free.set()
@@ -507,8 +514,8 @@ async def generate(spec: dict[str, Any], w: Window) -> dict[str, Any]:
     failed = [t.exception() for t in done if not t.cancelled() and t.exception() is not None]
     if failed:
         stats.errors[f"worker crashed: {failed[0]!r}"] += len(failed)
-    if pending:
-        stats.errors["worker did not leave in time"] += len(pending)
+    if pending:  # (leaving is after the window: an overloaded server's slow goodbyes, not the row's failures)
+        stats.errors_outside["worker did not leave in time"] += len(pending)
     out = asdict(stats)
     out["errors"] = dict(stats.errors)
     out["errors_outside"] = dict(stats.errors_outside)
@@ -535,8 +542,9 @@ def _generator_proc(spec: dict[str, Any], plan: Any, out: Any) -> None:
 
 
 async def submit_flow(
-    servers: list[str], token: str, queue: str, rate: float, job_seconds: float, w: Window
+    servers: list[str], token: str, queue: str, rate: float, job_seconds: float, w: Window, once: int = 0
 ) -> dict[str, Any]:
+    """``rate`` jobs a second through the window; or, with ``once``, that many jobs as the ramp ends (busy mode)."""
     from scaleq.client import Client
     from scaleq.jobs import JobDefinition, SubmitRequest
 
@@ -551,7 +559,8 @@ async def submit_flow(
     owed = 0.0
     try:
         while time.time() < w.measure_to:
-            owed += rate * tick
+            owed += rate * tick + once
+            once = 0
             n, owed = int(owed), owed - int(owed)
             if n:
                 jobs = [
@@ -582,7 +591,7 @@ async def submit_flow(
 
 
 def _submitter_proc(
-    servers: list[str], token: str, queue: str, rate: float, job_seconds: float, plan: Any, out: Any
+    servers: list[str], token: str, queue: str, rate: float, job_seconds: float, plan: Any, out: Any, once: int = 0
 ) -> None:
     from scaleq import loop
 
@@ -590,7 +599,7 @@ def _submitter_proc(
     out.put({"ready": "submitter"})
     w = Window(**plan.get())
     try:
-        out.put({"submitter": loop.run(submit_flow(servers, token, queue, rate, job_seconds, w))})
+        out.put({"submitter": loop.run(submit_flow(servers, token, queue, rate, job_seconds, w, once))})
     except BaseException as exc:
         out.put({"submitter": {"error": f"{type(exc).__name__}: {exc}"}})
         raise
@@ -775,6 +784,7 @@ class Measured:
     submitter: dict[str, Any] = field(default_factory=dict)
     loop: list[dict[str, Any]] = field(default_factory=list)  # per server: its event-loop lag and GC pauses
     window: tuple[float, float] = (0.0, 0.0)  # the measured window, wall-clock
+    stop: float = 0.0  # when the workers start leaving, wall-clock
 
 
 def run_row(n: int, setup: str, mode: str, a: Args, pg: Any, row_no: int) -> dict[str, Any]:
@@ -795,7 +805,9 @@ def run_row(n: int, setup: str, mode: str, a: Args, pg: Any, row_no: int) -> dic
         for s in servers:
             stop_server(s)
         lost = lost_in_store(store, servers[0].data_dir, m.window)
-        lost["marked_gone_while_alive"] = sum(marked_gone(s, f"fleet-{row_no}-") for s in servers)
+        marks = [marked_gone(s, f"fleet-{row_no}-", m.stop) for s in servers]
+        lost["marked_gone_while_alive"] = sum(alive for alive, _ in marks)
+        lost["marked_gone_after_leaving"] = sum(later for _, later in marks)
         warnings = [server_warnings(s) for s in servers]
     finally:
         for s in servers:
@@ -811,12 +823,25 @@ def run_row(n: int, setup: str, mode: str, a: Args, pg: Any, row_no: int) -> dic
     return row
 
 
-def marked_gone(s: Server, prefix: str) -> int:
-    """How many times this server's housekeeping marked a worker named ``prefix…`` gone (it logs each mark; a
-    deregistration is not logged so, and a gone worker is not marked again unless it registered again) — over the
-    whole row, ramp and leaving included, which can only count more than the window alone."""
-    pattern = re.compile(rf"worker {re.escape(prefix)}\S+ stopped heartbeating; marked gone")
-    return len(pattern.findall(server_log(s)))
+def marked_gone(s: Server, prefix: str, stop: float) -> tuple[int, int]:
+    """How many times this server's housekeeping marked a worker named ``prefix…`` gone (it logs each mark, with how
+    long the worker had been silent; a deregistration is not logged so, and a gone worker is not marked again unless
+    it registered again): (marks of workers whose silence began while the whole fleet was alive — ramp included —,
+    the later ones: workers that left at ``stop`` without managing to deregister from an overloaded server)."""
+    pattern = re.compile(
+        r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+) .*worker " + re.escape(prefix) + r"\S+ stopped heartbeating"
+        r"(?: \(silent for over (\d+) s\))?; marked gone",
+        re.MULTILINE,
+    )
+    alive = later = 0
+    for stamp, silent in pattern.findall(server_log(s)):
+        logged = datetime.datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f")  # the server logs local time
+        at = time.mktime(logged.timetuple()) + logged.microsecond / 1e6
+        if at - float(silent or GONE_AFTER) < stop:
+            alive += 1
+        else:
+            later += 1
+    return alive, later
 
 
 def server_log(s: Server) -> str:
@@ -855,23 +880,24 @@ def drive(
             "k": k,
             "workers": [(i, f"fleet-{row_no}-{i:05d}", servers[i % len(servers)].url) for i in range(k, n, k_gen)],
             "n_total": n,
-            "job_seconds": a.job_seconds,
+            "job_seconds": a.job_seconds if mode == "flow" else 0.0,
             "queue": queue,
             "token": servers[0].worker_token,
             "local": f"127.1.{row_no % 250}.{k + 1}",  # a source address per generator: ports enough for all
         }
         plan = ctx.Queue()
         procs.append((ctx.Process(target=_generator_proc, args=(spec, plan, out), daemon=True), plan))
-    if mode == "flow":
+    if mode in ("flow", "busy"):
         plan = ctx.Queue()
         args = (
             [s.url for s in servers],
             servers[0].admin_token,
             queue,
-            n * BUSY_SHARE / a.job_seconds,
+            n * BUSY_SHARE / a.job_seconds if mode == "flow" else 0.0,
             a.job_seconds,
             plan,
             out,
+            n if mode == "busy" else 0,
         )
         procs.append((ctx.Process(target=_submitter_proc, args=args, daemon=True), plan))
     try:
@@ -892,7 +918,7 @@ def drive(
         )
         spies = profile(a, w, servers, f"{setup}-{mode}-{n}")
         m = sample(w, servers, pg, db)
-        m.window = (w.measure_from, w.measure_to)
+        m.window, m.stop = (w.measure_from, w.measure_to), w.stop
         for spy in spies:
             spy.wait()
         m.listed_gone, m.active = workers_by_state(servers[0], queue)
@@ -1048,7 +1074,7 @@ def summarise(n: int, setup: str, mode: str, a: Args, m: Measured, lost: dict[st
         "workers": n,
         "setup": setup if a.server_cpu is None else f"{setup} @{a.server_cpu:g}%",
         "server_cpu_limit_pct": a.server_cpu,
-        "mode": mode if mode == "idle" else f"flow {a.job_seconds:g}s",
+        "mode": f"flow {a.job_seconds:g}s" if mode == "flow" else mode,
         "job_seconds": a.job_seconds if mode == "flow" else None,
         "duration": a.duration,
         "generators": len(stats),
@@ -1102,7 +1128,7 @@ def summarise(n: int, setup: str, mode: str, a: Args, m: Measured, lost: dict[st
         misses.append(f"{failed} failed requests")
     if row["workers_registered"] < n:
         misses.append(f"{n - row['workers_registered']} never registered")
-    if mode == "flow" and submitter.get("failed"):
+    if mode in ("flow", "busy") and submitter.get("failed"):
         misses.append(f"{submitter['failed']} submits failed")
     row["verdict"] = "ok" if not misses else "MISSED: " + ", ".join(misses)
     return row
@@ -1212,7 +1238,7 @@ def main() -> int:
     )
     ap.add_argument("--workers", type=_ints, default=[100, 1000, 5000, 10000], help="fleet sizes (default %(default)s)")
     ap.add_argument("--setups", type=_choices(SETUPS), default=list(SETUPS), help="sqlite,postgres,postgres-2")
-    ap.add_argument("--modes", type=_choices(MODES), default=list(MODES), help="idle,flow")
+    ap.add_argument("--modes", type=_choices(MODES), default=list(MODES), help="idle,flow,busy")
     ap.add_argument("--duration", type=float, default=60.0, help="measured seconds per row (default 60)")
     ap.add_argument("--ramp", type=float, default=20.0, help="seconds over which the workers register (default 20)")
     ap.add_argument("--generators", type=int, default=None, help="generator processes (default: one per 2,500)")

@@ -98,6 +98,26 @@ async def test_the_beat_slows_with_the_busy_workers_and_leases_survive_it(grid: 
     assert [a["outcome"] for a in attempts] == ["success"] * BUSY  # no lease was lost at the slower beat
 
 
+async def test_a_busy_worker_is_given_up_on_after_three_of_its_leases(
+    grid: tuple[LiveServer, Clock], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Beating every 10 s under 30 s leases, a worker is not marked gone at the settings' 45 s of silence (an
+    overloaded server's beats come late), but after three leases, 90 s; the log says how long it was silent."""
+    live, clock = grid
+    async with http(live) as client:
+        await register(client, "quiet")
+        cadence(live).count(BUSY)  # as housekeeping counts 10 running jobs: 10 s beats, 30 s leases
+        app: Any = live.app
+        for silence, state in ((60.0, "active"), (95.0, "gone")):
+            clock.t += silence - (clock.t - 1_000_000.0)
+            # (no recount: nothing runs here, and the count stands for ten busy workers)
+            await housekeeping.tick(
+                live.store, app.state.notifier, app.state.settings, clock(), touch=False, cadence=cadence(live)
+            )
+            assert (await states(live))["quiet"] == state
+    assert "worker quiet stopped heartbeating (silent for over 90 s); marked gone" in caplog.text
+
+
 async def job_id(live: LiveServer, i: int) -> str:
     async with live.client("read") as reader:
         jobs = await reader.list_jobs(queue="q")

@@ -41,6 +41,18 @@ def test_a_longer_term_granted_before_the_beat_quickened_is_allowed_for_as_long_
     assert cadence.longest_term() == 15.0
 
 
+def test_a_worker_is_given_up_on_after_three_of_the_longest_leases_that_may_be_live() -> None:
+    t = [0.0]
+    cadence = Cadence(ServerSettings(), clock=lambda: t[0])
+    assert cadence.gone_after() == 45.0  # the settings' worker_gone_after: three 15 s leases
+    cadence.count(100_000)  # 15 s beats, 45 s leases
+    assert cadence.gone_after() == 135.0
+    cadence.count(0)
+    assert cadence.gone_after() == 135.0  # a 45 s lease granted just before may still stand
+    t[0] = 45.0
+    assert cadence.gone_after() == 45.0
+
+
 def test_a_short_gone_mark_keeps_the_settings_beat_at_any_size() -> None:
     settings = ServerSettings(lease_seconds=3.0, worker_gone_after=3.0, heartbeat_budget=1.0)
     assert settings.heartbeat_seconds == 1.0

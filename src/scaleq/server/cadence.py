@@ -10,7 +10,8 @@ is B / budget, never shorter than the settings' ``heartbeat_seconds`` and never 
 three intervals, never less than the settings' ``lease_seconds``, so it still outlives two missed beats. This is the
 rule Nomad applies to its clients' heartbeat TTL (``max_heartbeats_per_second``). What it costs, at a size past the
 budget only: a cancel reaches a quiet job within the interval, and a worker that dies silently gives its jobs back
-after the longer lease (45 s at most with the default settings) instead of 15 s.
+after the longer lease (45 s at most with the default settings) instead of 15 s, and a silent worker is marked gone
+after three of those leases instead of 45 s.
 
 Every server counts the same thing — running jobs, from the store's queue counts, an upper bound of the busy workers
 — so all of them ask for the same cadence; a worker takes it from its registration's answer and from each beat's.
@@ -54,6 +55,13 @@ class Cadence:
         self.busy = busy
         self.heartbeat_seconds = interval(self.settings, busy)
         self.lease_seconds = term
+
+    def gone_after(self) -> float:
+        """How long a worker may be silent before it is marked gone: the settings' ``worker_gone_after``, or three
+        of the longest lease terms that may be live, whichever is longer (the settings' ratio: 45 s is three 15 s
+        leases). A busy worker that beats every 15 s on an overloaded server, its beats seconds late, must not be
+        given up on while its leases still stand."""
+        return max(self.settings.worker_gone_after, 3 * self.longest_term())
 
     def longest_term(self) -> float:
         """The longest lease term that may still be live: the one granted now, or a longer one granted before the

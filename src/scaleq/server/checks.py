@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from scaleq.doctor.checks import FIX_STORE_DOWN, Check, error_text, group_hop, not_checked, queue_hop, secs
 from scaleq.jobs import Job, Worker
-from scaleq.server import cadence
+from scaleq.server.cadence import Cadence
 from scaleq.server.otlp import ExportStatus
 from scaleq.server.settings import ServerSettings
 from scaleq.store.base import Attempt, Event, GroupStatus, Store
@@ -148,15 +148,13 @@ def judge(
     groups: Sequence[str] = (),
     *,
     status_stale_after: float = STATUS_STALE_AFTER,
-    beat: float | None = None,
-    longest_term: float | None = None,
+    cadence: Cadence | None = None,
 ) -> list[Check]:
-    """The server-side checks over what was read: pure, so the server and tests share it. ``beat``: the interval the
-    workers are asked to beat at now, ``longest_term``: the longest lease term that may be live
-    (:class:`scaleq.server.cadence.Cadence`; default the settings')."""
+    """The server-side checks over what was read: pure, so the server and tests share it. ``cadence``: the beat and
+    lease terms the server grants now (default: the settings', as for a small fleet)."""
     by_id = {w.id: w for w in seen.workers}
-    beat = beat or settings.heartbeat_seconds
-    lease = cadence.lease(settings, beat)
+    cadence = cadence or Cadence(settings)
+    lease, beat = cadence.lease_seconds, cadence.heartbeat_seconds
     stale_after = HEARTBEAT_MISSES * beat
 
     def hop_of(worker: Worker | None, queue: str) -> str:
@@ -181,9 +179,9 @@ def judge(
     hops = declared + sorted(h for h in known if h.startswith("group ") and h not in declared)
     hops += sorted(h for h in known if h.startswith("queue "))
 
-    checks = [_sweeper(seen.running, by_id, settings, longest_term or settings.lease_seconds, now)]
+    checks = [_sweeper(seen.running, by_id, settings, cadence.longest_term(), now)]
     for hop in hops:
-        checks.append(_heartbeats(hop, live_workers.get(hop, []), stale_after, beat, settings, now))
+        checks.append(_heartbeats(hop, live_workers.get(hop, []), stale_after, beat, cadence.gone_after(), now))
         checks.append(_leases(hop, running.get(hop, []), lost.get(hop, []), lease, stale_after, now))
         if hop.startswith("group "):
             name = hop.removeprefix("group ")
@@ -232,7 +230,7 @@ def _sweeper(running: list[Job], by_id: dict[str, Worker], settings: ServerSetti
 
 
 def _heartbeats(
-    hop: str, workers: list[Worker], stale_after: float, beat: float, settings: ServerSettings, now: float
+    hop: str, workers: list[Worker], stale_after: float, beat: float, gone_after: float, now: float
 ) -> Check:
     if not workers:
         return Check(hop, "workers heartbeating", True, "no workers registered")
@@ -244,7 +242,7 @@ def _heartbeats(
             "workers heartbeating",
             False,
             f"{len(silent)} of {len(workers)} worker(s) stopped heartbeating (expected every {secs(beat)}): {names}",
-            FIX_HEARTBEAT.format(gone=secs(settings.worker_gone_after)),
+            FIX_HEARTBEAT.format(gone=secs(gone_after)),
         )
     latest = max(now - w.last_heartbeat for w in workers)
     return Check(hop, "workers heartbeating", True, f"{len(workers)} worker(s), all heard within {secs(latest)}")
@@ -347,12 +345,11 @@ async def server_side_checks(
     *,
     status_stale_after: float = STATUS_STALE_AFTER,
     exporter: ExportStatus | None = None,
-    beat: float | None = None,
-    longest_term: float | None = None,
+    cadence: Cadence | None = None,
 ) -> list[Check]:
     """The hops the server can see, for ``/api/v1/health`` and the dashboard. ``groups`` are group names that must
     be reported even when the store knows nothing of them (the groups of a grid file); ``exporter``: the OTLP push,
-    when the server pushes; ``beat``, ``longest_term``: the cadence's (see :func:`judge`). Never raises."""
+    when the server pushes; ``cadence``: see :func:`judge`. Never raises."""
     store_check = await check_store(store, now)
     pushing = [exporter_check(exporter, now)] if exporter is not None else []
     if not store_check.ok:
@@ -368,8 +365,7 @@ async def server_side_checks(
                 now,
                 groups,
                 status_stale_after=status_stale_after,
-                beat=beat,
-                longest_term=longest_term,
+                cadence=cadence,
             ),
         ]
     except Exception as exc:

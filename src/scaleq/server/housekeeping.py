@@ -5,7 +5,8 @@ Leases expire on the store's clock, checked once per ``sweep_interval``; a reque
 its queue at once. At start-up the running leases of workers not marked gone get a fresh ``lease_seconds`` of
 grace, so a server restart (or ``kill -9``) does not expire the jobs of workers that were merely unable to reach it.
 Every ``heartbeat_seconds`` the workers whose claims are parked here are marked heard from, in one round trip
-(:mod:`scaleq.server.liveness`): an idle worker needs no heartbeat of its own.
+(:mod:`scaleq.server.liveness`): an idle worker needs no heartbeat of its own; and the running jobs are counted,
+which sets how often busy workers beat and how long their leases last (:mod:`scaleq.server.cadence`).
 A lease gets that grace once until its worker is heard from again: servers restarting in a loop (or, on PostgreSQL,
 any of several servers restarting) cannot keep a dead worker's job from going back to its queue.
 
@@ -67,9 +68,10 @@ async def tick(
         cadence.count(sum(q.running for q in await store.queue_stats()))
     if not mark_gone:
         return []
-    gone = await store.mark_gone_workers(now - settings.worker_gone_after, now - settings.worker_forget_after)
+    silent = cadence.gone_after() if cadence is not None else settings.worker_gone_after
+    gone = await store.mark_gone_workers(now - silent, now - settings.worker_forget_after)
     for worker_id in gone:
-        log.warning("worker %s stopped heartbeating; marked gone", worker_id)
+        log.warning("worker %s stopped heartbeating (silent for over %.0f s); marked gone", worker_id, silent)
     if gone:
         notifier.notify("any")
     return gone

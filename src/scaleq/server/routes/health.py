@@ -83,8 +83,7 @@ async def health(ctx: C, group: GroupsQuery = None) -> HealthOut:
         now,
         group or (),
         exporter=_exporter(ctx),
-        beat=ctx.cadence.heartbeat_seconds,
-        longest_term=ctx.cadence.longest_term(),
+        cadence=ctx.cadence,
     )
     s = ctx.settings
     return HealthOut(
@@ -94,7 +93,7 @@ async def health(ctx: C, group: GroupsQuery = None) -> HealthOut:
         lease_seconds=ctx.cadence.lease_seconds,
         heartbeat_seconds=ctx.cadence.heartbeat_seconds,
         sweep_interval=s.sweep_interval,
-        worker_gone_after=s.worker_gone_after,
+        worker_gone_after=ctx.cadence.gone_after(),
         checks=[CheckOut(**c.as_dict()) for c in checks],
     )
 
@@ -108,7 +107,6 @@ async def health_checks(ctx: C, group: GroupsQuery = None) -> list[CheckOut]:
         ctx.now(),
         group or (),
         exporter=_exporter(ctx),
-        beat=ctx.cadence.heartbeat_seconds,
-        longest_term=ctx.cadence.longest_term(),
+        cadence=ctx.cadence,
     )
     return [CheckOut(**c.as_dict()) for c in checks]
