@@ -24,7 +24,7 @@ per worker (the parked claim's and the one heartbeats take, as httpx's pool hold
 * a heartbeat loop: sleep ``heartbeat_seconds``, then ``POST /workers/{id}/heartbeat {"leases": held}``; a held
   lease missing from the answer (and claimed before the heartbeat left) is abandoned, as the agent does. The beat
   follows the ``heartbeat_seconds`` of the last claim's or heartbeat's answer (the grid's cadence, slower as it
-  grows), a shorter one cutting the current sleep, as the agent does. When the
+  grows), each sleep a random 75-100 % of it and a shorter one cutting the current sleep, as the agent does. When the
   registration answered ``claim_is_heartbeat`` the beat is skipped while the worker holds no lease (idle, its claim
   parked), as the agent skips it;
 * a worker the server does not accept (registration retried until the row ends) is counted as *never registered*
@@ -374,11 +374,12 @@ class SimWorker:
             self.heartbeat_seconds = asked
 
     async def beat_wait(self) -> None:
-        began = time.monotonic()
+        """One beat's sleep, as the agent's: a random 75-100 % of the beat, cut short when the beat quickens."""
+        began, share = time.monotonic(), random.uniform(0.75, 1.0)
         self.quicker.clear()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.quicker.wait(), self.heartbeat_seconds)
-        left = began + self.heartbeat_seconds - time.monotonic()
+            await asyncio.wait_for(self.quicker.wait(), share * self.heartbeat_seconds)
+        left = began + share * self.heartbeat_seconds - time.monotonic()
         if left > 0:
             await asyncio.sleep(left)
 

@@ -37,6 +37,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import signal
 import socket
 import tempfile
@@ -54,6 +55,9 @@ from scaleq.worker.metrics import WorkerMetrics
 from scaleq.worker.runtime.base import RunResult, RunSpec, Runtime
 
 log = logging.getLogger("scaleq.worker")
+
+#: A beat's sleep is a random share of the interval asked for, from this to all of it (see WorkerAgent._beat_wait).
+BEAT_JITTER = 0.75
 
 
 def default_worker_id() -> str:
@@ -342,12 +346,14 @@ class WorkerAgent:
             self.heartbeat_seconds = asked
 
     async def _beat_wait(self) -> None:
-        """Sleep one beat, cut short if the beat asked for gets shorter meanwhile."""
-        began = time.monotonic()
+        """Sleep one beat, cut short if the beat asked for gets shorter meanwhile. Each sleep is a random 75 to 100 %
+        of the beat: a fleet that got its jobs, or its slower beat, at one moment would otherwise beat in step,
+        every worker within the same second (Nomad staggers its clients' heartbeats for the same reason)."""
+        began, share = time.monotonic(), random.uniform(BEAT_JITTER, 1.0)
         self._quicker.clear()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._quicker.wait(), self.heartbeat_seconds)
-        left = began + self.heartbeat_seconds - time.monotonic()
+            await asyncio.wait_for(self._quicker.wait(), share * self.heartbeat_seconds)
+        left = began + share * self.heartbeat_seconds - time.monotonic()
         if left > 0:
             await asyncio.sleep(left)
 

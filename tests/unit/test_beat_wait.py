@@ -1,0 +1,71 @@
+"""The agent's beat (:meth:`scaleq.worker.agent.WorkerAgent._beat_wait`): each sleep a random share of the interval
+asked for, never longer than it, so a fleet that got its jobs at one moment does not beat in step; and a quicker beat
+asked for mid-sleep cuts the sleep. Time is a fake here: the agent module's clock, dice, ``wait_for`` and ``sleep`` are
+stand-ins (replaced in that module only) that record what they are asked for."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from scaleq.worker import agent as agent_module
+from scaleq.worker.agent import BEAT_JITTER, WorkerAgent, WorkerConfig
+
+
+def worker() -> WorkerAgent:
+    return WorkerAgent(WorkerConfig(server="http://127.0.0.1:9", token=None, queue="q", runtimes={}, slots=1, cpus=1.0))
+
+
+@pytest.mark.parametrize("share", [BEAT_JITTER, 0.9, 1.0])
+async def test_a_beat_sleeps_a_random_share_of_the_interval(monkeypatch: pytest.MonkeyPatch, share: float) -> None:
+    asked: list[float] = []
+    slept: list[float] = []
+    now = [100.0]
+
+    async def wait_for(what: Awaitable[Any], timeout: float) -> None:
+        asked.append(timeout)
+        getattr(what, "close", lambda: None)()  # (the event's wait, never awaited: nothing quickens here)
+        now[0] += timeout
+        raise TimeoutError
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    a = worker()
+    dice: list[tuple[float, float]] = []
+    monkeypatch.setattr(
+        agent_module, "random", SimpleNamespace(uniform=lambda low, high: dice.append((low, high)) or share)
+    )
+    monkeypatch.setattr(agent_module, "asyncio", SimpleNamespace(wait_for=wait_for, sleep=sleep))
+    monkeypatch.setattr(agent_module, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    a.heartbeat_seconds = 8.0
+    await a._beat_wait()
+    assert dice == [(BEAT_JITTER, 1.0)]  # never past the interval asked for
+    assert asked == [pytest.approx(share * 8.0)]
+    assert slept == []  # the whole of it was the wait
+
+
+async def test_a_quicker_beat_cuts_the_sleep_to_what_is_left_of_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [100.0]
+    slept: list[float] = []
+
+    async def wait_for(what: Awaitable[Any], timeout: float) -> None:
+        now[0] += 3.0  # three seconds into a 15 s beat, an answer asks for 4 s
+        a.client.cadence = 4.0
+        a._follow_cadence()
+        await what  # the event is set: the wait ends at once
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    a = worker()
+    monkeypatch.setattr(agent_module, "random", SimpleNamespace(uniform=lambda low, high: 1.0))
+    monkeypatch.setattr(agent_module, "asyncio", SimpleNamespace(wait_for=wait_for, sleep=sleep))
+    monkeypatch.setattr(agent_module, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    a.heartbeat_seconds = 15.0
+    await a._beat_wait()
+    assert a.heartbeat_seconds == 4.0
+    assert slept == [pytest.approx(1.0)]  # 4 s from the start of the sleep, 3 of them gone
