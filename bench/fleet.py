@@ -48,8 +48,9 @@ lease through the window and its heartbeats are the load (long batch jobs; the g
 its budget).
 
 **Timeline of a row.** Workers register spread over ``--ramp`` s (default 20: one long-poll, so the re-polls are
-spread too); the jobs start with the last registration; after 5 s more, ``--duration`` s are measured; then the
-workers drain and leave (spread over 5 s). Only requests *sent* inside the measured window count.
+spread too); the jobs start with the last registration; after 5 s more (busy mode: 30 s, past the burst of every
+worker claiming its job at once), ``--duration`` s are measured; then the workers drain and leave (spread over 5 s).
+Only requests *sent* inside the measured window count.
 
 **Per row.**
 
@@ -117,6 +118,9 @@ SETUPS = ("sqlite", "postgres", "postgres-2")
 MODES = ("idle", "flow", "busy")
 BUSY_SHARE = 0.1  # flow: a tenth of the fleet busy
 SETTLE = 5.0  # seconds between the end of the ramp and the measured window
+#: busy mode: every worker claims its job as the ramp ends, a burst of N claims that takes one server 10 s or more;
+#: the window starts after it, so that it measures the fleet holding its leases, not the burst
+BUSY_SETTLE = 30.0
 TEARDOWN = 5.0  # workers leave spread over this long
 GONE_AFTER = 45.0  # the servers' worker_gone_after (the default), for a gone-mark whose log line does not say it
 HB_P99_LIMIT = 0.250
@@ -733,12 +737,14 @@ def stop_server(s: Server) -> None:
 
 def lost_in_store(store: str | None, sqlite_dir: Path, window: tuple[float, float]) -> dict[str, int]:
     """What the store says was lost over the whole row: attempts ended ``lost`` (an expired lease) and jobs finished
-    ``worker_lost``; and of those attempts, the ones whose lease expired inside the measured ``window``."""
+    ``worker_lost``; and of those attempts, the ones whose lease expired inside the measured ``window``, and before it
+    (the ramp: in busy mode, the burst of every worker claiming at once)."""
     sql = (
         "SELECT (SELECT count(*) FROM attempts WHERE outcome = 'lost'),"
         " (SELECT count(*) FROM jobs WHERE reason = 'worker_lost'),"
         " (SELECT count(*) FROM attempts),"
-        " (SELECT count(*) FROM attempts WHERE outcome = 'lost' AND ended_at >= {} AND ended_at < {})"
+        " (SELECT count(*) FROM attempts WHERE outcome = 'lost' AND ended_at >= {0} AND ended_at < {1}),"
+        " (SELECT count(*) FROM attempts WHERE outcome = 'lost' AND ended_at < {0})"
     ).format(*(repr(float(t)) for t in window))
     if store:
         import psycopg
@@ -754,6 +760,7 @@ def lost_in_store(store: str | None, sqlite_dir: Path, window: tuple[float, floa
         "worker_lost": int(row[1]),
         "attempts": int(row[2]),
         "lost_in_window": int(row[3]),
+        "lost_before_window": int(row[4]),
     }
 
 
@@ -909,7 +916,7 @@ def drive(
             if "error" in got:
                 raise RuntimeError(f"generator {got.get('k')}: {got['error']}")
         start = time.time() + 1.0
-        measure_from = start + a.ramp + SETTLE
+        measure_from = start + a.ramp + (BUSY_SETTLE if mode == "busy" else SETTLE)
         w = Window(start, a.ramp, measure_from, measure_from + a.duration, measure_from + a.duration + 1.0)
         for _, plan in procs:
             plan.put(asdict(w))
