@@ -32,11 +32,11 @@ per worker (the parked claim's and the one heartbeats take, as httpx's pool hold
 * at the end: ``heartbeat draining``, the last finish on its own (``POST /leases/finish``), ``DELETE /workers/{id}``.
 
 The HTTP client is a minimal HTTP/1.1 one on asyncio streams (uvloop, as the agent runs): httpx costs ~0.2-0.3 ms of
-CPU per request, and 10,000 busy workers beating every 5 s (the cadence's ceiling, lease/3) make 2,000+ requests/s
-besides their claims — httpx alone would need most of the machine's two cores. The workers are spread over
-``--generators`` processes (default: one per 2,500 workers), each with its own event loop; each reports its CPU
-over the measured window and its event-loop lag (the submitter its CPU), and a row where one exceeded 70 % of a core
-is flagged: its latencies may be the generator's, not the server's.
+CPU per request, and 10,000 workers make thousands of requests a second (idle: re-polls; busy: beats every 2 s
+below the heartbeat budget, up to 15 s past it) — httpx alone would need most of the machine's two cores. The
+workers are spread over ``--generators`` processes (default: one per 2,500 workers), each with its own event loop;
+each reports its CPU over the measured window and its event-loop lag (the submitter its CPU), and a row where one
+exceeded 70 % of a core is flagged: its latencies may be the generator's, not the server's.
 
 **Modes.** ``idle``: no jobs (heartbeats and re-polled long-polls only). ``flow``: a submitter process (the project's
 ``Client.submit_many``, a batch every 0.2 s) submits ``N / 10 / J`` jobs of ``J = --job-seconds`` s per second (default
@@ -295,6 +295,8 @@ class SimWorker:
         self.http = Pool(server, local, token)
         self.heartbeat_seconds = 5.0
         self.quicker = asyncio.Event()  # the beat asked for got shorter: cut the current sleep (as the agent does)
+        self.settings_beat = 5.0  # the registration's beat: the server's settings'
+        self.beat_failed = False
         self.long_poll = 20.0
         self.claim_is_heartbeat = False  # the server counts a parked claim as this worker's heartbeat
         self.running: dict[str, float] = {}  # lease -> when its claim was answered (monotonic)
@@ -354,7 +356,7 @@ class SimWorker:
                 self._error("register", exc, sent)
             else:
                 if status < 400:
-                    self.heartbeat_seconds = data["heartbeat_seconds"]
+                    self.heartbeat_seconds = self.settings_beat = data["heartbeat_seconds"]
                     self.long_poll = data["long_poll_max"]
                     self.claim_is_heartbeat = bool(data.get("claim_is_heartbeat", False))
                     return True
@@ -366,21 +368,27 @@ class SimWorker:
     def held(self) -> list[str]:
         return sorted(set(self.running) | self.finishing)
 
-    def follow(self, data: dict[str, Any]) -> None:
-        """The beat a claim's or a heartbeat's answer asks for (the grid's cadence), as the agent follows it."""
+    def follow(self, data: dict[str, Any], quicker_only: bool) -> None:
+        """The beat an answer asks for (the grid's cadence), followed as the agent follows it: a claim's answer, or
+        a heartbeat's that left before a lease held now was claimed, may only quicken it."""
         asked = data.get("heartbeat_seconds")
-        if asked and asked != self.heartbeat_seconds:
-            if asked < self.heartbeat_seconds:
-                self.quicker.set()
-            self.heartbeat_seconds = asked
+        if not asked or asked == self.heartbeat_seconds or (quicker_only and asked > self.heartbeat_seconds):
+            return
+        if asked < self.heartbeat_seconds:
+            self.quicker.set()
+        self.heartbeat_seconds = asked
 
     async def beat_wait(self) -> None:
-        """One beat's sleep, as the agent's: a random 75-100 % of the beat, cut short when the beat quickens."""
+        """One beat's sleep, as the agent's: a random 75-100 % of the beat, cut short when the beat quickens, never
+        lengthened; after a failed beat, the settings' beat."""
+        beat = min(self.heartbeat_seconds, self.settings_beat) if self.beat_failed else self.heartbeat_seconds
         began, share = time.monotonic(), random.uniform(0.75, 1.0)
+        deadline = began + share * beat
+        self.beat_failed = False
         self.quicker.clear()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.quicker.wait(), share * self.heartbeat_seconds)
-        left = began + share * self.heartbeat_seconds - time.monotonic()
+            await asyncio.wait_for(self.quicker.wait(), deadline - began)
+        left = min(deadline, began + share * self.heartbeat_seconds) - time.monotonic()
         if left > 0:
             await asyncio.sleep(left)
 
@@ -393,9 +401,10 @@ class SimWorker:
             body = {"draining": False, "leases": self.held()}
             data = await self.call("heartbeat", "POST", f"/workers/{self.id}/heartbeat", body, 10)
             if not data:
+                self.beat_failed = True
                 continue
             live = set(data["leases"])
-            self.follow(data)
+            self.follow(data, quicker_only=any(claimed_at >= sent for claimed_at in self.running.values()))
             for lease, claimed_at in list(self.running.items()):
                 if lease not in live and claimed_at < sent and lease not in self.abandoned:
                     self.abandoned.add(lease)
@@ -430,7 +439,7 @@ class SimWorker:
                 await asyncio.sleep(1.0)
                 continue
             answered = time.time()
-            self.follow(data)
+            self.follow(data, quicker_only=True)
             self.finishing.difference_update(f["lease"] for f in finishes)
             self.stats.refused += sum(1 for o in data["finished"] if not o["ok"])
             for c in data["claims"]:

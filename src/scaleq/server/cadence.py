@@ -39,33 +39,63 @@ def lease(settings: ServerSettings, beat: float) -> float:
 
 
 class Cadence:
-    """The interval and lease this server grants now; housekeeping updates them from the running jobs it counts."""
+    """The beat and lease this server grants now. Housekeeping sets them from the running jobs it counts every
+    round; claims granted in between count at once (a grid handed thousands of jobs in a second must not grant them
+    all the idle grid's short lease). When they shorten, the longer beat and term are remembered for as long as a
+    lease granted with them may stand: what the checks and the gone-marks must still allow."""
 
     def __init__(self, settings: ServerSettings, clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
         self.clock = clock
+        self.busy = 0
+        self.heartbeat_seconds = settings.heartbeat_seconds
         self.lease_seconds = settings.lease_seconds
-        self._longer = (0.0, 0.0)  # a longer term granted before the last change, and until when one may be live
-        self.count(0)
+        self._held = (0.0, 0.0, 0.0)  # (beat, term, until): the slowest granted before a quickening, while it lasts
 
     def count(self, busy: int) -> None:
-        term = lease(self.settings, interval(self.settings, busy))
+        """The running jobs counted now (housekeeping)."""
+        beat = interval(self.settings, busy)
+        term = lease(self.settings, beat)
         if term < self.lease_seconds:
-            self._longer = (self.lease_seconds, self.clock() + self.lease_seconds)
-        self.busy = busy
-        self.heartbeat_seconds = interval(self.settings, busy)
-        self.lease_seconds = term
+            held_beat, held_term, until = self._held
+            now = self.clock()
+            if now >= until:
+                held_beat = held_term = 0.0
+            self._held = (
+                max(held_beat, self.heartbeat_seconds),
+                max(held_term, self.lease_seconds),
+                max(until, now + self.lease_seconds),
+            )
+        self.busy, self.heartbeat_seconds, self.lease_seconds = busy, beat, term
 
-    def gone_after(self) -> float:
-        """How long a worker may be silent before it is marked gone: the settings' ``worker_gone_after``, or three
-        of the longest lease terms that may be live, whichever is longer (the settings' ratio: 45 s is three 15 s
-        leases). A busy worker that beats every 15 s on an overloaded server, its beats seconds late, must not be
-        given up on while its leases still stand."""
-        return max(self.settings.worker_gone_after, 3 * self.longest_term())
+    def claimed(self, n: int) -> None:
+        """``n`` jobs were just claimed: counted until the next round counts them with the rest (only ever slower)."""
+        if n > 0 and interval(self.settings, self.busy + n) > self.heartbeat_seconds:
+            self.count(self.busy + n)
+        else:
+            self.busy += n
+
+    def _held_over(self) -> tuple[float, float]:
+        beat, term, until = self._held
+        return (beat, term) if self.clock() < until else (0.0, 0.0)
+
+    def slowest_beat(self) -> float:
+        """The slowest beat a worker may still be keeping: the one asked for now, or a slower one asked for before
+        the beat quickened, while a lease granted with it may stand (what "stopped heartbeating" must allow)."""
+        return max(self.heartbeat_seconds, self._held_over()[0])
 
     def longest_term(self) -> float:
         """The longest lease term that may still be live: the one granted now, or a longer one granted before the
-        cadence quickened, for as long as such a lease can last (what a check that a lease should have expired
-        must allow)."""
-        longer, until = self._longer
-        return max(self.lease_seconds, longer) if self.clock() < until else self.lease_seconds
+        cadence quickened, while such a lease may stand (what a check that a lease should have expired must
+        allow)."""
+        return max(self.lease_seconds, self._held_over()[1])
+
+    def gone_after(self) -> float:
+        """How long a worker may be silent before it is marked gone: the settings' ``worker_gone_after`` while
+        leases keep the settings' term; once a longer term may be live, three of it if that is longer (45 s is
+        three 15 s leases: three 45 s ones, 135 s). A busy worker beating every 15 s on an overloaded server, its
+        beats seconds late, must not be given up on while its leases still stand."""
+        term = self.longest_term()
+        if term <= self.settings.lease_seconds:
+            return self.settings.worker_gone_after
+        return max(self.settings.worker_gone_after, 3 * term)

@@ -154,7 +154,8 @@ def judge(
     lease terms the server grants now (default: the settings', as for a small fleet)."""
     by_id = {w.id: w for w in seen.workers}
     cadence = cadence or Cadence(settings)
-    lease, beat = cadence.lease_seconds, cadence.heartbeat_seconds
+    # the slowest beat and longest term a worker may still hold: just after the beat quickened, those of before
+    lease, beat = cadence.longest_term(), cadence.slowest_beat()
     stale_after = HEARTBEAT_MISSES * beat
 
     def hop_of(worker: Worker | None, queue: str) -> str:

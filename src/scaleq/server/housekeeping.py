@@ -3,7 +3,8 @@ silent workers gone.
 
 Leases expire on the store's clock, checked once per ``sweep_interval``; a requeued job wakes the claims waiting on
 its queue at once. At start-up the running leases of workers not marked gone get a fresh ``lease_seconds`` of
-grace, so a server restart (or ``kill -9``) does not expire the jobs of workers that were merely unable to reach it.
+grace, so a server restart (or ``kill -9``) does not expire the jobs of workers that were merely unable to reach it
+(a worker whose beat failed tries again at the settings' beat, not at a large fleet's slower one).
 Every ``heartbeat_seconds`` the workers whose claims are parked here are marked heard from, in one round trip
 (:mod:`scaleq.server.liveness`): an idle worker needs no heartbeat of its own; and the running jobs are counted,
 which sets how often busy workers beat and how long their leases last (:mod:`scaleq.server.cadence`).

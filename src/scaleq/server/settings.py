@@ -36,8 +36,8 @@ class ServerSettings:
 
     @property
     def keep_alive_seconds(self) -> int:
-        """How long an idle connection is kept open: past a worker's slowest beat (a third of the lease) and past the
-        clients' own keep-alive (:data:`scaleq.client.KEEP_ALIVE`), so that the server never closes a connection
+        """How long an idle connection is kept open: past the clients' own keep-alive (:data:`scaleq.client.KEEP_ALIVE`,
+        15 s), so that a client drops an idle connection before the server closes it and the server never closes one
         just as a client sends on it (uvicorn's default of 5 s met the 5 s beat of a large fleet in a race: resets)."""
         return int(max(20.0, self.lease_seconds + 5))
 

@@ -114,6 +114,8 @@ class WorkerAgent:
         self._finishing: set[str] = set()
         self.heartbeat_seconds = 5.0
         self._quicker = asyncio.Event()  # the beat asked for got shorter: cut the heartbeat loop's sleep
+        self._settings_beat = 5.0  # the server's settings' beat, from the registration's answer
+        self._beat_failed = False  # the last beat failed: the next comes at the settings' beat
         self.lease_seconds = 15.0
         self._reaping: asyncio.Task[None] | None = None
         self.long_poll = 20.0
@@ -252,7 +254,8 @@ class WorkerAgent:
             "hostname": socket.gethostname(),
         }
         answer = await self._retrying(lambda: self.client.register(body))
-        self.client.cadence = answer["heartbeat_seconds"]
+        self._settings_beat = answer["heartbeat_seconds"]  # the settings' (servers with a cadence answer it here)
+        self.client.cadence = self._settings_beat
         self._follow_cadence()
         self.lease_seconds = answer["lease_seconds"]
         self.long_poll = answer["long_poll_max"]
@@ -292,7 +295,9 @@ class WorkerAgent:
             try:
                 claims, outcomes, state = await self.client.claim(self.id, free, wait=self.long_poll, finishes=finishes)
                 self._last_contact = time.monotonic()
-                self._follow_cadence()
+                # quicker only: the leases held already were renewed at their own beat's term, which only a
+                # heartbeat (renewing them all at once) may lengthen
+                self._follow_cadence(quicker_only=True)
                 self._finishing.difference_update(f["lease"] for f in finishes)
             except Unreachable as exc:
                 self.pending_finishes[:0] = finishes
@@ -336,24 +341,32 @@ class WorkerAgent:
 
     # -- heartbeats -------------------------------------------------------------------------------------------
 
-    def _follow_cadence(self) -> None:
+    def _follow_cadence(self, *, quicker_only: bool = False) -> None:
         """Beat as often as the server's last answer asked (:mod:`scaleq.server.cadence`: slower as the fleet grows).
-        A lease claimed now lasts three of the beats asked for now, so a shorter beat cuts the current sleep."""
+        A lease lasts three of the beats asked for when it was granted or last renewed, so a quicker beat cuts the
+        current sleep, and only a heartbeat's answer (which renewed every lease held) may slow it: ``quicker_only``
+        for a claim's answer, and for a heartbeat's that left before a lease held now was claimed."""
         asked = self.client.cadence
-        if asked and asked != self.heartbeat_seconds:
-            if asked < self.heartbeat_seconds:
-                self._quicker.set()
-            self.heartbeat_seconds = asked
+        if not asked or asked == self.heartbeat_seconds or (quicker_only and asked > self.heartbeat_seconds):
+            return
+        if asked < self.heartbeat_seconds:
+            self._quicker.set()
+        self.heartbeat_seconds = asked
 
     async def _beat_wait(self) -> None:
-        """Sleep one beat, cut short if the beat asked for gets shorter meanwhile. Each sleep is a random 75 to 100 %
-        of the beat: a fleet that got its jobs, or its slower beat, at one moment would otherwise beat in step,
-        every worker within the same second (Nomad staggers its clients' heartbeats for the same reason)."""
+        """Sleep one beat: a random 75 to 100 % of it (a fleet that got its jobs, or its slower beat, at one moment
+        would otherwise beat in step, every worker within the same second; Nomad staggers its clients' heartbeats
+        for the same reason). A quicker beat asked for meanwhile cuts the sleep; a slower one never lengthens it.
+        After a failed beat the next comes at the settings' beat, so that a server back from a restart hears from
+        its busy workers within the grace it gives their leases."""
+        beat = min(self.heartbeat_seconds, self._settings_beat) if self._beat_failed else self.heartbeat_seconds
         began, share = time.monotonic(), random.uniform(BEAT_JITTER, 1.0)
+        deadline = began + share * beat
+        self._beat_failed = False
         self._quicker.clear()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._quicker.wait(), share * self.heartbeat_seconds)
-        left = began + share * self.heartbeat_seconds - time.monotonic()
+            await asyncio.wait_for(self._quicker.wait(), deadline - began)
+        left = min(deadline, began + share * self.heartbeat_seconds) - time.monotonic()
         if left > 0:
             await asyncio.sleep(left)
 
@@ -372,15 +385,17 @@ class WorkerAgent:
             try:
                 state, live = await self.client.heartbeat(self.id, leases=self._held())
                 self._last_contact = time.monotonic()
-                self._follow_cadence()
+                self._follow_cadence(quicker_only=any(r.claimed_at >= sent for r in self.running.values()))
             except Unreachable as exc:
                 log.warning("heartbeat failed: %s", exc)
+                self._beat_failed = True
                 continue
             except ApiError as exc:
                 if exc.status == 404:
                     await self._register()
                     continue
                 log.warning("heartbeat refused: %s", exc)
+                self._beat_failed = True
                 continue
             for lease, r in list(self.running.items()):
                 # A lease claimed after this heartbeat left may be missing from its answer and yet live (the

@@ -217,8 +217,11 @@ async def register(body: Registration, ctx: C, who: WorkerCaller) -> Registered:
     ctx.notifier.notify("any")
     s = ctx.settings
     return Registered(
-        lease_seconds=ctx.cadence.lease_seconds,
-        heartbeat_seconds=ctx.cadence.heartbeat_seconds,
+        # the settings' beat, not the cadence's: a worker from before the cadence keeps the beat it registered with
+        # for good, and a lease granted once the fleet has shrunk lasts only the settings' term (a newer worker
+        # learns the cadence from its claims' and heartbeats' answers)
+        lease_seconds=s.lease_seconds,
+        heartbeat_seconds=s.heartbeat_seconds,
         long_poll_max=s.long_poll_max,
     )
 
@@ -329,6 +332,7 @@ async def _claim(
     finally:
         notifier.unpark(waiter)
     if got.claims:
+        ctx.cadence.claimed(len(got.claims))
         request.app.state.tokens.put_leases([c.lease for c in got.claims], worker_id)
         metrics.observe_claimed(request.app, got.claims)
         for c in got.claims:
