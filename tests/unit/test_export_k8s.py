@@ -373,6 +373,9 @@ def test_the_server_runs_on_postgresql_from_a_secret(grid: Grid, objects: list[d
     args = container["args"]
     assert args[:1] == ["server"] and args[args.index("--store") + 1] == "$(SCALEQ_STORE)"
     assert args[args.index("--host") + 1] == "0.0.0.0"
+    assert (
+        args[args.index("--heartbeat-budget") + 1] == f"{grid.server.heartbeat_budget:g}"
+    )  # the grid's, on every server
     env = {e["name"]: e for e in container["env"]}
     assert env["SCALEQ_STORE"]["valueFrom"]["secretKeyRef"] == {"name": "scaleq-prod-store", "key": "url"}
     assert container["readinessProbe"]["httpGet"]["path"] == "/healthz"

@@ -127,6 +127,14 @@ def server(
         int | None,
         typer.Option(min=1, max=1 << 40, help="Largest log of one attempt; past it the head is kept (default 16 MiB)."),
     ] = None,
+    heartbeat_budget: Annotated[
+        float | None,
+        typer.Option(
+            min=0.001,
+            help="Most heartbeats a second the grid asks its busy workers for; past it they beat less often "
+            "(default 250; give every server of one store the same).",
+        ),
+    ] = None,
 ) -> None:
     """Run the API server alone (no autoscaler, no workers): several of them can share one PostgreSQL store.
 
@@ -135,7 +143,11 @@ def server(
     """
     from scaleq.grid import Grid, ServerSection
 
-    limits = {"max_output_bytes": max_output_bytes, "max_log_bytes": max_log_bytes}
+    limits = {
+        "max_output_bytes": max_output_bytes,
+        "max_log_bytes": max_log_bytes,
+        "heartbeat_budget": heartbeat_budget,
+    }
     section = ServerSection.model_validate({k: v for k, v in limits.items() if v is not None})
     _serve(Grid(server=section), host, port, store, lease_seconds, otlp_endpoint, data_dir, verbose)
 

@@ -182,6 +182,8 @@ def server(grid: Grid, names: _Names, image: str) -> list[dict[str, Any]]:
                                 "$(SCALEQ_STORE)",
                                 "--lease-seconds",
                                 f"{grid.server.lease_seconds:g}",
+                                "--heartbeat-budget",
+                                f"{grid.server.heartbeat_budget:g}",
                                 "--data-dir",
                                 "/data",
                             ],
