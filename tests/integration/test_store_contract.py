@@ -229,6 +229,18 @@ async def test_retry_budget_ends_in_worker_lost(store: Store) -> None:
     assert lost.state == "finished" and lost.reason == "worker_lost" and "lease lost" in (lost.error or "")
 
 
+async def test_busy_workers_counts_workers_not_jobs(store: Store) -> None:
+    """The heartbeat cadence's count (scaleq.server.cadence): a worker running three jobs beats once."""
+    for w in ("w1", "w2", "idle"):
+        await worker(store, w)
+    for i in range(4):
+        await submit(store, definition("job", str(i)))
+    assert await store.busy_workers() == 0
+    assert len(await store.claim("w1", 3, T0, 30)) == 3
+    assert len(await store.claim("w2", 1, T0, 30)) == 1
+    assert await store.busy_workers() == 2
+
+
 async def test_heartbeat_renews_and_reports_live_leases(store: Store) -> None:
     await submit(store, definition("a"))
     await submit(store, definition("b"))

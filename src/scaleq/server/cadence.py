@@ -13,8 +13,8 @@ budget only: a cancel reaches a quiet job within the interval, and a worker that
 after the longer lease (45 s at most with the default settings) instead of 15 s, and a silent worker is marked gone
 after three of those leases instead of 45 s.
 
-Every server counts the same thing — running jobs, from the store's queue counts, an upper bound of the busy workers
-— so all of them ask for the same cadence; a worker takes it from its registration's answer and from each beat's.
+Every server counts the same thing — the workers running a job, from the store — so all of them ask for the same
+cadence; a worker takes it from its registration's answer and from each beat's.
 A lease's term is written with it when granted or renewed, so a change of cadence never shortens one.
 """
 
@@ -39,7 +39,7 @@ def lease(settings: ServerSettings, beat: float) -> float:
 
 
 class Cadence:
-    """The beat and lease this server grants now. Housekeeping sets them from the running jobs it counts every
+    """The beat and lease this server grants now. Housekeeping sets them from the busy workers it counts every
     round; claims granted in between count at once (a grid handed thousands of jobs in a second must not grant them
     all the idle grid's short lease). When they shorten, the longer beat and term are remembered for as long as a
     lease granted with them may stand: what the checks and the gone-marks must still allow."""
@@ -53,7 +53,7 @@ class Cadence:
         self._held = (0.0, 0.0, 0.0)  # (beat, term, until): the slowest granted before a quickening, while it lasts
 
     def count(self, busy: int) -> None:
-        """The running jobs counted now (housekeeping)."""
+        """The busy workers counted now (housekeeping)."""
         beat = interval(self.settings, busy)
         term = lease(self.settings, beat)
         if term < self.lease_seconds:
@@ -69,7 +69,8 @@ class Cadence:
         self.busy, self.heartbeat_seconds, self.lease_seconds = busy, beat, term
 
     def claimed(self, n: int) -> None:
-        """``n`` jobs were just claimed: counted until the next round counts them with the rest (only ever slower)."""
+        """``n`` jobs were just claimed: counted as that many busy workers (at most) until the next round counts them
+        with the rest (only ever slower)."""
         if n > 0 and interval(self.settings, self.busy + n) > self.heartbeat_seconds:
             self.count(self.busy + n)
         else:

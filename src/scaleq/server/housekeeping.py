@@ -6,8 +6,8 @@ its queue at once. At start-up the running leases of workers not marked gone get
 grace, so a server restart (or ``kill -9``) does not expire the jobs of workers that were merely unable to reach it
 (a worker whose beat failed tries again at the settings' beat, not at a large fleet's slower one).
 Every ``heartbeat_seconds`` the workers whose claims are parked here are marked heard from, in one round trip
-(:mod:`scaleq.server.liveness`): an idle worker needs no heartbeat of its own; and the running jobs are counted,
-which sets how often busy workers beat and how long their leases last (:mod:`scaleq.server.cadence`).
+(:mod:`scaleq.server.liveness`): an idle worker needs no heartbeat of its own; and the busy workers are counted,
+which sets how often they beat and how long their leases last (:mod:`scaleq.server.cadence`).
 A lease gets that grace once until its worker is heard from again: servers restarting in a loop (or, on PostgreSQL,
 any of several servers restarting) cannot keep a dead worker's job from going back to its queue.
 
@@ -59,14 +59,14 @@ async def tick(
     cadence: Cadence | None = None,
 ) -> list[str]:
     """One round of housekeeping at ``now``: the workers parked here heard from (``touch``), expired leases swept,
-    the queue counts' deltas folded, the running jobs counted into ``cadence`` (with ``touch``), silent workers
+    the queue counts' deltas folded, the busy workers counted into ``cadence`` (with ``touch``), silent workers
     marked gone (``mark_gone``). The workers marked gone."""
     if touch and open_claims is not None:
         await touch_parked(store, open_claims, now)
     await sweep_once(store, notifier, settings, now)
     await store.fold_queue_counts()
     if cadence is not None and touch:
-        cadence.count(sum(q.running for q in await store.queue_stats()))
+        cadence.count(await store.busy_workers())
     if not mark_gone:
         return []
     silent = cadence.gone_after() if cadence is not None else settings.worker_gone_after
@@ -89,7 +89,7 @@ async def run(
     cadence: Cadence | None = None,
 ) -> None:
     """``on_gone``: told each worker this server marks gone (the server drops what it remembers of it); ``observe``:
-    told each round's duration in seconds; ``cadence``: kept to the running jobs' count."""
+    told each round's duration in seconds; ``cadence``: kept to the busy workers' count."""
     await store.extend_leases(clock(), settings.lease_seconds)
     ticks = 0
     touch_every = max(1, int(settings.heartbeat_seconds / settings.sweep_interval))

@@ -219,7 +219,7 @@ class ServerMetrics:
         if cadence is not None:
             beat = Gauge(
                 "scaleq_heartbeat_interval_seconds",
-                "How often this server asks busy workers to beat: the settings' interval, slower as the running jobs "
+                "How often this server asks busy workers to beat: the settings' interval, slower as the busy workers "
                 "pass the heartbeat budget",
                 registry=self.registry,
             )

@@ -463,6 +463,10 @@ class Store(Protocol):
 
     # views
     async def queue_stats(self) -> list[QueueStats]: ...
+    async def busy_workers(self) -> int:
+        """How many workers run a job now (each beats once per beat, however many slots it fills)."""
+        ...
+
     async def ahead_of(self, job_id: str, running: int, runs: int) -> Ahead:
         """What the (queued) job waits behind: up to ``running`` running jobs, the last ``runs`` run times."""
         ...

@@ -756,6 +756,10 @@ class SQLStore:
     async def queue_stats(self) -> list[QueueStats]:
         return [rows.queue_stats(r) for r in await self._run(self._all, "queue_stats")]
 
+    async def busy_workers(self) -> int:
+        row = await self._run(self._one, "busy_workers")
+        return int(row["n"]) if row is not None else 0
+
     async def ahead_of(self, job_id: str, running: int, runs: int) -> Ahead:
         def op() -> Ahead:
             job = self._get_job(job_id)

@@ -359,3 +359,8 @@ SELECT CAST(coalesce(sum(CASE WHEN j.priority > me.priority OR (j.priority = me.
 -- Whether a queue has a job waiting (jobs_claim's first column pair): a woken claim that found nothing passes its
 -- wake on only then.
 SELECT EXISTS (SELECT 1 FROM jobs WHERE queue = :queue AND state = 'queued') AS found;
+
+-- name: busy_workers
+-- The workers running a job now, for the heartbeat cadence (scaleq.server.cadence): read over the running jobs
+-- (jobs_lease_expiry's state column), once per housekeeping round.
+SELECT count(DISTINCT worker_id) AS n FROM jobs WHERE state = 'running';
