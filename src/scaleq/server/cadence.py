@@ -14,8 +14,10 @@ after the longer lease (45 s at most with the default settings) instead of 15 s,
 after three of those leases instead of 45 s.
 
 Every server counts the same thing — the workers running a job, from the store — so all of them ask for the same
-cadence; a worker takes it from its registration's answer and from each beat's.
-A lease's term is written with it when granted or renewed, so a change of cadence never shortens one.
+cadence. A registration answers the settings' beat (a worker from before the cadence keeps it for good); a worker
+takes the cadence from its claims' and heartbeats' answers, and only a heartbeat's, which renewed every lease it
+holds at the new term, may slow it. A lease's term is written when it is granted or renewed; the longer terms of
+before a quickening are remembered while they may stand (:class:`Cadence`).
 """
 
 from __future__ import annotations
