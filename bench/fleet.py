@@ -29,7 +29,8 @@ per worker (the parked claim's and the one heartbeats take, as httpx's pool hold
   parked), as the agent skips it;
 * a worker the server does not accept (registration retried until the row ends) is counted as *never registered*
   and takes no further part; the row goes on.
-* at the end: ``heartbeat draining``, the last finish on its own (``POST /leases/finish``), ``DELETE /workers/{id}``.
+* at the end: ``heartbeat draining``, the last finish on its own (``POST /leases/finish``, tried again after no
+  answer or a 502-504, heartbeats going on until it has landed, as the agent does), ``DELETE /workers/{id}``.
 
 The HTTP client is a minimal HTTP/1.1 one on asyncio streams (uvloop, as the agent runs): httpx costs ~0.2-0.3 ms of
 CPU per request, and 10,000 workers make thousands of requests a second (idle: re-polls; busy: beats every 2 s
@@ -78,6 +79,9 @@ workers drain and leave (spread over 5 s). Only requests *sent* inside the measu
 * *errors*: requests sent inside the window that failed (timeouts, resets, 5xx), by kind, in JSON; those sent
   during the ramp or the teardown (a fleet of thousands registering or leaving within seconds) are reported apart,
   as ``errors_outside_window``, and do not count in the verdict;
+* *listen overflows* (JSON ``listen_overflows``): connections the kernel dropped over the row, ramp and teardown
+  included, because the server's accept queue was full (machine-wide: ``TcpExtListenOverflows``). Each such client
+  waits out TCP's retransmit timer while the server may sit idle;
 * *verdict*: ``ok`` when spurious = 0, no failed requests and heartbeat and claim-answer p99 < 250 ms (issue 11's
   limits), else what missed; ``gen!`` marks a row whose generator was saturated.
 """
@@ -119,6 +123,7 @@ MODES = ("idle", "flow", "busy")
 BUSY_SHARE = 0.1  # flow: a tenth of the fleet busy
 SETTLE = 5.0  # seconds between the end of the ramp and the measured window
 TEARDOWN = 5.0  # workers leave spread over this long
+KEEP_ALIVE = 15.0  # an idle connection is dropped after this long, as scaleq.client.KEEP_ALIVE
 GONE_AFTER = 45.0  # the servers' worker_gone_after (the default), for a gone-mark whose log line does not say it
 HB_P99_LIMIT = 0.250
 GEN_CPU_LIMIT = 70.0  # % of a core
@@ -220,9 +225,9 @@ class Conn:
 
 
 class Pool:
-    """A worker's connections, as httpx's pool keeps them: an idle one is reused (closed after 5 s idle, httpx's
-    keep-alive expiry), a new one opened while all are busy — so a worker holds two: its parked claim's and the one
-    its heartbeats take."""
+    """A worker's connections, as httpx's pool keeps them: an idle one is reused (closed after 15 s idle, the
+    client's keep-alive expiry), a new one opened while all are busy — so a worker holds two: its parked claim's and
+    the one its heartbeats take."""
 
     def __init__(self, server: str, local: str, token: str) -> None:
         host, port = server.removeprefix("http://").rsplit(":", 1)
@@ -233,7 +238,7 @@ class Pool:
         conn = None
         while self.idle:
             candidate, since = self.idle.pop()
-            if time.monotonic() - since < 5.0:
+            if time.monotonic() - since < KEEP_ALIVE:
                 conn = candidate
                 break
             candidate.close()
@@ -297,6 +302,7 @@ class SimWorker:
         self.quicker = asyncio.Event()  # the beat asked for got shorter: cut the current sleep (as the agent does)
         self.settings_beat = 5.0  # the registration's beat: the server's settings'
         self.beat_failed = False
+        self.timed_out = False  # the last call met a timeout (the agent's Unreachable.timed_out)
         self.long_poll = 20.0
         self.claim_is_heartbeat = False  # the server counts a parked claim as this worker's heartbeat
         self.running: dict[str, float] = {}  # lease -> when its claim was answered (monotonic)
@@ -317,10 +323,12 @@ class SimWorker:
         sent = time.time()
         if self.w.inside(sent):
             self.stats.requests += 1
+        self.timed_out = False
         try:
             status, data = await self.http.request(method, path, body, timeout=timeout)
         except Down as exc:
             self._error(what, exc, sent)
+            self.timed_out = str(exc) == "TimeoutError"
             return None
         if status >= 400:
             self._error(what, status, sent)
@@ -330,6 +338,28 @@ class SimWorker:
         if what == "heartbeat" and self.w.inside(sent):
             self.stats.heartbeat.append(time.time() - sent)
         return data if data is not None else {}
+
+    async def call_until_answered(self, what: str, method: str, path: str, body: Any, timeout: float) -> Any:
+        """:meth:`call`, tried again after no answer or a 502-504, as the agent's ``_retrying`` (0.2 s doubling to
+        2 s), until the row's teardown ends; the answer's JSON, or None."""
+        delay = 0.2
+        while True:
+            sent = time.time()
+            try:
+                status, data = await self.http.request(method, path, body, timeout=timeout)
+            except Down as exc:
+                self._error(what, exc, sent)
+            else:
+                if status not in (502, 503, 504):
+                    if status >= 400:
+                        self._error(what, status, sent)
+                        return None
+                    return data if data is not None else {}
+                self._error(what, status, sent)
+            if time.time() + delay > self.w.stop + TEARDOWN + 80:
+                return None
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
     async def register(self) -> bool:
         """Register (again); False when the server never accepted it before the row ended (counted, not fatal: a
@@ -380,7 +410,7 @@ class SimWorker:
 
     async def beat_wait(self) -> None:
         """One beat's sleep, as the agent's: a random 75-100 % of the beat, cut short when the beat quickens, never
-        lengthened; after a failed beat, the settings' beat."""
+        lengthened; after a beat refused or cut off (not timed out), the settings' beat."""
         beat = min(self.heartbeat_seconds, self.settings_beat) if self.beat_failed else self.heartbeat_seconds
         began, share = time.monotonic(), random.uniform(0.75, 1.0)
         deadline = began + share * beat
@@ -401,7 +431,7 @@ class SimWorker:
             body = {"draining": False, "leases": self.held()}
             data = await self.call("heartbeat", "POST", f"/workers/{self.id}/heartbeat", body, 10)
             if not data:
-                self.beat_failed = True
+                self.beat_failed = not self.timed_out  # (a busy server: the beat stays, as the agent's)
                 continue
             live = set(data["leases"])
             self.follow(data, quicker_only=any(claimed_at >= sent for claimed_at in self.running.values()))
@@ -433,7 +463,11 @@ class SimWorker:
             finishes, self.pending = self.pending, []
             sent = time.time()
             body = {"max": 1, "wait": self.long_poll, "finishes": finishes}
-            data = await self.call("claim", "POST", f"/workers/{self.id}/claim", body, self.long_poll + 30)
+            try:
+                data = await self.call("claim", "POST", f"/workers/{self.id}/claim", body, self.long_poll + 30)
+            except asyncio.CancelledError:  # (the leaving worker gave up on this claim: its results go on their own)
+                self.pending[:0] = finishes
+                raise
             if data is None:
                 self.pending[:0] = finishes
                 await asyncio.sleep(1.0)
@@ -484,8 +518,10 @@ class SimWorker:
         if self.job is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self.job
+        # the results, retried until the server takes them and beating on meanwhile (as the agent does)
         for f in self.pending:
-            await self.call("finish", "POST", "/leases/finish", f, 30)
+            await self.call_until_answered("finish", "POST", "/leases/finish", f, 30)
+            self.finishing.discard(f["lease"])
         beat.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await beat
@@ -815,7 +851,9 @@ def run_row(n: int, setup: str, mode: str, a: Args, pg: Any, row_no: int) -> dic
     try:
         for _ in range(2 if setup == "postgres-2" else 1):
             servers.append(start_server(store, a.server_cpu))
+        overflows = listen_overflows()
         m = drive(n, setup, mode, a, servers, pg, db, row_no)
+        overflows = listen_overflows() - overflows
         for s in servers:
             stop_server(s)
         lost = lost_in_store(store, servers[0].data_dir, m.window)
@@ -834,7 +872,18 @@ def run_row(n: int, setup: str, mode: str, a: Args, pg: Any, row_no: int) -> dic
                 conn.execute(f"DROP DATABASE {db} WITH (FORCE)")
     row = summarise(n, setup, mode, a, m, lost)
     row["server_warnings"] = warnings
+    row["listen_overflows"] = overflows
     return row
+
+
+def listen_overflows() -> int:
+    """The kernel's count of connections it dropped because a listening socket's accept queue was full (machine-wide,
+    ``TcpExtListenOverflows``): a fleet reconnecting in a burst larger than the server's backlog shows here, as
+    requests that time out while the server sits idle."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        names, values = [line.split() for line in Path("/proc/net/netstat").read_text().splitlines()[:2]]
+        return int(values[names.index("ListenOverflows")])
+    return 0
 
 
 def marked_gone(s: Server, prefix: str, stop: float) -> tuple[int, int]:

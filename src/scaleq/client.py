@@ -33,7 +33,13 @@ class ApiError(Exception):
 
 
 class Unreachable(Exception):
-    pass
+    """No answer from the server. ``timed_out``: the request (or its connection) met a timeout — a server that is
+    slow (or a host that is silent), not one that refused or broke the connection or was said by a gateway to be
+    unavailable, as a server restarting is."""
+
+    def __init__(self, message: str, *, timed_out: bool = False) -> None:
+        super().__init__(message)
+        self.timed_out = timed_out
 
 
 def format_detail(detail: Any) -> str:
@@ -79,9 +85,15 @@ class Client:
         try:
             r = await self._http.request(method, path, **kw)
         except httpx.TransportError as exc:
-            raise Unreachable(f"cannot reach the scaleq server at {self.server}: {exc or type(exc).__name__}") from exc
+            raise self._unreachable(exc) from exc
         self._check(r)
         return r
+
+    def _unreachable(self, exc: httpx.TransportError) -> Unreachable:
+        return Unreachable(
+            f"cannot reach the scaleq server at {self.server}: {exc or type(exc).__name__}",
+            timed_out=isinstance(exc, httpx.TimeoutException),
+        )
 
     def _check(self, r: httpx.Response) -> None:
         """Unreachable for a gateway's 502-504, ApiError with the server's detail for another error."""
@@ -326,7 +338,7 @@ class Client:
                     async for piece in r.aiter_bytes(1 << 20):
                         await asyncio.to_thread(f.write, piece)
         except httpx.TransportError as exc:
-            raise Unreachable(f"cannot reach the scaleq server at {self.server}: {exc or type(exc).__name__}") from exc
+            raise self._unreachable(exc) from exc
 
 
 async def _file_pieces(path: Path, size: int = 1 << 20) -> AsyncIterator[bytes]:

@@ -1,7 +1,8 @@
 """``scaleq up``: the server, the store and the autoscaler with its providers, in one process.
 
-Start-up order: open the store, make sure the admin and worker tokens exist (reusing the ones recorded in the data
-dir), bind the listening socket (so the URL is known, also with port 0), write ``server.json``, then serve and run the
+Start-up order: raise the open-file limit (two connections per worker), open the store, make sure the admin and
+worker tokens exist (reusing the ones recorded in the data dir), bind the listening socket (so the URL is known, also
+with port 0; its accept queue sized for a fleet reconnecting at once), write ``server.json``, then serve and run the
 controller side by side. On SIGINT/SIGTERM the controller stops first, local workers are asked to drain (and killed
 after a grace period; their jobs come back through lease expiry), then the server stops.
 
@@ -17,6 +18,7 @@ import contextlib
 import json
 import logging
 import os
+import resource
 import signal
 import socket
 import time
@@ -56,6 +58,33 @@ async def ensure_token(store: Store, path: Path, role: str, name: str) -> str:
     path.touch(mode=0o600)
     path.write_text(token + "\n")
     return token
+
+
+#: Open files a server needs besides its workers' connections (the store, logs, spooled uploads): the warning below.
+SPARE_FILES = 100
+
+
+def raise_open_file_limit() -> int:
+    """Raise this process's soft limit on open files to its hard limit, as Go's runtime and nginx do at start; the
+    limit now. Each worker holds two connections to its server (its parked claim's and its heartbeats'), so the soft
+    limit most systems start a process with, 1,024, would cap a server at ~460 workers with "too many open files",
+    where the hard limit (524,288 under systemd) allows far more."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        with contextlib.suppress(ValueError, OSError):  # (above the kernel's nr_open: keep what we have)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    log.info("open-file limit %d: room for about %d workers", limit, max(0, limit - SPARE_FILES) // 2)
+    return limit
+
+
+#: Connections the kernel holds for the server until it accepts them. A fleet reconnects in bursts (thousands of
+#: workers whose jobs end in the same second, each opening a connection for its result): past this queue, the
+#: kernel drops their handshakes and each client waits out TCP's doubling retransmit timer, seconds while the server
+#: sits idle, and long enough for leases to expire (uvicorn's 2,048 did at 5,000 workers: docs/benchmarks.md). The
+#: kernel caps it at ``net.core.somaxconn`` (4,096 by default since Linux 5.4): see docs/operations.md.
+LISTEN_BACKLOG = 65535
 
 
 def _bind(host: str, port: int, data_dir: Path) -> socket.socket:
@@ -99,6 +128,7 @@ async def serve(
 ) -> None:
     private_dir(data_dir)
     _warn_if_jobs_share_the_user(grid, job_user)
+    raise_open_file_limit()
     store = open_store(store_url or grid.store.url or str(data_dir / "scaleq.db"), durability=grid.store.durability)
     await store.open()
     gc_policy: GcPolicy | None = None
@@ -128,6 +158,7 @@ async def serve(
                 access_log=False,
                 lifespan="on",
                 timeout_keep_alive=settings.keep_alive_seconds,
+                backlog=LISTEN_BACKLOG,
             )
         )
         # our handlers, not uvicorn's: on SIGINT/SIGTERM the API must keep serving while local workers drain

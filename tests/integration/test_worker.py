@@ -190,6 +190,38 @@ async def test_worker_waits_out_a_server_outage(sqlite_store: SQLiteStore, tmp_p
         assert await asyncio.wait_for(task, 10) == 0
 
 
+async def test_a_drained_workers_late_result_keeps_its_lease(sqlite_store: SQLiteStore, tmp_path: Path) -> None:
+    """A result the server takes only after several leases' time (a whole fleet reporting at once) still lands: the
+    drained worker beats on until it has, so the lease holds and the job is neither lost nor run again."""
+    settings = ServerSettings(lease_seconds=1.5, sweep_interval=0.1, long_poll_max=1.0)
+    gate = tmp_path / "gate"
+    async with serve(sqlite_store, settings) as live:
+        a = agent(live, server_grace=60)
+        real, refused = a.client.finish, []
+        slow_until: list[float] = []
+
+        async def finish_taken_late(finish: dict[str, object]) -> Job:
+            if not slow_until:
+                slow_until.append(time.monotonic() + 3 * settings.lease_seconds)
+            if time.monotonic() < slow_until[0]:
+                refused.append(finish["lease"])
+                raise Unreachable("the server is busy with the rest of the fleet")
+            return await real(finish)
+
+        a.client.finish = finish_taken_late  # type: ignore[method-assign]
+        task = asyncio.create_task(a.run())
+        job = await submit(live, "sh", "-c", f"while [ ! -e {gate} ]; do sleep 0.05; done")
+        await wait_state(live, job.id, "running")
+        a.request_drain()  # drained: the result goes on its own, not riding on a claim
+        gate.touch()
+        assert await asyncio.wait_for(task, 20) == 0
+        assert len(refused) >= 3  # the result really was turned away for longer than a lease
+        done = await wait_state(live, job.id)
+        assert done.reason == "success" and done.attempts == 1
+        (attempt,) = await sqlite_store.list_attempts(job.id)
+        assert attempt.outcome == "success"
+
+
 async def test_a_heartbeat_answered_after_a_claim_does_not_abandon_the_new_job(
     live: LiveServer, tmp_path: Path
 ) -> None:

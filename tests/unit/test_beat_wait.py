@@ -5,12 +5,14 @@ stand-ins (replaced in that module only) that record what they are asked for."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+from scaleq.client import Unreachable
 from scaleq.worker import agent as agent_module
 from scaleq.worker.agent import BEAT_JITTER, WorkerAgent, WorkerConfig
 
@@ -69,3 +71,29 @@ async def test_a_quicker_beat_cuts_the_sleep_to_what_is_left_of_it(monkeypatch: 
     await a._beat_wait()
     assert a.heartbeat_seconds == 4.0
     assert slept == [pytest.approx(1.0)]  # 4 s from the start of the sleep, 3 of them gone
+
+
+async def test_a_beat_that_timed_out_keeps_the_beat_and_a_refused_one_quickens_the_next(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A timeout is a busy server (a fleet reporting at once): beating more often would only add to its line. A
+    # refused connection is a server restarting: the next beat comes at the settings' beat, within its grace.
+    a = worker()
+    a.heartbeat_seconds, a._settings_beat, a.lease_seconds = 15.0, 2.0, 45.0
+    failures = iter([Unreachable("timed out", timed_out=True), Unreachable("connection refused")])
+
+    async def heartbeat(worker_id: str, **kw: object) -> tuple[str, set[str]]:
+        raise next(failures)
+
+    failed_before: list[bool] = []
+
+    async def beat_wait() -> None:
+        failed_before.append(a._beat_failed)  # what the sleep about to start goes by
+        if len(failed_before) == 3:
+            raise asyncio.CancelledError
+
+    monkeypatch.setattr(a.client, "heartbeat", heartbeat)
+    monkeypatch.setattr(a, "_beat_wait", beat_wait)
+    with pytest.raises(asyncio.CancelledError):
+        await a._heartbeat_loop()
+    assert failed_before == [False, False, True]

@@ -16,7 +16,8 @@ Design:
 - **Fencing.** Logs, outputs and the finish all present the attempt's lease; a 409 means the attempt was replaced,
   and the worker stops it without reporting.
 - **Server outages** are waited out: jobs keep running, results are retried, and only after ``server_grace`` seconds
-  without any answer does the worker stop its jobs and exit.
+  without any answer does the worker stop its jobs and exit. Heartbeats go on until every result has landed, so a
+  result the server is slow to take (an outage, or a whole fleet reporting in the same second) keeps its lease.
 - **Dead neighbours' runs.** A worker killed mid-job (``kill -9``) leaves its containers running on the engine: at
   start and then once per lease period, the worker lists the runs other workers left on its engines, asks the server
   which of those attempts it has ended (lease lost, cancelled, …) and removes them, so a requeued job does not run
@@ -161,6 +162,9 @@ class WorkerAgent:
             heart = asyncio.create_task(self._heartbeat_loop())
             try:
                 code = await self._claim_loop()
+                # beating on until the results have landed: a server slow to take them (a whole fleet reporting in
+                # the same second) must not let their leases expire meanwhile, which would run the jobs again
+                await self._flush_finishes()
             finally:
                 heart.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -169,7 +173,6 @@ class WorkerAgent:
                     self._reaping.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await self._reaping
-            await self._flush_finishes()
             with contextlib.suppress(ApiError, Unreachable):
                 await self.client.deregister(self.id)
             log.info("worker %s stopped", self.id)
@@ -357,8 +360,9 @@ class WorkerAgent:
         """Sleep one beat: a random 75 to 100 % of it (a fleet that got its jobs, or its slower beat, at one moment
         would otherwise beat in step, every worker within the same second; Nomad staggers its clients' heartbeats
         for the same reason). A quicker beat asked for meanwhile cuts the sleep; a slower one never lengthens it.
-        After a failed beat the next comes at the settings' beat, so that a server back from a restart hears from
-        its busy workers within the grace it gives their leases."""
+        After a beat that failed (refused or cut off: a server restarting) the next comes at the settings' beat, so
+        that a server back from a restart hears from its busy workers within the grace it gives their leases; after
+        one that timed out (a server busy) the beat stays as it was."""
         beat = min(self.heartbeat_seconds, self._settings_beat) if self._beat_failed else self.heartbeat_seconds
         began, share = time.monotonic(), random.uniform(BEAT_JITTER, 1.0)
         deadline = began + share * beat
@@ -388,7 +392,10 @@ class WorkerAgent:
                 self._follow_cadence(quicker_only=any(r.claimed_at >= sent for r in self.running.values()))
             except Unreachable as exc:
                 log.warning("heartbeat failed: %s", exc)
-                self._beat_failed = True
+                # A server that timed out is busy, not away: beating more often would only lengthen its line (a
+                # fleet whose jobs all ended at once, reporting in the same second), and the beat it may still be
+                # taking renews the leases all the same.
+                self._beat_failed = not exc.timed_out
                 continue
             except ApiError as exc:
                 if exc.status == 404:
