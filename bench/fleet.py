@@ -416,8 +416,9 @@ class SimWorker:
         deadline = began + share * beat
         self.beat_failed = False
         self.quicker.clear()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.quicker.wait(), deadline - began)
+        with contextlib.suppress(TimeoutError):  # (not wait_for, which can lose the cancel: see scaleq.loop.wait_set)
+            async with asyncio.timeout(deadline - began):
+                await self.quicker.wait()
         left = min(deadline, began + share * self.heartbeat_seconds) - time.monotonic()
         if left > 0:
             await asyncio.sleep(left)
@@ -555,14 +556,16 @@ async def generate(spec: dict[str, Any], w: Window) -> dict[str, Any]:
         workers.append(asyncio.create_task(sim.run(slot)))
     helpers = [asyncio.create_task(_loop_lag(w, stats)), asyncio.create_task(_cpu_window(w, stats))]
     done, pending = await asyncio.wait(workers, timeout=max(0.0, w.stop - time.time()) + TEARDOWN + 90)
+    # (leaving is after the window: an overloaded server's slow goodbyes, not the row's failures), counted by where
+    # each was still waiting: the line of SimWorker.run (the step of leaving)
     for t in pending:
+        at = [f"line {frame.f_lineno}" for frame in t.get_stack(limit=1)]
+        stats.errors_outside[f"worker did not leave in time ({', '.join(at) or '?'})"] += 1
         t.cancel()
     await asyncio.gather(*helpers, *pending, return_exceptions=True)
     failed = [t.exception() for t in done if not t.cancelled() and t.exception() is not None]
     if failed:
         stats.errors[f"worker crashed: {failed[0]!r}"] += len(failed)
-    if pending:  # (leaving is after the window: an overloaded server's slow goodbyes, not the row's failures)
-        stats.errors_outside["worker did not leave in time"] += len(pending)
     out = asdict(stats)
     out["errors"] = dict(stats.errors)
     out["errors_outside"] = dict(stats.errors_outside)

@@ -6,7 +6,8 @@ time), and uvloop's loop does the same work in C. The short CLI commands keep ``
 of requests, where a faster loop changes nothing.
 
 It also holds the one way scaleq runs a blocking call that may hang off the event loop (:func:`in_daemon_thread`),
-shared by the worker's docker runtime and the providers.
+shared by the worker's docker runtime and the providers, and the one way it waits for an event with a timeout
+(:func:`wait_set`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,24 @@ def run(main: Coroutine[Any, Any, T]) -> T:
     except ImportError:  # pragma: no cover - uvicorn[standard] brings it
         return asyncio.run(main)
     return uvloop.run(main)
+
+
+async def wait_set(ev: asyncio.Event, timeout: float) -> bool:
+    """Wait for ``ev`` up to ``timeout`` seconds; True when it is set.
+
+    Not ``asyncio.wait_for(ev.wait(), timeout)``: on Python 3.11, when the waiting task is cancelled just as the event
+    is set, ``wait_for`` returns and the cancel is lost. A loop of such waits then never stops, and whoever awaits it
+    waits for ever: a worker cancelling its heartbeats at exit as an answer quickened its beat hung there (the fleet
+    bench's leaving workers did, a few in a hundred). ``asyncio.timeout`` keeps the cancel."""
+    if ev.is_set():
+        return True
+    if timeout <= 0:
+        return False
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout):
+            await ev.wait()
+            return True
+    return False
 
 
 def spawn_daemon(

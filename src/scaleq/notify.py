@@ -133,17 +133,6 @@ class Notifier:
         self.notify(f"job:{job_id}", "any")
 
 
-async def wait(ev: asyncio.Event, timeout: float) -> bool:
-    """Wait for ``ev`` up to ``timeout`` seconds; True when it fired."""
-    if timeout <= 0:
-        return ev.is_set()
-    try:
-        await asyncio.wait_for(ev.wait(), timeout)
-    except TimeoutError:
-        return False
-    return True
-
-
 async def wait_any(events: tuple[Signal, ...], timeout: float) -> bool:
     """Wait until any of ``events`` fires, up to ``timeout`` seconds; True when one did (one future, no tasks)."""
     if any(ev.is_set() for ev in events):

@@ -1,14 +1,12 @@
 """The agent's beat (:meth:`scaleq.worker.agent.WorkerAgent._beat_wait`): each sleep a random share of the interval
 asked for, never longer than it, so a fleet that got its jobs at one moment does not beat in step; and a quicker beat
-asked for mid-sleep cuts the sleep. Time is a fake here: the agent module's clock, dice, ``wait_for`` and ``sleep`` are
+asked for mid-sleep cuts the sleep. Time is a fake here: the agent module's clock, dice, ``wait_set`` and ``sleep`` are
 stand-ins (replaced in that module only) that record what they are asked for."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
 from types import SimpleNamespace
-from typing import Any
 
 import pytest
 
@@ -27,11 +25,10 @@ async def test_a_beat_sleeps_a_random_share_of_the_interval(monkeypatch: pytest.
     slept: list[float] = []
     now = [100.0]
 
-    async def wait_for(what: Awaitable[Any], timeout: float) -> None:
+    async def wait_set(ev: asyncio.Event, timeout: float) -> bool:
         asked.append(timeout)
-        getattr(what, "close", lambda: None)()  # (the event's wait, never awaited: nothing quickens here)
-        now[0] += timeout
-        raise TimeoutError
+        now[0] += timeout  # nothing quickens here
+        return False
 
     async def sleep(seconds: float) -> None:
         slept.append(seconds)
@@ -41,7 +38,8 @@ async def test_a_beat_sleeps_a_random_share_of_the_interval(monkeypatch: pytest.
     monkeypatch.setattr(
         agent_module, "random", SimpleNamespace(uniform=lambda low, high: dice.append((low, high)) or share)
     )
-    monkeypatch.setattr(agent_module, "asyncio", SimpleNamespace(wait_for=wait_for, sleep=sleep))
+    monkeypatch.setattr(agent_module, "wait_set", wait_set)
+    monkeypatch.setattr(agent_module, "asyncio", SimpleNamespace(sleep=sleep))
     monkeypatch.setattr(agent_module, "time", SimpleNamespace(monotonic=lambda: now[0]))
     a.heartbeat_seconds = 8.0
     await a._beat_wait()
@@ -54,18 +52,20 @@ async def test_a_quicker_beat_cuts_the_sleep_to_what_is_left_of_it(monkeypatch: 
     now = [100.0]
     slept: list[float] = []
 
-    async def wait_for(what: Awaitable[Any], timeout: float) -> None:
+    async def wait_set(ev: asyncio.Event, timeout: float) -> bool:
         now[0] += 3.0  # three seconds into a 15 s beat, an answer asks for 4 s
         a.client.cadence = 4.0
         a._follow_cadence()
-        await what  # the event is set: the wait ends at once
+        assert ev.is_set()  # the event is set: the wait ends at once
+        return True
 
     async def sleep(seconds: float) -> None:
         slept.append(seconds)
 
     a = worker()
     monkeypatch.setattr(agent_module, "random", SimpleNamespace(uniform=lambda low, high: 1.0))
-    monkeypatch.setattr(agent_module, "asyncio", SimpleNamespace(wait_for=wait_for, sleep=sleep))
+    monkeypatch.setattr(agent_module, "wait_set", wait_set)
+    monkeypatch.setattr(agent_module, "asyncio", SimpleNamespace(sleep=sleep))
     monkeypatch.setattr(agent_module, "time", SimpleNamespace(monotonic=lambda: now[0]))
     a.heartbeat_seconds = 15.0
     await a._beat_wait()

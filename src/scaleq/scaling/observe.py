@@ -8,7 +8,8 @@ from collections.abc import Callable
 from scaleq.client import ApiError, Client, Unreachable
 from scaleq.grid import Group
 from scaleq.jobs import Worker
-from scaleq.notify import Notifier, wait
+from scaleq.loop import wait_set
+from scaleq.notify import Notifier
 from scaleq.scaling.policy import Demand
 from scaleq.store.base import GroupStatus, Store
 
@@ -56,7 +57,7 @@ class StoreObserver:
         await self.store.put_group(status)
 
     async def wait_for_change(self, timeout: float) -> None:
-        await wait(self._event, timeout)
+        await wait_set(self._event, timeout)
         # take the next event before the controller looks again, so nothing between is missed
         self._event = self.notifier.event("any")
 

@@ -36,6 +36,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 from scaleq.jobs import Claim, Job, JobDefinition
+from scaleq.loop import wait_set
 from scaleq.store import rows
 from scaleq.store.base import ArrayRecord, FinishResult, NotFound, Submission, WorkerClaim
 from scaleq.store.migrations import Migration
@@ -360,8 +361,7 @@ class PostgresStore(SQLStore):
         """Send what is pending (and whatever is queued meanwhile) on the publisher connection: an async connection
         of its own, so a publish costs the event loop no thread hop and no pooled connection, with
         ``synchronous_commit`` off — a NOTIFY has nothing to make durable, so it need not wait for a WAL flush."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._hurry.wait(), LAZY_PUBLISH)
+        await wait_set(self._hurry, LAZY_PUBLISH)
         await asyncio.sleep(0)  # whatever else this turn queues goes in the same NOTIFY
         while self._pending:
             self._hurry.clear()

@@ -50,6 +50,7 @@ from typing import Any, Literal
 
 from scaleq.client import ApiError, Client, Unreachable
 from scaleq.jobs import Claim
+from scaleq.loop import wait_set
 from scaleq.worker import transfer
 from scaleq.worker.logship import LogShipper
 from scaleq.worker.metrics import WorkerMetrics
@@ -339,8 +340,7 @@ class WorkerAgent:
 
     async def _wait_wake(self) -> None:
         self._wake.clear()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), timeout=5.0)
+        await wait_set(self._wake, 5.0)
 
     # -- heartbeats -------------------------------------------------------------------------------------------
 
@@ -368,8 +368,7 @@ class WorkerAgent:
         deadline = began + share * beat
         self._beat_failed = False
         self._quicker.clear()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._quicker.wait(), deadline - began)
+        await wait_set(self._quicker, deadline - began)
         left = min(deadline, began + share * self.heartbeat_seconds) - time.monotonic()
         if left > 0:
             await asyncio.sleep(left)

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 
 from scaleq.client import ApiError, Client, Unreachable
+from scaleq.loop import wait_set
 
 FLUSH_SECONDS = 0.25
 MAX_BUFFER = 8 * 1024 * 1024
@@ -87,8 +88,7 @@ class LogShipper:
             await self._more.wait()
             self._more.clear()
             await self._flush()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._closing.wait(), FLUSH_SECONDS)
+            await wait_set(self._closing, FLUSH_SECONDS)
 
     async def _flush(self) -> bool:
         """Send what is buffered; False when nothing more can be sent now."""

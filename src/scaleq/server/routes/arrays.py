@@ -19,7 +19,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 
-from scaleq.notify import wait
+from scaleq.loop import wait_set
 from scaleq.server.auth import require
 from scaleq.server.routes.common import C, Ctx
 from scaleq.store.base import ArrayStatus, Usage
@@ -127,7 +127,7 @@ async def get_array(
     while True:
         ev = ctx.notifier.event("any")  # taken before the read: no change between the two is missed
         a = await ctx.store.get_array(array_id)
-        if seen is None or _progress(a) != seen or not await wait(ev, deadline - time.monotonic()):
+        if seen is None or _progress(a) != seen or not await wait_set(ev, deadline - time.monotonic()):
             break
     usage = await ctx.store.usage("array", 0.0, ctx.now(), key=a.array.id)
     return _out(a, _cost(usage, await _prices(ctx)))

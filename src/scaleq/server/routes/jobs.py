@@ -12,7 +12,8 @@ from fastapi import APIRouter, HTTPException, Query, Response, status
 from pydantic import BaseModel, Field
 
 from scaleq.jobs import ArraySpec, Job, Reason, State, SubmitRequest, array_id
-from scaleq.notify import wait, wait_any
+from scaleq.loop import wait_set
+from scaleq.notify import wait_any
 from scaleq.server import paging
 from scaleq.server.auth import require
 from scaleq.server.estimates import estimate_start
@@ -301,7 +302,7 @@ async def get_job(
         job = await ctx.store.get_job(job.id)
         if state is None or job.state != state or job.state == State.finished:
             return await _with_estimate(ctx, job)
-        if not await wait(ev, deadline - time.monotonic()):
+        if not await wait_set(ev, deadline - time.monotonic()):
             return await _with_estimate(ctx, job)
 
 

@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field
 
 from scaleq.doctor.checks import Check
 from scaleq.jobs import Capabilities
-from scaleq.notify import wait
+from scaleq.loop import wait_set
 from scaleq.server.auth import require
 from scaleq.server.routes.common import C
 from scaleq.store.base import GroupStatus
@@ -206,6 +206,6 @@ async def demand(body: DemandQuery, ctx: C) -> DemandOut:
     """
     if body.wait:
         ev = ctx.notifier.event("any")
-        await wait(ev, min(body.wait, ctx.settings.long_poll_max))
+        await wait_set(ev, min(body.wait, ctx.settings.long_poll_max))
     queued, running = await ctx.store.demand(body.queue, body.capabilities, limit=body.limit)
     return DemandOut(queue=body.queue, queued=queued, running=running, at=time.time())
