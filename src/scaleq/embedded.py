@@ -18,7 +18,6 @@ import contextlib
 import json
 import logging
 import os
-import resource
 import signal
 import socket
 import time
@@ -40,6 +39,7 @@ from scaleq.server import looplag, metrics
 from scaleq.server.app import create_app
 from scaleq.server.auth import hash_token, new_token
 from scaleq.server.gcpolicy import GcPolicy
+from scaleq.server.hostlimits import LISTEN_BACKLOG, raise_open_file_limit
 from scaleq.server.settings import ServerSettings
 from scaleq.store import open_store
 from scaleq.store.base import Store
@@ -58,33 +58,6 @@ async def ensure_token(store: Store, path: Path, role: str, name: str) -> str:
     path.touch(mode=0o600)
     path.write_text(token + "\n")
     return token
-
-
-#: Open files a server needs besides its workers' connections (the store, logs, spooled uploads): the warning below.
-SPARE_FILES = 100
-
-
-def raise_open_file_limit() -> int:
-    """Raise this process's soft limit on open files to its hard limit, as Go's runtime and nginx do at start; the
-    limit now. Each worker holds two connections to its server (its parked claim's and its heartbeats'), so the soft
-    limit most systems start a process with, 1,024, would cap a server at ~460 workers with "too many open files",
-    where the hard limit (524,288 under systemd) allows far more."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
-    if soft != resource.RLIM_INFINITY and soft < want:
-        with contextlib.suppress(ValueError, OSError):  # (above the kernel's nr_open: keep what we have)
-            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    log.info("open-file limit %d: room for about %d workers", limit, max(0, limit - SPARE_FILES) // 2)
-    return limit
-
-
-#: Connections the kernel holds for the server until it accepts them. A fleet reconnects in bursts (thousands of
-#: workers whose jobs end in the same second, each opening a connection for its result): past this queue, the
-#: kernel drops their handshakes and each client waits out TCP's doubling retransmit timer, seconds while the server
-#: sits idle, and long enough for leases to expire (uvicorn's 2,048 did at 5,000 workers: docs/benchmarks.md). The
-#: kernel caps it at ``net.core.somaxconn`` (4,096 by default since Linux 5.4): see docs/operations.md.
-LISTEN_BACKLOG = 65535
 
 
 def _bind(host: str, port: int, data_dir: Path) -> socket.socket:

@@ -95,6 +95,7 @@ async def test_a_healthy_grid_passes_every_check(live: LiveServer, tmp_path: Pat
         ("server", "clock"),
         ("store", "writable"),
         ("server", "lease sweeper"),
+        ("server", "host limits"),
         ("group cpu", "signal"),
         ("group cpu", "provider"),
         ("group cpu", "workers heartbeating"),

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 
-from scaleq.embedded import LISTEN_BACKLOG
+from scaleq.server.hostlimits import LISTEN_BACKLOG
 from tests.helpers import eventually, free_port
 
 #: The soft limit the server is started with: what most systems give a process (1,024) would do, this is lower so

@@ -1,11 +1,12 @@
 """The checks the server runs over its own store: the hops the server itself can see.
 
-The store takes writes, the lease sweeper keeps up, registered workers heartbeat, running jobs' leases are renewed,
-each group's controller keeps its status fresh (with the controller's checks of an external signal: read, its
-scrape targets up, agreeing with the server's count), and the OTLP push, when the server pushes, reaches its
-collector. ``GET /api/v1/health`` and ``GET /api/v1/health/checks`` (:mod:`scaleq.server.routes.health`) serve
-them, and ``scaleq doctor`` (:mod:`scaleq.doctor.remote`) reads them from there. :func:`server_side_checks` never
-raises (see :mod:`scaleq.doctor.checks`).
+The store takes writes, the server's host holds the live fleet (:mod:`scaleq.server.hostlimits`), the lease
+sweeper keeps up, registered workers heartbeat, running jobs' leases are renewed, each group's controller keeps its
+status fresh (with the controller's checks of an external signal: read, its scrape targets up, agreeing with the
+server's count), and the OTLP push, when the server pushes, reaches its collector. ``GET /api/v1/health`` and
+``GET /api/v1/health/checks`` (:mod:`scaleq.server.routes.health`) serve them, and ``scaleq doctor``
+(:mod:`scaleq.doctor.remote`) reads them from there. :func:`server_side_checks` never raises (see
+:mod:`scaleq.doctor.checks`).
 
 Leases are renewed by heartbeats, so a lease's expiry is ``max(claimed at, worker's last heartbeat) + lease_seconds``
 (the store keeps the exact value; this is the same up to the grace a server restart adds). Side effects: none anyone
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 
 from scaleq.doctor.checks import FIX_STORE_DOWN, Check, error_text, group_hop, not_checked, queue_hop, secs
 from scaleq.jobs import Job, Worker
+from scaleq.server import hostlimits
 from scaleq.server.cadence import Cadence
 from scaleq.server.otlp import ExportStatus
 from scaleq.server.settings import ServerSettings
@@ -357,9 +359,11 @@ async def server_side_checks(
         return [store_check, not_checked("server", "lease sweeper", "the store does not work"), *pushing]
     try:
         seen = await read_seen(store, now, groups)
+        live = sum(1 for w in seen.workers if w.state != "gone")
         return [
             store_check,
             *pushing,
+            hostlimits.check(live, hostlimits.open_files(), hostlimits.accept_queue()),
             *judge(
                 seen,
                 settings,
