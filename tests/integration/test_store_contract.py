@@ -270,6 +270,27 @@ async def test_heartbeat_renews_only_the_leases_the_worker_holds(store: Store) -
     assert live == set()
 
 
+async def test_heartbeats_at_once_are_each_answered_as_if_alone(store: Store) -> None:
+    """A fleet beating at the same moment (PostgreSQL writes them as one statement: store/heartbeats.py): each
+    worker renews its own leases and hears of its own, an unknown worker is refused, and the same worker twice is
+    answered twice."""
+    for i in range(20):
+        await worker(store, f"w{i}")
+        await submit(store, definition("job", str(i)))
+    leases = {f"w{i}": (await store.claim(f"w{i}", 1, T0, 5))[0].lease for i in range(20)}
+
+    async def beat(worker_id: str, held: list[str] | None) -> tuple[str, set[str]]:
+        return await store.heartbeat(worker_id, T0 + 4, 5, held=held)
+
+    calls = [beat(w, [lease] if i % 2 else None) for i, (w, lease) in enumerate(leases.items())]
+    calls += [beat("w0", []), beat("ghost", None)]
+    answers = await asyncio.gather(*calls, return_exceptions=True)
+    assert answers[:20] == [("active", {lease}) for lease in leases.values()]
+    assert answers[20] == ("active", set())  # w0 again, holding nothing it says: its lease is not renewed by this one
+    assert isinstance(answers[21], NotFound)
+    assert await store.expire_leases(T0 + 8.9) == []  # every lease renewed to T0 + 4 + 5 (or later)
+
+
 async def test_restarts_grant_a_dead_workers_lease_one_grace_only(store: Store) -> None:
     """Every server start calls extend_leases: a dead worker's job must still come back after one lease + one grace,
     however often servers restart; a live worker's job gets a grace at each restart that follows its heartbeat."""

@@ -39,6 +39,7 @@ from scaleq.jobs import Claim, Job, JobDefinition
 from scaleq.loop import wait_set
 from scaleq.store import rows
 from scaleq.store.base import ArrayRecord, FinishResult, NotFound, Submission, WorkerClaim
+from scaleq.store.heartbeats import Beat, HeartbeatBatches
 from scaleq.store.migrations import Migration
 from scaleq.store.queries import load
 from scaleq.store.sql import SQLStore, waited
@@ -71,6 +72,7 @@ class PostgresStore(SQLStore):
         super().__init__(threads=pool_size, migrate=migrate)
         self.url = url
         self.pool_size = pool_size
+        self._beats = HeartbeatBatches(self._heartbeat_batch)
         self.durability = durability
         self._pool: ConnectionPool | None = None
         self._hot: AsyncConnectionPool | None = None
@@ -234,20 +236,31 @@ class PostgresStore(SQLStore):
     async def heartbeat(
         self, worker_id: str, now: float, lease_seconds: float, held: list[str] | None = None
     ) -> tuple[str, set[str]]:
-        """One statement (worker_heartbeat) on a thread of the store's pool: a thread holds its connection for the
+        """In a batch with the other heartbeats that arrive meanwhile (:mod:`scaleq.store.heartbeats`)."""
+        state, live = await self._beats.beat(worker_id, now, lease_seconds, held)
+        if state is None:
+            raise NotFound(f"no worker {worker_id}; register first")
+        return state, live
+
+    async def _heartbeat_batch(self, beats: list[Beat]) -> dict[str, tuple[str | None, set[str]]]:
+        """One statement (worker_heartbeats) on a thread of the store's pool: a thread holds its connection for the
         round trip alone, where an async connection waits for a busy event loop (see docs/benchmarks.md)."""
-        held_json = None if held is None else json.dumps(held)
-        wait = waited()
 
         def op() -> list[Any]:
             return self._all(
-                "worker_heartbeat", worker_id=worker_id, now=now, expires=now + lease_seconds + wait(), held=held_json
+                "worker_heartbeats",
+                worker_ids=[b.worker_id for b in beats],
+                nows=[b.now for b in beats],
+                expires=[b.expires() for b in beats],  # (made once the connection is ours: the wait counts)
+                helds=[None if b.held is None else json.dumps(b.held) for b in beats],
             )
 
-        found = await self._run(op)
-        if not found or found[0]["state"] is None:
-            raise NotFound(f"no worker {worker_id}; register first")
-        return found[0]["state"], {r["lease"] for r in found if r["lease"] is not None}
+        answers: dict[str, tuple[str | None, set[str]]] = {}
+        for r in await self._run(op):
+            state, live = answers.setdefault(r["worker_id"], (r["state"], set()))
+            if r["lease"] is not None:
+                live.add(r["lease"])
+        return answers
 
     def _claim_rows(self, worker_id: str, caps: dict[str, Any], n: int, now: float, lease: float) -> list[Claim]:
         self.db.execute(self.Q["claim_plan"])  # runs inside the claim's transaction: see claim_plan

@@ -196,24 +196,30 @@ UPDATE jobs SET lease_expires_at = :expires
    AND (CAST(:held AS JSONB) IS NULL OR CAST(:held AS JSONB) ? lease)
 RETURNING lease;
 
--- name: worker_heartbeat
--- A heartbeat in one statement: touch_worker and renew_leases together (one round trip and one commit, where a
--- transaction of the two took four). On a thread of the store's pool each round trip waits for the interpreter's
--- lock, which a busy event loop hands over every few milliseconds, so the transaction's four were what made heartbeats
--- wait in line on a loaded server until leases expired. One row, state NULL for an unknown worker (whose leases are
--- then not renewed), or one per renewed lease.
-WITH w AS (
-    UPDATE workers SET last_heartbeat = :now, state = CASE WHEN state = 'gone' THEN 'active' ELSE state END
-     WHERE id = :worker_id
-    RETURNING state
-), renewed AS (
-    UPDATE jobs SET lease_expires_at = :expires
-     WHERE worker_id = :worker_id AND state = 'running'
-       AND (CAST(:held AS JSONB) IS NULL OR CAST(:held AS JSONB) ? lease)
-       AND EXISTS (SELECT 1 FROM w)
-    RETURNING lease
-)
-SELECT (SELECT state FROM w) AS state, renewed.lease FROM (SELECT 1) AS one LEFT JOIN renewed ON true;
+-- name: worker_heartbeats
+-- Many workers' heartbeats in one statement and one round trip (store/heartbeats.py: on a thread of the store's pool
+-- each round trip waits for the interpreter's lock, which a busy event loop hands over every few milliseconds). For
+-- each: the worker marked heard from (and active again if it was marked gone), the running leases it says it holds
+-- (held: a JSON array; NULL: all of them) renewed to its own expiry. A worker appears once in the arrays. Rows: one per renewed lease, or one with
+-- a NULL lease for a worker that renewed none; state NULL for an unknown worker (whose leases are not renewed).
+WITH v AS (
+       SELECT * FROM unnest(CAST(:worker_ids AS TEXT[]), CAST(:nows AS DOUBLE PRECISION[]),
+                            CAST(:expires AS DOUBLE PRECISION[]), CAST(:helds AS TEXT[]))
+                AS v(worker_id, now, expires, held)),
+w AS (
+       UPDATE workers SET last_heartbeat = v.now,
+              state = CASE WHEN workers.state = 'gone' THEN 'active' ELSE workers.state END
+         FROM v
+        WHERE workers.id = v.worker_id
+       RETURNING workers.id, workers.state),
+renewed AS (
+       UPDATE jobs j SET lease_expires_at = v.expires
+         FROM v JOIN w ON w.id = v.worker_id
+        WHERE j.worker_id = v.worker_id AND j.state = 'running'
+          AND (v.held IS NULL OR CAST(v.held AS JSONB) ? j.lease)
+       RETURNING j.worker_id, j.lease)
+SELECT v.worker_id, w.state, renewed.lease
+  FROM v LEFT JOIN w ON w.id = v.worker_id LEFT JOIN renewed ON renewed.worker_id = v.worker_id;
 
 -- name: extend_leases
 -- The start-up grace: a fresh lease period for the running jobs of workers not marked gone, once per lease until
