@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
@@ -34,6 +35,11 @@ from scaleq.store.base import (
     invalid_value_errors,
     unavailable_errors,
 )
+
+log = logging.getLogger("scaleq.server")
+
+#: Answers of 503 (the store unavailable) are logged at most once this often, with a count of those in between.
+UNAVAILABLE_LOG_EVERY = 10.0
 
 
 class ScaleqApp(FastAPI):
@@ -124,8 +130,18 @@ def create_app(
     async def _schema(_: Request, exc: SchemaTooNew) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=500)
 
+    said = {"at": -UNAVAILABLE_LOG_EVERY, "since": 0}
+
     async def _unavailable(_: Request, exc: Exception) -> JSONResponse:
-        # the database is away (restarting, failing over): 503, and workers and clients retry
+        # the database is away (restarting, failing over): 503, and workers and clients retry. Logged, at most once
+        # per UNAVAILABLE_LOG_EVERY (a restart answers hundreds a second), so the log says why the answers failed.
+        now = time.monotonic()
+        if now - said["at"] >= UNAVAILABLE_LOG_EVERY:
+            more = f" (and {said['since']} more since the last of these)" if said["since"] else ""
+            log.warning("answered 503, the store is unavailable: %s: %s%s", type(exc).__name__, exc, more)
+            said["at"], said["since"] = now, 0
+        else:
+            said["since"] += 1
         return JSONResponse({"detail": f"store unavailable: {exc}"}, status_code=503, headers={"Retry-After": "1"})
 
     for exc_type in unavailable_errors():

@@ -49,6 +49,8 @@ CHANNEL = "scaleq"
 URGENT = ("queue:", "worker:")
 #: At most this long, job changes alone wait to be published together.
 LAZY_PUBLISH = 0.01
+#: A heartbeat batch that PostgreSQL rolls back as a deadlock's victim is tried this many times in all.
+DEADLOCK_TRIES = 3
 #: A pooled connection idle for longer than this is checked before it is handed out.
 CHECK_AFTER = 1.0
 #: NOTIFY payloads start with a line naming the sending store (older servers' payloads do not).
@@ -246,14 +248,25 @@ class PostgresStore(SQLStore):
         """One statement (worker_heartbeats) on a thread of the store's pool: a thread holds its connection for the
         round trip alone, where an async connection waits for a busy event loop (see docs/benchmarks.md)."""
 
+        beats = sorted(beats, key=lambda b: b.worker_id)  # rows locked in id order, as touch_workers locks them
+
         def op() -> list[Any]:
-            return self._all(
-                "worker_heartbeats",
-                worker_ids=[b.worker_id for b in beats],
-                nows=[b.now for b in beats],
-                expires=[b.expires() for b in beats],  # (made once the connection is ours: the wait counts)
-                helds=[None if b.held is None else json.dumps(b.held) for b in beats],
-            )
+            for attempt in range(DEADLOCK_TRIES):
+                try:
+                    return self._all(
+                        "worker_heartbeats",
+                        worker_ids=[b.worker_id for b in beats],
+                        nows=[b.now for b in beats],
+                        expires=[b.expires() for b in beats],  # (made once the connection is ours: the wait counts)
+                        helds=[None if b.held is None else json.dumps(b.held) for b in beats],
+                    )
+                except psycopg.errors.DeadlockDetected:
+                    # A batch renews many workers' leases in one statement, and the sweep that expires leases
+                    # takes the same rows in another order: PostgreSQL rolls one of the two back. Renewing again is
+                    # safe (nothing of the statement was kept), so the batch is tried again rather than failed.
+                    if attempt == DEADLOCK_TRIES - 1:
+                        raise
+            raise AssertionError("unreachable")
 
         answers: dict[str, tuple[str | None, set[str]]] = {}
         for r in await self._run(op):
