@@ -33,9 +33,10 @@ class ApiError(Exception):
 
 
 class Unreachable(Exception):
-    """No answer from the server. ``timed_out``: the request (or its connection) met a timeout — a server that is
-    slow (or a host that is silent), not one that refused or broke the connection or was said by a gateway to be
-    unavailable, as a server restarting is."""
+    """No answer from the server. ``timed_out``: the server took the request and did not answer it in time (a read or
+    write timeout, or a gateway's 504) — a server that is busy, and may still act on it; not one that could not be
+    connected to, refused or broke the connection, or was said by a gateway to be unavailable, as a server
+    restarting is."""
 
     def __init__(self, message: str, *, timed_out: bool = False) -> None:
         super().__init__(message)
@@ -92,13 +93,16 @@ class Client:
     def _unreachable(self, exc: httpx.TransportError) -> Unreachable:
         return Unreachable(
             f"cannot reach the scaleq server at {self.server}: {exc or type(exc).__name__}",
-            timed_out=isinstance(exc, httpx.TimeoutException),
+            timed_out=isinstance(exc, (httpx.ReadTimeout, httpx.WriteTimeout)),
         )
 
     def _check(self, r: httpx.Response) -> None:
         """Unreachable for a gateway's 502-504, ApiError with the server's detail for another error."""
         if r.status_code in (502, 503, 504):
-            raise Unreachable(f"the scaleq server at {self.server} is unavailable ({r.status_code}): {r.text[:200]}")
+            raise Unreachable(
+                f"the scaleq server at {self.server} is unavailable ({r.status_code}): {r.text[:200]}",
+                timed_out=r.status_code == 504,
+            )
         if r.status_code >= 400:
             try:
                 detail = r.json().get("detail", r.text)

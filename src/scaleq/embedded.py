@@ -35,7 +35,7 @@ from scaleq.providers.local import LocalProvider
 from scaleq.providers.registry import ProviderContext, make_provider
 from scaleq.scaling.controller import Controller
 from scaleq.scaling.observe import StoreObserver
-from scaleq.server import looplag, metrics
+from scaleq.server import hostlimits, looplag, metrics
 from scaleq.server.app import create_app
 from scaleq.server.auth import hash_token, new_token
 from scaleq.server.gcpolicy import GcPolicy
@@ -110,6 +110,7 @@ async def serve(
         admin = await ensure_token(store, data_dir / "admin.token", "admin", "admin (scaleq up)")
         worker_token = await ensure_token(store, data_dir / "worker.token", "worker", "local workers (scaleq up)")
         sock = _bind(host, port, data_dir)
+        hostlimits.listening()
         url = f"http://{host if ':' not in host else f'[{host}]'}:{sock.getsockname()[1]}"
         settings = ServerSettings(
             lease_seconds=lease_seconds or grid.server.lease_seconds,

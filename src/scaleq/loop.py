@@ -44,7 +44,7 @@ async def wait_set(ev: asyncio.Event, timeout: float) -> bool:
         async with asyncio.timeout(timeout):
             await ev.wait()
             return True
-    return False
+    return ev.is_set()  # (set in the very turn the timeout came)
 
 
 def spawn_daemon(
@@ -77,4 +77,5 @@ async def in_daemon_thread(fn: Callable[[], T], timeout: float | None = None, na
     loop = asyncio.get_running_loop()
     future: asyncio.Future[T] = loop.create_future()
     spawn_daemon(fn, loop, future, name)
-    return await asyncio.wait_for(future, timeout)
+    async with asyncio.timeout(timeout):  # (not wait_for, which can lose a cancel: see wait_set)
+        return await future

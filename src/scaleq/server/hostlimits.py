@@ -40,10 +40,14 @@ FIX_OPEN_FILES = (
 )
 FIX_ACCEPT_QUEUE = (
     "raise net.core.somaxconn on the server's host (sysctl -w net.core.somaxconn=65535; on Kubernetes a sysctl the "
-    "kubelet must allow with --allowed-unsafe-sysctls), or spread the fleet over more servers: a fleet larger than "
-    "the accept queue that reconnects at once has handshakes dropped and waits on TCP's retransmit timer while its "
-    "leases run out (docs/operations.md, Large fleets)"
+    "kubelet must allow with --allowed-unsafe-sysctls), then restart the server: a socket keeps the queue it started "
+    "listening with. A fleet larger than the accept queue that reconnects at once has handshakes dropped and waits on "
+    "TCP's retransmit timer while its leases run out (docs/operations.md, Large fleets)"
 )
+
+#: The accept queue the kernel granted this process's listening socket when it started (None: this process does not
+#: listen through :func:`listening`, as an app embedded in tests).
+granted: int | None = None
 
 
 def raise_open_file_limit() -> int:
@@ -64,10 +68,22 @@ def open_files() -> int:
 
 
 def accept_queue() -> int:
-    """The server's accept queue as the kernel grants it (where it does not say: as asked)."""
+    """The server's accept queue: as granted when it started listening, else as the kernel would grant it now (where
+    it does not say, as on macOS: as asked)."""
+    if granted is not None:
+        return granted
     with contextlib.suppress(OSError, ValueError):
         return min(LISTEN_BACKLOG, int(SOMAXCONN.read_text()))
     return LISTEN_BACKLOG
+
+
+def listening() -> int:
+    """The server is about to listen with :data:`LISTEN_BACKLOG`: remember the queue the kernel grants it, which a
+    later change of ``net.core.somaxconn`` does not change for this socket."""
+    global granted
+    granted = None
+    granted = accept_queue()
+    return granted
 
 
 def workers_within(files: int) -> int:

@@ -234,7 +234,8 @@ class ServerMetrics:
         self._cursor: int | None = None
 
     async def _timed(self, what: Awaitable[T]) -> T:
-        return await asyncio.wait_for(what, STORE_TIMEOUT)
+        async with asyncio.timeout(STORE_TIMEOUT):  # (not wait_for: scaleq.loop.wait_set says why)
+            return await what
 
     async def refresh(self) -> Snapshot:
         """Read the store into a new snapshot (and count the scaling events recorded since the last one)."""

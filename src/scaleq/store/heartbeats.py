@@ -7,14 +7,15 @@ lock back and forth, and the loop fell behind on everything else (a half-core se
 claims seconds late, with its event loop 250 ms late at p99; docs/benchmarks.md). :class:`HeartbeatBatches` keeps
 the heartbeats that arrive while a batch runs and sends them together, one round trip for many:
 
-* one batch runs at a time; a heartbeat that arrives while none runs goes at once, alone, so a quiet server adds no
-  wait;
-* a worker is in a batch once (a second heartbeat of the same worker waits for the next batch: a statement must not
-  update one row twice), and a batch holds at most :data:`MAX_BATCH`;
+* at most :data:`IN_FLIGHT` batches are written at a time; a heartbeat that arrives while fewer run goes at once
+  (alone, on a quiet server: no added wait), the others wait for a batch to end and go together in the next;
+* a worker is in one batch at a time, once (a second heartbeat of the same worker waits for the next batch: a
+  statement must not update one row twice, nor two statements race on it), and a batch holds at most
+  :data:`MAX_BATCH`;
 * each heartbeat's lease term counts from when its batch got a connection (as :func:`scaleq.store.sql.waited` does
   for an operation alone): a renewal never hands out a term already spent waiting in line;
-* a batch that fails fails each of its heartbeats with the error (their callers answer 503 and the workers beat
-  again), and the next batch is tried all the same.
+* a batch that fails fails each of its heartbeats with the error (the database away: their callers answer 503 and
+  the workers beat again), and the next batch is tried all the same.
 
 The store gives :meth:`HeartbeatBatches.send` a function that runs one batch and answers, per worker, its state
 (None: no such worker) and the leases still live.
@@ -29,6 +30,9 @@ from dataclasses import dataclass, field
 
 #: Most heartbeats in one statement: a batch stays a short statement and its commit a short wait.
 MAX_BATCH = 500
+#: Batches written at once: more than one, so that a statement held up (a lock wait, a connection gone half-open)
+#: holds up the heartbeats of its batch and not every heartbeat the server takes meanwhile.
+IN_FLIGHT = 2
 
 
 @dataclass
@@ -55,7 +59,8 @@ class HeartbeatBatches:
     def __init__(self, send: Send) -> None:
         self.send = send
         self._waiting: list[Beat] = []
-        self._running: asyncio.Task[None] | None = None
+        self._running: set[asyncio.Task[None]] = set()
+        self._sending: set[str] = set()  # the workers of the batches running
 
     async def beat(
         self, worker_id: str, now: float, term: float, held: list[str] | None
@@ -63,34 +68,46 @@ class HeartbeatBatches:
         """The worker's state (None: no such worker) and which of its leases are live, once its batch is written."""
         beat = Beat(worker_id, now, term, held)
         self._waiting.append(beat)
-        if self._running is None or self._running.done():
-            self._running = asyncio.create_task(self._run())
+        self._start()
         return await beat.answer
 
-    async def _run(self) -> None:
-        while self._waiting:
+    def _start(self) -> None:
+        """Start batches of what waits, while fewer than :data:`IN_FLIGHT` run."""
+        while self._waiting and len(self._running) < IN_FLIGHT:
             batch: list[Beat] = []
             later: list[Beat] = []
-            seen: set[str] = set()
             for beat in self._waiting:
-                if beat.worker_id in seen or len(batch) >= MAX_BATCH:
+                if beat.worker_id in self._sending or len(batch) >= MAX_BATCH:
                     later.append(beat)
                 else:
-                    seen.add(beat.worker_id)
+                    self._sending.add(beat.worker_id)
                     batch.append(beat)
             self._waiting = later
-            try:
-                answers = await self.send(batch)
-            except Exception as exc:
-                for beat in batch:
-                    if not beat.answer.done():
-                        beat.answer.set_exception(exc)
-                continue
-            except BaseException:  # cancelled (the store is closing): nobody is left waiting for ever
-                for beat in batch + self._waiting:
-                    beat.answer.cancel()
-                self._waiting = []
-                raise
+            if not batch:
+                return
+            task = asyncio.create_task(self._write(batch))
+            self._running.add(task)
+            task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        self._start()
+
+    async def _write(self, batch: list[Beat]) -> None:
+        try:
+            answers = await self.send(batch)
+        except BaseException as exc:
             for beat in batch:
-                if not beat.answer.done():  # (a caller that gave up cancelled its answer)
-                    beat.answer.set_result(answers.get(beat.worker_id, (None, set())))
+                if not beat.answer.done():
+                    if isinstance(exc, Exception):
+                        beat.answer.set_exception(exc)
+                    else:  # cancelled (the server shutting down): nobody is left waiting for ever
+                        beat.answer.cancel()
+            if not isinstance(exc, Exception):
+                raise
+            return
+        finally:
+            self._sending.difference_update(b.worker_id for b in batch)
+        for beat in batch:
+            if not beat.answer.done():  # (a caller that gave up cancelled its answer)
+                beat.answer.set_result(answers.get(beat.worker_id, (None, set())))

@@ -248,7 +248,8 @@ class PostgresStore(SQLStore):
         """One statement (worker_heartbeats) on a thread of the store's pool: a thread holds its connection for the
         round trip alone, where an async connection waits for a busy event loop (see docs/benchmarks.md)."""
 
-        beats = sorted(beats, key=lambda b: b.worker_id)  # rows locked in id order, as touch_workers locks them
+        # in worker order: where the plan follows the arrays, rows are locked in one order (the retry covers the rest)
+        beats = sorted(beats, key=lambda b: b.worker_id)
 
         def op() -> list[Any]:
             for attempt in range(DEADLOCK_TRIES):

@@ -76,7 +76,8 @@ class WorkerMetrics:
         """Read the queue's length from the server (``GET /api/v1/queues``; any role may). Failures are logged only:
         the metric keeps its last value and its timestamp shows how old it is."""
         try:
-            stats = await asyncio.wait_for(client.queues(), timeout)
+            async with asyncio.timeout(timeout):  # (not wait_for, which can lose a cancel: scaleq.loop.wait_set)
+                stats = await client.queues()
         except Exception as exc:
             log.debug("metrics: could not read the queue length: %s", exc)
             return

@@ -438,7 +438,9 @@ class DockerRuntime:
                 hint = " (this worker has no GPU runtime)" if d.requirements.gpus and "device driver" in msg else ""
                 return RunResult(reason="failed", exit_code=code, error=f"container did not start: {msg}{hint}")
             try:
-                status, timed_out = await asyncio.wait_for(asyncio.shield(exited), d.max_duration), False
+                async with asyncio.timeout(d.max_duration):  # (not wait_for: scaleq.loop.wait_set says why)
+                    status = await asyncio.shield(exited)
+                timed_out = False
             except TimeoutError:
                 await asyncio.to_thread(container.stop, timeout=math.ceil(self.kill_grace))
                 status, timed_out = await exited, True

@@ -163,7 +163,8 @@ class ProcessRuntime:
         ]
         try:
             try:
-                await asyncio.wait_for(_main_exit(proc), timeout=max_duration)
+                async with asyncio.timeout(max_duration):  # (not wait_for: scaleq.loop.wait_set says why)
+                    await _main_exit(proc)
             except TimeoutError:
                 await uncancellable(self._terminate(proc, pgid))
                 await self._drain(readers)
