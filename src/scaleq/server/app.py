@@ -134,7 +134,8 @@ def create_app(
 
     async def _unavailable(_: Request, exc: Exception) -> JSONResponse:
         # the database is away (restarting, failing over): 503, and workers and clients retry. Logged, at most once
-        # per UNAVAILABLE_LOG_EVERY (a restart answers hundreds a second), so the log says why the answers failed.
+        # per UNAVAILABLE_LOG_EVERY (a restart answers hundreds a second), so the log says why the answers failed;
+        # the count of those not logged goes with the next line logged.
         now = time.monotonic()
         if now - said["at"] >= UNAVAILABLE_LOG_EVERY:
             more = f" (and {said['since']} more since the last of these)" if said["since"] else ""

@@ -6,7 +6,8 @@ of the host meet a large fleet before the server's CPU does:
 
 * **open files** — most systems start a process with a soft limit of 1,024 (~460 workers) under a hard limit of
   524,288 (systemd) or 1,048,576 (containerd, Docker). The server raises its soft limit to the hard one at start
-  (:func:`raise_open_file_limit`), as Go's runtime and nginx do;
+  (:func:`raise_open_file_limit`), as Go's runtime does for its programs (nginx asks for it in its configuration,
+  ``worker_rlimit_nofile``);
 * **the accept queue** — connections the kernel holds until the server accepts them. Past it the kernel drops the
   handshakes and each client waits out TCP's doubling retransmit timer, for seconds while the server sits idle:
   at 5,000 workers whose jobs ended in the same second, uvicorn's default of 2,048 let hundreds of leases expire
