@@ -39,7 +39,6 @@ from scaleq.server import hostlimits, looplag, metrics
 from scaleq.server.app import create_app
 from scaleq.server.auth import hash_token, new_token
 from scaleq.server.gcpolicy import GcPolicy
-from scaleq.server.hostlimits import LISTEN_BACKLOG, raise_open_file_limit
 from scaleq.server.settings import ServerSettings
 from scaleq.store import open_store
 from scaleq.store.base import Store
@@ -101,7 +100,7 @@ async def serve(
 ) -> None:
     private_dir(data_dir)
     _warn_if_jobs_share_the_user(grid, job_user)
-    raise_open_file_limit()
+    hostlimits.raise_open_file_limit()
     store = open_store(store_url or grid.store.url or str(data_dir / "scaleq.db"), durability=grid.store.durability)
     await store.open()
     gc_policy: GcPolicy | None = None
@@ -132,7 +131,7 @@ async def serve(
                 access_log=False,
                 lifespan="on",
                 timeout_keep_alive=settings.keep_alive_seconds,
-                backlog=LISTEN_BACKLOG,
+                backlog=hostlimits.LISTEN_BACKLOG,
             )
         )
         # our handlers, not uvicorn's: on SIGINT/SIGTERM the API must keep serving while local workers drain

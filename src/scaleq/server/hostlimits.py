@@ -71,20 +71,21 @@ def open_files() -> int:
 def accept_queue() -> int:
     """The server's accept queue: as granted when it started listening, else as the kernel would grant it now (where
     it does not say, as on macOS: as asked)."""
-    if granted is not None:
-        return granted
-    with contextlib.suppress(OSError, ValueError):
-        return min(LISTEN_BACKLOG, int(SOMAXCONN.read_text()))
-    return LISTEN_BACKLOG
+    return granted if granted is not None else _grant()
 
 
 def listening() -> int:
     """The server is about to listen with :data:`LISTEN_BACKLOG`: remember the queue the kernel grants it, which a
     later change of ``net.core.somaxconn`` does not change for this socket."""
     global granted
-    granted = None
-    granted = accept_queue()
+    granted = _grant()
     return granted
+
+
+def _grant() -> int:
+    with contextlib.suppress(OSError, ValueError):
+        return min(LISTEN_BACKLOG, int(SOMAXCONN.read_text()))
+    return LISTEN_BACKLOG
 
 
 def workers_within(files: int) -> int:

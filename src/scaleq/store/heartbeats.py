@@ -96,16 +96,15 @@ class HeartbeatBatches:
     async def _write(self, batch: list[Beat]) -> None:
         try:
             answers = await self.send(batch)
-        except BaseException as exc:
+        except Exception as exc:
             for beat in batch:
                 if not beat.answer.done():
-                    if isinstance(exc, Exception):
-                        beat.answer.set_exception(exc)
-                    else:  # cancelled (the server shutting down): nobody is left waiting for ever
-                        beat.answer.cancel()
-            if not isinstance(exc, Exception):
-                raise
+                    beat.answer.set_exception(exc)
             return
+        except BaseException:  # cancelled (the server shutting down): nobody is left waiting for ever
+            for beat in batch:
+                beat.answer.cancel()
+            raise
         finally:
             self._sending.difference_update(b.worker_id for b in batch)
         for beat in batch:

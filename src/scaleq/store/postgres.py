@@ -251,23 +251,23 @@ class PostgresStore(SQLStore):
         # in worker order: where the plan follows the arrays, rows are locked in one order (the retry covers the rest)
         beats = sorted(beats, key=lambda b: b.worker_id)
 
+        def write() -> list[Any]:
+            return self._all(
+                "worker_heartbeats",
+                worker_ids=[b.worker_id for b in beats],
+                nows=[b.now for b in beats],
+                expires=[b.expires() for b in beats],  # (made once the connection is ours: the wait counts)
+                helds=[None if b.held is None else json.dumps(b.held) for b in beats],
+            )
+
         def op() -> list[Any]:
-            for attempt in range(DEADLOCK_TRIES):
-                try:
-                    return self._all(
-                        "worker_heartbeats",
-                        worker_ids=[b.worker_id for b in beats],
-                        nows=[b.now for b in beats],
-                        expires=[b.expires() for b in beats],  # (made once the connection is ours: the wait counts)
-                        helds=[None if b.held is None else json.dumps(b.held) for b in beats],
-                    )
-                except psycopg.errors.DeadlockDetected:
-                    # A batch renews many workers' leases in one statement, and the sweep that expires leases
-                    # takes the same rows in another order: PostgreSQL rolls one of the two back. Renewing again is
-                    # safe (nothing of the statement was kept), so the batch is tried again rather than failed.
-                    if attempt == DEADLOCK_TRIES - 1:
-                        raise
-            raise AssertionError("unreachable")
+            # A batch renews many workers' leases in one statement, and the sweep that expires leases takes the same
+            # rows in another order: PostgreSQL rolls one of the two back. Renewing again is safe (nothing of the
+            # statement was kept), so the batch is tried again rather than failed.
+            for _ in range(DEADLOCK_TRIES - 1):
+                with contextlib.suppress(psycopg.errors.DeadlockDetected):
+                    return write()
+            return write()
 
         answers: dict[str, tuple[str | None, set[str]]] = {}
         for r in await self._run(op):
