@@ -156,3 +156,32 @@ async def test_a_long_line_is_taken_in_batches_that_stop_after_their_time(sqlite
     await first
     assert order == ["quick1", "slow", "quick2"]
     assert store.batches_run == before + 1  # quick1 and slow together; quick2 after them, alone
+
+
+async def test_a_heartbeat_and_a_liveness_touch_go_ahead_of_the_claims_waiting_in_line(
+    sqlite_store: SQLiteStore,
+) -> None:
+    """A server short of CPU has a line of claims for the store: a lease renewal that waits behind all of them comes
+    late, and late enough is an expired lease. Operations merely waiting have no order their callers could see, so
+    renewals and touches are taken first."""
+    store = sqlite_store
+    t0 = time.time()
+    caps = {"cpus": 4.0, "memory": 8 << 30, "gpus": 0, "runtimes": ["process"]}
+    for wid in ("w1", "w2"):
+        await store.register_worker(Worker(id=wid, queue="q", slots=1, started_at=t0, last_heartbeat=t0, **caps), t0)
+    seen: list[tuple[str, float, float]] = []
+
+    def read(name: str) -> str:  # what a claim waiting in line sees of the workers' last word
+        w1, w2 = (r[0] for r in store.db.execute("SELECT last_heartbeat FROM workers ORDER BY id"))
+        seen.append((name, w1, w2))
+        return name
+
+    busy = asyncio.create_task(store.tx(lambda: time.sleep(0.2)))
+    await asyncio.sleep(0.05)
+    line = [store.tx(read, f"claim{i}") for i in range(30)]
+    renewal = store.heartbeat("w1", t0 + 5, 15.0)
+    touch = store.touch_workers(["w2"], t0 + 7)
+    await asyncio.gather(*line, renewal, touch)
+    await busy
+    assert [name for name, _, _ in seen] == [f"claim{i}" for i in range(30)]  # the rest keep their order
+    assert all((w1, w2) == (t0 + 5, t0 + 7) for _, w1, w2 in seen)  # every one of them ran after both

@@ -52,6 +52,10 @@ class SQLiteStore(SQLStore):
         result: T = await self._batches.run(functools.partial(fn, *args, **kwargs), transaction)
         return result
 
+    async def _first(self, fn: Callable[[], T], transaction: bool = True) -> T:
+        result: T = await self._batches.run(fn, transaction, first=True)
+        return result
+
     @contextmanager
     def _connection(self) -> Iterator[sqlite3.Connection]:
         assert self._conn is not None, "store is not open"
