@@ -76,6 +76,7 @@ workers drain and leave (spread over 5 s). Only requests *sent* inside the measu
 * *server loop* (JSON ``server_loop``, per server): its event loop's lag over the window (p99 and the largest, as
   the upper bounds of ``scaleq_event_loop_lag_seconds``' buckets) and its full garbage collections (count, mean
   pause: ``scaleq_gc_full_seconds``), read from its ``/metrics`` at both ends of the window: why a row is late;
+  and how long the longer of those two scrapes took (``metrics_scrape_ms``: what Prometheus meets at this size);
 * *errors*: requests sent inside the window that failed (timeouts, resets, 5xx), by kind, in JSON; those sent
   during the ramp or the teardown (a fleet of thousands registering or leaving within seconds) are reported apart,
   as ``errors_outside_window``, and do not count in the verdict;
@@ -1070,9 +1071,11 @@ def server_histograms(server: Server) -> Histograms:
     wanted = {"scaleq_event_loop_lag_seconds", "scaleq_gc_full_seconds", "scaleq_heartbeat_interval_seconds"}
     out: Histograms = {name: {} for name in wanted}
     with contextlib.suppress(httpx.HTTPError):
+        started = time.perf_counter()
         text = httpx.get(
             server.url + "/metrics", headers={"Authorization": f"Bearer {server.admin_token}"}, timeout=60
         ).text
+        out["scrape"] = {"seconds": time.perf_counter() - started}  # what a Prometheus scrape takes at this size
         for family in text_string_to_metric_families(text):
             if family.name in wanted:
                 for smp in family.samples:
@@ -1082,8 +1085,8 @@ def server_histograms(server: Server) -> Histograms:
 
 
 def loop_health(before: Histograms, after: Histograms) -> dict[str, Any]:
-    """Over the window: the loop lag's p99 and largest bucket (upper bounds), the full collections' pauses, and the
-    heartbeat interval asked for at its end."""
+    """Over the window: the loop lag's p99 and largest bucket (upper bounds), the full collections' pauses, the
+    heartbeat interval asked for at its end, and the longer of the two scrapes of ``/metrics`` (one at each end)."""
 
     def delta(name: str) -> dict[str, float]:
         return {k: v - before[name].get(k, 0.0) for k, v in after[name].items()}
@@ -1100,6 +1103,7 @@ def loop_health(before: Histograms, after: Histograms) -> dict[str, Any]:
         "gc_full_collections": int(pauses),
         "gc_full_mean_ms": round(1000 * gcs.get("sum", 0.0) / pauses) if pauses else None,
         "heartbeat_interval_s": after.get("scaleq_heartbeat_interval_seconds", {}).get("seconds"),
+        "metrics_scrape_ms": round(1000 * max(h.get("scrape", {}).get("seconds", 0.0) for h in (before, after)), 1),
     }
 
 

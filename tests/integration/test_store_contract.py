@@ -241,6 +241,51 @@ async def test_busy_workers_counts_workers_not_jobs(store: Store) -> None:
     assert await store.busy_workers() == 2
 
 
+async def test_worker_tallies_count_the_live_fleet_as_list_workers_does(store: Store) -> None:
+    """What /metrics reports of the fleet, counted by the store: by queue and state, slots busy, and the free slots
+    of active workers only; gone workers left out — the same numbers as counting list_workers by hand."""
+    for w in ("w1", "w2", "drainer", "gone"):
+        await worker(store, w)  # 4 slots each
+    await worker(store, "other", queue="q2")
+    for i in range(4):
+        await submit(store, definition("job", str(i)))
+    assert len(await store.claim("w1", 3, T0, 30)) == 3
+    assert len(await store.claim("drainer", 1, T0, 30)) == 1
+    await store.set_worker_state("drainer", "draining")
+    await store.set_worker_state("gone", "gone")
+    tallies = await store.worker_tallies()
+    assert [(t.queue, t.state, t.workers, t.busy, t.idle) for t in tallies] == [
+        ("q", "active", 2, 3, 5),  # w1: 3 busy, 1 free; w2: 4 free
+        ("q", "draining", 1, 1, 0),  # a draining worker takes nothing: no free slot
+        ("q2", "active", 1, 0, 4),
+    ]
+    by_hand: dict[tuple[str, str], list[int]] = {}
+    for w in await store.list_workers():
+        t = by_hand.setdefault((w.queue, w.state), [0, 0, 0])
+        t[0] += 1
+        t[1] += w.busy
+        t[2] += max(w.slots - w.busy, 0) if w.state == "active" else 0
+    assert {(t.queue, t.state): [t.workers, t.busy, t.idle] for t in tallies} == by_hand
+
+
+async def test_worker_offers_are_the_active_workers_of_a_queue_in_classes_alike(store: Store) -> None:
+    """A submit's warning and a job's estimate read who could take a queue's jobs as classes of workers alike (group,
+    slots, capabilities), each with its workers: a fleet of one machine type is one row."""
+    for w in ("a1", "a2", "a3"):
+        await worker(store, w)
+    await worker(store, "gpu", gpus=1)
+    await worker(store, "drainer")
+    await worker(store, "elsewhere", queue="q2")
+    await store.set_worker_state("drainer", "draining")
+    offers = await store.worker_offers("q")
+    assert [(o.ids, o.slots, o.capabilities.gpus, o.group) for o in offers] == [
+        (("a1", "a2", "a3"), 4, 0, None),
+        (("gpu",), 4, 1, None),
+    ]
+    assert offers[0].capabilities.cpus == 4.0 and offers[0].capabilities.memory == 8 << 30
+    assert await store.worker_offers("nobody") == []
+
+
 async def test_heartbeat_renews_and_reports_live_leases(store: Store) -> None:
     await submit(store, definition("a"))
     await submit(store, definition("b"))

@@ -11,8 +11,9 @@
 * **Run times**: the queue's running jobs (how long each has run) and its latest successful runs (their median is
   the typical run).
 
-Three reads of the store (the job's place, the queue's runs) plus the groups and workers, for one job: the single
-job's page and ``scaleq job`` show it, never the job lists.
+Three reads of the store (the job's place, the queue's runs) plus the groups and the workers, for one job: the single
+job's page and ``scaleq job`` show it, never the job lists. The workers are read as classes of workers alike
+(``worker_offers``), so a queue served by 10,000 workers of one machine type costs one row, not 10,000.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from collections.abc import Sequence
 
 from scaleq.eta import Estimate, GroupCapacity, estimate
 from scaleq.grid import Group
-from scaleq.jobs import Job, State, Worker
-from scaleq.store.base import Store
+from scaleq.jobs import Job, State
+from scaleq.store.base import Store, WorkerOffer
 
 __all__ = ["RECENT_RUNS", "estimate_start"]
 
@@ -40,22 +41,23 @@ async def estimate_start(store: Store, groups: Sequence[Group] | None, job: Job,
         return None
     ahead = await store.ahead_of(job.id, running=MAX_RUNNING, runs=RECENT_RUNS)
     statuses = [g for g in await store.list_groups() if g.queue == job.queue]
-    workers = [w for w in await store.list_workers(queue=job.queue) if w.state == "active"]
+    offers = await store.worker_offers(job.queue)  # the active workers, in classes alike: a few rows, any fleet
     grid_groups = {g.name: g for g in groups or () if g.queue == job.queue}
     unfit: list[str] = []
-    fitting: list[Worker] = []
+    fitting: list[WorkerOffer] = []
     misfits: dict[str, str] = {}  # group -> why its registered workers cannot run the job (no grid to ask)
-    for w in workers:
-        why = w.capabilities().misfit(job.definition)
+    for o in offers:
+        why = o.capabilities.misfit(job.definition)
         if why is None:
-            fitting.append(w)
-        elif w.group is None or w.group not in grid_groups:
-            unfit.append(f"worker {w.id} {why}")
-            if w.group is not None:
-                misfits.setdefault(w.group, why)
-    by_group: dict[str | None, list[Worker]] = defaultdict(list)
-    for w in fitting:
-        by_group[w.group].append(w)
+            fitting.append(o)
+        elif o.group is None or o.group not in grid_groups:
+            alike = f" (and {len(o.ids) - 1} alike)" if len(o.ids) > 1 else ""
+            unfit.append(f"worker {o.ids[0]}{alike} {why}")
+            if o.group is not None:
+                misfits.setdefault(o.group, why)
+    by_group: dict[str | None, list[WorkerOffer]] = defaultdict(list)
+    for o in fitting:
+        by_group[o.group].append(o)
 
     capacity: list[GroupCapacity] = []
     named = set()
@@ -69,24 +71,26 @@ async def estimate_start(store: Store, groups: Sequence[Group] | None, job: Job,
             continue
         named.add(status.name)
         up = by_group.get(status.name, [])
+        registered = sum(len(o.ids) for o in up)
         scaled = status.reporter == "controller"
         # the status may predate a registration: a worker seen registered is no longer starting
-        still = max(0, min(len(status.starting), status.current - len(up))) if scaled else 0
+        still = max(0, min(len(status.starting), status.current - registered)) if scaled else 0
         starting = sorted(now - t for t in status.starting)[:still]  # the latest asked for are the ones left
         capacity.append(
             GroupCapacity(
                 name=status.name,
-                slots=status.slots if not up else max(w.slots for w in up),
-                workers=len(up),
+                slots=status.slots if not up else max(o.slots for o in up),
+                workers=registered,
                 max_workers=status.max_workers if scaled else None,
                 desired=status.desired if scaled else None,
                 starting=tuple(max(0.0, s) for s in starting),
                 boot_seconds=status.boot_seconds,
             )
         )
-    for group, ws in by_group.items():
+    for group, classes in by_group.items():
         if group is None or group not in named:
-            capacity.append(GroupCapacity(name=group or "workers", slots=1, workers=sum(w.slots for w in ws)))
-    fitting_ids = {w.id for w in fitting}
+            slots = sum(o.slots * len(o.ids) for o in classes)
+            capacity.append(GroupCapacity(name=group or "workers", slots=1, workers=slots))
+    fitting_ids = {i for o in fitting for i in o.ids}
     running = [now - started for worker, started in ahead.running if worker in fitting_ids]
     return estimate(ahead.queued, capacity, running, ahead.recent_runs, now, unfit="; ".join(unfit[:3]))

@@ -8,7 +8,8 @@ Design:
   health. prometheus_client's ``collect()`` is synchronous and the store is async, so a scrape first awaits
   :meth:`ServerMetrics.refresh` (one snapshot, under a lock) and then renders the registry; :class:`StoreCollector`
   only turns that snapshot into metric families. A store that does not answer gives ``scaleq_store_up 0`` and no
-  store-derived series (stale numbers would be worse than none).
+  store-derived series (stale numbers would be worse than none). What it reads is counted by the store (queue
+  counts, worker tallies), so a scrape costs the same at 10 workers and at 10,000.
 - **What only this process sees is observed in-process**: claim latency and run time (histograms, fed by the worker
   routes through :func:`observe_claimed` and :func:`observe_finished`) and HTTP requests (a tiny ASGI middleware).
   With several servers on one database each has its own; sum them in PromQL.
@@ -36,10 +37,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
-from scaleq.jobs import Claim, Job, State, Worker
+from scaleq.jobs import Claim, Job, State
 from scaleq.server.auth import require
 from scaleq.server.cadence import Cadence
-from scaleq.store.base import GroupStatus, QueueStats, Store
+from scaleq.store.base import GroupStatus, QueueStats, Store, WorkerTally
 
 log = logging.getLogger("scaleq.metrics")
 
@@ -68,7 +69,7 @@ class Snapshot:
     store_up: bool
     ping_seconds: float | None = None
     queues: list[QueueStats] = field(default_factory=list)
-    workers: list[Worker] = field(default_factory=list)
+    workers: list[WorkerTally] = field(default_factory=list)  # counted by the store: a few rows, any fleet
     groups: list[GroupStatus] = field(default_factory=list)
 
 
@@ -116,15 +117,12 @@ class StoreCollector(Collector):
             "Job slots of registered workers: busy (running a job) or idle (free on an active worker)",
             labels=["queue", "state"],
         )
-        by_state: Tally[tuple[str, str]] = Tally()
         busy: Tally[str] = Tally()
         idle: Tally[str] = Tally()
-        for w in s.workers:
-            by_state[(w.queue, w.state)] += 1
-            busy[w.queue] += w.busy
-            idle[w.queue] += max(w.slots - w.busy, 0) if w.state == "active" else 0
-        for (queue, state), n in sorted(by_state.items()):
-            workers.add_metric([queue, state], n)
+        for t in s.workers:
+            workers.add_metric([t.queue, t.state], t.workers)
+            busy[t.queue] += t.busy
+            idle[t.queue] += t.idle
         for queue in sorted(busy):
             slots.add_metric([queue, "busy"], busy[queue])
             slots.add_metric([queue, "idle"], idle[queue])
@@ -250,7 +248,7 @@ class ServerMetrics:
                     store_up=True,
                     ping_seconds=ping,
                     queues=await self._timed(self.store.queue_stats()),
-                    workers=await self._timed(self.store.list_workers()),
+                    workers=await self._timed(self.store.worker_tallies()),
                     groups=await self._timed(self.store.list_groups()),
                 )
                 await self._count_events(snapshot.groups)

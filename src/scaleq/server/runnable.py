@@ -33,17 +33,18 @@ class Offer:
     kind: str  # "worker" or "group"
     name: str
     capabilities: Capabilities
+    alike: int = 1  # a worker standing for this many alike (itself included)
 
     @property
     def who(self) -> str:
-        return f"{self.kind} {self.name}"
+        return f"{self.kind} {self.name}" + (f" (and {self.alike - 1} alike)" if self.alike > 1 else "")
 
 
 async def offers(store: Store, groups: Sequence[Any] | None, queue: str) -> list[Offer]:
-    """The active workers registered on ``queue``, then the grid's groups bound to it (``groups``: None when this
-    process does not run the controller)."""
-    workers = await store.list_workers(queue=queue)
-    found = [Offer("worker", w.id, w.capabilities()) for w in workers if w.state == "active"]
+    """The active workers registered on ``queue`` (one for each class of workers alike: a fleet of one machine type
+    is one look, however large), then the grid's groups bound to it (``groups``: None when this process does not run
+    the controller)."""
+    found = [Offer("worker", o.ids[0], o.capabilities, len(o.ids)) for o in await store.worker_offers(queue)]
     found += [Offer("group", g.name, g.capabilities()) for g in groups or () if g.queue == queue]
     return found
 

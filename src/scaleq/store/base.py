@@ -130,6 +130,30 @@ class QueueStats:
 
 
 @dataclass(frozen=True)
+class WorkerTally:
+    """The live workers of one queue in one state: how many, and their job slots busy (running a job) and idle (free
+    on an active worker). What ``/metrics`` reports of a fleet, counted by the store: a fleet of 10,000 is a few rows,
+    not 10,000 workers read and built at every scrape."""
+
+    queue: str
+    state: str
+    workers: int
+    busy: int
+    idle: int
+
+
+@dataclass(frozen=True)
+class WorkerOffer:
+    """The active workers of a queue alike in what they offer (group, slots, capabilities): who could take the queue's
+    jobs, as a submit's warning and a job's estimate ask it — read as a few classes, not a fleet of workers."""
+
+    group: str | None
+    slots: int
+    capabilities: Capabilities
+    ids: tuple[str, ...]  # its workers, oldest first
+
+
+@dataclass(frozen=True)
 class QueuePosition:
     """Where a queued job stands in its queue, in the claim's order (priority, then submit order)."""
 
@@ -463,6 +487,14 @@ class Store(Protocol):
 
     # views
     async def queue_stats(self) -> list[QueueStats]: ...
+    async def worker_offers(self, queue: str) -> list[WorkerOffer]:
+        """The active workers registered on ``queue``, in classes of workers alike (oldest worker's class first)."""
+        ...
+
+    async def worker_tallies(self) -> list[WorkerTally]:
+        """The live (not gone) workers counted by queue and state, ordered so."""
+        ...
+
     async def busy_workers(self) -> int:
         """How many workers run a job now (each beats once per beat, however many slots it fills)."""
         ...

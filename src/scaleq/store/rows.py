@@ -10,7 +10,16 @@ from typing import Any
 
 from scaleq.doctor.checks import Check
 from scaleq.jobs import Capabilities, Job, JobDefinition, Worker, job_id
-from scaleq.store.base import ArrayRecord, Attempt, Event, GroupStatus, QueueStats, TokenRecord
+from scaleq.store.base import (
+    ArrayRecord,
+    Attempt,
+    Event,
+    GroupStatus,
+    QueueStats,
+    TokenRecord,
+    WorkerOffer,
+    WorkerTally,
+)
 
 Row = Mapping[str, Any]
 
@@ -152,6 +161,22 @@ def queue_stats(row: Row) -> QueueStats:
         succeeded=row["succeeded"] or 0,
         unsuccessful=row["unsuccessful"] or 0,
         oldest_queued_at=row["oldest_queued_at"],
+    )
+
+
+def worker_offer(row: Row) -> WorkerOffer:
+    return WorkerOffer(
+        group=row["grp"], slots=int(row["slots"]), capabilities=worker_capabilities(row), ids=tuple(_loads(row["ids"]))
+    )
+
+
+def worker_tally(row: Row) -> WorkerTally:
+    return WorkerTally(
+        queue=row["queue"],
+        state=row["state"],
+        workers=int(row["workers"]),
+        busy=int(row["busy"] or 0),
+        idle=int(row["idle"] or 0),
     )
 
 

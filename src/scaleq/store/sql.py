@@ -49,6 +49,8 @@ from scaleq.store.base import (
     TokenRecord,
     Usage,
     WorkerClaim,
+    WorkerOffer,
+    WorkerTally,
     log_cap_note,
 )
 
@@ -166,6 +168,11 @@ class SQLStore:
     async def tx(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn`` on a store thread inside one transaction."""
         return await self._in_thread(True, fn, *args)
+
+    async def _first(self, fn: Callable[[], T], transaction: bool = True) -> T:
+        """Run ``fn`` as :meth:`tx` (or :meth:`_run`) does; where operations wait their turn for the store's thread
+        (SQLite), ahead of those merely waiting: a lease renewal must not queue behind a burst of claims."""
+        return await self._in_thread(transaction, fn)
 
     async def _in_thread(self, transaction: bool, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         def call() -> T:
@@ -500,7 +507,7 @@ class SQLStore:
                 raise NotFound(f"no worker {worker_id}; register first")
             return row["state"], {r["lease"] for r in self._all("renew_leases", **renew)}
 
-        return await self.tx(op)
+        return await self._first(op)
 
     async def has_queued(self, queue: str) -> bool:
         row = await self._run(self._one, "has_queued", queue=queue)
@@ -508,7 +515,7 @@ class SQLStore:
 
     async def touch_workers(self, worker_ids: list[str], now: float) -> None:
         params = {"ids": json.dumps(worker_ids), "now": now}
-        await self._run(lambda: self.db.execute(self.Q["touch_workers"], params))
+        await self._first(lambda: self.db.execute(self.Q["touch_workers"], params), transaction=False)
 
     def _finish_rows(self, finishes: list[tuple[str, FinishResult]], now: float) -> dict[str, Row]:
         """Finish the attempts whose leases still own their jobs (or queue them again for a retry:
@@ -755,6 +762,12 @@ class SQLStore:
 
     async def queue_stats(self) -> list[QueueStats]:
         return [rows.queue_stats(r) for r in await self._run(self._all, "queue_stats")]
+
+    async def worker_offers(self, queue: str) -> list[WorkerOffer]:
+        return [rows.worker_offer(r) for r in await self._run(self._all, "worker_offers", queue=queue)]
+
+    async def worker_tallies(self) -> list[WorkerTally]:
+        return [rows.worker_tally(r) for r in await self._run(self._all, "worker_tallies")]
 
     async def busy_workers(self) -> int:
         row = await self._run(self._one, "busy_workers")

@@ -364,3 +364,16 @@ SELECT EXISTS (SELECT 1 FROM jobs WHERE queue = :queue AND state = 'queued') AS 
 -- The workers running a job now, for the heartbeat cadence (scaleq.server.cadence): read over the running jobs
 -- (jobs_lease_expiry's state column), once per housekeeping round.
 SELECT count(DISTINCT worker_id) AS n FROM jobs WHERE state = 'running';
+
+-- name: worker_tallies
+-- What /metrics reports of the fleet, counted here (a few rows, however large the fleet): the live workers by queue
+-- and state, their slots running a job, and the free slots of the active ones.
+SELECT w.queue, w.state, count(*) AS workers, coalesce(sum(b.n), 0) AS busy,
+       coalesce(sum(CASE WHEN w.state = 'active' AND w.slots > coalesce(b.n, 0) THEN w.slots - coalesce(b.n, 0)
+                         ELSE 0 END), 0) AS idle
+  FROM workers w
+  LEFT JOIN (SELECT worker_id, count(*) AS n FROM jobs WHERE state = 'running' GROUP BY worker_id) b
+         ON b.worker_id = w.id
+ WHERE w.state != 'gone'
+ GROUP BY w.queue, w.state
+ ORDER BY w.queue, w.state;

@@ -348,3 +348,11 @@ SELECT count(*) AS n FROM d;
 -- when it gets it at once (a trigger appending a delta meanwhile waits that moment). Outside a transaction (the
 -- pool's connections autocommit).
 VACUUM (SKIP_LOCKED) queue_count_deltas;
+
+-- name: worker_offers
+-- Who could take a queue's jobs (a submit's warning, a job's estimate): its active workers in classes alike in group,
+-- slots and capabilities, each with its workers' ids — a few rows for a fleet of thousands of the same machine.
+SELECT grp, slots, runtimes, cpus, memory, gpus, tags, host_network, json_agg(id ORDER BY started_at, id) AS ids, min(started_at) AS since
+  FROM workers WHERE queue = :queue AND state = 'active'
+ GROUP BY grp, slots, runtimes, cpus, memory, gpus, tags, host_network
+ ORDER BY since, min(id);

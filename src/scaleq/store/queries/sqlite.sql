@@ -159,3 +159,11 @@ SELECT c.queue, c.queued, c.running, c.finished, c.succeeded, c.finished - c.suc
   FROM queue_counts c
  WHERE c.queued + c.running + c.finished > 0
  ORDER BY c.queue;
+
+-- name: worker_offers
+-- Who could take a queue's jobs (a submit's warning, a job's estimate): its active workers in classes alike in group,
+-- slots and capabilities, each with its workers' ids — a few rows for a fleet of thousands of the same machine.
+SELECT grp, slots, runtimes, cpus, memory, gpus, tags, host_network, json_group_array(id) AS ids, min(started_at) AS since
+  FROM (SELECT * FROM workers WHERE queue = :queue AND state = 'active' ORDER BY started_at, id)
+ GROUP BY grp, slots, runtimes, cpus, memory, gpus, tags, host_network
+ ORDER BY since, min(id);
