@@ -12,7 +12,11 @@ parked claim on each submit made each batch of jobs cost a store round trip per 
 a batch every 0.2 s were 25,000 claims a second, of which all but a batch's worth found nothing. A woken claim that
 finds nothing while jobs are still queued (the worker cannot run them, or another claim took them) passes the wake
 on to the next claim parked *before* the wake (:meth:`Notifier.wake_claims` with ``before``), so a job that some
-parked worker can run still reaches one, and a chain of passes ends after each older claim has tried once.
+parked worker can run still reaches one, and a chain of passes ends after each older claim has tried once — or
+after :data:`MAX_EMPTY_PASSES` claims in a row found nothing. Without that bound, one job no parked worker can run (a
+GPU job on a queue of idle CPU workers) cost a store round trip for every parked claim, at each submit: 10,000 for a
+fleet of 10,000. The price: a job only a rare worker can run, parked behind more than 50 that cannot, waits for that
+worker's next claim (its long-poll's end at the latest, 20 s) instead of being handed to it at once.
 """
 
 from __future__ import annotations
@@ -23,6 +27,9 @@ import itertools
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+#: A wake passed on through this many claims in a row that found nothing stops there (see the module's docstring).
+MAX_EMPTY_PASSES = 50
 
 
 class Signal(asyncio.Event):
@@ -54,6 +61,8 @@ class ClaimWaiter:
     seq: int
     event: Signal = field(default_factory=Signal)
     mark: int = 0
+    #: how many claims in a row tried the store for this wake and found nothing, before it came here
+    empty: int = 0
     #: the woken claim has tried the store (or passed its wake on): nothing more is owed
     handled: bool = False
 
@@ -84,11 +93,20 @@ class Notifier:
                 del self._claims[waiter.queue]
         if waiter.event.is_set() and not waiter.handled:
             waiter.handled = True
-            self.wake_claims(waiter.queue, 1, before=waiter.mark)
+            self.wake_claims(waiter.queue, 1, before=waiter.mark, empty=waiter.empty)
 
-    def wake_claims(self, queue: str, n: int, *, before: int | None = None) -> int:
+    def pass_on(self, woken: ClaimWaiter, found: bool) -> int:
+        """A woken claim that tried the store passes its wake on (see the module's docstring): ``found`` whether it
+        took a job. Once :data:`MAX_EMPTY_PASSES` claims in a row have found nothing, the wake stops; how many were
+        woken (0 or 1)."""
+        empty = 0 if found else woken.empty + 1
+        if empty >= MAX_EMPTY_PASSES:
+            return 0
+        return self.wake_claims(woken.queue, 1, before=woken.mark, empty=empty)
+
+    def wake_claims(self, queue: str, n: int, *, before: int | None = None, empty: int = 0) -> int:
         """Wake the ``n`` oldest claims parked on ``queue`` (only those parked before order number ``before``, when
-        given: a passed-on wake); how many were woken."""
+        given: a passed-on wake, after ``empty`` claims in a row found nothing); how many were woken."""
         parked = self._claims.get(queue)
         if not parked:
             return 0
@@ -97,6 +115,7 @@ class Notifier:
         for w in woken:
             del parked[w]
             w.mark = mark
+            w.empty = empty
             w.event.set()
         if not parked:
             del self._claims[queue]

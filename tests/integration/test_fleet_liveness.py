@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from scaleq.jobs import JobDefinition, SubmitRequest
+from scaleq.notify import MAX_EMPTY_PASSES
 from scaleq.server import housekeeping
 from scaleq.server.liveness import OpenClaims
 from scaleq.server.settings import ServerSettings
@@ -278,3 +279,37 @@ async def test_a_claim_carrying_results_is_answered_at_once_when_nothing_is_runn
         await unpark(client, ["finisher"], tasks)
     async with live.client("read") as reader:
         assert (await reader.get_job(job.id)).reason == "success"
+
+
+async def test_a_job_no_parked_worker_can_run_costs_a_bounded_number_of_store_tries(
+    fleet: tuple[LiveServer, Clock], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job the idle fleet cannot run (it asks for more cpus than any has) wakes one claim, which passes the wake on
+    while jobs wait; the chain stops after a run of claims that found nothing, not after every parked claim."""
+    live, _ = fleet
+    wids = [f"idle-{i:03d}" for i in range(MAX_EMPTY_PASSES * 2)]
+    tries = 0
+    worker_claim = live.store.worker_claim
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal tries
+        tries += 1
+        return await worker_claim(*args, **kwargs)
+
+    async with http(live) as client:
+        await asyncio.gather(*(register(client, w) for w in wids))
+        tasks = await park(client, live, wids)
+        monkeypatch.setattr(live.store, "worker_claim", counted)
+        async with live.client("submit") as submitter:
+            req = SubmitRequest(queue="q", definition=JobDefinition(command=["big"], requirements={"cpus": 64.0}))
+            await submitter.submit(req)
+
+        async def settled() -> bool:  # no new try for half a second: the chain has ended
+            before = tries
+            await asyncio.sleep(0.5)
+            return tries == before and tries > 0
+
+        await eventually(settled, 30, what="the chain of passed wakes to end")
+        assert tries == MAX_EMPTY_PASSES  # not one per parked claim (100)
+        assert not any(t.done() for t in tasks)  # every claim still parked, none answered
+        await unpark(client, wids, tasks)

@@ -318,13 +318,14 @@ async def _claim(
                     beat, term = ctx.cadence.heartbeat_seconds, ctx.cadence.lease_seconds
                     got = await ctx.store.worker_claim(worker_id, body.max, ctx.now(), term)
                     # a worker that now drains claims nothing: pass on at once; an active one only while jobs wait
+                    # (and not past a run of claims that found nothing: scaleq.notify.MAX_EMPTY_PASSES)
                     if not got.claims and (got.state != "active" or await ctx.store.has_queued(got.queue)):
-                        notifier.wake_claims(got.queue, 1, before=woken.mark)
+                        notifier.pass_on(woken, found=False)
                     elif len(got.claims) >= body.max:
                         # it took all it could: there may be more, and one wake may stand for many jobs (another
                         # server's NOTIFY carries a queue once per batch), so the next claim in line tries too;
                         # the chain ends at a claim that finds nothing
-                        notifier.wake_claims(got.queue, 1, before=woken.mark)
+                        notifier.pass_on(woken, found=True)
                     continue
                 notifier.unpark(woken)
             beat, term = ctx.cadence.heartbeat_seconds, ctx.cadence.lease_seconds
