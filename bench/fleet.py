@@ -1006,12 +1006,18 @@ def drive(
                 p.kill()
 
 
+def _py_spy() -> str | None:
+    beside = Path(sys.executable).parent / "py-spy"
+    return shutil.which("py-spy") or (str(beside) if beside.exists() else None)
+
+
 def profile(a: Args, w: Window, servers: list[Server], name: str) -> list[subprocess.Popen[bytes]]:
     """``py-spy record`` of each server over the window (collapsed stacks of the threads on CPU)."""
     if a.profile is None:
         return []
     a.profile.mkdir(parents=True, exist_ok=True)
-    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    py_spy = _py_spy()
+    assert py_spy is not None  # (checked with the arguments)
     time.sleep(max(0.0, w.measure_from - time.time()))
     spies = []
     for i, s in enumerate(servers):
@@ -1340,6 +1346,8 @@ def main() -> int:
         ap.error("--duration must be > 0 and --ramp >= 0")
     if args.generators is not None and args.generators < 1:
         ap.error("--generators must be at least 1")
+    if args.profile is not None and _py_spy() is None:
+        ap.error("--profile needs py-spy (pip install py-spy), found neither on PATH nor beside this Python")
     a = Args(args.duration, args.ramp, args.generators, args.profile, args.job_seconds, args.server_cpu)
     fds = raise_fd_limit(4 * max(args.workers) + 4096)
     most = max(args.workers)

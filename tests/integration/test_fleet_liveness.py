@@ -313,3 +313,60 @@ async def test_a_job_no_parked_worker_can_run_costs_a_bounded_number_of_store_tr
         assert tries == MAX_EMPTY_PASSES  # not one per parked claim (100)
         assert not any(t.done() for t in tasks)  # every claim still parked, none answered
         await unpark(client, wids, tasks)
+
+
+def counting_tries(live: LiveServer, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """From now on, count the claims' store tries (one-element list: the count)."""
+    tries = [0]
+    worker_claim = live.store.worker_claim
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        tries[0] += 1
+        return await worker_claim(*args, **kwargs)
+
+    monkeypatch.setattr(live.store, "worker_claim", counted)
+    return tries
+
+
+async def finish_empty(client: httpx.AsyncClient, live: LiveServer) -> None:
+    """The worker "finisher" takes a job, then sends its result riding along with a claim: answered at once, empty."""
+    async with live.client("submit") as submitter:
+        await submitter.submit(SubmitRequest(queue="q", definition=JobDefinition(command=["true"])))
+    await register(client, "finisher")
+    r = await client.post("/workers/finisher/claim", json={"max": 1, "wait": 0})
+    finish = {"lease": r.json()["claims"][0]["lease"], "reason": "success", "exit_code": 0}
+    r = await client.post("/workers/finisher/claim", json={"max": 1, "wait": 60.0, "finishes": [finish]})
+    assert r.json()["claims"] == [] and r.json()["finished"][0]["ok"]
+
+
+async def test_the_claim_after_an_empty_answer_parks_without_a_store_try_and_is_woken_as_any(
+    fleet: tuple[LiveServer, Clock], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The claim that follows a result's empty answer (a busy queue's every job) parks at once: its worker's try a
+    moment ago found nothing and nothing was queued since. A submit then wakes it, and it takes the job."""
+    live, _ = fleet
+    async with http(live) as client:
+        await finish_empty(client, live)
+        tries = counting_tries(live, monkeypatch)
+        (task,) = await park(client, live, ["finisher"])
+        assert tries[0] == 0
+        async with live.client("submit") as submitter:
+            job, _ = await submitter.submit(SubmitRequest(queue="q", definition=JobDefinition(command=["next"])))
+            assert job.state == "queued"  # (a job's id is its definition's: a new command, a new job)
+        answer = await asyncio.wait_for(task, 30)
+        assert [c["job"]["id"] for c in answer.json()["claims"]] == [job.id]
+        assert tries[0] == 1
+
+
+async def test_a_job_queued_between_an_empty_answer_and_the_next_claim_is_taken_by_it(
+    fleet: tuple[LiveServer, Clock], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    live, _ = fleet
+    async with http(live) as client:
+        await finish_empty(client, live)
+        tries = counting_tries(live, monkeypatch)
+        async with live.client("submit") as submitter:  # nobody is parked to be woken: only the next claim's try
+            job, _ = await submitter.submit(SubmitRequest(queue="q", definition=JobDefinition(command=["next"])))
+        r = await asyncio.wait_for(client.post("/workers/finisher/claim", json={"max": 1, "wait": 60.0}), 30)
+        assert [c["job"]["id"] for c in r.json()["claims"]] == [job.id]
+        assert tries[0] == 1

@@ -1,5 +1,5 @@
 """Parked claims are woken one at a time, oldest first; a wake passed on reaches each older claim once, and stops
-after a run of claims that found nothing."""
+after a run of claims that found nothing — or, when it stood for one job (this server's own), where that was taken."""
 
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def test_a_wake_stops_after_a_run_of_claims_that_found_nothing() -> None:
 def test_a_claim_that_took_a_job_starts_the_count_of_empty_ones_over() -> None:
     n = Notifier()
     parked = [n.park("q") for _ in range(MAX_EMPTY_PASSES * 2)]
-    n.submitted("q", "job-1")
+    n.deliver(("queue:q",))  # another server's wake: it may stand for many jobs, so a claim that took one passes it
     tried = 0
     while (woken := next((w for w in parked if w.event.is_set() and not w.handled), None)) is not None:
         tried += 1
@@ -65,3 +65,36 @@ def test_a_claim_that_took_a_job_starts_the_count_of_empty_ones_over() -> None:
         n.unpark(woken)
         n.pass_on(woken, found=tried == MAX_EMPTY_PASSES - 1)  # one of them, late in the run, took a job
     assert tried == (MAX_EMPTY_PASSES - 1) + MAX_EMPTY_PASSES
+
+
+def test_a_local_wake_stands_for_one_job_and_stops_where_it_is_taken() -> None:
+    """This server's submit notifies once per job: the claim that takes it has nothing to pass on."""
+    n = Notifier()
+    a, b = n.park("q"), n.park("q")
+    n.submitted("q", "job-1")
+    assert a.event.is_set() and a.single
+    a.handled = True
+    n.unpark(a)
+    assert n.pass_on(a, found=True) == 0 and not b.event.is_set()
+
+
+def test_another_servers_wake_is_passed_on_after_a_claim_takes_all_it_asked_for() -> None:
+    n = Notifier()
+    a, b = n.park("q"), n.park("q")
+    n.deliver(("queue:q",))  # one NOTIFY for a batch of jobs
+    assert a.event.is_set() and not a.single
+    a.handled = True
+    n.unpark(a)
+    assert n.pass_on(a, found=True) == 1 and b.event.is_set() and not b.single
+
+
+def test_a_single_wake_that_finds_nothing_is_passed_on_and_stays_single() -> None:
+    n = Notifier()
+    a, b, c = n.park("q"), n.park("q"), n.park("q")
+    n.submitted("q", "job-1")
+    a.handled = True
+    n.unpark(a)
+    assert n.pass_on(a, found=False) == 1 and b.event.is_set() and b.single
+    b.handled = True
+    n.unpark(b)
+    assert n.pass_on(b, found=True) == 0 and not c.event.is_set()

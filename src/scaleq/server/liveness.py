@@ -16,26 +16,47 @@ claim's long-poll ends (at most ``long_poll_max``), so it is marked gone that mu
 The same record remembers each worker's queue, so a claim can take its queue's wake-up event before its first store
 try and park after one round trip instead of two (the queue is checked against the store's answer, so a worker that
 registered again on another queue is never parked on the old one).
+
+**A claim that can know there is nothing new parks without a try.** A worker that finishes a job sends its result
+riding along with a claim; with nothing to hand out, that claim is answered at once (the worker must keep renewing
+the result's lease until it knows it landed), and the worker's next claim, a few milliseconds later, tried the store
+again before parking — an empty try per job on a busy queue whose jobs go to the claims woken for them (at 5,000
+workers with 450 jobs a second, 300 a second). So each empty try is remembered with the notifier's
+:meth:`~scaleq.notify.Notifier.generation` read before it; a claim from the same worker within
+:data:`FRESH_SECONDS`, while no wake for its queue (or for any worker: a drain) has been delivered since, parks at
+once. Every path that queues a job notifies its queue (this server's at once, another server's when its NOTIFY
+arrives, which then wakes the parked claim as it would have anyway); the freshness bound keeps a notice that never
+came (a lost NOTIFY, a reconnect) from costing more than one long-poll, as for any parked claim. A worker registering
+again forgets it (its capabilities may have changed).
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from scaleq.store.base import Store
 
 #: Workers whose queue is remembered, at most (beyond it the record starts again: a cache, never the truth).
 MAX_REMEMBERED = 200_000
 
+#: How long a worker's empty store try stands for its next claim (see the module's docstring).
+FRESH_SECONDS = 2.0
+
+#: What an empty try was as of: the notifier's generation read before it, and when (monotonic).
+Generation = tuple[int, int]
+
 
 class OpenClaims:
     """The claims parked on this server, by worker id, and the queue each worker last claimed from."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._open: Counter[str] = Counter()
         self._queues: dict[str, str] = {}
+        self._empty: dict[str, tuple[Generation, float]] = {}
+        self._clock = clock
 
     @contextlib.contextmanager
     def parked(self, worker_id: str) -> Iterator[None]:
@@ -64,6 +85,20 @@ class OpenClaims:
 
     def forget(self, worker_id: str) -> None:
         self._queues.pop(worker_id, None)
+        self._empty.pop(worker_id, None)
+
+    def found_nothing(self, worker_id: str, generation: Generation) -> None:
+        """A store try for ``worker_id`` (active, asking for jobs) found nothing, as of ``generation``."""
+        if len(self._empty) >= MAX_REMEMBERED and worker_id not in self._empty:
+            self._empty.clear()
+        self._empty[worker_id] = (generation, self._clock())
+
+    def nothing_new(self, worker_id: str, generation: Generation) -> bool:
+        """Whether ``worker_id``'s last try found nothing less than :data:`FRESH_SECONDS` ago and nothing was
+        notified since (``generation`` is the notifier's now): its claim may park without a try. Once: the try
+        after that one is real."""
+        last = self._empty.pop(worker_id, None)
+        return last is not None and last[0] == generation and self._clock() - last[1] < FRESH_SECONDS
 
 
 async def touch_parked(store: Store, claims: OpenClaims, now: float) -> int:

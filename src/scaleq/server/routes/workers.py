@@ -26,7 +26,7 @@ from scaleq.server import metrics, outputs
 from scaleq.server.auth import Caller, WorkerCaller, require
 from scaleq.server.liveness import OpenClaims
 from scaleq.server.routes.common import C, Ctx
-from scaleq.store.base import FinishResult, NotFound, StaleLease
+from scaleq.store.base import FinishResult, NotFound, StaleLease, WorkerClaim
 
 router = APIRouter(tags=["workers"])
 
@@ -212,6 +212,7 @@ async def register(body: Registration, ctx: C, who: WorkerCaller) -> Registered:
             "(or wait until that one is gone)",
         )
     ctx.request.app.state.tokens.put_bound(body.id, who.token_id)
+    ctx.request.app.state.open_claims.forget(body.id)  # its queue or capabilities may have changed
     now = ctx.now()
     await ctx.store.register_worker(Worker(started_at=now, last_heartbeat=now, **body.model_dump()), now)
     ctx.notifier.notify("any")
@@ -278,7 +279,14 @@ async def _claim(
         now = ctx.now()
         results = [(f.lease, FinishResult(f.reason, f.exit_code, f.error)) for f in mine]
         beat, term = ctx.cadence.heartbeat_seconds, ctx.cadence.lease_seconds  # as of each grant: the pair answered
-        got = await ctx.store.worker_claim(worker_id, body.max, now, term, finishes=results)
+        if (
+            waiter is not None
+            and not body.finishes
+            and open_claims.nothing_new(worker_id, notifier.generation(waiter.queue))
+        ):
+            got = WorkerClaim(waiter.queue, "active", [])  # its last try found nothing, and nothing came since: park
+        else:
+            got = await _store_try(ctx, open_claims, worker_id, body.max, now, term, known, results)
         done = dict(zip([f.lease for f in mine], got.finished, strict=True))
         finished = []
         for f in body.finishes:
@@ -316,20 +324,20 @@ async def _claim(
                     woken.handled = True
                     notifier.unpark(woken)
                     beat, term = ctx.cadence.heartbeat_seconds, ctx.cadence.lease_seconds
-                    got = await ctx.store.worker_claim(worker_id, body.max, ctx.now(), term)
+                    got = await _store_try(ctx, open_claims, worker_id, body.max, ctx.now(), term, got.queue)
                     # a worker that now drains claims nothing: pass on at once; an active one only while jobs wait
                     # (and not past a run of claims that found nothing: scaleq.notify.MAX_EMPTY_PASSES)
                     if not got.claims and (got.state != "active" or await ctx.store.has_queued(got.queue)):
                         notifier.pass_on(woken, found=False)
                     elif len(got.claims) >= body.max:
-                        # it took all it could: there may be more, and one wake may stand for many jobs (another
-                        # server's NOTIFY carries a queue once per batch), so the next claim in line tries too;
-                        # the chain ends at a claim that finds nothing
+                        # it took all it could: a wake from another server may stand for many jobs (its NOTIFY
+                        # carries a queue once per batch), so the next claim in line tries too, until one finds
+                        # nothing; this server's own wakes stand for one job each, and stop here
                         notifier.pass_on(woken, found=True)
                     continue
                 notifier.unpark(woken)
             beat, term = ctx.cadence.heartbeat_seconds, ctx.cadence.lease_seconds
-            got = await ctx.store.worker_claim(worker_id, body.max, ctx.now(), term)
+            got = await _store_try(ctx, open_claims, worker_id, body.max, ctx.now(), term, got.queue)
     finally:
         notifier.unpark(waiter)
     if got.claims:
@@ -339,6 +347,25 @@ async def _claim(
         for c in got.claims:
             ctx.notifier.changed(c.job.id)
     return Claimed(claims=got.claims, finished=finished, state=got.state, heartbeat_seconds=beat)
+
+
+async def _store_try(
+    ctx: Ctx,
+    open_claims: OpenClaims,
+    worker_id: str,
+    n: int,
+    now: float,
+    term: float,
+    queue: str | None,
+    finishes: list[tuple[str, FinishResult]] | None = None,
+) -> WorkerClaim:
+    """One store try of a claim; one that finds nothing for an active worker on ``queue`` (its queue, when known)
+    is remembered as of the notifier's generation read before it (:meth:`OpenClaims.nothing_new`)."""
+    before = ctx.notifier.generation(queue) if queue is not None else None
+    got = await ctx.store.worker_claim(worker_id, n, now, term, finishes=finishes)
+    if before is not None and got.queue == queue and got.state == "active" and not got.claims and n > 0:
+        open_claims.found_nothing(worker_id, before)
+    return got
 
 
 @router.post("/workers/{worker_id}/heartbeat", response_model=Beat)
