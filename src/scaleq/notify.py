@@ -19,12 +19,14 @@ fleet of 10,000. The price: a job only a rare worker can run, parked behind more
 worker's next claim (its long-poll's end at the latest, 20 s) instead of being handed to it at once.
 
 **A wake of this server's own stands for one job; another server's may stand for many.** A local submit notifies
-its queue once per job, so each job wakes a claim of its own, and a woken claim that takes all it asked for has
-nothing to pass on. Another server's NOTIFY carries a queue once per batch of its keys, so a claim woken by one that
-takes all it asked for passes the wake on: the next claim in line tries too, and the chain ends at one that finds
-nothing. Passing on after every success, local ones included, cost a second store try (and a ``has_queued``) for
-most jobs of a busy queue: at 5,000 workers with 400 jobs a second, 800 woken claims a second of which 500 found
-nothing.
+its queue once per job, so each job wakes a claim of its own (:attr:`ClaimWaiter.job`), and a woken claim that took
+that job has used its wake up (:meth:`Notifier.spent`). One that took another job (an older one, left without a
+wake: its chain ran out, or no claim was parked when it came) passes the wake on while jobs are still queued — when
+it is the last woken claim of its queue back from the store (:meth:`Notifier.others_out`; those still out take the
+oldest jobs they can, so it is the last one's to look) —, as does one woken by another server's NOTIFY (one per batch
+of its keys) that took all it asked for; the chain ends at a claim that finds nothing. Passing on after every
+success, local ones included, cost a second store try (and a ``has_queued``) for most jobs of a busy queue: at 5,000
+workers with 400 jobs a second, 800 woken claims a second of which 500 found nothing.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import asyncio
 import contextlib
 import itertools
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 #: A wake passed on through this many claims in a row that found nothing stops there (see the module's docstring).
@@ -73,8 +75,8 @@ class ClaimWaiter:
     empty: int = 0
     #: the woken claim has tried the store (or passed its wake on): nothing more is owed
     handled: bool = False
-    #: the wake stands for one job (a local notify, one per job): taken, it is not passed on (module docstring)
-    single: bool = False
+    #: the job this server's own wake stands for (one per job); None: another server's, which may stand for many
+    job: str | None = None
 
 
 class Notifier:
@@ -85,6 +87,8 @@ class Notifier:
         #: parked claims by queue, oldest first (dicts keep insertion order)
         self._claims: dict[str, dict[ClaimWaiter, None]] = {}
         self._seq = itertools.count()
+        #: woken claims by queue that have not come back from their store try yet (see :meth:`others_out`)
+        self._out: dict[str, set[ClaimWaiter]] = {}
         #: wakes delivered per queue, and to any worker (a drain): what a claim's empty answer was as of
         self._queue_wakes: dict[str, int] = {}
         self._worker_wakes = 0
@@ -106,35 +110,57 @@ class Notifier:
                 del self._claims[waiter.queue]
         if waiter.event.is_set() and not waiter.handled:
             waiter.handled = True
-            self.wake_claims(waiter.queue, 1, before=waiter.mark, empty=waiter.empty, single=waiter.single)
+            self.back(waiter)
+            self.wake_claims(waiter.queue, 1, before=waiter.mark, empty=waiter.empty, job=waiter.job)
+
+    def back(self, woken: ClaimWaiter) -> None:
+        """A woken claim is back from its store try (or gave its wake away)."""
+        out = self._out.get(woken.queue)
+        if out is not None:
+            out.discard(woken)
+            if not out:
+                del self._out[woken.queue]
+
+    def others_out(self, woken: ClaimWaiter) -> bool:
+        """Whether claims woken on ``woken``'s queue, other than it, are still to come back from their store tries:
+        a job left without a wake is then theirs to find (each takes the oldest it can), and the last one back, if
+        it took a job its wake did not stand for, looks whether any still waits."""
+        return any(w is not woken for w in self._out.get(woken.queue, ()))
 
     def pass_on(self, woken: ClaimWaiter, found: bool) -> int:
         """A woken claim that tried the store passes its wake on (see the module's docstring): ``found`` whether it
-        took all it asked for. A wake that stood for one job and found it, or that :data:`MAX_EMPTY_PASSES` claims
-        in a row tried in vain, stops; how many were woken (0 or 1)."""
-        if found and woken.single:
-            return 0
+        took all it asked for. Once :data:`MAX_EMPTY_PASSES` claims in a row have found nothing, the wake stops; how
+        many were woken (0 or 1)."""
         empty = 0 if found else woken.empty + 1
         if empty >= MAX_EMPTY_PASSES:
             return 0
-        return self.wake_claims(woken.queue, 1, before=woken.mark, empty=empty, single=woken.single)
+        return self.wake_claims(woken.queue, 1, before=woken.mark, empty=empty, job=woken.job)
+
+    @staticmethod
+    def spent(woken: ClaimWaiter, took: Collection[str]) -> bool:
+        """Whether a woken claim that took the jobs ``took`` has used its wake up: it stood for one job of this
+        server's, and that job is among them."""
+        return woken.job is not None and woken.job in took
 
     def wake_claims(
-        self, queue: str, n: int, *, before: int | None = None, empty: int = 0, single: bool = False
+        self, queue: str, n: int, *, before: int | None = None, empty: int = 0, job: str | None = None
     ) -> int:
         """Wake the ``n`` oldest claims parked on ``queue`` (only those parked before order number ``before``, when
-        given: a passed-on wake, after ``empty`` claims in a row found nothing; ``single``: each wake stands for one
-        job); how many were woken."""
+        given: a passed-on wake, after ``empty`` claims in a row found nothing; ``job``: the job a wake of this
+        server's own stands for); how many were woken."""
         parked = self._claims.get(queue)
         if not parked:
             return 0
         mark = next(self._seq) if before is None else before
         woken = [w for w in itertools.islice(parked, n) if w.seq < mark]
+        out = self._out.setdefault(queue, set()) if woken else None
         for w in woken:
             del parked[w]
+            assert out is not None
+            out.add(w)
             w.mark = mark
             w.empty = empty
-            w.single = single
+            w.job = job
             w.event.set()
         if not parked:
             del self._claims[queue]
@@ -156,14 +182,14 @@ class Notifier:
             self._events[key] = ev
         return ev
 
-    def notify(self, *keys: str) -> None:
-        self.deliver(keys, single=True)
+    def notify(self, *keys: str, job: str | None = None) -> None:
+        self.deliver(keys, job)
         if self.forward is not None:
             self.forward(keys)
 
-    def deliver(self, keys: tuple[str, ...], single: bool = False) -> None:
-        """Wake the local waiters of ``keys`` (what another server published arrives here; ``single``: a queue's
-        key stands for one job, as this server's own notifies do)."""
+    def deliver(self, keys: tuple[str, ...], job: str | None = None) -> None:
+        """Wake the local waiters of ``keys`` (what another server published arrives here; ``job``: the one job a
+        queue's key stands for, as in this server's own :meth:`submitted`)."""
         for key in keys:
             ev = self._events.pop(key, None)
             if ev is not None:
@@ -171,12 +197,12 @@ class Notifier:
             if key.startswith("queue:"):
                 queue = key.removeprefix("queue:")
                 self._queue_wakes[queue] = self._queue_wakes.get(queue, 0) + 1
-                self.wake_claims(queue, 1, single=single)
+                self.wake_claims(queue, 1, job=job)
             elif key.startswith("worker:"):
                 self._worker_wakes += 1
 
     def submitted(self, queue: str, job_id: str) -> None:
-        self.notify(f"queue:{queue}", f"job:{job_id}", "any")
+        self.notify(f"queue:{queue}", f"job:{job_id}", "any", job=job_id)
 
     def changed(self, job_id: str) -> None:
         self.notify(f"job:{job_id}", "any")

@@ -370,3 +370,22 @@ async def test_a_job_queued_between_an_empty_answer_and_the_next_claim_is_taken_
         r = await asyncio.wait_for(client.post("/workers/finisher/claim", json={"max": 1, "wait": 60.0}), 30)
         assert [c["job"]["id"] for c in r.json()["claims"]] == [job.id]
         assert tries[0] == 1
+
+
+async def test_a_wake_spent_on_an_older_job_left_without_one_is_passed_on(fleet: tuple[LiveServer, Clock]) -> None:
+    """A job queued without a wake (here: written to the store directly, as a wake lost on the way) is older than the
+    next submit's, so the claim that next submit wakes takes it; its wake, which stood for the newer job, goes on to
+    the next claim parked, which takes that one — not left for a re-poll."""
+    live, clock = fleet
+    async with http(live) as client:
+        for w in ("w1", "w2"):
+            await register(client, w)
+        tasks = await park(client, live, ["w1", "w2"])
+        older, _ = await live.store.submit(
+            "q", JobDefinition(command=["older"]), priority=0, max_attempts=1, rerun=False, now=clock()
+        )
+        async with live.client("submit") as submitter:
+            newer, _ = await submitter.submit(SubmitRequest(queue="q", definition=JobDefinition(command=["newer"])))
+        answers = await asyncio.wait_for(asyncio.gather(*tasks), 30)
+        taken = {w: [c["job"]["id"] for c in r.json()["claims"]] for w, r in zip(("w1", "w2"), answers, strict=True)}
+        assert taken == {"w1": [older.id], "w2": [newer.id]}

@@ -67,34 +67,49 @@ def test_a_claim_that_took_a_job_starts_the_count_of_empty_ones_over() -> None:
     assert tried == (MAX_EMPTY_PASSES - 1) + MAX_EMPTY_PASSES
 
 
-def test_a_local_wake_stands_for_one_job_and_stops_where_it_is_taken() -> None:
-    """This server's submit notifies once per job: the claim that takes it has nothing to pass on."""
+def test_a_local_wake_stands_for_its_job_and_is_spent_where_that_job_is_taken() -> None:
+    """This server's submit notifies once per job: the claim that takes that job has nothing to pass on; one that
+    took another (an older job, left without a wake) does not use it up."""
     n = Notifier()
-    a, b = n.park("q"), n.park("q")
+    a = n.park("q")
     n.submitted("q", "job-1")
-    assert a.event.is_set() and a.single
-    a.handled = True
-    n.unpark(a)
-    assert n.pass_on(a, found=True) == 0 and not b.event.is_set()
+    assert a.event.is_set() and a.job == "job-1"
+    assert n.spent(a, ["job-1"])
+    assert not n.spent(a, ["job-0"])
 
 
-def test_another_servers_wake_is_passed_on_after_a_claim_takes_all_it_asked_for() -> None:
+def test_another_servers_wake_is_never_spent_by_a_claim_and_is_passed_on() -> None:
     n = Notifier()
     a, b = n.park("q"), n.park("q")
     n.deliver(("queue:q",))  # one NOTIFY for a batch of jobs
-    assert a.event.is_set() and not a.single
+    assert a.event.is_set() and a.job is None and not n.spent(a, ["job-1"])
     a.handled = True
     n.unpark(a)
-    assert n.pass_on(a, found=True) == 1 and b.event.is_set() and not b.single
+    assert n.pass_on(a, found=True) == 1 and b.event.is_set() and b.job is None
 
 
-def test_a_single_wake_that_finds_nothing_is_passed_on_and_stays_single() -> None:
+def test_a_local_wake_passed_on_keeps_standing_for_its_job() -> None:
     n = Notifier()
     a, b, c = n.park("q"), n.park("q"), n.park("q")
     n.submitted("q", "job-1")
     a.handled = True
     n.unpark(a)
-    assert n.pass_on(a, found=False) == 1 and b.event.is_set() and b.single
-    b.handled = True
-    n.unpark(b)
-    assert n.pass_on(b, found=True) == 0 and not c.event.is_set()
+    assert n.pass_on(a, found=False) == 1 and b.event.is_set() and b.job == "job-1"
+    n.unpark(b)  # woken, then gone without trying: the wake goes on, for the same job
+    assert c.event.is_set() and c.job == "job-1"
+
+
+def test_the_last_woken_claim_back_from_the_store_is_the_one_to_look_for_jobs_left_without_a_wake() -> None:
+    n = Notifier()
+    a, b, c = n.park("q"), n.park("q"), n.park("q")
+    n.submitted("q", "job-1")
+    n.submitted("q", "job-2")
+    assert n.others_out(a) and n.others_out(b)  # both woken, neither back
+    n.back(b)
+    assert not n.others_out(a)
+    a.handled = True
+    n.back(a)
+    n.unpark(b)  # woken, then gone without trying: its wake went on to c, which is out now
+    assert c.event.is_set() and n.others_out(a)
+    n.back(c)
+    assert not n.others_out(a) and not n.others_out(c)

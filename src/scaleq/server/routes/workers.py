@@ -324,16 +324,23 @@ async def _claim(
                     woken.handled = True
                     notifier.unpark(woken)
                     beat, term = ctx.cadence.heartbeat_seconds, ctx.cadence.lease_seconds
-                    got = await _store_try(ctx, open_claims, worker_id, body.max, ctx.now(), term, got.queue)
+                    try:
+                        got = await _store_try(ctx, open_claims, worker_id, body.max, ctx.now(), term, got.queue)
+                    finally:
+                        notifier.back(woken)
                     # a worker that now drains claims nothing: pass on at once; an active one only while jobs wait
                     # (and not past a run of claims that found nothing: scaleq.notify.MAX_EMPTY_PASSES)
                     if not got.claims and (got.state != "active" or await ctx.store.has_queued(got.queue)):
                         notifier.pass_on(woken, found=False)
-                    elif len(got.claims) >= body.max:
-                        # it took all it could: a wake from another server may stand for many jobs (its NOTIFY
-                        # carries a queue once per batch), so the next claim in line tries too, until one finds
-                        # nothing; this server's own wakes stand for one job each, and stop here
-                        notifier.pass_on(woken, found=True)
+                    elif len(got.claims) >= body.max and not notifier.spent(woken, [c.job.id for c in got.claims]):
+                        # it took all it could, but not the one job this server's wake stood for (an older one), or
+                        # the wake is another server's, which may stand for many (its NOTIFY carries a queue once
+                        # per batch): the next claim in line tries too — for a local wake, when no other woken claim
+                        # is still out and jobs wait (scaleq.notify)
+                        if woken.job is None or (
+                            not notifier.others_out(woken) and await ctx.store.has_queued(got.queue)
+                        ):
+                            notifier.pass_on(woken, found=True)
                     continue
                 notifier.unpark(woken)
             beat, term = ctx.cadence.heartbeat_seconds, ctx.cadence.lease_seconds
