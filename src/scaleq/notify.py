@@ -153,11 +153,10 @@ class Notifier:
             return 0
         mark = next(self._seq) if before is None else before
         woken = [w for w in itertools.islice(parked, n) if w.seq < mark]
-        out = self._out.setdefault(queue, set()) if woken else None
+        if woken:
+            self._out.setdefault(queue, set()).update(woken)
         for w in woken:
             del parked[w]
-            assert out is not None
-            out.add(w)
             w.mark = mark
             w.empty = empty
             w.job = job

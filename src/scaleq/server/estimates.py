@@ -51,8 +51,7 @@ async def estimate_start(store: Store, groups: Sequence[Group] | None, job: Job,
         if why is None:
             fitting.append(o)
         elif o.group is None or o.group not in grid_groups:
-            alike = f" (and {len(o.ids) - 1} alike)" if len(o.ids) > 1 else ""
-            unfit.append(f"worker {o.ids[0]}{alike} {why}")
+            unfit.append(f"worker {o.name} {why}")
             if o.group is not None:
                 misfits.setdefault(o.group, why)
     by_group: dict[str | None, list[WorkerOffer]] = defaultdict(list)

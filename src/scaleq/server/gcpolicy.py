@@ -3,11 +3,11 @@
 A large fleet makes CPython's own rule for full collections the server's worst latency. Every idle worker keeps a
 long-poll claim parked on the server, and a parked claim held about 250 objects the collector tracks (the request's
 coroutines, tasks, cells and frames; about 80 since :mod:`scaleq.server.fastlane`); at 5,000 workers that was over a
-million. The claims are re-polled every 20 s,
-so a quarter of that heap is renewed every 5 s — exactly CPython's trigger for a full collection (gen 2 runs once the
-objects promoted since the last one exceed a quarter of the long-lived heap). Measured on the 2-core bench machine: a
-full collection every ~5 s, 0.85 to 0.9 s each (up to 1.6 s while a fleet leaves), the event loop stopped meanwhile —
-heartbeat and claim p99 near a second, with every worker's lease a pause closer to expiring.
+million. The claims are re-polled every 20 s, so a quarter of that heap is renewed every 5 s — exactly CPython's
+trigger for a full collection (gen 2 runs once the objects promoted since the last one exceed a quarter of the
+long-lived heap). Measured on the 2-core bench machine: a full collection every ~5 s, 0.85 to 0.9 s each (up to 1.6 s
+while a fleet leaves), the event loop stopped meanwhile — heartbeat and claim p99 near a second, with every worker's
+lease a pause closer to expiring.
 
 So a server started by ``scaleq server`` / ``scaleq up`` (:meth:`GcPolicy.install`):
 

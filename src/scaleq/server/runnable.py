@@ -33,18 +33,17 @@ class Offer:
     kind: str  # "worker" or "group"
     name: str
     capabilities: Capabilities
-    alike: int = 1  # a worker standing for this many alike (itself included)
 
     @property
     def who(self) -> str:
-        return f"{self.kind} {self.name}" + (f" (and {self.alike - 1} alike)" if self.alike > 1 else "")
+        return f"{self.kind} {self.name}"
 
 
 async def offers(store: Store, groups: Sequence[Any] | None, queue: str) -> list[Offer]:
     """The active workers registered on ``queue`` (one for each class of workers alike: a fleet of one machine type
     is one look, however large), then the grid's groups bound to it (``groups``: None when this process does not run
     the controller)."""
-    found = [Offer("worker", o.ids[0], o.capabilities, len(o.ids)) for o in await store.worker_offers(queue)]
+    found = [Offer("worker", o.name, o.capabilities) for o in await store.worker_offers(queue)]
     found += [Offer("group", g.name, g.capabilities()) for g in groups or () if g.queue == queue]
     return found
 

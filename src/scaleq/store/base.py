@@ -152,6 +152,11 @@ class WorkerOffer:
     capabilities: Capabilities
     ids: tuple[str, ...]  # its workers, oldest first
 
+    @property
+    def name(self) -> str:
+        """The class named for its oldest worker: ``w-1`` or ``w-1 (and 9 alike)``."""
+        return self.ids[0] + (f" (and {len(self.ids) - 1} alike)" if len(self.ids) > 1 else "")
+
 
 @dataclass(frozen=True)
 class QueuePosition:
