@@ -16,6 +16,8 @@ How a job is retried is not part of its definition (:class:`Retries`, given with
 changes how the job runs, not what it computes, so it is not hashed into the id. Two budgets, by cause: attempts lost
 to the infrastructure (``max_attempts``: a worker lost, a node gone; a preempted attempt is handed back and not
 counted) and the program's own failures (``retries``: a non-zero exit or a timeout, optionally only some exit codes).
+The store decides which result is retried, in the statement that records it (SQLite's ``finish``, PostgreSQL's
+``finish_batch`` and ``worker_claim``), so that a result costs one write.
 """
 
 from __future__ import annotations
@@ -327,15 +329,6 @@ class Retries(BaseModel):
         if self.retry_on_exit_codes is not None and self.retries == 0:
             raise ValueError("retry_on_exit_codes: needs retries of at least 1 (retries is 0: nothing is retried)")
         return self
-
-
-def retried(job: Job, reason: str, exit_code: int | None) -> bool:
-    """Whether an attempt of ``job`` that ended so goes back to the queue: a program failure of a kind the job
-    retries, with retries left. (PostgreSQL's finish statements say the same in SQL.)"""
-    if reason not in PROGRAM_FAILURES or job.failures >= job.retries:
-        return False
-    codes = job.retry_on_exit_codes
-    return codes is None or (reason == Reason.failed and exit_code in codes)
 
 
 class SubmitRequest(Retries):

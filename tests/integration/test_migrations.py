@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import asyncio
 import json
+import re
 import sqlite3
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -76,7 +77,7 @@ def used_queries(module: object) -> set[str]:
 def test_every_query_the_store_uses_resolves_in_each_dialect(dialect: str) -> None:
     own = scaleq.store.sqlite if dialect == "sqlite" else scaleq.store.postgres
     used = used_queries(scaleq.store.sql) | used_queries(own)
-    assert {"claim", "finish", "get_job", "queue_stats", "schema_version"} <= used  # the scan sees the store's calls
+    assert {"claim", "get_job", "queue_stats", "schema_version"} <= used  # the scan sees the store's calls
     missing = used - queries.load(dialect).keys()
     assert not missing, f"{dialect}: no query named {sorted(missing)}"
 
@@ -93,6 +94,36 @@ def test_both_dialects_have_the_same_numbered_migrations() -> None:
     labels = {d: [m.label for m in migrations.load(d)] for d in DIALECTS}
     assert labels["sqlite"] == labels["postgres"]
     assert labels["sqlite"][0] == "0001_initial" and len(labels["sqlite"]) == HEAD >= 2
+
+
+@pytest.mark.parametrize(
+    ("query", "index"),
+    [
+        ("claim", "jobs_claim"),
+        ("has_queued", "jobs_claim"),
+        ("expire_leases", "jobs_lease_expiry"),
+        ("release_worker_jobs", "jobs_worker"),
+        ("renew_leases", "jobs_worker"),
+    ],
+)
+def test_sqlite_walks_indexes_of_one_state_for_the_hot_queries(query: str, index: str, tmp_path: Path) -> None:
+    """0012: the indexes the claim, the lease sweep and a worker's renewals walk hold the jobs of one state (as
+    PostgreSQL's do), and each query still seeks its index (the planner's own account, not a timing)."""
+    path = tmp_path / "s.db"
+
+    async def made() -> None:
+        store = SQLiteStore(path)
+        await store.open()
+        await store.close()
+
+    asyncio.run(made())
+    sql = SQLiteStore.Q[query]
+    with sqlite3.connect(path) as conn:
+        (definition,) = conn.execute("SELECT sql FROM sqlite_master WHERE name = ?", (index,)).fetchone()
+        params = dict.fromkeys(re.findall(r"(?<![:\w]):(\w+)", sql))
+        plan = " | ".join(r[3] for r in conn.execute("EXPLAIN QUERY PLAN " + sql, params))
+    assert definition.endswith("WHERE state = 'queued'" if index == "jobs_claim" else "WHERE state = 'running'")
+    assert f"USING INDEX {index}" in plan or f"USING COVERING INDEX {index}" in plan, plan
 
 
 # -- data of a version-1 database, in plain SQL -----------------------------------------------------------------------

@@ -462,6 +462,30 @@ async def test_retry_on_exit_codes_retries_only_those_exits(store: Store) -> Non
     assert (await store.finish(claim.lease, FinishResult("success", 0), T0 + 1)).reason == "success"
 
 
+async def test_only_a_program_failure_with_retries_left_goes_back_to_the_queue(store: Store) -> None:
+    """The retry rule, decided by each dialect's finish statement: failed and timed_out are the program's failures;
+    success and cancelled end the job whatever its retries; no retries (the default) ends it at the first failure."""
+    await worker(store)
+    cases = [
+        ({}, "failed", 1, "finished"),
+        ({}, "timed_out", None, "finished"),
+        ({"retries": 5}, "cancelled", None, "finished"),
+        ({"retries": 5}, "success", 0, "finished"),
+        ({"retries": 5}, "failed", None, "queued"),
+        ({"retries": 5}, "timed_out", None, "queued"),
+        ({"retries": 1, "retry_on_exit_codes": [3]}, "failed", None, "finished"),
+    ]
+    for n, (retries, reason, code, state) in enumerate(cases):
+        job, _ = await submit(store, definition("rule", str(n)), **retries)
+        (claim,) = await store.claim("w1", 1, T0, 5)
+        done = await store.finish(claim.lease, FinishResult(reason, code), T0 + 1)
+        assert (done.id, done.state) == (job.id, state), (retries, reason, code)
+        assert (done.reason, done.finished_at) == ((None, None) if state == "queued" else (reason, T0 + 1))
+        assert [a.outcome for a in await store.list_attempts(job.id)] == [reason]
+        if state == "queued":
+            await store.cancel(job.id, T0 + 2)
+
+
 async def test_program_failures_do_not_spend_the_infrastructure_budget(store: Store) -> None:
     job, _ = await submit(store, definition("both"), max_attempts=2, retries=2)
     await worker(store)

@@ -7,7 +7,6 @@ from pydantic import ValidationError
 
 from scaleq.jobs import (
     Capabilities,
-    Job,
     JobDefinition,
     RuntimeKind,
     SubmitRequest,
@@ -15,7 +14,6 @@ from scaleq.jobs import (
     parse_duration,
     parse_env_pair,
     parse_size,
-    retried,
 )
 
 
@@ -139,15 +137,3 @@ def test_retries_are_checked_at_the_edge_and_are_not_part_of_the_id() -> None:
     ]:
         with pytest.raises(ValidationError, match=field):
             SubmitRequest(queue="q", definition=d, **bad)
-
-
-def test_which_failures_are_retried() -> None:
-    def job(**kw: object) -> Job:
-        return Job(id="x", queue="q", state="running", submitted_at=0, definition=JobDefinition(command=["x"]), **kw)
-
-    assert not retried(job(), "failed", 1)  # no retries: today's behaviour
-    assert retried(job(retries=1), "failed", 1) and retried(job(retries=1), "timed_out", None)
-    assert not retried(job(retries=1, failures=1), "failed", 1)  # spent
-    assert not retried(job(retries=5), "success", 0) and not retried(job(retries=5), "cancelled", None)
-    codes = job(retries=1, retry_on_exit_codes=[3])
-    assert retried(codes, "failed", 3) and not retried(codes, "failed", 4) and not retried(codes, "timed_out", None)

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
-from scaleq.jobs import PROGRAM_FAILURES, Capabilities, Claim, Job, JobDefinition, Worker, retried
+from scaleq.jobs import PROGRAM_FAILURES, Capabilities, Claim, Job, JobDefinition, Worker
 from scaleq.store import migrations, rows
 from scaleq.store.base import (
     BLOB_PART,
@@ -518,23 +518,10 @@ class SQLStore:
         await self._first(lambda: self.db.execute(self.Q["touch_workers"], params), transaction=False)
 
     def _finish_rows(self, finishes: list[tuple[str, FinishResult]], now: float) -> dict[str, Row]:
-        """Finish the attempts whose leases still own their jobs (or queue them again for a retry:
-        :func:`scaleq.jobs.retried`); their job rows by lease. Two statements per finish here (SQLite runs
-        in-process); PostgreSQL overrides it with one statement for the whole batch."""
-        done = {}
-        for lease, result in finishes:
-            running = self._one("running_by_lease", lease=lease)
-            if running is None:
-                continue
-            fields = {"lease": lease, "reason": result.reason, "exit_code": result.exit_code, "error": result.error}
-            if retried(rows.job(running), result.reason, result.exit_code):
-                row = self._one("retry_failed", **fields)
-            else:
-                row = self._one("finish", now=now, **fields)
-            if row is not None:
-                self.db.execute(self.Q["end_attempt"], {"lease": lease, "now": now, "outcome": result.reason})
-                done[lease] = row
-        return done
+        """Finish the attempts whose leases still own their jobs (or queue them again, for a program failure the job
+        retries), and end those attempts; the jobs' rows by lease. The dialect's own: SQLite runs one statement per
+        result (it runs in-process), PostgreSQL one for the whole batch."""
+        raise NotImplementedError
 
     def _repeated_finish(self, lease: str, result: FinishResult) -> Job | None:
         """A repeated finish of the attempt that did finish the job (or queue it again for a retry) is harmless:

@@ -24,9 +24,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+from scaleq.store.base import FinishResult
 from scaleq.store.batching import Batches
 from scaleq.store.migrations import Migration
 from scaleq.store.queries import load
+from scaleq.store.rows import Row
 from scaleq.store.sql import SQLStore
 
 T = TypeVar("T")
@@ -55,6 +57,16 @@ class SQLiteStore(SQLStore):
     async def _first(self, fn: Callable[[], T], transaction: bool = True) -> T:
         result: T = await self._batches.run(fn, transaction, first=True)
         return result
+
+    def _finish_rows(self, finishes: list[tuple[str, FinishResult]], now: float) -> dict[str, Row]:
+        done = {}
+        for lease, result in finishes:
+            fields = {"lease": lease, "reason": result.reason, "exit_code": result.exit_code, "error": result.error}
+            row = self._one("finish", now=now, **fields)
+            if row is not None:
+                self.db.execute(self.Q["end_attempt"], {"lease": lease, "now": now, "outcome": result.reason})
+                done[lease] = row
+        return done
 
     @contextmanager
     def _connection(self) -> Iterator[sqlite3.Connection]:

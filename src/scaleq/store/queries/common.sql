@@ -54,24 +54,6 @@ SELECT :job_id, :attempt, :worker_id, :lease, :now, w.grp,
        CASE WHEN j.cpus >= w.cpus THEN 1.0 WHEN j.cpus * w.slots > w.cpus THEN j.cpus / w.cpus ELSE 1.0 / w.slots END
   FROM workers w, jobs j WHERE w.id = :worker_id AND j.id = :job_id;
 
--- name: finish
-UPDATE jobs SET state = 'finished', reason = :reason, exit_code = :exit_code, error = :error, finished_at = :now,
-       lease = NULL, lease_expires_at = NULL
- WHERE lease = :lease AND state = 'running'
-RETURNING *;
-
--- name: retry_failed
--- A program failure the job retries (scaleq.jobs.retried): back to the queue at its place, counted in failures and
--- not in attempts (that budget is the infrastructure's). PostgreSQL decides and does it in finish_batch/worker_claim.
-UPDATE jobs SET state = 'queued', reason = NULL, exit_code = :exit_code, error = :error, finished_at = NULL,
-       attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END, failures = failures + 1, worker_id = NULL,
-       started_at = NULL, lease = NULL, lease_expires_at = NULL
- WHERE lease = :lease AND state = 'running'
-RETURNING *;
-
--- name: running_by_lease
-SELECT * FROM jobs WHERE lease = :lease AND state = 'running';
-
 -- name: end_attempt
 UPDATE attempts SET ended_at = :now, outcome = :outcome WHERE lease = :lease AND ended_at IS NULL;
 
@@ -347,7 +329,7 @@ SELECT a.job_id AS key, a.grp,
 -- name: queue_position
 -- Where a queued job stands in its queue, as the claim orders it (priority, then submit order): the jobs claimed
 -- before it (ahead), of those the ones at a higher priority, and all queued on the queue. It counts over the queue's
--- claim order (jobs_claim on PostgreSQL), so its cost grows with the jobs ahead.
+-- claim order (jobs_claim: the queued jobs alone), so its cost grows with the jobs ahead.
 SELECT CAST(coalesce(sum(CASE WHEN j.priority > me.priority OR (j.priority = me.priority AND j.seq < me.seq)
                               THEN 1 ELSE 0 END), 0) AS BIGINT) AS ahead,
        CAST(coalesce(sum(CASE WHEN j.priority > me.priority THEN 1 ELSE 0 END), 0) AS BIGINT) AS higher,

@@ -30,6 +30,30 @@ VALUES (:id, :queue, :definition, :runtime, :cpus, :memory, :gpus, :tags, :host_
         :max_attempts, :retries, :retry_on_exit_codes, :now, :array_id, :array_index)
 ON CONFLICT (id) DO NOTHING;
 
+-- name: finish
+-- One attempt's result, one statement: the job its lease still owns is finished or — a program failure of a kind the
+-- job retries, with retries left — queued again at its place, counted in failures and not in attempts (that budget is
+-- the infrastructure's). The row is the job as the result left it; none for a lease that owns nothing. PostgreSQL
+-- decides the same for a batch of results in finish_batch and worker_claim.
+UPDATE jobs
+   SET state = CASE WHEN r.retry THEN 'queued' ELSE 'finished' END,
+       reason = CASE WHEN r.retry THEN NULL ELSE :reason END,
+       exit_code = :exit_code, error = :error,
+       finished_at = CASE WHEN r.retry THEN NULL ELSE :now END,
+       attempts = CASE WHEN r.retry THEN max(jobs.attempts - 1, 0) ELSE jobs.attempts END,
+       failures = jobs.failures + r.retry,
+       worker_id = CASE WHEN r.retry THEN NULL ELSE jobs.worker_id END,
+       started_at = CASE WHEN r.retry THEN NULL ELSE jobs.started_at END,
+       lease = NULL, lease_expires_at = NULL
+  FROM (SELECT id, coalesce(:reason IN ('failed', 'timed_out') AND failures < retries
+                            AND (retry_on_exit_codes IS NULL
+                                 OR (:reason = 'failed'
+                                     AND :exit_code IN (SELECT value FROM json_each(retry_on_exit_codes)))),
+                            0) AS retry
+          FROM jobs WHERE lease = :lease AND state = 'running') AS r
+ WHERE jobs.id = r.id
+RETURNING *;
+
 -- name: claim
 UPDATE jobs
    SET state = 'running', attempts = attempts + 1, attempt_seq = attempt_seq + 1, worker_id = :worker_id,

@@ -1,0 +1,2 @@
+-- 0012: nothing to do here. SQLite's jobs_claim, jobs_lease_expiry and jobs_worker became partial in its 0012;
+-- PostgreSQL's have been partial since 0001. The number is kept so that both dialects' versions mean the same.
