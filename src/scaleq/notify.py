@@ -27,6 +27,12 @@ oldest jobs they can, so it is the last one's to look) —, as does one woken by
 of its keys) that took all it asked for; the chain ends at a claim that finds nothing. Passing on after every
 success, local ones included, cost a second store try (and a ``has_queued``) for most jobs of a busy queue: at 5,000
 workers with 400 jobs a second, 800 woken claims a second of which 500 found nothing.
+
+**What another server published may be missed**: while this server's LISTEN connection is down (a database restart,
+a network cut) its NOTIFYs are lost. On each (re)connect the listener delivers :data:`MISSED`, which wakes the
+oldest claim parked on every queue, as another server's notice does (a job queued meanwhile reaches a claim now, not
+at its long-poll's end), and counts in :meth:`Notifier.generation` (a worker whose last try found nothing tries
+again).
 """
 
 from __future__ import annotations
@@ -40,6 +46,8 @@ from dataclasses import dataclass, field
 
 #: A wake passed on through this many claims in a row that found nothing stops there (see the module's docstring).
 MAX_EMPTY_PASSES = 50
+#: The key delivered when other servers' notices may have been missed (see the module's docstring).
+MISSED = "missed"
 
 
 class Signal(asyncio.Event):
@@ -89,9 +97,10 @@ class Notifier:
         self._seq = itertools.count()
         #: woken claims by queue that have not come back from their store try yet (see :meth:`others_out`)
         self._out: dict[str, set[ClaimWaiter]] = {}
-        #: wakes delivered per queue, and to any worker (a drain): what a claim's empty answer was as of
+        #: wakes delivered per queue, and those that may concern any queue (a worker's drain, MISSED): what a
+        #: claim's empty answer was as of
         self._queue_wakes: dict[str, int] = {}
-        self._worker_wakes = 0
+        self._any_wakes = 0
 
     def park(self, queue: str) -> ClaimWaiter:
         """A claim parks on ``queue``: it waits on the returned waiter's event, and :meth:`unpark` s it after."""
@@ -169,10 +178,10 @@ class Notifier:
         return len(self._claims.get(queue, ()))
 
     def generation(self, queue: str) -> tuple[int, int]:
-        """How many wakes of ``queue`` and of any worker this server has delivered: read before a store try, and
+        """How many wakes of ``queue``, and of any queue, this server has delivered: read before a store try, and
         unchanged after it, it says that nothing a claim on ``queue`` could take has been queued since (every path
         that queues a job notifies its queue: scaleq.server.liveness.OpenClaims.nothing_new)."""
-        return self._queue_wakes.get(queue, 0), self._worker_wakes
+        return self._queue_wakes.get(queue, 0), self._any_wakes
 
     def event(self, key: str) -> Signal:
         ev = self._events.get(key)
@@ -198,7 +207,11 @@ class Notifier:
                 self._queue_wakes[queue] = self._queue_wakes.get(queue, 0) + 1
                 self.wake_claims(queue, 1, job=job)
             elif key.startswith("worker:"):
-                self._worker_wakes += 1
+                self._any_wakes += 1
+            elif key == MISSED:
+                self._any_wakes += 1
+                for queue in list(self._claims):
+                    self.wake_claims(queue, 1)
 
     def submitted(self, queue: str, job_id: str) -> None:
         self.notify(f"queue:{queue}", f"job:{job_id}", "any", job=job_id)

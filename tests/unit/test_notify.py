@@ -3,7 +3,7 @@ after a run of claims that found nothing — or, when it stood for one job (this
 
 from __future__ import annotations
 
-from scaleq.notify import MAX_EMPTY_PASSES, Notifier
+from scaleq.notify import MAX_EMPTY_PASSES, MISSED, Notifier
 
 
 def test_a_submit_wakes_one_claim_the_oldest() -> None:
@@ -113,3 +113,14 @@ def test_the_last_woken_claim_back_from_the_store_is_the_one_to_look_for_jobs_le
     assert c.event.is_set() and n.others_out(a)
     n.back(c)
     assert not n.others_out(a) and not n.others_out(c)
+
+
+def test_notices_missed_while_not_listening_wake_the_oldest_claim_of_every_queue_and_count_as_news() -> None:
+    n = Notifier()
+    a1, a2, b1 = n.park("a"), n.park("a"), n.park("b")
+    before = (n.generation("a"), n.generation("b"))
+    n.deliver(("any", MISSED))
+    assert [w.event.is_set() for w in (a1, a2, b1)] == [True, False, True]
+    assert a1.job is None and b1.job is None  # as another server's notice: passed on while jobs wait
+    assert n.generation("a") != before[0] and n.generation("b") != before[1]
+    assert n.generation("c") != (0, 0)  # a queue with nobody parked: its workers' last empty tries are stale too

@@ -37,6 +37,7 @@ from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 from scaleq.jobs import Claim, Job, JobDefinition
 from scaleq.loop import wait_set
+from scaleq.notify import MISSED
 from scaleq.store import rows
 from scaleq.store.base import ArrayRecord, FinishResult, NotFound, Submission, WorkerClaim
 from scaleq.store.heartbeats import Beat, HeartbeatBatches
@@ -417,7 +418,7 @@ class PostgresStore(SQLStore):
                 async with await psycopg.AsyncConnection.connect(self.url, autocommit=True) as conn:
                     await conn.execute(f"LISTEN {CHANNEL}")
                     delay = 0.2
-                    deliver(("any",))  # anything may have happened while we were not listening
+                    deliver(("any", MISSED))  # anything may have happened while we were not listening
                     async for note in conn.notifies():
                         keys = note.payload.split("\n")
                         if keys[0].startswith(ORIGIN):

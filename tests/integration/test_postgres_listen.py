@@ -1,0 +1,45 @@
+"""A server's LISTEN connection lost and made again: what other servers published meanwhile is treated as missed.
+
+While the listener is down, other servers' NOTIFYs never reach this one: a job one of them queued would wait for a
+claim parked here until its long-poll ended (20 s). So each (re)connect delivers ``MISSED``, which wakes the oldest
+claim parked on every queue and counts as news for the workers whose last try found nothing (scaleq.notify)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+import psycopg
+import pytest
+
+from scaleq.notify import MISSED
+from scaleq.store.postgres import PostgresStore
+
+
+@pytest.fixture
+async def store(pg_url: str) -> AsyncIterator[PostgresStore]:
+    s = PostgresStore(pg_url)
+    await s.open()
+    yield s
+    await s.close()
+
+
+async def until(condition: Callable[[], bool], what: str) -> None:
+    for _ in range(300):  # the listener reconnects within 0.2 s; this bounds a hang, it times nothing
+        if condition():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"never: {what}")
+
+
+async def test_a_listener_that_reconnects_delivers_missed(store: PostgresStore, pg_url: str) -> None:
+    delivered: list[tuple[str, ...]] = []
+    await store.listen(delivered.append)
+    await until(lambda: delivered.count(("any", MISSED)) == 1, "the first LISTEN")
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        killed = conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE query LIKE 'LISTEN %' AND datname = current_database() AND pid <> pg_backend_pid()"
+        ).fetchall()
+    assert killed == [(True,)]
+    await until(lambda: delivered.count(("any", MISSED)) == 2, "a second LISTEN after the first was cut")
