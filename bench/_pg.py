@@ -122,6 +122,21 @@ def machine() -> str:
     )
 
 
+def speed_probe_ms() -> float:
+    """How long this machine takes now for a fixed piece of single-threaded Python, in ms (the median of three).
+    These VMs' speed drifts by a third and more over minutes (a neighbour's load, the host's clock), so rows run
+    apart compare only as far as their probes agree; a probe is ~0.5 s."""
+    record = {"id": "x" * 64, "queue": "q", "definition": {"command": ["sleep", "1"], "env": {"A": "1"}}, "at": 1.5}
+    times = []
+    for _ in range(3):
+        started = time.perf_counter()
+        for i in range(20_000):
+            decoded = json.loads(json.dumps(record))
+            decoded["at"] += sum(len(k) for k in decoded) * i % 7
+        times.append(time.perf_counter() - started)
+    return round(sorted(times)[1] * 1000, 1)
+
+
 # -- a scaleq server in its own process -------------------------------------------------------------------------
 
 

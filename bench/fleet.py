@@ -83,6 +83,9 @@ workers drain and leave (spread over 5 s). Only requests *sent* inside the measu
 * *listen overflows* (JSON ``listen_overflows``): connections the kernel dropped over the row, ramp and teardown
   included, because the server's accept queue was full (machine-wide: ``TcpExtListenOverflows``). Each such client
   waits out TCP's retransmit timer while the server may sit idle;
+* *machine probe* (JSON ``machine_probe_ms``): how long a fixed piece of Python took before the row and after it
+  (``_pg.speed_probe_ms``). These VMs drift in speed by a third and more over minutes: compare rows whose probes
+  agree, and read a row whose probes differ as run on a machine that changed under it;
 * *verdict*: ``ok`` when spurious = 0, no failed requests and heartbeat and claim-answer p99 < 250 ms (issue 11's
   limits), else what missed; ``gen!`` marks a row whose generator was saturated.
 """
@@ -852,6 +855,7 @@ def run_row(n: int, setup: str, mode: str, a: Args, pg: Any, row_no: int) -> dic
             conn.execute(f"CREATE DATABASE {db}")
         store = _pg.db_url(pg, db)
     servers: list[Server] = []
+    probes = [_pg.speed_probe_ms()]
     try:
         for _ in range(2 if setup == "postgres-2" else 1):
             servers.append(start_server(store, a.server_cpu))
@@ -865,6 +869,7 @@ def run_row(n: int, setup: str, mode: str, a: Args, pg: Any, row_no: int) -> dic
         lost["marked_gone_while_alive"] = sum(alive for alive, _ in marks)
         lost["marked_gone_after_leaving"] = sum(later for _, later in marks)
         warnings = [server_warnings(s) for s in servers]
+        probes.append(_pg.speed_probe_ms())
     finally:
         for s in servers:
             stop_server(s)
@@ -877,6 +882,7 @@ def run_row(n: int, setup: str, mode: str, a: Args, pg: Any, row_no: int) -> dic
     row = summarise(n, setup, mode, a, m, lost)
     row["server_warnings"] = warnings
     row["listen_overflows"] = overflows
+    row["machine_probe_ms"] = probes  # before the row and after it (bench/_pg.py speed_probe_ms)
     return row
 
 
@@ -1383,8 +1389,8 @@ def main() -> int:
                         console.print(
                             f"  {setup} {mode} N={n:,}: server CPU {row['server_cpu_pct']:.0f} %, "
                             f"hb p99 {row['heartbeat_p99_ms']} ms, claim p99 {row['claim_answer_p99_ms']} ms, "
-                            f"spurious {row['spurious']}, generators {row['generator_cpu_pct']} % CPU "
-                            f"→ {row['verdict']}"
+                            f"spurious {row['spurious']}, generators {row['generator_cpu_pct']} % CPU, "
+                            f"machine probe {row['machine_probe_ms']} ms → {row['verdict']}"
                         )
                         if row["generator_saturated"]:
                             console.print(
