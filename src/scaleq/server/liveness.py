@@ -25,8 +25,9 @@ workers with 450 jobs a second, 300 a second). So each empty try is remembered w
 :meth:`~scaleq.notify.Notifier.generation` read before it; a claim from the same worker within
 :data:`FRESH_SECONDS`, while no wake for its queue (or for any worker: a drain) has been delivered since, parks at
 once. Every path that queues a job notifies its queue (this server's at once, another server's when its NOTIFY
-arrives, which then wakes the parked claim as it would have anyway); the freshness bound keeps a notice that never
-came (a lost NOTIFY, a reconnect) from costing more than one long-poll, as for any parked claim. A worker registering
+arrives, which then wakes the parked claim as it would have anyway; a listener that reconnects delivers
+:data:`~scaleq.notify.MISSED`, which counts as news for every queue); the freshness bound keeps a notice that never
+came (a NOTIFY lost otherwise) from costing more than one long-poll, as for any parked claim. A worker registering
 again forgets it (its capabilities may have changed).
 """
 

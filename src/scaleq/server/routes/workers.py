@@ -14,19 +14,18 @@ from __future__ import annotations
 
 import base64
 import binascii
-import time
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, HTTPException, Request, Response, status
 from pydantic import BaseModel, Field, field_validator
 
 from scaleq.jobs import MAX_SIZE, Claim, Job, RuntimeKind, State, Worker, validate_queue_name
-from scaleq.notify import wait_any
 from scaleq.server import metrics, outputs
 from scaleq.server.auth import Caller, WorkerCaller, require
 from scaleq.server.liveness import OpenClaims
+from scaleq.server.longpoll import LongPoll
 from scaleq.server.routes.common import C, Ctx
-from scaleq.store.base import FinishResult, NotFound, StaleLease, WorkerClaim
+from scaleq.store.base import FinishResult, NotFound, StaleLease
 
 router = APIRouter(tags=["workers"])
 
@@ -265,114 +264,52 @@ async def _claim(
 ) -> Claimed:
     foreign = await _foreign_leases(ctx, who, [f.lease for f in body.finishes])
     mine = [f for f in body.finishes if f.lease not in foreign]
-    # The finishes and the first claim are one store operation (one statement on PostgreSQL). The claim parks (takes
-    # its place in the queue's line of waiters, and the worker's drain event) BEFORE a store try whose empty answer it
-    # waits on, so that a submit in between is never missed. The worker's queue is remembered from its last claim, so
-    # an idle re-poll parks before its first try: one store round trip, not two. A claim woken by a submit that finds
-    # nothing passes the wake on while jobs are still queued (see scaleq.notify).
-    deadline = time.monotonic() + min(body.wait, ctx.settings.long_poll_max)
-    notifier = ctx.notifier
-    known = open_claims.queue_of(worker_id)
-    waiter = notifier.park(known) if known and body.max > 0 else None
-    ev_worker = notifier.event(f"worker:{worker_id}")
+    # The finishes and the first try are one store operation (one statement on PostgreSQL); the long-poll around it
+    # is scaleq.server.longpoll's.
+    poll = LongPoll(ctx, open_claims, request, worker_id, body.max, body.wait)
     try:
         now = ctx.now()
         results = [(f.lease, FinishResult(f.reason, f.exit_code, f.error)) for f in mine]
-        beat, term = ctx.cadence.heartbeat_seconds, ctx.cadence.lease_seconds  # as of each grant: the pair answered
-        if (
-            waiter is not None
-            and not body.finishes
-            and open_claims.nothing_new(worker_id, notifier.generation(waiter.queue))
-        ):
-            got = WorkerClaim(waiter.queue, "active", [])  # its last try found nothing, and nothing came since: park
-        else:
-            got = await _store_try(ctx, open_claims, worker_id, body.max, now, term, known, results)
-        done = dict(zip([f.lease for f in mine], got.finished, strict=True))
-        finished = []
-        for f in body.finishes:
-            if f.lease in foreign:
-                finished.append(
-                    FinishOutcome(lease=f.lease, ok=False, detail="this lease belongs to another token's worker")
-                )
-                continue
-            job = done[f.lease]
-            if job is None:
-                finished.append(FinishOutcome(lease=f.lease, ok=False, detail="this attempt no longer owns its job"))
-                continue
-            _finished(ctx, job, now)
-            finished.append(FinishOutcome(lease=f.lease, ok=True))
+        got = await poll.first(now, results, carrying=bool(body.finishes))
+        finished = _outcomes(
+            ctx, body.finishes, foreign, dict(zip([f.lease for f in mine], got.finished, strict=True)), now
+        )
         request.app.state.tokens.drop_leases([f.lease for f in mine])
         open_claims.remember(worker_id, got.queue)
         # With results riding along and nothing to hand out, answer at once: until the answer the worker must keep
         # renewing those leases (it cannot know they are in), so a parked claim would cost it a heartbeat every
         # heartbeat_seconds for a whole long-poll; its next claim, without them, parks as an idle worker's does.
-        parks = not body.finishes
-        while parks and not got.claims and got.state == "active" and body.max > 0:
-            if waiter is None or waiter.queue != got.queue:  # not parked on this queue yet: park, then try again
-                notifier.unpark(waiter)
-                waiter, ev_worker = notifier.park(got.queue), notifier.event(f"worker:{worker_id}")
-            elif time.monotonic() >= deadline or await request.is_disconnected():
-                break
-            elif not await wait_any((waiter.event, ev_worker), deadline - time.monotonic()):
-                break
-            elif await request.is_disconnected():  # woken, but the worker is gone: its wake goes to the next
-                break
-            else:  # woken: take a new place in line before trying again
-                woken = waiter
-                waiter, ev_worker = notifier.park(got.queue), notifier.event(f"worker:{worker_id}")
-                if woken.event.is_set():
-                    woken.handled = True
-                    notifier.unpark(woken)
-                    beat, term = ctx.cadence.heartbeat_seconds, ctx.cadence.lease_seconds
-                    try:
-                        got = await _store_try(ctx, open_claims, worker_id, body.max, ctx.now(), term, got.queue)
-                    finally:
-                        notifier.back(woken)
-                    # a worker that now drains claims nothing: pass on at once; an active one only while jobs wait
-                    # (and not past a run of claims that found nothing: scaleq.notify.MAX_EMPTY_PASSES)
-                    if not got.claims and (got.state != "active" or await ctx.store.has_queued(got.queue)):
-                        notifier.pass_on(woken, found=False)
-                    elif len(got.claims) >= body.max and not notifier.spent(woken, [c.job.id for c in got.claims]):
-                        # it took all it could, but not the one job this server's wake stood for (an older one), or
-                        # the wake is another server's, which may stand for many (its NOTIFY carries a queue once
-                        # per batch): the next claim in line tries too — for a local wake, when no other woken claim
-                        # is still out and jobs wait (scaleq.notify)
-                        if woken.job is None or (
-                            not notifier.others_out(woken) and await ctx.store.has_queued(got.queue)
-                        ):
-                            notifier.pass_on(woken, found=True)
-                    continue
-                notifier.unpark(woken)
-            beat, term = ctx.cadence.heartbeat_seconds, ctx.cadence.lease_seconds
-            got = await _store_try(ctx, open_claims, worker_id, body.max, ctx.now(), term, got.queue)
+        if not body.finishes:
+            got = await poll.park(got)
     finally:
-        notifier.unpark(waiter)
+        poll.close()
     if got.claims:
         ctx.cadence.claimed(len(got.claims))
         request.app.state.tokens.put_leases([c.lease for c in got.claims], worker_id)
         metrics.observe_claimed(request.app, got.claims)
         for c in got.claims:
             ctx.notifier.changed(c.job.id)
-    return Claimed(claims=got.claims, finished=finished, state=got.state, heartbeat_seconds=beat)
+    return Claimed(claims=got.claims, finished=finished, state=got.state, heartbeat_seconds=poll.beat)
 
 
-async def _store_try(
-    ctx: Ctx,
-    open_claims: OpenClaims,
-    worker_id: str,
-    n: int,
-    now: float,
-    term: float,
-    queue: str | None,
-    finishes: list[tuple[str, FinishResult]] | None = None,
-) -> WorkerClaim:
-    """One store try of a claim; one that finds nothing for an active worker on ``queue`` (its queue, when known)
-    is remembered as of the notifier's generation read before it (:meth:`OpenClaims.nothing_new`)."""
-    before = ctx.notifier.generation(queue) if queue is not None else None
-    got = await ctx.store.worker_claim(worker_id, n, now, term, finishes=finishes)
-    if before is not None and got.queue == queue and got.state == "active" and not got.claims and n > 0:
-        open_claims.found_nothing(worker_id, before)
-    return got
+def _outcomes(
+    ctx: Ctx, finishes: list[FinishBody], foreign: set[str], done: dict[str, Job | None], now: float
+) -> list[FinishOutcome]:
+    """Per result that rode along, whether it landed (``done``: the store's answer for the worker's own leases)."""
+    outcomes = []
+    for f in finishes:
+        if f.lease in foreign:
+            outcomes.append(
+                FinishOutcome(lease=f.lease, ok=False, detail="this lease belongs to another token's worker")
+            )
+            continue
+        job = done[f.lease]
+        if job is None:
+            outcomes.append(FinishOutcome(lease=f.lease, ok=False, detail="this attempt no longer owns its job"))
+            continue
+        _finished(ctx, job, now)
+        outcomes.append(FinishOutcome(lease=f.lease, ok=True))
+    return outcomes
 
 
 @router.post("/workers/{worker_id}/heartbeat", response_model=Beat)
