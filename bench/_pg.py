@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -30,12 +31,22 @@ _TICK = os.sysconf("SC_CLK_TCK")
 
 
 @contextlib.contextmanager
-def cluster(*databases: str) -> Iterator[Cluster]:
-    """A fresh cluster (default settings apart from max_connections=200) with ``databases`` created in it."""
+def cluster(*databases: str, statements: bool = False) -> Iterator[Cluster]:
+    """A fresh cluster (default settings apart from max_connections=200) with ``databases`` created in it; with
+    ``statements``, pg_stat_statements loaded (a restart) and created in ``postgres`` and ``template1`` (so in every
+    database made after)."""
     import psycopg
 
     c = start_cluster()
     try:
+        if statements:
+            with psycopg.connect(c.url, autocommit=True) as conn:
+                conn.execute("ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'")
+            c.stop()
+            c.start()
+            for existing in ("template1", "postgres"):
+                with psycopg.connect(c.url.rsplit("/", 1)[0] + "/" + existing, autocommit=True) as conn:
+                    conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
         with psycopg.connect(c.url, autocommit=True) as conn:
             for db in databases:
                 conn.execute(f"CREATE DATABASE {db}")
@@ -44,6 +55,19 @@ def cluster(*databases: str) -> Iterator[Cluster]:
         with contextlib.suppress(Exception):
             c.stop("immediate")
         shutil.rmtree(c.data, ignore_errors=True)
+
+
+def top_statements(conn: Any, db: str, n: int = 12) -> list[dict[str, Any]]:
+    """The ``n`` statements of database ``db`` that took the most time since pg_stat_statements was last reset."""
+    rows = conn.execute(
+        "SELECT calls, round(total_exec_time::numeric, 1) AS total_ms, round(mean_exec_time::numeric, 3) AS mean_ms,"
+        " rows, round(total_plan_time::numeric, 1) AS plan_ms, left(regexp_replace(query, '\\s+', ' ', 'g'), 200)"
+        " FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database WHERE datname = %s)"
+        " ORDER BY total_exec_time DESC LIMIT %s",
+        (db, n),
+    ).fetchall()
+    keys = ("calls", "total_ms", "mean_ms", "rows", "plan_ms", "query")
+    return [{k: float(v) if k.endswith("_ms") else v for k, v in zip(keys, r, strict=True)} for r in rows]
 
 
 def db_url(c: Cluster, db: str) -> str:

@@ -824,6 +824,7 @@ class Args:
     profile: Path | None = None  # py-spy the server(s) during the window, into this directory
     job_seconds: float = 1.0  # flow: how long each job runs
     server_cpu: float | None = None  # % of a core each server is held to (a cgroup's CPU quota), or no limit
+    pg_statements: bool = False  # the database's statements over the window (pg_stat_statements), in the JSON
 
 
 @dataclass
@@ -840,6 +841,7 @@ class Measured:
     stats: list[dict[str, Any]] = field(default_factory=list)  # one per generator
     submitter: dict[str, Any] = field(default_factory=dict)
     loop: list[dict[str, Any]] = field(default_factory=list)  # per server: its event-loop lag and GC pauses
+    pg_statements: list[dict[str, Any]] = field(default_factory=list)  # the top ones by time over the window
     window: tuple[float, float] = (0.0, 0.0)  # the measured window, wall-clock
     stop: float = 0.0  # when the workers start leaving, wall-clock
 
@@ -883,6 +885,8 @@ def run_row(n: int, setup: str, mode: str, a: Args, pg: Any, row_no: int) -> dic
     row["server_warnings"] = warnings
     row["listen_overflows"] = overflows
     row["machine_probe_ms"] = probes  # before the row and after it (bench/_pg.py speed_probe_ms)
+    if m.pg_statements:
+        row["postgres_statements"] = m.pg_statements
     return row
 
 
@@ -990,7 +994,7 @@ def drive(
             f"measuring {a.duration:.0f} s after a {a.ramp:.0f} s ramp[/dim]"
         )
         spies = profile(a, w, servers, f"{setup}-{mode}-{n}")
-        m = sample(w, servers, pg, db)
+        m = sample(w, servers, pg, db, a.pg_statements)
         m.window, m.stop = (w.measure_from, w.measure_to), w.stop
         for spy in spies:
             spy.wait()
@@ -1035,9 +1039,10 @@ def profile(a: Args, w: Window, servers: list[Server], name: str) -> list[subpro
     return spies
 
 
-def sample(w: Window, servers: list[Server], pg: Any, db: str | None) -> Measured:
+def sample(w: Window, servers: list[Server], pg: Any, db: str | None, statements: bool = False) -> Measured:
     """CPU over the window, and the largest RSS and PostgreSQL connection count seen in it (sampled every second);
-    the servers' own event-loop lag and GC pauses over the window (their ``/metrics``, read at both ends)."""
+    the servers' own event-loop lag and GC pauses over the window (their ``/metrics``, read at both ends); with
+    ``statements``, what the database spent its time on over the window (pg_stat_statements)."""
     pids = [s.proc.pid for s in servers]
     m = Measured(rss=[0] * len(pids))
     time.sleep(max(0.0, w.measure_from - time.time()))
@@ -1050,6 +1055,8 @@ def sample(w: Window, servers: list[Server], pg: Any, db: str | None) -> Measure
         import psycopg
 
         conn = psycopg.connect(pg.url, autocommit=True)
+        if statements:
+            conn.execute("SELECT pg_stat_statements_reset()")
     try:
         while time.time() < w.measure_to:
             for i, p in enumerate(pids):
@@ -1061,6 +1068,8 @@ def sample(w: Window, servers: list[Server], pg: Any, db: str | None) -> Measure
                 ).fetchone()
                 m.pg_conns = max(m.pg_conns, int(row[0]) if row else 0)
             time.sleep(min(1.0, max(0.0, w.measure_to - time.time())))
+        if conn is not None and statements:
+            m.pg_statements = _pg.top_statements(conn, db)
     finally:
         if conn is not None:
             conn.close()
@@ -1329,6 +1338,11 @@ def main() -> int:
         "--profile", type=Path, default=None, help="py-spy record the server(s) during the window, into DIR"
     )
     ap.add_argument(
+        "--pg-statements",
+        action="store_true",
+        help="PostgreSQL rows: the database's top statements by time over the window (pg_stat_statements), in JSON",
+    )
+    ap.add_argument(
         "--job-seconds",
         type=float,
         default=1.0,
@@ -1354,7 +1368,9 @@ def main() -> int:
         ap.error("--generators must be at least 1")
     if args.profile is not None and _py_spy() is None:
         ap.error("--profile needs py-spy (pip install py-spy), found neither on PATH nor beside this Python")
-    a = Args(args.duration, args.ramp, args.generators, args.profile, args.job_seconds, args.server_cpu)
+    a = Args(
+        args.duration, args.ramp, args.generators, args.profile, args.job_seconds, args.server_cpu, args.pg_statements
+    )
     fds = raise_fd_limit(4 * max(args.workers) + 4096)
     most = max(args.workers)
     if 2 * most + 512 > fds:  # two connections per worker, all on one server in the sqlite and postgres setups
@@ -1372,7 +1388,7 @@ def main() -> int:
             pg = None
             if needs_pg:
                 try:
-                    pg = stack.enter_context(_pg.cluster())
+                    pg = stack.enter_context(_pg.cluster(statements=args.pg_statements))
                 except Exception as exc:
                     raise SetupFailed(f"PostgreSQL cannot start: {exc}") from exc
                 console.print(f"PostgreSQL {_pg.pg_version(pg)} (default settings, max_connections=200)")
