@@ -4,7 +4,6 @@ statements than heartbeats under a burst, and a batch that PostgreSQL picks as a
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import psycopg
@@ -15,14 +14,6 @@ from scaleq.store.heartbeats import Beat
 from scaleq.store.postgres import PostgresStore
 
 T0 = 1_000_000.0
-
-
-@pytest.fixture
-async def pg_store(pg_url: str) -> AsyncIterator[PostgresStore]:
-    store = PostgresStore(pg_url)
-    await store.open()
-    yield store
-    await store.close()
 
 
 async def fleet(store: PostgresStore, n: int) -> dict[str, str]:

@@ -7,21 +7,12 @@ claim parked on every queue and counts as news for the workers whose last try fo
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import psycopg
-import pytest
 
 from scaleq.notify import MISSED
 from scaleq.store.postgres import PostgresStore
-
-
-@pytest.fixture
-async def store(pg_url: str) -> AsyncIterator[PostgresStore]:
-    s = PostgresStore(pg_url)
-    await s.open()
-    yield s
-    await s.close()
 
 
 async def until(condition: Callable[[], bool], what: str) -> None:
@@ -32,9 +23,9 @@ async def until(condition: Callable[[], bool], what: str) -> None:
     raise AssertionError(f"never: {what}")
 
 
-async def test_a_listener_that_reconnects_delivers_missed(store: PostgresStore, pg_url: str) -> None:
+async def test_a_listener_that_reconnects_delivers_missed(pg_store: PostgresStore, pg_url: str) -> None:
     delivered: list[tuple[str, ...]] = []
-    await store.listen(delivered.append)
+    await pg_store.listen(delivered.append)
     await until(lambda: delivered.count(("any", MISSED)) == 1, "the first LISTEN")
     with psycopg.connect(pg_url, autocommit=True) as conn:
         killed = conn.execute(
