@@ -16,8 +16,8 @@ How a job is retried is not part of its definition (:class:`Retries`, given with
 changes how the job runs, not what it computes, so it is not hashed into the id. Two budgets, by cause: attempts lost
 to the infrastructure (``max_attempts``: a worker lost, a node gone; a preempted attempt is handed back and not
 counted) and the program's own failures (``retries``: a non-zero exit or a timeout, optionally only some exit codes).
-The store decides which result is retried, in the statement that records it (SQLite's ``finish``, PostgreSQL's
-``finish_batch`` and ``worker_claim``), so that a result costs one write.
+The store decides which result is retried, in the statement that writes the job (SQLite's ``finish``, PostgreSQL's
+``finish_batch`` and ``worker_claim``), so that a result's job is read and written once.
 """
 
 from __future__ import annotations

@@ -96,6 +96,19 @@ def test_both_dialects_have_the_same_numbered_migrations() -> None:
     assert labels["sqlite"][0] == "0001_initial" and len(labels["sqlite"]) == HEAD >= 2
 
 
+def fresh_sqlite(tmp_path: Path) -> Path:
+    """A SQLite database migrated to the head, closed."""
+    path = tmp_path / "s.db"
+
+    async def made() -> None:
+        store = SQLiteStore(path)
+        await store.open()
+        await store.close()
+
+    asyncio.run(made())
+    return path
+
+
 @pytest.mark.parametrize(
     ("query", "index"),
     [
@@ -109,14 +122,7 @@ def test_both_dialects_have_the_same_numbered_migrations() -> None:
 def test_sqlite_walks_indexes_of_one_state_for_the_hot_queries(query: str, index: str, tmp_path: Path) -> None:
     """0012: the indexes the claim, the lease sweep and a worker's renewals walk hold the jobs of one state (as
     PostgreSQL's do), and each query still seeks its index (the planner's own account, not a timing)."""
-    path = tmp_path / "s.db"
-
-    async def made() -> None:
-        store = SQLiteStore(path)
-        await store.open()
-        await store.close()
-
-    asyncio.run(made())
+    path = fresh_sqlite(tmp_path)
     sql = SQLiteStore.Q[query]
     with sqlite3.connect(path) as conn:
         (definition,) = conn.execute("SELECT sql FROM sqlite_master WHERE name = ?", (index,)).fetchone()
@@ -124,6 +130,19 @@ def test_sqlite_walks_indexes_of_one_state_for_the_hot_queries(query: str, index
         plan = " | ".join(r[3] for r in conn.execute("EXPLAIN QUERY PLAN " + sql, params))
     assert definition.endswith("WHERE state = 'queued'" if index == "jobs_claim" else "WHERE state = 'running'")
     assert f"USING INDEX {index}" in plan or f"USING COVERING INDEX {index}" in plan, plan
+
+
+def test_sqlite_records_a_result_with_two_seeks_and_no_list_built_per_row(tmp_path: Path) -> None:
+    """The finish statement seeks the job by lease, then by id, and looks its exit codes up with EXISTS: an
+    ``IN (SELECT ...)`` there was built before the AND around it could skip it, eight times slower (the plan says
+    "LIST SUBQUERY")."""
+    path = fresh_sqlite(tmp_path)
+    sql = SQLiteStore.Q["finish"]
+    with sqlite3.connect(path) as conn:
+        params = dict.fromkeys(re.findall(r"(?<![:\w]):(\w+)", sql))
+        plan = " | ".join(r[3] for r in conn.execute("EXPLAIN QUERY PLAN " + sql, params))
+    assert plan.startswith("SEARCH jobs USING INDEX sqlite_autoindex_jobs_2 (lease=?)"), plan
+    assert "SCAN jobs" not in plan and "LIST SUBQUERY" not in plan, plan
 
 
 # -- data of a version-1 database, in plain SQL -----------------------------------------------------------------------

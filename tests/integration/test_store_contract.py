@@ -464,7 +464,8 @@ async def test_retry_on_exit_codes_retries_only_those_exits(store: Store) -> Non
 
 async def test_only_a_program_failure_with_retries_left_goes_back_to_the_queue(store: Store) -> None:
     """The retry rule, decided by each dialect's finish statement: failed and timed_out are the program's failures;
-    success and cancelled end the job whatever its retries; no retries (the default) ends it at the first failure."""
+    success and cancelled end the job whatever its retries; no retries (the default) ends it at the first failure;
+    with exit codes listed, only a failure with one of them is retried. (A spent budget: the test above.)"""
     await worker(store)
     cases = [
         ({}, "failed", 1, "finished"),
@@ -474,13 +475,20 @@ async def test_only_a_program_failure_with_retries_left_goes_back_to_the_queue(s
         ({"retries": 5}, "failed", None, "queued"),
         ({"retries": 5}, "timed_out", None, "queued"),
         ({"retries": 1, "retry_on_exit_codes": [3]}, "failed", None, "finished"),
+        ({"retries": 1, "retry_on_exit_codes": [3]}, "failed", 3, "queued"),
+        ({"retries": 1, "retry_on_exit_codes": [3]}, "timed_out", None, "finished"),
     ]
     for n, (retries, reason, code, state) in enumerate(cases):
         job, _ = await submit(store, definition("rule", str(n)), **retries)
         (claim,) = await store.claim("w1", 1, T0, 5)
         done = await store.finish(claim.lease, FinishResult(reason, code), T0 + 1)
-        assert (done.id, done.state) == (job.id, state), (retries, reason, code)
-        assert (done.reason, done.finished_at) == ((None, None) if state == "queued" else (reason, T0 + 1))
+        assert (done.id, done.state, done.exit_code) == (job.id, state, code), (retries, reason, code)
+        if state == "queued":  # back at its place: a failure counted, no attempt spent, nobody running it
+            assert (done.reason, done.finished_at, done.started_at, done.worker_id) == (None, None, None, None)
+            assert (done.failures, done.attempts) == (1, 0)
+        else:
+            assert (done.reason, done.finished_at, done.started_at, done.worker_id) == (reason, T0 + 1, T0, "w1")
+            assert (done.failures, done.attempts) == (0, 1)
         assert [a.outcome for a in await store.list_attempts(job.id)] == [reason]
         if state == "queued":
             await store.cancel(job.id, T0 + 2)

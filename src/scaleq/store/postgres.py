@@ -63,6 +63,15 @@ CLAIM_OPTIONS = "-c enable_seqscan=off -c enable_bitmapscan=off -c enable_sort=o
 #: Deltas folded (by this store, since its last vacuum of them) past which their table is vacuumed: its dead rows
 #: slow every queue_stats. A bulk load through the API folds ~5,000 a round, so it is a running count.
 VACUUM_DELTAS_AFTER = 10_000
+#: The LISTEN connection's TCP keepalives (libpq's): a peer gone silently is noticed after ~10 + 3 x 5 s.
+LISTEN_KEEPALIVES: dict[str, Any] = {
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+}
+#: A LISTEN connection that lasted this long was a working one: the next reconnect starts its backoff afresh.
+LISTEN_STABLE_SECONDS = 30.0
 log = logging.getLogger("scaleq.store")
 
 
@@ -412,12 +421,19 @@ class PostgresStore(SQLStore):
         self._listener = asyncio.create_task(self._listen(deliver))
 
     async def _listen(self, deliver: Callable[[tuple[str, ...]], None]) -> None:
+        """Each (re)connect delivers MISSED. TCP keepalives make a connection cut silently (a half-open socket, no
+        traffic on it to fail) end within ~25 s rather than the kernel's two hours; the backoff starts again from
+        0.2 s only after a connection that lasted, so one accepted and cut at once, again and again (a proxy, an
+        idle-session timeout), is not a MISSED every 0.2 s."""
         delay = 0.2
         while True:
+            listening = None
             try:
-                async with await psycopg.AsyncConnection.connect(self.url, autocommit=True) as conn:
+                async with await psycopg.AsyncConnection.connect(
+                    self.url, autocommit=True, **LISTEN_KEEPALIVES
+                ) as conn:
                     await conn.execute(f"LISTEN {CHANNEL}")
-                    delay = 0.2
+                    listening = time.monotonic()
                     deliver(("any", MISSED))  # anything may have happened while we were not listening
                     async for note in conn.notifies():
                         keys = note.payload.split("\n")
@@ -427,6 +443,8 @@ class PostgresStore(SQLStore):
                             keys = keys[1:]
                         deliver(tuple(keys))
             except (psycopg.Error, OSError) as exc:
+                if listening is not None and time.monotonic() - listening > LISTEN_STABLE_SECONDS:
+                    delay = 0.2
                 log.warning("LISTEN connection lost (%s); reconnecting in %.1f s", exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)

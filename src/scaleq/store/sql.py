@@ -519,8 +519,9 @@ class SQLStore:
 
     def _finish_rows(self, finishes: list[tuple[str, FinishResult]], now: float) -> dict[str, Row]:
         """Finish the attempts whose leases still own their jobs (or queue them again, for a program failure the job
-        retries), and end those attempts; the jobs' rows by lease. The dialect's own: SQLite runs one statement per
-        result (it runs in-process), PostgreSQL one for the whole batch."""
+        retries), and end those attempts; the jobs' rows by lease. The dialect's own: SQLite decides and writes each
+        result's job in one statement and ends its attempt in a second (it runs in-process), PostgreSQL does all of
+        it for the whole batch in one."""
         raise NotImplementedError
 
     def _repeated_finish(self, lease: str, result: FinishResult) -> Job | None:

@@ -34,7 +34,9 @@ ON CONFLICT (id) DO NOTHING;
 -- One attempt's result, one statement: the job its lease still owns is finished or — a program failure of a kind the
 -- job retries, with retries left — queued again at its place, counted in failures and not in attempts (that budget is
 -- the infrastructure's). The row is the job as the result left it; none for a lease that owns nothing. PostgreSQL
--- decides the same for a batch of results in finish_batch and worker_claim.
+-- decides the same for a batch of results in finish_batch and worker_claim. The exit codes are looked up with EXISTS,
+-- not IN (SELECT ...): SQLite builds an IN list before the AND around it can skip it, once per reference of the
+-- flattened subquery, which made this statement eight times slower than a read and an update (~450 against ~55 us).
 UPDATE jobs
    SET state = CASE WHEN r.retry THEN 'queued' ELSE 'finished' END,
        reason = CASE WHEN r.retry THEN NULL ELSE :reason END,
@@ -48,7 +50,8 @@ UPDATE jobs
   FROM (SELECT id, coalesce(:reason IN ('failed', 'timed_out') AND failures < retries
                             AND (retry_on_exit_codes IS NULL
                                  OR (:reason = 'failed'
-                                     AND :exit_code IN (SELECT value FROM json_each(retry_on_exit_codes)))),
+                                     AND EXISTS (SELECT 1 FROM json_each(retry_on_exit_codes)
+                                                  WHERE value = :exit_code))),
                             0) AS retry
           FROM jobs WHERE lease = :lease AND state = 'running') AS r
  WHERE jobs.id = r.id
