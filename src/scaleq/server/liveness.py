@@ -17,18 +17,18 @@ The same record remembers each worker's queue, so a claim can take its queue's w
 try and park after one round trip instead of two (the queue is checked against the store's answer, so a worker that
 registered again on another queue is never parked on the old one).
 
-**A claim that can know there is nothing new parks without a try.** A worker that finishes a job sends its result
-riding along with a claim; with nothing to hand out, that claim is answered at once (the worker must keep renewing
-the result's lease until it knows it landed), and the worker's next claim, a few milliseconds later, tried the store
-again before parking — an empty try per job on a busy queue whose jobs go to the claims woken for them (at 5,000
-workers with 450 jobs a second, 300 a second). So each empty try is remembered with the notifier's
-:meth:`~scaleq.notify.Notifier.generation` read before it; a claim from the same worker within
-:data:`FRESH_SECONDS`, while no wake for its queue (or for any worker: a drain) has been delivered since, parks at
-once. Every path that queues a job notifies its queue (this server's at once, another server's when its NOTIFY
-arrives, which then wakes the parked claim as it would have anyway; a listener that reconnects delivers
-:data:`~scaleq.notify.MISSED`, which counts as news for every queue); the freshness bound keeps a notice that never
-came (a NOTIFY lost otherwise) from costing more than one long-poll, as for any parked claim. A worker registering
-again forgets it (its capabilities may have changed).
+**A claim that can know there is nothing new parks without a try.** A worker that finishes a job sends its result riding
+along with a claim; with nothing to hand out, that claim is answered at once (the worker must keep renewing the result's
+lease until it knows it landed), and the worker's next claim, a few milliseconds later, tried the store again before
+parking — an empty try per job on a busy queue whose jobs go to the claims woken for them (at 5,000 workers with 450
+jobs a second, 300 a second). So each empty try is remembered with the notifier's
+:meth:`~scaleq.notify.Notifier.generation` read before it; a claim from the same worker within :data:`FRESH_SECONDS`,
+while no wake for its queue (or for any queue: a worker's drain, a missed stretch of other servers' notices) has been
+delivered since, parks at once. Every path that queues a job notifies its queue (this server's at once, another server's
+when its NOTIFY arrives, which then wakes the parked claim as it would have anyway; a listener that reconnects delivers
+:data:`~scaleq.notify.MISSED`, which counts as news for every queue); the freshness bound keeps a notice that never came
+(a NOTIFY lost otherwise) from costing more than one long-poll, as for any parked claim. A worker registering again
+forgets it (its capabilities may have changed).
 """
 
 from __future__ import annotations

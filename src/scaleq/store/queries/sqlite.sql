@@ -31,12 +31,13 @@ VALUES (:id, :queue, :definition, :runtime, :cpus, :memory, :gpus, :tags, :host_
 ON CONFLICT (id) DO NOTHING;
 
 -- name: finish
--- One attempt's result, one statement: the job its lease still owns is finished or — a program failure of a kind the
--- job retries, with retries left — queued again at its place, counted in failures and not in attempts (that budget is
--- the infrastructure's). The row is the job as the result left it; none for a lease that owns nothing. PostgreSQL
--- decides the same for a batch of results in finish_batch and worker_claim. The exit codes are looked up with EXISTS,
--- not IN (SELECT ...): SQLite builds an IN list before the AND around it can skip it, once per reference of the
--- flattened subquery, which made this statement eight times slower than a read and an update (~450 against ~55 us).
+-- One attempt's result, the job's side in one statement (end_attempt follows): the job its lease still owns is finished
+-- or — a program failure of a kind the job retries, with retries left — queued again at its place, counted in failures
+-- and not in attempts (that budget is the infrastructure's). The row is the job as the result left it; none for a lease
+-- that owns nothing. PostgreSQL decides the same for a batch of results in finish_batch and worker_claim. The exit
+-- codes are looked up with EXISTS, not IN (SELECT ...): SQLite builds an IN list before the AND around it can skip it,
+-- once per reference of the flattened subquery, which made this statement eight times slower than a read and an update
+-- (~450 against ~55 us).
 UPDATE jobs
    SET state = CASE WHEN r.retry THEN 'queued' ELSE 'finished' END,
        reason = CASE WHEN r.retry THEN NULL ELSE :reason END,

@@ -3,8 +3,8 @@
 -- indexes of the states it leaves and enters (a submit no longer writes the two indexes of running jobs, a finish no
 -- longer moves its job within jobs_claim), and the indexes the claim and the lease sweep walk are the size of the
 -- queue and of the running jobs, not of the history. Each keeps its state column, so that SQLite's planner (which
--- keeps no statistics here) weighs it as before and every query keeps its plan; each query that used one names the
--- state it holds.
+-- keeps no statistics here) weighs it as before: every query keeps its plan or moves to a smaller index; each query
+-- that used one names the state it holds.
 DROP INDEX jobs_claim;
 CREATE INDEX jobs_claim ON jobs (queue, state, priority DESC, seq) WHERE state = 'queued';
 DROP INDEX jobs_lease_expiry;
