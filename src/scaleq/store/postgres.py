@@ -72,6 +72,9 @@ LISTEN_KEEPALIVES: dict[str, Any] = {
 }
 #: A LISTEN connection that lasted this long was a working one: the next reconnect starts its backoff afresh.
 LISTEN_STABLE_SECONDS = 30.0
+#: How long :meth:`PostgresStore.listen` waits for its first LISTEN before the server serves without it (a database
+#: that does not answer); the listener goes on trying, and its first LISTEN delivers MISSED.
+LISTEN_FIRST_SECONDS = 10.0
 log = logging.getLogger("scaleq.store")
 
 
@@ -417,10 +420,18 @@ class PostgresStore(SQLStore):
                     self._publisher = None
 
     async def listen(self, deliver: Callable[[tuple[str, ...]], None]) -> None:
-        """Start feeding other servers' wake-ups into ``deliver`` (reconnecting as needed)."""
-        self._listener = asyncio.create_task(self._listen(deliver))
+        """Start feeding other servers' wake-ups into ``deliver`` (reconnecting as needed); return once the first
+        LISTEN is in place, so a server serves only when it hears the others (a NOTIFY sent before it is lost), or
+        once its first attempt failed or took ``LISTEN_FIRST_SECONDS``.
 
-    async def _listen(self, deliver: Callable[[tuple[str, ...]], None]) -> None:
+        Returning at once made the first LISTEN's ``MISSED`` land whenever the connection came up: on a loaded
+        machine after claims had parked and a job had come, as a second wake for that job."""
+        first = asyncio.Event()
+        self._listener = asyncio.create_task(self._listen(deliver, first))
+        if not await wait_set(first, LISTEN_FIRST_SECONDS):
+            log.warning("no LISTEN connection after %.0f s; serving, and trying on", LISTEN_FIRST_SECONDS)
+
+    async def _listen(self, deliver: Callable[[tuple[str, ...]], None], first: asyncio.Event) -> None:
         """Each (re)connect delivers MISSED. TCP keepalives make a connection cut silently (a half-open socket, no
         traffic on it to fail) end within ~25 s rather than the kernel's two hours; the backoff starts again from
         0.2 s only after a connection that lasted, so one accepted and cut at once, again and again (a proxy, an
@@ -435,6 +446,7 @@ class PostgresStore(SQLStore):
                     await conn.execute(f"LISTEN {CHANNEL}")
                     listening = time.monotonic()
                     deliver(("any", MISSED))  # anything may have happened while we were not listening
+                    first.set()
                     async for note in conn.notifies():
                         keys = note.payload.split("\n")
                         if keys[0].startswith(ORIGIN):
@@ -446,6 +458,7 @@ class PostgresStore(SQLStore):
                 if listening is not None and time.monotonic() - listening > LISTEN_STABLE_SECONDS:
                     delay = 0.2
                 log.warning("LISTEN connection lost (%s); reconnecting in %.1f s", exc, delay)
+                first.set()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
