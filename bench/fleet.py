@@ -1367,7 +1367,7 @@ def main() -> int:
     if args.generators is not None and args.generators < 1:
         ap.error("--generators must be at least 1")
     if args.profile is not None and _py_spy() is None:
-        ap.error("--profile needs py-spy (pip install py-spy), found neither on PATH nor beside this Python")
+        ap.error("--profile needs py-spy (pip install -e '.[bench]'), found neither on PATH nor beside this Python")
     a = Args(
         args.duration, args.ramp, args.generators, args.profile, args.job_seconds, args.server_cpu, args.pg_statements
     )

@@ -31,8 +31,9 @@ workers with 400 jobs a second, 800 woken claims a second of which 500 found not
 **What another server published may be missed**: while this server's LISTEN connection is down (a database restart,
 a network cut) its NOTIFYs are lost. On each (re)connect the listener delivers :data:`MISSED`, which wakes the
 oldest claim parked on every queue, as another server's notice does (a job queued meanwhile reaches a claim now, not
-at its long-poll's end), and counts in :meth:`Notifier.generation` (a worker whose last try found nothing tries
-again).
+at its long-poll's end), counts in :meth:`Notifier.generation` (a worker whose last try found nothing tries
+again), and wakes whoever follows a job (``job:<id>``, ``logs:<id>``), who reads it again. A worker's drain missed
+meanwhile is found by the server's next touch of its parked workers (:mod:`scaleq.server.liveness`).
 """
 
 from __future__ import annotations
@@ -212,6 +213,11 @@ class Notifier:
                 self._any_wakes += 1
                 for queue in list(self._claims):
                     self.wake_claims(queue, 1)
+                # those following a job (its end, its logs) read it again: a few reads, one per follower
+                for followed in [k for k in list(self._events) if k.startswith(("job:", "logs:"))]:
+                    ev = self._events.pop(followed, None)
+                    if ev is not None:
+                        ev.set()
 
     def submitted(self, queue: str, job_id: str) -> None:
         self.notify(f"queue:{queue}", f"job:{job_id}", "any", job=job_id)

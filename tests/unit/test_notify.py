@@ -124,3 +124,15 @@ def test_notices_missed_while_not_listening_wake_the_oldest_claim_of_every_queue
     assert a1.job is None and b1.job is None  # as another server's notice: passed on while jobs wait
     assert n.generation("a") != before[0] and n.generation("b") != before[1]
     assert n.generation("c") != (0, 0)  # a queue with nobody parked: its workers' last empty tries are stale too
+
+
+def test_missed_notices_wake_whoever_follows_a_job_and_no_worker_s_drain() -> None:
+    """A job's end or its new logs that another server published while the listener was down: its followers read it
+    again. A worker's drain is not guessed at here (waking every parked claim would be a store try each): the
+    server's next touch of its parked workers finds it (scaleq.server.liveness)."""
+    n = Notifier()
+    end, logs, drain = n.event("job:j1"), n.event("logs:j1"), n.event("worker:w1")
+    n.deliver(("any", MISSED))
+    assert end.is_set() and logs.is_set()
+    assert not drain.is_set()
+    assert not n.event("job:j1").is_set()  # the next follower waits on a fresh event

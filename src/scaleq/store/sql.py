@@ -513,9 +513,14 @@ class SQLStore:
         row = await self._run(self._one, "has_queued", queue=queue)
         return bool(row is not None and row["found"])
 
-    async def touch_workers(self, worker_ids: list[str], now: float) -> None:
-        params = {"ids": json.dumps(worker_ids), "now": now}
-        await self._first(lambda: self.db.execute(self.Q["touch_workers"], params), transaction=False)
+    async def touch_workers(self, worker_ids: list[str], now: float) -> list[str]:
+        ids = json.dumps(worker_ids)
+
+        def op() -> list[str]:
+            self.db.execute(self.Q["touch_workers"], {"ids": ids, "now": now})
+            return [r["id"] for r in self._all("workers_not_active", ids=ids)]
+
+        return await self._first(op, transaction=False)
 
     def _finish_rows(self, finishes: list[tuple[str, FinishResult]], now: float) -> dict[str, Row]:
         """Finish the attempts whose leases still own their jobs (or queue them again, for a program failure the job

@@ -309,6 +309,13 @@ SELECT 1 AS held FROM jobs j JOIN worker_tokens w ON w.worker_id = j.worker_id
 UPDATE workers SET last_heartbeat = :now
  WHERE id IN (SELECT jsonb_array_elements_text(CAST(:ids AS JSONB))) AND state != 'gone' AND last_heartbeat < :now;
 
+-- name: workers_not_active
+-- Of the workers whose claims are parked on a server (:ids, a JSON array), those the store no longer holds active:
+-- drained or marked gone where this server did not hear of it (another server's notice missed while its listener was
+-- down; another server's round marking it gone), or forgotten. The server answers their claims.
+SELECT i.id FROM jsonb_array_elements_text(CAST(:ids AS JSONB)) AS i(id) LEFT JOIN workers w ON w.id = i.id
+ WHERE w.state IS DISTINCT FROM 'active';
+
 -- name: queue_stats
 -- queue_counts plus the deltas not yet folded into it (migration 0011), so exact between folds; one snapshot sees a
 -- fold whole or not at all. The oldest queued job from the jobs_stats index (a queued job's reason is always NULL):
