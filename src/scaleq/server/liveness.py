@@ -16,8 +16,9 @@ claim's long-poll ends (at most ``long_poll_max``), so it is marked gone that mu
 **The touch also reads which of those workers the store no longer holds active**, and answers their claims as a drain
 notice does: a drain or a gone-mark this server did not hear of — another server's notice sent while this one's
 listener was down, or another server's round marking a worker gone whose touches from here came late — would
-otherwise leave the worker parked until its long-poll ended (up to ``long_poll_max``), unaware. The touch runs every
-``heartbeat_seconds``, so that is the most such news waits.
+otherwise leave the worker parked until its long-poll ended (up to ``long_poll_max``), unaware. The touch runs about
+every ``heartbeat_seconds`` (a whole number of housekeeping ticks), so that is about the most such news waits. It is
+the same statement on PostgreSQL; SQLite, which cannot write in a ``WITH``, reads after the touch.
 
 The same record remembers each worker's queue, so a claim can take its queue's wake-up event before its first store
 try and park after one round trip instead of two (the queue is checked against the store's answer, so a worker that

@@ -296,6 +296,9 @@ class PostgresStore(SQLStore):
     def _finish_rows(self, finishes: list[tuple[str, FinishResult]], now: float) -> dict[str, Any]:
         return {r["finished_lease"]: r for r in self._all("finish_batch", now=now, **_batch(finishes))}
 
+    def _touch_rows(self, ids: str, now: float) -> list[Any]:
+        return self._all("touch_workers", ids=ids, now=now)
+
     async def fold_queue_counts(self) -> None:
         """The statement triggers' deltas summed into queue_counts (migration 0011), once per housekeeping tick; the
         deltas' table vacuumed once ``VACUUM_DELTAS_AFTER`` have been folded since its last vacuum here (see
@@ -430,12 +433,20 @@ class PostgresStore(SQLStore):
         self._listener = asyncio.create_task(self._listen(deliver, first))
         if not await wait_set(first, LISTEN_FIRST_SECONDS):
             log.warning("no LISTEN connection after %.0f s; serving, and trying on", LISTEN_FIRST_SECONDS)
+        elif self._listener.done():
+            self._listener.result()  # it died of something no reconnect mends: the server does not start without it
 
     async def _listen(self, deliver: Callable[[tuple[str, ...]], None], first: asyncio.Event) -> None:
         """Each (re)connect delivers MISSED. TCP keepalives make a connection cut silently (a half-open socket, no
         traffic on it to fail) end within ~25 s rather than the kernel's two hours; the backoff starts again from
         0.2 s only after a connection that lasted, so one accepted and cut at once, again and again (a proxy, an
         idle-session timeout), is not a MISSED every 0.2 s."""
+        try:
+            await self._listen_on(deliver, first)
+        finally:
+            first.set()
+
+    async def _listen_on(self, deliver: Callable[[tuple[str, ...]], None], first: asyncio.Event) -> None:
         delay = 0.2
         while True:
             listening = None

@@ -305,15 +305,15 @@ SELECT 1 AS held FROM jobs j JOIN worker_tokens w ON w.worker_id = j.worker_id
 
 -- name: touch_workers
 -- The workers whose claims are parked on a server, heard from now (:ids, a JSON array): one statement per tick for the
--- whole fleet. A gone worker is left gone (it deregistered, or was given up on before its claim ended).
-UPDATE workers SET last_heartbeat = :now
- WHERE id IN (SELECT jsonb_array_elements_text(CAST(:ids AS JSONB))) AND state != 'gone' AND last_heartbeat < :now;
-
--- name: workers_not_active
--- Of the workers whose claims are parked on a server (:ids, a JSON array), those the store no longer holds active:
--- drained or marked gone where this server did not hear of it (another server's notice missed while its listener was
--- down; another server's round marking it gone), or forgotten. The server answers their claims.
-SELECT i.id FROM jsonb_array_elements_text(CAST(:ids AS JSONB)) AS i(id) LEFT JOIN workers w ON w.id = i.id
+-- whole fleet. A gone worker is left gone (it deregistered, or was given up on before its claim ended). Answers those
+-- of them not active: drained or marked gone where this server did not hear of it (another server's notice missed
+-- while its listener was down; another server's round marking it gone), or forgotten; the server answers their claims.
+-- The final SELECT sees the rows as they were before the UPDATE, which does not change a state.
+WITH ids AS (SELECT jsonb_array_elements_text(CAST(:ids AS JSONB)) AS id),
+touched AS (
+  UPDATE workers SET last_heartbeat = :now
+   WHERE id IN (SELECT id FROM ids) AND state != 'gone' AND last_heartbeat < :now)
+SELECT ids.id FROM ids LEFT JOIN workers w ON w.id = ids.id
  WHERE w.state IS DISTINCT FROM 'active';
 
 -- name: queue_stats

@@ -180,7 +180,8 @@ UPDATE workers SET last_heartbeat = :now
 
 -- name: workers_not_active
 -- Of the workers whose claims are parked on a server (:ids, a JSON array), those the store no longer holds active:
--- drained or marked gone where this server did not hear of it, or forgotten. The server answers their claims.
+-- drained or marked gone where this server did not hear of it, or forgotten; the server answers their claims.
+-- Read after touch_workers (SQLite cannot write in a WITH, as PostgreSQL's one statement does).
 SELECT i.value AS id FROM json_each(:ids) i LEFT JOIN workers w ON w.id = i.value
  WHERE w.state IS NOT 'active';
 
