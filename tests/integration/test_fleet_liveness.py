@@ -85,6 +85,31 @@ async def unpark(client: httpx.AsyncClient, wids: list[str], tasks: list[asyncio
         assert r.status_code == 200, r.text
 
 
+def counting_tries(live: LiveServer, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """From now on, count the claims' store tries (one-element list: the count)."""
+    tries = [0]
+    worker_claim = live.store.worker_claim
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        tries[0] += 1
+        return await worker_claim(*args, **kwargs)
+
+    monkeypatch.setattr(live.store, "worker_claim", counted)
+    return tries
+
+
+async def settle(tries: list[int], at_least: int, what: str) -> None:
+    """Wait until the claims have made ``at_least`` store tries and then none for half a second: each is parked
+    and waits, so only a wake, a drain notice or its long-poll's end makes it try again."""
+
+    async def settled() -> bool:
+        before = tries[0]
+        await asyncio.sleep(0.5)
+        return tries[0] == before and tries[0] >= at_least
+
+    await eventually(settled, 30, what=what)
+
+
 async def states(live: LiveServer) -> dict[str, str]:
     async with http(live, "admin") as admin:
         r = await admin.get("/workers", params={"all": "true"})
@@ -125,33 +150,19 @@ async def test_a_change_of_state_the_server_did_not_hear_of_answers_the_claim_at
     """A drain another server sent while this one's listener was down, or another server marking the worker gone,
     changes the store only: the next tick's touch finds it and answers the worker's claim (not its long-poll's end)."""
     live, clock = fleet
-    tries = 0
-    worker_claim = live.store.worker_claim
-
-    async def counted(*args: Any, **kwargs: Any) -> Any:
-        nonlocal tries
-        tries += 1
-        return await worker_claim(*args, **kwargs)
-
-    monkeypatch.setattr(live.store, "worker_claim", counted)
-
-    async def settled() -> bool:  # both claims tried (twice each: their queue was not known) and wait: only a wake,
-        before = tries  # a drain notice or the long-poll's end (60 s) answers them now
-        await asyncio.sleep(0.5)
-        return tries == before and tries >= 4
-
+    tries = counting_tries(live, monkeypatch)
     async with http(live) as client:
         await register(client, "told")
         await register(client, "untold")
         tasks = await park(client, live, ["told", "untold"])
-        await eventually(settled, 30, what="the claims parked after their tries")
+        await settle(tries, 4, "the claims parked after their tries (two each: their queue was not known)")
         await live.store.set_worker_state("told", state)  # no notice of it reaches this server
         clock.t += 5.0
         await tick(live, clock)
         answer = await asyncio.wait_for(tasks[0], 30)  # bounds a hang: the long-poll itself would take 60 s
         assert answer.status_code == 200, answer.text
         assert answer.json()["state"] == state and answer.json()["claims"] == []
-        assert tries == 5  # the touch's wake bought one try, for "told" alone
+        assert tries[0] == 5  # the touch's wake bought one try, for "told" alone
         assert "untold" in parked(live).ids() and not tasks[1].done()
         await unpark(client, ["untold"], tasks[1:])
 
@@ -326,44 +337,19 @@ async def test_a_job_no_parked_worker_can_run_costs_a_bounded_number_of_store_tr
     while jobs wait; the chain stops after a run of claims that found nothing, not after every parked claim."""
     live, _ = fleet
     wids = [f"idle-{i:03d}" for i in range(MAX_EMPTY_PASSES * 2)]
-    tries = 0
-    worker_claim = live.store.worker_claim
-
-    async def counted(*args: Any, **kwargs: Any) -> Any:
-        nonlocal tries
-        tries += 1
-        return await worker_claim(*args, **kwargs)
-
+    tries = counting_tries(live, monkeypatch)
     async with http(live) as client:
         await asyncio.gather(*(register(client, w) for w in wids))
         tasks = await park(client, live, wids)
-        monkeypatch.setattr(live.store, "worker_claim", counted)
+        await settle(tries, 2 * len(wids), "the claims parked after their tries (two each: their queue was not known)")
+        tries[0] = 0
         async with live.client("submit") as submitter:
             req = SubmitRequest(queue="q", definition=JobDefinition(command=["big"], requirements={"cpus": 64.0}))
             await submitter.submit(req)
-
-        async def settled() -> bool:  # no new try for half a second: the chain has ended
-            before = tries
-            await asyncio.sleep(0.5)
-            return tries == before and tries > 0
-
-        await eventually(settled, 30, what="the chain of passed wakes to end")
-        assert tries == MAX_EMPTY_PASSES  # not one per parked claim (100)
+        await settle(tries, 1, "the chain of passed wakes to end")
+        assert tries[0] == MAX_EMPTY_PASSES  # not one per parked claim (100)
         assert not any(t.done() for t in tasks)  # every claim still parked, none answered
         await unpark(client, wids, tasks)
-
-
-def counting_tries(live: LiveServer, monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """From now on, count the claims' store tries (one-element list: the count)."""
-    tries = [0]
-    worker_claim = live.store.worker_claim
-
-    async def counted(*args: Any, **kwargs: Any) -> Any:
-        tries[0] += 1
-        return await worker_claim(*args, **kwargs)
-
-    monkeypatch.setattr(live.store, "worker_claim", counted)
-    return tries
 
 
 async def finish_empty(client: httpx.AsyncClient, live: LiveServer) -> None:
