@@ -178,6 +178,11 @@ class Notifier:
     def parked(self, queue: str) -> int:
         return len(self._claims.get(queue, ()))
 
+    def waiting(self, queue: str) -> int:
+        """How many claims parked on ``queue`` are inside their wait (past their last store try; a claim parks
+        before its try, so :meth:`parked` counts those still trying too)."""
+        return sum(1 for w in self._claims.get(queue, ()) if w.event.listeners)
+
     def generation(self, queue: str) -> tuple[int, int]:
         """How many wakes of ``queue``, and of any queue, this server has delivered: read before a store try, and
         unchanged after it, it says that nothing a claim on ``queue`` could take has been queued since (every path

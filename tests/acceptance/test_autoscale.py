@@ -29,7 +29,7 @@ def test_embedded_group_scales_from_zero_to_the_core_count(grid: Grid, tmp_path:
         seen.append(len(workers))
         return len([w for w in workers if w["state"] == "active"]) >= min(cores, 4)
 
-    wait_for(scaled, 10, 0.2, f"{min(cores, 4)} workers")
+    wait_for(scaled, 30, 0.2, f"{min(cores, 4)} workers")  # (fresh worker processes start, import, register)
     workers = grid.json("workers")
     assert len(workers) == min(cores, 4), workers
     assert {(w["queue"], w["group"]) for w in workers} == {("default", "local")}

@@ -240,7 +240,9 @@ async def test_batch_submit_makes_an_array_and_checks_what_names_one(live: LiveS
 
 
 async def test_array_long_poll_cancel_rerun_and_cost_over_http(live: LiveServer) -> None:
-    start = float(int(time.time()))  # (housekeeping sweeps on the real clock: leases must not look expired)
+    # the requests read this clock, housekeeping the real one: far ahead of it, no lease looks expired to the sweep
+    # (a start only as late as now left the test about a second before the 2 s leases expired on a slow machine)
+    start = float(int(time.time())) + 100_000
     clock = [start]
     live.app.state.clock = lambda: clock[0]  # type: ignore[attr-defined]
     aid = (await post_batch(live, batch("a", "b", "c"), {}))["array"]["id"]

@@ -7,6 +7,7 @@ import asyncio
 import time
 from collections.abc import Collection
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -130,11 +131,18 @@ async def test_a_restarted_controller_adopts_running_workers(live: LiveServer, t
         before = {w.id for w in await first.workers(g)}
         seen = {e["id"] for e in await admin.events(group="cpu")}
         second = local(live, tmp_path)  # a new process would start with nothing in memory
+
+        async def new_events() -> list[dict[str, Any]]:
+            return [e for e in await admin.events(group="cpu") if e["id"] not in seen]
+
+        async def adopted() -> bool:
+            return any(e["kind"] == "adopt" and e["to"] == 2 for e in await new_events())
+
         async with controlling(Controller([(g, second)], RemoteObserver(admin), tick=0.2)):
-            await asyncio.sleep(1.5)
+            await eventually(adopted, 30, what="the second controller's adopt event")
+            await asyncio.sleep(1.0)  # a few more of its ticks: none of them starts a worker
             assert {w.id for w in await second.workers(g)} == before
-        events = [e for e in await admin.events(group="cpu") if e["id"] not in seen]
-        assert any(e["kind"] == "adopt" and e["to"] == 2 for e in events), events
+        events = await new_events()
         assert not [e for e in events if e["kind"] == "scale_up"], events
     finally:
         await first.destroy(g, grace=5)

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from scaleq.jobs import JobDefinition, SubmitRequest
-from scaleq.notify import MAX_EMPTY_PASSES
+from scaleq.notify import MAX_EMPTY_PASSES, Notifier
 from scaleq.server import housekeeping
 from scaleq.server.liveness import OpenClaims
 from scaleq.server.settings import ServerSettings
@@ -65,14 +65,24 @@ async def register(client: httpx.AsyncClient, wid: str) -> dict[str, Any]:
     return r.json()
 
 
+def notifier(live: LiveServer) -> Notifier:
+    return live.app.state.notifier  # type: ignore[attr-defined, no-any-return]
+
+
 def parked(live: LiveServer) -> OpenClaims:
     return live.app.state.open_claims  # type: ignore[attr-defined, no-any-return]
 
 
 async def park(client: httpx.AsyncClient, live: LiveServer, wids: list[str]) -> list[asyncio.Task[httpx.Response]]:
-    """Open a long-poll claim for each worker and wait until the server holds all of them."""
+    """Open a long-poll claim for each worker and wait until the server holds all of them, each inside its wait (past
+    its store tries: a claim counts as open from its request's start)."""
     tasks = [asyncio.create_task(client.post(f"/workers/{w}/claim", json={"max": 1, "wait": 60.0})) for w in wids]
-    await eventually(lambda: asyncio.sleep(0, set(wids) <= set(parked(live).ids())), 60, what="the claims parked")
+
+    def waiting() -> bool:
+        ids = parked(live).ids()
+        return set(wids) <= set(ids) and notifier(live).waiting("q") == len(ids)
+
+    await eventually(lambda: asyncio.sleep(0, waiting()), 60, what="the claims parked")
     return tasks
 
 
@@ -346,7 +356,7 @@ async def test_a_job_no_parked_worker_can_run_costs_a_bounded_number_of_store_tr
         async with live.client("submit") as submitter:
             req = SubmitRequest(queue="q", definition=JobDefinition(command=["big"], requirements={"cpus": 64.0}))
             await submitter.submit(req)
-        await settle(tries, 1, "the chain of passed wakes to end")
+        await settle(tries, MAX_EMPTY_PASSES, "the chain of passed wakes to end")
         assert tries[0] == MAX_EMPTY_PASSES  # not one per parked claim (100)
         assert not any(t.done() for t in tasks)  # every claim still parked, none answered
         await unpark(client, wids, tasks)

@@ -4,9 +4,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
+import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -17,6 +21,33 @@ from scaleq.store.sqlite import SQLiteStore
 
 def keys(store: SQLiteStore) -> list[str]:
     return [r["k"] for r in store.db.execute("SELECT k FROM scratch ORDER BY k")]
+
+
+@contextlib.asynccontextmanager
+async def thread_held(store: SQLiteStore, seconds: float = 0.0) -> AsyncIterator[None]:
+    """Hold the store's thread with an operation of its own while inside (and for at least ``seconds``): the
+    operations started inside wait in line, and run after it, together. Its start is waited for, not guessed at (a
+    sleep of the event loop's was: on a slow machine the hold began late, and the line joined its batch)."""
+    entered, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        entered.set()
+        release.wait(60)
+
+    holding = asyncio.create_task(store.tx(hold))
+    assert await asyncio.to_thread(entered.wait, 60)
+    began = time.monotonic()
+    try:
+        yield
+        await asyncio.sleep(0.05)  # the operations started inside take their places (steps of this loop alone)
+        await asyncio.sleep(max(0.0, seconds - (time.monotonic() - began)))
+    finally:
+        release.set()
+        await holding
+
+
+def start(*calls: Any) -> list[asyncio.Future[Any]]:
+    return [asyncio.ensure_future(c) for c in calls]
 
 
 async def test_operations_waiting_together_commit_together_and_a_failing_one_alone_is_undone(
@@ -31,24 +62,20 @@ async def test_operations_waiting_together_commit_together_and_a_failing_one_alo
             raise ValueError(f"{k} failed after its insert")
         return k
 
-    def busy() -> None:
-        time.sleep(0.2)  # holds the store thread: what comes meanwhile waits, and runs as one batch
-
-    first = asyncio.create_task(store.tx(busy))
-    await asyncio.sleep(0.05)
     before = store.batches_run
-    calls = []
-    for i in range(20):
-        k = f"k{i:02d}"
-        if i == 5:
-            calls.append(store.tx(insert, k, True))  # fails after writing: its write must go, alone
-        elif i == 9:
-            calls.append(store.tx(insert, "k03"))  # a real SQLite error (duplicate key), inside the batch
-        else:
-            calls.append(store.tx(insert, k))
-    calls.append(store.get_job("no-such-job"))  # a store operation's own error
-    outcomes = await asyncio.gather(*calls, return_exceptions=True)
-    await first
+    async with thread_held(store):  # what comes meanwhile waits, and runs as one batch
+        calls = []
+        for i in range(20):
+            k = f"k{i:02d}"
+            if i == 5:
+                calls.append(store.tx(insert, k, True))  # fails after writing: its write must go, alone
+            elif i == 9:
+                calls.append(store.tx(insert, "k03"))  # a real SQLite error (duplicate key), inside the batch
+            else:
+                calls.append(store.tx(insert, k))
+        calls.append(store.get_job("no-such-job"))  # a store operation's own error
+        started = start(*calls)
+    outcomes = await asyncio.gather(*started, return_exceptions=True)
     assert store.batches_run == before + 1
     assert isinstance(outcomes[5], ValueError) and isinstance(outcomes[9], sqlite3.IntegrityError)
     assert isinstance(outcomes[20], NotFound)
@@ -72,11 +99,9 @@ async def test_a_batch_whose_transaction_breaks_runs_each_operation_again_on_its
         store.db.execute("ROLLBACK")
         raise sqlite3.OperationalError("disk I/O error")
 
-    first = asyncio.create_task(store.tx(lambda: time.sleep(0.2)))
-    await asyncio.sleep(0.05)
-    calls = [store.tx(insert, "a"), store.tx(insert, "b"), store.tx(breaks), store.tx(insert, "c")]
-    outcomes = await asyncio.gather(*calls, return_exceptions=True)
-    await first
+    async with thread_held(store):
+        started = start(store.tx(insert, "a"), store.tx(insert, "b"), store.tx(breaks), store.tx(insert, "c"))
+    outcomes = await asyncio.gather(*started, return_exceptions=True)
     assert outcomes[:2] == ["a", "b"] and outcomes[3] == "c"
     # alone, the breaking operation fails again (its ROLLBACK ends its own transaction): its caller gets an error
     assert isinstance(outcomes[2], sqlite3.OperationalError)
@@ -92,14 +117,13 @@ async def test_a_submit_and_the_claims_behind_it_in_one_batch_run_in_their_order
         caps = {"cpus": 4.0, "memory": 8 << 30, "gpus": 0, "runtimes": ["process"]}
         await store.register_worker(Worker(id=wid, queue="q", slots=1, started_at=now, last_heartbeat=now, **caps), now)
     before = store.batches_run
-    first = asyncio.create_task(store.tx(lambda: time.sleep(0.2)))
-    await asyncio.sleep(0.05)
-    submitted, c1, c2 = await asyncio.gather(
-        store.submit("q", JobDefinition(command=["true"]), priority=0, max_attempts=1, rerun=False, now=now),
-        store.worker_claim("w1", 1, now, 30),
-        store.worker_claim("w2", 1, now, 30),
-    )
-    await first
+    async with thread_held(store):
+        started = start(
+            store.submit("q", JobDefinition(command=["true"]), priority=0, max_attempts=1, rerun=False, now=now),
+            store.worker_claim("w1", 1, now, 30),
+            store.worker_claim("w2", 1, now, 30),
+        )
+    submitted, c1, c2 = await asyncio.gather(*started)
     assert store.batches_run == before + 1
     assert [c.job.id for c in c1.claims] == [submitted[0].id] and c2.claims == []
     assert (await store.get_job(submitted[0].id)).state == "running"
@@ -116,15 +140,13 @@ async def test_a_lease_granted_or_renewed_after_a_wait_in_line_still_lasts_its_f
     await store.register_worker(Worker(id="w1", queue="q", slots=2, started_at=t0, last_heartbeat=t0, **caps), t0)
     for cmd in ("a", "b"):
         await store.submit("q", JobDefinition(command=[cmd]), priority=0, max_attempts=1, rerun=False, now=t0)
-    busy = asyncio.create_task(store.tx(lambda: time.sleep(0.5)))  # the line: half a second
-    await asyncio.sleep(0.05)
-    got = await store.worker_claim("w1", 1, t0, 10.0)  # asked at t0, written ~0.45 s later
-    await busy
+    async with thread_held(store, 0.5):  # the line: half a second
+        (claim,) = start(store.worker_claim("w1", 1, t0, 10.0))  # asked at t0, written over 0.5 s later
+    got = await claim
     assert await store.expire_leases(t0 + 10.2) == []  # would have expired at t0 + 10 if reckoned from the ask
-    busy = asyncio.create_task(store.tx(lambda: time.sleep(0.5)))
-    await asyncio.sleep(0.05)
-    await store.heartbeat("w1", t0 + 5, 10.0, [got.claims[0].lease])  # the same for a renewal
-    await busy
+    async with thread_held(store, 0.5):
+        (renewal,) = start(store.heartbeat("w1", t0 + 5, 10.0, [got.claims[0].lease]))  # the same for a renewal
+    await renewal
     assert await store.expire_leases(t0 + 15.2) == []
     assert [e.job_id for e in await store.expire_leases(t0 + 16.5)] == [got.claims[0].job.id]
 
@@ -141,8 +163,6 @@ async def test_an_operation_after_the_store_closed_fails_at_once_and_so_does_the
 async def test_a_long_line_is_taken_in_batches_that_stop_after_their_time(sqlite_store: SQLiteStore) -> None:
     """Operations behind a slow one go into the next batch: the answers before it wait for it alone."""
     store = sqlite_store
-    first = asyncio.create_task(store.tx(lambda: time.sleep(0.2)))
-    await asyncio.sleep(0.05)
     before = store.batches_run
     order: list[str] = []
 
@@ -151,9 +171,9 @@ async def test_a_long_line_is_taken_in_batches_that_stop_after_their_time(sqlite
         order.append(name)
         return name
 
-    calls = [store.tx(step, "quick1", 0), store.tx(step, "slow", 0.1), store.tx(step, "quick2", 0)]
-    assert await asyncio.gather(*calls) == ["quick1", "slow", "quick2"]
-    await first
+    async with thread_held(store):
+        started = start(store.tx(step, "quick1", 0), store.tx(step, "slow", 0.1), store.tx(step, "quick2", 0))
+    assert await asyncio.gather(*started) == ["quick1", "slow", "quick2"]
     assert order == ["quick1", "slow", "quick2"]
     assert store.batches_run == before + 1  # quick1 and slow together; quick2 after them, alone
 
@@ -176,12 +196,12 @@ async def test_a_heartbeat_and_a_liveness_touch_go_ahead_of_the_claims_waiting_i
         seen.append((name, w1, w2))
         return name
 
-    busy = asyncio.create_task(store.tx(lambda: time.sleep(0.2)))
-    await asyncio.sleep(0.05)
-    line = [store.tx(read, f"claim{i}") for i in range(30)]
-    renewal = store.heartbeat("w1", t0 + 5, 15.0)
-    touch = store.touch_workers(["w2"], t0 + 7)
-    await asyncio.gather(*line, renewal, touch)
-    await busy
+    async with thread_held(store):
+        started = start(
+            *[store.tx(read, f"claim{i}") for i in range(30)],
+            store.heartbeat("w1", t0 + 5, 15.0),
+            store.touch_workers(["w2"], t0 + 7),
+        )
+    await asyncio.gather(*started)
     assert [name for name, _, _ in seen] == [f"claim{i}" for i in range(30)]  # the rest keep their order
     assert all((w1, w2) == (t0 + 5, t0 + 7) for _, w1, w2 in seen)  # every one of them ran after both
