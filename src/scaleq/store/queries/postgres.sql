@@ -305,16 +305,9 @@ SELECT 1 AS held FROM jobs j JOIN worker_tokens w ON w.worker_id = j.worker_id
 
 -- name: touch_workers
 -- The workers whose claims are parked on a server, heard from now (:ids, a JSON array): one statement per tick for the
--- whole fleet. A gone worker is left gone (it deregistered, or was given up on before its claim ended). Answers those
--- of them not active: drained or marked gone where this server did not hear of it (another server's notice missed
--- while its listener was down; another server's round marking it gone), or forgotten; the server answers their claims.
--- The final SELECT sees the rows as they were before the UPDATE, which does not change a state.
-WITH ids AS (SELECT jsonb_array_elements_text(CAST(:ids AS JSONB)) AS id),
-touched AS (
-  UPDATE workers SET last_heartbeat = :now
-   WHERE id IN (SELECT id FROM ids) AND state != 'gone' AND last_heartbeat < :now)
-SELECT ids.id FROM ids LEFT JOIN workers w ON w.id = ids.id
- WHERE w.state IS DISTINCT FROM 'active';
+-- whole fleet. A gone worker is left gone (it deregistered, or was given up on before its claim ended).
+UPDATE workers SET last_heartbeat = :now
+ WHERE id IN (SELECT jsonb_array_elements_text(CAST(:ids AS JSONB))) AND state != 'gone' AND last_heartbeat < :now;
 
 -- name: queue_stats
 -- queue_counts plus the deltas not yet folded into it (migration 0011), so exact between folds; one snapshot sees a
