@@ -75,7 +75,8 @@ def parked(live: LiveServer) -> OpenClaims:
 
 async def park(client: httpx.AsyncClient, live: LiveServer, wids: list[str]) -> list[asyncio.Task[httpx.Response]]:
     """Open a long-poll claim for each worker and wait until the server holds all of them, each inside its wait (past
-    its store tries: a claim counts as open from its request's start)."""
+    its store tries: a claim counts as open from its request's start). The claims go out together, so the order they
+    park in is the network's: a test that needs an order parks them one call at a time."""
     tasks = [asyncio.create_task(client.post(f"/workers/{w}/claim", json={"max": 1, "wait": 60.0})) for w in wids]
 
     def waiting() -> bool:
@@ -390,7 +391,7 @@ async def test_a_wake_spent_on_an_older_job_left_without_one_is_passed_on(fleet:
     async with http(live) as client:
         for w in ("w1", "w2"):
             await register(client, w)
-        tasks = await park(client, live, ["w1", "w2"])
+        tasks = [*await park(client, live, ["w1"]), *await park(client, live, ["w2"])]  # w1 first in line
         older, _ = await live.store.submit(
             "q", JobDefinition(command=["older"]), priority=0, max_attempts=1, rerun=False, now=clock()
         )
