@@ -36,5 +36,7 @@ def shared_grid(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Grid]:
 
 @pytest.fixture
 def grid(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Grid]:
-    """A fresh, empty grid with 3-second leases, for tests about failures and scaling."""
-    yield from _grid(tmp_path_factory, "grid", 3.0)
+    """A fresh, empty grid with 6-second leases, for tests about failures and scaling."""
+    # short enough that a lost lease comes back quickly, long enough that a worker process stalled a few seconds on a
+    # loaded machine keeps its lease (at 3 s, a 2 s stall could add a lost attempt)
+    yield from _grid(tmp_path_factory, "grid", 6.0)

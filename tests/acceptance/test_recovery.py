@@ -105,7 +105,9 @@ def killed_workers() -> Any:
     each job's worker is SIGKILLed while the job runs, then the gate opens. Both scenarios run side by side to halve
     the waiting."""
     with open_dir("scaleq-killed-workers-") as work:  # the jobs (run as nobody) wait on a gate in it
-        grid = Grid(work / "data", lease_seconds=3.0)
+        # 6 s leases: a stalled replacement worker keeps its lease (at 3 s, a 2 s stall could add one); the killed
+        # workers' leases still run out well inside the wait below
+        grid = Grid(work / "data", lease_seconds=6.0)
         # the jobs wait on a gate, not on a clock: a loaded machine must not finish them before the kill
         gate = work / "gate"
         wait_gate = f"while [ ! -e {gate} ]; do sleep 0.05; done"

@@ -18,7 +18,7 @@ tests/conftest.py, ``scaleq up`` grids in tests/acceptance/conftest.py.
 """
 
 from tests.helpers.ports import free_port
-from tests.helpers.server import LiveServer, controlling, make_tokens, serve
+from tests.helpers.server import LONG_LEASES, LiveServer, controlling, make_tokens, serve
 from tests.helpers.waiting import eventually, wait_for
 
-__all__ = ["LiveServer", "controlling", "eventually", "free_port", "make_tokens", "serve", "wait_for"]
+__all__ = ["LONG_LEASES", "LiveServer", "controlling", "eventually", "free_port", "make_tokens", "serve", "wait_for"]

@@ -19,6 +19,10 @@ from scaleq.server.auth import new_token
 from scaleq.server.settings import ServerSettings
 from scaleq.store.base import Store
 
+#: For tests that hold leases across several requests without a heartbeat: the default fixture's 2 s leases (short,
+#: so expiry tests take seconds) expire under them on a loaded machine, which then re-runs or loses the job.
+LONG_LEASES = ServerSettings(lease_seconds=60.0, sweep_interval=0.2, long_poll_max=5.0)
+
 
 @dataclass
 class LiveServer:

@@ -14,7 +14,7 @@ from scaleq.client import ApiError
 from scaleq.jobs import JobDefinition, SubmitRequest
 from scaleq.server.settings import ServerSettings
 from scaleq.store.sqlite import SQLiteStore
-from tests.helpers import LiveServer, serve
+from tests.helpers import LONG_LEASES, LiveServer, serve
 
 
 def req(*cmd: str, queue: str = "q", **kw: object) -> SubmitRequest:
@@ -176,6 +176,7 @@ async def test_a_body_over_max_submit_bytes_is_refused_with_413(sqlite_store: SQ
         assert len(await sqlite_store.list_jobs(queue=None, state=None, limit=10)) == 1
 
 
+@pytest.mark.parametrize("settings", [LONG_LEASES])  # the held job's lease outlasts the test (expired: claimed again)
 async def test_claim_long_poll_wakes_on_submit(live: LiveServer) -> None:
     await register(live)
     async with live.client("worker") as w, live.client("submit") as s:
@@ -190,6 +191,7 @@ async def test_claim_long_poll_wakes_on_submit(live: LiveServer) -> None:
         assert empty == []
 
 
+@pytest.mark.parametrize("settings", [LONG_LEASES])  # its leases are finished without a heartbeat
 async def test_finish_rides_along_and_stale_finish_is_refused(live: LiveServer) -> None:
     await register(live)
     async with live.client("worker") as w, live.client("submit") as s:
@@ -207,6 +209,7 @@ async def test_finish_rides_along_and_stale_finish_is_refused(live: LiveServer) 
         assert (await s.get_job(second.job.id)).reason == "cancelled"
 
 
+@pytest.mark.parametrize("settings", [LONG_LEASES])  # its lease is finished without a heartbeat
 async def test_job_wait_and_log_follow_long_polls(live: LiveServer) -> None:
     await register(live)
     async with live.client("worker") as w, live.client("submit") as s:
@@ -226,6 +229,8 @@ async def test_job_wait_and_log_follow_long_polls(live: LiveServer) -> None:
         assert last["chunks"] == [] and last["state"] == "finished"
 
 
+# 2 s leases, and a wait for the requeue long enough for a loaded machine
+@pytest.mark.parametrize("settings", [ServerSettings(lease_seconds=2.0, sweep_interval=0.2, long_poll_max=30.0)])
 async def test_expired_lease_is_requeued_by_the_sweeper(live: LiveServer) -> None:
     await register(live)
     async with live.client("worker") as w, live.client("submit") as s:
@@ -233,7 +238,7 @@ async def test_expired_lease_is_requeued_by_the_sweeper(live: LiveServer) -> Non
         (claim,), _, _ = await w.claim("w1", 1, wait=1)
         # no heartbeats: the 2 s lease runs out and the job is queued again for anyone
         await register(live, "w2")
-        (again,), _, _ = await w.claim("w2", 1, wait=5)
+        (again,), _, _ = await w.claim("w2", 1, wait=30)
         assert again.job.id == job.id and again.attempt == 2
         with pytest.raises(ApiError) as e:
             await w.append_logs(claim.lease, [("stdout", b"late")])

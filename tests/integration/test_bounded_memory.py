@@ -172,7 +172,8 @@ async def test_a_large_output_is_uploaded_and_downloaded_as_streams(store_url: s
         info = tarfile.TarInfo("big.bin")
         info.size = size
         tar.addfile(info, io.BufferedReader(_Pieces(random_file(size)), MiB))
-    async with server_process(store_url, tmp_path) as (url, tokens, pid):
+    # nothing heartbeats the lease while 200 MiB go up: a long one, or a slow upload met a swept lease (409)
+    async with server_process(store_url, tmp_path, "--lease-seconds", "600") as (url, tokens, pid):
         lease = await claimed(url, tokens, "big")
         before = peak_rss(pid)
         async with Client(url, tokens["worker"]) as w:

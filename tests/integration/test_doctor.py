@@ -149,6 +149,8 @@ async def test_the_clock_check_allows_for_the_round_trip_and_flags_skew(sqlite_l
 # -- workers and leases -------------------------------------------------------------------------------------------
 
 
+# 2 s beats: the beating worker would have to stall 3 s to look silent (at 2 s leases, 0.67 s beats, 1 s did)
+@pytest.mark.parametrize("settings", [ServerSettings(lease_seconds=6.0, sweep_interval=0.2, long_poll_max=5.0)])
 async def test_a_worker_whose_heartbeats_stopped_is_named(live: LiveServer, settings: ServerSettings) -> None:
     async with live.client("admin") as admin, live.client("worker") as worker:
         await register(worker, "w-silent")

@@ -64,6 +64,8 @@ async def running(p: FlyProvider, g: Group, n: int) -> bool:
 
 
 async def test_start_creates_named_labelled_machines_with_a_valid_config(fly: FlyMachines) -> None:
+    # the machines stay "starting" until the test starts them below: a 0.2 s start delay raced the checks in between
+    fly.start_delay = 60
     g = group(fly)
     p = provider(g)
     ids = await p.start(g, 2)
@@ -92,6 +94,8 @@ async def test_start_creates_named_labelled_machines_with_a_valid_config(fly: Fl
         # Fly's own stop (host maintenance) is a preemption notice: the worker hands its jobs back
         assert c["stop_config"]["signal"] == "SIGTERM" and argv[-2:] == ["--on-notice", "handback"]
     assert {w.status for w in await p.workers(g)} == {"starting"}
+    for worker_id in ids:  # Fly starts them now
+        fly.by_name(worker_id).start_due = time.time()
     await eventually(lambda: running(p, g, 2), timeout=5)
     assert {(w.id, w.version) for w in await p.workers(g)} == {(i, g.version()) for i in ids}
     await p.close()

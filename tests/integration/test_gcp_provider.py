@@ -6,6 +6,7 @@ credentials and API errors — and the real controller and deployer driving a gc
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -128,6 +129,8 @@ def test_names_fit_gce_rules_however_long_the_grid_and_group() -> None:
 
 
 async def test_list_pages_through_instances_and_reports_creating_then_running(compute: ComputeStandIn) -> None:
+    # the VMs stay "creating" until the test ends their creation below: a 0.2 s create delay raced the listing
+    compute.create_delay = 60
     g, provider = gcp_group(compute), gcp()
     assert await provider.workers(g) == []  # no MIG yet: no workers, no error
     started = await provider.start(g, 3)
@@ -137,6 +140,8 @@ async def test_list_pages_through_instances_and_reports_creating_then_running(co
     assert sorted(w.id for w in workers) == sorted(started)
     assert {w.status for w in workers} == {"starting"} and {w.version for w in workers} == {g.version()}
     assert all("creating" in w.detail for w in workers)
+    for vm in compute.instances(PROJECT, REGION, "scaleq-t-cpu").values():  # their creation ends now
+        vm.until = time.monotonic()
     compute.settle()
     assert await ids(provider, g, "running") == sorted(started)
     await provider.close()

@@ -28,7 +28,7 @@ from scaleq.server.metrics import ServerMetrics
 from scaleq.server.settings import ServerSettings
 from scaleq.store.sqlite import SQLiteStore
 from scaleq.worker.agent import WorkerAgent
-from tests.helpers import LiveServer, eventually, free_port, serve, wait_for, workers
+from tests.helpers import LONG_LEASES, LiveServer, eventually, free_port, serve, wait_for, workers
 from tests.helpers.processes import background
 from tests.helpers.prometheus import prometheus
 
@@ -117,8 +117,7 @@ async def test_metrics_need_a_token_and_every_role_may_read_them(live: LiveServe
     assert om.text.endswith("# EOF\n")
 
 
-# leases that outlast the test on a slow machine: it finishes its claims without a heartbeat
-@pytest.mark.parametrize("settings", [ServerSettings(lease_seconds=60.0, sweep_interval=0.2, long_poll_max=5.0)])
+@pytest.mark.parametrize("settings", [LONG_LEASES])  # it finishes its claims without a heartbeat
 async def test_values_follow_submits_claims_and_finishes(live: LiveServer) -> None:
     for n in range(3):
         await submit(live, "qa", "echo", str(n))
@@ -452,6 +451,7 @@ def received(log: Path, metric: str) -> list[str]:
     return points
 
 
+@pytest.mark.parametrize("settings", [LONG_LEASES])  # the claimed job must stay claimed: its queue length is 1
 async def test_otlp_push_reaches_a_real_receiver(
     sqlite_store: SQLiteStore, settings: ServerSettings, tmp_path: Path
 ) -> None:

@@ -13,7 +13,7 @@ import pytest
 from scaleq.client import ApiError, Client
 from scaleq.jobs import JobDefinition, SubmitRequest
 from scaleq.server.roles import ROLES
-from tests.helpers import LiveServer
+from tests.helpers import LONG_LEASES, LiveServer
 
 ALL = set(ROLES)
 READERS = {"admin", "submit", "read"}
@@ -102,6 +102,7 @@ async def _register(c: Client, wid: str) -> None:
     await c.register({"id": wid, "queue": "q", "slots": 1, "runtimes": ["process"], "cpus": 1})
 
 
+@pytest.mark.parametrize("settings", [LONG_LEASES])  # its lease is held across many requests without a heartbeat
 async def test_a_worker_token_acts_only_on_its_own_workers_leases_and_inputs(live: LiveServer) -> None:
     async with live.client("admin") as admin:
         other_token = (await admin.create_token("worker", "other hosts"))["token"]
@@ -173,6 +174,7 @@ async def test_a_worker_token_acts_only_on_its_own_workers_leases_and_inputs(liv
         assert state == "active"
 
 
+@pytest.mark.parametrize("settings", [LONG_LEASES])  # its leases are finished without a heartbeat
 async def test_a_finish_riding_along_reads_its_lease_owner_only_when_this_server_did_not_hand_it_out(
     sqlite_live: LiveServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -238,7 +238,8 @@ async def test_controller_scales_a_group_on_a_prometheus_text_signal(live: LiveS
             assert (own.queued, own.running) == (0, 0)
             async with controlling(Controller([(g, provider)], observer, tick=0.2)):
                 await eventually(lambda: running(2), 10, what="2 workers started for queue_length{queue=a} = 5")
-                await eventually(lambda: registered_idle(2), 15, what="both workers registered")
+                # (30 s: two Python worker processes starting on a loaded 2-core machine)
+                await eventually(lambda: registered_idle(2), 30, what="both workers registered")
                 await asyncio.sleep(1.5)  # several ticks at demand 5: still 2, the max
                 assert await running(2)
                 ep.gauge.labels(queue="a").set(0)

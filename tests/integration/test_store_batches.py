@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from scaleq.jobs import JobDefinition, Worker
+from scaleq.store import batching
 from scaleq.store.base import NotFound
 from scaleq.store.sqlite import SQLiteStore
 
@@ -51,8 +52,10 @@ def start(*calls: Any) -> list[asyncio.Future[Any]]:
 
 
 async def test_operations_waiting_together_commit_together_and_a_failing_one_alone_is_undone(
-    sqlite_store: SQLiteStore,
+    sqlite_store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # one batch whatever the machine's load: at 20 ms, a store thread descheduled mid-batch split the line in two
+    monkeypatch.setattr(batching, "MAX_SECONDS", 5.0)
     store = sqlite_store
     await store.tx(lambda: store.db.execute("CREATE TABLE scratch (k TEXT PRIMARY KEY)"))
 
@@ -108,9 +111,13 @@ async def test_a_batch_whose_transaction_breaks_runs_each_operation_again_on_its
     assert await store.tx(keys, store) == ["a", "b", "c"]  # each once: nothing of the broken batch was kept
 
 
-async def test_a_submit_and_the_claims_behind_it_in_one_batch_run_in_their_order(sqlite_store: SQLiteStore) -> None:
+async def test_a_submit_and_the_claims_behind_it_in_one_batch_run_in_their_order(
+    sqlite_store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The store's own operations, batched: two workers' claims queued behind a submit, in one transaction — the
     first claim takes the job, the second finds nothing, exactly as one after the other."""
+    # one batch whatever the machine's load: at 20 ms, a store thread descheduled mid-batch split the line in two
+    monkeypatch.setattr(batching, "MAX_SECONDS", 5.0)
     store = sqlite_store
     now = time.time()
     for wid in ("w1", "w2"):
@@ -144,11 +151,15 @@ async def test_a_lease_granted_or_renewed_after_a_wait_in_line_still_lasts_its_f
         (claim,) = start(store.worker_claim("w1", 1, t0, 10.0))  # asked at t0, written over 0.5 s later
     got = await claim
     assert await store.expire_leases(t0 + 10.2) == []  # would have expired at t0 + 10 if reckoned from the ask
+    asked = time.monotonic()
     async with thread_held(store, 0.5):
         (renewal,) = start(store.heartbeat("w1", t0 + 5, 10.0, [got.claims[0].lease]))  # the same for a renewal
     await renewal
+    # the renewal waited in line no longer than this block took (about 0.5 s, more on a loaded machine): its lease
+    # ends by t0 + 15 + that, and is over just after (a fixed t0 + 16.5 failed if the line took over 1.5 s)
+    waited = time.monotonic() - asked
     assert await store.expire_leases(t0 + 15.2) == []
-    assert [e.job_id for e in await store.expire_leases(t0 + 16.5)] == [got.claims[0].job.id]
+    assert [e.job_id for e in await store.expire_leases(t0 + 15 + waited + 0.1)] == [got.claims[0].job.id]
 
 
 async def test_an_operation_after_the_store_closed_fails_at_once_and_so_does_the_next(tmp_path: Path) -> None:
@@ -160,22 +171,31 @@ async def test_an_operation_after_the_store_closed_fails_at_once_and_so_does_the
             await asyncio.wait_for(store.get_job(job_id), 5)
 
 
-async def test_a_long_line_is_taken_in_batches_that_stop_after_their_time(sqlite_store: SQLiteStore) -> None:
+async def test_a_long_line_is_taken_in_batches_that_stop_after_their_time(
+    sqlite_store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Operations behind a slow one go into the next batch: the answers before it wait for it alone."""
+    # quick1 must end inside the batch's time and slow outside it: 0.5 s leaves quick1 far more than it needs on a
+    # loaded machine (at 20 ms, a store thread descheduled in quick1 cut the batch before slow), and slow's 1 s is
+    # past it for sure (a sleep is never shorter than asked)
+    monkeypatch.setattr(batching, "MAX_SECONDS", 0.5)
     store = sqlite_store
     before = store.batches_run
     order: list[str] = []
+    counted: dict[str, int] = {}  # the batches (of two or more) done when each step ran
 
     def step(name: str, seconds: float) -> str:
+        counted[name] = store.batches_run
         time.sleep(seconds)
         order.append(name)
         return name
 
     async with thread_held(store):
-        started = start(store.tx(step, "quick1", 0), store.tx(step, "slow", 0.1), store.tx(step, "quick2", 0))
+        started = start(store.tx(step, "quick1", 0), store.tx(step, "slow", 1.0), store.tx(step, "quick2", 0))
     assert await asyncio.gather(*started) == ["quick1", "slow", "quick2"]
     assert order == ["quick1", "slow", "quick2"]
     assert store.batches_run == before + 1  # quick1 and slow together; quick2 after them, alone
+    assert counted == {"quick1": before, "slow": before, "quick2": before + 1}  # quick2 ran after that batch ended
 
 
 async def test_a_heartbeat_and_a_liveness_touch_go_ahead_of_the_claims_waiting_in_line(

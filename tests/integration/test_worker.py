@@ -193,7 +193,8 @@ async def test_worker_waits_out_a_server_outage(sqlite_store: SQLiteStore, tmp_p
 async def test_a_drained_workers_late_result_keeps_its_lease(sqlite_store: SQLiteStore, tmp_path: Path) -> None:
     """A result the server takes only after several leases' time (a whole fleet reporting at once) still lands: the
     drained worker beats on until it has, so the lease holds and the job is neither lost nor run again."""
-    settings = ServerSettings(lease_seconds=1.5, sweep_interval=0.1, long_poll_max=1.0)
+    # 3 s leases, 1 s beats: a loaded machine's stall of 2 s, not 1 s, would lose the lease
+    settings = ServerSettings(lease_seconds=3.0, sweep_interval=0.1, long_poll_max=1.0)
     gate = tmp_path / "gate"
     async with serve(sqlite_store, settings) as live:
         a = agent(live, server_grace=60)
@@ -214,7 +215,7 @@ async def test_a_drained_workers_late_result_keeps_its_lease(sqlite_store: SQLit
         await wait_state(live, job.id, "running")
         a.request_drain()  # drained: the result goes on its own, not riding on a claim
         gate.touch()
-        assert await asyncio.wait_for(task, 20) == 0
+        assert await asyncio.wait_for(task, 40) == 0
         assert len(refused) >= 3  # the result really was turned away for longer than a lease
         done = await wait_state(live, job.id)
         assert done.reason == "success" and done.attempts == 1
