@@ -14,6 +14,7 @@ import uvicorn
 from scaleq.client import Client
 from scaleq.grid import Group
 from scaleq.scaling.controller import Controller
+from scaleq.server import metrics
 from scaleq.server.app import create_app
 from scaleq.server.auth import new_token
 from scaleq.server.settings import ServerSettings
@@ -71,6 +72,20 @@ async def serve(
     finally:
         server.should_exit = True
         await task
+
+
+async def housekept(live: LiveServer) -> None:
+    """Wait for the server's first housekeeping round, which it runs at start-up in the background: a test that moves
+    a fake clock, or sets what housekeeping counts, must do so after it, not have it land later at the moved time."""
+    rounds = metrics.of(live.app).housekeeping  # type: ignore[arg-type]
+
+    def counted() -> bool:
+        return any(m.name.endswith("_count") and m.value for m in rounds.collect()[0].samples)
+
+    deadline = time.monotonic() + 30
+    while not counted():
+        assert time.monotonic() < deadline, "the server's first housekeeping round: not in 30 s"
+        await asyncio.sleep(0.01)
 
 
 @contextlib.asynccontextmanager

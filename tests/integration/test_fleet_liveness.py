@@ -21,7 +21,7 @@ from scaleq.server import housekeeping, liveness
 from scaleq.server.liveness import OpenClaims
 from scaleq.server.settings import ServerSettings
 from scaleq.store.base import Store
-from tests.helpers import LiveServer, eventually, serve
+from tests.helpers import LiveServer, eventually, housekept, serve
 from tests.helpers.workers import agent, running
 
 GONE_AFTER = 45.0
@@ -48,6 +48,7 @@ def settings() -> ServerSettings:
 async def fleet(any_store: Store) -> AsyncIterator[tuple[LiveServer, Clock]]:
     clock = Clock()
     async with serve(any_store, settings(), clock=clock) as live:
+        await housekept(live)  # its start-up round is done before the test moves the clock
         yield live, clock
 
 

@@ -96,7 +96,7 @@ async def test_start_creates_named_labelled_machines_with_a_valid_config(fly: Fl
     assert {w.status for w in await p.workers(g)} == {"starting"}
     for worker_id in ids:  # Fly starts them now
         fly.by_name(worker_id).start_due = time.time()
-    await eventually(lambda: running(p, g, 2), timeout=5)
+    await eventually(lambda: running(p, g, 2), timeout=30)
     assert {(w.id, w.version) for w in await p.workers(g)} == {(i, g.version()) for i in ids}
     await p.close()
 
@@ -121,7 +121,7 @@ async def test_stop_signals_exactly_that_machine_and_its_exit_removes_it(fly: Fl
     g = group(fly)
     p = provider(g)
     a, b = await p.start(g, 2)
-    await eventually(lambda: running(p, g, 2), timeout=5)
+    await eventually(lambda: running(p, g, 2), timeout=30)
     await p.stop(g, a)
     await p.stop(g, a)  # asked twice: still one SIGINT (a second signal would make the worker hand its jobs back)
     assert fly.by_name(a).signals == ["SIGINT"] and fly.by_name(b).signals == []
@@ -151,7 +151,7 @@ async def test_force_stop_hands_jobs_back_and_lets_fly_kill_after_a_short_timeou
     g = group(fly)
     p = provider(g)
     (worker,) = await p.start(g, 1)
-    await eventually(lambda: running(p, g, 1), timeout=5)
+    await eventually(lambda: running(p, g, 1), timeout=30)
     await p.stop(g, worker, force=True)
     (stop,) = fly.calls_to("POST", "/stop")
     assert stop.body == {"signal": "SIGTERM", "timeout": f"{fly_module.FORCE_TIMEOUT}s"}
@@ -169,7 +169,7 @@ async def test_a_failed_worker_that_fly_did_not_destroy_is_cleaned_up(
     async with httpx.AsyncClient(base_url=f"{fly.url}/v1", headers={"Authorization": f"Bearer {fly.token}"}) as raw:
         r = await raw.post(f"/apps/{APP}/machines", json={"name": "t-fly-legacy", "config": config})
         assert r.status_code == 200
-    await eventually(lambda: running(p, g, 1), timeout=5)
+    await eventually(lambda: running(p, g, 1), timeout=30)
     fly.exit(r.json()["id"], code=3)
     assert fly.machines[r.json()["id"]].state == "stopped"
     with caplog.at_level(logging.WARNING, logger="scaleq.providers.fly"):
@@ -184,7 +184,7 @@ async def test_destroy_drains_then_removes_every_machine_of_the_group_only(fly: 
     p = provider(g)
     ids = await p.start(g, 3)
     (kept,) = await provider(other).start(other, 1)
-    await eventually(lambda: running(p, g, 3), timeout=5)
+    await eventually(lambda: running(p, g, 3), timeout=30)
     removed = await p.destroy(g, grace=5)
     assert sorted(removed) == sorted(ids)
     assert await p.workers(g) == []
@@ -199,7 +199,7 @@ async def test_destroy_forces_workers_that_do_not_drain(fly: FlyMachines, monkey
     g = group(fly)
     p = provider(g)
     ids = await p.start(g, 2)
-    await eventually(lambda: running(p, g, 2), timeout=5)
+    await eventually(lambda: running(p, g, 2), timeout=30)
     assert sorted(await p.destroy(g, grace=0.5)) == sorted(ids)
     assert fly.live(APP) == []
     assert {c.query.get("force") for c in fly.calls_to("DELETE")} == {"true"}
@@ -310,7 +310,7 @@ async def test_the_standin_holds_requests_to_the_spec(fly: FlyMachines) -> None:
         assert (await raw.put(f"/apps/{APP}/machines")).status_code == 405
         r = await raw.post(f"/apps/{APP}/machines", json={"config": {"image": IMAGE}})
         machine_id = r.json()["id"]
-        await eventually(lambda: _state(raw, machine_id, "started"), timeout=5)
+        await eventually(lambda: _state(raw, machine_id, "started"), timeout=30)
         assert (await raw.delete(f"/apps/{APP}/machines/{machine_id}")).status_code == 412
         r = await raw.post(f"/apps/{APP}/machines/{machine_id}/signal", json={"signal": "SIGWHATEVER"})
         assert r.status_code == 400

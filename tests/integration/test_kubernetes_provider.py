@@ -150,7 +150,7 @@ async def test_start_creates_named_labelled_schema_valid_pods_and_the_token_secr
             [("Secret", NS, "scaleq-t-worker-token"), *(("Pod", NS, i) for i in ids)]
         )
         # Pending, then Running once the stand-in's kubelet starts them
-        await eventually(lambda: running(p, g, 2), timeout=5)
+        await eventually(lambda: running(p, g, 2), timeout=30)
         workers = await p.workers(g)
         assert {w.id for w in workers} == set(ids)
         assert all(w.version == g.version() and w.group == "cpu" and "standin-node" in w.detail for w in workers)
@@ -282,7 +282,7 @@ async def test_a_second_provider_instance_adopts_the_pods_by_label(
     async with provider(g, grid="other-grid") as other_grid:
         await other_grid.start(g, 1)
     async with provider(g) as second:  # a restarted controller: nothing in memory
-        await eventually(lambda: running(second, g, 2), timeout=5)
+        await eventually(lambda: running(second, g, 2), timeout=30)
         assert {w.id for w in await second.workers(g)} == set(ids)
         assert [w.version for w in await second.workers(g)] == [g.version()] * 2
     assert len(standin.pods(NS)) == 4
@@ -297,7 +297,7 @@ async def test_stop_deletes_exactly_that_pod_with_a_grace_period_to_drain(
     g = group(kubeconfig)
     async with provider(g) as p:
         ids = await p.start(g, 3)
-        await eventually(lambda: running(p, g, 3), timeout=5)
+        await eventually(lambda: running(p, g, 3), timeout=30)
         await p.stop(g, ids[0])
         pod = standin.pod(NS, ids[0])
         assert pod is not None and pod["metadata"]["deletionGracePeriodSeconds"] == TERMINATION_GRACE
@@ -320,7 +320,7 @@ async def test_exited_pods_are_deleted_and_failures_logged(
     g = group(kubeconfig)
     async with provider(g) as p:
         ok, oom = await p.start(g, 2)
-        await eventually(lambda: running(p, g, 2), timeout=5)
+        await eventually(lambda: running(p, g, 2), timeout=30)
         standin.exit_pod(NS, ok, 0, log="drained\n")
         standin.exit_pod(NS, oom, 137, log="line 1\nlast words\n", reason="OOMKilled")
         with caplog.at_level(logging.WARNING, logger="scaleq.providers.kubernetes"):
@@ -338,7 +338,7 @@ async def test_an_unpullable_image_shows_in_the_worker_detail(
     async with provider(g) as p:
         with caplog.at_level(logging.WARNING, logger="scaleq.providers.kubernetes"):
             (worker_id,) = await p.start(g, 1)
-            (w,) = await eventually(lambda: _with_detail(p, g, "ErrImagePull"), timeout=5)
+            (w,) = await eventually(lambda: _with_detail(p, g, "ErrImagePull"), timeout=30)
             assert w.status == "starting" and "pull access denied" in w.detail
             await p.workers(g)
     assert len([r for r in caplog.records if worker_id in r.getMessage()]) == 1  # warned once
@@ -365,7 +365,7 @@ async def test_a_changed_image_rolls_out_by_draining_the_old_pods(
         (first,) = standin.pods(NS)
         assert first["metadata"]["labels"][VERSION_LABEL] == old.version()
         async with provider(old) as p:
-            await eventually(lambda: running(p, old, 1), timeout=5)
+            await eventually(lambda: running(p, old, 1), timeout=30)
         changed = Deployer(Grid(name="t", groups=[new]), tmp_path, admin, ctx)
         (plan,) = await changed.plan()
         assert (plan.action, plan.out_of_date) == ("update", 1)
@@ -391,7 +391,7 @@ async def test_destroy_removes_the_pods_and_then_the_secret(standin: KubernetesS
     async with provider(a) as p:
         ids = await p.start(a, 2)
         (kept,) = await p.start(b, 1)
-        await eventually(lambda: running(p, a, 2), timeout=5)
+        await eventually(lambda: running(p, a, 2), timeout=30)
         removed = await p.destroy(a, grace=0.3)  # the stand-in's workers never exit: forced after the grace
         assert sorted(removed) == sorted(ids)
         assert [pod["metadata"]["name"] for pod in standin.pods(NS)] == [kept]
@@ -406,7 +406,7 @@ async def test_destroy_drains_workers_that_exit_on_sigterm(tmp_path: Path) -> No
         g = group(standin.kubeconfig(tmp_path / "kubeconfig"))
         async with provider(g) as p:
             ids = await p.start(g, 2)
-            await eventually(lambda: running(p, g, 2), timeout=5)
+            await eventually(lambda: running(p, g, 2), timeout=30)
             assert sorted(await p.destroy(g, grace=10)) == sorted(ids)
         assert sorted(standin.signals) == sorted([("SIGTERM", NS, i) for i in ids] + [("exited", NS, i) for i in ids])
 
