@@ -99,6 +99,7 @@ async def _finished(c: Client, job_id: str) -> bool:
     return job.state == "finished" and job.reason == "success"
 
 
+@pytest.mark.parametrize("settings", [LONG_LEASES])  # one attempt: a stalled beat must not cost the lease
 async def test_scale_in_never_stops_a_busy_worker(live: LiveServer, tmp_path: Path, open_tmp_path: Path) -> None:
     g, provider = group(max_workers=2), local(live, tmp_path)
     admin = live.client("admin")
