@@ -75,3 +75,20 @@ async def test_a_batch_rolled_back_as_a_deadlocks_victim_is_tried_again(
     monkeypatch.setattr(pg_store, "_all", deadlocked_once)
     answers = await asyncio.gather(*(pg_store.heartbeat(w, T0 + 4, 5) for w in leases))
     assert victims and answers == [("active", {lease}) for lease in leases.values()]
+
+
+async def test_the_touch_of_parked_workers_skips_a_row_another_write_holds_rather_than_wait_for_it(
+    pg_store: PostgresStore,
+) -> None:
+    """The touch (one statement for every worker parked on a server) never waits on a row lock: waiting, it held the
+    locks of the rows it had touched while it queued, and at a fleet's teardown drains and heartbeat batches queued
+    behind it until they timed out. The worker whose row is held is talking to a server; the next tick touches it."""
+    await fleet(pg_store, 2)
+    async with await psycopg.AsyncConnection.connect(pg_store.url) as other:
+        await other.execute("UPDATE workers SET state = 'draining' WHERE id = 'w000'")  # in flight: w000's row held
+        await asyncio.wait_for(pg_store.touch_workers(["w000", "w001"], T0 + 10), 30)  # (waiting: until rollback)
+        await other.rollback()
+    assert (await pg_store.get_worker("w000")).last_heartbeat == T0  # skipped this tick
+    assert (await pg_store.get_worker("w001")).last_heartbeat == T0 + 10
+    await pg_store.touch_workers(["w000", "w001"], T0 + 12)  # the next tick, the row free again
+    assert (await pg_store.get_worker("w000")).last_heartbeat == T0 + 12
