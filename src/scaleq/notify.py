@@ -33,7 +33,7 @@ a network cut) its NOTIFYs are lost. On each (re)connect the listener delivers :
 oldest claim parked on every queue, as another server's notice does (a job queued meanwhile reaches a claim now, not
 at its long-poll's end), counts in :meth:`Notifier.generation` (a worker whose last try found nothing tries
 again), and wakes whoever follows a job (``job:<id>``, ``logs:<id>``), who reads it again. A worker's drain missed
-meanwhile reaches it at its claim's long-poll's end (at most ``long_poll_max``).
+meanwhile is found by the server's next touch of its parked workers (:mod:`scaleq.server.liveness`).
 """
 
 from __future__ import annotations

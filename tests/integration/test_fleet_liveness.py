@@ -159,6 +159,30 @@ async def test_a_parked_claim_keeps_its_worker_alive_and_silence_does_not(fleet:
         await unpark(client, ["parked"], tasks)
 
 
+@pytest.mark.parametrize("state", ["draining", "gone"])
+async def test_a_change_of_state_the_server_did_not_hear_of_answers_the_claim_at_its_next_touch(
+    fleet: tuple[LiveServer, Clock], state: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A drain another server sent while this one's listener was down, or another server marking the worker gone,
+    changes the store only: the next tick's touch finds it and answers the worker's claim (not its long-poll's end)."""
+    live, clock = fleet
+    tries = counting_tries(live, monkeypatch)
+    async with http(live) as client:
+        await register(client, "told")
+        await register(client, "untold")
+        tasks = await park(client, live, ["told", "untold"])
+        await settle(tries, 4, "the claims parked after their tries (two each: their queue was not known)")
+        await live.store.set_worker_state("told", state)  # no notice of it reaches this server
+        clock.t += 5.0
+        await tick(live, clock)
+        answer = await asyncio.wait_for(tasks[0], 30)  # bounds a hang: the long-poll itself would take 60 s
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["state"] == state and answer.json()["claims"] == []
+        assert tries[0] == 5  # the touch's wake bought one try, for "told" alone
+        assert "untold" in parked(live).ids() and not tasks[1].done()
+        await unpark(client, ["untold"], tasks[1:])
+
+
 async def test_a_parked_claim_does_not_renew_leases(fleet: tuple[LiveServer, Clock]) -> None:
     """Only a heartbeat renews a lease: a worker parked for more jobs must still beat for the ones it runs."""
     live, clock = fleet

@@ -782,3 +782,18 @@ async def test_folding_while_jobs_change_loses_no_count(store: Store) -> None:
     assert await _stats(store) == await _counted(store)
     await store.fold_queue_counts()
     assert await _stats(store) == await _counted(store)
+
+
+async def test_touching_parked_workers_marks_the_live_ones_heard_from_and_names_those_not_active(store: Store) -> None:
+    """The server's touch of the workers parked on it: the active and draining ones are heard from now, a gone one
+    stays gone; the answer names every one the store does not hold active (drained, gone, or not known at all), whose
+    claims the server then answers (scaleq.server.liveness)."""
+    for w in ("active", "drainer", "gone"):
+        await worker(store, w)
+    await store.set_worker_state("drainer", "draining")
+    await store.set_worker_state("gone", "gone")
+    not_active = await store.touch_workers(["active", "drainer", "gone", "forgotten"], T0 + 10)
+    assert sorted(not_active) == ["drainer", "forgotten", "gone"]
+    seen = {w.id: (w.state, w.last_heartbeat) for w in await store.list_workers(include_gone=True)}
+    assert seen == {"active": ("active", T0 + 10), "drainer": ("draining", T0 + 10), "gone": ("gone", T0)}
+    assert await store.touch_workers(["active"], T0 + 20) == []

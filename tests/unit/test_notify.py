@@ -128,7 +128,8 @@ def test_notices_missed_while_not_listening_wake_the_oldest_claim_of_every_queue
 
 def test_missed_notices_wake_whoever_follows_a_job_and_no_worker_s_drain() -> None:
     """A job's end or its new logs that another server published while the listener was down: its followers read it
-    again. A worker's drain is not guessed at (waking every parked claim would be a store try each)."""
+    again. A worker's drain is not guessed at here (waking every parked claim would be a store try each): the
+    server's next touch of its parked workers finds it (scaleq.server.liveness)."""
     n = Notifier()
     end, logs, drain = n.event("job:j1"), n.event("logs:j1"), n.event("worker:w1")
     n.deliver(("any", MISSED))

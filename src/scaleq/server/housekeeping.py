@@ -62,7 +62,7 @@ async def tick(
     the queue counts' deltas folded, the busy workers counted into ``cadence`` (with ``touch``), silent workers
     marked gone (``mark_gone``). The workers marked gone."""
     if touch and open_claims is not None:
-        await touch_parked(store, open_claims, now)
+        await touch_parked(store, open_claims, notifier, now)
     await sweep_once(store, notifier, settings, now)
     await store.fold_queue_counts()
     if cadence is not None and touch:

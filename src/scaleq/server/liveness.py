@@ -4,7 +4,7 @@ An idle worker holds a long-poll claim open almost all the time (it re-polls at 
 heartbeats then only say what the open claim already says — the worker is there — yet at ``heartbeat_seconds`` they
 are most of a large fleet's requests (5,000 idle workers beating every 2 s are 2,500 requests/s; their claims, re-polled
 every 20 s, 250/s). So this process counts the claims parked on it (:class:`OpenClaims`), and its housekeeping marks
-all of those workers heard from in ONE store round trip per tick (:func:`touch_parked`). Registration answers
+all of those workers heard from in ONE store statement per tick (:func:`touch_parked`). Registration answers
 ``claim_is_heartbeat: true``, and a worker that reads it skips its heartbeat while it is idle and parked; while it
 holds leases it still beats, since only a heartbeat renews leases (and says which are still live).
 
@@ -12,6 +12,13 @@ Why in memory and not in the store on every claim: it costs nothing per request,
 PostgreSQL touches the workers parked on it. The price: a worker whose connection died is still counted until its
 claim's long-poll ends (at most ``long_poll_max``), so it is marked gone that much later than ``worker_gone_after``
 — its leases, if any, still expire on time, as they are renewed only by heartbeats.
+
+**The touch also reads which of those workers the store no longer holds active**, and answers their claims as a drain
+notice does: a drain or a gone-mark this server did not hear of — another server's notice sent while this one's
+listener was down, or another server's round marking a worker gone whose touches from here came late — would
+otherwise leave the worker parked until its long-poll ended (up to ``long_poll_max``), unaware. The touch runs about
+every ``heartbeat_seconds`` (a whole number of housekeeping ticks), so that is about the most such news waits. It is
+the same statement on PostgreSQL; SQLite, which cannot write in a ``WITH``, reads after the touch.
 
 The same record remembers each worker's queue, so a claim can take its queue's wake-up event before its first store
 try and park after one round trip instead of two (the queue is checked against the store's answer, so a worker that
@@ -38,6 +45,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 
+from scaleq.notify import Notifier
 from scaleq.store.base import Store
 
 #: Workers whose queue is remembered, at most (beyond it the record starts again: a cache, never the truth).
@@ -102,9 +110,11 @@ class OpenClaims:
         return last is not None and last[0] == generation and self._clock() - last[1] < FRESH_SECONDS
 
 
-async def touch_parked(store: Store, claims: OpenClaims, now: float) -> int:
-    """Mark every worker with a claim parked here as heard from at ``now``; how many (one store round trip)."""
+async def touch_parked(store: Store, claims: OpenClaims, notifier: Notifier, now: float) -> int:
+    """Mark every worker with a claim parked here as heard from at ``now``; how many. Those the store no longer
+    holds active have their claims answered (see the module's docstring)."""
     ids = claims.ids()
     if ids:
-        await store.touch_workers(ids, now)
+        for worker_id in await store.touch_workers(ids, now):
+            notifier.deliver((f"worker:{worker_id}",))
     return len(ids)

@@ -411,9 +411,11 @@ class Store(Protocol):
         """Whether ``queue`` has a job waiting to be claimed."""
         ...
 
-    async def touch_workers(self, worker_ids: list[str], now: float) -> None:
-        """Mark these workers heard from at ``now`` (those not gone), in one round trip: the workers whose claims
-        are parked on a server (:mod:`scaleq.server.liveness`). Their leases are not renewed."""
+    async def touch_workers(self, worker_ids: list[str], now: float) -> list[str]:
+        """Mark these workers heard from at ``now`` (those not gone), in one statement for all: the workers whose
+        claims are parked on a server (:mod:`scaleq.server.liveness`). Their leases are not renewed. Those of them
+        the store does not hold active (draining, gone, forgotten), read in a second statement: their claims are
+        to be answered."""
         ...
 
     async def worker_claim(

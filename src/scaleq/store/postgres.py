@@ -296,6 +296,9 @@ class PostgresStore(SQLStore):
     def _finish_rows(self, finishes: list[tuple[str, FinishResult]], now: float) -> dict[str, Any]:
         return {r["finished_lease"]: r for r in self._all("finish_batch", now=now, **_batch(finishes))}
 
+    def _touch_rows(self, ids: str, now: float) -> list[Any]:
+        return self._all("touch_workers", ids=ids, now=now)
+
     async def fold_queue_counts(self) -> None:
         """The statement triggers' deltas summed into queue_counts (migration 0011), once per housekeeping tick; the
         deltas' table vacuumed once ``VACUUM_DELTAS_AFTER`` have been folded since its last vacuum here (see

@@ -513,9 +513,14 @@ class SQLStore:
         row = await self._run(self._one, "has_queued", queue=queue)
         return bool(row is not None and row["found"])
 
-    async def touch_workers(self, worker_ids: list[str], now: float) -> None:
-        params = {"ids": json.dumps(worker_ids), "now": now}
-        await self._first(lambda: self.db.execute(self.Q["touch_workers"], params), transaction=False)
+    async def touch_workers(self, worker_ids: list[str], now: float) -> list[str]:
+        ids = json.dumps(worker_ids)
+        return await self._first(lambda: [r["id"] for r in self._touch_rows(ids, now)], transaction=False)
+
+    def _touch_rows(self, ids: str, now: float) -> list[Row]:
+        """Touch the workers ``ids`` (a JSON array) and read those not active: the dialect's own (one statement on
+        PostgreSQL; SQLite, which cannot write in a WITH, updates and then reads)."""
+        raise NotImplementedError
 
     def _finish_rows(self, finishes: list[tuple[str, FinishResult]], now: float) -> dict[str, Row]:
         """Finish the attempts whose leases still own their jobs (or queue them again, for a program failure the job

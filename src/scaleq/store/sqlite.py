@@ -68,6 +68,10 @@ class SQLiteStore(SQLStore):
                 done[lease] = row
         return done
 
+    def _touch_rows(self, ids: str, now: float) -> list[Row]:
+        self.db.execute(self.Q["touch_workers"], {"ids": ids, "now": now})
+        return self._all("workers_not_active", ids=ids)  # a read after the write: still autocommit's one write
+
     @contextmanager
     def _connection(self) -> Iterator[sqlite3.Connection]:
         assert self._conn is not None, "store is not open"

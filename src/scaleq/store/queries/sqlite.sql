@@ -178,6 +178,13 @@ SELECT 1 AS held FROM jobs j JOIN worker_tokens w ON w.worker_id = j.worker_id
 UPDATE workers SET last_heartbeat = :now
  WHERE id IN (SELECT value FROM json_each(:ids)) AND state != 'gone' AND last_heartbeat < :now;
 
+-- name: workers_not_active
+-- Of the workers whose claims are parked on a server (:ids, a JSON array), those the store no longer holds active:
+-- drained or marked gone where this server did not hear of it, or forgotten; the server answers their claims.
+-- Read after touch_workers (SQLite cannot write in a WITH, as PostgreSQL's one statement does).
+SELECT i.value AS id FROM json_each(:ids) i LEFT JOIN workers w ON w.id = i.value
+ WHERE w.state IS NOT 'active';
+
 -- name: queue_stats
 -- One row per queue from queue_counts (kept by migration 0011's triggers), and the oldest queued job from the
 -- jobs_stats index (a queued job's reason is always NULL): the same cost at any queue length.
