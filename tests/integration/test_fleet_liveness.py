@@ -82,7 +82,7 @@ async def park(client: httpx.AsyncClient, live: LiveServer, wids: list[str]) -> 
     """Open a long-poll claim for each worker and wait until the server holds all of them, each inside its wait (past
     its store tries: a claim counts as open from its request's start). The claims go out together, so the order they
     park in is the network's: a test that needs an order parks them one call at a time."""
-    tasks = [asyncio.create_task(client.post(f"/workers/{w}/claim", json={"max": 1, "wait": 60.0})) for w in wids]
+    tasks = [asyncio.create_task(client.post(f"/workers/{w}/claim", json={"max": 1, "wait": LONG_POLL})) for w in wids]
 
     def waiting() -> bool:
         ids = parked(live).ids()

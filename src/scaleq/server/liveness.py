@@ -4,7 +4,7 @@ An idle worker holds a long-poll claim open almost all the time (it re-polls at 
 heartbeats then only say what the open claim already says — the worker is there — yet at ``heartbeat_seconds`` they
 are most of a large fleet's requests (5,000 idle workers beating every 2 s are 2,500 requests/s; their claims, re-polled
 every 20 s, 250/s). So this process counts the claims parked on it (:class:`OpenClaims`), and its housekeeping marks
-all of those workers heard from in ONE store statement per tick (:func:`touch_parked`). Registration answers
+all of those workers heard from in ONE store call per tick (:func:`touch_parked`). Registration answers
 ``claim_is_heartbeat: true``, and a worker that reads it skips its heartbeat while it is idle and parked; while it
 holds leases it still beats, since only a heartbeat renews leases (and says which are still live).
 

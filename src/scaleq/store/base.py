@@ -412,10 +412,10 @@ class Store(Protocol):
         ...
 
     async def touch_workers(self, worker_ids: list[str], now: float) -> list[str]:
-        """Mark these workers heard from at ``now`` (those not gone), in one statement for all: the workers whose
-        claims are parked on a server (:mod:`scaleq.server.liveness`). Their leases are not renewed. Those of them
-        the store does not hold active (draining, gone, forgotten), read in a second statement: their claims are
-        to be answered."""
+        """Mark these workers heard from at ``now`` (those not gone), in one store call for all: the workers whose
+        claims are parked on a server (:mod:`scaleq.server.liveness`). Their leases are not renewed. Returns those
+        of them the store does not hold active (draining, gone, forgotten): their claims are to be answered. (One
+        statement on PostgreSQL; SQLite, which cannot write in a ``WITH``, reads them in a second.)"""
         ...
 
     async def worker_claim(

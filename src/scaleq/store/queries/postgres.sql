@@ -309,16 +309,16 @@ SELECT 1 AS held FROM jobs j JOIN worker_tokens w ON w.worker_id = j.worker_id
 -- of them not active: drained or marked gone where this server did not hear of it (another server's notice missed
 -- while its listener was down; another server's round marking it gone), or forgotten; the server answers their claims.
 -- The final SELECT sees the rows as they were before the UPDATE, which does not change a state.
--- A row another write holds (the worker's drain, its heartbeat's batch, its claim) is skipped, not waited for: the
--- worker is talking to a server right now, and the next tick touches it again (ticks are seconds apart; gone takes
--- 45 s). Waiting, the touch held thousands of rows' locks while it queued behind one, and drains and heartbeat
+-- A row another write holds (the worker's drain, its heartbeat's batch: writes of milliseconds that change its state
+-- or refresh its last heartbeat) is skipped, not waited for: the next tick touches it again (ticks are seconds apart;
+-- gone takes 45 s). Waiting, the touch held thousands of rows' locks while it queued behind one, and drains and heartbeat
 -- batches queued behind it (docs/benchmarks.md, "The touch that answers missed drains, and its lock convoy").
 WITH ids AS (SELECT jsonb_array_elements_text(CAST(:ids AS JSONB)) AS id),
 touched AS (
   UPDATE workers SET last_heartbeat = :now
    WHERE id IN (SELECT w.id FROM workers w
                  WHERE w.id IN (SELECT id FROM ids) AND w.state != 'gone' AND w.last_heartbeat < :now
-                 FOR UPDATE SKIP LOCKED))
+                 FOR NO KEY UPDATE SKIP LOCKED))
 SELECT ids.id FROM ids LEFT JOIN workers w ON w.id = ids.id
  WHERE w.state IS DISTINCT FROM 'active';
 
