@@ -19,6 +19,7 @@ from scaleq.server.app import create_app
 from scaleq.server.auth import new_token
 from scaleq.server.settings import ServerSettings
 from scaleq.store.base import Store
+from tests.helpers.waiting import eventually
 
 #: For tests that hold leases across several requests without a heartbeat: the default fixture's 2 s leases (short,
 #: so expiry tests take seconds) expire under them on a loaded machine, which then re-runs or loses the job.
@@ -79,13 +80,10 @@ async def housekept(live: LiveServer) -> None:
     a fake clock, or sets what housekeeping counts, must do so after it, not have it land later at the moved time."""
     rounds = metrics.of(live.app).housekeeping  # type: ignore[arg-type]
 
-    def counted() -> bool:
+    async def counted() -> bool:
         return any(m.name.endswith("_count") and m.value for m in rounds.collect()[0].samples)
 
-    deadline = time.monotonic() + 30
-    while not counted():
-        assert time.monotonic() < deadline, "the server's first housekeeping round: not in 30 s"
-        await asyncio.sleep(0.01)
+    await eventually(counted, 30, what="the server's first housekeeping round", every=0.01)
 
 
 @contextlib.asynccontextmanager

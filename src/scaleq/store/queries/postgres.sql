@@ -311,8 +311,9 @@ SELECT 1 AS held FROM jobs j JOIN worker_tokens w ON w.worker_id = j.worker_id
 -- The final SELECT sees the rows as they were before the UPDATE, which does not change a state.
 -- A row another write holds (the worker's drain, its heartbeat's batch: writes of milliseconds that change its state
 -- or refresh its last heartbeat) is skipped, not waited for: the next tick touches it again (ticks are seconds apart;
--- gone takes 45 s). Waiting, the touch held thousands of rows' locks while it queued behind one, and drains and heartbeat
--- batches queued behind it (docs/benchmarks.md, "The touch that answers missed drains, and its lock convoy").
+-- gone takes 45 s). Waiting, the touch held thousands of rows' locks while it queued behind one, and drains and
+-- heartbeat batches queued behind it (docs/benchmarks.md, "The touch that answers missed drains, and its lock
+-- convoy").
 WITH ids AS (SELECT jsonb_array_elements_text(CAST(:ids AS JSONB)) AS id),
 touched AS (
   UPDATE workers SET last_heartbeat = :now
